@@ -1,0 +1,20 @@
+"""sam_kernels: Sharpness-Aware Minimization and its efficient variants, with fused kernels.
+
+>>> opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+
+``backends()`` tells which kernel backends (eager, cpp, cuda, triton) are available here and why
+a missing one is missing; ``set_backend`` / ``SAM_KERNELS_BACKEND`` force one.
+"""
+from . import ops
+from .ops.dispatch import backends, get_backend, set_backend
+
+__version__ = "0.1.0"
+__all__ = ["ops", "backends", "set_backend", "get_backend"]
+
+try:  # the optimizer layer is optional while it is being built; ops never depend on it
+    from .optim import *  # noqa: F401,F403
+    from .optim import __all__ as _optim_all
+    __all__ += list(_optim_all)
+except ImportError as _exc:  # pragma: no cover - only while optim/ is missing
+    if "sam_kernels.optim" not in str(_exc):
+        raise

@@ -1,0 +1,16 @@
+"""``cpp`` backend: the extension's CPU kernels (csrc/cpu), reached through torch.ops.sam_kernels."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .._extension import extension_error
+from .extension_ops import ops_with_kernel
+
+DEVICES = ("cpu",)
+OPS = ops_with_kernel("CPU")
+
+
+def unavailable_reason() -> Optional[str]:
+    if extension_error() is not None:
+        return extension_error()
+    return None if OPS else "the extension was built without CPU kernels"

@@ -1,0 +1,288 @@
+"""Eager reference of every op: the specification, the oracle and the fallback.
+
+Every function here works on ONE homogeneous group: non-empty, aligned tensor lists whose
+tensors share a device and a dtype (``dispatch.py`` does the grouping, the global reductions
+across groups and the argument checks). Compiled backends expose the same functions with the
+same signatures, so ``dispatch`` can swap them freely.
+
+Numerics (shared by all backends so that they can be compared tightly):
+- reductions accumulate in fp32 (fp64 for fp64 tensors) and return a 0-dim tensor;
+- element-wise maths for fp16/bf16 is done in fp32 and rounded once when stored;
+- data-dependent scalars (norms, dots) stay on the device: nothing here synchronizes.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+Tensors = Sequence[torch.Tensor]
+MaskList = Optional[Sequence[torch.Tensor]]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation/compute dtype for a storage dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _up(ts: Tensors) -> list[torch.Tensor]:
+    """fp32 views/copies of low-precision tensors (compute dtype)."""
+    return [t.float() if t.dtype in _LOW_PRECISION else t for t in ts]
+
+
+def _store_(dst: Tensors, src: Tensors) -> None:
+    """Write compute-dtype results back, rounding once."""
+    if dst[0].dtype in _LOW_PRECISION:
+        torch._foreach_copy_(list(dst), list(src))
+
+
+def _sum_sq(ts: Tensors) -> torch.Tensor:
+    """Σ t² over the list, accumulated in fp32/fp64, in a fixed order."""
+    dtype = acc_dtype(ts[0].dtype)
+    norms = torch._foreach_norm(list(ts), 2, dtype=dtype) if ts[0].dtype != dtype else torch._foreach_norm(list(ts), 2)
+    return torch.stack(norms).square().sum()
+
+
+def adaptive_scale(params: Tensors, eta: float) -> list[torch.Tensor]:
+    """T_w = |w| + eta in compute dtype (ASAM)."""
+    t = torch._foreach_abs(_up(params))
+    torch._foreach_add_(t, eta)
+    return t
+
+
+# --------------------------------------------------------------------------- reductions
+
+def grad_sq_norm(grads: Tensors, params: Optional[Tensors], masks: MaskList, eta: float) -> torch.Tensor:
+    """Σ (m ⊙ T ⊙ g)² with T = |w| + eta when ``params`` is given, else 1."""
+    if params is None and masks is None:
+        return _sum_sq(grads)
+    g = _up(grads)
+    if params is not None:
+        g = torch._foreach_mul(adaptive_scale(params, eta), g)
+    if masks is not None:
+        g = torch._foreach_mul(g, list(masks))
+    return _sum_sq(g)
+
+
+def dot(a: Tensors, b: Tensors) -> torch.Tensor:
+    """Σ ⟨a_i, b_i⟩ accumulated in fp32/fp64."""
+    dtype = acc_dtype(a[0].dtype)
+    parts = [torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b)]
+    return torch.stack(parts).sum()
+
+
+# --------------------------------------------------------------------------- random keep mask
+
+_M32 = 0xFFFFFFFF
+
+
+def fmix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3 finalizer on uint32 values held in int64 (wrap-around products masked to 32 bits)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def fmix32_int(x: int) -> int:
+    """Host version of :func:`fmix32` for Python ints."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def tensor_key(seed: int, tensor_index: int) -> int:
+    """Per-tensor 32-bit RNG key: a function of (seed, position in the caller's list) only."""
+    return fmix32_int((seed & _M32) ^ fmix32_int((seed >> 32) + 0x9E3779B9 + tensor_index * 0x632BE5AB))
+
+
+def keep_mask(numel: int, key: int, keep_prob: float, device: torch.device) -> torch.Tensor:
+    """Counter-based Bernoulli(keep_prob) mask for elements 0..numel-1 of one tensor.
+
+    u = fmix32(fmix32(i_lo ^ key) ^ i_hi) >> 8 is a 24-bit uniform; keep iff u < keep_prob·2^24.
+    Every backend computes exactly this, so masks agree bit for bit whatever the launch shape.
+    """
+    i = torch.arange(numel, device=device, dtype=torch.int64)
+    r = fmix32(fmix32((i & _M32) ^ key) ^ (i >> 32))
+    return (r >> 8) < int(keep_prob * (1 << 24))
+
+
+# --------------------------------------------------------------------------- perturb / restore
+
+def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.Tensor, rho: float, eps: float,
+             masks: MaskList, adaptive: bool, eta: float, keep_prob: float, keys: Sequence[int]) -> None:
+    """backups ← params; params += s·(m ⊙ T² ⊙ g)·keep/keep_prob, s = rho/(sqrt(sq_norm)+eps).
+
+    A non-finite ``sq_norm`` leaves params bitwise unchanged (the backup is still taken), so a NaN
+    never reaches the weights.
+    Entries outside ``masks`` / the keep mask are left bitwise unchanged.
+    """
+    torch._foreach_copy_(list(backups), list(params))
+    cdt = acc_dtype(params[0].dtype)
+    scale = rho / (sq_norm.to(cdt).sqrt() + eps)
+    if keep_prob < 1.0:
+        scale = scale / keep_prob
+    finite = torch.isfinite(scale)
+    e = _up(grads)
+    if adaptive:
+        t = adaptive_scale(params, eta)
+        e = torch._foreach_mul(torch._foreach_mul(t, t), e)
+        torch._foreach_mul_(e, scale)
+    else:
+        e = torch._foreach_mul(e, scale)
+    select = [finite] * len(params) if masks is None else [m & finite for m in masks]
+    if keep_prob < 1.0:
+        select = [s & keep_mask(p.numel(), k, keep_prob, p.device).view_as(p)
+                  for s, p, k in zip(select, params, keys)]
+    # where(), not add: unselected entries (and everything when the norm is not finite) must stay
+    # bitwise unchanged, -0.0 included, and a NaN gradient must not leak in through 0·NaN.
+    for p, w, ei, sel in zip(params, _up(params), e, select):
+        p.copy_(torch.where(sel, w + ei, w))
+
+
+def restore_(params: Tensors, backups: Tensors) -> None:
+    """params ← backups, bitwise."""
+    torch._foreach_copy_(list(params), list(backups))
+
+
+# --------------------------------------------------------------------------- fused restore + base step
+
+def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentum_buffers: Optional[Tensors], *,
+                      lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                      maximize: bool, init_buffers: bool) -> None:
+    """params ← backups, then exactly torch.optim.SGD's update with ``grads``.
+
+    ``init_buffers``: the buffers hold garbage and this is their first step (torch sets buf = d_p).
+    """
+    restore_(params, backups)
+    w = _up(params)
+    d = [g.neg() if maximize else g.clone() for g in _up(grads)]
+    if weight_decay != 0:
+        torch._foreach_add_(d, w, alpha=weight_decay)
+    if momentum != 0:
+        bufs = _up(momentum_buffers)
+        if init_buffers:
+            torch._foreach_copy_(bufs, d)
+        else:
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, d, alpha=1 - dampening)
+        _store_(momentum_buffers, bufs)
+        if nesterov:
+            torch._foreach_add_(d, bufs, alpha=momentum)
+        else:
+            d = bufs
+    torch._foreach_add_(w, d, alpha=-lr)
+    _store_(params, w)
+
+
+def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *,
+                        step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                        maximize: bool) -> None:
+    """params ← backups, then exactly torch.optim.AdamW's update; ``step`` is the count after increment."""
+    restore_(params, backups)
+    w = _up(params)
+    g = [x.neg() if maximize else x for x in _up(grads)]
+    m = _up(exp_avgs)
+    v = _up(exp_avg_sqs)
+    torch._foreach_mul_(w, 1 - lr * weight_decay)
+    torch._foreach_lerp_(m, g, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, 1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(w, m, denom, -lr / bias_correction1)
+    _store_(exp_avgs, m)
+    _store_(exp_avg_sqs, v)
+    _store_(params, w)
+
+
+# --------------------------------------------------------------------------- variants' element-wise ops
+
+def renormalize_(grads: Tensors, ref_sq_norm: torch.Tensor, sq_norm: torch.Tensor, eps: float) -> None:
+    """g ← g·sqrt(ref)/(sqrt(sq_norm)+eps) (Stable SAM); both norms global, given."""
+    cdt = acc_dtype(grads[0].dtype)
+    ratio = ref_sq_norm.to(cdt).sqrt() / (sq_norm.to(cdt).sqrt() + eps)
+    g = _up(grads)
+    torch._foreach_mul_(g, ratio)
+    _store_(grads, g)
+
+
+def fisher_accumulate_(fisher: Tensors, grads: Tensors, scale: float) -> None:
+    """fisher += scale·g²."""
+    f = _up(fisher)
+    g = _up(grads)
+    torch._foreach_addcmul_(f, g, g, value=scale)
+    _store_(fisher, f)
+
+
+def looksam_store_(g_v: Tensors, grads: Tensors, sam_grads: Tensors, gs_dot_g: torch.Tensor, g_sq_norm: torch.Tensor,
+                   eps: float) -> None:
+    """g_v ← g_s − (⟨g, g_s⟩/(‖g‖² + eps))·g, with the global dot and norm given."""
+    cdt = acc_dtype(grads[0].dtype)
+    coef = gs_dot_g.to(cdt) / (g_sq_norm.to(cdt) + eps)
+    out = _up(sam_grads)
+    out = [x.clone() for x in out] if out[0] is sam_grads[0] else out
+    torch._foreach_sub_(out, torch._foreach_mul(_up(grads), coef))
+    torch._foreach_copy_(list(g_v), out)
+
+
+def looksam_apply_(grads: Tensors, g_v: Tensors, alpha: float, g_sq_norm: torch.Tensor, gv_sq_norm: torch.Tensor,
+                   eps: float) -> None:
+    """g ← g + alpha·(‖g‖/(‖g_v‖ + eps))·g_v, with both global norms given."""
+    cdt = acc_dtype(grads[0].dtype)
+    coef = alpha * g_sq_norm.to(cdt).sqrt() / (gv_sq_norm.to(cdt).sqrt() + eps)
+    g = _up(grads)
+    torch._foreach_add_(g, torch._foreach_mul(_up(g_v), coef))
+    _store_(grads, g)
+
+
+# --------------------------------------------------------------------------- masks
+
+def topk_mask(scores: Tensors, k: int) -> list[torch.Tensor]:
+    """Bool masks keeping exactly the ``k`` largest scores over all tensors.
+
+    Ties go to the lower position in the concatenation of the flattened tensors (list order,
+    then row-major), so the result is deterministic. NaN scores rank lowest.
+    """
+    flat = torch.cat([s.detach().reshape(-1).to(torch.float64) for s in scores])
+    flat = torch.nan_to_num(flat, nan=-float("inf"))
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k > 0:
+        order = torch.sort(flat, descending=True, stable=True).indices
+        keep[order[:k]] = True
+    return [m.view_as(s) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
+
+
+def nm_groups(t: torch.Tensor) -> torch.Tensor:
+    """2-D (rows, reduction) view used for N:M grouping: Linear (out, in); conv (out, in·kh·kw); 1-D one row."""
+    return t.reshape(1, -1) if t.dim() <= 1 else t.reshape(t.shape[0], -1)
+
+
+def nm_mask(scores: Tensors, n: int, m: int) -> list[torch.Tensor]:
+    """Bool masks keeping the ``n`` largest of every ``m`` consecutive entries along the reduction dim.
+
+    A trailing partial group of r < m entries keeps its min(n, r) largest. Ties go to the lower index.
+    """
+    out = []
+    for s in scores:
+        rows = nm_groups(s.detach()).to(torch.float64)
+        cols = rows.shape[1]
+        pad = (-cols) % m
+        padded = torch.nn.functional.pad(rows, (0, pad), value=-float("inf"))
+        padded = torch.nan_to_num(padded, nan=-float("inf"))
+        groups = padded.reshape(rows.shape[0], -1, m)
+        order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        keep.scatter_(-1, order[..., :n], True)
+        keep = keep.reshape(rows.shape[0], -1)[:, :cols]
+        out.append(keep.reshape(s.shape))
+    return out
