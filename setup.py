@@ -36,14 +36,14 @@ def extensions():
     # units; SAM_KERNELS_NATIVE=0 gives a portable build.
     if os.environ.get("SAM_KERNELS_NATIVE", "1") == "1":
         cxx.append("-march=native")
-    cxx += ["-fopenmp", "-std=c++17"]  # at::parallel_for is OpenMP-backed and inline: needs -fopenmp here
+    cxx += ["-fopenmp"]  # at::parallel_for is OpenMP-backed and inline: needs -fopenmp here
     if _want_cuda(cpp_extension, torch):
         # No GPU at build time: without an arch list torch would try to query the device.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "--use_fast_math"]
         ext = cpp_extension.CUDAExtension(
-            "sam_kernels._C", sources, extra_compile_args={"cxx": cxx + ["-DSAM_KERNELS_CUDA"], "nvcc": nvcc + ["-std=c++17"]},
+            "sam_kernels._C", sources, extra_compile_args={"cxx": cxx + ["-DSAM_KERNELS_CUDA"], "nvcc": nvcc},
             extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension("sam_kernels._C", sources, extra_compile_args={"cxx": cxx},
