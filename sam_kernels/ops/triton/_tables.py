@@ -1,0 +1,191 @@
+"""Multi-tensor machinery shared by every Triton op: pointer tables, their cache, the launcher.
+
+One kernel launch covers every tensor of a group, whatever their number (DESIGN.md §6). The host
+describes the group with int64 tables in device memory:
+
+- ``ptrs[l, t]``: data pointer of tensor ``t`` of list ``l``; a kernel loads it and casts it to a
+  typed pointer (``tl.load(ptrs + t).to(tl.pointer_type(DT))``), which also works under
+  ``TRITON_INTERPRET=1`` for CPU tensors (checked with Triton 3.8);
+- ``sizes[t]``: how many units tensor ``t`` has (elements, or N:M groups for ``nm_mask``);
+- ``blocks[b] = (t, start)``: program ``b`` handles units ``[start, min(start + chunk, sizes[t]))``
+  of tensor ``t``. Zero-size tensors get no block.
+
+A table is a pure function of (device, pointers, sizes, chunk), so it is cached under that
+key: the same parameter set reuses it, and a re-created tensor (new pointer, e.g. grads after
+``zero_grad(set_to_none=True)``) builds a new one automatically. A cache hit is always correct,
+even when freed memory is reused by other tensors at the same addresses.
+
+Block sizes are fixed, not autotuned: every kernel here works in place on tensors reached through
+the tables, so the autotuner (which benchmarks each config by re-running the kernel and can only
+restore the tensors it is passed directly) would apply the updates several times.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+"""Elements per loop iteration of a program (a power of two)."""
+CHUNK = 8 * BLOCK
+"""Elements per program: small enough to fill a GPU with programs for ~10M-parameter models."""
+NUM_WARPS = 4
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+
+
+def tl_dtype(dtype: torch.dtype):
+    """Triton element type of a float storage dtype."""
+    return _TL_DTYPES[dtype]
+
+
+def compute_dtype(dtype: torch.dtype):
+    """Triton compute/accumulation type: fp64 for fp64 tensors, else fp32 (reference.acc_dtype)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@dataclass(frozen=True)
+class Table:
+    ptrs: torch.Tensor
+    """int64 [n_lists, n_tensors] data pointers; ``ptrs[l]`` is the row a kernel gets for list ``l``."""
+    sizes: torch.Tensor
+    """int64 [n_tensors] units per tensor."""
+    blocks: torch.Tensor
+    """int64 [n_blocks, 2] (tensor index, first unit) per program."""
+    n_blocks: int
+    aligned: bool
+    """Every pointer is 16-byte aligned: kernels may hint vectorized access."""
+
+
+_CACHE: "OrderedDict[tuple, Table]" = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def table(lists: Sequence[Optional[Sequence[torch.Tensor]]], *, sizes: Optional[Sequence[int]] = None,
+          chunk: int = CHUNK) -> Table:
+    """The (cached) table of aligned tensor lists (None entries are skipped); ``sizes`` defaults to numels."""
+    lists = [lst for lst in lists if lst is not None]
+    first = lists[0]
+    device = first[0].device
+    sizes = tuple(t.numel() for t in first) if sizes is None else tuple(sizes)
+    ptrs = tuple(t.data_ptr() for lst in lists for t in lst)
+    key = (device, chunk, ptrs, sizes)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit
+    n = len(first)
+    size_t = torch.tensor(sizes, dtype=torch.int64)
+    counts = (size_t + chunk - 1) // chunk
+    tensor_of_block = torch.repeat_interleave(torch.arange(n), counts)
+    first_block = torch.cumsum(counts, 0) - counts
+    start = (torch.arange(tensor_of_block.numel()) - first_block[tensor_of_block]) * chunk
+    blocks = torch.stack([tensor_of_block, start], 1)
+    # One host->device copy for the whole table; the fields are views into it.
+    packed = torch.cat([torch.tensor(ptrs, dtype=torch.int64), size_t, blocks.reshape(-1)])
+    packed = packed.to(device, non_blocking=True)
+    n_ptrs = len(ptrs)
+    entry = Table(
+        ptrs=packed[:n_ptrs].view(len(lists), n),
+        sizes=packed[n_ptrs:n_ptrs + n],
+        blocks=packed[n_ptrs + n:].view(-1, 2),
+        n_blocks=int(blocks.shape[0]),
+        aligned=all(p % 16 == 0 for p in ptrs),
+    )
+    _CACHE[key] = entry
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return entry
+
+
+def int_column(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A small per-tensor int64 device column that is not part of a table (RNG keys, offsets), cached too."""
+    key = (device, "column", tuple(values))
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _CACHE[key] = torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return hit
+
+
+def launch(kernel, n_programs: int, *args, **kwargs) -> None:
+    """Launch ``kernel`` on a 1-D grid; every Triton launch of this backend goes through here."""
+    kernel[(n_programs,)](*args, num_warps=NUM_WARPS, **kwargs)
+
+
+def launch_over(kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *args, **constexprs) -> Table:
+    """Launch an element-wise/partial-reduction ``kernel`` once over the table of ``lists``; returns the table.
+
+    The kernel takes one pointer row per entry of ``lists`` (an optional list passed as None, which
+    the kernel compiles out through a constexpr flag, gets row 0 in its place), then ``sizes, blocks,
+    *args`` and the constexprs DT, CDT, BLOCK, CHUNK, ALIGNED and ``constexprs``. An all-empty group
+    launches nothing.
+    """
+    tab = table(lists)
+    if tab.n_blocks:
+        present = iter(tab.ptrs)
+        rows = [tab.ptrs[0] if lst is None else next(present) for lst in lists]
+        dtype = lists[0][0].dtype
+        launch(kernel, tab.n_blocks, *rows, tab.sizes, tab.blocks, *args, DT=tl_dtype(dtype),
+               CDT=compute_dtype(dtype), BLOCK=BLOCK, CHUNK=CHUNK, ALIGNED=tab.aligned, **constexprs)
+    return tab
+
+
+# --------------------------------------------------------------------------- device-side helpers
+
+@triton.jit
+def chunk_bounds(blocks, sizes, CHUNK: tl.constexpr):
+    """(tensor index, first unit, end unit) of this program's chunk, as int64."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.load(blocks + 2 * b)
+    start = tl.load(blocks + 2 * b + 1)
+    end = tl.minimum(start + CHUNK, tl.load(sizes + t))
+    return t, start, end
+
+
+@triton.jit
+def tensor_ptr(ptrs, t, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Typed pointer to tensor ``t`` of the list whose pointer row is ``ptrs``."""
+    p = tl.load(ptrs + t).to(tl.pointer_type(DT))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def block_offsets(off, BLOCK: tl.constexpr):
+    """int64 offsets off..off+BLOCK-1; ``off`` is a multiple of BLOCK (chunks start at multiples of CHUNK)."""
+    offs = off + tl.arange(0, BLOCK).to(tl.int64)
+    return tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+
+
+@triton.jit
+def scalar(x, DT: tl.constexpr):
+    """A host float argument (declared ``tl.float64``) as a DT scalar, rounded once like torch does."""
+    return tl.full((), x, DT)
+
+
+@triton.jit
+def sqrt_ieee(x):
+    """Correctly rounded sqrt (``tl.sqrt`` is approximate for fp32 on GPUs; fp64 sqrt is exact)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def div_ieee(x, y):
+    """Correctly rounded division (``/`` is approximate for fp32 on GPUs), as torch computes it."""
+    if x.dtype == tl.float64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)

@@ -1,0 +1,125 @@
+"""Sparsity masks: ``topk_mask`` (global unstructured) and ``nm_mask`` (N:M structured).
+
+Both equal reference.py exactly: NaN ranks lowest (as -inf), -0.0 ties with +0.0, ties go to the
+lower flattened position (list order, then row-major). They run once per mask refresh, not in the
+hot path, and take the whole score list (possibly several dtypes: one launch per dtype group).
+
+topk_mask: a Triton kernel maps every score to an int64 key whose integer order is the float64
+order of the scores (all storage dtypes convert to float64 exactly) and writes all keys into one
+buffer in global position order. The selection then uses torch device ops on that buffer: the
+k-th largest key by ``torch.topk``, and the ties at that key taken in position order through a
+cumulative count — exact count, no host synchronization. (A radix/histogram threshold select in
+Triton would avoid topk's O(N log k) work; not needed at once-per-epoch cost.)
+"""
+import itertools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from . import _tables
+from ._tables import block_offsets, chunk_bounds, tensor_ptr
+
+
+@triton.jit
+def _order_keys_kernel(s_ptrs, sizes, blocks, offsets, keys, DT: tl.constexpr, BLOCK: tl.constexpr,
+                       CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    """keys[offset_t + i] = b if b >= 0 else b ^ (2^63 - 1), b = int64 bits of float64(s_t[i]).
+
+    Negative floats have their magnitude bits flipped so integer order = float order; NaN is
+    replaced by -inf and -0.0 by +0.0 first, so they tie exactly where the reference ties them.
+    """
+    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    s_ptr = tensor_ptr(s_ptrs, t, DT, ALIGNED)
+    base = tl.load(offsets + t)
+    for off in range(start, end, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        inb = offs < end
+        x = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float64)
+        x = tl.where(x != x, float("-inf"), x)
+        x = tl.where(x == 0.0, 0.0, x)
+        bits = x.to(tl.int64, bitcast=True)
+        tl.store(keys + base + offs, tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits), mask=inb)
+
+
+@triton.jit
+def _nm_mask_kernel(s_ptrs, o_ptrs, sizes, blocks, cols, n, DT: tl.constexpr, CDT: tl.constexpr, M: tl.constexpr,
+                    MP: tl.constexpr, GROUPS: tl.constexpr, ALIGNED: tl.constexpr):
+    """keep[r, g·M + j] = rank_j < n, rank_j = #{i valid: v_i > v_j or (v_i == v_j and i < j)}.
+
+    Each program ranks GROUPS groups of M consecutive entries of one (rows, cols) tensor view
+    (MP = M rounded up to a power of two); entries past the row end do not exist, so a trailing
+    partial group of r entries keeps min(n, r). NaN is ranked as -inf.
+    """
+    t, start, end = chunk_bounds(blocks, sizes, GROUPS)
+    s_ptr = tensor_ptr(s_ptrs, t, DT, ALIGNED)
+    o_ptr = tensor_ptr(o_ptrs, t, tl.int8, ALIGNED)
+    n_cols = tl.load(cols + t)
+    groups_per_row = (n_cols + M - 1) // M
+    grp = start + tl.arange(0, GROUPS).to(tl.int64)
+    j = tl.arange(0, MP)
+    col = (grp % groups_per_row)[:, None] * M + j[None, :]
+    valid = (grp < end)[:, None] & (j < M)[None, :] & (col < n_cols)
+    idx = (grp // groups_per_row)[:, None] * n_cols + col
+    v = tl.load(s_ptr + idx, mask=valid, other=0.0).to(CDT)
+    v = tl.where(v != v, float("-inf"), v)
+    vi = v[:, None, :]
+    vj = v[:, :, None]
+    before = (vi > vj) | ((vi == vj) & (j[None, None, :] < j[None, :, None]))
+    rank = tl.sum((before & valid[:, None, :]).to(tl.int32), axis=2)
+    tl.store(o_ptr + idx, (rank < n).to(tl.int8), mask=valid)
+
+
+def _by_dtype(tensors):
+    """{dtype: indices of the non-empty tensors of that dtype}, in list order."""
+    groups: dict = {}
+    for i, s in enumerate(tensors):
+        if s.numel():
+            groups.setdefault(s.dtype, []).append(i)
+    return groups
+
+
+def topk_mask(scores, k):
+    """Bool masks keeping exactly the ``k`` largest scores over all tensors (see reference.topk_mask)."""
+    device = scores[0].device
+    numels = [s.numel() for s in scores]
+    total = sum(numels)
+    keys = torch.empty(total, dtype=torch.int64, device=device)
+    offsets = [0, *itertools.accumulate(numels)]
+    for dtype, idx in _by_dtype(scores).items():
+        group = [scores[i] for i in idx]
+        tab = _tables.table([group])
+        _tables.launch(_order_keys_kernel, tab.n_blocks, tab.ptrs[0], tab.sizes, tab.blocks,
+                       _tables.int_column([offsets[i] for i in idx], device), keys, DT=_tables.tl_dtype(dtype),
+                       BLOCK=_tables.BLOCK, CHUNK=_tables.CHUNK, ALIGNED=tab.aligned)
+    if k == 0:
+        keep = torch.zeros(total, dtype=torch.bool, device=device)
+    else:
+        threshold = torch.topk(keys, k, sorted=False).values.min()
+        above = keys > threshold
+        ties = keys == threshold
+        keep = above | (ties & (torch.cumsum(ties, 0) <= k - above.sum()))
+    return [m.view_as(s) for m, s in zip(keep.split(numels), scores)]
+
+
+_MAX_M = 128
+"""Above this the m x m rank tile of ``_nm_mask_kernel`` stops fitting in registers: the reference runs."""
+
+
+def nm_mask(scores, n, m):
+    """Bool masks keeping the ``n`` largest of every ``m`` consecutive entries along the reduction dim."""
+    if m > _MAX_M:
+        return reference.nm_mask(scores, n, m)
+    out = [torch.empty(s.shape, dtype=torch.bool, device=s.device) for s in scores]
+    mp = triton.next_power_of_2(m)
+    groups = max(1, 4096 // (mp * mp))
+    for dtype, idx in _by_dtype(scores).items():
+        cols = [reference.nm_groups(scores[i]).shape[1] for i in idx]
+        sizes = [scores[i].numel() // c * math.ceil(c / m) for i, c in zip(idx, cols)]
+        tab = _tables.table([[scores[i] for i in idx], [out[i] for i in idx]], sizes=sizes, chunk=groups)
+        _tables.launch(_nm_mask_kernel, tab.n_blocks, tab.ptrs[0], tab.ptrs[1], tab.sizes, tab.blocks,
+                       _tables.int_column(cols, scores[0].device), n, DT=_tables.tl_dtype(dtype),
+                       CDT=_tables.compute_dtype(dtype), M=m, MP=mp, GROUPS=groups, ALIGNED=tab.aligned)
+    return out

@@ -1,0 +1,97 @@
+"""Element-wise ops of the SAM variants: ``renormalize_`` (Stable SAM), ``fisher_accumulate_`` (Sparse
+SAM), ``looksam_store_`` / ``looksam_apply_`` (LookSAM).
+
+Global norms and dots arrive as device scalars (computed by ``norm.py``); each program turns them
+into its coefficient, so nothing synchronizes with the host.
+"""
+import triton
+import triton.language as tl
+
+from . import _tables
+from ._tables import block_offsets, chunk_bounds, div_ieee, scalar, sqrt_ieee, tensor_ptr
+
+
+@triton.jit
+def _renormalize_kernel(g_ptrs, sizes, blocks, ref_sq_norm, sq_norm, eps: tl.float64, DT: tl.constexpr,
+                        CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    """g = g·r, r = sqrt(ref_sq_norm)/(sqrt(sq_norm) + eps)."""
+    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
+    r = div_ieee(sqrt_ieee(tl.load(ref_sq_norm).to(CDT)), sqrt_ieee(tl.load(sq_norm).to(CDT)) + scalar(eps, CDT))
+    for off in range(start, end, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        inb = offs < end
+        g = tl.load(g_ptr + offs, mask=inb).to(CDT)
+        tl.store(g_ptr + offs, (g * r).to(DT), mask=inb)
+
+
+@triton.jit
+def _fisher_accumulate_kernel(f_ptrs, g_ptrs, sizes, blocks, scale: tl.float64, DT: tl.constexpr, CDT: tl.constexpr,
+                              BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    """f = f + scale·g·g."""
+    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    f_ptr = tensor_ptr(f_ptrs, t, DT, ALIGNED)
+    g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
+    c = scalar(scale, CDT)
+    for off in range(start, end, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        inb = offs < end
+        f = tl.load(f_ptr + offs, mask=inb).to(CDT)
+        g = tl.load(g_ptr + offs, mask=inb).to(CDT)
+        tl.store(f_ptr + offs, (f + c * g * g).to(DT), mask=inb)
+
+
+@triton.jit
+def _looksam_store_kernel(v_ptrs, g_ptrs, s_ptrs, sizes, blocks, gs_dot_g, g_sq_norm, eps: tl.float64,
+                          DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                          ALIGNED: tl.constexpr):
+    """g_v = g_s - c·g, c = ⟨g, g_s⟩/(‖g‖² + eps). ``g_v`` may alias ``g_s`` (each element is read first)."""
+    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    v_ptr = tensor_ptr(v_ptrs, t, DT, ALIGNED)
+    g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
+    s_ptr = tensor_ptr(s_ptrs, t, DT, ALIGNED)
+    c = div_ieee(tl.load(gs_dot_g).to(CDT), tl.load(g_sq_norm).to(CDT) + scalar(eps, CDT))
+    for off in range(start, end, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        inb = offs < end
+        g = tl.load(g_ptr + offs, mask=inb).to(CDT)
+        gs = tl.load(s_ptr + offs, mask=inb).to(CDT)
+        tl.store(v_ptr + offs, (gs - g * c).to(DT), mask=inb)
+
+
+@triton.jit
+def _looksam_apply_kernel(g_ptrs, v_ptrs, sizes, blocks, alpha: tl.float64, g_sq_norm, gv_sq_norm, eps: tl.float64,
+                          DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                          ALIGNED: tl.constexpr):
+    """g = g + c·g_v, c = alpha·sqrt(‖g‖²)/(sqrt(‖g_v‖²) + eps)."""
+    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, DT, ALIGNED)
+    c = div_ieee(sqrt_ieee(tl.load(g_sq_norm).to(CDT)) * scalar(alpha, CDT),
+                 sqrt_ieee(tl.load(gv_sq_norm).to(CDT)) + scalar(eps, CDT))
+    for off in range(start, end, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        inb = offs < end
+        g = tl.load(g_ptr + offs, mask=inb).to(CDT)
+        gv = tl.load(v_ptr + offs, mask=inb).to(CDT)
+        tl.store(g_ptr + offs, (g + gv * c).to(DT), mask=inb)
+
+
+def renormalize_(grads, ref_sq_norm, sq_norm, eps):
+    """g ← g·sqrt(ref)/(sqrt(sq_norm)+eps) (Stable SAM); both norms global, given."""
+    _tables.launch_over(_renormalize_kernel, [grads], ref_sq_norm, sq_norm, eps)
+
+
+def fisher_accumulate_(fisher, grads, scale):
+    """fisher += scale·g²."""
+    _tables.launch_over(_fisher_accumulate_kernel, [fisher, grads], scale)
+
+
+def looksam_store_(g_v, grads, sam_grads, gs_dot_g, g_sq_norm, eps):
+    """g_v ← g_s − (⟨g, g_s⟩/(‖g‖² + eps))·g, with the global dot and norm given."""
+    _tables.launch_over(_looksam_store_kernel, [g_v, grads, sam_grads], gs_dot_g, g_sq_norm, eps)
+
+
+def looksam_apply_(grads, g_v, alpha, g_sq_norm, gv_sq_norm, eps):
+    """g ← g + alpha·(‖g‖/(‖g_v‖ + eps))·g_v, with both global norms given."""
+    _tables.launch_over(_looksam_apply_kernel, [grads, g_v], alpha, g_sq_norm, gv_sq_norm, eps)
