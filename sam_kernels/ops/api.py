@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from operator import attrgetter, methodcaller
 from typing import Optional, Sequence
 
 import torch
@@ -19,17 +20,47 @@ Tensors = Sequence[torch.Tensor]
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+_layout = attrgetter("layout")
+_dtype = attrgetter("dtype")
+_device = attrgetter("device")
+_shape = attrgetter("shape")
+_contig = methodcaller("is_contiguous")
+_numel = methodcaller("numel")
+
+
 def _check_lists(op: str, primary: Tensors, **others: Optional[Tensors]) -> None:
-    """Validate aligned lists: same length, same shapes, same device; float/bool dtypes; dense."""
+    """Validate aligned lists: same length, same shapes, same device; float/bool dtypes; dense.
+
+    The common valid case is checked with whole-list attribute comparisons (this runs on every
+    optimizer step, hundreds of tensors per list); any failure reruns the per-entry checks to
+    produce a precise message.
+    """
     if not isinstance(primary, (list, tuple)):
         raise TypeError(f"{op}: expected a list of tensors, got {type(primary).__name__}")
-    for name, lst in others.items():
-        if lst is None:
-            continue
+    lists = {name: lst for name, lst in others.items() if lst is not None}
+    for name, lst in lists.items():
         if not isinstance(lst, (list, tuple)):
             raise TypeError(f"{op}: {name} must be a list of tensors, got {type(lst).__name__}")
         if len(lst) != len(primary):
             raise ValueError(f"{op}: {name} has {len(lst)} tensors but the first list has {len(primary)}")
+    try:
+        dtypes = list(map(_dtype, primary))
+        ok = all(lay == torch.strided for lay in map(_layout, primary)) and all(d in _FLOATS for d in dtypes)
+        if ok and lists:
+            shapes, devices = list(map(_shape, primary)), list(map(_device, primary))
+            for name, lst in lists.items():
+                want = [torch.bool] * len(lst) if name == "masks" else dtypes
+                ok = ok and (list(map(_dtype, lst)) == want and list(map(_shape, lst)) == shapes
+                             and list(map(_device, lst)) == devices
+                             and all(lay == torch.strided for lay in map(_layout, lst)))
+    except AttributeError:  # a non-tensor entry: the slow path names it
+        ok = False
+    if not ok:
+        _explain_bad_lists(op, primary, lists)
+
+
+def _explain_bad_lists(op: str, primary: Tensors, lists: dict) -> None:
+    """Per-entry checks that raise a precise error for the first bad entry."""
     for i, t in enumerate(primary):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: entry {i} is {type(t).__name__}, not a tensor (drop parameters without grads)")
@@ -38,9 +69,7 @@ def _check_lists(op: str, primary: Tensors, **others: Optional[Tensors]) -> None
                             f"(use dense gradients, e.g. nn.Embedding(sparse=False))")
         if t.dtype not in _FLOATS:
             raise TypeError(f"{op}: entry {i} has dtype {t.dtype}; supported: float32, float64, float16, bfloat16")
-        for name, lst in others.items():
-            if lst is None:
-                continue
+        for name, lst in lists.items():
             o = lst[i]
             if not isinstance(o, torch.Tensor):
                 raise TypeError(f"{op}: {name}[{i}] is {type(o).__name__}, not a tensor")
@@ -56,17 +85,24 @@ def _check_lists(op: str, primary: Tensors, **others: Optional[Tensors]) -> None
             elif o.dtype != t.dtype:
                 raise TypeError(f"{op}: {name}[{i}] has dtype {o.dtype} but entry {i} has {t.dtype}; "
                                 f"keep optimizer buffers in the parameter's dtype")
+    raise AssertionError(f"{op}: list check failed without a reason")  # unreachable: fast and slow checks agree
 
 
 def _groups(primary: Tensors, *others: Optional[Tensors]):
     """Yield (device, contiguous, index list) for each (device, dtype, contiguity) group; skip empty tensors."""
+    present = [lst for lst in (primary, *others) if lst is not None]
+    contig = [all(c) for c in zip(*(map(_contig, lst) for lst in present))]
+    keys = list(zip(map(_device, primary), map(_dtype, primary), contig))
+    sizes = list(map(_numel, primary))
+    if len(set(keys)) == 1 and all(sizes):  # the usual case: one group, nothing to skip
+        device, _dt, contiguous = keys[0]
+        yield device, contiguous, list(range(len(primary)))
+        return
     buckets: dict = defaultdict(list)
-    for i, t in enumerate(primary):
-        if t.numel() == 0:
-            continue
-        contiguous = t.is_contiguous() and all(o is None or o[i].is_contiguous() for o in others)
-        buckets[(t.device, t.dtype, contiguous)].append(i)
-    for (device, _dtype, contiguous), idx in buckets.items():
+    for i, key in enumerate(keys):
+        if sizes[i]:
+            buckets[key].append(i)
+    for (device, _dt, contiguous), idx in buckets.items():
         yield device, contiguous, idx
 
 
