@@ -69,8 +69,12 @@ _CACHE_SIZE = 64
 
 
 def table(lists: Sequence[Optional[Sequence[torch.Tensor]]], *, sizes: Optional[Sequence[int]] = None,
-          chunk: int = CHUNK) -> Table:
-    """The (cached) table of aligned tensor lists (None entries are skipped); ``sizes`` defaults to numels."""
+          chunk: Optional[int] = None) -> Table:
+    """The (cached) table of aligned tensor lists (None entries are skipped).
+
+    ``sizes`` defaults to the numels, ``chunk`` (units per program) to CHUNK, read at call time.
+    """
+    chunk = CHUNK if chunk is None else chunk
     lists = [lst for lst in lists if lst is not None]
     first = lists[0]
     device = first[0].device

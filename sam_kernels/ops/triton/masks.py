@@ -1,15 +1,17 @@
 """Sparsity masks: ``topk_mask`` (global unstructured) and ``nm_mask`` (N:M structured).
 
-Both equal reference.py exactly: NaN ranks lowest (as -inf), -0.0 ties with +0.0, ties go to the
-lower flattened position (list order, then row-major). They run once per mask refresh, not in the
-hot path, and take the whole score list (possibly several dtypes: one launch per dtype group).
+Both equal reference.py exactly. The reference ranks ``torch.nan_to_num(float64(score), nan=-inf)``,
+and nan_to_num also clamps ±inf to ±DBL_MAX, so: NaN ranks strictly lowest (below -inf), ±inf tie
+with ±DBL_MAX, -0.0 ties with +0.0, and ties go to the lower flattened position (list order, then
+row-major). The kernels rank the same values through an int64 key whose integer order is that
+float64 order. These ops run once per mask refresh, not in the hot path, and take the whole score
+list (possibly several dtypes: one launch per dtype group).
 
-topk_mask: a Triton kernel maps every score to an int64 key whose integer order is the float64
-order of the scores (all storage dtypes convert to float64 exactly) and writes all keys into one
-buffer in global position order. The selection then uses torch device ops on that buffer: the
-k-th largest key by ``torch.topk``, and the ties at that key taken in position order through a
-cumulative count — exact count, no host synchronization. (A radix/histogram threshold select in
-Triton would avoid topk's O(N log k) work; not needed at once-per-epoch cost.)
+topk_mask: a Triton kernel writes the keys of all scores into one buffer in global position order;
+the selection then uses torch device ops on that buffer: the k-th largest key by ``torch.topk``,
+and the ties at that key taken in position order through a cumulative count. Exact count, no
+host synchronization. (A radix/histogram threshold select in Triton would avoid topk's
+O(N log k) work; not needed at once-per-epoch cost.)
 """
 import itertools
 import math
@@ -23,14 +25,27 @@ from . import _tables
 from ._tables import block_offsets, chunk_bounds, tensor_ptr
 
 
+_DBL_MAX = tl.constexpr(1.7976931348623157e308)
+
+
+@triton.jit
+def _order_key(x):
+    """int64 key of float64 ``x``: integer order = the reference's ranking order (see module doc).
+
+    b = bits of the ranked value; negative floats get their magnitude bits flipped (b ^ (2^63 - 1)).
+    """
+    x = tl.where(x == float("inf"), _DBL_MAX, x)
+    x = tl.where(x == float("-inf"), -_DBL_MAX, x)
+    x = tl.where(x != x, float("-inf"), x)
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int64, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+
+
 @triton.jit
 def _order_keys_kernel(s_ptrs, sizes, blocks, offsets, keys, DT: tl.constexpr, BLOCK: tl.constexpr,
                        CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
-    """keys[offset_t + i] = b if b >= 0 else b ^ (2^63 - 1), b = int64 bits of float64(s_t[i]).
-
-    Negative floats have their magnitude bits flipped so integer order = float order; NaN is
-    replaced by -inf and -0.0 by +0.0 first, so they tie exactly where the reference ties them.
-    """
+    """keys[offset_t + i] = order key of s_t[i]."""
     t, start, end = chunk_bounds(blocks, sizes, CHUNK)
     s_ptr = tensor_ptr(s_ptrs, t, DT, ALIGNED)
     base = tl.load(offsets + t)
@@ -38,20 +53,18 @@ def _order_keys_kernel(s_ptrs, sizes, blocks, offsets, keys, DT: tl.constexpr, B
         offs = block_offsets(off, BLOCK)
         inb = offs < end
         x = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float64)
-        x = tl.where(x != x, float("-inf"), x)
-        x = tl.where(x == 0.0, 0.0, x)
-        bits = x.to(tl.int64, bitcast=True)
-        tl.store(keys + base + offs, tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits), mask=inb)
+        tl.store(keys + base + offs, _order_key(x), mask=inb)
 
 
 @triton.jit
-def _nm_mask_kernel(s_ptrs, o_ptrs, sizes, blocks, cols, n, DT: tl.constexpr, CDT: tl.constexpr, M: tl.constexpr,
-                    MP: tl.constexpr, GROUPS: tl.constexpr, ALIGNED: tl.constexpr):
-    """keep[r, g·M + j] = rank_j < n, rank_j = #{i valid: v_i > v_j or (v_i == v_j and i < j)}.
+def _nm_mask_kernel(s_ptrs, o_ptrs, sizes, blocks, cols, n, DT: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+                    GROUPS: tl.constexpr, ALIGNED: tl.constexpr):
+    """keep[r, g·M + j] = rank_j < n, rank_j = #{i < M: key_i > key_j or (key_i == key_j and i < j)}.
 
     Each program ranks GROUPS groups of M consecutive entries of one (rows, cols) tensor view
-    (MP = M rounded up to a power of two); entries past the row end do not exist, so a trailing
-    partial group of r entries keeps min(n, r). NaN is ranked as -inf.
+    (MP = M rounded up to a power of two). As in the reference, a trailing partial group is padded
+    to M entries with -inf, which ranks like -DBL_MAX (above NaN): so it keeps min(n, r) of its r
+    entries unless some are NaN. Padding is ranked, never stored.
     """
     t, start, end = chunk_bounds(blocks, sizes, GROUPS)
     s_ptr = tensor_ptr(s_ptrs, t, DT, ALIGNED)
@@ -61,15 +74,14 @@ def _nm_mask_kernel(s_ptrs, o_ptrs, sizes, blocks, cols, n, DT: tl.constexpr, CD
     grp = start + tl.arange(0, GROUPS).to(tl.int64)
     j = tl.arange(0, MP)
     col = (grp % groups_per_row)[:, None] * M + j[None, :]
-    valid = (grp < end)[:, None] & (j < M)[None, :] & (col < n_cols)
+    real = (grp < end)[:, None] & (j < M)[None, :] & (col < n_cols)
     idx = (grp // groups_per_row)[:, None] * n_cols + col
-    v = tl.load(s_ptr + idx, mask=valid, other=0.0).to(CDT)
-    v = tl.where(v != v, float("-inf"), v)
-    vi = v[:, None, :]
-    vj = v[:, :, None]
-    before = (vi > vj) | ((vi == vj) & (j[None, None, :] < j[None, :, None]))
-    rank = tl.sum((before & valid[:, None, :]).to(tl.int32), axis=2)
-    tl.store(o_ptr + idx, (rank < n).to(tl.int8), mask=valid)
+    key = _order_key(tl.load(s_ptr + idx, mask=real, other=float("-inf")).to(tl.float64))
+    ki = key[:, None, :]
+    kj = key[:, :, None]
+    before = ((ki > kj) | ((ki == kj) & (j[None, None, :] < j[None, :, None]))) & (j < M)[None, None, :]
+    rank = tl.sum(before.to(tl.int32), axis=2)
+    tl.store(o_ptr + idx, (rank < n).to(tl.int8), mask=real)
 
 
 def _by_dtype(tensors):
@@ -120,6 +132,6 @@ def nm_mask(scores, n, m):
         sizes = [scores[i].numel() // c * math.ceil(c / m) for i, c in zip(idx, cols)]
         tab = _tables.table([[scores[i] for i in idx], [out[i] for i in idx]], sizes=sizes, chunk=groups)
         _tables.launch(_nm_mask_kernel, tab.n_blocks, tab.ptrs[0], tab.ptrs[1], tab.sizes, tab.blocks,
-                       _tables.int_column(cols, scores[0].device), n, DT=_tables.tl_dtype(dtype),
-                       CDT=_tables.compute_dtype(dtype), M=m, MP=mp, GROUPS=groups, ALIGNED=tab.aligned)
+                       _tables.int_column(cols, scores[0].device), n, DT=_tables.tl_dtype(dtype), M=m, MP=mp,
+                       GROUPS=groups, ALIGNED=tab.aligned)
     return out

@@ -1,0 +1,396 @@
+"""The ``triton`` backend against the eager reference, plus its multi-tensor machinery.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1), so shapes stay small. The group-level functions (``triton.OPS``) are called
+directly with one homogeneous group, as dispatch does; the last tests go through the public ops.
+Note: the Triton 3.8 interpreter truncates fp32 -> bf16 casts (native GPUs round to nearest
+even), so bf16 results there can be one ulp off the reference: inside the bf16 tolerance.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sam_kernels.ops as ops
+from sam_kernels.ops import reference, reference_backend
+from tests.utils import DTYPE_IDS, DTYPES, assert_close, assert_lists_close, assert_lists_equal, require_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+SHAPES = [(1,), (7,), (129,), (0,), (3, 5), (2, 3, 2, 2), (9000,)]
+MANY = [(5,)] * 30 + [(3, 2)] * 10
+EPS = 1e-12
+
+
+@pytest.fixture(autouse=True)
+def _triton():
+    require_backend("triton", DEVICE)
+
+
+def backend():
+    from sam_kernels.ops import triton as tb
+    return tb
+
+
+def make(shapes, dtype, positive=False):
+    ts = [torch.randn(s, dtype=torch.float32, device=DEVICE).to(dtype) for s in shapes]
+    return [t.abs() + 0.1 if positive else t for t in ts]
+
+
+def masks_for(shapes):
+    return [torch.rand(s, device=DEVICE) < 0.5 for s in shapes]
+
+
+def clone(ts):
+    return [t.clone() for t in ts]
+
+
+def tol(dtype):
+    return next((a, r) for d, a, r in DTYPES if d == dtype)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Tiny BLOCK/CHUNK so small tensors span several programs and loop iterations."""
+    from sam_kernels.ops.triton import _tables
+    monkeypatch.setattr(_tables, "BLOCK", 32)
+    monkeypatch.setattr(_tables, "CHUNK", 64)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Kernel names launched, in order (wraps the single launcher)."""
+    from sam_kernels.ops.triton import _tables
+    names = []
+    real = _tables.launch
+
+    def counting(kernel, n_programs, *args, **kwargs):
+        names.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        real(kernel, n_programs, *args, **kwargs)
+
+    monkeypatch.setattr(_tables, "launch", counting)
+    return names
+
+
+# --------------------------------------------------------------------------- backend module
+
+def test_module_contract():
+    tb = backend()
+    assert tb.unavailable_reason() is None
+    assert set(tb.OPS) == set(reference_backend.OPS)
+    assert DEVICE in tb.DEVICES
+
+
+# --------------------------------------------------------------------------- reductions
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("adaptive,masked", [(False, False), (True, False), (False, True), (True, True)])
+def test_grad_sq_norm(dtype, atol, rtol, adaptive, masked):
+    g, p, m = make(SHAPES, dtype), make(SHAPES, dtype), masks_for(SHAPES)
+    args = (g, p if adaptive else None, m if masked else None, 0.01)
+    got = backend().OPS["grad_sq_norm"](*args)
+    assert got.dim() == 0 and got.dtype == reference.acc_dtype(dtype)
+    assert_close(got, reference.grad_sq_norm(*args), atol, rtol, "grad_sq_norm")
+    assert torch.equal(got, backend().OPS["grad_sq_norm"](*args)), "not deterministic"
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+def test_dot(dtype, atol, rtol):
+    a, b = make(SHAPES, dtype), make(SHAPES, dtype)
+    got = backend().OPS["dot"](a, b)
+    assert got.dtype == reference.acc_dtype(dtype)
+    assert_close(got, reference.dot(a, b), atol, rtol, "dot")
+
+
+def test_reductions_many_small_tensors_and_chunks(small_blocks):
+    g, p = make(MANY + SHAPES, torch.float32), make(MANY + SHAPES, torch.float32)
+    assert_close(backend().OPS["grad_sq_norm"](g, p, None, 0.01), reference.grad_sq_norm(g, p, None, 0.01),
+                 1e-6, 1e-5, "sq_norm")
+    assert_close(backend().OPS["dot"](g, p), reference.dot(g, p), 1e-6, 1e-5, "dot")
+
+
+def test_all_empty_group():
+    g = [torch.zeros(0, device=DEVICE)]
+    assert backend().OPS["grad_sq_norm"](g, None, None, 0.0).item() == 0.0
+    backend().OPS["restore_"](g, clone(g))
+
+
+# --------------------------------------------------------------------------- perturb / restore
+
+PERTURB_CASES = {
+    "plain": dict(masked=False, adaptive=False, keep_prob=1.0),
+    "masked": dict(masked=True, adaptive=False, keep_prob=1.0),
+    "adaptive": dict(masked=False, adaptive=True, keep_prob=1.0),
+    "keep": dict(masked=False, adaptive=False, keep_prob=0.6),
+    "all": dict(masked=True, adaptive=True, keep_prob=0.7),
+}
+
+
+def run_perturb(fn, params, grads, sq_norm, masks, case, seed=1234):
+    backups = [torch.empty_like(p) for p in params]
+    keys = [reference.tensor_key(seed, i) for i in range(len(params))]
+    fn(params, grads, backups, sq_norm, 0.05, EPS, masks if case["masked"] else None, case["adaptive"], 0.01,
+       case["keep_prob"], keys)
+    return backups
+
+
+def selection(params, masks, case, seed=1234):
+    """Entries the perturbation may touch (mask & keep mask)."""
+    sel = []
+    for i, p in enumerate(params):
+        s = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+        if case["masked"]:
+            s &= masks[i]
+        if case["keep_prob"] < 1.0:
+            key = reference.tensor_key(seed, i)
+            s &= reference.keep_mask(p.numel(), key, case["keep_prob"], p.device).view_as(p)
+        sel.append(s)
+    return sel
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", list(PERTURB_CASES), ids=list(PERTURB_CASES))
+def test_perturb(dtype, atol, rtol, case):
+    case = PERTURB_CASES[case]
+    w, g, m = make(SHAPES, dtype), make(SHAPES, dtype), masks_for(SHAPES)
+    sq = reference.grad_sq_norm(g, None, None, 0.0)
+    got, want = clone(w), clone(w)
+    backups = run_perturb(backend().OPS["perturb_"], got, g, sq, m, case)
+    run_perturb(reference.perturb_, want, g, sq, m, case)
+    assert_lists_equal(backups, w, "backups")
+    assert_lists_close(got, want, atol, rtol, "params")
+    for i, (a, orig, s) in enumerate(zip(got, w, selection(w, m, case))):
+        assert_lists_equal([a[~s]], [orig[~s]], f"unselected entries of tensor {i}")
+
+
+def test_perturb_many_tensors_multi_chunk(small_blocks):
+    case = PERTURB_CASES["all"]
+    shapes = MANY + SHAPES
+    w, g, m = make(shapes, torch.float32), make(shapes, torch.float32), masks_for(shapes)
+    sq = reference.grad_sq_norm(g, None, None, 0.0)
+    got, want = clone(w), clone(w)
+    run_perturb(backend().OPS["perturb_"], got, g, sq, m, case)
+    run_perturb(reference.perturb_, want, g, sq, m, case)
+    assert_lists_close(got, want, 1e-6, 1e-5, "params")
+
+
+def test_keep_mask_bit_identical(small_blocks):
+    """With w = 0 and g = 1 an entry changes iff it is kept: the kept set must equal reference.keep_mask."""
+    shapes = [(1,), (7,), (129,), (1000,), (4, 33)]
+    w = [torch.zeros(s, device=DEVICE) for s in shapes]
+    g = [torch.ones(s, device=DEVICE) for s in shapes]
+    for keep_prob, seed in [(0.5, 0), (0.9, 2**40 + 3), (0.13, 77)]:
+        case = dict(masked=False, adaptive=False, keep_prob=keep_prob)
+        got = clone(w)
+        run_perturb(backend().OPS["perturb_"], got, g, torch.tensor(1.0, device=DEVICE), None, case, seed=seed)
+        for i, (t, s) in enumerate(zip(got, shapes)):
+            want = reference.keep_mask(t.numel(), reference.tensor_key(seed, i), keep_prob, t.device).view(s)
+            assert torch.equal(t != 0, want), f"keep mask of tensor {i} (keep_prob={keep_prob}, seed={seed})"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
+def test_perturb_non_finite_scale_leaves_params(bad):
+    """sq_norm NaN/inf gives a non-finite (or zero-norm, eps=0: infinite) scale: params bitwise unchanged."""
+    w, g = make(SHAPES, torch.float32), make(SHAPES, torch.float32)
+    got = clone(w)
+    backups = [torch.empty_like(t) for t in w]
+    backend().OPS["perturb_"](got, g, backups, torch.tensor(bad, device=DEVICE), 0.05, 0.0, None, False, 0.01, 1.0,
+                              [0] * len(w))
+    assert_lists_equal(got, w, "params")
+    assert_lists_equal(backups, w, "backups")
+
+
+@pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES], ids=DTYPE_IDS)
+def test_restore_bitwise(dtype):
+    backups = make(SHAPES, dtype)
+    backups[1][0], backups[1][1], backups[1][2] = float("nan"), -0.0, float("-inf")
+    params = make(SHAPES, dtype)
+    backend().OPS["restore_"](params, backups)
+    assert_lists_equal(params, backups, "params")
+
+
+# --------------------------------------------------------------------------- fused restore + base step
+
+SGD_CASES = [
+    dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, init_buffers=False),
+    dict(momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False, maximize=False, init_buffers=True),
+    dict(momentum=0.9, dampening=0.1, weight_decay=5e-4, nesterov=False, maximize=True, init_buffers=False),
+    dict(momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False, init_buffers=False),
+]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kw", SGD_CASES, ids=["plain", "init", "dampening_maximize", "nesterov"])
+def test_sgd_restore_step(dtype, atol, rtol, kw):
+    w, backups, g, bufs = (make(SHAPES, dtype) for _ in range(4))
+    use_bufs = kw["momentum"] != 0
+    got_w, got_b, want_w, want_b = clone(w), clone(bufs), clone(w), clone(bufs)
+    backend().OPS["sgd_restore_step_"](got_w, backups, g, got_b if use_bufs else None, lr=0.1, **kw)
+    reference.sgd_restore_step_(want_w, backups, g, want_b if use_bufs else None, lr=0.1, **kw)
+    assert_lists_close(got_w, want_w, atol, rtol, "params")
+    assert_lists_close(got_b, want_b, atol, rtol, "momentum buffers")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("step,maximize,weight_decay", [(1, False, 1e-2), (7, True, 0.0)])
+def test_adamw_restore_step(dtype, atol, rtol, step, maximize, weight_decay):
+    w, backups, g, m = (make(SHAPES, dtype) for _ in range(4))
+    v = make(SHAPES, dtype, positive=True)
+    got = [clone(w), clone(m), clone(v)]
+    want = [clone(w), clone(m), clone(v)]
+    kw = dict(step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, maximize=maximize)
+    backend().OPS["adamw_restore_step_"](got[0], backups, g, got[1], got[2], **kw)
+    reference.adamw_restore_step_(want[0], backups, g, want[1], want[2], **kw)
+    for name, a, b in zip(("params", "exp_avgs", "exp_avg_sqs"), got, want):
+        assert_lists_close(a, b, atol, rtol, name)
+
+
+# --------------------------------------------------------------------------- variants
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+def test_renormalize_and_fisher(dtype, atol, rtol):
+    g, f = make(SHAPES, dtype), make(SHAPES, dtype, positive=True)
+    ref_sq = torch.tensor(3.0, device=DEVICE)
+    sq = reference.grad_sq_norm(g, None, None, 0.0)
+    got, want = clone(g), clone(g)
+    backend().OPS["renormalize_"](got, ref_sq, sq, EPS)
+    reference.renormalize_(want, ref_sq, sq, EPS)
+    assert_lists_close(got, want, atol, rtol, "renormalize_")
+    got, want = clone(f), clone(f)
+    backend().OPS["fisher_accumulate_"](got, g, 0.25)
+    reference.fisher_accumulate_(want, g, 0.25)
+    assert_lists_close(got, want, atol, rtol, "fisher_accumulate_")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("alias", [False, True], ids=["separate", "g_v_is_sam_grads"])
+def test_looksam(dtype, atol, rtol, alias):
+    g, gs = make(SHAPES, dtype), make(SHAPES, dtype)
+    d, sq = reference.dot(g, gs), reference.grad_sq_norm(g, None, None, 0.0)
+    got_gs, want_gs = clone(gs), clone(gs)
+    got = got_gs if alias else [torch.empty_like(t) for t in g]
+    want = want_gs if alias else [torch.empty_like(t) for t in g]
+    backend().OPS["looksam_store_"](got, g, got_gs, d, sq, EPS)
+    reference.looksam_store_(want, g, want_gs, d, sq, EPS)
+    assert_lists_close(got, want, atol, rtol, "g_v")
+    gv_sq = reference.grad_sq_norm(want, None, None, 0.0)
+    got_g, want_g = clone(g), clone(g)
+    backend().OPS["looksam_apply_"](got_g, want, 0.7, sq, gv_sq, EPS)
+    reference.looksam_apply_(want_g, want, 0.7, sq, gv_sq, EPS)
+    assert_lists_close(got_g, want_g, atol, rtol, "grads")
+
+
+# --------------------------------------------------------------------------- masks
+
+def tricky_scores(shapes, dtype):
+    """Coarse values (many ties), a NaN, -0.0/+0.0 and infinities."""
+    ts = [(torch.randn(s, device=DEVICE) * 2).round().to(dtype) for s in shapes]
+    flat = [t.view(-1) for t in ts if t.numel() >= 4]
+    flat[0][0], flat[0][1], flat[1][0], flat[1][1], flat[2][0] = float("nan"), -0.0, 0.0, float("-inf"), float("inf")
+    return ts
+
+
+@pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES], ids=DTYPE_IDS)
+def test_topk_mask_exact(dtype, small_blocks):
+    scores = tricky_scores(SHAPES, dtype)
+    total = sum(s.numel() for s in scores)
+    for k in (0, 1, 5, 77, total // 2, total - 1, total):
+        got = backend().OPS["topk_mask"](scores, k)
+        assert sum(int(m.sum()) for m in got) == k
+        assert_lists_equal(got, reference.topk_mask(scores, k), f"topk k={k}")
+
+
+def test_mask_special_values():
+    """As the reference ranks them: NaN strictly lowest (below -inf), ±inf tie with ±DBL_MAX."""
+    big = torch.finfo(torch.float64).max
+    scores = [torch.tensor([float("nan"), float("-inf"), -big, 1.0], dtype=torch.float64, device=DEVICE),
+              torch.tensor([big, float("inf"), float("nan")], dtype=torch.float64, device=DEVICE)]
+    for k in range(8):
+        assert_lists_equal(backend().OPS["topk_mask"](scores, k), reference.topk_mask(scores, k), f"topk k={k}")
+    # A trailing partial group holding a NaN: the reference's -inf padding outranks the NaN.
+    scores = [torch.tensor([[1.0, 2.0, 3.0, 4.0, float("nan"), 5.0, float("nan")]], device=DEVICE)]
+    for n in range(5):
+        assert_lists_equal(backend().OPS["nm_mask"](scores, n, 4), reference.nm_mask(scores, n, 4), f"nm {n}:4")
+
+
+def test_topk_mask_mixed_dtypes():
+    scores = tricky_scores(SHAPES, torch.float32)
+    scores[2], scores[4] = scores[2].to(torch.bfloat16), scores[4].double()
+    for k in (3, 100):
+        assert_lists_equal(backend().OPS["topk_mask"](scores, k), reference.topk_mask(scores, k), f"topk k={k}")
+
+
+@pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES], ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 3), (0, 2), (3, 8), (5, 5), (1, 1), (2, 130)])
+def test_nm_mask_exact(dtype, n, m):
+    shapes = [(7,), (4, 10), (3, 2, 3, 3), (0,), (5, 1), (2, 300)]
+    scores = tricky_scores(shapes, dtype)
+    assert_lists_equal(backend().OPS["nm_mask"](scores, n, m), reference.nm_mask(scores, n, m), f"nm {n}:{m}")
+
+
+# --------------------------------------------------------------------------- multi-tensor machinery
+
+def test_table_cache_reused_and_rebuilt():
+    from sam_kernels.ops.triton import _tables
+    w = make(MANY, torch.float32)
+    g = make(MANY, torch.float32)
+    first = _tables.table([w, g])
+    assert _tables.table([w, g]) is first
+    g = make(MANY, torch.float32)  # grads re-created, e.g. after zero_grad(set_to_none=True)
+    rebuilt = _tables.table([w, g])
+    assert rebuilt is not first
+    assert rebuilt.ptrs[1].tolist() == [t.data_ptr() for t in g]
+    assert rebuilt.n_blocks == len(MANY) and rebuilt.sizes.tolist() == [t.numel() for t in w]
+
+
+def test_table_chunking():
+    from sam_kernels.ops.triton import _tables
+    ts = [torch.empty(n, device=DEVICE) for n in (10, 0, 64, 65, 1)]
+    tab = _tables.table([ts], chunk=64)
+    assert tab.blocks.tolist() == [[0, 0], [2, 0], [3, 0], [3, 64], [4, 0]]
+
+
+def test_one_launch_per_group(launches):
+    """Whatever the number of tensors: one launch per pass (reductions: partials + final sum)."""
+    tb = backend()
+    w, g, b = make(MANY, torch.float32), make(MANY, torch.float32), make(MANY, torch.float32)
+    sq = tb.OPS["grad_sq_norm"](g, w, masks_for(MANY), 0.01)
+    assert launches == ["_sq_norm_partials_kernel", "_sum_partials_kernel"]
+    launches.clear()
+    tb.OPS["perturb_"](w, g, b, sq, 0.05, EPS, masks_for(MANY), True, 0.01, 0.5, list(range(len(MANY))))
+    tb.OPS["restore_"](w, b)
+    tb.OPS["sgd_restore_step_"](w, b, g, clone(g), lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                                nesterov=False, maximize=False, init_buffers=False)
+    tb.OPS["adamw_restore_step_"](w, b, g, clone(g), [t.abs() for t in g], step=1, lr=0.1, beta1=0.9, beta2=0.99,
+                                  eps=1e-8, weight_decay=0.0, maximize=False)
+    tb.OPS["fisher_accumulate_"](b, g, 1.0)
+    assert launches == ["_perturb_kernel", "_copy_kernel", "_sgd_restore_step_kernel", "_adamw_restore_step_kernel",
+                        "_fisher_accumulate_kernel"]
+
+
+# --------------------------------------------------------------------------- public ops with backend="triton"
+
+def test_public_ops_backend_triton():
+    """Mixed dtypes and a zero-size tensor through sam_kernels.ops: grouped, then run by triton."""
+    shapes = [(7,), (0,), (3, 5), (129,)]
+    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32]
+    w = [torch.randn(s, device=DEVICE).to(d) for s, d in zip(shapes, dtypes)]
+    g = [torch.randn(s, device=DEVICE).to(d) for s, d in zip(shapes, dtypes)]
+    sq = ops.grad_sq_norm(g, backend="triton")
+    assert ops.last_used["grad_sq_norm"] == "triton"
+    assert_close(sq, ops.grad_sq_norm(g, backend="eager"), 1e-6, 1e-5, "grad_sq_norm")
+    got, want = clone(w), clone(w)
+    bk_got, bk_want = [torch.empty_like(t) for t in w], [torch.empty_like(t) for t in w]
+    ops.perturb_(got, g, bk_got, 0.05, keep_prob=0.5, seed=3, backend="triton")
+    assert ops.last_used["perturb_"] == "triton"
+    ops.perturb_(want, g, bk_want, 0.05, keep_prob=0.5, seed=3, backend="eager")
+    assert_lists_close(got, want, 1e-2, 1e-2, "perturbed params")
+    assert_lists_equal(bk_got, w, "backups")
+    bufs = ops.sgd_restore_step_(got, bk_got, g, None, lr=0.1, momentum=0.9, backend="triton")
+    bufs_want = ops.sgd_restore_step_(want, bk_want, g, None, lr=0.1, momentum=0.9, backend="eager")
+    assert_lists_close(got, want, 1e-2, 1e-2, "params after sgd")
+    assert_lists_close(bufs, bufs_want, 1e-2, 1e-2, "buffers")
+    masks = ops.topk_mask(g, 0.5, backend="triton")
+    assert ops.last_used["topk_mask"] == "triton"
+    assert_lists_equal(masks, ops.topk_mask(g, 0.5, backend="eager"), "topk")
+    assert_lists_equal(ops.nm_mask(g, 2, 4, backend="triton"), ops.nm_mask(g, 2, 4, backend="eager"), "nm")
