@@ -1,0 +1,8 @@
+"""Benchmarks of sam_kernels: per-op microbenchmarks and end-to-end training steps.
+
+Run ``python -m sam_kernels.bench --help``. Modules: ``cases`` (parameter lists), ``op_specs``
+(bytes floors and how each implementation calls each op), ``baselines`` (per-parameter loops,
+davda54/sam style), ``state`` (inputs), ``check`` (correctness vs the reference), ``timing``,
+``ops_bench``, ``models`` + ``train_bench`` (training steps), ``targets``, ``environment``,
+``report`` (markdown, JSON, plot).
+"""

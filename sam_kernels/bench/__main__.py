@@ -1,0 +1,174 @@
+"""``python -m sam_kernels.bench`` / ``sam-kernels-bench``: the benchmark runner (see --help)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from . import cases as C
+from .environment import environment
+from .models import workloads
+from .op_specs import QUICK, SPECS
+from .ops_bench import IMPLS, OpsConfig, backend_skip_reason, measure_copy_bandwidth, run_ops
+from .report import markdown, write
+from .targets import check_targets
+from .timing import Timer
+from .train_bench import run_train, train_task_count
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+EPILOG = """\
+what is measured
+  per-op microbenchmarks (default ops: %(quick_ops)s; --full: all of %(all_ops)s)
+    on single tensors (1M, 16M, 64M elements) and the real parameter lists of ResNet-50
+    (161 tensors, 25.6M) and GPT-2 small (148 tensors, 124M); each implementation is checked
+    against the eager reference once, then timed (median, p20/p80); GB/s at the op's bytes
+    floor, fraction of the copy bandwidth measured in the same run, speedup over the baselines
+    loop (per-parameter Python loop, davda54/sam style), eager (foreach reference) and
+    compile (torch.compile of the reference); sam_step / sam_optimizer_step = a whole SAM
+    optimizer step (first_step + second_step, SGD momentum), the headline figure.
+  end-to-end training steps: SGD, SAM (davda54 loop, eager, fused) and each SAM variant that
+    exists, on a small ResNet and a small transformer (random data): step time, fwd+bwd vs
+    optimizer phase, ratio to SGD; on GPU also the fused step captured in a CUDA graph.
+
+defaults (quick): CPU sizes %(quick_cpu)s, GPU sizes %(quick_gpu)s; a couple of minutes.
+outputs: OUT/<device-slug>[-<dtype>].{json,md,png}; the markdown is also printed.
+exit status: 1 when an implementation's result does not match the reference.
+
+examples
+  python -m sam_kernels.bench                                  # quick run, bench_out/
+  python -m sam_kernels.bench --full --out benchmarks/results  # the recorded results
+  python -m sam_kernels.bench --ops perturb_ sam_step --sizes 16M gpt2 --backends eager cuda
+  python -m sam_kernels.bench --steps-only
+"""
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m sam_kernels.bench",
+        description="Benchmark sam_kernels' fused SAM ops and optimizer steps against per-parameter loops, "
+                    "foreach eager and torch.compile, on CPU or GPU.",
+        epilog=EPILOG % {"quick_ops": ", ".join(QUICK), "all_ops": ", ".join(SPECS),
+                         "quick_cpu": ", ".join(C.QUICK_CPU), "quick_gpu": ", ".join(C.QUICK_GPU)},
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true",
+                    help="whole grid: every op, every size, more repeats, torch.compile baseline for every op")
+    ap.add_argument("--ops", nargs="+", metavar="OP", choices=list(SPECS) + ["all"],
+                    help="ops to benchmark ('all' for every op)")
+    ap.add_argument("--sizes", nargs="+", metavar="SIZE",
+                    help=f"cases: {', '.join(C.CASES)}, or an element count for one tensor (4096, 64k, 2M)")
+    ap.add_argument("--backends", nargs="+", metavar="IMPL", choices=IMPLS,
+                    help=f"implementations to run, among {', '.join(IMPLS)} (default: all that are available)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter/gradient dtype")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
+    ap.add_argument("--repeats", type=int, help="timed repeats per measurement (quick: CPU 5, GPU 20; full: 10/50)")
+    ap.add_argument("--warmup", type=int, help="untimed calls before timing (quick: CPU 1, GPU 3; full: 2/5)")
+    compile_group = ap.add_mutually_exclusive_group()
+    compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
+                               help="torch.compile baseline for every selected op (default: sam_step only on "
+                                    "GPU, off on CPU in quick mode; on for every op with --full)")
+    compile_group.add_argument("--no-compile", dest="compile", action="store_false",
+                               help="no torch.compile baseline")
+    ap.add_argument("--no-flush-l2", action="store_true",
+                    help="GPU: do not overwrite a 256 MB buffer before each repeat (warm-L2 numbers)")
+    ap.add_argument("--copy-size", type=int, metavar="N",
+                    help="elements of the fp32 copy_ that measures the device bandwidth (default GPU 64M, CPU 16M)")
+    section = ap.add_mutually_exclusive_group()
+    section.add_argument("--no-step", action="store_true", help="skip the end-to-end training-step benchmark")
+    section.add_argument("--steps-only", action="store_true", help="only the end-to-end training-step benchmark")
+    ap.add_argument("--train-repeats", type=int, help="training steps timed per method (default CPU 8, GPU 30)")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """Turns the flags into a concrete plan (every default depends on device and --full)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    gpu = device.type == "cuda"
+    sizes = args.sizes or (C.FULL if args.full else C.QUICK_GPU if gpu else C.QUICK_CPU)
+    op_names = list(SPECS) if args.full or (args.ops and "all" in args.ops) else (args.ops or list(QUICK))
+    impls = [i for i in IMPLS if i in (args.backends or IMPLS)]
+    if args.compile is False:
+        compile_ops, compile_reason = set(), "--no-compile"
+    elif args.compile or args.full:
+        compile_ops, compile_reason = set(op_names), ""
+    elif gpu:
+        compile_ops = {"sam_step"}
+        compile_reason = "quick mode compiles sam_step only (--compile or --full: every op)"
+    else:
+        compile_ops = set()
+        compile_reason = "off in quick mode on CPU: compiling takes minutes here (--compile or --full)"
+    return {
+        "device": device,
+        "cases": [C.parse_size(s) for s in sizes],
+        "ops": op_names,
+        "impls": impls,
+        "compile_ops": compile_ops,
+        "compile_reason": compile_reason,
+        "repeats": args.repeats or ((50 if gpu else 10) if args.full else (20 if gpu else 5)),
+        "warmup": args.warmup if args.warmup is not None else ((5 if gpu else 2) if args.full else (3 if gpu else 1)),
+        "train_repeats": args.train_repeats or (30 if gpu else 8),
+        "copy_size": args.copy_size or ((64 << 20) if gpu else (16 << 20)),
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    plan = resolve(args)
+    device, dtype = plan["device"], DTYPES[args.dtype]
+    env = environment(device)
+    log = tqdm.write
+    log(f"sam_kernels bench on {env['device']} · torch {env['torch']} · commit {(env['git_commit'] or '?')[:12]}")
+    for name, b in env["backends"].items():
+        why = backend_skip_reason(name, device) if name != "eager" else None
+        log(f"  backend {name:7s} {'ready' if why is None else 'skipped: ' + why}")
+
+    do_ops, do_train = not args.steps_only, not args.no_step
+    wls = workloads(device, large=device.type == "cuda") if do_train else []
+    total = (len(plan["cases"]) * len(plan["ops"]) * len(plan["impls"]) + 1 if do_ops else 0) \
+        + (train_task_count(device, len(wls)) if do_train else 0)
+    timer = Timer(device, warmup=plan["warmup"], repeats=plan["repeats"], flush_l2=not args.no_flush_l2)
+    result: dict = {"meta": {**env, "dtype": args.dtype, "mode": "full" if args.full else "quick",
+                             "warmup": plan["warmup"], "repeats": plan["repeats"],
+                             "train_repeats": plan["train_repeats"], "flush_l2": timer.flushes_l2,
+                             "argv": sys.argv[1:] if argv is None else list(argv)}}
+    with tqdm(total=total, disable=args.no_progress, desc="bench", dynamic_ncols=True) as progress:
+        if do_ops:
+            progress.set_postfix_str("copy bandwidth")
+            copy = measure_copy_bandwidth(device, timer, plan["copy_size"])
+            progress.update(1)
+            cfg = OpsConfig(device, dtype, plan["cases"], plan["ops"], plan["impls"], plan["compile_ops"],
+                            plan["compile_reason"], timer, args.seed)
+            ops_result = run_ops(cfg, copy["gbps"], log, progress)
+            unavailable = {b: backend_skip_reason(b, device) for b in ("cpp", "cuda", "triton")}
+            result.update({
+                "copy_bandwidth": copy, "ops": ops_result.rows, "ops_skipped": ops_result.skips,
+                "targets": check_targets(ops_result.rows, device.type,
+                                         [b for b in plan["impls"] if unavailable.get(b) is None],
+                                         {b: r for b, r in unavailable.items() if r}),
+            })
+        if do_train:
+            result["train"] = run_train(device, wls, plan["warmup"], plan["train_repeats"], log, progress)
+
+    stem = env["device_slug"] + ("" if args.dtype == "float32" else f"-{args.dtype}")
+    paths = write(result, args.out, stem)
+    print(markdown(result))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    mismatches = [r for r in result.get("ops", []) if not r["correct"]]
+    if mismatches:
+        print(f"!! {len(mismatches)} result(s) did NOT match the eager reference: "
+              + ", ".join(f"{r['op']}/{r['case']}/{r['impl']}" for r in mismatches), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

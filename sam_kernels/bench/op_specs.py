@@ -1,0 +1,223 @@
+"""What each benchmarked op reads and writes, and how each implementation calls it.
+
+Bytes floors (N elements, s bytes per element, masks 1 byte): the bytes an implementation must
+move at the least — each input read once, each output written once; a reduction whose result
+gates an element-wise pass (renormalize, LookSAM) costs one extra read of what it reduces.
+For fp32 these are DESIGN §7's figures (grad norm 4N, perturb 16N, restore+SGD 20N, step ≈40N).
+
+| op                  | floor      | counted                                                   |
+|---------------------|------------|-----------------------------------------------------------|
+| grad_sq_norm        | 1·sN       | read g                                                    |
+| dot                 | 2·sN       | read a, b                                                 |
+| perturb_            | 4·sN       | read w, g; write backup, w (norm given)                   |
+| restore_            | 2·sN       | read backup; write w                                      |
+| sgd_restore_step_   | 5·sN       | read backup, g, buf; write w, buf                         |
+| adamw_restore_step_ | 7·sN       | read backup, g, m, v; write w, m, v                       |
+| renormalize_        | 3·sN       | norm: read g; then read g, write g                        |
+| fisher_accumulate_  | 3·sN       | read F, g; write F                                        |
+| looksam_store_      | 5·sN       | dot+norm: read g, g_s; then read g, g_s, write g_v        |
+| looksam_apply_      | 5·sN       | norms: read g, g_v; then read g, g_v, write g             |
+| topk_mask, nm_mask  | sN + N     | read scores, write bool masks (sort-bound: no BW target)  |
+| sam_step            | 10·sN      | grad norm + perturb + restore/SGD-momentum step           |
+| sam_optimizer_step  | 10·sN      | same work through the SAM optimizer's first/second_step   |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .. import ops
+from ..ops import reference
+from . import baselines
+
+RHO = 0.05
+LR = 0.1
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+ADAM_STEP = 10  # fixed: every repeat does the same maths (bias corrections constant)
+FISHER_SCALE = 1e-3
+LOOKSAM_ALPHA = 1e-3  # small so that repeated calls do not blow g up (the speed does not depend on it)
+EPS = 1e-12
+
+State = dict  # list name -> list of tensors; "sq_norm" -> 0-dim tensor
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    lists: tuple[str, ...]                     # tensor lists the op needs (see state.make_state)
+    outputs: tuple[str, ...]                   # lists the op writes, compared after one call
+    floor_units: int                           # bytes floor in units of s·N
+    api: Callable[[State, str], object]        # through sam_kernels.ops with backend=...
+    reference: Callable[[State], object]       # the eager reference directly (what torch.compile traces)
+    loop: Optional[Callable[[State], object]]  # per-parameter Python loop, or None when there is none
+    mask_bytes: int = 0                        # extra bytes per element (bool masks)
+    exact: bool = False                        # outputs must match the reference bitwise
+    bandwidth_bound: bool = True
+    needs_sq_norm: bool = False                # state gets sq_norm = ‖grads‖² (a given, not timed)
+    optimizer: bool = False                    # goes through sam_kernels.SAM (skipped while it does not exist)
+
+    def floor_bytes(self, numel: int, elem_size: int) -> int:
+        return (self.floor_units * elem_size + self.mask_bytes) * numel
+
+
+def _sgd_kw() -> dict:
+    return dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
+def _ref_sgd(s: State) -> None:
+    reference.sgd_restore_step_(s["params"], s["backups"], s["grads"], s["bufs"], dampening=0.0, nesterov=False,
+                                maximize=False, init_buffers=False, **_sgd_kw())
+
+
+def _ref_perturb(s: State, sq_norm: torch.Tensor) -> None:
+    reference.perturb_(s["params"], s["grads"], s["backups"], sq_norm, RHO, EPS, None, False, 0.01, 1.0,
+                       [0] * len(s["params"]))
+
+
+def _api_sam_step(s: State, b: str) -> None:
+    sq = ops.grad_sq_norm(s["grads"], backend=b)
+    ops.perturb_(s["params"], s["grads"], s["backups"], RHO, sq_norm=sq, backend=b)
+    ops.sgd_restore_step_(s["params"], s["backups"], s["grads"], s["bufs"], backend=b, **_sgd_kw())
+
+
+def _ref_sam_step(s: State) -> None:
+    _ref_perturb(s, reference.grad_sq_norm(s["grads"], None, None, 0.01))
+    _ref_sgd(s)
+
+
+def _attach_grads(s: State) -> None:
+    for p, g in zip(s["params"], s["grads"]):
+        p.grad = g
+
+
+def _loop_sam_step(s: State) -> None:
+    """davda54's SAM with torch.optim.SGD (its default implementation), momentum buffers = state's."""
+    opt = s.get("_davda54")
+    if opt is None:
+        _attach_grads(s)
+        opt = s["_davda54"] = baselines.Davda54SAM(s["params"], torch.optim.SGD, rho=RHO, **_sgd_kw())
+        for p, buf in zip(s["params"], s["bufs"]):
+            opt.base_optimizer.state[p]["momentum_buffer"] = buf
+    opt.first_step()
+    opt.second_step()
+
+
+def _loop_sam_optimizer_step(s: State) -> None:
+    """davda54's SAM from a fresh optimizer (it creates its momentum buffers, like sam_kernels.SAM)."""
+    opt = s.get("_davda54")
+    if opt is None:
+        _attach_grads(s)
+        opt = s["_davda54"] = baselines.Davda54SAM(s["params"], torch.optim.SGD, rho=RHO, **_sgd_kw())
+    opt.first_step()
+    opt.second_step()
+
+
+def _api_sam_optimizer_step(s: State, b: str) -> None:
+    """sam_kernels.SAM(backend=b): first_step + second_step, grads kept (no forward/backward)."""
+    opt = s.get("_sam")
+    if opt is None:
+        import sam_kernels  # the optimizer layer may not exist yet: the runner checks before calling
+        _attach_grads(s)
+        opt = s["_sam"] = sam_kernels.SAM(s["params"], torch.optim.SGD, rho=RHO, backend=b, **_sgd_kw())
+    opt.first_step(zero_grad=False)
+    opt.second_step(zero_grad=False)
+
+
+def _ref_sam_optimizer_step(s: State) -> None:
+    """One SAM step from fresh momentum buffers (torch: buf = d_p on the first step)."""
+    _ref_perturb(s, reference.grad_sq_norm(s["grads"], None, None, 0.01))
+    bufs = [torch.empty_like(p) for p in s["params"]]
+    reference.sgd_restore_step_(s["params"], s["backups"], s["grads"], bufs, dampening=0.0, nesterov=False,
+                                maximize=False, init_buffers=True, **_sgd_kw())
+
+
+def _renorm_ref(s: State) -> None:
+    sq = reference.grad_sq_norm(s["grads"], None, None, 0.01)
+    reference.renormalize_(s["grads"], s["sq_norm"], sq, EPS)
+
+
+def _looksam_store_ref(s: State) -> None:
+    d = reference.dot(s["grads"], s["sam_grads"])
+    sq = reference.grad_sq_norm(s["grads"], None, None, 0.01)
+    reference.looksam_store_(s["g_v"], s["grads"], s["sam_grads"], d, sq, EPS)
+
+
+def _looksam_apply_ref(s: State) -> None:
+    g_sq = reference.grad_sq_norm(s["grads"], None, None, 0.01)
+    gv_sq = reference.grad_sq_norm(s["g_v"], None, None, 0.01)
+    reference.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA, g_sq, gv_sq, EPS)
+
+
+def _topk_k(s: State) -> int:
+    return int(sum(t.numel() for t in s["scores"]) * 0.5)
+
+
+SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (
+    OpSpec("grad_sq_norm", ("grads",), (), 1,
+           api=lambda s, b: ops.grad_sq_norm(s["grads"], backend=b),
+           reference=lambda s: reference.grad_sq_norm(s["grads"], None, None, 0.01),
+           loop=lambda s: baselines.grad_sq_norm(s["grads"])),
+    OpSpec("dot", ("grads", "sam_grads"), (), 2,
+           api=lambda s, b: ops.dot(s["grads"], s["sam_grads"], backend=b),
+           reference=lambda s: reference.dot(s["grads"], s["sam_grads"]),
+           loop=lambda s: baselines.dot(s["grads"], s["sam_grads"])),
+    OpSpec("perturb_", ("params", "grads", "backups"), ("params", "backups"), 4, needs_sq_norm=True,
+           api=lambda s, b: ops.perturb_(s["params"], s["grads"], s["backups"], RHO, sq_norm=s["sq_norm"],
+                                         backend=b),
+           reference=lambda s: _ref_perturb(s, s["sq_norm"]),
+           loop=lambda s: baselines.perturb_(s["params"], s["grads"], s["backups"], s["sq_norm"], RHO)),
+    OpSpec("restore_", ("params", "backups"), ("params",), 2, exact=True,
+           api=lambda s, b: ops.restore_(s["params"], s["backups"], backend=b),
+           reference=lambda s: reference.restore_(s["params"], s["backups"]),
+           loop=lambda s: baselines.restore_(s["params"], s["backups"])),
+    OpSpec("sgd_restore_step_", ("params", "backups", "grads", "bufs"), ("params", "bufs"), 5,
+           api=lambda s, b: ops.sgd_restore_step_(s["params"], s["backups"], s["grads"], s["bufs"], backend=b,
+                                                  **_sgd_kw()),
+           reference=_ref_sgd,
+           loop=lambda s: baselines.sgd_restore_step_(s["params"], s["backups"], s["grads"], s["bufs"],
+                                                      **_sgd_kw())),
+    OpSpec("adamw_restore_step_", ("params", "backups", "grads", "exp_avgs", "exp_avg_sqs"),
+           ("params", "exp_avgs", "exp_avg_sqs"), 7,
+           api=lambda s, b: ops.adamw_restore_step_(s["params"], s["backups"], s["grads"], s["exp_avgs"],
+                                                    s["exp_avg_sqs"], ADAM_STEP, backend=b, **ADAM),
+           reference=lambda s: reference.adamw_restore_step_(s["params"], s["backups"], s["grads"], s["exp_avgs"],
+                                                             s["exp_avg_sqs"], step=ADAM_STEP, maximize=False,
+                                                             **ADAM),
+           loop=lambda s: baselines.adamw_restore_step_(s["params"], s["backups"], s["grads"], s["exp_avgs"],
+                                                        s["exp_avg_sqs"], step=ADAM_STEP, **ADAM)),
+    OpSpec("renormalize_", ("grads",), ("grads",), 3, needs_sq_norm=True,
+           api=lambda s, b: ops.renormalize_(s["grads"], s["sq_norm"], backend=b),
+           reference=_renorm_ref,
+           loop=lambda s: baselines.renormalize_(s["grads"], s["sq_norm"])),
+    OpSpec("fisher_accumulate_", ("fisher", "grads"), ("fisher",), 3,
+           api=lambda s, b: ops.fisher_accumulate_(s["fisher"], s["grads"], scale=FISHER_SCALE, backend=b),
+           reference=lambda s: reference.fisher_accumulate_(s["fisher"], s["grads"], FISHER_SCALE),
+           loop=lambda s: baselines.fisher_accumulate_(s["fisher"], s["grads"], FISHER_SCALE)),
+    OpSpec("looksam_store_", ("g_v", "grads", "sam_grads"), ("g_v",), 5,
+           api=lambda s, b: ops.looksam_store_(s["g_v"], s["grads"], s["sam_grads"], backend=b),
+           reference=_looksam_store_ref,
+           loop=lambda s: baselines.looksam_store_(s["g_v"], s["grads"], s["sam_grads"])),
+    OpSpec("looksam_apply_", ("grads", "g_v"), ("grads",), 5,
+           api=lambda s, b: ops.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA, backend=b),
+           reference=_looksam_apply_ref,
+           loop=lambda s: baselines.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA)),
+    OpSpec("topk_mask", ("scores",), (), 1, mask_bytes=1, exact=True, bandwidth_bound=False,
+           api=lambda s, b: ops.topk_mask(s["scores"], 0.5, backend=b),
+           reference=lambda s: reference.topk_mask(s["scores"], _topk_k(s)),
+           loop=None),
+    OpSpec("nm_mask", ("scores",), (), 1, mask_bytes=1, exact=True, bandwidth_bound=False,
+           api=lambda s, b: ops.nm_mask(s["scores"], 2, 4, backend=b),
+           reference=lambda s: reference.nm_mask(s["scores"], 2, 4),
+           loop=None),
+    OpSpec("sam_step", ("params", "grads", "backups", "bufs"), ("params", "bufs"), 10,
+           api=_api_sam_step, reference=_ref_sam_step, loop=_loop_sam_step),
+    OpSpec("sam_optimizer_step", ("params", "grads", "backups"), ("params",), 10, optimizer=True,
+           api=_api_sam_optimizer_step, reference=_ref_sam_optimizer_step, loop=_loop_sam_optimizer_step),
+)}
+
+QUICK = ("grad_sq_norm", "perturb_", "sgd_restore_step_", "sam_step", "sam_optimizer_step")
+HEADLINE = ("sam_optimizer_step", "sam_step")  # the first one that ran is the headline figure
