@@ -146,13 +146,36 @@ def launch_over(kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *args
 # --------------------------------------------------------------------------- device-side helpers
 
 @triton.jit
-def chunk_bounds(blocks, sizes, CHUNK: tl.constexpr):
-    """(tensor index, first unit, end unit) of this program's chunk, as int64."""
+def chunk_bounds(blocks, sizes, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """(tensor index, first unit, end of the full BLOCKs, end unit) of this program's chunk, int64.
+
+    Kernels run unmasked iterations over [start, split) and at most one masked one over
+    [split, end): only unmasked accesses get vectorized (128-bit) by the compiler.
+    """
     b = tl.program_id(0).to(tl.int64)
     t = tl.load(blocks + 2 * b)
     start = tl.load(blocks + 2 * b + 1)
     end = tl.minimum(start + CHUNK, tl.load(sizes + t))
-    return t, start, end
+    split = start + (end - start) // BLOCK * BLOCK
+    return t, start, split, end
+
+
+@triton.jit
+def load(ptr, mask):
+    """``tl.load``; ``mask`` is None on full blocks (unmasked, vectorizable), else masked lanes read 0."""
+    if mask is None:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0)
+
+
+@triton.jit
+def store(ptr, value, mask):
+    """``tl.store``; ``mask`` is None on full blocks (unmasked, vectorizable)."""
+    if mask is None:
+        tl.store(ptr, value)
+    else:
+        tl.store(ptr, value, mask=mask)
 
 
 @triton.jit

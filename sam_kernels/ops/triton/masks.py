@@ -46,14 +46,13 @@ def _order_key(x):
 def _order_keys_kernel(s_ptrs, sizes, blocks, offsets, keys, DT: tl.constexpr, BLOCK: tl.constexpr,
                        CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
     """keys[offset_t + i] = order key of s_t[i]."""
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    t, start, _, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     s_ptr = tensor_ptr(s_ptrs, t, DT, ALIGNED)
-    base = tl.load(offsets + t)
-    for off in range(start, end, BLOCK):
+    out = keys + tl.load(offsets + t)
+    for off in range(start, end, BLOCK):  # once per refresh: the masked loop is fine
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        x = tl.load(s_ptr + offs, mask=inb, other=0.0).to(tl.float64)
-        tl.store(keys + base + offs, _order_key(x), mask=inb)
+        x = tl.load(s_ptr + offs, mask=offs < end, other=0.0).to(tl.float64)
+        tl.store(out + offs, _order_key(x), mask=offs < end)
 
 
 @triton.jit
@@ -66,7 +65,7 @@ def _nm_mask_kernel(s_ptrs, o_ptrs, sizes, blocks, cols, n, DT: tl.constexpr, M:
     to M entries with -inf, which ranks like -DBL_MAX (above NaN): so it keeps min(n, r) of its r
     entries unless some are NaN. Padding is ranked, never stored.
     """
-    t, start, end = chunk_bounds(blocks, sizes, GROUPS)
+    t, start, _, end = chunk_bounds(blocks, sizes, GROUPS, GROUPS)
     s_ptr = tensor_ptr(s_ptrs, t, DT, ALIGNED)
     o_ptr = tensor_ptr(o_ptrs, t, tl.int8, ALIGNED)
     n_cols = tl.load(cols + t)

@@ -10,7 +10,19 @@ import triton.language as tl
 
 from ..reference import acc_dtype
 from . import _tables
-from ._tables import block_offsets, chunk_bounds, scalar, tensor_ptr
+from ._tables import block_offsets, chunk_bounds, load, scalar, tensor_ptr
+
+
+@triton.jit
+def _sq_norm_block(g_ptr, p_ptr, m_ptr, offs, mask, eta, CDT: tl.constexpr, ADAPTIVE: tl.constexpr,
+                   MASKED: tl.constexpr):
+    """(m·T·g)² for one block of offsets (0 on masked-off lanes)."""
+    x = load(g_ptr + offs, mask).to(CDT)
+    if ADAPTIVE:
+        x = (tl.abs(load(p_ptr + offs, mask).to(CDT)) + eta) * x
+    if MASKED:
+        x = x * (load(m_ptr + offs, mask) != 0).to(CDT)
+    return x * x
 
 
 @triton.jit
@@ -22,38 +34,38 @@ def _sq_norm_partials_kernel(g_ptrs, p_ptrs, m_ptrs, sizes, blocks, partials, et
     The mask multiplies (as reference.py does), so a non-finite grad outside the mask still
     poisons the norm instead of being silently dropped.
     """
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
+    p_ptr = tensor_ptr(p_ptrs, t, DT, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, tl.int8, ALIGNED)
     eta_c = scalar(eta, CDT)
     acc = tl.zeros((BLOCK,), CDT)
-    for off in range(start, end, BLOCK):
+    for off in range(start, split, BLOCK):
+        acc += _sq_norm_block(g_ptr, p_ptr, m_ptr, block_offsets(off, BLOCK), None, eta_c, CDT, ADAPTIVE, MASKED)
+    for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        x = tl.load(g_ptr + offs, mask=inb, other=0.0).to(CDT)
-        if ADAPTIVE:
-            w = tl.load(tensor_ptr(p_ptrs, t, DT, ALIGNED) + offs, mask=inb, other=0.0).to(CDT)
-            x = (tl.abs(w) + eta_c) * x
-        if MASKED:
-            m = tl.load(tensor_ptr(m_ptrs, t, tl.int8, ALIGNED) + offs, mask=inb, other=0)
-            x = x * (m != 0).to(CDT)
-        acc += x * x
+        acc += _sq_norm_block(g_ptr, p_ptr, m_ptr, offs, offs < end, eta_c, CDT, ADAPTIVE, MASKED)
     tl.store(partials + tl.program_id(0), tl.sum(acc, 0))
+
+
+@triton.jit
+def _dot_block(a_ptr, b_ptr, offs, mask, CDT: tl.constexpr):
+    return load(a_ptr + offs, mask).to(CDT) * load(b_ptr + offs, mask).to(CDT)
 
 
 @triton.jit
 def _dot_partials_kernel(a_ptrs, b_ptrs, sizes, blocks, partials, DT: tl.constexpr, CDT: tl.constexpr,
                          BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
     """partials[b] = Σ_chunk a·b in CDT."""
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     a_ptr = tensor_ptr(a_ptrs, t, DT, ALIGNED)
     b_ptr = tensor_ptr(b_ptrs, t, DT, ALIGNED)
     acc = tl.zeros((BLOCK,), CDT)
-    for off in range(start, end, BLOCK):
+    for off in range(start, split, BLOCK):
+        acc += _dot_block(a_ptr, b_ptr, block_offsets(off, BLOCK), None, CDT)
+    for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        a = tl.load(a_ptr + offs, mask=inb, other=0.0).to(CDT)
-        b = tl.load(b_ptr + offs, mask=inb, other=0.0).to(CDT)
-        acc += a * b
+        acc += _dot_block(a_ptr, b_ptr, offs, offs < end, CDT)
     tl.store(partials + tl.program_id(0), tl.sum(acc, 0))
 
 

@@ -9,7 +9,30 @@ import triton
 import triton.language as tl
 
 from . import _tables
-from ._tables import block_offsets, chunk_bounds, div_ieee, scalar, sqrt_ieee, tensor_ptr
+from ._tables import block_offsets, chunk_bounds, div_ieee, load, scalar, sqrt_ieee, store, tensor_ptr
+
+
+@triton.jit
+def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, neg_lr, mom, one_minus_dampening, weight_decay,
+               DT: tl.constexpr, CDT: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+               INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
+    w = load(b_ptr + offs, mask).to(CDT)
+    d = load(g_ptr + offs, mask).to(CDT)
+    if MAXIMIZE:
+        d = -d
+    if HAS_WD:
+        d = d + weight_decay * w
+    if HAS_MOMENTUM:
+        if INIT_BUFFERS:
+            buf = d
+        else:
+            buf = load(buf_ptr + offs, mask).to(CDT) * mom + one_minus_dampening * d
+        store(buf_ptr + offs, buf.to(DT), mask)
+        if NESTEROV:
+            d = d + mom * buf
+        else:
+            d = buf
+    store(p_ptr + offs, (w + neg_lr * d).to(DT), mask)
 
 
 @triton.jit
@@ -20,32 +43,42 @@ def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, sizes, blocks, ne
                              INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
     """w = backup; d = ±g (+ wd·w); buf = d if INIT else momentum·buf + (1-dampening)·d;
     d = d + momentum·buf if NESTEROV else buf; w = w + (-lr)·d (torch.optim.SGD)."""
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     p_ptr = tensor_ptr(p_ptrs, t, DT, ALIGNED)
     b_ptr = tensor_ptr(b_ptrs, t, DT, ALIGNED)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     buf_ptr = tensor_ptr(buf_ptrs, t, DT, ALIGNED)
+    lr_c = scalar(neg_lr, CDT)
     mom = scalar(momentum, CDT)
-    for off in range(start, end, BLOCK):
+    damp = scalar(one_minus_dampening, CDT)
+    wd = scalar(weight_decay, CDT)
+    for off in range(start, split, BLOCK):
+        _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, block_offsets(off, BLOCK), None, lr_c, mom, damp, wd, DT, CDT,
+                   HAS_WD, HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE)
+    for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        w = tl.load(b_ptr + offs, mask=inb).to(CDT)
-        d = tl.load(g_ptr + offs, mask=inb).to(CDT)
-        if MAXIMIZE:
-            d = -d
-        if HAS_WD:
-            d = d + scalar(weight_decay, CDT) * w
-        if HAS_MOMENTUM:
-            if INIT_BUFFERS:
-                buf = d
-            else:
-                buf = tl.load(buf_ptr + offs, mask=inb).to(CDT) * mom + scalar(one_minus_dampening, CDT) * d
-            tl.store(buf_ptr + offs, buf.to(DT), mask=inb)
-            if NESTEROV:
-                d = d + mom * buf
-            else:
-                d = buf
-        tl.store(p_ptr + offs, (w + scalar(neg_lr, CDT) * d).to(DT), mask=inb)
+        _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, offs < end, lr_c, mom, damp, wd, DT, CDT, HAS_WD, HAS_MOMENTUM,
+                   INIT_BUFFERS, NESTEROV, MAXIMIZE)
+
+
+@triton.jit
+def _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, wt, beta2, one_minus_beta2,
+                 bias_correction2_sqrt, eps, neg_step_size, DT: tl.constexpr, CDT: tl.constexpr,
+                 MAXIMIZE: tl.constexpr):
+    w = load(b_ptr + offs, mask).to(CDT) * decay
+    g = load(g_ptr + offs, mask).to(CDT)
+    if MAXIMIZE:
+        g = -g
+    m = load(m_ptr + offs, mask).to(CDT)
+    # torch's lerp: two formulas, chosen by |weight| < 0.5, for accuracy at both ends.
+    m = tl.where(tl.abs(wt) < 0.5, m + wt * (g - m), g - (g - m) * (1.0 - wt))
+    v = load(v_ptr + offs, mask).to(CDT) * beta2
+    v = v + one_minus_beta2 * g * g
+    denom = div_ieee(sqrt_ieee(v), bias_correction2_sqrt) + eps
+    w = w + div_ieee(neg_step_size * m, denom)
+    store(m_ptr + offs, m.to(DT), mask)
+    store(v_ptr + offs, v.to(DT), mask)
+    store(p_ptr + offs, w.to(DT), mask)
 
 
 @triton.jit
@@ -56,30 +89,26 @@ def _adamw_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, m_ptrs, v_ptrs, sizes, bl
                                ALIGNED: tl.constexpr, MAXIMIZE: tl.constexpr):
     """w = backup·(1 - lr·wd); m = lerp(m, ±g, 1-beta1); v = v·beta2 + (1-beta2)·g·g;
     w = w + (-lr/bc1)·m / (sqrt(v)/sqrt(bc2) + eps) (torch.optim.AdamW)."""
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     p_ptr = tensor_ptr(p_ptrs, t, DT, ALIGNED)
     b_ptr = tensor_ptr(b_ptrs, t, DT, ALIGNED)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     m_ptr = tensor_ptr(m_ptrs, t, DT, ALIGNED)
     v_ptr = tensor_ptr(v_ptrs, t, DT, ALIGNED)
+    dec = scalar(decay, CDT)
     wt = scalar(lerp_weight, CDT)
-    for off in range(start, end, BLOCK):
+    b2 = scalar(beta2, CDT)
+    one_b2 = scalar(one_minus_beta2, CDT)
+    bc2 = scalar(bias_correction2_sqrt, CDT)
+    eps_c = scalar(eps, CDT)
+    step_c = scalar(neg_step_size, CDT)
+    for off in range(start, split, BLOCK):
+        _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, block_offsets(off, BLOCK), None, dec, wt, b2, one_b2, bc2,
+                     eps_c, step_c, DT, CDT, MAXIMIZE)
+    for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        w = tl.load(b_ptr + offs, mask=inb).to(CDT) * scalar(decay, CDT)
-        g = tl.load(g_ptr + offs, mask=inb).to(CDT)
-        if MAXIMIZE:
-            g = -g
-        m = tl.load(m_ptr + offs, mask=inb).to(CDT)
-        # torch's lerp: two formulas, chosen by |weight| < 0.5, for accuracy at both ends.
-        m = tl.where(tl.abs(wt) < 0.5, m + wt * (g - m), g - (g - m) * (1.0 - wt))
-        v = tl.load(v_ptr + offs, mask=inb).to(CDT) * scalar(beta2, CDT)
-        v = v + scalar(one_minus_beta2, CDT) * g * g
-        denom = div_ieee(sqrt_ieee(v), scalar(bias_correction2_sqrt, CDT)) + scalar(eps, CDT)
-        w = w + div_ieee(scalar(neg_step_size, CDT) * m, denom)
-        tl.store(m_ptr + offs, m.to(DT), mask=inb)
-        tl.store(v_ptr + offs, v.to(DT), mask=inb)
-        tl.store(p_ptr + offs, w.to(DT), mask=inb)
+        _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, offs < end, dec, wt, b2, one_b2, bc2, eps_c, step_c, DT,
+                     CDT, MAXIMIZE)
 
 
 def sgd_restore_step_(params, backups, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,

@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from . import _tables
-from ._tables import block_offsets, chunk_bounds, div_ieee, scalar, sqrt_ieee, tensor_ptr
+from ._tables import block_offsets, chunk_bounds, div_ieee, load, scalar, sqrt_ieee, store, tensor_ptr
 
 
 @triton.jit
@@ -18,6 +18,30 @@ def _fmix32(x):
 
 
 @triton.jit
+def _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, mask, s, finite, eta, key, keep_threshold, DT: tl.constexpr,
+                   CDT: tl.constexpr, MASKED: tl.constexpr, ADAPTIVE: tl.constexpr, KEEP: tl.constexpr):
+    w_raw = load(p_ptr + offs, mask)
+    store(b_ptr + offs, w_raw, mask)
+    w = w_raw.to(CDT)
+    e = load(g_ptr + offs, mask).to(CDT)
+    if ADAPTIVE:
+        tw = tl.abs(w) + eta
+        e = (tw * tw) * e
+    e = e * s
+    # where() on finite, not `& finite`: the interpreter cannot broadcast a bool scalar in &.
+    sel = tl.where(finite, offs == offs, False)
+    if MASKED:
+        sel = sel & (load(m_ptr + offs, mask) != 0)
+    if KEEP:
+        lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+        hi = (offs >> 32).to(tl.uint32)
+        u = _fmix32(_fmix32(lo ^ key) ^ hi) >> 8
+        sel = sel & (u.to(tl.int64) < keep_threshold)
+    # Unselected lanes get their loaded bits back: bitwise unchanged, and the store stays vectorizable.
+    store(p_ptr + offs, tl.where(sel, (w + e).to(DT), w_raw), mask)
+
+
+@triton.jit
 def _perturb_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, sizes, blocks, keys, sq_norm, rho: tl.float64, eps: tl.float64,
                     eta: tl.float64, keep_prob: tl.float64, keep_threshold, DT: tl.constexpr, CDT: tl.constexpr,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
@@ -26,50 +50,42 @@ def _perturb_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, sizes, blocks, keys, sq_norm
 
     T = |w| + eta if ADAPTIVE else 1. Selected = s finite & mask (if MASKED) & keep (if KEEP), with
     keep iff fmix32(fmix32(lo32(i) ^ key) ^ hi32(i)) >> 8 < keep_threshold, i the element index in
-    its tensor (reference.keep_mask). Unselected weights are not stored at all: bitwise unchanged.
+    its tensor (reference.keep_mask). Unselected weights are rewritten with their own bits.
     """
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     p_ptr = tensor_ptr(p_ptrs, t, DT, ALIGNED)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     b_ptr = tensor_ptr(b_ptrs, t, DT, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, tl.int8, ALIGNED)
     s = div_ieee(scalar(rho, CDT), sqrt_ieee(tl.load(sq_norm).to(CDT)) + scalar(eps, CDT))
+    key = tl.zeros((), tl.uint32)
     if KEEP:
         s = div_ieee(s, scalar(keep_prob, CDT))
         key = tl.load(keys + t).to(tl.uint32)
     finite = tl.abs(s) < float("inf")  # False for +-inf and NaN
-    for off in range(start, end, BLOCK):
+    eta_c = scalar(eta, CDT)
+    for off in range(start, split, BLOCK):
+        _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, block_offsets(off, BLOCK), None, s, finite, eta_c, key,
+                       keep_threshold, DT, CDT, MASKED, ADAPTIVE, KEEP)
+    for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        w_raw = tl.load(p_ptr + offs, mask=inb)
-        tl.store(b_ptr + offs, w_raw, mask=inb)
-        w = w_raw.to(CDT)
-        e = tl.load(g_ptr + offs, mask=inb).to(CDT)
-        if ADAPTIVE:
-            tw = tl.abs(w) + scalar(eta, CDT)
-            e = (tw * tw) * e
-        e = e * s
-        sel = tl.where(finite, inb, False)  # not `inb & finite`: the interpreter cannot broadcast a bool scalar in &
-        if MASKED:
-            sel = sel & (tl.load(tensor_ptr(m_ptrs, t, tl.int8, ALIGNED) + offs, mask=inb, other=0) != 0)
-        if KEEP:
-            lo = (offs & 0xFFFFFFFF).to(tl.uint32)
-            hi = (offs >> 32).to(tl.uint32)
-            u = _fmix32(_fmix32(lo ^ key) ^ hi) >> 8
-            sel = sel & (u.to(tl.int64) < keep_threshold)
-        tl.store(p_ptr + offs, (w + e).to(DT), mask=sel)
+        _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, offs < end, s, finite, eta_c, key, keep_threshold, DT, CDT,
+                       MASKED, ADAPTIVE, KEEP)
 
 
 @triton.jit
 def _copy_kernel(dst_ptrs, src_ptrs, sizes, blocks, DT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                  ALIGNED: tl.constexpr):
     """dst = src (no arithmetic: bitwise)."""
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     dst = tensor_ptr(dst_ptrs, t, DT, ALIGNED)
     src = tensor_ptr(src_ptrs, t, DT, ALIGNED)
-    for off in range(start, end, BLOCK):
+    for off in range(start, split, BLOCK):
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        tl.store(dst + offs, tl.load(src + offs, mask=inb), mask=inb)
+        tl.store(dst + offs, tl.load(src + offs))
+    for off in range(split, end, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < end), mask=offs < end)
 
 
 def perturb_(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys):

@@ -8,73 +8,89 @@ import triton
 import triton.language as tl
 
 from . import _tables
-from ._tables import block_offsets, chunk_bounds, div_ieee, scalar, sqrt_ieee, tensor_ptr
+from ._tables import block_offsets, chunk_bounds, div_ieee, load, scalar, sqrt_ieee, store, tensor_ptr
+
+
+@triton.jit
+def _scale_block(g_ptr, offs, mask, r, DT: tl.constexpr, CDT: tl.constexpr):
+    store(g_ptr + offs, (load(g_ptr + offs, mask).to(CDT) * r).to(DT), mask)
 
 
 @triton.jit
 def _renormalize_kernel(g_ptrs, sizes, blocks, ref_sq_norm, sq_norm, eps: tl.float64, DT: tl.constexpr,
                         CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
     """g = g·r, r = sqrt(ref_sq_norm)/(sqrt(sq_norm) + eps)."""
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     r = div_ieee(sqrt_ieee(tl.load(ref_sq_norm).to(CDT)), sqrt_ieee(tl.load(sq_norm).to(CDT)) + scalar(eps, CDT))
-    for off in range(start, end, BLOCK):
+    for off in range(start, split, BLOCK):
+        _scale_block(g_ptr, block_offsets(off, BLOCK), None, r, DT, CDT)
+    for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        g = tl.load(g_ptr + offs, mask=inb).to(CDT)
-        tl.store(g_ptr + offs, (g * r).to(DT), mask=inb)
+        _scale_block(g_ptr, offs, offs < end, r, DT, CDT)
+
+
+@triton.jit
+def _fisher_block(f_ptr, g_ptr, offs, mask, c, DT: tl.constexpr, CDT: tl.constexpr):
+    g = load(g_ptr + offs, mask).to(CDT)
+    store(f_ptr + offs, (load(f_ptr + offs, mask).to(CDT) + c * g * g).to(DT), mask)
 
 
 @triton.jit
 def _fisher_accumulate_kernel(f_ptrs, g_ptrs, sizes, blocks, scale: tl.float64, DT: tl.constexpr, CDT: tl.constexpr,
                               BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
     """f = f + scale·g·g."""
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     f_ptr = tensor_ptr(f_ptrs, t, DT, ALIGNED)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     c = scalar(scale, CDT)
-    for off in range(start, end, BLOCK):
+    for off in range(start, split, BLOCK):
+        _fisher_block(f_ptr, g_ptr, block_offsets(off, BLOCK), None, c, DT, CDT)
+    for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        f = tl.load(f_ptr + offs, mask=inb).to(CDT)
-        g = tl.load(g_ptr + offs, mask=inb).to(CDT)
-        tl.store(f_ptr + offs, (f + c * g * g).to(DT), mask=inb)
+        _fisher_block(f_ptr, g_ptr, offs, offs < end, c, DT, CDT)
+
+
+@triton.jit
+def _axpy_block(out_ptr, x_ptr, y_ptr, offs, mask, c, DT: tl.constexpr, CDT: tl.constexpr):
+    """out = x + y·c (out may alias x or y: each element is read before it is written)."""
+    x = load(x_ptr + offs, mask).to(CDT)
+    y = load(y_ptr + offs, mask).to(CDT)
+    store(out_ptr + offs, (x + y * c).to(DT), mask)
 
 
 @triton.jit
 def _looksam_store_kernel(v_ptrs, g_ptrs, s_ptrs, sizes, blocks, gs_dot_g, g_sq_norm, eps: tl.float64,
                           DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                           ALIGNED: tl.constexpr):
-    """g_v = g_s - c·g, c = ⟨g, g_s⟩/(‖g‖² + eps). ``g_v`` may alias ``g_s`` (each element is read first)."""
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    """g_v = g_s + g·(-c), c = ⟨g, g_s⟩/(‖g‖² + eps). ``g_v`` may alias ``g_s``."""
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     v_ptr = tensor_ptr(v_ptrs, t, DT, ALIGNED)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     s_ptr = tensor_ptr(s_ptrs, t, DT, ALIGNED)
-    c = div_ieee(tl.load(gs_dot_g).to(CDT), tl.load(g_sq_norm).to(CDT) + scalar(eps, CDT))
-    for off in range(start, end, BLOCK):
+    c = -div_ieee(tl.load(gs_dot_g).to(CDT), tl.load(g_sq_norm).to(CDT) + scalar(eps, CDT))
+    for off in range(start, split, BLOCK):
+        _axpy_block(v_ptr, s_ptr, g_ptr, block_offsets(off, BLOCK), None, c, DT, CDT)
+    for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        g = tl.load(g_ptr + offs, mask=inb).to(CDT)
-        gs = tl.load(s_ptr + offs, mask=inb).to(CDT)
-        tl.store(v_ptr + offs, (gs - g * c).to(DT), mask=inb)
+        _axpy_block(v_ptr, s_ptr, g_ptr, offs, offs < end, c, DT, CDT)
 
 
 @triton.jit
 def _looksam_apply_kernel(g_ptrs, v_ptrs, sizes, blocks, alpha: tl.float64, g_sq_norm, gv_sq_norm, eps: tl.float64,
                           DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                           ALIGNED: tl.constexpr):
-    """g = g + c·g_v, c = alpha·sqrt(‖g‖²)/(sqrt(‖g_v‖²) + eps)."""
-    t, start, end = chunk_bounds(blocks, sizes, CHUNK)
+    """g = g + g_v·c, c = alpha·sqrt(‖g‖²)/(sqrt(‖g_v‖²) + eps)."""
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     v_ptr = tensor_ptr(v_ptrs, t, DT, ALIGNED)
     c = div_ieee(sqrt_ieee(tl.load(g_sq_norm).to(CDT)) * scalar(alpha, CDT),
                  sqrt_ieee(tl.load(gv_sq_norm).to(CDT)) + scalar(eps, CDT))
-    for off in range(start, end, BLOCK):
+    for off in range(start, split, BLOCK):
+        _axpy_block(g_ptr, g_ptr, v_ptr, block_offsets(off, BLOCK), None, c, DT, CDT)
+    for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
-        inb = offs < end
-        g = tl.load(g_ptr + offs, mask=inb).to(CDT)
-        gv = tl.load(v_ptr + offs, mask=inb).to(CDT)
-        tl.store(g_ptr + offs, (g + gv * c).to(DT), mask=inb)
+        _axpy_block(g_ptr, g_ptr, v_ptr, offs, offs < end, c, DT, CDT)
 
 
 def renormalize_(grads, ref_sq_norm, sq_norm, eps):
