@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from . import cases as C
 from .environment import environment
-from .models import workloads
+from .models import MODELS, workloads
 from .op_specs import QUICK, SPECS
 from .ops_bench import IMPLS, OpsConfig, backend_skip_reason, measure_copy_bandwidth, run_ops
 from .report import markdown, write
@@ -80,6 +80,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     section = ap.add_mutually_exclusive_group()
     section.add_argument("--no-step", action="store_true", help="skip the end-to-end training-step benchmark")
     section.add_argument("--steps-only", action="store_true", help="only the end-to-end training-step benchmark")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                    help="models of the training-step benchmark (default: both)")
     ap.add_argument("--train-repeats", type=int, help="training steps timed per method (default CPU 8, GPU 30)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -132,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"  backend {name:7s} {'ready' if why is None else 'skipped: ' + why}")
 
     do_ops, do_train = not args.steps_only, not args.no_step
-    wls = workloads(device, large=device.type == "cuda") if do_train else []
+    wls = workloads(device, large=device.type == "cuda", which=tuple(args.models)) if do_train else []
     total = (len(plan["cases"]) * len(plan["ops"]) * len(plan["impls"]) + 1 if do_ops else 0) \
         + (train_task_count(device, len(wls)) if do_train else 0)
     timer = Timer(device, warmup=plan["warmup"], repeats=plan["repeats"], flush_l2=not args.no_flush_l2)

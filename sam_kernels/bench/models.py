@@ -80,17 +80,22 @@ def _token_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
 
 
-def workloads(device: torch.device, large: bool) -> list[Workload]:
-    """The CNN and the transformer with one fixed random batch each (``large``: GPU-sized batches)."""
+MODELS = ("cnn", "transformer")
+
+
+def workloads(device: torch.device, large: bool, which: tuple[str, ...] = MODELS) -> list[Workload]:
+    """The CNN and/or the transformer with one fixed random batch each (``large``: GPU-sized batches)."""
     g = torch.Generator().manual_seed(0)
     batch_img, batch_seq, ctx = (128, 32, 128) if large else (32, 8, 64)
-    x_img = torch.randn(batch_img, 3, 32, 32, generator=g).to(device)
-    y_img = torch.randint(0, 10, (batch_img,), generator=g).to(device)
-    x_tok = torch.randint(0, 1024, (batch_seq, ctx), generator=g).to(device)
-    y_tok = torch.randint(0, 1024, (batch_seq, ctx), generator=g).to(device)
-    return [
-        Workload("resnet20-cifar", lambda: SmallResNet().to(device), x_img, y_img,
-                 lambda out, y: F.cross_entropy(out, y, reduction="none")),
-        Workload(f"transformer-2x128-ctx{ctx}", lambda: SmallTransformer(ctx=ctx).to(device), x_tok, y_tok,
-                 _token_loss),
-    ]
+    out = []
+    if "cnn" in which:
+        x = torch.randn(batch_img, 3, 32, 32, generator=g).to(device)
+        y = torch.randint(0, 10, (batch_img,), generator=g).to(device)
+        out.append(Workload("resnet20-cifar", lambda: SmallResNet().to(device), x, y,
+                            lambda o, t: F.cross_entropy(o, t, reduction="none")))
+    if "transformer" in which:
+        x = torch.randint(0, 1024, (batch_seq, ctx), generator=g).to(device)
+        y = torch.randint(0, 1024, (batch_seq, ctx), generator=g).to(device)
+        out.append(Workload(f"transformer-2x128-ctx{ctx}", lambda: SmallTransformer(ctx=ctx).to(device), x, y,
+                            _token_loss))
+    return out

@@ -1,0 +1,45 @@
+"""Smoke test of the benchmark CLI (sam_kernels.bench): runs in-process at the smallest size.
+
+Only checks that a run completes and writes well-formed results; the numbers mean nothing here.
+"""
+import json
+
+import pytest
+
+from sam_kernels.bench.__main__ import main
+
+TINY = ["--sizes", "4096", "--repeats", "1", "--warmup", "0", "--copy-size", "4096", "--no-progress"]
+
+
+def _result(out_dir):
+    files = list(out_dir.glob("*.json"))
+    assert len(files) == 1, files
+    assert files[0].with_suffix(".md").exists()
+    return json.loads(files[0].read_text())
+
+
+def test_ops_smoke(tmp_path):
+    assert main(["--ops", "grad_sq_norm", "--backends", "eager", "--no-step", "--out", str(tmp_path)] + TINY) == 0
+    res = _result(tmp_path)
+    meta = res["meta"]
+    for key in ("device", "device_slug", "torch", "triton", "git_commit", "cpu_cores", "backends", "dtype"):
+        assert key in meta
+    assert res["copy_bandwidth"]["gbps"] > 0
+    (row,) = res["ops"]
+    assert (row["op"], row["impl"], row["numel"], row["correct"]) == ("grad_sq_norm", "eager", 4096, True)
+    assert row["median_ms"] > 0 and row["p20_ms"] > 0 and row["gbps"] > 0 and row["frac_copy_bw"] > 0
+    assert row["floor_bytes"] == 4 * 4096
+    assert row["speedup"] == {"eager": pytest.approx(1.0)}
+    assert row["backends_ran"] == ["eager"]
+    assert (tmp_path / f"{meta['device_slug']}.png").exists()
+
+
+def test_train_step_smoke(tmp_path):
+    argv = ["--steps-only", "--models", "transformer", "--train-repeats", "1", "--out", str(tmp_path)]
+    assert main(argv + TINY) == 0
+    train = _result(tmp_path)["train"]
+    assert [r["method"] for r in train["rows"]][:2] == ["SGD", "SAM (davda54 loop)"]
+    for r in train["rows"]:
+        assert r["step"]["mean_ms"] > 0 and r["ratio_to_sgd"] > 0
+    for s in train["skips"]:
+        assert s["reason"]
