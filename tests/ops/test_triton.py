@@ -8,6 +8,11 @@ even), so bf16 results there can be one ulp off the reference: inside the bf16 t
 """
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -188,6 +193,7 @@ def test_keep_mask_bit_identical(small_blocks):
             assert torch.equal(t != 0, want), f"keep mask of tensor {i} (keep_prob={keep_prob}, seed={seed})"
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
 def test_perturb_non_finite_scale_leaves_params(bad):
     """sq_norm NaN/inf gives a non-finite (or zero-norm, eps=0: infinite) scale: params bitwise unchanged."""
@@ -394,3 +400,57 @@ def test_public_ops_backend_triton():
     assert ops.last_used["topk_mask"] == "triton"
     assert_lists_equal(masks, ops.topk_mask(g, 0.5, backend="eager"), "topk")
     assert_lists_equal(ops.nm_mask(g, 2, 4, backend="triton"), ops.nm_mask(g, 2, 4, backend="eager"), "nm")
+
+
+# --------------------------------------------------------------------------- native compilation (no GPU needed)
+
+_COMPILE_CHECK = r"""
+import re
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sam_kernels.ops.triton import masks, norm, optimizer_steps, perturb, variants
+
+C = dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024, CHUNK=8192, ALIGNED=True)
+HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full blocks
+    (norm._sq_norm_partials_kernel, dict(C, ADAPTIVE=True, MASKED=True)),
+    (norm._dot_partials_kernel, C),
+    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True)),
+    (perturb._copy_kernel, dict(DT=tl.bfloat16, BLOCK=1024, CHUNK=8192, ALIGNED=True)),
+    (optimizer_steps._sgd_restore_step_kernel,
+     dict(C, HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True)),
+    (optimizer_steps._adamw_restore_step_kernel, dict(C, MAXIMIZE=True)),
+    (variants._renormalize_kernel, C), (variants._fisher_accumulate_kernel, C),
+    (variants._looksam_store_kernel, C), (variants._looksam_apply_kernel, C),
+]
+OTHER = [
+    (norm._sum_partials_kernel, dict(BLOCK=1024)),
+    (optimizer_steps._adamw_restore_step_kernel, dict(C, DT=tl.float64, CDT=tl.float64, ALIGNED=False, MAXIMIZE=False)),
+    (masks._order_keys_kernel, dict(DT=tl.float16, BLOCK=1024, CHUNK=8192, ALIGNED=False)),
+    (masks._nm_mask_kernel, dict(DT=tl.bfloat16, M=4, MP=4, GROUPS=256, ALIGNED=True)),
+]
+SCALARS = {"partials": "*fp32", "out": "*fp32", "sq_norm": "*fp32", "ref_sq_norm": "*fp32", "gs_dot_g": "*fp32",
+           "g_sq_norm": "*fp32", "gv_sq_norm": "*fp32", "n": "i32", "keep_threshold": "i32"}
+for fn, cx in HOT + OTHER:
+    sig = {p.name: "constexpr" if p.name in cx else p.annotation_type or SCALARS.get(p.name, "*i64") for p in fn.params}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    if (fn, cx) in HOT:
+        assert re.search(r"ld\.global(\.nc)?\.v4", ptx), f"{fn.__name__}: no 128-bit loads"
+print("ok")
+"""
+
+
+def test_kernels_compile_natively_for_sm90():
+    """The interpreter does not run Triton's compiler: compile every kernel for sm_90 (frontend to PTX,
+    no GPU needed), which catches what only native compilation rejects, and check the hot kernels
+    get 128-bit vector loads on aligned full blocks."""
+    import triton.backends
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = pathlib.Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-4000:]

@@ -15,9 +15,20 @@ key: the same parameter set reuses it, and a re-created tensor (new pointer, e.g
 ``zero_grad(set_to_none=True)``) builds a new one automatically. A cache hit is always correct,
 even when freed memory is reused by other tensors at the same addresses.
 
-Block sizes are fixed, not autotuned: every kernel here works in place on tensors reached through
+Each program walks its chunk BLOCK elements at a time: unmasked iterations over the full blocks,
+then at most one masked tail. When every pointer is 16-byte aligned (checked on the host, passed
+as the ALIGNED constexpr) the pointers are hinted with ``tl.multiple_of``, so the full blocks get
+128-bit vector loads/stores; offsets are int64 (tensors beyond 2^31 elements).
+
+BLOCK/CHUNK are fixed, not autotuned: every kernel here works in place on tensors reached through
 the tables, so the autotuner (which benchmarks each config by re-running the kernel and can only
-restore the tensors it is passed directly) would apply the updates several times.
+restore the tensors it is passed directly) would apply the updates several times. They are not
+tuned on a GPU yet (none was available); the cost model is memory bandwidth, so they matter little
+beyond giving every SM several programs.
+
+Host float arguments are declared ``tl.float64`` and rounded once to the compute dtype in the
+kernel (:func:`scalar`): fp64 groups get full-precision hyper-parameters, fp32 groups the same
+rounding torch applies to Python scalars. Floats are never constexpr (no recompiles).
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -30,7 +41,7 @@ import triton.language as tl
 BLOCK = 1024
 """Elements per loop iteration of a program (a power of two)."""
 CHUNK = 8 * BLOCK
-"""Elements per program: small enough to fill a GPU with programs for ~10M-parameter models."""
+"""Elements per program (a multiple of BLOCK): small enough to fill a GPU with programs for ~10M-parameter models."""
 NUM_WARPS = 4
 
 _TL_DTYPES = {
@@ -103,21 +114,25 @@ def table(lists: Sequence[Optional[Sequence[torch.Tensor]]], *, sizes: Optional[
         n_blocks=int(blocks.shape[0]),
         aligned=all(p % 16 == 0 for p in ptrs),
     )
-    _CACHE[key] = entry
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return entry
+    return _remember(key, entry)
 
 
 def int_column(values: Sequence[int], device: torch.device) -> torch.Tensor:
     """A small per-tensor int64 device column that is not part of a table (RNG keys, offsets), cached too."""
     key = (device, "column", tuple(values))
     hit = _CACHE.get(key)
-    if hit is None:
-        hit = _CACHE[key] = torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-        if len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return hit
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit
+    return _remember(key, torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True))
+
+
+def _remember(key, value):
+    """Insert into the LRU cache, evicting the least recently used entry beyond _CACHE_SIZE."""
+    _CACHE[key] = value
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
 
 
 def launch(kernel, n_programs: int, *args, **kwargs) -> None:

@@ -28,7 +28,7 @@ def _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, mask, s, finite, eta, key, 
         tw = tl.abs(w) + eta
         e = (tw * tw) * e
     e = e * s
-    # where() on finite, not `& finite`: the interpreter cannot broadcast a bool scalar in &.
+    # All lanes while s is finite; where(), not `& finite`: the interpreter cannot broadcast a bool scalar in &.
     sel = tl.where(finite, offs == offs, False)
     if MASKED:
         sel = sel & (load(m_ptr + offs, mask) != 0)
