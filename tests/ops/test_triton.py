@@ -193,6 +193,27 @@ def test_keep_mask_bit_identical(small_blocks):
             assert torch.equal(t != 0, want), f"keep mask of tensor {i} (keep_prob={keep_prob}, seed={seed})"
 
 
+def test_int64_offsets_and_keep_mask_beyond_2_32():
+    """Element indices past 2^32 without allocating 16 GiB: a hand-made table points each tensor
+    4·start bytes before its data and gives the program the chunk starting at element ``start``,
+    so the kernel computes int64 offsets >= 2^32 and the hash's high word, on real memory."""
+    from sam_kernels.ops.triton import _tables, perturb
+    import triton.language as tl
+    start, n, keep_prob = 5 * 2**32 + 2**31 - 40, 100, 0.5
+    w, g, b = torch.zeros(n, device=DEVICE), torch.ones(n, device=DEVICE), torch.empty(n, device=DEVICE)
+    key = reference.tensor_key(9, 0)
+    ptrs = torch.tensor([[t.data_ptr() - 4 * start] for t in (w, g, b)], dtype=torch.int64, device=DEVICE)
+    as_dev = dict(dtype=torch.int64, device=DEVICE)
+    _tables.launch(perturb._perturb_kernel, 1, ptrs[0], ptrs[1], ptrs[2], ptrs[0], torch.tensor([start + n], **as_dev),
+                   torch.tensor([[0, start]], **as_dev), torch.tensor([key], **as_dev), torch.tensor(1.0, device=DEVICE),
+                   1.0, 0.0, 0.0, keep_prob, int(keep_prob * 2**24), DT=tl.float32, CDT=tl.float32, BLOCK=64, CHUNK=128,
+                   ALIGNED=False, MASKED=False, ADAPTIVE=False, KEEP=True)
+    i = torch.arange(start, start + n, device=DEVICE)
+    r = reference.fmix32(reference.fmix32((i & 0xFFFFFFFF) ^ key) ^ (i >> 32))
+    assert torch.equal(w != 0, (r >> 8) < int(keep_prob * 2**24))
+    assert torch.equal(b, torch.zeros_like(b))
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0])
 def test_perturb_non_finite_scale_leaves_params(bad):
