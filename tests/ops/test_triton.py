@@ -423,6 +423,39 @@ def test_public_ops_backend_triton():
     assert_lists_equal(ops.nm_mask(g, 2, 4, backend="triton"), ops.nm_mask(g, 2, 4, backend="eager"), "nm")
 
 
+
+def test_public_ops_backend_triton_remaining_ops():
+    """dot, restore_, adamw_restore_step_ and the variants' ops through sam_kernels.ops, vs eager."""
+    shapes, dtypes = [(7,), (0,), (3, 5), (129,)], [torch.float32, torch.float32, torch.float16, torch.float32]
+
+    def lst(positive=False):
+        return [(torch.rand(s, device=DEVICE) + 0.1 if positive else torch.randn(s, device=DEVICE)).to(d)
+                for s, d in zip(shapes, dtypes)]
+
+    a, b = lst(), lst()
+    d = ops.dot(a, b, backend="triton")
+    assert ops.last_used["dot"] == "triton"
+    assert_close(d, ops.dot(a, b, backend="eager"), 1e-5, 1e-5, "dot")
+    state = [lst(), lst(), lst(positive=True)]  # params, exp_avgs, exp_avg_sqs
+    runs = {}
+    for name in ("triton", "eager"):
+        w, m, v = (clone(t) for t in state)
+        g, gv, f = clone(a), [torch.empty_like(t) for t in a], clone(state[2])
+        ops.restore_(w, b, backend=name)
+        ops.adamw_restore_step_(w, b, a, m, v, 3, lr=1e-2, backend=name)
+        sq = ops.renormalize_(g, torch.tensor(2.0, device=DEVICE), backend=name)
+        ops.fisher_accumulate_(f, g, scale=0.5, backend=name)
+        ops.looksam_store_(gv, g, b, backend=name)
+        ops.looksam_apply_(g, gv, 0.7, backend=name)
+        runs[name] = [w, m, v, g, gv, f, [sq]]
+        if name == "triton":
+            assert all(ops.last_used[op] == "triton" for op in (
+                "restore_", "adamw_restore_step_", "renormalize_", "fisher_accumulate_", "looksam_store_",
+                "looksam_apply_"))
+    for what, got, want in zip(("params", "exp_avgs", "exp_avg_sqs", "grads", "g_v", "fisher", "sq"),
+                               runs["triton"], runs["eager"]):
+        assert_lists_close(got, want, 2e-3, 2e-3, what)
+
 # --------------------------------------------------------------------------- native compilation (no GPU needed)
 
 _COMPILE_CHECK = r"""
