@@ -15,6 +15,11 @@ import sam_kernels
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Spec memory bandwidth (GB/s) by device-name fragment, most specific first; context for the
+# copy bandwidth measured in each run (which is what the fractions in the report are taken of).
+SPEC_PEAK_GBPS = (("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0),
+                  ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0))
+
 
 def cpu_model() -> str:
     try:
@@ -50,6 +55,13 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", raw).strip("-")
 
 
+def spec_peak_gbps(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((gbps for frag, gbps in SPEC_PEAK_GBPS if frag in name), None)
+
+
 def _git(*args: str) -> Optional[str]:
     try:
         out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
@@ -72,6 +84,7 @@ def environment(device: torch.device) -> dict:
         "device": device_name(device),
         "device_type": device.type,
         "device_slug": device_slug(device),
+        "spec_peak_gbps": spec_peak_gbps(device),
         "cpu": cpu_model(),
         "cpu_cores": cpu_cores(),
         "torch_threads": torch.get_num_threads(),

@@ -51,11 +51,14 @@ def markdown(result: dict) -> str:
               f"torch {meta['torch']} · triton {meta['triton']} · CUDA {meta['cuda']} · python {meta['python']} · "
               f"commit {(meta['git_commit'] or 'unknown')[:12]}{' (dirty)' if meta['git_dirty'] else ''} · "
               f"{meta['date']} · dtype {meta['dtype']} · mode {meta['mode']} · warmup {meta['warmup']}, "
-              f"repeats {meta['repeats']}", ""]
+              f"repeats {meta['repeats']} (training steps: {meta['train_repeats']}) · "
+              f"{meta['torch_threads']} CPU threads", ""]
     copy = result.get("copy_bandwidth")
     if copy:
+        peak = meta.get("spec_peak_gbps")
         lines += [f"Copy bandwidth (same run, `dst.copy_(src)` on {_size(copy['numel'])} fp32, read + write): "
-                  f"**{copy['gbps']:.1f} GB/s**.", ""]
+                  f"**{copy['gbps']:.1f} GB/s**"
+                  + (f" ({copy['gbps'] / peak:.0%} of the {peak:.0f} GB/s spec peak)." if peak else "."), ""]
     if result.get("ops"):
         lines += ["## Per-op microbenchmarks", "",
                   "Times in ms (median, p20–p80). GB/s = the op's bytes floor / median time "

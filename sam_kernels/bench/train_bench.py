@@ -142,10 +142,11 @@ def cuda_graph_step(wl: Workload, device: torch.device, warmup: int, repeats: in
     opt = sam_kernels.SAM(list(model.parameters()), torch.optim.SGD, rho=RHO, backend="auto", **SGD_KW)
     x, y = wl.inputs, wl.targets
 
-    def step():  # grads zeroed in place (set_to_none would change the captured addresses)
+    def step():  # grads zeroed in place: set_to_none would change the addresses the graph reads
         opt.zero_grad(set_to_none=False)
         wl.loss(model(x), y).backward()
-        opt.first_step(zero_grad=True)
+        opt.first_step(zero_grad=False)
+        opt.zero_grad(set_to_none=False)
         wl.loss(model(x), y).backward()
         opt.second_step(zero_grad=False)
 
