@@ -65,7 +65,7 @@ def topk_exact(scores: Tensors, k: int) -> list[torch.Tensor]:
     return ops.topk_mask(list(scores), (k + 0.5) / total)
 
 
-def density(masks: Tensors) -> float:
+def mask_density(masks: Tensors) -> float:
     """Fraction of True entries over all masks (reads the data: for tests and reports, not the step)."""
     total = sum(m.numel() for m in masks)
     return sum(int(m.sum()) for m in masks) / max(total, 1)
