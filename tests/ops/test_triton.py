@@ -63,6 +63,14 @@ def small_blocks(monkeypatch):
 
 
 @pytest.fixture
+def medium_blocks(monkeypatch):
+    """Several programs per ~9k-element list without the interpreter's per-program cost of small_blocks."""
+    from sam_kernels.ops.triton import _tables
+    monkeypatch.setattr(_tables, "BLOCK", 256)
+    monkeypatch.setattr(_tables, "CHUNK", 1024)
+
+
+@pytest.fixture
 def launches(monkeypatch):
     """Kernel names launched, in order (wraps the single launcher)."""
     from sam_kernels.ops.triton import _tables
@@ -318,7 +326,7 @@ def tricky_scores(shapes, dtype):
 
 
 @pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES], ids=DTYPE_IDS)
-def test_topk_mask_exact(dtype, small_blocks):
+def test_topk_mask_exact(dtype, medium_blocks):
     scores = tricky_scores(SHAPES, dtype)
     total = sum(s.numel() for s in scores)
     for k in (0, 1, 5, 77, total // 2, total - 1, total):
@@ -483,9 +491,14 @@ OTHER = [
     (optimizer_steps._adamw_restore_step_kernel, dict(C, DT=tl.float64, CDT=tl.float64, ALIGNED=False, MAXIMIZE=False)),
     (masks._order_keys_kernel, dict(DT=tl.float16, BLOCK=1024, CHUNK=8192, ALIGNED=False)),
     (masks._nm_mask_kernel, dict(DT=tl.bfloat16, M=4, MP=4, GROUPS=256, ALIGNED=True)),
+    (masks._radix_histogram_kernel, dict(BLOCK=1024, CHUNK=8192)),
+    (masks._radix_select_kernel, {}),
+    (masks._tie_count_kernel, dict(BLOCK=1024, CHUNK=8192)),
+    (masks._topk_keep_kernel, dict(BLOCK=1024, CHUNK=8192)),
 ]
 SCALARS = {"partials": "*fp32", "out": "*fp32", "sq_norm": "*fp32", "ref_sq_norm": "*fp32", "gs_dot_g": "*fp32",
-           "g_sq_norm": "*fp32", "gv_sq_norm": "*fp32", "n": "i32", "keep_threshold": "i32"}
+           "g_sq_norm": "*fp32", "gv_sq_norm": "*fp32", "n": "i32", "keep_threshold": "i32", "hist": "*i32",
+           "keep": "*i8", "shift": "i32", "high_mask": "i64", "flip": "i32"}
 for fn, cx in HOT + OTHER:
     sig = {p.name: "constexpr" if p.name in cx else p.annotation_type or SCALARS.get(p.name, "*i64") for p in fn.params}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})

@@ -7,11 +7,13 @@ row-major). The kernels rank the same values through an int64 key whose integer 
 float64 order. These ops run once per mask refresh, not in the hot path, and take the whole score
 list (possibly several dtypes: one launch per dtype group).
 
-topk_mask: a Triton kernel writes the keys of all scores into one buffer in global position order;
-the selection then uses torch device ops on that buffer: the k-th largest key by ``torch.topk``,
-and the ties at that key taken in position order through a cumulative count. Exact count, no
-host synchronization. (A radix/histogram threshold select in Triton would avoid topk's
-O(N log k) work; not needed at once-per-epoch cost.)
+topk_mask: a Triton kernel writes the keys of all scores into one buffer in global position order,
+then an MSD radix select finds the k-th largest key T in 8 rounds of 8 bits (per round: a histogram
+pass over the keys still matching the digits chosen so far, integer atomics so counts are exact,
+then a one-program pass that picks the digit and updates (prefix, rank) in a device buffer). It
+leaves ``need`` = k - #{key > T}; the mask pass keeps key > T and the first ``need`` keys equal to
+T in position order (tie ranks: per-chunk tie counts, their exclusive cumulative sum, an in-chunk
+cumsum). Exact count, deterministic, no host synchronization.
 """
 import itertools
 import math
@@ -83,6 +85,74 @@ def _nm_mask_kernel(s_ptrs, o_ptrs, sizes, blocks, cols, n, DT: tl.constexpr, M:
     tl.store(o_ptr + idx, (rank < n).to(tl.int8), mask=real)
 
 
+@triton.jit
+def _radix_histogram_kernel(keys, n, state, hist, shift, high_mask, flip, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """hist[d] += #{i: (key_i ^ prefix) & high_mask == 0, digit_i == d}, digit = ((key >> shift) & 255) ^ flip.
+
+    high_mask selects the bits already decided (none in round 0); flip = 0x80 in round 0 turns the
+    signed top byte into an unsigned digit. Unmatched lanes go to bin 256 of a 512-bin histogram
+    (never added), which avoids histogram's ``mask`` argument (missing from older Triton).
+    """
+    start = tl.program_id(0).to(tl.int64) * CHUNK
+    end = tl.minimum(start + CHUNK, n)
+    prefix = tl.load(state)
+    counts = tl.zeros((512,), tl.int32)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK).to(tl.int64)
+        inb = offs < end
+        key = tl.load(keys + offs, mask=inb, other=0)
+        match = inb & (((key ^ prefix) & high_mask) == 0)
+        digit = ((key >> shift) & 0xFF) ^ flip
+        counts += tl.histogram(tl.where(match, digit, 256).to(tl.int32), 512)
+    bins = tl.arange(0, 512)
+    tl.atomic_add(hist + bins, counts, mask=bins < 256)
+
+
+@triton.jit
+def _radix_select_kernel(hist, state, shift, flip):
+    """One program: d = the largest digit with #{matching keys with digit >= d} >= need;
+    prefix |= (d ^ flip) << shift; need -= #{matching keys with digit > d}."""
+    bins = tl.arange(0, 512)
+    h = tl.load(hist + bins, mask=bins < 256, other=0).to(tl.int64)
+    need = tl.load(state + 1)
+    at_or_above = tl.sum(h, 0) - tl.cumsum(h, 0) + h
+    d = tl.max(tl.where((at_or_above >= need) & (bins < 256), bins, -1), 0)
+    above = tl.sum(tl.where(bins > d, h, 0), 0)
+    tl.store(state, tl.load(state) | ((d ^ flip).to(tl.int64) << shift))
+    tl.store(state + 1, need - above)
+
+
+@triton.jit
+def _tie_count_kernel(keys, n, state, ties, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """ties[p] = #{i in chunk p: key_i == T}."""
+    start = tl.program_id(0).to(tl.int64) * CHUNK
+    end = tl.minimum(start + CHUNK, n)
+    threshold = tl.load(state)
+    count = tl.zeros((BLOCK,), tl.int64)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK).to(tl.int64)
+        count += ((tl.load(keys + offs, mask=offs < end, other=0) == threshold) & (offs < end)).to(tl.int64)
+    tl.store(ties + tl.program_id(0), tl.sum(count, 0))
+
+
+@triton.jit
+def _topk_keep_kernel(keys, n, state, ties_before, keep, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """keep_i = key_i > T or (key_i == T and #{j < i: key_j == T} < need)."""
+    start = tl.program_id(0).to(tl.int64) * CHUNK
+    end = tl.minimum(start + CHUNK, n)
+    threshold = tl.load(state)
+    need = tl.load(state + 1)
+    seen = tl.load(ties_before + tl.program_id(0))
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK).to(tl.int64)
+        inb = offs < end
+        key = tl.load(keys + offs, mask=inb, other=0)
+        tie = (key == threshold) & inb
+        rank = seen + tl.cumsum(tie.to(tl.int64), 0) - 1
+        tl.store(keep + offs, ((key > threshold) | (tie & (rank < need))).to(tl.int8), mask=inb)
+        seen += tl.sum(tie.to(tl.int64), 0)
+
+
 def _by_dtype(tensors):
     """{dtype: indices of the non-empty tensors of that dtype}, in list order."""
     groups: dict = {}
@@ -105,14 +175,30 @@ def topk_mask(scores, k):
         _tables.launch(_order_keys_kernel, tab.n_blocks, tab.ptrs[0], tab.sizes, tab.blocks,
                        _tables.int_column([offsets[i] for i in idx], device), keys, DT=_tables.tl_dtype(dtype),
                        BLOCK=_tables.BLOCK, CHUNK=_tables.CHUNK, ALIGNED=tab.aligned)
-    if k == 0:
-        keep = torch.zeros(total, dtype=torch.bool, device=device)
-    else:
-        threshold = torch.topk(keys, k, sorted=False).values.min()
-        above = keys > threshold
-        ties = keys == threshold
-        keep = above | (ties & (torch.cumsum(ties, 0) <= k - above.sum()))
+    keep = torch.zeros(total, dtype=torch.bool, device=device)
+    if k > 0:
+        _select_top(keys, k, keep)
     return [m.view_as(s) for m, s in zip(keep.split(numels), scores)]
+
+
+def _select_top(keys: torch.Tensor, k: int, keep: torch.Tensor) -> None:
+    """keep ← the k (>= 1) largest keys, ties to the lower position (radix select, see module doc)."""
+    n = keys.numel()
+    chunk = _tables.CHUNK
+    programs = triton.cdiv(n, chunk)
+    state = torch.tensor([0, k], dtype=torch.int64).to(keys.device)  # (prefix, need): mutated on the device
+    hist = torch.zeros(8, 512, dtype=torch.int32, device=keys.device)
+    for r in range(8):
+        shift = 56 - 8 * r
+        high_mask = 0 if r == 0 else -(1 << (shift + 8))  # the bits above this digit
+        flip = 0x80 if r == 0 else 0
+        _tables.launch(_radix_histogram_kernel, programs, keys, n, state, hist[r], shift, high_mask, flip,
+                       BLOCK=_tables.BLOCK, CHUNK=chunk)
+        _tables.launch(_radix_select_kernel, 1, hist[r], state, shift, flip)
+    ties = torch.empty(programs, dtype=torch.int64, device=keys.device)
+    _tables.launch(_tie_count_kernel, programs, keys, n, state, ties, BLOCK=_tables.BLOCK, CHUNK=chunk)
+    ties_before = torch.cumsum(ties, 0) - ties
+    _tables.launch(_topk_keep_kernel, programs, keys, n, state, ties_before, keep, BLOCK=_tables.BLOCK, CHUNK=chunk)
 
 
 _MAX_M = 128
