@@ -162,8 +162,9 @@ def run_ops(cfg: OpsConfig, copy_gbps: float, log: Callable[[str], None], progre
                         log(f"!! {name} / {case.name} / {impl}: {reason}")
                     else:
                         if not row["correct"]:
-                            log(f"!! MISMATCH {name} / {case.name} / {impl}: {row['mismatch_at']} off by "
-                                f"{row['err_ratio']:.3g}x the tolerance (timed anyway; do not trust its speed)")
+                            off = "NaN/shape/bitwise" if row["err_ratio"] is None else f"{row['err_ratio']:.3g}x"
+                            log(f"!! MISMATCH {name} / {case.name} / {impl}: {row['mismatch_at']} off by {off} "
+                                f"the tolerance (timed anyway; do not trust its speed)")
                         out.rows.append(row)
                     progress.update(1)
                 del ref_state, ref_result

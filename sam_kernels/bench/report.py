@@ -22,7 +22,8 @@ def _x(x: Optional[float]) -> str:
 
 
 def _size(n: int) -> str:
-    return f"{n / (1 << 20):.1f}M" if n >= 1 << 20 else f"{n / 1024:.0f}k" if n >= 1024 else str(n)
+    """Decimal units, as parameter counts are quoted (ResNet-50: 25.6M; the "1M" case: 1.05M)."""
+    return f"{n / 1e6:.3g}M" if n >= 10**6 else f"{n / 1e3:.3g}k" if n >= 1000 else str(n)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -121,7 +122,11 @@ def plot(result: dict, path: Path) -> Optional[str]:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
         if copy:
             ax.axhline(copy, color="gray", linestyle="--", linewidth=1, label="copy_")
+        for numel, case in sorted({(r["numel"], r["case"]) for r in rows if r["op"] == op and r["tensors"] > 1}):
+            ax.axvline(numel, color="gray", linestyle=":", linewidth=0.8)  # model lists: name them
+            ax.annotate(case, (numel, 0), xytext=(3, 3), textcoords="offset points", fontsize=7, rotation=90)
         ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_title(op)
         ax.set_xlabel("elements (single tensors and model lists)")
         ax.set_ylabel("GB/s at the bytes floor")

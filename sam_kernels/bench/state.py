@@ -6,39 +6,44 @@ import torch
 from .cases import Case
 from .op_specs import OpSpec, State
 
-# list name -> (distribution, scale): magnitudes like a real step (grads ~1e-2 of weights),
-# second moments and Fisher scores positive.
+# list name -> (distribution, scale, offset): magnitudes like a real step (grads ~1e-2 of
+# weights); second moments ~g² and bounded away from 0, so that fp16 loops (torch's own maths in
+# the storage dtype) do not divide by an underflowed denominator; Fisher scores positive.
 _FILLS = {
-    "params": ("normal", 1.0),
-    "backups": ("normal", 1.0),
-    "grads": ("normal", 1e-2),
-    "sam_grads": ("normal", 1e-2),
-    "g_v": ("normal", 1e-2),
-    "bufs": ("normal", 1e-2),
-    "exp_avgs": ("normal", 1e-3),
-    "exp_avg_sqs": ("uniform", 1e-6),
-    "fisher": ("uniform", 1e-4),
-    "scores": ("uniform", 1.0),
+    "params": ("normal", 1.0, 0.0),
+    "backups": ("normal", 1.0, 0.0),
+    "grads": ("normal", 1e-2, 0.0),
+    "sam_grads": ("normal", 1e-2, 0.0),
+    "g_v": ("normal", 1e-2, 0.0),
+    "bufs": ("normal", 1e-2, 0.0),
+    "exp_avgs": ("normal", 1e-3, 0.0),
+    "exp_avg_sqs": ("uniform", 1e-4, 1e-5),
+    "fisher": ("uniform", 1e-4, 0.0),
+    "scores": ("uniform", 1.0, 0.0),
 }
 
 
-def _fill(shape, kind: str, scale: float, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+def _fill(shape, kind: str, scale: float, offset: float, dtype: torch.dtype, device: torch.device,
+          gen: torch.Generator) -> torch.Tensor:
     if kind == "normal":
         t = torch.randn(shape, dtype=dtype, device=device, generator=gen)
     else:
         t = torch.rand(shape, dtype=dtype, device=device, generator=gen)
-    return t.mul_(scale) if scale != 1.0 else t
+    if scale != 1.0:
+        t.mul_(scale)
+    return t.add_(offset) if offset else t
 
 
 def make_state(case: Case, spec: OpSpec, dtype: torch.dtype, device: torch.device, seed: int = 0) -> State:
-    """The lists ``spec`` needs for ``case``, plus ``sq_norm`` (‖grads‖², fp32) when the op takes a norm."""
+    """The lists ``spec`` needs for ``case``, plus ``sq_norm`` (‖grads‖²) when the op takes a norm."""
     gen = torch.Generator(device=device).manual_seed(seed)
     state: State = {}
     for name in spec.lists:
-        kind, scale = _FILLS[name]
-        state[name] = [_fill(shape, kind, scale, dtype, device, gen) for shape in case.shapes]
-    if spec.needs_sq_norm:
-        state["sq_norm"] = torch.stack([g.float().square().sum() for g in state["grads"]]).sum()
+        kind, scale, offset = _FILLS[name]
+        state[name] = [_fill(shape, kind, scale, offset, dtype, device, gen) for shape in case.shapes]
+    if spec.needs_sq_norm:  # in grad_sq_norm's result dtype: fp64 for fp64 grads, else fp32
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        state["sq_norm"] = torch.stack([g.to(acc).square().sum() for g in state["grads"]]).sum()
     return state
 
 
