@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +24,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 EPILOG = """\
 what is measured
-  per-op microbenchmarks (default ops: %(quick_ops)s; --full: all of %(all_ops)s)
+  per-op microbenchmarks
+%(ops)s
     on single tensors (1M, 16M, 64M elements) and the real parameter lists of ResNet-50
     (161 tensors, 25.6M) and GPT-2 small (148 tensors, 124M); each implementation is checked
     against the eager reference once, then timed (median, p20/p80); GB/s at the op's bytes
@@ -52,7 +54,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         prog="python -m sam_kernels.bench",
         description="Benchmark sam_kernels' fused SAM ops and optimizer steps against per-parameter loops, "
                     "foreach eager and torch.compile, on CPU or GPU.",
-        epilog=EPILOG % {"quick_ops": ", ".join(QUICK), "all_ops": ", ".join(SPECS),
+        epilog=EPILOG % {"ops": textwrap.fill(f"default: {', '.join(QUICK)}; --full or --ops all: also "
+                                              f"{', '.join(op for op in SPECS if op not in QUICK)}", 92,
+                                              initial_indent="    ", subsequent_indent="    "),
                          "quick_cpu": ", ".join(C.QUICK_CPU), "quick_gpu": ", ".join(C.QUICK_GPU)},
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true",
@@ -154,7 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             progress.update(1)
             cfg = OpsConfig(device, dtype, plan["cases"], plan["ops"], plan["impls"], plan["compile_ops"],
                             plan["compile_reason"], timer, args.seed)
-            ops_result = run_ops(cfg, copy["gbps"], log, progress)
+            ops_result = run_ops(cfg, copy["gbps"], env["spec_peak_gbps"], log, progress)
             unavailable = {b: backend_skip_reason(b, device) for b in ("cpp", "cuda", "triton")}
             result.update({
                 "copy_bandwidth": copy, "ops": ops_result.rows, "ops_skipped": ops_result.skips,

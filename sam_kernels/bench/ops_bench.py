@@ -124,18 +124,21 @@ def _bench_one(impl: str, spec: OpSpec, case: Case, cfg: OpsConfig, ref_state: d
     }
 
 
-def _add_ratios(rows: list[dict], copy_gbps: float) -> None:
-    """Fraction of the measured copy bandwidth, and speedup over each baseline of the same (op, case)."""
+def _add_ratios(rows: list[dict], copy_gbps: float, peak_gbps: Optional[float]) -> None:
+    """Fractions of the measured copy bandwidth (and of the spec peak when known), and speedup over
+    each baseline of the same (op, case)."""
     by_key: dict[tuple, dict[str, float]] = {}
     for r in rows:
         by_key.setdefault((r["op"], r["case"]), {})[r["impl"]] = r["median_ms"]
     for r in rows:
         r["frac_copy_bw"] = r["gbps"] / copy_gbps
+        r["frac_spec_peak"] = r["gbps"] / peak_gbps if peak_gbps else None
         base = by_key[(r["op"], r["case"])]
         r["speedup"] = {b: base[b] / r["median_ms"] for b in BASELINES if b in base}
 
 
-def run_ops(cfg: OpsConfig, copy_gbps: float, log: Callable[[str], None], progress) -> OpsResult:
+def run_ops(cfg: OpsConfig, copy_gbps: float, peak_gbps: Optional[float], log: Callable[[str], None],
+            progress) -> OpsResult:
     out = OpsResult()
     with torch.no_grad():
         for case in cfg.cases:
@@ -168,5 +171,5 @@ def run_ops(cfg: OpsConfig, copy_gbps: float, log: Callable[[str], None], progre
                         out.rows.append(row)
                     progress.update(1)
                 del ref_state, ref_result
-    _add_ratios(out.rows, copy_gbps)
+    _add_ratios(out.rows, copy_gbps, peak_gbps)
     return out
