@@ -131,8 +131,8 @@ def time_method(method: Method, wl: Workload, device: torch.device, warmup: int,
         fb.append(phases.get("fwd_bwd", 0.0))
         op.append(phases.get("optimizer", 0.0))
         totals.append(fb[-1] + op[-1])
-    return {"step": _summary(totals), "fwd_bwd_mean_ms": statistics.fmean(fb), "optimizer_mean_ms": statistics.fmean(op),
-            "backends_ran": sorted(set(ops.last_used.values()))}
+    return {"step": _summary(totals), "fwd_bwd_mean_ms": statistics.fmean(fb),
+            "optimizer_mean_ms": statistics.fmean(op), "backends_ran": sorted(set(ops.last_used.values()))}
 
 
 def cuda_graph_step(wl: Workload, device: torch.device, warmup: int, repeats: int) -> dict:
@@ -180,7 +180,8 @@ def run_train(device: torch.device, wls: list[Workload], warmup: int, repeats: i
         for m in todo:
             progress.set_postfix_str(f"{wl.name} {m.name}")
             if m.needs and not hasattr(sam_kernels, m.needs):
-                skips.append({"model": wl.name, "method": m.name, "reason": f"sam_kernels.{m.needs} does not exist yet"})
+                skips.append({"model": wl.name, "method": m.name,
+                              "reason": f"sam_kernels.{m.needs} does not exist yet"})
                 progress.update(1)
                 continue
             try:
