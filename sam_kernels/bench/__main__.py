@@ -71,6 +71,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     ap.add_argument("--repeats", type=int, help="timed repeats per measurement (quick: CPU 5, GPU 20; full: 10/50)")
     ap.add_argument("--warmup", type=int, help="untimed calls before timing (quick: CPU 1, GPU 3; full: 2/5)")
+    ap.add_argument("--budget", type=float, metavar="S",
+                    help="seconds per measurement: fewer repeats (>= 3) when the warmup says they would take "
+                         "longer (default: CPU 10, GPU unlimited)")
     compile_group = ap.add_mutually_exclusive_group()
     compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
                                help="torch.compile baseline for every selected op (default: GPU sam_step only, "
@@ -125,6 +128,7 @@ def resolve(args: argparse.Namespace) -> dict:
         "repeats": args.repeats or ((50 if gpu else 10) if args.full else (20 if gpu else 5)),
         "warmup": args.warmup if args.warmup is not None else ((5 if gpu else 2) if args.full else (3 if gpu else 1)),
         "train_repeats": args.train_repeats or (30 if gpu else 8),
+        "budget_s": args.budget if args.budget is not None else (None if gpu else 10.0),
         "copy_size": args.copy_size or ((64 << 20) if gpu else (16 << 20)),
     }
 
@@ -146,9 +150,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     wls = workloads(device, large=device.type == "cuda", which=tuple(args.models)) if do_train else []
     total = (len(plan["cases"]) * len(plan["ops"]) * len(plan["impls"]) + 1 if do_ops else 0) \
         + (train_task_count(device, len(wls)) if do_train else 0)
-    timer = Timer(device, warmup=plan["warmup"], repeats=plan["repeats"], flush_l2=not args.no_flush_l2)
+    timer = Timer(device, warmup=plan["warmup"], repeats=plan["repeats"], flush_l2=not args.no_flush_l2,
+                  budget_s=plan["budget_s"])
     result: dict = {"meta": {**env, "dtype": args.dtype, "mode": "full" if args.full else "quick",
-                             "warmup": plan["warmup"], "repeats": plan["repeats"],
+                             "warmup": plan["warmup"], "repeats": plan["repeats"], "budget_s": plan["budget_s"],
                              "train_repeats": plan["train_repeats"], "flush_l2": timer.flushes_l2,
                              "argv": sys.argv[1:] if argv is None else list(argv)}}
     with tqdm(total=total, disable=args.no_progress, desc="bench", dynamic_ncols=True) as progress:

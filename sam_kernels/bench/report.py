@@ -52,7 +52,9 @@ def markdown(result: dict) -> str:
               f"torch {meta['torch']} · triton {meta['triton']} · CUDA {meta['cuda']} · python {meta['python']} · "
               f"commit {(meta['git_commit'] or 'unknown')[:12]}{' (dirty)' if meta['git_dirty'] else ''} · "
               f"{meta['date']} · dtype {meta['dtype']} · mode {meta['mode']} · warmup {meta['warmup']}, "
-              f"repeats {meta['repeats']} (training steps: {meta['train_repeats']}) · "
+              f"repeats {meta['repeats']}"
+              + (f" (>= 3 where that would exceed {meta['budget_s']:g} s)" if meta.get("budget_s") else "")
+              + f" · training steps {meta['train_repeats']} · "
               f"{meta['torch_threads']} CPU threads", ""]
     copy = result.get("copy_bandwidth")
     if copy:

@@ -47,14 +47,21 @@ class Timer:
 
     ``flush_l2``: on GPU, overwrite a 256 MB buffer before each repeat (outside the timed
     interval) so every repeat starts with a cold L2, as llm.c and triton.testing.do_bench do.
+    ``budget_s``: when the warmup calls show that ``repeats`` calls would take longer than this,
+    time fewer (at least ``MIN_REPEATS``), so that a slow baseline on a big case cannot take a
+    whole run hostage; the count used is reported with the timing.
     """
 
-    def __init__(self, device: torch.device, *, warmup: int, repeats: int, flush_l2: bool = False):
+    MIN_REPEATS = 3
+
+    def __init__(self, device: torch.device, *, warmup: int, repeats: int, flush_l2: bool = False,
+                 budget_s: Optional[float] = None):
         if repeats < 1:
             raise ValueError("repeats must be >= 1")
         self.device = device
         self.warmup = warmup
         self.repeats = repeats
+        self.budget_s = budget_s
         self.is_cuda = device.type == "cuda"
         self._flush: Optional[torch.Tensor] = None
         if flush_l2 and self.is_cuda:
@@ -69,21 +76,26 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def time(self, fn: Callable[[], object]) -> Timing:
+        t0 = time.perf_counter()
         for _ in range(self.warmup):
             fn()
         self.sync()
+        repeats = self.repeats
+        if self.budget_s is not None and self.warmup > 0:
+            per_call = (time.perf_counter() - t0) / self.warmup
+            repeats = max(min(self.MIN_REPEATS, repeats), min(repeats, int(self.budget_s / max(per_call, 1e-9))))
         if self.is_cuda:
-            return summarize(self._time_cuda(fn))
+            return summarize(self._time_cuda(fn, repeats))
         samples = []
-        for _ in range(self.repeats):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
         return summarize(samples)
 
-    def _time_cuda(self, fn: Callable[[], object]) -> list[float]:
+    def _time_cuda(self, fn: Callable[[], object], repeats: int) -> list[float]:
         events = []
-        for _ in range(self.repeats):
+        for _ in range(repeats):
             if self._flush is not None:
                 self._flush.zero_()
             start = torch.cuda.Event(enable_timing=True)
