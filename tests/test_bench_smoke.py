@@ -43,3 +43,11 @@ def test_train_step_smoke(tmp_path):
         assert r["step"]["mean_ms"] > 0 and r["ratio_to_sgd"] > 0
     for s in train["skips"]:
         assert s["reason"]
+
+
+def test_model_cases_have_the_real_sizes():
+    from sam_kernels.bench.cases import parse_size
+    resnet, gpt2 = parse_size("resnet50"), parse_size("gpt2")
+    assert (resnet.tensors, resnet.numel) == (161, 25_557_032)  # torchvision resnet50()
+    assert (gpt2.tensors, gpt2.numel) == (148, 124_439_808)  # HF gpt2 (tied LM head)
+    assert parse_size("64k").shapes == ((65536,),)
