@@ -275,11 +275,12 @@ def nm_mask(scores: Tensors, n: int, m: int) -> list[torch.Tensor]:
     """
     out = []
     for s in scores:
-        rows = nm_groups(s.detach()).to(torch.float64)
+        # nan_to_num BEFORE padding: NaN -> -inf ranks with the padding, behind every real entry
+        # but ahead of the padding by position, so a partial group still keeps min(n, r) entries.
+        rows = torch.nan_to_num(nm_groups(s.detach()).to(torch.float64), nan=-float("inf"))
         cols = rows.shape[1]
         pad = (-cols) % m
         padded = torch.nn.functional.pad(rows, (0, pad), value=-float("inf"))
-        padded = torch.nan_to_num(padded, nan=-float("inf"))
         groups = padded.reshape(rows.shape[0], -1, m)
         order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
         keep = torch.zeros_like(groups, dtype=torch.bool)

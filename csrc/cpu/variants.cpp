@@ -1,0 +1,92 @@
+// Element-wise ops of the variants: Stable SAM renormalization, Fisher accumulation, LookSAM
+// store/apply. Their global norms/dots arrive as 0-dim tensors (computed by grad_sq_norm / dot).
+#include <torch/library.h>
+
+#include "multi_tensor.h"
+
+namespace sam_kernels::cpu {
+namespace {
+
+// out[i] = a[i] + coef * x[i] (a may alias out), for every element of the group.
+template <typename scalar_t, typename acc_t>
+void axpy(at::TensorList out, at::TensorList a, at::TensorList x, acc_t coef) {
+  const auto chunks = make_chunks(out);
+  for_each_chunk(chunks, [&](const Chunk& c) {
+    scalar_t* o = data<scalar_t>(out[c.tensor]);
+    const scalar_t* av = data<scalar_t>(a[c.tensor]);
+    const scalar_t* xv = data<scalar_t>(x[c.tensor]);
+#pragma omp simd
+    for (int64_t i = c.begin; i < c.end; ++i)
+      o[i] = static_cast<scalar_t>(static_cast<acc_t>(av[i]) + coef * static_cast<acc_t>(xv[i]));
+  });
+}
+
+void renormalize_cpu(at::TensorList grads, const at::Tensor& ref_sq_norm, const at::Tensor& sq_norm, double eps) {
+  check_primary("renormalize_", "grads", grads);
+  SAM_DISPATCH_FLOATS(grads[0].scalar_type(), "renormalize_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t ratio = std::sqrt(read_scalar<acc_t>(ref_sq_norm, "renormalize_", "ref_sq_norm")) /
+                        (std::sqrt(read_scalar<acc_t>(sq_norm, "renormalize_", "sq_norm")) + static_cast<acc_t>(eps));
+    const auto chunks = make_chunks(grads);
+    for_each_chunk(chunks, [&](const Chunk& c) {
+      scalar_t* g = data<scalar_t>(grads[c.tensor]);
+      for (int64_t i = c.begin; i < c.end; ++i) g[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * ratio);
+    });
+  });
+}
+
+void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double scale) {
+  check_primary("fisher_accumulate_", "fisher", fisher);
+  check_list("fisher_accumulate_", "grads", fisher, grads);
+  SAM_DISPATCH_FLOATS(fisher[0].scalar_type(), "fisher_accumulate_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t s = scale;
+    const auto chunks = make_chunks(fisher);
+    for_each_chunk(chunks, [&](const Chunk& c) {
+      scalar_t* f = data<scalar_t>(fisher[c.tensor]);
+      const scalar_t* g = data<scalar_t>(grads[c.tensor]);
+      for (int64_t i = c.begin; i < c.end; ++i) {
+        const acc_t gi = static_cast<acc_t>(g[i]);
+        f[i] = static_cast<scalar_t>(static_cast<acc_t>(f[i]) + s * gi * gi);
+      }
+    });
+  });
+}
+
+void looksam_store_cpu(at::TensorList g_v, at::TensorList grads, at::TensorList sam_grads, const at::Tensor& gs_dot_g,
+                       const at::Tensor& g_sq_norm, double eps) {
+  check_primary("looksam_store_", "g_v", g_v);
+  check_list("looksam_store_", "grads", g_v, grads);
+  check_list("looksam_store_", "sam_grads", g_v, sam_grads);
+  SAM_DISPATCH_FLOATS(g_v[0].scalar_type(), "looksam_store_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t coef = read_scalar<acc_t>(gs_dot_g, "looksam_store_", "gs_dot_g") /
+                       (read_scalar<acc_t>(g_sq_norm, "looksam_store_", "g_sq_norm") + static_cast<acc_t>(eps));
+    axpy<scalar_t, acc_t>(g_v, sam_grads, grads, -coef);
+  });
+}
+
+void looksam_apply_cpu(at::TensorList grads, at::TensorList g_v, double alpha, const at::Tensor& g_sq_norm,
+                       const at::Tensor& gv_sq_norm, double eps) {
+  check_primary("looksam_apply_", "grads", grads);
+  check_list("looksam_apply_", "g_v", grads, g_v);
+  SAM_DISPATCH_FLOATS(grads[0].scalar_type(), "looksam_apply_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t coef = static_cast<acc_t>(alpha) *
+                       std::sqrt(read_scalar<acc_t>(g_sq_norm, "looksam_apply_", "g_sq_norm")) /
+                       (std::sqrt(read_scalar<acc_t>(gv_sq_norm, "looksam_apply_", "gv_sq_norm")) +
+                        static_cast<acc_t>(eps));
+    axpy<scalar_t, acc_t>(grads, grads, g_v, coef);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
+  m.impl("renormalize_", &renormalize_cpu);
+  m.impl("fisher_accumulate_", &fisher_accumulate_cpu);
+  m.impl("looksam_store_", &looksam_store_cpu);
+  m.impl("looksam_apply_", &looksam_apply_cpu);
+}
+
+}  // namespace sam_kernels::cpu
