@@ -5,6 +5,7 @@
 ``backends()`` tells which kernel backends (eager, cpp, cuda, triton) are available here and why
 a missing one is missing; ``set_backend`` / ``SAM_KERNELS_BACKEND`` force one.
 """
+from . import _extension  # noqa: F401  (loads _C when built: registers torch.ops.sam_kernels.*)
 from . import ops
 from .ops.dispatch import backends, get_backend, set_backend
 

@@ -11,6 +11,9 @@ try:
     if os.environ.get("SAM_KERNELS_DISABLE_EXTENSION") == "1":
         raise ImportError("disabled by SAM_KERNELS_DISABLE_EXTENSION=1")
     from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+    from .ops import fake as _fake
+
+    _fake.register()
 except ImportError as exc:
     _error = (f"the compiled extension is not importable ({exc}); build it with "
               f"`pip install --no-build-isolation -e .` (SAM_KERNELS_BUILD=cpu|cuda|none picks what is built)")

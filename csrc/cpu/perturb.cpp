@@ -28,11 +28,12 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
   const auto chunks = make_chunks(params);
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "perturb_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t scale = static_cast<acc_t>(rho) / (std::sqrt(read_scalar<acc_t>(sq_norm, "perturb_", "sq_norm")) +
-                                             static_cast<acc_t>(eps));
+    const acc_t sq = read_scalar<acc_t>(sq_norm, "perturb_", "sq_norm");
+    acc_t scale = static_cast<acc_t>(rho) / (std::sqrt(sq) + static_cast<acc_t>(eps));
     if (keep) scale /= static_cast<acc_t>(keep_prob);
-    // A non-finite norm must not move any weight (the backup is still taken).
-    const bool finite = std::isfinite(scale);
+    // A non-finite norm must not move any weight (the backup is still taken). An Inf gradient
+    // gives scale 0, and 0·inf = NaN: the norm itself is tested too.
+    const bool finite = std::isfinite(scale) && std::isfinite(sq);
     const acc_t eta_c = static_cast<acc_t>(eta);
     for_each_chunk(chunks, [&](const Chunk& c) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);

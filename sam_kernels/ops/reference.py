@@ -129,7 +129,8 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.T
     scale = rho / (sq_norm.to(cdt).sqrt() + eps)
     if keep_prob < 1.0:
         scale = scale / keep_prob
-    finite = torch.isfinite(scale)
+    # An Inf gradient gives sq_norm = inf and scale = 0, but 0·inf = NaN: test the norm too.
+    finite = torch.isfinite(scale) & torch.isfinite(sq_norm)
     e = _up(grads)
     if adaptive:
         t = adaptive_scale(params, eta)

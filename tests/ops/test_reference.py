@@ -110,11 +110,12 @@ def test_perturb_with_masked_norm_bounds_perturbation():
     assert math.isclose(e_norm, 0.1, rel_tol=1e-9)  # masked norm: ||e|| = rho exactly
 
 
-def test_perturb_nonfinite_norm_leaves_weights_unchanged():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_perturb_nonfinite_norm_leaves_weights_unchanged(bad):
     params = make([(9,), (4, 4)], torch.float32)
     params[0][0] = -0.0
     grads = make([(9,), (4, 4)], torch.float32)
-    grads[1][2, 2] = float("nan")
+    grads[1][2, 2] = bad
     orig = [p.clone() for p in params]
     backups = [torch.empty_like(p) for p in params]
     ops.perturb_(params, grads, backups, 0.05, backend="eager")

@@ -342,7 +342,7 @@ def test_mask_special_values():
               torch.tensor([big, float("inf"), float("nan")], dtype=torch.float64, device=DEVICE)]
     for k in range(8):
         assert_lists_equal(backend().OPS["topk_mask"](scores, k), reference.topk_mask(scores, k), f"topk k={k}")
-    # A trailing partial group holding a NaN: the reference's -inf padding outranks the NaN.
+    # A trailing partial group holding NaNs still keeps min(n, r) entries: padding ranks after NaN.
     scores = [torch.tensor([[1.0, 2.0, 3.0, 4.0, float("nan"), 5.0, float("nan")]], device=DEVICE)]
     for n in range(5):
         assert_lists_equal(backend().OPS["nm_mask"](scores, n, 4), reference.nm_mask(scores, n, 4), f"nm {n}:4")

@@ -1,0 +1,230 @@
+"""Every op of each compiled backend against the eager reference, on identical inputs.
+
+Cases: cpp on CPU; cuda and triton on a GPU (skipped without one). Triton on CPU under the
+interpreter is covered by test_triton.py with interpreter-sized shapes.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sam_kernels.ops as ops
+from tests.utils import DTYPE_IDS, DTYPES, assert_lists_close, assert_lists_equal, require_backend
+
+CASES = [("cpp", "cpu"), ("cuda", "cuda"), ("triton", "cuda")]
+CASE_IDS = [f"{b}-{d}" for b, d in CASES]
+SHAPES = {
+    "odd": [(1,), (7,), (127,), (278011,), (0,), (13, 17)],
+    "many_small": [(3,)] * 200 + [(2, 5)] * 100,
+    "conv": [(16, 8, 3, 3), (16,), (10, 144)],
+}
+
+
+@pytest.fixture(params=CASES, ids=CASE_IDS)
+def case(request):
+    backend, device = request.param
+    require_backend(backend, device)
+    return backend, device
+
+
+def make(shapes, dtype, device, positive=False):
+    ts = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    return [t.abs() + 0.1 for t in ts] if positive else ts
+
+
+def clone(ts):
+    return None if ts is None else [t.clone() for t in ts]
+
+
+def both(fn, *lists, **kw):
+    """Run ``fn`` on clones of ``lists`` with the backend under test and with eager; return both inputs after."""
+    backend = kw.pop("backend")
+    mine, ref = [clone(x) for x in lists], [clone(x) for x in lists]
+    out_mine = fn(*mine, backend=backend, **kw)
+    out_ref = fn(*ref, backend="eager", **kw)
+    return mine, ref, out_mine, out_ref
+
+
+_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+           torch.bfloat16: torch.int16}
+
+
+def same_bits(a, b):
+    """Per element: are a and b bitwise equal (so -0.0 != 0.0 and NaN payloads count)?"""
+    return a.view(_INT_OF[a.dtype]) == b.view(_INT_OF[b.dtype])
+
+
+def close_scalar(a, b, rel):
+    assert math.isclose(float(a), float(b), rel_tol=rel, abs_tol=1e-30), (float(a), float(b))
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shapes", list(SHAPES))
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_grad_sq_norm(case, dtype, atol, rtol, shapes, adaptive, masked):
+    backend, device = case
+    sh = SHAPES[shapes]
+    grads = make(sh, dtype, device)
+    params = make(sh, dtype, device) if adaptive else None
+    masks = [torch.rand(s, device=device) < 0.5 for s in sh] if masked else None
+    got = ops.grad_sq_norm(grads, params=params, masks=masks, backend=backend)
+    want = ops.grad_sq_norm(grads, params=params, masks=masks, backend="eager")
+    assert got.dtype == want.dtype and got.device == want.device
+    close_scalar(got, want, 1e-10 if dtype == torch.float64 else 2e-5)
+
+
+def test_dot(case):
+    backend, device = case
+    a, b = make(SHAPES["odd"], torch.float32, device), make(SHAPES["odd"], torch.float32, device)
+    close_scalar(ops.dot(a, b, backend=backend), ops.dot(a, b, backend="eager"), 2e-5)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shapes", list(SHAPES))
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("keep_prob", [None, 0.3])
+def test_perturb_and_restore(case, dtype, atol, rtol, shapes, adaptive, masked, keep_prob):
+    backend, device = case
+    sh = SHAPES[shapes]
+    params, grads = make(sh, dtype, device), make(sh, dtype, device)
+    params[0].view(-1)[0] = -0.0  # must survive bitwise where unselected
+    masks = [torch.rand(s, device=device) < 0.5 for s in sh] if masked else None
+    backups = [torch.full_like(p, float("nan")) for p in params]
+    kw = dict(masks=masks, adaptive=adaptive, keep_prob=keep_prob, seed=11, backend=backend)
+    (p1, _, b1), (p2, _, b2), _, _ = both(lambda p, g, b, **k: ops.perturb_(p, g, b, 0.05, **k),
+                                          params, grads, backups, **kw)
+    assert_lists_equal(b1, params, "backup")
+    assert_lists_equal(b2, params, "backup (eager)")
+    assert_lists_close(p1, p2, atol, rtol, "perturbed params")
+    # Which entries moved must agree exactly (masks and keep masks are bit-identical).
+    for x, y, w in zip(p1, p2, params):
+        assert torch.equal(same_bits(x, w), same_bits(y, w)), "unchanged entries differ"
+    ops.restore_(p1, b1, backend=backend)
+    assert_lists_equal(p1, params, "restored")
+
+
+def test_perturb_nonfinite_norm_keeps_weights(case):
+    backend, device = case
+    params, grads = make(SHAPES["odd"], torch.float32, device), make(SHAPES["odd"], torch.float32, device)
+    grads[2][5] = float("inf")
+    orig = clone(params)
+    backups = [torch.empty_like(p) for p in params]
+    ops.perturb_(params, grads, backups, 0.05, backend=backend)
+    assert_lists_equal(params, orig, "params")
+    assert_lists_equal(backups, orig, "backups")
+
+
+@pytest.mark.parametrize("keep_prob", [0.2, 0.75])
+def test_keep_prob_fraction_and_seeds(case, keep_prob):
+    backend, device = case
+    n = 100_000
+    sq = torch.tensor(1.0, device=device)
+
+    def kept(seed):
+        p = [torch.zeros(n, device=device)]
+        ops.perturb_(p, [torch.ones(n, device=device)], [torch.empty(n, device=device)], 1.0, sq_norm=sq,
+                     keep_prob=keep_prob, seed=seed, backend=backend)
+        return p[0] != 0
+
+    a, b, c = kept(5), kept(5), kept(6)
+    assert abs(int(a.sum()) - n * keep_prob) < 5 * math.sqrt(n * keep_prob * (1 - keep_prob))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+SGD_CONFIGS = [
+    dict(momentum=0.0),
+    dict(momentum=0.9, weight_decay=5e-4, nesterov=True),
+    dict(momentum=0.8, dampening=0.1, weight_decay=1e-2, maximize=True),
+]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=["plain", "nesterov", "dampening"])
+def test_sgd_restore_step(case, dtype, atol, rtol, cfg):
+    backend, device = case
+    sh = SHAPES["odd"]
+    backups = make(sh, dtype, device)
+    results = []
+    for be in (backend, "eager"):
+        params, bufs = make(sh, dtype, device), None
+        torch.manual_seed(1)
+        for _ in range(3):
+            grads = make(sh, dtype, device)
+            bufs = ops.sgd_restore_step_(params, backups, grads, bufs, lr=0.1, backend=be, **cfg)
+        results.append((params, bufs))
+    assert_lists_close(results[0][0], results[1][0], atol, rtol, "params")
+    if cfg["momentum"]:
+        assert_lists_close(results[0][1], results[1][1], atol, rtol, "momentum buffers")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("maximize", [False, True])
+def test_adamw_restore_step(case, dtype, atol, rtol, maximize):
+    backend, device = case
+    sh = SHAPES["conv"]
+    backups = make(sh, dtype, device)
+    results = []
+    for be in (backend, "eager"):
+        params = make(sh, dtype, device)
+        m = [torch.zeros_like(b) for b in backups]
+        v = [torch.zeros_like(b) for b in backups]
+        torch.manual_seed(1)
+        for step in range(1, 4):
+            grads = make(sh, dtype, device)
+            ops.adamw_restore_step_(params, backups, grads, m, v, step, lr=1e-2, weight_decay=0.1,
+                                    maximize=maximize, backend=be)
+        results.append(params + m + v)
+    assert_lists_close(results[0], results[1], atol * 10, rtol, "params+moments")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+def test_variant_ops(case, dtype, atol, rtol):
+    backend, device = case
+    sh = SHAPES["conv"]
+    g, gs, f = make(sh, dtype, device), make(sh, dtype, device), make(sh, dtype, device, positive=True)
+    ref_sq = torch.tensor(2.5, device=device)
+    (g1,), (g2,), s1, s2 = both(lambda x, **k: ops.renormalize_(x, ref_sq, **k), g, backend=backend)
+    assert_lists_close(g1, g2, atol, rtol, "renormalize_")
+    close_scalar(s1, s2, 1e-10 if dtype == torch.float64 else 2e-5)
+    (f1, _), (f2, _), _, _ = both(lambda a, b, **k: ops.fisher_accumulate_(a, b, scale=0.5, **k), f, g,
+                                  backend=backend)
+    assert_lists_close(f1, f2, atol, rtol, "fisher_accumulate_")
+    gv = [torch.empty_like(x) for x in g]
+    (v1, _, _), (v2, _, _), _, _ = both(ops.looksam_store_, gv, g, gs, backend=backend)
+    assert_lists_close(v1, v2, atol * 10, rtol * 10, "looksam_store_")
+    (a1, _), (a2, _), _, _ = both(lambda a, b, **k: ops.looksam_apply_(a, b, 0.7, **k), g, v2, backend=backend)
+    assert_lists_close(a1, a2, atol * 10, rtol * 10, "looksam_apply_")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["float32", "bfloat16", "float64"])
+def test_topk_mask_equals_eager(case, dtype):
+    backend, device = case
+    scores = make([(1000,), (37, 11), (0,), (5,)], dtype, device)
+    scores[0][:50] = 0.25  # ties across the threshold
+    scores[1][0, 0] = float("nan")
+    scores[3][1] = float("inf")
+    for density in (0.0, 0.05, 0.3, 0.999, 1.0):
+        got = ops.topk_mask(scores, density, backend=backend)
+        want = ops.topk_mask(scores, density, backend="eager")
+        assert_lists_equal(got, want, f"density {density}")
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 3), (0, 4)])
+def test_nm_mask_equals_eager(case, n, m):
+    backend, device = case
+    scores = make([(6, 16), (8, 3, 3, 3), (10,), (3, 13)], torch.float32, device)
+    scores[3][0, 12] = float("nan")
+    scores[0][1, :4] = 1.0
+    assert_lists_equal(ops.nm_mask(scores, n, m, backend=backend), ops.nm_mask(scores, n, m, backend="eager"))
+
+
+def test_rejects_wrong_device_and_dtype_in_kernel():
+    require_backend("cpp", "cpu")
+    with pytest.raises(RuntimeError, match="expected"):
+        torch.ops.sam_kernels.restore_([torch.zeros(3)], [torch.zeros(4)])
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        torch.ops.sam_kernels.grad_sq_norm([torch.zeros(3, dtype=torch.int32)], None, None, 0.0)

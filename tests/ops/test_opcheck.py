@@ -1,0 +1,75 @@
+"""torch.library.opcheck on every compiled op (schema, fake impl, dispatch) and a torch.compile trace."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sam_kernels
+from tests.utils import require_backend
+
+DEVICES = ["cpu", "cuda"]
+
+
+def _lists(device, n=3):
+    shapes = [(5,), (3, 4), (2, 3, 2)][:n]
+    return [torch.randn(s, device=device) for s in shapes]
+
+
+def samples(device):
+    p, g, b, s = _lists(device), _lists(device), _lists(device), _lists(device)
+    masks = [torch.rand(x.shape, device=device) < 0.5 for x in p]
+    sq = torch.tensor(2.0, device=device)
+    ops = torch.ops.sam_kernels
+    return {
+        "grad_sq_norm": (ops.grad_sq_norm.default, (g, p, masks, 0.01)),
+        "dot": (ops.dot.default, (g, s)),
+        "perturb_": (ops.perturb_.default, (p, g, b, sq, 0.05, 1e-12, masks, True, 0.01, 0.5, [1, 2, 3])),
+        "restore_": (ops.restore_.default, (p, b)),
+        "sgd_restore_step_": (ops.sgd_restore_step_.default, (p, b, g, s, 0.1, 0.9, 0.0, 1e-4, True, False, False)),
+        "adamw_restore_step_": (ops.adamw_restore_step_.default,
+                                (p, b, g, s, [x.abs() for x in _lists(device)], 2, 1e-3, 0.9, 0.999, 1e-8, 0.01,
+                                 False)),
+        "renormalize_": (ops.renormalize_.default, (g, sq, torch.tensor(3.0, device=device), 1e-12)),
+        "fisher_accumulate_": (ops.fisher_accumulate_.default, ([x.abs() for x in s], g, 0.5)),
+        "looksam_store_": (ops.looksam_store_.default, (s, g, b, torch.tensor(0.3, device=device), sq, 1e-12)),
+        "looksam_apply_": (ops.looksam_apply_.default, (g, s, 0.7, sq, torch.tensor(1.5, device=device), 1e-12)),
+        "topk_mask": (ops.topk_mask.default, (s, 4)),
+        "nm_mask": (ops.nm_mask.default, (s, 2, 4)),
+    }
+
+
+def _backend_for(device):
+    return "cpp" if device == "cpu" else "cuda"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", list(samples("cpu")))
+def test_opcheck(device, op):
+    require_backend(_backend_for(device), device)
+    fn, args = samples(device)[op]
+    torch.library.opcheck(fn, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sam_ascent_compiles_fullgraph(device):
+    require_backend(_backend_for(device), device)
+    ops = torch.ops.sam_kernels
+
+    def ascent_then_restore(params, grads, backups):
+        sq = ops.grad_sq_norm(grads, None, None, 0.0)
+        ops.perturb_(params, grads, backups, sq, 0.05, 1e-12, None, False, 0.0, 1.0, [0] * len(params))
+        moved = [p.clone() for p in params]
+        ops.restore_(params, backups)
+        return sq, moved
+
+    params, grads = _lists(device), _lists(device)
+    ref_params = [p.clone() for p in params]
+    sq_e, moved_e = ascent_then_restore(ref_params, grads, [torch.empty_like(p) for p in params])
+    compiled = torch.compile(ascent_then_restore, fullgraph=True, backend="aot_eager")
+    sq_c, moved_c = compiled(params, grads, [torch.empty_like(p) for p in params])
+    torch.testing.assert_close(sq_c, sq_e)
+    for a, b in zip(moved_c, moved_e):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(params, ref_params):
+        assert torch.equal(a, b)
+    assert sam_kernels.backends()[_backend_for(device)]["available"]
