@@ -107,10 +107,12 @@ def test_perturb_and_restore(case, dtype, atol, rtol, shapes, adaptive, masked, 
     assert_lists_equal(p1, params, "restored")
 
 
-def test_perturb_nonfinite_norm_keeps_weights(case):
-    backend, device = case
-    params, grads = make(SHAPES["odd"], torch.float32, device), make(SHAPES["odd"], torch.float32, device)
-    grads[2][5] = float("inf")
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("backend,device", CASES + [("triton", "cpu")], ids=CASE_IDS + ["triton-cpu"])
+def test_perturb_nonfinite_norm_keeps_weights(backend, device, bad):
+    require_backend(backend, device)
+    params, grads = make(SHAPES["odd"][:3], torch.float32, device), make(SHAPES["odd"][:3], torch.float32, device)
+    grads[2][5] = bad
     orig = clone(params)
     backups = [torch.empty_like(p) for p in params]
     ops.perturb_(params, grads, backups, 0.05, backend=backend)
