@@ -1,0 +1,110 @@
+"""The descent of a SAM step: restore w from its backup, then the base optimizer's update.
+
+For ``torch.optim.SGD`` and ``torch.optim.AdamW`` both happen in one fused op per group
+(``ops.sgd_restore_step_`` / ``ops.adamw_restore_step_``), writing the base optimizer's own state
+entries (SGD ``momentum_buffer``; AdamW ``step``, ``exp_avg``, ``exp_avg_sq``) exactly as torch
+lays them out, so its ``state_dict`` is the same as a plain torch run and either path can take
+over mid-run. Every other optimizer: ``ops.restore_`` then ``base_optimizer.step()``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+from .. import ops
+
+_SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize")
+
+
+def fused_kind(base: torch.optim.Optimizer) -> Optional[str]:
+    """'sgd' / 'adamw' when the fused restore+update reproduces ``base.step()``, else None."""
+    groups = base.param_groups
+    if any(isinstance(g.get("lr"), torch.Tensor) or g.get("differentiable") for g in groups):
+        return None
+    if type(base) is torch.optim.SGD:
+        return "sgd"
+    # fused/capturable AdamW keep `step` on the device: reading it would sync, so they stay generic.
+    if type(base) is torch.optim.AdamW and not any(g.get("amsgrad") or g.get("capturable") or g.get("fused")
+                                                   for g in groups):
+        return "adamw"
+    return None
+
+
+def _by_hyperparams(base, entries, keys):
+    """Group (group, param, backup, grad) entries by the hyperparameters that reach the kernel."""
+    buckets = defaultdict(list)
+    for group, p, b, g in entries:
+        buckets[tuple(group[k] for k in keys)].append((group, p, b, g))
+    return buckets.values()
+
+
+def _sgd(base: torch.optim.SGD, entries, backend) -> None:
+    for bucket in _by_hyperparams(base, entries, _SGD_KEYS):
+        group = bucket[0][0]
+        params = [p for _, p, _, _ in bucket]
+        momentum = group["momentum"]
+        bufs = [base.state[p].get("momentum_buffer") for p in params] if momentum else None
+        bufs = ops.sgd_restore_step_(params, [b for _, _, b, _ in bucket], [g for _, _, _, g in bucket], bufs,
+                                     lr=group["lr"], momentum=momentum, dampening=group["dampening"],
+                                     weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                                     maximize=group["maximize"], backend=backend)
+        if momentum:
+            for p, buf in zip(params, bufs):
+                base.state[p]["momentum_buffer"] = buf
+
+
+def _adamw(base: torch.optim.AdamW, entries, backend) -> None:
+    for p in (p for _, p, _, _ in entries):
+        st = base.state[p]
+        if len(st) == 0:  # the layout torch.optim.AdamW creates on its first step
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["step"] += 1
+    # One launch per (hyperparameters, step count); the step lives in a CPU tensor (no device sync).
+    for bucket in _by_hyperparams(base, entries, _ADAMW_KEYS):
+        by_step = defaultdict(list)
+        for e in bucket:
+            by_step[int(base.state[e[1]]["step"].item())].append(e)
+        for step, items in by_step.items():
+            group = items[0][0]
+            params = [p for _, p, _, _ in items]
+            beta1, beta2 = group["betas"]
+            ops.adamw_restore_step_(params, [b for _, _, b, _ in items], [g for _, _, _, g in items],
+                                    [base.state[p]["exp_avg"] for p in params],
+                                    [base.state[p]["exp_avg_sq"] for p in params], step, lr=group["lr"],
+                                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                                    maximize=group["maximize"], backend=backend)
+
+
+def restore_and_step(sam, perturbed: list[torch.Tensor], backend: Optional[str]) -> None:
+    """Restore every perturbed param and take the base step (fused when possible)."""
+    base = sam.base_optimizer
+    kind = fused_kind(base)
+    if kind is None:
+        if perturbed:
+            ops.restore_(perturbed, [sam.state[p]["backup"] for p in perturbed], backend=backend)
+        base.step()
+        return
+    perturbed_ids = {id(p) for p in perturbed}
+    entries, restore_only = [], []
+    for group in base.param_groups:
+        for p in group["params"]:
+            was_perturbed = id(p) in perturbed_ids
+            if p.grad is None:
+                if was_perturbed:
+                    restore_only.append(p)
+                continue
+            # A param that was not perturbed is its own backup: the fused op then just updates it.
+            entries.append((group, p, sam.state[p]["backup"] if was_perturbed else p, p.grad))
+    if restore_only:
+        ops.restore_(restore_only, [sam.state[p]["backup"] for p in restore_only], backend=backend)
+    if not entries:
+        return
+    if any(g.is_sparse for _, _, _, g in entries):
+        raise TypeError("SAM: sparse gradients are not supported (use dense gradients, e.g. "
+                        "nn.Embedding(sparse=False))")
+    (_sgd if kind == "sgd" else _adamw)(base, entries, backend)

@@ -1,0 +1,92 @@
+"""Descent modifiers: change the gradients after the restore and before the base step.
+
+A modifier sees the first-pass gradients of a SAM step (``after_ascent``), then the gradients
+the base step will use (``before_descent``, on SAM and on plain steps). Modifiers run on
+device tensors through ``sam_kernels.ops``: no host sync.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+
+
+class Modifier:
+    """No-op base class; every hook is optional."""
+
+    def after_ascent(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor], sq_norm: torch.Tensor) -> None:
+        """Called in ``first_step`` with the first-pass grads and their (ASAM-weighted) squared norm."""
+
+    def before_descent(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor], sam_step: bool,
+                       sq_norm: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Modify ``grads`` in place before the base step; may return the new squared norm."""
+        return sq_norm
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class Renormalize(Modifier):
+    """Stable SAM: g ← g(w+e)·‖g(w)‖/(‖g(w+e)‖ + eps), both norms global over all parameters.
+
+    ‖g(w)‖ is the norm first_step already computed (in ASAM mode, of T⊙g), so this costs one
+    reduction and one scaling pass on SAM steps and nothing on plain steps.
+    """
+
+    def __init__(self, eps: float = 1e-12):
+        self.eps = eps
+        self._ascent_sq: Optional[torch.Tensor] = None
+
+    def after_ascent(self, sam, params, grads, sq_norm):
+        self._ascent_sq = sq_norm
+
+    def before_descent(self, sam, params, grads, sam_step, sq_norm):
+        if not sam_step or self._ascent_sq is None or not grads:
+            return sq_norm
+        sq = ops.renormalize_(grads, self._ascent_sq, eps=self.eps, backend=sam.backend)
+        self._ascent_sq = None
+        return sq
+
+    def state_dict(self) -> dict:
+        return {"ascent_sq": self._ascent_sq}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._ascent_sq = state.get("ascent_sq")
+
+
+class LookSAMReuse(Modifier):
+    """LookSAM: on SAM steps store g_v = g_s − (⟨g, g_s⟩/‖g‖²)·g (global dot and norm); on plain
+    steps use g + alpha·(‖g‖/‖g_v‖)·g_v. The stored buffers live in ``sam.state[p]``.
+    """
+
+    def __init__(self, alpha: float = 0.7, eps: float = 1e-12):
+        self.alpha, self.eps = alpha, eps
+
+    def after_ascent(self, sam, params, grads, sq_norm):
+        firsts = []
+        for p, g in zip(params, grads):
+            st = sam.state[p]
+            if "looksam_g" not in st:
+                st["looksam_g"] = torch.empty_like(g, memory_format=torch.contiguous_format)
+            firsts.append(st["looksam_g"])
+        torch._foreach_copy_(firsts, grads)
+
+    def before_descent(self, sam, params, grads, sam_step, sq_norm):
+        if sam_step:
+            pairs = [(p, g) for p, g in zip(params, grads) if "looksam_g" in sam.state[p]]
+            if not pairs:
+                return sq_norm
+            gv = [sam.state[p].setdefault("looksam_gv", torch.zeros_like(g)) for p, g in pairs]
+            ops.looksam_store_(gv, [sam.state[p]["looksam_g"] for p, _ in pairs], [g for _, g in pairs],
+                               eps=self.eps, backend=sam.backend)
+            return sq_norm
+        pairs = [(g, sam.state[p]["looksam_gv"]) for p, g in zip(params, grads) if "looksam_gv" in sam.state[p]]
+        if pairs:  # before the first SAM step there is nothing to reuse: a plain step
+            ops.looksam_apply_([g for g, _ in pairs], [v for _, v in pairs], self.alpha, eps=self.eps,
+                               backend=sam.backend)
+        return None

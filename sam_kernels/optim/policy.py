@@ -1,0 +1,139 @@
+"""Step policies: when a step is a SAM step (two passes) and when it is a plain step (one pass).
+
+A policy is asked once per step, after the first backward, through ``SAM.wants_sam()``. Its
+random draws come from its own CPU ``torch.Generator`` (no device sync) and it carries its state
+through ``state_dict`` so a resumed run makes the same decisions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+
+class Policy:
+    """Always a SAM step (plain SAM). Subclasses decide otherwise."""
+
+    needs_grad_norm = False
+    """True when ``decide`` reads ‖g‖² of the first-pass gradients (costs one host sync)."""
+
+    def decide(self, step: int, grad_sq_norm: Optional[Callable[[], float]] = None) -> bool:
+        return True
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class _Seeded(Policy):
+    def __init__(self, seed: Optional[int]):
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+SCHEDULES = ("constant", "piecewise", "linear", "trigonometric")
+
+
+class ScheduledPolicy(_Seeded):
+    """SS-SAM: each step is a SAM step with probability p_t (Bernoulli draw on a CPU generator).
+
+    Schedules over progress s = t / total_steps (ours; the paper's exact formulas were not
+    verified): constant p; piecewise p_start while s < s_switch, then p_end; linear
+    p_start → p_end; trigonometric p_end + (p_start − p_end)·(1 + cos(pi·s))/2.
+    Expected cost: 1 + mean(p_t) forward/backward passes per step.
+    """
+
+    def __init__(self, schedule: str = "constant", p: float = 0.6, *, p_start: Optional[float] = None,
+                 p_end: Optional[float] = None, s_switch: float = 0.5, total_steps: Optional[int] = None,
+                 seed: Optional[int] = None):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule != "constant" and (total_steps is None or total_steps <= 0):
+            raise ValueError(f"schedule {schedule!r} needs total_steps > 0 (progress s = t / total_steps)")
+        self.schedule, self.p, self.s_switch, self.total_steps = schedule, p, s_switch, total_steps
+        self.p_start = p if p_start is None else p_start
+        self.p_end = p if p_end is None else p_end
+        for name, value in (("p", self.p), ("p_start", self.p_start), ("p_end", self.p_end)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        super().__init__(seed)
+
+    def probability(self, step: int) -> float:
+        """p_t for step ``step`` (0-based)."""
+        if self.schedule == "constant":
+            return self.p
+        s = min(max(step / self.total_steps, 0.0), 1.0)
+        if self.schedule == "piecewise":
+            return self.p_start if s < self.s_switch else self.p_end
+        if self.schedule == "linear":
+            return self.p_start + (self.p_end - self.p_start) * s
+        return self.p_end + (self.p_start - self.p_end) * (1 + math.cos(math.pi * s)) / 2
+
+    def decide(self, step: int, grad_sq_norm=None) -> bool:
+        return bool(torch.rand((), generator=self.generator) < self.probability(step))
+
+
+class AdaptivePolicy(Policy):
+    """AE-SAM: SAM step iff ‖g‖² ≥ mu + c_t·sqrt(var), with EMAs of ‖g‖² and of its variance.
+
+    mu ← d·mu + (1−d)·‖g‖²;  var ← d·var + (1−d)·(‖g‖² − mu)² (with the new mu);
+    c_t = (t/T)·l1 + (1 − t/T)·l2. The defaults d = 0.9, l1 = −1, l2 = 1 are unverified against the
+    paper (options). Ours: the EMAs start at the first observation (mu = ‖g‖², var = 0), so the
+    first step is a SAM step. Reading ‖g‖² is the one host sync per step this policy needs: it
+    decides whether a second backward runs at all.
+    """
+
+    needs_grad_norm = True
+
+    def __init__(self, total_steps: int, *, decay: float = 0.9, l1: float = -1.0, l2: float = 1.0):
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be > 0, got {total_steps}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.total_steps, self.decay, self.l1, self.l2 = total_steps, decay, l1, l2
+        self.mu: Optional[float] = None
+        self.var = 0.0
+
+    def threshold_coef(self, step: int) -> float:
+        s = min(max(step / self.total_steps, 0.0), 1.0)
+        return s * self.l1 + (1 - s) * self.l2
+
+    def update(self, step: int, sq: float) -> bool:
+        """Fold ‖g‖² = ``sq`` into the EMAs and return the decision for this step."""
+        if self.mu is None:
+            self.mu, self.var = sq, 0.0
+        else:
+            d = self.decay
+            self.mu = d * self.mu + (1 - d) * sq
+            self.var = d * self.var + (1 - d) * (sq - self.mu) ** 2
+        return sq >= self.mu + self.threshold_coef(step) * math.sqrt(self.var)
+
+    def decide(self, step: int, grad_sq_norm=None) -> bool:
+        return self.update(step, grad_sq_norm())
+
+    def state_dict(self) -> dict:
+        return {"mu": self.mu, "var": self.var}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mu, self.var = state["mu"], state["var"]
+
+
+class PeriodicPolicy(Policy):
+    """LookSAM: a SAM step every ``k`` steps (steps 0, k, 2k, ...), plain/reuse steps between."""
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+
+    def decide(self, step: int, grad_sq_norm=None) -> bool:
+        return step % self.k == 0

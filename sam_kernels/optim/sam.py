@@ -1,0 +1,295 @@
+"""The SAM optimizer: the step loop of every variant. It decides *what* happens; the maths is in
+``sam_kernels.ops`` (fused kernels or the eager reference, whichever the dispatcher picks).
+
+Extension points (how the variants plug in without forking this class):
+
+- ``policy`` (:mod:`.policy`): whether a step is a SAM step (SS-SAM, AE-SAM, LookSAM).
+- ``modifiers`` (:mod:`.descent`): change gradients before the base step (Stable SAM, LookSAM).
+- ``perturbation_options(params, grads)``: override in a subclass to return extra keyword
+  arguments of ``ops.perturb_`` (``masks``, ``keep_prob``, ``seed``, ``sq_norm``) — Sparse SAM's
+  masks, ESAM's stochastic weight perturbation.
+- ``ascent_params()``: override to restrict which parameters are perturbed (ESAM per-tensor SWP).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+
+from .. import ops
+from .base_step import restore_and_step
+from .descent import Modifier, Renormalize
+from .policy import Policy
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization around any ``torch.optim`` optimizer (drop-in for the popular
+    ``SAM(params, base_optimizer, rho, adaptive, **kwargs)`` class).
+
+    Args:
+        params: parameters or parameter groups (groups may set ``rho``, ``adaptive``, ``eta``).
+        base_optimizer: an optimizer class (built on this object's param groups with ``kwargs``)
+            or an existing instance (its param groups become this object's).
+        rho: perturbation radius (default 0.05; ASAM uses 0.5–2.0).
+        adaptive: ASAM, e = rho·T²·g/‖T⊙g‖ with T = |w| + eta.
+        eta: ASAM's offset (0.01; the popular class uses 0).
+        backend: kernel backend for every op ("auto", "eager", "cpp", "cuda", "triton"; None = global choice).
+        finite_check: raise ``FloatingPointError`` on NaN/Inf gradients. Each check is one host sync
+            (one in ``first_step``, one in ``second_step``); with False there is none, a non-finite
+            first-pass norm still leaves the weights unperturbed, and non-finite gradients reach the
+            base optimizer as they would in plain torch.
+        policy: when to take SAM steps (default: always).
+        renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).
+        modifiers: more descent modifiers, applied in order after ``renormalize``.
+
+    Protocol (manual loop)::
+
+        loss_fn(model(x), y).backward()
+        if opt.wants_sam():                   # policy decision, once per step
+            opt.first_step(zero_grad=True)    # w <- w + e(w), backup kept
+            loss_fn(model(x), y).backward()
+            opt.second_step(zero_grad=True)   # w <- backup; base step with g(w + e)
+        else:
+            opt.base_step(zero_grad=True)     # one pass: plain (or LookSAM reuse) step
+
+    ``step(closure)`` does the same after the first backward, the closure re-evaluating the loss
+    and calling ``backward``. Calling ``first_step`` directly always takes a SAM step.
+    """
+
+    def __init__(self, params: Iterable, base_optimizer: Union[type, torch.optim.Optimizer], rho: float = 0.05,
+                 adaptive: bool = False, *, eta: float = 0.01, backend: Optional[str] = None,
+                 finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
+                 modifiers: Sequence[Modifier] = (), **kwargs):
+        if rho < 0:
+            raise ValueError(f"rho must be non-negative, got {rho}")
+        if eta < 0:
+            raise ValueError(f"eta must be non-negative, got {eta}")
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **kwargs)
+        super().__init__(params, defaults)
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if kwargs:
+                raise TypeError(f"SAM: base optimizer keyword arguments {sorted(kwargs)} given with an optimizer "
+                                f"instance; set them on the instance instead")
+            mine = {id(p) for g in self.param_groups for p in g["params"]}
+            theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+            if mine != theirs:
+                raise ValueError("SAM: the base optimizer instance must hold exactly the parameters given to SAM")
+            for group in base_optimizer.param_groups:
+                for key in ("rho", "adaptive", "eta"):
+                    group.setdefault(key, defaults[key])
+            self.base_optimizer = base_optimizer
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        else:
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass or instance, "
+                            f"got {base_optimizer!r}")
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.backend = backend
+        self.finite_check = finite_check
+        self.policy = policy if policy is not None else Policy()
+        self.modifiers: list[Modifier] = ([Renormalize()] if renormalize else []) + list(modifiers)
+        self.step_count = 0
+        self._decision: Optional[bool] = None
+        self._perturbed: Optional[list[torch.Tensor]] = None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _with_grads(self, params: Optional[Iterable[torch.Tensor]] = None) -> list[tuple[dict, torch.Tensor]]:
+        """(group, param) for every param with a gradient, in group order."""
+        wanted = None if params is None else {id(p) for p in params}
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and (wanted is None or id(p) in wanted):
+                    if p.grad.is_sparse:
+                        raise TypeError("SAM: sparse gradients are not supported (use dense gradients, e.g. "
+                                        "nn.Embedding(sparse=False))")
+                    out.append((group, p))
+        return out
+
+    def _sq_norm(self, entries: list[tuple[dict, torch.Tensor]]) -> torch.Tensor:
+        """One global squared norm over all entries; ASAM groups contribute ‖(|w|+eta)⊙g‖²."""
+        classes: dict = {}
+        for group, p in entries:
+            key = (group["eta"],) if group["adaptive"] else None
+            classes.setdefault(key, []).append(p)
+        parts = [ops.grad_sq_norm([p.grad for p in ps], params=ps if key else None, eta=key[0] if key else 0.0,
+                                  backend=self.backend) for key, ps in classes.items()]
+        return parts[0] if len(parts) == 1 else torch.stack([x.to(parts[0].device) for x in parts]).sum()
+
+    def _check_finite(self, sq: torch.Tensor, where: str) -> None:
+        if self.finite_check and not bool(torch.isfinite(sq)):  # the documented host sync
+            raise FloatingPointError(f"SAM.{where}: the gradients contain NaN or Inf (squared norm {float(sq)}); "
+                                     f"the weights were left unperturbed. Skip this batch (zero_grad) or lower the "
+                                     f"learning rate; finite_check=False disables this check")
+
+    def ascent_params(self) -> Optional[list[torch.Tensor]]:
+        """Params to perturb this step (None: every param with a gradient). Override for ESAM."""
+        return None
+
+    def perturbation_options(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> dict:
+        """Extra ``ops.perturb_`` keyword arguments (masks, keep_prob, seed, sq_norm). Override for variants."""
+        return {}
+
+    # ------------------------------------------------------------------ the step
+
+    def wants_sam(self) -> bool:
+        """Whether this step is a SAM step (asks the policy once per step, after the first backward)."""
+        if self._decision is None:
+            norm = (lambda: float(self._sq_norm(self._with_grads()))) if self.policy.needs_grad_norm else None
+            self._decision = bool(self.policy.decide(self.step_count, norm))
+        return self._decision
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """w ← w + e(w) for every param with a gradient; the backups are kept in ``self.state``."""
+        if self._perturbed is not None:
+            raise RuntimeError("SAM.first_step() called twice: call second_step() (or restore()) first")
+        entries = self._with_grads(self.ascent_params())
+        sq = self._sq_norm(entries) if entries else None
+        if sq is not None:
+            self._check_finite(sq, "first_step")
+        params = [p for _, p in entries]
+        grads = [p.grad for p in params]
+        for m in self.modifiers:
+            m.after_ascent(self, params, grads, sq)
+        extra = self.perturbation_options(params, grads) if entries else {}
+        buckets: dict = {}
+        for i, (group, p) in enumerate(entries):
+            buckets.setdefault((group["rho"], group["adaptive"], group["eta"]), []).append(i)
+        for (rho, adaptive, eta), idx in buckets.items():
+            ps = [params[i] for i in idx]
+            backups = [self._backup(p) for p in ps]
+            kw = {k: ([v[i] for i in idx] if k == "masks" and v is not None else v) for k, v in extra.items()}
+            kw.setdefault("sq_norm", sq)
+            ops.perturb_(ps, [grads[i] for i in idx], backups, rho, adaptive=adaptive, eta=eta,
+                         backend=self.backend, **kw)
+        self._perturbed = params
+        self._decision = True
+        if zero_grad:
+            self.zero_grad()
+
+    def _backup(self, p: torch.Tensor) -> torch.Tensor:
+        st = self.state[p]
+        b = st.get("backup")
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            b = st["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return b
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """w ← backup, then the base optimizer's step with the gradients taken at w + e."""
+        if self._perturbed is None:
+            raise RuntimeError("SAM.second_step() called before first_step(): call first_step() after the first "
+                               "backward, then backward again at the perturbed weights")
+        perturbed = self._perturbed
+        entries = self._with_grads()
+        params = [p for _, p in entries]
+        grads = [p.grad for p in params]
+        sq = None
+        try:
+            for m in self.modifiers:
+                sq = m.before_descent(self, params, grads, True, sq)
+            if self.finite_check and grads:
+                self._check_finite(sq if sq is not None else ops.grad_sq_norm(grads, backend=self.backend),
+                                   "second_step")
+        except BaseException:
+            self.restore()
+            raise
+        restore_and_step(self, perturbed, self.backend)
+        self._finish(zero_grad)
+
+    @torch.no_grad()
+    def base_step(self, zero_grad: bool = False) -> None:
+        """A step without the ascent: descent modifiers (e.g. LookSAM reuse), then the base step."""
+        if self._perturbed is not None:
+            raise RuntimeError("SAM.base_step() called between first_step() and second_step()")
+        entries = self._with_grads()
+        params = [p for _, p in entries]
+        grads = [p.grad for p in params]
+        for m in self.modifiers:
+            m.before_descent(self, params, grads, False, None)
+        self.base_optimizer.step()
+        self._finish(zero_grad)
+
+    def _finish(self, zero_grad: bool) -> None:
+        self._perturbed = None
+        self._decision = None
+        self.step_count += 1
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
+        if self._perturbed:
+            ops.restore_(self._perturbed, [self.state[p]["backup"] for p in self._perturbed], backend=self.backend)
+        self._perturbed = None
+        self._decision = None
+
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        """One full step, after the first backward: SAM (first_step, closure, second_step) or plain.
+
+        The closure re-evaluates the loss and calls ``backward``; it runs with gradients enabled.
+        Returns the closure's loss on SAM steps, None on plain steps.
+        """
+        if closure is None:
+            raise ValueError("SAM.step() needs a closure that re-evaluates the loss and calls backward "
+                             "(or call first_step/second_step yourself)")
+        if not self.wants_sam():
+            self.base_step()
+            return None
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+        return loss
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Base optimizer state + SAM state (policy, modifiers, step count; backups only mid-step)."""
+        sd = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        if self._perturbed is None:  # backups are scratch space between steps: keep checkpoints small
+            sd["state"] = {k: {n: v for n, v in st.items() if n != "backup"} for k, st in sd["state"].items()}
+        sd["sam"] = {
+            "step_count": self.step_count,
+            "decision": self._decision,
+            "perturbed": None if self._perturbed is None else [index[id(p)] for p in self._perturbed],
+            "policy": self.policy.state_dict(),
+            "modifiers": [m.state_dict() for m in self.modifiers],
+        }
+        sd["base_optimizer"] = self.base_optimizer.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a run saved by :meth:`state_dict` (mid-step saves included)."""
+        state_dict = dict(state_dict)
+        try:
+            sam_state = state_dict.pop("sam")
+            base_state = state_dict.pop("base_optimizer")
+        except KeyError as exc:
+            raise ValueError(f"SAM.load_state_dict: missing {exc}; the state dict was not saved by "
+                             f"sam_kernels.SAM.state_dict()") from None
+        if len(sam_state["modifiers"]) != len(self.modifiers):
+            raise ValueError(f"SAM.load_state_dict: saved with {len(sam_state['modifiers'])} descent modifiers, "
+                             f"this optimizer has {len(self.modifiers)}; build it with the same options")
+        self.base_optimizer.load_state_dict(base_state)
+        super().load_state_dict(state_dict)
+        self.base_optimizer.param_groups = self.param_groups  # share the groups again (LR schedulers)
+        params = [p for g in self.param_groups for p in g["params"]]
+        perturbed = sam_state["perturbed"]
+        if perturbed is not None and any("backup" not in self.state[params[i]] for i in perturbed):
+            raise ValueError("SAM.load_state_dict: saved mid-step but the backups are missing")
+        self._perturbed = None if perturbed is None else [params[i] for i in perturbed]
+        self.step_count = sam_state["step_count"]
+        self._decision = sam_state["decision"]
+        self.policy.load_state_dict(sam_state["policy"])
+        for m, st in zip(self.modifiers, sam_state["modifiers"]):
+            m.load_state_dict(st)
