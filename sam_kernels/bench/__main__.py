@@ -18,7 +18,7 @@ from .ops_bench import IMPLS, OpsConfig, backend_skip_reason, measure_copy_bandw
 from .report import markdown, write
 from .targets import check_targets
 from .timing import Timer
-from .train_bench import run_train, train_task_count
+from .train_bench import methods, run_train, train_task_count
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -89,6 +89,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     section.add_argument("--steps-only", action="store_true", help="only the end-to-end training-step benchmark")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                     help="models of the training-step benchmark (default: both)")
+    ap.add_argument("--methods", nargs="+", metavar="M", choices=[m.key for m in methods()],
+                    help=f"methods of the training-step benchmark, among {', '.join(m.key for m in methods())} "
+                         f"(default: all; a variant that does not exist yet is skipped)")
     ap.add_argument("--train-repeats", type=int, help="training steps timed per method (default CPU 8, GPU 30)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
     ap.add_argument("--threads", type=int, metavar="N",
@@ -148,8 +151,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     do_ops, do_train = not args.steps_only, not args.no_step
     wls = workloads(device, large=device.type == "cuda", which=tuple(args.models)) if do_train else []
+    todo = [m for m in methods() if args.methods is None or m.key in args.methods]
     total = (len(plan["cases"]) * len(plan["ops"]) * len(plan["impls"]) + 1 if do_ops else 0) \
-        + (train_task_count(device, len(wls)) if do_train else 0)
+        + (train_task_count(device, len(wls), todo) if do_train else 0)
     timer = Timer(device, warmup=plan["warmup"], repeats=plan["repeats"], flush_l2=not args.no_flush_l2,
                   budget_s=plan["budget_s"])
     result: dict = {"meta": {**env, "dtype": args.dtype, "mode": "full" if args.full else "quick",
@@ -172,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                          {b: r for b, r in unavailable.items() if r}),
             })
         if do_train:
-            result["train"] = run_train(device, wls, plan["warmup"], plan["train_repeats"], log, progress)
+            result["train"] = run_train(device, wls, todo, plan["warmup"], plan["train_repeats"], log, progress)
 
     stem = env["device_slug"] + ("" if args.dtype == "float32" else f"-{args.dtype}")
     paths = write(result, args.out, stem)

@@ -117,12 +117,16 @@ def _loop_sam_optimizer_step(s: State) -> None:
 
 
 def _api_sam_optimizer_step(s: State, b: str) -> None:
-    """sam_kernels.SAM(backend=b): first_step + second_step, grads kept (no forward/backward)."""
+    """sam_kernels.SAM(backend=b): first_step + second_step, grads kept (no forward/backward).
+
+    finite_check=False: its checks are host syncs, and the davda54 baseline has none.
+    """
     opt = s.get("_sam")
     if opt is None:
         import sam_kernels  # the optimizer layer may not exist yet: the runner checks before calling
         _attach_grads(s)
-        opt = s["_sam"] = sam_kernels.SAM(s["params"], torch.optim.SGD, rho=RHO, backend=b, **_sgd_kw())
+        opt = s["_sam"] = sam_kernels.SAM(s["params"], torch.optim.SGD, rho=RHO, backend=b, finite_check=False,
+                                          **_sgd_kw())
     opt.first_step(zero_grad=False)
     opt.second_step(zero_grad=False)
 

@@ -6,8 +6,8 @@ GPU, so the split adds no host sync), and the total is compared with SGD's.
 
 Protocols: ``sgd`` (zero_grad, forward/backward, step), ``sam`` (first_step / second_step around
 two forward/backward passes: the documented API, same for davda54 and sam_kernels.SAM),
-``closure`` (``opt.step(closure)``; the optimizer calls the forward/backward closure as often as
-it decides: SS-SAM, AE-SAM, LookSAM, Sparse SAM, Stable SAM) and ``esam`` (the closure returns
+``closure`` (first forward/backward, then ``opt.step(closure)``, which decides whether to run the
+closure as the second pass: SS-SAM, AE-SAM, LookSAM, Sparse SAM, Stable SAM) and ``esam`` (the closure returns
 per-sample losses and the optimizer runs the backward passes itself, so for ESAM the backward is
 counted in the optimizer phase). Variants vary their cost from step to step, so the step time is
 a mean over the repeats (p20/p80 show the spread).
@@ -32,6 +32,7 @@ RHO = 0.05
 
 @dataclass
 class Method:
+    key: str  # command-line name (--methods)
     name: str
     build: Callable[[list], torch.optim.Optimizer]
     protocol: str
@@ -45,21 +46,30 @@ def _sk(name: str):
 
 
 def _variant(cls: str, protocol: str, note: str, **kw) -> Method:
-    return Method(cls, lambda ps: _sk(cls)(ps, torch.optim.SGD, rho=RHO, **kw, **SGD_KW), protocol, needs=cls,
-                  note=note, kwargs=kw)
+    def build(ps):
+        return _sk(cls)(ps, torch.optim.SGD, rho=RHO, finite_check=False, **kw, **SGD_KW)
+    return Method(cls.lower(), cls, build, protocol, needs=cls, note=note, kwargs=kw)
 
 
 def methods() -> list[Method]:
-    """Every method to time, in table order. Variant options are the papers' usual settings."""
+    """Every method to time, in table order. Variant options are the papers' usual settings.
+
+    sam_kernels optimizers run with finite_check=False (like davda54, no host sync) except in
+    the row that shows what the default checks cost.
+    """
+    def sam(backend: str, **kw):
+        return lambda ps: _sk("SAM")(ps, torch.optim.SGD, rho=RHO, backend=backend, **kw, **SGD_KW)
+
     return [
-        Method("SGD", lambda ps: torch.optim.SGD(ps, **SGD_KW), "sgd"),
-        Method("SAM (davda54 loop)", lambda ps: Davda54SAM(ps, torch.optim.SGD, rho=RHO, **SGD_KW), "sam"),
-        Method("SAM eager", lambda ps: _sk("SAM")(ps, torch.optim.SGD, rho=RHO, backend="eager", **SGD_KW), "sam",
-               needs="SAM"),
-        Method("SAM fused (auto)", lambda ps: _sk("SAM")(ps, torch.optim.SGD, rho=RHO, backend="auto", **SGD_KW),
-               "sam", needs="SAM"),
+        Method("sgd", "SGD", lambda ps: torch.optim.SGD(ps, **SGD_KW), "sgd"),
+        Method("sam-loop", "SAM (davda54 loop)", lambda ps: Davda54SAM(ps, torch.optim.SGD, rho=RHO, **SGD_KW), "sam"),
+        Method("sam-eager", "SAM eager", sam("eager", finite_check=False), "sam", needs="SAM"),
+        Method("sam-fused", "SAM fused (auto)", sam("auto", finite_check=False), "sam", needs="SAM"),
+        Method("sam-fused-checked", "SAM fused (auto), finite checks", sam("auto"), "sam", needs="SAM",
+               note="finite_check=True (default): 2 host syncs"),
         _variant("SSSAM", "closure", "constant p = 0.6", schedule="constant", p=0.6, seed=0),
-        _variant("AESAM", "closure", "defaults (d 0.9, l1 -1, l2 1)"),
+        _variant("AESAM", "closure", "defaults (decay 0.9, l1 -1, l2 1)", total_steps=1000),
+        _variant("AELookSAM", "closure", "alpha 0.7", total_steps=1000, alpha=0.7),
         _variant("ESAM", "esam", "beta 0.6 per tensor, gamma 0.5", beta=0.6, gamma=0.5, seed=0),
         _variant("SparseSAM", "closure", "dynamic mask, 50 % sparse", sparsity=0.5, mask="dynamic", seed=0),
         _variant("LookSAM", "closure", "k 5, alpha 0.7", k=5, alpha=0.7),
@@ -89,9 +99,10 @@ def _step_fn(method: Method, opt, model, wl: Workload, clock: PhaseClock) -> Cal
             opt.first_step(zero_grad=True)
             fwd_bwd()
             opt.second_step(zero_grad=True)
-    elif method.protocol == "closure":
+    elif method.protocol == "closure":  # step() follows the first backward; the closure is the second pass
         def step():
             opt.zero_grad(set_to_none=True)
+            fwd_bwd()
             opt.step(fwd_bwd)
     else:  # esam
         def closure(indices: Optional[torch.Tensor] = None):
@@ -139,7 +150,8 @@ def cuda_graph_step(wl: Workload, device: torch.device, warmup: int, repeats: in
     """The fused SAM step (both passes) captured as one CUDA graph, replayed; raises if it cannot be captured."""
     torch.manual_seed(0)
     model = wl.make_model()
-    opt = sam_kernels.SAM(list(model.parameters()), torch.optim.SGD, rho=RHO, backend="auto", **SGD_KW)
+    opt = sam_kernels.SAM(list(model.parameters()), torch.optim.SGD, rho=RHO, backend="auto", finite_check=False,
+                          **SGD_KW)
     x, y = wl.inputs, wl.targets
 
     def step():  # grads zeroed in place: set_to_none would change the addresses the graph reads
@@ -172,9 +184,9 @@ def cuda_graph_step(wl: Workload, device: torch.device, warmup: int, repeats: in
     return {"step": _summary([s.elapsed_time(e) for s, e in events])}
 
 
-def run_train(device: torch.device, wls: list[Workload], warmup: int, repeats: int, log, progress) -> dict:
+def run_train(device: torch.device, wls: list[Workload], todo: list[Method], warmup: int, repeats: int, log,
+              progress) -> dict:
     rows, skips = [], []
-    todo = methods()
     for wl in wls:
         sgd_ms = None
         for m in todo:
@@ -198,7 +210,7 @@ def run_train(device: torch.device, wls: list[Workload], warmup: int, repeats: i
                          "options": m.kwargs, **r,
                          "ratio_to_sgd": r["step"]["mean_ms"] / sgd_ms if sgd_ms else None})
             progress.update(1)
-        if device.type == "cuda":
+        if device.type == "cuda" and any(m.key == "sam-fused" for m in todo):
             progress.set_postfix_str(f"{wl.name} CUDA graph")
             name = "SAM fused (auto), CUDA graph"
             if not hasattr(sam_kernels, "SAM"):
@@ -218,5 +230,6 @@ def run_train(device: torch.device, wls: list[Workload], warmup: int, repeats: i
     return {"rows": rows, "skips": skips}
 
 
-def train_task_count(device: torch.device, n_workloads: int) -> int:
-    return n_workloads * (len(methods()) + (1 if device.type == "cuda" else 0))
+def train_task_count(device: torch.device, n_workloads: int, todo: list[Method]) -> int:
+    graph = device.type == "cuda" and any(m.key == "sam-fused" for m in todo)
+    return n_workloads * (len(todo) + graph)
