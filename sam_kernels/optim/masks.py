@@ -208,6 +208,14 @@ def fisher_scores(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tenso
 
     modes = [(mod, mod.training) for mod in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers()]
+    # enable_grad: refreshes run inside optimizer steps, which are decorated with no_grad.
+    with torch.enable_grad():
+        _fisher_pass(model, loss_fn, data, params, names, fisher, num_samples, method, train, modes, saved)
+    return fisher
+
+
+def _fisher_pass(model, loss_fn, data, params, names, fisher, num_samples, method, train, modes, saved) -> None:
+    """The batch-1 passes of :func:`fisher_scores`; restores buffers and modes whatever happens."""
     try:
         if train is not None:
             model.train(train)
@@ -240,7 +248,6 @@ def fisher_scores(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tenso
                 b.copy_(copy)
         for mod, flag in modes:
             mod.training = flag
-    return fisher
 
 
 # --------------------------------------------------------------------------- dynamic sparse mask

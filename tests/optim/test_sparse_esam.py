@@ -246,3 +246,403 @@ def test_refresh_cadence_explicit_epochs():
                 hits.append(epoch)
             c.tick()
     assert hits == [0, 2, 4]
+
+
+# --------------------------------------------------------------------------- implicit form (masked input gradient)
+
+def test_masked_input_grad_matches_reference_and_restores_modules():
+    from sam_kernels.optim.sparse import masked_input_grad
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.Flatten(), nn.Linear(16, 3))
+    x, y = torch.randn(5, 2, 6, 6), torch.randint(0, 3, (5,))
+    masks = {m.weight: torch.rand_like(m.weight) > 0.5 for m in net if hasattr(m, "weight")}
+
+    def grads(patched):
+        net.zero_grad()
+        if patched:
+            with masked_input_grad(net, masks):
+                loss = LOSS(net(x), y)
+            loss.backward()  # the custom backward was recorded inside the block
+        else:  # reference: value of W, input gradient through W ⊙ m (written without custom autograd)
+            h = x
+            for mod in net:
+                if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                    w, wm = mod.weight, (mod.weight * masks[mod.weight]).detach()
+                    f = mod._conv_forward if isinstance(mod, nn.Conv2d) else (lambda i, a, b: nn.functional.linear(i, a, b))
+                    h = f(h, wm, None) + f(h.detach(), w, mod.bias) - f(h.detach(), wm, None)
+                else:
+                    h = mod(h)
+            loss = LOSS(h, y)
+            loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+    l1, g1 = grads(True)
+    l0, g0 = grads(False)
+    torch.testing.assert_close(l1, l0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert "forward" not in net[0].__dict__ and "forward" not in net[4].__dict__
+    net.zero_grad()
+    LOSS(net(x), y).backward()  # outside the block: dense input gradients again
+    assert not torch.allclose(net[0].weight.grad, g1[0])
+
+
+# --------------------------------------------------------------------------- properties (hypothesis)
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_shapes = st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=_shapes, sparsity=st.floats(0.0, 1.0), dr=st.floats(0.0, 1.0), seed=st.integers(0, 2**31))
+def test_property_dynamic_and_topk_exact_counts(shapes, sparsity, dr, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.empty(s) for s in shapes]
+    n = sum(p.numel() for p in params)
+    k = M.keep_count(n, 1 - sparsity)
+    mk = M.unstructured_mask(M.random_scores(params, gen), 1 - sparsity)
+    assert sum(int(m.sum()) for m in mk) == k
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    new = M.dynamic_update(mk, grads, 1 - sparsity, dr, gen)
+    assert sum(int(m.sum()) for m in new) == k
+    st_mask = M.structured_mask(grads, 1 - sparsity)
+    assert sum(int(m.sum()) for m in st_mask) <= k
+
+
+# --------------------------------------------------------------------------- SparseSAM
+
+from sam_kernels.optim import SAM  # noqa: E402
+from sam_kernels.optim.esam import ESAM, sharpness_indices  # noqa: E402
+from sam_kernels.optim.sparse import SparseSAM  # noqa: E402
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+def first_pass(net, x, y):
+    LOSS(net(x), y).backward()
+
+
+@pytest.mark.parametrize("masked_norm", [False, True])
+@pytest.mark.parametrize("pattern", ["unstructured", "structured", "nm"])
+def test_sparse_first_step_masked_perturbation(masked_norm, pattern):
+    net, (x, y) = mlp(), data()[0]
+    params = list(net.parameters())
+    rho = 0.3
+    opt = SparseSAM(params, torch.optim.SGD, rho=rho, mask="random", pattern=pattern, seed=0,
+                    masked_norm=masked_norm, lr=0.1)
+    first_pass(net, x, y)
+    w0 = [p.detach().clone() for p in params]
+    g = [p.grad.detach().double() for p in params]
+    opt.first_step()
+    masks = opt.masks
+    assert masks is not None and 0 < sum(int(m.sum()) for m in masks) < sum(m.numel() for m in masks)
+    # float64 maths: e = rho·(m⊙g)/‖g‖ (full norm) or /‖m⊙g‖ (masked norm)
+    denom = math.sqrt(sum(float(((m.double() * gi) if masked_norm else gi).pow(2).sum()) for m, gi in zip(masks, g)))
+    e = [rho * m.double() * gi / denom for m, gi in zip(masks, g)]
+    norm_e = math.sqrt(sum(float(t.pow(2).sum()) for t in e))
+    assert norm_e == pytest.approx(rho, rel=1e-6) if masked_norm else norm_e < rho
+    for p, w, m, ei in zip(params, w0, masks, e):
+        assert bits_equal(p.detach()[~m], w[~m])  # outside the mask: bitwise untouched
+        torch.testing.assert_close(p.detach().double(), w.double() + ei, rtol=1e-6, atol=1e-7)
+    opt.restore()
+    for p, w in zip(params, w0):
+        assert bits_equal(p.detach(), w)
+
+
+def test_sparse_zero_sparsity_equals_sam():
+    """sparsity 0 (every weight perturbed) must be plain SAM, bitwise, over several steps."""
+    nets = [mlp(), mlp()]
+    opts = [SAM(nets[0].parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
+            SparseSAM(nets[1].parameters(), torch.optim.SGD, rho=0.1, sparsity=0.0, mask="random", seed=0,
+                      update_unit="step", lr=0.1, momentum=0.9)]
+    for x, y in data():
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            first_pass(net, x, y)
+            opt.step(lambda: first_pass(net, x, y))
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert bits_equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("unit,freq,spe,expect", [("step", 1, None, 6), ("step", 4, None, 2), ("epoch", 1, 2, 3),
+                                                  ("epoch", 2, 2, 2)])
+def test_sparse_refresh_cadence_in_optimizer(unit, freq, spe, expect):
+    net, batches = mlp(), data(n=48, batch=8)  # 6 steps
+    calls = []
+    opt = SparseSAM(net.parameters(), torch.optim.SGD, mask="fisher", num_samples=4, update_freq=freq,
+                    update_unit=unit, steps_per_epoch=spe, model=net, loss_fn=LOSS,
+                    fisher_data=lambda: calls.append(1) or batches, lr=0.1)
+    for x, y in batches:
+        opt.zero_grad()
+        first_pass(net, x, y)
+        opt.step(lambda: first_pass(net, x, y))
+    assert len(calls) == opt.mask_provider.cadence.refreshes == expect
+
+
+def test_sparse_fisher_needs_data_clear_error_and_manual_update():
+    net, batches = mlp(), data()
+    opt = SparseSAM(net.parameters(), torch.optim.SGD, mask="fisher", num_samples=5, lr=0.1)
+    x, y = batches[0]
+    first_pass(net, x, y)
+    with pytest.raises(RuntimeError, match="update_mask"):
+        opt.first_step()
+    masks = opt.update_mask(net, LOSS, batches)
+    want = M.unstructured_mask(naive_fisher(mlp(), batches, 5), 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(masks, want))
+    opt.first_step()
+    opt.second_step()
+
+
+def test_sparse_dynamic_in_optimizer_exact_live_count():
+    net, batches = mlp(), data(n=48, batch=8)
+    opt = SparseSAM(net.parameters(), torch.optim.SGD, mask="dynamic", sparsity=0.7, update_unit="step",
+                    horizon=6, seed=1, lr=0.1)
+    k = int(sum(p.numel() for p in net.parameters()) * 0.3 + 1e-9)
+    prev = None
+    for x, y in batches:
+        opt.zero_grad()
+        first_pass(net, x, y)
+        opt.step(lambda: first_pass(net, x, y))
+        now = torch.cat([m.reshape(-1) for m in opt.masks])
+        assert int(now.sum()) == k
+        if prev is not None:  # exactly K − int(N·0.3·(1 − dr)) entries were dropped (and as many regrown)
+            n = now.numel()
+            dr = 0.5 * (1 + math.cos(math.pi * opt.mask_provider.cadence.step / 6 - math.pi / 6)) / 2
+            assert opt.mask_provider.last_drop_rate == pytest.approx(dr)
+            assert int((prev & ~now).sum()) == k - int(n * 0.3 * (1 - dr) + 1e-9)
+        prev = now
+
+
+def test_sparse_implicit_masks_input_grads_only_and_perturbs_dense():
+    net, batches = mlp(), data()
+    opt = SparseSAM(net.parameters(), torch.optim.SGD, rho=0.1, mask="random", pattern="nm", implicit=True,
+                    model=net, seed=0, lr=0.1)
+    x, y = batches[0]
+    first_pass(net, x, y)
+    with pytest.raises(RuntimeError, match="ascent_pass"):
+        opt.first_step()
+    net.zero_grad()
+    with opt.ascent_pass():
+        first_pass(net, x, y)
+    g_implicit = [p.grad.clone() for p in net.parameters()]
+    ref = mlp()
+    first_pass(ref, x, y)
+    # last layer: its weight gradient is dense and unchanged; first layer: input grads of layer 2 masked
+    assert torch.equal(g_implicit[2], ref[2].weight.grad)
+    assert not torch.allclose(g_implicit[0], ref[0].weight.grad)
+    w0 = [p.detach().clone() for p in net.parameters()]
+    opt.first_step()
+    assert all(not torch.equal(p.detach(), w) for p, w in zip(net.parameters(), w0))  # dense e
+
+
+def test_sparse_composes_with_policy_and_renormalize():
+    from sam_kernels.optim import ScheduledPolicy
+
+    net, batches = mlp(), data(n=48, batch=8)
+    opt = SparseSAM(net.parameters(), torch.optim.SGD, mask="dynamic", horizon=6, update_unit="step", seed=0,
+                    renormalize=True, policy=ScheduledPolicy("constant", 0.5, seed=0), lr=0.1)
+    for x, y in batches:
+        opt.zero_grad()
+        first_pass(net, x, y)
+        opt.step(lambda: first_pass(net, x, y))
+    assert opt.step_count == 6 and opt.mask_provider.cadence.step == 6
+
+
+def _run_sparse(opt, net, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        first_pass(net, x, y)
+        opt.step(lambda: first_pass(net, x, y))
+
+
+@pytest.mark.parametrize("mask", ["dynamic", "random"])
+def test_sparse_state_dict_resume_bitwise(mask):
+    batches = data(n=64, batch=8)
+
+    def build(net):
+        return SparseSAM(net.parameters(), torch.optim.SGD, rho=0.1, mask=mask, horizon=8, update_unit="step",
+                         update_freq=2, seed=3, lr=0.1, momentum=0.9)
+
+    net = mlp()
+    opt = build(net)
+    _run_sparse(opt, net, batches[:3])
+    ckpt_opt = {k: v for k, v in opt.state_dict().items()}
+    import copy
+    ckpt_opt = copy.deepcopy(ckpt_opt)
+    ckpt_net = copy.deepcopy(net.state_dict())
+    _run_sparse(opt, net, batches[3:])
+
+    net2 = mlp(seed=7)
+    net2.load_state_dict(ckpt_net)
+    opt2 = build(net2)
+    opt2.load_state_dict(ckpt_opt)
+    _run_sparse(opt2, net2, batches[3:])
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert bits_equal(a.detach(), b.detach())
+    assert all(torch.equal(a, b) for a, b in zip(opt.masks, opt2.masks))
+
+
+# --------------------------------------------------------------------------- ESAM
+
+def per_sample(net, x, y):
+    def closure(indices=None):
+        xs, ys = (x, y) if indices is None else (x[indices], y[indices])
+        return LOSS(net(xs), ys, reduction="none")
+    return closure
+
+
+@pytest.mark.parametrize("adaptive,renormalize", [(False, False), (True, False), (False, True)])
+def test_esam_beta1_gamma1_is_sam_bitwise(adaptive, renormalize):
+    nets = [mlp(), mlp()]
+    kw = dict(rho=0.1, adaptive=adaptive, renormalize=renormalize, lr=0.1, momentum=0.9)
+    sam = SAM(nets[0].parameters(), torch.optim.SGD, **kw)
+    esam = ESAM(nets[1].parameters(), torch.optim.SGD, beta=1.0, gamma=1.0, seed=0, **kw)
+    for x, y in data(n=40, batch=8):
+        sam.zero_grad()
+        per_sample(nets[0], x, y)().mean().backward()
+        sam.step(lambda: per_sample(nets[0], x, y)().mean().backward())
+        esam.zero_grad()
+        esam.step(per_sample(nets[1], x, y))
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert bits_equal(a.detach(), b.detach())
+
+
+def test_sharpness_selection_matches_argsort_with_ties():
+    before = torch.zeros(10)
+    after = torch.tensor([1.0, 3.0, 3.0, 0.5, 3.0, -1.0, 2.0, 2.0, 0.0, 3.0])
+    for gamma, want in [(0.5, [1, 2, 4, 6, 9]), (0.3, [1, 2, 4]), (0.2, [1, 2]), (0.7, [0, 1, 2, 4, 6, 7, 9]),
+                        (1.0, list(range(10))), (0.01, [1])]:
+        assert sharpness_indices(before, after, gamma).tolist() == want
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        b = torch.randint(0, 3, (17,), generator=g).float()
+        a = torch.randint(0, 3, (17,), generator=g).float()
+        d = (a - b).tolist()
+        k = int(17 * 0.4)
+        ref = sorted(sorted(range(17), key=lambda i: (-d[i], i))[:k])  # python sort: ties by index
+        assert sharpness_indices(b, a, 0.4).tolist() == ref
+
+
+def test_esam_sds_second_pass_uses_selected_samples():
+    net = mlp()
+    x, y = data()[0]
+    seen = []
+
+    def closure(indices=None):
+        seen.append(None if indices is None else indices.tolist())
+        return per_sample(net, x, y)(indices)
+
+    opt = ESAM(net.parameters(), torch.optim.SGD, rho=0.2, gamma=0.5, seed=0, lr=0.1)
+    w0 = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        before = per_sample(net, x, y)()
+    opt.step(closure)
+    assert seen[0] is None and seen[1] is None and len(seen) == 3
+    # reference: the loss increase at w + e with e from the full-batch mean-loss gradient
+    ref = mlp()
+    LOSS(ref(x), y).backward()
+    gn = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.2 * p.grad / gn)
+        after = per_sample(ref, x, y)()
+    assert seen[2] == sharpness_indices(before, after, 0.5).tolist() and len(seen[2]) == int(len(x) * 0.5)
+    assert w0  # weights moved: the step was taken
+    assert not torch.equal(net[0].weight.detach(), w0[0])
+
+
+def test_esam_tensor_swp_excludes_unselected_from_first_backward():
+    net = mlp()
+    x, y = data()[0]
+    params = list(net.parameters())
+    opt = ESAM(params, torch.optim.SGD, rho=0.2, beta=0.5, seed=1, lr=0.1)
+    with opt.ascent_pass():
+        first_pass(net, x, y)
+        inside = [p.requires_grad for p in params]
+    sel = opt._selection
+    assert 0 < sum(sel) < len(sel), "seed gives a mixed selection"
+    assert inside == sel and all(p.requires_grad for p in params)  # restored after the pass
+    assert [p.grad is not None for p in params] == sel  # unselected: no gradient computed
+    w0 = [p.detach().clone() for p in params]
+    g = [None if p.grad is None else p.grad.double() for p in params]
+    opt.first_step(zero_grad=True)
+    gn = math.sqrt(sum(float(t.pow(2).sum()) for t in g if t is not None))
+    for p, w, s, gi in zip(params, w0, sel, g):
+        if s:  # e = rho·g/(‖g_sel‖·beta)
+            torch.testing.assert_close(p.detach().double(), w.double() + 0.2 * gi / (gn * 0.5), rtol=1e-6, atol=1e-7)
+        else:
+            assert bits_equal(p.detach(), w)
+    first_pass(net, x, y)
+    opt.second_step()
+    assert opt._selection is None
+
+
+def test_esam_tensor_swp_in_step_and_policy_plain_steps_dense():
+    from sam_kernels.optim import PeriodicPolicy
+
+    net = mlp()
+    params = list(net.parameters())
+    opt = ESAM(params, torch.optim.SGD, beta=0.5, seed=1, policy=PeriodicPolicy(2), lr=0.1)
+    grads_seen = []
+    for i, (x, y) in enumerate(data(n=32, batch=8)):
+        opt.zero_grad()
+
+        def closure(indices=None):
+            if len(grads_seen) == i:  # first call of the step: record which params require grad
+                grads_seen.append([p.requires_grad for p in params])
+            return per_sample(net, x, y)(indices)
+        opt.step(closure)
+    assert all(all(r) for r in grads_seen[1::2])  # plain steps: nothing frozen
+    assert any(not all(r) for r in grads_seen[0::2])
+
+
+def test_esam_element_swp_reproducible_with_seed():
+    def run(seed):
+        net = mlp()
+        opt = ESAM(net.parameters(), torch.optim.SGD, rho=0.2, beta=0.5, swp="element", seed=seed, lr=0.1)
+        x, y = data()[0]
+        first_pass(net, x, y)
+        w0 = [p.detach().clone() for p in net.parameters()]
+        opt.first_step()
+        return [p.detach() != w for p, w in zip(net.parameters(), w0)], [p.detach().clone() for p in net.parameters()]
+
+    (m1, p1), (m2, p2), (m3, _) = run(5), run(5), run(6)
+    assert all(bits_equal(a, b) for a, b in zip(p1, p2))
+    frac = sum(int(m.sum()) for m in m1) / sum(m.numel() for m in m1)
+    assert 0.3 < frac < 0.7
+    assert any(not torch.equal(a, b) for a, b in zip(m1, m3))
+
+
+@pytest.mark.parametrize("swp", ["tensor", "element"])
+def test_esam_state_dict_resume_bitwise(swp):
+    import copy
+
+    batches = data(n=64, batch=8)
+
+    def build(net):
+        return ESAM(net.parameters(), torch.optim.SGD, rho=0.1, beta=0.5, gamma=0.5, swp=swp, seed=4, lr=0.1,
+                    momentum=0.9)
+
+    def run(opt, net, bs):
+        for x, y in bs:
+            opt.zero_grad()
+            opt.step(per_sample(net, x, y))
+
+    net = mlp()
+    opt = build(net)
+    run(opt, net, batches[:3])
+    ckpt = copy.deepcopy(opt.state_dict())
+    ckpt_net = copy.deepcopy(net.state_dict())
+    run(opt, net, batches[3:])
+    net2 = mlp(seed=9)
+    net2.load_state_dict(ckpt_net)
+    opt2 = build(net2)
+    opt2.load_state_dict(ckpt)
+    run(opt2, net2, batches[3:])
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert bits_equal(a.detach(), b.detach())

@@ -1,0 +1,276 @@
+"""ESAM (Du et al.): Stochastic Weight Perturbation (SWP) + Sharpness-Sensitive Data Selection (SDS).
+
+``ESAM`` is the SAM core (:class:`~sam_kernels.optim.sam.SAM`) with ESAM's ascent and pass
+logic; every core option (``adaptive``, ``renormalize``, ``policy``, ``modifiers``, ``backend``,
+base optimizer kwargs) composes with it. ``beta = 1`` and ``gamma = 1`` is plain SAM, bit for bit.
+
+SWP, ``swp="tensor"`` (default, the authors' form): at each SAM step every parameter tensor joins
+the ascent with probability ``beta`` (draws from a seeded CPU ``torch.Generator``: host values, no
+device sync). Unselected tensors get ``requires_grad = False`` during the FIRST forward/backward
+(autograd skips their weight gradients: that is the compute saved; the flag is restored right
+after) and e = 0. Selected tensors get
+
+    e = rho · g / (‖g_sel‖ · beta)        (ASAM: rho · T² ⊙ g / (‖T ⊙ g_sel‖ · beta))
+
+with ‖g_sel‖ the global norm over the selected tensors only (they are the only ones with a
+gradient, as in the authors' code); the extra 1/beta is the authors' scaling, enlarging the
+step of the tensors that are perturbed to make up for those left out. ``swp="element"``: every gradient
+is computed; each ELEMENT joins with probability beta via ``ops.perturb_(keep_prob=beta, seed=…)``
+(counter-based RNG, seed drawn from the same generator: reproducible), e = rho·keep⊙g/(‖g‖·beta)
+with ‖g‖ over ALL gradients. No compute is saved in element mode.
+
+SDS (``gamma < 1``): per-sample losses at w come from the first pass; one extra forward without
+gradients gives them at w + e; the second forward/backward uses only the k = int(B·gamma) samples
+(at least 1) with the largest loss increase — not k − 1 as in the authors' code. Ties go to the
+lower sample index (stable sort); the chosen indices are passed in ascending order. With
+``gamma = 1`` the extra forward is skipped and the second pass uses the whole batch. The extra
+forward runs in the model's current mode (in training mode BatchNorm statistics see it, as in
+the authors' code).
+
+Closure protocol (``step`` runs BOTH passes itself, unlike ``SAM.step`` which expects the first
+backward to be done)::
+
+    def closure(indices=None):                # indices: LongTensor of sample positions, or None (all)
+        xs, ys = (x, y) if indices is None else (x[indices], y[indices])
+        return F.cross_entropy(model(xs), ys, reduction="none")   # per-sample losses, shape [len(xs)]
+
+    opt.zero_grad(set_to_none=True)
+    losses = opt.step(closure)                # detached per-sample losses at w
+
+The closure must NOT call backward: ``step`` backpropagates ``losses.mean()`` (first pass, all
+samples; second pass, the selected ones) and calls the closure under ``torch.no_grad()`` for the
+extra forward. Manual protocol (no SDS)::
+
+    with opt.ascent_pass():                   # draws the tensor selection, freezes the others
+        loss_fn(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    loss_fn(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+Without ``ascent_pass`` the selection is drawn in ``first_step``: unselected tensors still get
+e = 0, but their first-pass gradients were computed (no saving).
+
+Policies: with a policy that does not read the gradient norm (SS-SAM, LookSAM), ``step`` asks it
+BEFORE the first pass; a plain step then runs one dense pass. With AE-SAM (which reads ‖g‖), no
+tensor is frozen (a plain step needs every gradient) and SWP only zeroes e; noted as a cost.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from .. import ops
+from .sam import SAM
+
+SWP_MODES = ("tensor", "element")
+
+
+def draw_tensor_selection(num: int, beta: float, generator: torch.Generator) -> list[bool]:
+    """Per-tensor Bernoulli(beta) draws from a CPU generator (host values: no device sync).
+
+    ``beta >= 1`` selects everything without drawing, so the generator does not advance.
+    """
+    if beta >= 1.0:
+        return [True] * num
+    return (torch.rand(num, generator=generator) < beta).tolist()
+
+
+def num_selected(batch: int, gamma: float) -> int:
+    """k = int(B·gamma) (1e-9 slack: 0.7·10 keeps 7), at least 1 so the second pass has data."""
+    return max(1, min(batch, int(math.floor(batch * gamma + 1e-9))))
+
+
+def sharpness_indices(loss_before: torch.Tensor, loss_after: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Indices of the k = int(B·gamma) samples with the largest loss increase, ascending.
+
+    Ties: the lower index wins (stable descending sort). Runs on the losses' device; k comes from
+    the shape, so nothing is read back to the host.
+    """
+    if loss_before.dim() != 1 or loss_before.shape != loss_after.shape:
+        raise ValueError(f"ESAM: the closure must return per-sample losses of shape [B]; got "
+                         f"{tuple(loss_before.shape)} at w and {tuple(loss_after.shape)} at w + e")
+    k = num_selected(loss_before.shape[0], gamma)
+    increase = loss_after.detach() - loss_before.detach()
+    top = torch.sort(increase, descending=True, stable=True).indices[:k]
+    return torch.sort(top).values
+
+
+@contextlib.contextmanager
+def frozen(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """``requires_grad`` off for ``params`` inside the block (autograd skips their gradients), restored after."""
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+class ESAM(SAM):
+    """Efficient SAM: SWP (``beta``, ``swp``) and SDS (``gamma``) on the SAM core.
+
+    Args:
+        params, base_optimizer, rho, adaptive: as :class:`SAM`; ``**kwargs`` go to SAM (``eta``,
+            ``backend``, ``finite_check``, ``policy``, ``renormalize``, ``modifiers``) and then to
+            the base optimizer.
+        beta: probability that a tensor (``swp="tensor"``) or element (``"element"``) is perturbed
+            (authors' runs 0.5–0.6; 1.0 = off).
+        gamma: fraction of the batch used by the second pass (authors' runs 0.5; 1.0 = off).
+        swp: ``"tensor"`` (default) or ``"element"``; see the module docstring.
+        seed: seeds the CPU generator of the selections (None: drawn from torch's global RNG).
+    """
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, beta: float = 1.0,
+                 gamma: float = 1.0, swp: str = "tensor", seed: Optional[int] = None, **kwargs):
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"beta must be in (0, 1], got {beta}")
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if swp not in SWP_MODES:
+            raise ValueError(f"swp must be one of {SWP_MODES}, got {swp!r}")
+        super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
+        self.beta, self.gamma, self.swp = float(beta), float(gamma), swp
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+        self._selection: Optional[list[bool]] = None  # per param of all groups, this step
+
+    # ------------------------------------------------------------------ selection
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @property
+    def _tensor_swp(self) -> bool:
+        return self.swp == "tensor" and self.beta < 1.0
+
+    def _draw(self) -> list[bool]:
+        if self._selection is None:
+            self._selection = draw_tensor_selection(len(self._all_params()), self.beta, self.generator)
+        return self._selection
+
+    def selected(self) -> Optional[list[torch.Tensor]]:
+        """The tensors perturbed this step (per-tensor SWP after the draw), else None (all)."""
+        if not self._tensor_swp or self._selection is None:
+            return None
+        return [p for p, s in zip(self._all_params(), self._selection) if s]
+
+    @contextlib.contextmanager
+    def ascent_pass(self) -> Iterator[None]:
+        """Wrap the first forward/backward: per-tensor SWP draws the selection and freezes the others.
+
+        Nothing is frozen for element SWP, for beta = 1, on a step the policy makes plain, or with
+        a policy that reads the first-pass gradient norm (see the module docstring).
+        """
+        if not self._tensor_swp or self.policy.needs_grad_norm or not self.wants_sam():
+            yield
+            return
+        sel = self._draw()
+        with frozen([p for p, s in zip(self._all_params(), sel) if not s and p.requires_grad]):
+            yield
+
+    # ------------------------------------------------------------------ core hooks
+
+    def ascent_params(self) -> Optional[list[torch.Tensor]]:
+        if not self._tensor_swp:
+            return None
+        self._draw()
+        return self.selected()
+
+    def perturbation_options(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> dict:
+        if self.beta >= 1.0:
+            return {}  # plain SAM: the core's own norm and perturbation, bit for bit
+        if self.swp == "element":
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())  # CPU: no device sync
+            return {"keep_prob": self.beta, "seed": seed}
+        return {"sq_norm": self._sq_norm_of(params, grads) * (self.beta ** 2)}
+
+    def _sq_norm_of(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+        """‖T ⊙ g‖² over ``params`` (the selected ones), each param's group deciding ASAM's T."""
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        classes: dict = {}
+        for p, g in zip(params, grads):
+            group = group_of[id(p)]
+            key = group["eta"] if group["adaptive"] else None
+            classes.setdefault(key, ([], []))
+            classes[key][0].append(p)
+            classes[key][1].append(g)
+        parts = [ops.grad_sq_norm(gs, params=ps if eta is not None else None, eta=0.0 if eta is None else eta,
+                                  backend=self.backend) for eta, (ps, gs) in classes.items()]
+        return parts[0] if len(parts) == 1 else torch.stack([x.to(parts[0].device) for x in parts]).sum()
+
+    def _clear(self) -> None:
+        self._selection = None
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        super().second_step(zero_grad)
+        self._clear()
+
+    @torch.no_grad()
+    def base_step(self, zero_grad: bool = False) -> None:
+        super().base_step(zero_grad)
+        self._clear()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        super().restore()
+        self._clear()
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, closure: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
+        """One ESAM step, BOTH passes included (see the module docstring for the closure protocol).
+
+        Returns the detached per-sample losses at w.
+        """
+        if closure is None:
+            raise ValueError("ESAM.step() needs a closure(indices=None) returning per-sample losses (shape [B]); "
+                             "it runs both passes itself")
+        with torch.enable_grad(), self.ascent_pass():
+            losses = closure(None)
+            if losses.dim() != 1:
+                raise ValueError(f"ESAM: the closure must return per-sample losses of shape [B], got shape "
+                                 f"{tuple(losses.shape)} (use reduction='none')")
+            if losses.requires_grad:
+                losses.mean().backward()
+        if not self.wants_sam():
+            self.base_step()
+            return losses.detach()
+        self.first_step(zero_grad=True)
+        try:
+            indices = None
+            if self.gamma < 1.0:
+                with torch.no_grad():
+                    after = closure(None)
+                indices = sharpness_indices(losses, after, self.gamma)
+            with torch.enable_grad():
+                closure(indices).mean().backward()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+        return losses.detach()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """SAM's state plus the selection generator and the current (mid-step) selection (``"esam"``)."""
+        sd = super().state_dict()
+        sd["esam"] = {"generator": self.generator.get_state(), "selection": self._selection}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        try:
+            esam = state_dict.pop("esam")
+        except KeyError:
+            raise ValueError("ESAM.load_state_dict: no 'esam' entry; the state dict was not saved by "
+                             "ESAM.state_dict()") from None
+        super().load_state_dict(state_dict)
+        self.generator.set_state(esam["generator"])
+        self._selection = None if esam["selection"] is None else list(esam["selection"])
