@@ -3,8 +3,8 @@
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1), so shapes stay small. The group-level functions (``triton.OPS``) are called
 directly with one homogeneous group, as dispatch does; the last tests go through the public ops.
-Note: the Triton 3.8 interpreter truncates fp32 -> bf16 casts (native GPUs round to nearest
-even), so bf16 results there can be one ulp off the reference: inside the bf16 tolerance.
+The final test compiles every kernel natively for sm_90 (no GPU needed), which the interpreter
+never does.
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def small_blocks(monkeypatch):
 def medium_blocks(monkeypatch):
     """Several programs per ~9k-element list without the interpreter's per-program cost of small_blocks."""
     from sam_kernels.ops.triton import _tables
-    monkeypatch.setattr(_tables, "BLOCK", 256)
-    monkeypatch.setattr(_tables, "CHUNK", 1024)
+    monkeypatch.setattr(_tables, "BLOCK", 512)
+    monkeypatch.setattr(_tables, "CHUNK", 2048)
 
 
 @pytest.fixture
@@ -329,7 +329,7 @@ def tricky_scores(shapes, dtype):
 def test_topk_mask_exact(dtype, medium_blocks):
     scores = tricky_scores(SHAPES, dtype)
     total = sum(s.numel() for s in scores)
-    for k in (0, 1, 5, 77, total // 2, total - 1, total):
+    for k in (0, 1, 77, total - 1, total):
         got = backend().OPS["topk_mask"](scores, k)
         assert sum(int(m.sum()) for m in got) == k
         assert_lists_equal(got, reference.topk_mask(scores, k), f"topk k={k}")

@@ -216,6 +216,22 @@ def scalar(x, DT: tl.constexpr):
 
 
 @triton.jit
+def round_to(x, DT: tl.constexpr):
+    """fp32/fp64 ``x`` rounded once to the storage type DT, to nearest even.
+
+    bf16 is rounded explicitly on the bits, like torch (NaN becomes the quiet NaN 0x7FC0): the
+    Triton 3.8 interpreter truncates fp32 -> bf16 casts; this keeps interpreter and GPU results
+    bit-identical to torch's rounding.
+    """
+    if DT == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
 def sqrt_ieee(x):
     """Correctly rounded sqrt (``tl.sqrt`` is approximate for fp32 on GPUs; fp64 sqrt is exact)."""
     if x.dtype == tl.float64:

@@ -3,7 +3,7 @@
 Both equal reference.py exactly. The reference ranks ``torch.nan_to_num(float64(score), nan=-inf)``,
 and nan_to_num also clamps ±inf to ±DBL_MAX, so: NaN ranks strictly lowest (below -inf), ±inf tie
 with ±DBL_MAX, -0.0 ties with +0.0, and ties go to the lower flattened position (list order, then
-row-major). The kernels rank the same values through an int64 key whose integer order is that
+row-major; for N:M, within the group, with a partial group's padding ranked like NaN, after it). The kernels rank the same values through an int64 key whose integer order is that
 float64 order. These ops run once per mask refresh, not in the hot path, and take the whole score
 list (possibly several dtypes: one launch per dtype group).
 
@@ -64,8 +64,8 @@ def _nm_mask_kernel(s_ptrs, o_ptrs, sizes, blocks, cols, n, DT: tl.constexpr, M:
 
     Each program ranks GROUPS groups of M consecutive entries of one (rows, cols) tensor view
     (MP = M rounded up to a power of two). As in the reference, a trailing partial group is padded
-    to M entries with -inf, which ranks like -DBL_MAX (above NaN): so it keeps min(n, r) of its r
-    entries unless some are NaN. Padding is ranked, never stored.
+    to M entries that rank like NaN (lowest) but after every real entry, so it keeps min(n, r) of
+    its r entries. Padding is ranked, never stored.
     """
     t, start, _, end = chunk_bounds(blocks, sizes, GROUPS, GROUPS)
     s_ptr = tensor_ptr(s_ptrs, t, DT, ALIGNED)
@@ -77,7 +77,7 @@ def _nm_mask_kernel(s_ptrs, o_ptrs, sizes, blocks, cols, n, DT: tl.constexpr, M:
     col = (grp % groups_per_row)[:, None] * M + j[None, :]
     real = (grp < end)[:, None] & (j < M)[None, :] & (col < n_cols)
     idx = (grp // groups_per_row)[:, None] * n_cols + col
-    key = _order_key(tl.load(s_ptr + idx, mask=real, other=float("-inf")).to(tl.float64))
+    key = _order_key(tl.load(s_ptr + idx, mask=real, other=float("nan")).to(tl.float64))
     ki = key[:, None, :]
     kj = key[:, :, None]
     before = ((ki > kj) | ((ki == kj) & (j[None, None, :] < j[None, :, None]))) & (j < M)[None, None, :]

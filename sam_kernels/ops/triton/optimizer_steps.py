@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from . import _tables
-from ._tables import block_offsets, chunk_bounds, div_ieee, load, scalar, sqrt_ieee, store, tensor_ptr
+from ._tables import block_offsets, chunk_bounds, div_ieee, load, round_to, scalar, sqrt_ieee, store, tensor_ptr
 
 
 @triton.jit
@@ -27,12 +27,12 @@ def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, neg_lr, mom, one_minus_
             buf = d
         else:
             buf = load(buf_ptr + offs, mask).to(CDT) * mom + one_minus_dampening * d
-        store(buf_ptr + offs, buf.to(DT), mask)
+        store(buf_ptr + offs, round_to(buf, DT), mask)
         if NESTEROV:
             d = d + mom * buf
         else:
             d = buf
-    store(p_ptr + offs, (w + neg_lr * d).to(DT), mask)
+    store(p_ptr + offs, round_to(w + neg_lr * d, DT), mask)
 
 
 @triton.jit
@@ -76,9 +76,9 @@ def _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, wt, beta2
     v = v + one_minus_beta2 * g * g
     denom = div_ieee(sqrt_ieee(v), bias_correction2_sqrt) + eps
     w = w + div_ieee(neg_step_size * m, denom)
-    store(m_ptr + offs, m.to(DT), mask)
-    store(v_ptr + offs, v.to(DT), mask)
-    store(p_ptr + offs, w.to(DT), mask)
+    store(m_ptr + offs, round_to(m, DT), mask)
+    store(v_ptr + offs, round_to(v, DT), mask)
+    store(p_ptr + offs, round_to(w, DT), mask)
 
 
 @triton.jit

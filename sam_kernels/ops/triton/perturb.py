@@ -3,7 +3,7 @@ import triton
 import triton.language as tl
 
 from . import _tables
-from ._tables import block_offsets, chunk_bounds, div_ieee, load, scalar, sqrt_ieee, store, tensor_ptr
+from ._tables import block_offsets, chunk_bounds, div_ieee, load, round_to, scalar, sqrt_ieee, store, tensor_ptr
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, mask, s, finite, eta, key, 
         u = _fmix32(_fmix32(lo ^ key) ^ hi) >> 8
         sel = sel & (u.to(tl.int64) < keep_threshold)
     # Unselected lanes get their loaded bits back: bitwise unchanged, and the store stays vectorizable.
-    store(p_ptr + offs, tl.where(sel, (w + e).to(DT), w_raw), mask)
+    store(p_ptr + offs, tl.where(sel, round_to(w + e, DT), w_raw), mask)
 
 
 @triton.jit

@@ -8,12 +8,12 @@ import triton
 import triton.language as tl
 
 from . import _tables
-from ._tables import block_offsets, chunk_bounds, div_ieee, load, scalar, sqrt_ieee, store, tensor_ptr
+from ._tables import block_offsets, chunk_bounds, div_ieee, load, round_to, scalar, sqrt_ieee, store, tensor_ptr
 
 
 @triton.jit
 def _scale_block(g_ptr, offs, mask, r, DT: tl.constexpr, CDT: tl.constexpr):
-    store(g_ptr + offs, (load(g_ptr + offs, mask).to(CDT) * r).to(DT), mask)
+    store(g_ptr + offs, round_to(load(g_ptr + offs, mask).to(CDT) * r, DT), mask)
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _renormalize_kernel(g_ptrs, sizes, blocks, ref_sq_norm, sq_norm, eps: tl.flo
 @triton.jit
 def _fisher_block(f_ptr, g_ptr, offs, mask, c, DT: tl.constexpr, CDT: tl.constexpr):
     g = load(g_ptr + offs, mask).to(CDT)
-    store(f_ptr + offs, (load(f_ptr + offs, mask).to(CDT) + c * g * g).to(DT), mask)
+    store(f_ptr + offs, round_to(load(f_ptr + offs, mask).to(CDT) + c * g * g, DT), mask)
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def _axpy_block(out_ptr, x_ptr, y_ptr, offs, mask, c, DT: tl.constexpr, CDT: tl.
     """out = x + y·c (out may alias x or y: each element is read before it is written)."""
     x = load(x_ptr + offs, mask).to(CDT)
     y = load(y_ptr + offs, mask).to(CDT)
-    store(out_ptr + offs, (x + y * c).to(DT), mask)
+    store(out_ptr + offs, round_to(x + y * c, DT), mask)
 
 
 @triton.jit
