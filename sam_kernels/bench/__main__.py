@@ -92,6 +92,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", metavar="M", choices=[m.key for m in methods()],
                     help=f"methods of the training-step benchmark, among {', '.join(m.key for m in methods())} "
                          f"(default: all; a variant that does not exist yet is skipped)")
+    ap.add_argument("--train-batch", type=int, metavar="B",
+                    help="batch size of both models (default: CPU 32 images / 8 sequences, GPU 128 / 32)")
     ap.add_argument("--train-repeats", type=int, help="training steps timed per method (default CPU 8, GPU 30)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
     ap.add_argument("--threads", type=int, metavar="N",
@@ -150,7 +152,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"  backend {name:7s} {'ready' if why is None else 'skipped: ' + why}")
 
     do_ops, do_train = not args.steps_only, not args.no_step
-    wls = workloads(device, large=device.type == "cuda", which=tuple(args.models)) if do_train else []
+    wls = workloads(device, large=device.type == "cuda", which=tuple(args.models),
+                    batch=args.train_batch) if do_train else []
     todo = [m for m in methods() if args.methods is None or m.key in args.methods]
     total = (len(plan["cases"]) * len(plan["ops"]) * len(plan["impls"]) + 1 if do_ops else 0) \
         + (train_task_count(device, len(wls), todo) if do_train else 0)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -83,10 +83,14 @@ def _token_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 MODELS = ("cnn", "transformer")
 
 
-def workloads(device: torch.device, large: bool, which: tuple[str, ...] = MODELS) -> list[Workload]:
-    """The CNN and/or the transformer with one fixed random batch each (``large``: GPU-sized batches)."""
+def workloads(device: torch.device, large: bool, which: tuple[str, ...] = MODELS,
+              batch: Optional[int] = None) -> list[Workload]:
+    """The CNN and/or the transformer with one fixed random batch each (``large``: GPU-sized batches;
+    ``batch`` overrides both batch sizes)."""
     g = torch.Generator().manual_seed(0)
     batch_img, batch_seq, ctx = (128, 32, 128) if large else (32, 8, 64)
+    if batch is not None:
+        batch_img = batch_seq = batch
     out = []
     if "cnn" in which:
         x = torch.randn(batch_img, 3, 32, 32, generator=g).to(device)

@@ -10,7 +10,8 @@ two forward/backward passes: the documented API, same for davda54 and sam_kernel
 closure as the second pass: SS-SAM, AE-SAM, AE-LookSAM, LookSAM, Sparse SAM, Stable SAM) and
 ``esam`` (ESAM's step runs both passes; the closure returns per-sample losses and the optimizer
 runs the backward passes itself, so for ESAM the backward is counted in the optimizer phase).
-Variants vary their cost from step to step, so the step time is a mean over the repeats (p20/p80 show the spread).
+Variants vary their cost from step to step, so the step time is a mean over the repeats (p20/p80
+show the spread).
 """
 from __future__ import annotations
 
