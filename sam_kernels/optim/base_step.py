@@ -33,6 +33,11 @@ def fused_kind(base: torch.optim.Optimizer) -> Optional[str]:
     return None
 
 
+def _scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim gives its ``step`` tensors (``optimizer._get_scalar_dtype``, private)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
 def _by_hyperparams(base, entries, keys):
     """Group (group, param, backup, grad) entries by the hyperparameters that reach the kernel."""
     buckets = defaultdict(list)
@@ -60,7 +65,7 @@ def _adamw(base: torch.optim.AdamW, entries, backend) -> None:
     for p in (p for _, p, _, _ in entries):
         st = base.state[p]
         if len(st) == 0:  # the layout torch.optim.AdamW creates on its first step
-            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["step"] += 1

@@ -34,8 +34,9 @@ class Modifier:
 class Renormalize(Modifier):
     """Stable SAM: g ← g(w+e)·‖g(w)‖/(‖g(w+e)‖ + eps), both norms global over all parameters.
 
-    ‖g(w)‖ is the norm first_step already computed (in ASAM mode, of T⊙g), so this costs one
-    reduction and one scaling pass on SAM steps and nothing on plain steps.
+    ‖g(w)‖ is the norm first_step already computed. In ASAM mode both norms are of T⊙g (T = |w| + eta
+    at the restored w). Cost on SAM steps: one reduction and one scaling pass (two more reductions
+    in ASAM mode); nothing on plain steps.
     """
 
     def __init__(self, eps: float = 1e-12):
@@ -48,7 +49,16 @@ class Renormalize(Modifier):
     def before_descent(self, sam, params, grads, sam_step, sq_norm):
         if not sam_step or self._ascent_sq is None or not grads:
             return sq_norm
-        sq = ops.renormalize_(grads, self._ascent_sq, eps=self.eps, backend=sam.backend)
+        ref = self._ascent_sq
+        if any(g["adaptive"] for g in sam.param_groups):
+            # ASAM: the ratio is ‖T⊙g(w)‖/‖T⊙g(w+e)‖ with T at the restored w. renormalize_ divides by
+            # the plain ‖g(w+e)‖, so hand it ref·‖g‖²/‖T⊙g‖² (device maths, no sync; all-zero grads
+            # keep ref, the result is 0 either way).
+            weighted = sam._sq_norm([(group, p) for group in sam.param_groups for p in group["params"]
+                                     if p.grad is not None], restored=True)
+            plain = ops.grad_sq_norm(grads, backend=sam.backend).to(weighted.device)
+            ref = torch.where(weighted > 0, ref.to(weighted.device) * plain / weighted, ref.to(weighted.device))
+        sq = ops.renormalize_(grads, ref, eps=self.eps, backend=sam.backend)
         self._ascent_sq = None
         return sq
 

@@ -7,7 +7,7 @@ through ``state_dict`` so a resumed run makes the same decisions.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -16,10 +16,13 @@ class Policy:
     """Always a SAM step (plain SAM). Subclasses decide otherwise."""
 
     needs_grad_norm = False
-    """True when ``decide`` reads ‖g‖² of the first-pass gradients (costs one host sync)."""
+    """True when ``decide`` reads ‖g‖² of the first-pass gradients (a 0-dim device tensor)."""
 
-    def decide(self, step: int, grad_sq_norm: Optional[Callable[[], float]] = None) -> bool:
+    def decide(self, step: int, grad_sq_norm: Optional[Callable[[], torch.Tensor]] = None) -> bool:
         return True
+
+    def observe(self, step: int, grad_sq_norm: Optional[Callable[[], torch.Tensor]] = None) -> None:
+        """A SAM step was forced (``first_step`` without ``wants_sam``): update statistics, no decision."""
 
     def state_dict(self) -> dict:
         return {}
@@ -88,8 +91,9 @@ class AdaptivePolicy(Policy):
     mu ← d·mu + (1−d)·‖g‖²;  var ← d·var + (1−d)·(‖g‖² − mu)² (with the new mu);
     c_t = (t/T)·l1 + (1 − t/T)·l2. The defaults d = 0.9, l1 = −1, l2 = 1 are unverified against the
     paper (options). Ours: the EMAs start at the first observation (mu = ‖g‖², var = 0), so the
-    first step is a SAM step. Reading ‖g‖² is the one host sync per step this policy needs: it
-    decides whether a second backward runs at all.
+    first step is a SAM step; a non-finite ‖g‖² is not folded in (one bad batch must not freeze the
+    policy). mu and var stay 0-dim device tensors; reading the decision back is the one host sync
+    per step this policy needs: it decides whether a second backward runs at all.
     """
 
     needs_grad_norm = True
@@ -100,31 +104,42 @@ class AdaptivePolicy(Policy):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.total_steps, self.decay, self.l1, self.l2 = total_steps, decay, l1, l2
-        self.mu: Optional[float] = None
-        self.var = 0.0
+        self.mu: Optional[torch.Tensor] = None
+        self.var: Optional[torch.Tensor] = None
+        self.seen: Optional[torch.Tensor] = None  # count of finite observations
 
     def threshold_coef(self, step: int) -> float:
         s = min(max(step / self.total_steps, 0.0), 1.0)
         return s * self.l1 + (1 - s) * self.l2
 
-    def update(self, step: int, sq: float) -> bool:
-        """Fold ‖g‖² = ``sq`` into the EMAs and return the decision for this step."""
+    def update(self, step: int, sq: Union[torch.Tensor, float]) -> torch.Tensor:
+        """Fold ‖g‖² = ``sq`` (a 0-dim tensor, or a float taken as float64) into the EMAs.
+
+        Returns the decision as a 0-dim bool tensor on ``sq``'s device (nothing is read back here).
+        """
+        sq = sq.detach() if isinstance(sq, torch.Tensor) else torch.tensor(float(sq), dtype=torch.float64)
         if self.mu is None:
-            self.mu, self.var = sq, 0.0
-        else:
-            d = self.decay
-            self.mu = d * self.mu + (1 - d) * sq
-            self.var = d * self.var + (1 - d) * (sq - self.mu) ** 2
-        return sq >= self.mu + self.threshold_coef(step) * math.sqrt(self.var)
+            self.mu, self.var, self.seen = torch.zeros_like(sq), torch.zeros_like(sq), torch.zeros_like(sq)
+        d = self.decay
+        first = self.seen == 0  # device-side, so the first FINITE observation starts the EMAs
+        mu = torch.where(first, sq, d * self.mu + (1 - d) * sq)
+        var = torch.where(first, torch.zeros_like(sq), d * self.var + (1 - d) * (sq - mu) ** 2)
+        finite = torch.isfinite(sq)
+        self.mu, self.var = torch.where(finite, mu, self.mu), torch.where(finite, var, self.var)
+        self.seen = self.seen + finite.to(sq.dtype)
+        return sq >= self.mu + self.threshold_coef(step) * self.var.sqrt()
+
+    def observe(self, step: int, grad_sq_norm=None) -> None:
+        self.update(step, grad_sq_norm())
 
     def decide(self, step: int, grad_sq_norm=None) -> bool:
-        return self.update(step, grad_sq_norm())
+        return bool(self.update(step, grad_sq_norm()))  # the documented host sync
 
     def state_dict(self) -> dict:
-        return {"mu": self.mu, "var": self.var}
+        return {"mu": self.mu, "var": self.var, "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
-        self.mu, self.var = state["mu"], state["var"]
+        self.mu, self.var, self.seen = (None if state[k] is None else state[k].clone() for k in ("mu", "var", "seen"))
 
 
 class PeriodicPolicy(Policy):

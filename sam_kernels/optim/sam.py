@@ -53,7 +53,8 @@ class SAM(torch.optim.Optimizer):
             opt.base_step(zero_grad=True)     # one pass: plain (or LookSAM reuse) step
 
     ``step(closure)`` does the same after the first backward, the closure re-evaluating the loss
-    and calling ``backward``. Calling ``first_step`` directly always takes a SAM step.
+    and calling ``backward``. Calling ``first_step`` directly always takes a SAM step (a stateful
+    policy such as AE-SAM's still folds that step's gradient norm into its statistics, without a sync).
     """
 
     def __init__(self, params: Iterable, base_optimizer: Union[type, torch.optim.Optimizer], rho: float = 0.05,
@@ -92,6 +93,7 @@ class SAM(torch.optim.Optimizer):
         self.step_count = 0
         self._decision: Optional[bool] = None
         self._perturbed: Optional[list[torch.Tensor]] = None
+        self._perturbed_ids: set[int] = set()
 
     # ------------------------------------------------------------------ helpers
 
@@ -108,15 +110,31 @@ class SAM(torch.optim.Optimizer):
                     out.append((group, p))
         return out
 
-    def _sq_norm(self, entries: list[tuple[dict, torch.Tensor]]) -> torch.Tensor:
-        """One global squared norm over all entries; ASAM groups contribute ‖(|w|+eta)⊙g‖²."""
+    def _sq_norm(self, entries: list[tuple[dict, torch.Tensor]], restored: bool = False) -> torch.Tensor:
+        """One global squared norm over all entries; ASAM groups contribute ‖(|w|+eta)⊙g‖².
+
+        ``restored``: T is taken at the weights the restore will give back (the backups of the
+        perturbed params), i.e. at w rather than w + e (Stable SAM's descent norm in ASAM mode).
+        """
         classes: dict = {}
         for group, p in entries:
             key = (group["eta"],) if group["adaptive"] else None
             classes.setdefault(key, []).append(p)
-        parts = [ops.grad_sq_norm([p.grad for p in ps], params=ps if key else None, eta=key[0] if key else 0.0,
-                                  backend=self.backend) for key, ps in classes.items()]
+        weights = self._restored if restored else (lambda p: p)
+        parts = [ops.grad_sq_norm([p.grad for p in ps], params=[weights(p) for p in ps] if key else None,
+                                  eta=key[0] if key else 0.0, backend=self.backend)
+                 for key, ps in classes.items()]
         return parts[0] if len(parts) == 1 else torch.stack([x.to(parts[0].device) for x in parts]).sum()
+
+    def _policy_norm(self) -> Optional[Callable[[], torch.Tensor]]:
+        """‖g‖² of the current (first-pass) gradients as a device tensor, for policies that read it."""
+        if not self.policy.needs_grad_norm:
+            return None
+        return lambda: ops.grad_sq_norm([p.grad for _, p in self._with_grads()], backend=self.backend)
+
+    def _restored(self, p: torch.Tensor) -> torch.Tensor:
+        """The weight ``p`` will have after the restore: its backup while it is perturbed."""
+        return self.state[p]["backup"] if self._perturbed is not None and id(p) in self._perturbed_ids else p
 
     def _check_finite(self, sq: torch.Tensor, where: str) -> None:
         if self.finite_check and not bool(torch.isfinite(sq)):  # the documented host sync
@@ -137,8 +155,7 @@ class SAM(torch.optim.Optimizer):
     def wants_sam(self) -> bool:
         """Whether this step is a SAM step (asks the policy once per step, after the first backward)."""
         if self._decision is None:
-            norm = (lambda: float(self._sq_norm(self._with_grads()))) if self.policy.needs_grad_norm else None
-            self._decision = bool(self.policy.decide(self.step_count, norm))
+            self._decision = bool(self.policy.decide(self.step_count, self._policy_norm()))
         return self._decision
 
     @torch.no_grad()
@@ -147,6 +164,8 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is not None:
             raise RuntimeError("SAM.first_step() called twice: call second_step() (or restore()) first")
         entries = self._with_grads(self.ascent_params())
+        if self._decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
+            self.policy.observe(self.step_count, self._policy_norm())
         sq = self._sq_norm(entries) if entries else None
         if sq is not None:
             self._check_finite(sq, "first_step")
@@ -158,17 +177,32 @@ class SAM(torch.optim.Optimizer):
         buckets: dict = {}
         for i, (group, p) in enumerate(entries):
             buckets.setdefault((group["rho"], group["adaptive"], group["eta"]), []).append(i)
-        for (rho, adaptive, eta), idx in buckets.items():
-            ps = [params[i] for i in idx]
-            backups = [self._backup(p) for p in ps]
-            kw = {k: ([v[i] for i in idx] if k == "masks" and v is not None else v) for k, v in extra.items()}
-            kw.setdefault("sq_norm", sq)
-            ops.perturb_(ps, [grads[i] for i in idx], backups, rho, adaptive=adaptive, eta=eta,
-                         backend=self.backend, **kw)
-        self._perturbed = params
+        done: list[torch.Tensor] = []
+        try:
+            for b, ((rho, adaptive, eta), idx) in enumerate(buckets.items()):
+                ps = [params[i] for i in idx]
+                backups = [self._backup(p) for p in ps]
+                kw = {k: ([v[i] for i in idx] if k == "masks" and v is not None else v) for k, v in extra.items()}
+                kw.setdefault("sq_norm", sq)
+                if b and kw.get("seed") is not None:
+                    # perturb_ keys its element RNG by (seed, position in this bucket): give each bucket
+                    # its own seed so buckets of equal shapes do not repeat the first bucket's draws.
+                    kw["seed"] = (int(kw["seed"]) + 0x9E3779B97F4A7C15 * b) % (1 << 62)
+                ops.perturb_(ps, [grads[i] for i in idx], backups, rho, adaptive=adaptive, eta=eta,
+                             backend=self.backend, **kw)
+                done.extend(ps)
+        except BaseException:  # never leave weights perturbed: undo the buckets that ran
+            if done:
+                ops.restore_(done, [self.state[p]["backup"] for p in done], backend=self.backend)
+            raise
+        self._set_perturbed(params)
         self._decision = True
         if zero_grad:
             self.zero_grad()
+
+    def _set_perturbed(self, params: Optional[list[torch.Tensor]]) -> None:
+        self._perturbed = params
+        self._perturbed_ids = set() if params is None else {id(p) for p in params}
 
     def _backup(self, p: torch.Tensor) -> torch.Tensor:
         st = self.state[p]
@@ -189,11 +223,11 @@ class SAM(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         sq = None
         try:
+            if self.finite_check and grads:  # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
+                sq = ops.grad_sq_norm(grads, backend=self.backend)
+                self._check_finite(sq, "second_step")
             for m in self.modifiers:
                 sq = m.before_descent(self, params, grads, True, sq)
-            if self.finite_check and grads:
-                self._check_finite(sq if sq is not None else ops.grad_sq_norm(grads, backend=self.backend),
-                                   "second_step")
         except BaseException:
             self.restore()
             raise
@@ -214,7 +248,7 @@ class SAM(torch.optim.Optimizer):
         self._finish(zero_grad)
 
     def _finish(self, zero_grad: bool) -> None:
-        self._perturbed = None
+        self._set_perturbed(None)
         self._decision = None
         self.step_count += 1
         if zero_grad:
@@ -225,7 +259,7 @@ class SAM(torch.optim.Optimizer):
         """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
         if self._perturbed:
             ops.restore_(self._perturbed, [self.state[p]["backup"] for p in self._perturbed], backend=self.backend)
-        self._perturbed = None
+        self._set_perturbed(None)
         self._decision = None
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
@@ -262,7 +296,9 @@ class SAM(torch.optim.Optimizer):
             "step_count": self.step_count,
             "decision": self._decision,
             "perturbed": None if self._perturbed is None else [index[id(p)] for p in self._perturbed],
+            "policy_kind": type(self.policy).__name__,
             "policy": self.policy.state_dict(),
+            "modifier_kinds": [type(m).__name__ for m in self.modifiers],
             "modifiers": [m.state_dict() for m in self.modifiers],
         }
         sd["base_optimizer"] = self.base_optimizer.state_dict()
@@ -277,17 +313,24 @@ class SAM(torch.optim.Optimizer):
         except KeyError as exc:
             raise ValueError(f"SAM.load_state_dict: missing {exc}; the state dict was not saved by "
                              f"sam_kernels.SAM.state_dict()") from None
-        if len(sam_state["modifiers"]) != len(self.modifiers):
-            raise ValueError(f"SAM.load_state_dict: saved with {len(sam_state['modifiers'])} descent modifiers, "
-                             f"this optimizer has {len(self.modifiers)}; build it with the same options")
+        # Every check runs before anything is loaded, so a rejected state dict leaves this optimizer as it was.
+        kinds = [type(m).__name__ for m in self.modifiers]
+        saved_kinds = sam_state.get("modifier_kinds", kinds)
+        if len(sam_state["modifiers"]) != len(self.modifiers) or saved_kinds != kinds:
+            raise ValueError(f"SAM.load_state_dict: saved with descent modifiers {saved_kinds}, this optimizer has "
+                             f"{kinds}; build it with the same options")
+        policy_kind = sam_state.get("policy_kind", type(self.policy).__name__)
+        if policy_kind != type(self.policy).__name__:
+            raise ValueError(f"SAM.load_state_dict: saved with a {policy_kind}, this optimizer uses a "
+                             f"{type(self.policy).__name__}; build it with the same variant")
+        perturbed = sam_state["perturbed"]
+        if perturbed is not None and any("backup" not in state_dict["state"].get(i, {}) for i in perturbed):
+            raise ValueError("SAM.load_state_dict: saved mid-step but the backups are missing")
         self.base_optimizer.load_state_dict(base_state)
         super().load_state_dict(state_dict)
         self.base_optimizer.param_groups = self.param_groups  # share the groups again (LR schedulers)
         params = [p for g in self.param_groups for p in g["params"]]
-        perturbed = sam_state["perturbed"]
-        if perturbed is not None and any("backup" not in self.state[params[i]] for i in perturbed):
-            raise ValueError("SAM.load_state_dict: saved mid-step but the backups are missing")
-        self._perturbed = None if perturbed is None else [params[i] for i in perturbed]
+        self._set_perturbed(None if perturbed is None else [params[i] for i in perturbed])
         self.step_count = sam_state["step_count"]
         self._decision = sam_state["decision"]
         self.policy.load_state_dict(sam_state["policy"])

@@ -122,12 +122,14 @@ def test_stable_sam_asam_uses_weighted_norms():
     opt = sk.StableSAM(model.parameters(), torch.optim.SGD, adaptive=True, eta=0.01, lr=0.0)
     x, y = batches(1)[0]
     loss_of(model, x, y).backward()
+    t = torch.cat([(p.detach().abs() + 0.01).reshape(-1) for p in model.parameters()])  # T at w
     ref_sq = sum(float(((p.detach().abs() + 0.01) * p.grad).pow(2).sum()) for p in model.parameters())
     opt.first_step(zero_grad=True)
     loss_of(model, x, y).backward()
     g_raw = flat_grads(model).clone()
     opt.second_step()
-    want = g_raw * math.sqrt(ref_sq) / (g_raw.norm().item() + 1e-12)
+    # both norms of T⊙g, T at the restored w (DESIGN §5): ‖T⊙g_desc‖ = ‖T⊙g(w)‖, direction of g(w+e)
+    want = g_raw * math.sqrt(ref_sq) / ((t * g_raw).norm().item() + 1e-12)
     torch.testing.assert_close(flat_grads(model), want, atol=1e-12, rtol=1e-10)
 
 
