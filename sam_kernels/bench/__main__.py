@@ -70,7 +70,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter/gradient dtype")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     ap.add_argument("--repeats", type=int, help="timed repeats per measurement (quick: CPU 5, GPU 20; full: 10/50)")
-    ap.add_argument("--warmup", type=int, help="untimed calls before timing (quick: CPU 1, GPU 3; full: 2/5)")
+    ap.add_argument("--warmup", type=int, help="untimed calls before timing (CPU 1; GPU 3, full 5)")
     ap.add_argument("--budget", type=float, metavar="S",
                     help="seconds per measurement: fewer repeats (>= 3) when the warmup says they would take "
                          "longer (default: CPU 10, GPU unlimited)")
@@ -131,7 +131,7 @@ def resolve(args: argparse.Namespace) -> dict:
         "compile_ops": compile_ops,
         "compile_reason": compile_reason,
         "repeats": args.repeats or ((50 if gpu else 10) if args.full else (20 if gpu else 5)),
-        "warmup": args.warmup if args.warmup is not None else ((5 if gpu else 2) if args.full else (3 if gpu else 1)),
+        "warmup": args.warmup if args.warmup is not None else ((5 if args.full else 3) if gpu else 1),
         "train_repeats": args.train_repeats or (30 if gpu else 8),
         "budget_s": args.budget if args.budget is not None else (None if gpu else 10.0),
         "copy_size": args.copy_size or ((64 << 20) if gpu else (16 << 20)),
