@@ -8,14 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sam_kernels
 from sam_kernels.bench.check import compare
 from sam_kernels.bench.op_specs import SPECS
-from sam_kernels.bench.ops_bench import BACKENDS, backend_skip_reason, build
+from sam_kernels.bench.ops_bench import BACKENDS, IMPLS, backend_skip_reason, build
 from sam_kernels.bench.state import make_state
-
-import sam_kernels
-
-IMPLS = ("loop", "eager", "compile") + BACKENDS
 
 
 def run_op_benchmark(benchmark, op: str, impl: str, case, device: torch.device, dtype: torch.dtype,
