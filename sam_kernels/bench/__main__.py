@@ -110,7 +110,10 @@ def resolve(args: argparse.Namespace) -> dict:
         raise SystemExit("--device cuda: no CUDA device is visible")
     gpu = device.type == "cuda"
     sizes = args.sizes or (C.FULL if args.full else C.QUICK_GPU if gpu else C.QUICK_CPU)
-    op_names = list(SPECS) if args.full or (args.ops and "all" in args.ops) else (args.ops or list(QUICK))
+    if args.ops:  # explicit choices win over --full, like --sizes
+        op_names = list(SPECS) if "all" in args.ops else [op for op in SPECS if op in args.ops]
+    else:
+        op_names = list(SPECS) if args.full else list(QUICK)
     impls = [i for i in IMPLS if i in (args.backends or IMPLS)]
     if args.compile is False:
         compile_ops, compile_reason = set(), "--no-compile"
