@@ -94,7 +94,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                          f"(default: all; a variant that does not exist yet is skipped)")
     ap.add_argument("--train-batch", type=int, metavar="B",
                     help="batch size of both models (default: CPU 32 images / 8 sequences, GPU 128 / 32)")
-    ap.add_argument("--train-repeats", type=int, help="training steps timed per method (default CPU 8, GPU 30)")
+    ap.add_argument("--train-repeats", type=int, help="training steps timed per method (default CPU 10, GPU 30)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
     ap.add_argument("--threads", type=int, metavar="N",
                     help="torch CPU threads (default: torch's choice; 1 gives steadier numbers on a shared machine)")
@@ -135,7 +135,7 @@ def resolve(args: argparse.Namespace) -> dict:
         "compile_reason": compile_reason,
         "repeats": args.repeats or ((50 if gpu else 10) if args.full else (20 if gpu else 5)),
         "warmup": args.warmup if args.warmup is not None else ((5 if args.full else 3) if gpu else 1),
-        "train_repeats": args.train_repeats or (30 if gpu else 8),
+        "train_repeats": args.train_repeats or (30 if gpu else 10),  # multiples of LookSAM's k = 5
         "budget_s": args.budget if args.budget is not None else (None if gpu else 10.0),
         "copy_size": args.copy_size or ((64 << 20) if gpu else (16 << 20)),
     }
