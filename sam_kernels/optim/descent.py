@@ -14,7 +14,13 @@ from .. import ops
 
 
 class Modifier:
-    """No-op base class; every hook is optional."""
+    """No-op base class; every hook is optional.
+
+    ``transient_keys``: per-parameter entries of ``sam.state`` that only live from ``first_step``
+    to the descent (scratch buffers); ``SAM.state_dict`` leaves them out between steps.
+    """
+
+    transient_keys: tuple[str, ...] = ()
 
     def after_ascent(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor], sq_norm: torch.Tensor) -> None:
         """Called in ``first_step`` with the first-pass grads and their (ASAM-weighted) squared norm."""
@@ -73,6 +79,8 @@ class LookSAMReuse(Modifier):
     """LookSAM: on SAM steps store g_v = g_s − (⟨g, g_s⟩/‖g‖²)·g (global dot and norm); on plain
     steps use g + alpha·(‖g‖/‖g_v‖)·g_v. The stored buffers live in ``sam.state[p]``.
     """
+
+    transient_keys = ("looksam_g",)  # the first-pass g, needed only until second_step stores g_v
 
     def __init__(self, alpha: float = 0.7, eps: float = 1e-12):
         self.alpha, self.eps = alpha, eps

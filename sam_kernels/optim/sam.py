@@ -130,7 +130,13 @@ class SAM(torch.optim.Optimizer):
         """‖g‖² of the current (first-pass) gradients as a device tensor, for policies that read it."""
         if not self.policy.needs_grad_norm:
             return None
-        return lambda: ops.grad_sq_norm([p.grad for _, p in self._with_grads()], backend=self.backend)
+        def sq_norm() -> torch.Tensor:
+            grads = [p.grad for _, p in self._with_grads()]
+            if not grads:
+                raise RuntimeError(f"SAM: the {type(self.policy).__name__} reads the first-pass gradients: call "
+                                   f"wants_sam() after the first backward")
+            return ops.grad_sq_norm(grads, backend=self.backend)
+        return sq_norm
 
     def _restored(self, p: torch.Tensor) -> torch.Tensor:
         """The weight ``p`` will have after the restore: its backup while it is perturbed."""
@@ -290,8 +296,9 @@ class SAM(torch.optim.Optimizer):
         """Base optimizer state + SAM state (policy, modifiers, step count; backups only mid-step)."""
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        if self._perturbed is None:  # backups are scratch space between steps: keep checkpoints small
-            sd["state"] = {k: {n: v for n, v in st.items() if n != "backup"} for k, st in sd["state"].items()}
+        if self._perturbed is None:  # backups and first-pass copies are scratch between steps: small checkpoints
+            scratch = {"backup", *(k for m in self.modifiers for k in m.transient_keys)}
+            sd["state"] = {k: {n: v for n, v in st.items() if n not in scratch} for k, st in sd["state"].items()}
         sd["sam"] = {
             "step_count": self.step_count,
             "decision": self._decision,

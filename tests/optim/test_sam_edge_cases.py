@@ -305,3 +305,20 @@ def test_variant_resume_bitwise(cls, kw, mid_step):
         run(m3, o3, batches[4:])
     for a, b in zip(m1.parameters(), m3.parameters()):
         assert torch.equal(a, b)
+
+
+def test_checkpoint_between_steps_holds_no_scratch_buffers():
+    m = model_()
+    opt = sk.LookSAM(m.parameters(), torch.optim.SGD, k=2, lr=0.1)
+    for x, y in data(3):
+        m.zero_grad(); loss(m, x, y).backward()
+        opt.step(lambda: loss(m, x, y).backward())
+    keys = {k for st in opt.state_dict()["state"].values() for k in st}
+    assert keys == {"looksam_gv"}, keys
+
+
+def test_ae_wants_sam_before_backward_says_so():
+    m = model_()
+    opt = sk.AESAM(m.parameters(), torch.optim.SGD, total_steps=10, lr=0.1)
+    with pytest.raises(RuntimeError, match="after the first backward"):
+        opt.wants_sam()
