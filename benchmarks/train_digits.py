@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -90,7 +91,6 @@ class Method:
     build: Callable  # (model, params, ctx) -> optimizer
     protocol: str = "sam"  # "sgd": plain step; "sam": step(closure) with a mean-loss closure; "esam": per-sample
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def base_kwargs():
@@ -146,7 +146,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def run(method: Method, sk, seed: int, epochs: int) -> dict:
+def run(method: Method, seed: int, epochs: int) -> dict:
     xtr, ytr, xte, yte, noise = make_data(seed)
     model = make_model(seed)
     g = torch.Generator().manual_seed(1000 + seed)
@@ -217,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             skipped[method.name] = f"{type(exc).__name__}: {exc}"
             print(f"skip {method.name}: {skipped[method.name]}", flush=True)
             continue
-        runs = [run(method, sk, s, args.epochs) for s in args.seeds]
+        runs = [run(method, s, args.epochs) for s in args.seeds]
         accs = [r["test_acc"] * 100 for r in runs]
         results[method.name] = {
             "note": method.note, "runs": runs,
@@ -232,13 +232,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     write(args, results, skipped)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write(args, results: dict, skipped: dict) -> None:
     import pathlib
 
     import sam_kernels as sk
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, " \
-              f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
+    machine = f"{cpu_name()} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch thread, load average "
+    machine += f"{os.getloadavg()[0]:.1f} at the end: shared box, wall times are noisy), {platform.system()} "
+    machine += f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
     backend = sk.ops.last_used.copy()
     meta = {"machine": machine, "seeds": args.seeds, "epochs": args.epochs, "batch": BATCH, "label_noise": NOISE,
             "base": f"SGD lr {LR} momentum {MOMENTUM} wd {WEIGHT_DECAY}, cosine lr", "model": "MLP 64-128-64-10",

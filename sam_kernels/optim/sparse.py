@@ -238,8 +238,7 @@ class SparseSAM(SAM):
         self.mask_kind = mask
         provider: MaskProvider
         if mask == "fisher":
-            provider = FisherMask(num_samples=num_samples, source=self._fisher_source, method=fisher_method,
-                                  train=fisher_train, **common)
+            provider = FisherMask(num_samples=num_samples, method=fisher_method, train=fisher_train, **common)
         elif mask == "dynamic":
             if horizon is None:
                 raise ValueError("mask='dynamic' needs horizon= (training length in update_unit: epochs E or steps)")
@@ -253,10 +252,6 @@ class SparseSAM(SAM):
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
-
-    def _fisher_source(self):
-        data = self.fisher_data() if callable(self.fisher_data) else self.fisher_data
-        return self.model, self.loss_fn, data
 
     def _can_refresh(self) -> bool:
         return self.mask_kind != "fisher" or None not in (self.model, self.loss_fn, self.fisher_data)

@@ -646,3 +646,37 @@ def test_esam_state_dict_resume_bitwise(swp):
     run(opt2, net2, batches[3:])
     for a, b in zip(net.parameters(), net2.parameters()):
         assert bits_equal(a.detach(), b.detach())
+
+
+def test_composition_ae_sparse_and_esam_adaptive_renormalize():
+    from sam_kernels.optim import AdaptivePolicy, ScheduledPolicy
+
+    batches = data(n=48, batch=8)
+    net = mlp()
+    sparse = SparseSAM(net.parameters(), torch.optim.SGD, mask="random", update_unit="step", seed=0,
+                       policy=AdaptivePolicy(6), lr=0.1)
+    _run_sparse(sparse, net, batches)
+    assert sparse.step_count == 6 and sparse.mask_provider.cadence.step == 6
+
+    net2 = mlp()
+    params = list(net2.parameters())
+    esam = ESAM(params, torch.optim.SGD, rho=0.5, adaptive=True, renormalize=True, beta=0.5, gamma=0.5, seed=0,
+                policy=ScheduledPolicy("constant", 0.7, seed=0), lr=0.1)
+    for x, y in batches:
+        esam.zero_grad()
+        esam.step(per_sample(net2, x, y))
+    assert esam.step_count == 6 and all(torch.isfinite(p).all() for p in params)
+
+    # AE-SAM reads the first-pass norm: ESAM must not freeze tensors then (a plain step needs every grad)
+    net3 = mlp()
+    params3 = list(net3.parameters())
+    esam_ae = ESAM(params3, torch.optim.SGD, beta=0.5, seed=0, policy=AdaptivePolicy(6), lr=0.1)
+    flags = []
+    for x, y in batches:
+        esam_ae.zero_grad()
+
+        def closure(indices=None):
+            flags.append(all(p.requires_grad for p in params3))
+            return per_sample(net3, x, y)(indices)
+        esam_ae.step(closure)
+    assert all(flags)
