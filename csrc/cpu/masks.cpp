@@ -1,13 +1,13 @@
 // topk_mask (global, exact count) and nm_mask (n of every m along the reduction dim).
 // Ranking matches reference.py: values mapped like torch.nan_to_num(nan=-inf) (NaN lowest,
 // ±inf to ±DBL_MAX), ties go to the lower flattened position.
+#include "multi_tensor.h"
+
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 #include <numeric>
-
-#include "multi_tensor.h"
 
 namespace sam_kernels::cpu {
 namespace {

@@ -8,15 +8,25 @@
 // order: the result does not depend on the number of threads.
 #pragma once
 
+// ATen compiles its own kernels once per CPU capability and defines CPU_CAPABILITY_* per build;
+// an extension gets the portable (array-loop) Vectorized unless it names one. setup.py builds
+// with -march=native, so select the AVX2 intrinsics whenever the compiler targets them. Every
+// file that uses Vectorized includes this header first, so the whole library sees one definition.
+#if !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512) && defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace sam_kernels::cpu {
@@ -106,6 +116,96 @@ inline void check_primary(const char* op, const char* name, at::TensorList prima
 template <typename T>
 T* data(const at::Tensor& t) {
   return static_cast<T*>(t.data_ptr());
+}
+
+// ---- element loops: one formula for the vector and the scalar path
+//
+// An op writes its per-element maths once, as a generic lambda body(T{}, i) that loads with
+// load<T>, computes in T and stores with store. T is at::vec::Vectorized<scalar_t> on full
+// vectors of fp32/fp64 data and the scalar compute type (opmath: float for fp16/bf16) elsewhere,
+// so fp16/bf16 load, compute in float and round once on store, as in reference.py.
+
+template <typename T>
+struct is_vec : std::false_type {};
+template <typename T>
+struct is_vec<at::vec::Vectorized<T>> : std::true_type {};
+
+template <typename scalar_t>
+constexpr bool has_vec_path = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+
+template <typename T, typename scalar_t>
+T load(const scalar_t* p, int64_t i) {
+  if constexpr (is_vec<T>::value) {
+    return T::loadu(p + i);
+  } else {
+    return static_cast<T>(p[i]);
+  }
+}
+
+template <typename T, typename scalar_t>
+void store(scalar_t* p, int64_t i, const T& v) {
+  if constexpr (is_vec<T>::value) {
+    v.store(p + i);
+  } else {
+    p[i] = static_cast<scalar_t>(v);
+  }
+}
+
+// sqrt / abs for both paths (Vectorized spells them as members).
+template <typename T>
+T vsqrt(const T& x) {
+  if constexpr (is_vec<T>::value) {
+    return x.sqrt();
+  } else {
+    return std::sqrt(x);
+  }
+}
+
+template <typename T>
+T vabs(const T& x) {
+  if constexpr (is_vec<T>::value) {
+    return x.abs();
+  } else {
+    return std::abs(x);
+  }
+}
+
+// body(Vec{}, i) on every full vector of [begin, end) when vectorize (and the dtype has a vector
+// path), body(acc_t{}, i) on the remaining elements.
+template <typename scalar_t, typename Body>
+void elementwise(int64_t begin, int64_t end, bool vectorize, const Body& body) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t i = begin;
+  if constexpr (has_vec_path<scalar_t>) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    if (vectorize) {
+      for (; i + Vec::size() <= end; i += Vec::size()) body(Vec{}, i);
+    }
+  }
+  for (; i < end; ++i) body(acc_t{}, i);
+}
+
+// Σ term(T{}, i) over [begin, end) as a double. The vector path sums short blocks in the data
+// type (fp32 lanes, the contract's accumulation type) and folds each block into a double, so a
+// chunk is both fast and at least as accurate as the fp32 contract.
+template <typename scalar_t, typename Term>
+double chunk_sum(int64_t begin, int64_t end, bool vectorize, const Term& term) {
+  constexpr int64_t kBlock = 1024;
+  double total = 0.0;
+  int64_t i = begin;
+  if constexpr (has_vec_path<scalar_t>) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    constexpr int64_t W = Vec::size();
+    while (vectorize && i + W <= end) {
+      Vec acc(scalar_t(0));
+      for (const int64_t stop = std::min(end, i + kBlock); i + W <= stop; i += W) acc = acc + term(Vec{}, i);
+      scalar_t lanes[W];
+      acc.store(lanes);
+      for (int64_t l = 0; l < W; ++l) total += static_cast<double>(lanes[l]);
+    }
+  }
+  for (; i < end; ++i) total += static_cast<double>(term(at::opmath_type<scalar_t>{}, i));
+  return total;
 }
 
 // Dispatch over the four float dtypes; scalar_t is the storage type.

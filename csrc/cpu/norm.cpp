@@ -1,32 +1,12 @@
 // Reductions: grad_sq_norm (Σ (m ⊙ T ⊙ g)²) and dot (Σ ⟨a, b⟩); see reference.py.
-// Each chunk accumulates in double, chunks are summed in order: deterministic, and at least as
-// accurate as the fp32 accumulation the contract asks for.
-#include <torch/library.h>
-
+// Every chunk is summed on its own (chunk_sum: fp32 vector blocks folded into a double), then the
+// chunk partials are added in chunk order: deterministic whatever the thread count.
 #include "multi_tensor.h"
+
+#include <torch/library.h>
 
 namespace sam_kernels::cpu {
 namespace {
-
-// Loops live in templates: a #pragma cannot sit inside the dispatch macro's argument.
-template <typename scalar_t>
-double sum_sq(const scalar_t* g, int64_t begin, int64_t end) {
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = begin; i < end; ++i) {
-    const double x = static_cast<double>(g[i]);
-    acc += x * x;
-  }
-  return acc;
-}
-
-template <typename scalar_t>
-double sum_prod(const scalar_t* x, const scalar_t* y, int64_t begin, int64_t end) {
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = begin; i < end; ++i) acc += static_cast<double>(x[i]) * static_cast<double>(y[i]);
-  return acc;
-}
 
 at::Tensor grad_sq_norm_cpu(at::TensorList grads, std::optional<at::TensorList> params,
                             std::optional<at::TensorList> masks, double eta) {
@@ -40,15 +20,16 @@ at::Tensor grad_sq_norm_cpu(at::TensorList grads, std::optional<at::TensorList> 
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
       const scalar_t* w = params ? data<scalar_t>((*params)[c.tensor]) : nullptr;
       const bool* m = masks ? data<bool>((*masks)[c.tensor]) : nullptr;
-      if (!w && !m) return sum_sq(g, c.begin, c.end);
-      double acc = 0.0;
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        double x = static_cast<double>(g[i]);
-        if (w) x *= std::abs(static_cast<double>(w[i])) + eta;
-        if (m && !m[i]) x = 0.0;
-        acc += x * x;
-      }
-      return acc;
+      // Masked entries count as 0; the bool mask is read element by element (scalar path).
+      return chunk_sum<scalar_t>(c.begin, c.end, /*vectorize=*/!m, [&](auto tag, int64_t i) {
+        using T = decltype(tag);
+        T x = load<T>(g, i);
+        if (w) x = x * (vabs(load<T>(w, i)) + T(eta));
+        if constexpr (!is_vec<T>::value) {
+          if (m && !m[i]) x = T(0);
+        }
+        return x * x;
+      });
     });
   });
   return scalar_result(total, grads[0].scalar_type());
@@ -63,7 +44,10 @@ at::Tensor dot_cpu(at::TensorList a, at::TensorList b) {
     total = reduce_chunks(chunks, [&](const Chunk& c) {
       const scalar_t* x = data<scalar_t>(a[c.tensor]);
       const scalar_t* y = data<scalar_t>(b[c.tensor]);
-      return sum_prod(x, y, c.begin, c.end);
+      return chunk_sum<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+        using T = decltype(tag);
+        return load<T>(x, i) * load<T>(y, i);
+      });
     });
   });
   return scalar_result(total, a[0].scalar_type());

@@ -1,9 +1,9 @@
 // Restore + base optimizer update in one pass: read backup, grad and state once, write the
 // weight and the state once (no separate restore pass). Maths as torch.optim.SGD / AdamW
 // (see reference.py); fp16/bf16 computed in fp32 and rounded once.
-#include <torch/library.h>
-
 #include "multi_tensor.h"
+
+#include <torch/library.h>
 
 namespace sam_kernels::cpu {
 namespace {
@@ -25,19 +25,20 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
       const scalar_t* b = data<scalar_t>(backups[c.tensor]);
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
       scalar_t* buf = has_momentum ? data<scalar_t>(momentum_buffers[c.tensor]) : nullptr;
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        const acc_t wi = static_cast<acc_t>(b[i]);
-        acc_t d = static_cast<acc_t>(g[i]);
+      elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+        using T = decltype(tag);
+        const T wi = load<T>(b, i);
+        T d = load<T>(g, i);
         if (maximize) d = -d;
-        if (weight_decay != 0.0) d += wd * wi;
+        if (weight_decay != 0.0) d = d + T(wd) * wi;
         if (has_momentum) {
-          const acc_t v = init_buffers ? d : mom * static_cast<acc_t>(buf[i]) + damp * d;
-          buf[i] = static_cast<scalar_t>(v);
-          const acc_t vs = static_cast<acc_t>(buf[i]);  // torch continues from the stored buffer
-          d = nesterov ? d + mom * vs : vs;
+          const T v = init_buffers ? d : T(mom) * load<T>(buf, i) + T(damp) * d;
+          store(buf, i, v);
+          const T vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
+          d = nesterov ? d + T(mom) * vs : vs;
         }
-        w[i] = static_cast<scalar_t>(wi - lr_c * d);
-      }
+        store(w, i, wi - T(lr_c) * d);
+      });
     });
   });
 }
@@ -64,17 +65,18 @@ void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::T
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
       scalar_t* m = data<scalar_t>(exp_avgs[c.tensor]);
       scalar_t* v = data<scalar_t>(exp_avg_sqs[c.tensor]);
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        acc_t gi = static_cast<acc_t>(g[i]);
+      elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+        using T = decltype(tag);
+        T gi = load<T>(g, i);
         if (maximize) gi = -gi;
-        const acc_t mi = static_cast<acc_t>(m[i]);
-        const acc_t mn = mi + b1 * (gi - mi);
-        const acc_t vn = b2 * static_cast<acc_t>(v[i]) + one_minus_b2 * gi * gi;
-        const acc_t denom = std::sqrt(vn) / bc2 + eps_c;
-        w[i] = static_cast<scalar_t>(static_cast<acc_t>(b[i]) * decay - step_size * mn / denom);
-        m[i] = static_cast<scalar_t>(mn);
-        v[i] = static_cast<scalar_t>(vn);
-      }
+        const T mi = load<T>(m, i);
+        const T mn = mi + T(b1) * (gi - mi);
+        const T vn = T(b2) * load<T>(v, i) + T(one_minus_b2) * gi * gi;
+        const T denom = vsqrt(vn) / T(bc2) + T(eps_c);
+        store(w, i, load<T>(b, i) * T(decay) - T(step_size) * mn / denom);
+        store(m, i, mn);
+        store(v, i, vn);
+      });
     });
   });
 }

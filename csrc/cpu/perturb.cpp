@@ -1,19 +1,12 @@
 // perturb_ (backup + ascent step) and restore_; see reference.py for the contract.
+#include "multi_tensor.h"
+
 #include <torch/library.h>
 
 #include <cstring>
 
-#include "multi_tensor.h"
-
 namespace sam_kernels::cpu {
 namespace {
-
-template <typename scalar_t, typename acc_t>
-void add_scaled(scalar_t* w, const scalar_t* g, acc_t scale, int64_t begin, int64_t end) {
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i)
-    w[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) + static_cast<acc_t>(g[i]) * scale);
-}
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq_norm,
                  double rho, double eps, std::optional<at::TensorList> masks, bool adaptive, double eta,
@@ -34,7 +27,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
     // A non-finite norm must not move any weight (the backup is still taken). An Inf gradient
     // gives scale 0, and 0·inf = NaN: the norm itself is tested too.
     const bool finite = std::isfinite(scale) && std::isfinite(sq);
-    const acc_t eta_c = static_cast<acc_t>(eta);
+    const bool select = masks || keep;
     for_each_chunk(chunks, [&](const Chunk& c) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
@@ -43,14 +36,21 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
       const uint32_t key = keep ? static_cast<uint32_t>(keys[c.tensor]) : 0u;
       std::copy(w + c.begin, w + c.end, b + c.begin);
       if (!finite) return;
-      if (!adaptive && !m && !keep) return add_scaled(w, g, scale, c.begin, c.end);
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        // Unselected entries are skipped, not added zero: bitwise unchanged, -0.0 included.
-        if ((m && !m[i]) || (keep && !keep_element(key, i, threshold))) continue;
-        const acc_t wi = static_cast<acc_t>(w[i]);
-        const acc_t t = adaptive ? std::abs(wi) + eta_c : acc_t(1);
-        w[i] = static_cast<scalar_t>(wi + t * t * static_cast<acc_t>(g[i]) * scale);
-      }
+      // Selections are per element (bool mask, hash): the scalar path, which skips unselected
+      // entries instead of adding zero, so they stay bitwise unchanged (-0.0 included).
+      elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/!select, [&](auto tag, int64_t i) {
+        using T = decltype(tag);
+        if constexpr (!is_vec<T>::value) {
+          if ((m && !m[i]) || (keep && !keep_element(key, i, threshold))) return;
+        }
+        const T wi = load<T>(w, i);
+        T e = load<T>(g, i);
+        if (adaptive) {
+          const T t = vabs(wi) + T(eta);
+          e = t * t * e;
+        }
+        store(w, i, wi + e * T(scale));  // the order of reference.perturb_
+      });
     });
   });
 }

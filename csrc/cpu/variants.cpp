@@ -1,8 +1,8 @@
 // Element-wise ops of the variants: Stable SAM renormalization, Fisher accumulation, LookSAM
 // store/apply. Their global norms/dots arrive as 0-dim tensors (computed by grad_sq_norm / dot).
-#include <torch/library.h>
-
 #include "multi_tensor.h"
+
+#include <torch/library.h>
 
 namespace sam_kernels::cpu {
 namespace {
@@ -15,9 +15,10 @@ void axpy(at::TensorList out, at::TensorList a, at::TensorList x, acc_t coef) {
     scalar_t* o = data<scalar_t>(out[c.tensor]);
     const scalar_t* av = data<scalar_t>(a[c.tensor]);
     const scalar_t* xv = data<scalar_t>(x[c.tensor]);
-#pragma omp simd
-    for (int64_t i = c.begin; i < c.end; ++i)
-      o[i] = static_cast<scalar_t>(static_cast<acc_t>(av[i]) + coef * static_cast<acc_t>(xv[i]));
+    elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+      using T = decltype(tag);
+      store(o, i, load<T>(av, i) + T(coef) * load<T>(xv, i));
+    });
   });
 }
 
@@ -30,7 +31,10 @@ void renormalize_cpu(at::TensorList grads, const at::Tensor& ref_sq_norm, const 
     const auto chunks = make_chunks(grads);
     for_each_chunk(chunks, [&](const Chunk& c) {
       scalar_t* g = data<scalar_t>(grads[c.tensor]);
-      for (int64_t i = c.begin; i < c.end; ++i) g[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * ratio);
+      elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+        using T = decltype(tag);
+        store(g, i, load<T>(g, i) * T(ratio));
+      });
     });
   });
 }
@@ -45,10 +49,11 @@ void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double s
     for_each_chunk(chunks, [&](const Chunk& c) {
       scalar_t* f = data<scalar_t>(fisher[c.tensor]);
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
-      for (int64_t i = c.begin; i < c.end; ++i) {
-        const acc_t gi = static_cast<acc_t>(g[i]);
-        f[i] = static_cast<scalar_t>(static_cast<acc_t>(f[i]) + s * gi * gi);
-      }
+      elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+        using T = decltype(tag);
+        const T gi = load<T>(g, i);
+        store(f, i, load<T>(f, i) + T(s) * gi * gi);
+      });
     });
   });
 }
