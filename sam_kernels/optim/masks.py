@@ -343,10 +343,6 @@ class RefreshCadence:
 
 # --------------------------------------------------------------------------- providers
 
-FisherSource = Callable[[], tuple]
-"""A zero-argument callable returning ``(model, loss_fn, data)`` for a Fisher refresh."""
-
-
 class MaskProvider:
     """Base class: the current mask, a seeded CPU generator and a refresh cadence.
 
@@ -414,18 +410,15 @@ class RandomMask(MaskProvider):
 class FisherMask(MaskProvider):
     """Fisher-information mask (SSAM-F): top entries of Σ_i g_i² over ``num_samples`` batch-1 examples.
 
-    ``refresh(params, model=..., loss_fn=..., data=...)`` scores with :func:`fisher_scores`;
-    ``source`` (a callable returning ``(model, loss_fn, data)``) lets the optimizer refresh on its
-    own cadence without the caller passing data each time.
+    ``refresh(params, model=..., loss_fn=..., data=...)`` scores with :func:`fisher_scores` and keeps
+    the scores in ``last_scores``.
     """
 
     kind = "fisher"
 
-    def __init__(self, *, num_samples: int = 128, source: Optional[FisherSource] = None, method: str = "auto",
-                 train: Optional[bool] = None, **kwargs):
+    def __init__(self, *, num_samples: int = 128, method: str = "auto", train: Optional[bool] = None, **kwargs):
         super().__init__(**kwargs)
         self.num_samples = int(num_samples)
-        self.source = source
         self.method = method
         self.train = train
         self.last_scores: Optional[list[torch.Tensor]] = None
@@ -433,10 +426,7 @@ class FisherMask(MaskProvider):
     def _build(self, params, grads, *, model: Optional[nn.Module] = None, loss_fn: Optional[Callable] = None,
                data: Optional[Iterable] = None, **kwargs):
         if model is None or loss_fn is None or data is None:
-            if self.source is None:
-                raise ValueError("a Fisher mask needs data: pass model, loss_fn and data to update_mask(...), "
-                                 "or give the optimizer fisher_data=lambda: (model, loss_fn, data_iterable)")
-            model, loss_fn, data = self.source()
+            raise ValueError("a Fisher mask needs data: refresh(params, model=..., loss_fn=..., data=...)")
         self.last_scores = fisher_scores(model, loss_fn, data, params, num_samples=self.num_samples,
                                          method=self.method, train=self.train)
         return pattern_mask(self.last_scores, self.pattern, self.density, self.n, self.m)
