@@ -7,6 +7,7 @@ compared with the eager reference on the same device. Every test skips without a
 import pytest
 import torch
 
+from sam_kernels._extension import extension_error, has_kernel
 from sam_kernels.ops import extension_ops as ext
 from sam_kernels.ops import reference as ref
 from tests.utils import assert_lists_close, assert_lists_equal
@@ -24,8 +25,8 @@ BLOCK_CAP_ELEMENTS = 320 * 65536
 def _need_kernels():
     if not torch.cuda.is_available():
         return
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("sam_kernels::perturb_", "CUDA"):
-        pytest.skip("sam_kernels._C was built without CUDA kernels")
+    if not has_kernel("perturb_", "CUDA"):
+        pytest.skip(extension_error() or "sam_kernels._C was built without CUDA kernels")
 
 
 def _randn(sizes, dtype=torch.float32, seed=0):
