@@ -106,8 +106,11 @@ __device__ __forceinline__ void for_each_group(const ChunkRef& c, F&& f) {
     f(base + int64_t{threadIdx.x} * kIlp);
 }
 
+// __grid_constant__: the functor reads the table by reference straight from parameter space
+// (no per-thread copy of ~4 KB into local memory).
 template <int kDepth, typename Functor>
-__global__ void __launch_bounds__(kBlockSize) multi_tensor_kernel(const TensorListMetadata<kDepth> meta, Functor f) {
+__global__ void __launch_bounds__(kBlockSize)
+    multi_tensor_kernel(const __grid_constant__ TensorListMetadata<kDepth> meta, const __grid_constant__ Functor f) {
   const int t = meta.block_to_tensor[blockIdx.x];
   const int64_t begin = int64_t{meta.block_to_chunk[blockIdx.x]} * kChunkSize;
   const int64_t end = begin + kChunkSize < meta.sizes[t] ? begin + kChunkSize : meta.sizes[t];
