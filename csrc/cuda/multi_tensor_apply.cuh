@@ -1,0 +1,186 @@
+// The one multi-tensor launcher of the CUDA backend (after Apex / PyTorch multi_tensor_apply).
+//
+// A group is a set of aligned tensor lists (entry i of every list has the same numel). Every
+// tensor is cut into chunks of kChunkSize elements; one block handles one chunk. The pointers,
+// sizes and block -> (tensor, chunk) maps of a launch travel BY VALUE as the kernel argument
+// (TensorListMetadata), so there is no host-to-device copy and the launch is CUDA-graph safe.
+// The table is sized for the classic 4 KB kernel-argument limit; when its tensor or block slots
+// fill, the launcher launches and starts a new table, carrying a tensor that was cut mid-way.
+//
+// Element layout: thread t of a block handles the kIlp contiguous elements starting at
+// base + t * kIlp, base stepping by kBlockSize * kIlp through the chunk. The group is one 16-byte
+// vector access when the tensor is aligned (checked on the host, per tensor: every pointer aligned
+// to the vector width and numel a multiple of kIlp), masked scalar accesses otherwise. Because a
+// thread's elements are contiguous, block-wide scans over (thread, element) follow index order.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <cstdint>
+
+namespace sam_kernels::cuda {
+
+constexpr int kBlockSize = 512;
+constexpr int64_t kChunkSize = 65536;  // a multiple of kBlockSize * kIlp for every dtype
+constexpr int kVecBytes = 16;          // one vector access per thread per list and iteration
+constexpr int kMaxBlocks = 320;        // blocks per launch (block -> chunk map slots)
+// Bytes of the metadata table; the rest of the 4 KB argument space is left to the functor.
+constexpr int kTableBytes = 3800;
+constexpr int kArgLimitBytes = 4096;
+
+// Elements per thread and vector access for storage type T (fp32: 4, fp16/bf16: 8, fp64: 2).
+template <typename T>
+constexpr int ilp_of() {
+  return kVecBytes / static_cast<int>(sizeof(T));
+}
+
+template <int kDepth>
+struct TensorListMetadata {
+  // Each tensor slot costs kDepth pointers, size, aux and an alignment flag.
+  static constexpr int kMaxTensors =
+      (kTableBytes - 8 - kMaxBlocks * (4 + 1)) / (kDepth * 8 + 8 + 8 + 1);
+  static_assert(kMaxTensors >= 1 && kMaxTensors <= 255, "block_to_tensor is one byte");
+
+  void* ptrs[kDepth][kMaxTensors];  // nullptr: the list is absent (optional list)
+  int64_t sizes[kMaxTensors];
+  int64_t aux[kMaxTensors];      // per-tensor value of the op (RNG key, row length)
+  int64_t block_offset;          // blocks of the previous launches of this apply
+  int block_to_chunk[kMaxBlocks];
+  unsigned char block_to_tensor[kMaxBlocks];
+  bool aligned[kMaxTensors];
+};
+
+// What one block works on.
+struct ChunkRef {
+  int tensor;    // slot in the launch's table
+  int64_t begin;  // element range [begin, end) of the tensor
+  int64_t end;
+  bool aligned;
+  int64_t block;  // index of the chunk over the whole apply: (list position, chunk) order
+  int64_t aux;
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// Loads the N elements [i, i+N) (those below end). Aligned tensors have numel % N == 0, so a
+// group that starts below end is whole: one vector load.
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_group(const void* p, int64_t i, int64_t end, bool aligned) {
+  const T* q = static_cast<const T*>(p);
+  Vec<T, N> r{};
+  if (aligned) {
+    if (i < end) r = *reinterpret_cast<const Vec<T, N>*>(q + i);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+      if (i + k < end) r.v[k] = q[i + k];
+  }
+  return r;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_group(void* p, const Vec<T, N>& r, int64_t i, int64_t end, bool aligned) {
+  T* q = static_cast<T*>(p);
+  if (aligned) {
+    if (i < end) *reinterpret_cast<Vec<T, N>*>(q + i) = r;
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+      if (i + k < end) q[i + k] = r.v[k];
+  }
+}
+
+// Calls f(i) for this thread's groups of the chunk, i = first element of the group. Every thread
+// of the block makes the same number of calls (i may lie past the end), so f may use block-wide
+// collectives.
+template <int kIlp, typename F>
+__device__ __forceinline__ void for_each_group(const ChunkRef& c, F&& f) {
+  for (int64_t base = c.begin; base < c.end; base += int64_t{kBlockSize} * kIlp)
+    f(base + int64_t{threadIdx.x} * kIlp);
+}
+
+// __grid_constant__: the functor reads the table by reference straight from parameter space
+// (no per-thread copy of ~4 KB into local memory).
+template <int kDepth, typename Functor>
+__global__ void __launch_bounds__(kBlockSize)
+    multi_tensor_kernel(const __grid_constant__ TensorListMetadata<kDepth> meta, const __grid_constant__ Functor f) {
+  const int t = meta.block_to_tensor[blockIdx.x];
+  const int64_t begin = int64_t{meta.block_to_chunk[blockIdx.x]} * kChunkSize;
+  const int64_t end = begin + kChunkSize < meta.sizes[t] ? begin + kChunkSize : meta.sizes[t];
+  f(meta, ChunkRef{t, begin, end, meta.aligned[t], meta.block_offset + blockIdx.x, meta.aux[t]});
+}
+
+// Number of chunks (= blocks over all launches) of a group; zero-size tensors have none.
+inline int64_t count_chunks(at::TensorList primary) {
+  int64_t n = 0;
+  for (const auto& t : primary) n += (t.numel() + kChunkSize - 1) / kChunkSize;
+  return n;
+}
+
+// Runs f over every chunk of the group. lists[l] is list l of the table (an EMPTY list stands for
+// an absent optional list: null pointers); aux (empty or one value per tensor) lands in ChunkRef.
+// Zero-size tensors are skipped. The caller has set the device guard and checked the lists.
+template <typename Functor>
+void multi_tensor_apply(const std::array<at::TensorList, Functor::kDepth>& lists, at::IntArrayRef aux,
+                        const Functor& f) {
+  constexpr int kDepth = Functor::kDepth;
+  using Meta = TensorListMetadata<kDepth>;
+  static_assert(sizeof(Meta) + sizeof(Functor) <= kArgLimitBytes - 64, "kernel arguments over 4 KB");
+  const at::TensorList primary = lists[0];
+  TORCH_INTERNAL_ASSERT(aux.empty() || aux.size() == primary.size());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](const Meta& meta, int blocks) {
+    multi_tensor_kernel<kDepth, Functor><<<blocks, kBlockSize, 0, stream>>>(meta, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+
+  Meta meta{};
+  int tensors = 0;
+  int blocks = 0;
+  for (size_t i = 0; i < primary.size(); ++i) {
+    const int64_t n = primary[i].numel();
+    if (n == 0) continue;
+    bool aligned = n % Functor::kIlp == 0;
+    for (int l = 0; l < kDepth; ++l) {
+      void* p = lists[l].empty() ? nullptr : lists[l][i].data_ptr();
+      meta.ptrs[l][tensors] = p;
+      if (p != nullptr)
+        aligned = aligned && reinterpret_cast<uintptr_t>(p) % (Functor::kIlp * lists[l][i].element_size()) == 0;
+    }
+    meta.sizes[tensors] = n;
+    meta.aux[tensors] = aux.empty() ? 0 : aux[i];
+    meta.aligned[tensors] = aligned;
+    ++tensors;
+    const int64_t chunks = (n + kChunkSize - 1) / kChunkSize;
+    for (int64_t c = 0; c < chunks; ++c) {
+      meta.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
+      meta.block_to_chunk[blocks] = static_cast<int>(c);
+      ++blocks;
+      const bool last_chunk = c == chunks - 1;
+      if (blocks == kMaxBlocks || (tensors == Meta::kMaxTensors && last_chunk)) {
+        launch(meta, blocks);
+        meta.block_offset += blocks;
+        blocks = 0;
+        if (last_chunk) {
+          tensors = 0;
+        } else {  // carry the cut tensor into slot 0 of the next table
+          for (int l = 0; l < kDepth; ++l) meta.ptrs[l][0] = meta.ptrs[l][tensors - 1];
+          meta.sizes[0] = meta.sizes[tensors - 1];
+          meta.aux[0] = meta.aux[tensors - 1];
+          meta.aligned[0] = meta.aligned[tensors - 1];
+          tensors = 1;
+        }
+      }
+    }
+  }
+  if (blocks > 0) launch(meta, blocks);
+}
+
+}  // namespace sam_kernels::cuda

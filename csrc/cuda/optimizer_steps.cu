@@ -1,0 +1,132 @@
+// Restore + base optimizer update in one pass: read backup, grad and state once, write the weight
+// and the state once (no separate restore pass). Maths as reference.py (torch.optim.SGD / AdamW):
+// fp16/bf16 computed in fp32 and rounded once when stored; one launch per group (per table fill).
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "elementwise.cuh"
+
+namespace sam_kernels::cuda {
+namespace {
+
+// lists: 0 params (w), 1 backups (r), 2 grads (r), 3 momentum_buffers (rw; absent when momentum == 0).
+template <typename T>
+struct SgdOp {
+  using A = acc_type<T>;
+  static constexpr int kLists = 4;
+  static constexpr unsigned kReads = 0b1110, kWrites = 0b1001;
+  static constexpr bool kMasked = false, kReduce = false;
+  A lr, momentum, one_minus_dampening, weight_decay;
+  bool has_momentum, has_weight_decay, nesterov, maximize, init_buffers;
+
+  __device__ void load_scalars() {}
+  __device__ void operator()(T (&x)[4], bool, int64_t, int64_t) const {
+    const A w = static_cast<A>(x[1]);
+    A d = static_cast<A>(x[2]);
+    if (maximize) d = -d;
+    if (has_weight_decay) d = d + weight_decay * w;
+    if (has_momentum) {
+      // The reference continues from the fp32 buffer value, not the rounded stored one.
+      const A buf = init_buffers ? d : static_cast<A>(x[3]) * momentum + one_minus_dampening * d;
+      x[3] = static_cast<T>(buf);
+      d = nesterov ? d + momentum * buf : buf;
+    }
+    x[0] = static_cast<T>(w + (-lr) * d);
+  }
+};
+
+// lists: 0 params (w), 1 backups (r), 2 grads (r), 3 exp_avgs (rw), 4 exp_avg_sqs (rw).
+template <typename T>
+struct AdamWOp {
+  using A = acc_type<T>;
+  static constexpr int kLists = 5;
+  static constexpr unsigned kReads = 0b11110, kWrites = 0b11001;
+  static constexpr bool kMasked = false, kReduce = false;
+  A decay;               // 1 - lr * weight_decay
+  A one_minus_beta1;     // lerp weight
+  A beta2, one_minus_beta2;
+  A bias_correction2_sqrt;
+  A neg_step_size;       // -lr / bias_correction1
+  A eps;
+  bool maximize;
+
+  __device__ void load_scalars() {}
+  __device__ void operator()(T (&x)[5], bool, int64_t, int64_t) const {
+    A g = static_cast<A>(x[2]);
+    if (maximize) g = -g;
+    const A m0 = static_cast<A>(x[3]);
+    // torch.lerp's two-sided formula (exact at weight 0 and 1).
+    const A m = ::fabs(one_minus_beta1) < A(0.5) ? m0 + one_minus_beta1 * (g - m0)
+                                                 : g - (g - m0) * (A(1) - one_minus_beta1);
+    const A v = static_cast<A>(x[4]) * beta2 + one_minus_beta2 * g * g;
+    const A denom = ::sqrt(v) / bias_correction2_sqrt + eps;
+    x[0] = static_cast<T>(static_cast<A>(x[1]) * decay + neg_step_size * (m / denom));
+    x[3] = static_cast<T>(m);
+    x[4] = static_cast<T>(v);
+  }
+};
+
+void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                           at::TensorList momentum_buffers, double lr, double momentum, double dampening,
+                           double weight_decay, bool nesterov, bool maximize, bool init_buffers) {
+  check_primary("sgd_restore_step_", "params", params);
+  check_list("sgd_restore_step_", "backups", params, backups);
+  check_list("sgd_restore_step_", "grads", params, grads);
+  const bool has_momentum = momentum != 0.0;
+  if (has_momentum) check_list("sgd_restore_step_", "momentum_buffers", params, momentum_buffers);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  dispatch_floats(params[0].scalar_type(), "sgd_restore_step_", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_type<T>;
+    SgdOp<T> op{};
+    op.lr = static_cast<A>(lr);
+    op.momentum = static_cast<A>(momentum);
+    op.one_minus_dampening = static_cast<A>(1.0 - dampening);  // alpha=1 - dampening, formed in double
+    op.weight_decay = static_cast<A>(weight_decay);
+    op.has_momentum = has_momentum;
+    op.has_weight_decay = weight_decay != 0.0;
+    op.nesterov = nesterov;
+    op.maximize = maximize;
+    op.init_buffers = init_buffers;
+    apply_elementwise<T>({params, backups, grads, has_momentum ? momentum_buffers : at::TensorList{}}, op);
+  });
+}
+
+void adamw_restore_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step, double lr,
+                             double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+  check_primary("adamw_restore_step_", "params", params);
+  check_list("adamw_restore_step_", "backups", params, backups);
+  check_list("adamw_restore_step_", "grads", params, grads);
+  check_list("adamw_restore_step_", "exp_avgs", params, exp_avgs);
+  check_list("adamw_restore_step_", "exp_avg_sqs", params, exp_avg_sqs);
+  TORCH_CHECK(step >= 1, "adamw_restore_step_: step must be >= 1, got ", step);
+  // Host doubles like reference.py's Python floats; the kernel gets them rounded to the compute type.
+  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  dispatch_floats(params[0].scalar_type(), "adamw_restore_step_", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_type<T>;
+    AdamWOp<T> op{};
+    op.decay = static_cast<A>(1.0 - lr * weight_decay);
+    op.one_minus_beta1 = static_cast<A>(1.0 - beta1);
+    op.beta2 = static_cast<A>(beta2);
+    op.one_minus_beta2 = static_cast<A>(1.0 - beta2);
+    op.bias_correction2_sqrt = static_cast<A>(bias_correction2_sqrt);
+    op.neg_step_size = static_cast<A>(-lr / bias_correction1);
+    op.eps = static_cast<A>(eps);
+    op.maximize = maximize;
+    apply_elementwise<T>({params, backups, grads, exp_avgs, exp_avg_sqs}, op);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
+  m.impl("sgd_restore_step_", &sgd_restore_step_cuda);
+  m.impl("adamw_restore_step_", &adamw_restore_step_cuda);
+}
+
+}  // namespace sam_kernels::cuda

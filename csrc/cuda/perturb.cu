@@ -1,0 +1,102 @@
+// perturb_ (backup + ascent step) and restore_; see reference.py for the contract.
+// One launch per group (per table fill); the scale is computed in the kernel from the device norm.
+#include <torch/library.h>
+
+#include "elementwise.cuh"
+
+namespace sam_kernels::cuda {
+namespace {
+
+// lists: 0 params (rw), 1 grads (r), 2 backups (w), then optional masks. aux: the tensor's RNG key.
+template <typename T>
+struct PerturbOp {
+  using A = acc_type<T>;
+  static constexpr int kLists = 3;
+  static constexpr unsigned kReads = 0b011, kWrites = 0b101;
+  static constexpr bool kMasked = true, kReduce = false;
+  DeviceScalar sq_norm;
+  A rho, eps, eta, inv_keep_prob;
+  bool adaptive, keep;
+  uint32_t keep_threshold;
+  A scale;      // set by load_scalars
+  bool finite;  // set by load_scalars
+
+  __device__ void load_scalars() {
+    // As reference.py evaluates it on CUDA: rho / t is reciprocal(t)·rho, t / keep_prob is t·(1/keep_prob).
+    scale = (A(1) / (::sqrt(sq_norm.get<A>()) + eps)) * rho;
+    if (keep) scale = scale * inv_keep_prob;
+    finite = ::isfinite(scale);
+  }
+  __device__ void operator()(T (&x)[3], bool selected, int64_t i, int64_t key) const {
+    x[2] = x[0];  // exact copy of the storage bits
+    // Unselected entries (mask, keep mask, non-finite scale) keep their bits: no add of zero.
+    if (!finite || !selected || (keep && !keep_element(static_cast<uint32_t>(key), i, keep_threshold))) return;
+    const A w = static_cast<A>(x[0]);
+    const A g = static_cast<A>(x[1]);
+    if (adaptive) {
+      const A t = ::fabs(w) + eta;
+      x[0] = static_cast<T>(w + t * t * g * scale);
+    } else {
+      x[0] = static_cast<T>(w + g * scale);
+    }
+  }
+};
+
+// lists: 0 params (w), 1 backups (r).
+template <typename T>
+struct CopyOp {
+  static constexpr int kLists = 2;
+  static constexpr unsigned kReads = 0b10, kWrites = 0b01;
+  static constexpr bool kMasked = false, kReduce = false;
+
+  __device__ void load_scalars() {}
+  __device__ void operator()(T (&x)[2], bool, int64_t, int64_t) const { x[0] = x[1]; }
+};
+
+void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq_norm,
+                  double rho, double eps, std::optional<at::TensorList> masks, bool adaptive, double eta,
+                  double keep_prob, at::IntArrayRef keys) {
+  check_primary("perturb_", "params", params);
+  check_list("perturb_", "grads", params, grads);
+  check_list("perturb_", "backups", params, backups);
+  if (masks) check_list("perturb_", "masks", params, *masks, /*is_mask=*/true);
+  const bool keep = keep_prob < 1.0;
+  TORCH_CHECK(!keep || keys.size() == params.size(), "perturb_: need one RNG key per tensor, got ", keys.size());
+  TORCH_CHECK(keep_prob > 0.0, "perturb_: keep_prob must be in (0, 1], got ", keep_prob);
+  const DeviceScalar sq = device_scalar(sq_norm, params[0], "perturb_", "sq_norm");
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  dispatch_floats(params[0].scalar_type(), "perturb_", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_type<T>;
+    PerturbOp<T> op{};
+    op.sq_norm = sq;
+    op.rho = static_cast<A>(rho);
+    op.eps = static_cast<A>(eps);
+    op.eta = static_cast<A>(eta);
+    op.inv_keep_prob = A(1) / static_cast<A>(keep_prob);
+    op.adaptive = adaptive;
+    op.keep = keep;
+    op.keep_threshold = static_cast<uint32_t>(keep_prob * (1 << 24));  // int(keep_prob * 2**24) in reference.py
+    apply_elementwise<T>({params, grads, backups, masks.value_or(at::TensorList{})}, op,
+                         keep ? keys : at::IntArrayRef{});
+  });
+}
+
+void restore_cuda(at::TensorList params, at::TensorList backups) {
+  check_primary("restore_", "params", params);
+  check_list("restore_", "backups", params, backups);
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  dispatch_floats(params[0].scalar_type(), "restore_", [&](auto tag) {
+    using T = decltype(tag);
+    apply_elementwise<T>({params, backups}, CopyOp<T>{});
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
+  m.impl("perturb_", &perturb_cuda);
+  m.impl("restore_", &restore_cuda);
+}
+
+}  // namespace sam_kernels::cuda

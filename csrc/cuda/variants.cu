@@ -1,0 +1,135 @@
+// Element-wise ops of the variants: Stable SAM renormalization, Fisher accumulation, LookSAM
+// store/apply. Their global norms/dots arrive as 0-dim device tensors (grad_sq_norm / dot) and are
+// read inside the kernel: one launch per group (per table fill), no host synchronization.
+#include <torch/library.h>
+
+#include "elementwise.cuh"
+
+namespace sam_kernels::cuda {
+namespace {
+
+// lists: 0 grads (rw). g ← g·sqrt(ref)/(sqrt(sq)+eps).
+template <typename T>
+struct RenormalizeOp {
+  using A = acc_type<T>;
+  static constexpr int kLists = 1;
+  static constexpr unsigned kReads = 0b1, kWrites = 0b1;
+  static constexpr bool kMasked = false, kReduce = false;
+  DeviceScalar ref_sq_norm, sq_norm;
+  A eps;
+  A ratio;  // set by load_scalars
+
+  __device__ void load_scalars() { ratio = ::sqrt(ref_sq_norm.get<A>()) / (::sqrt(sq_norm.get<A>()) + eps); }
+  __device__ void operator()(T (&x)[1], bool, int64_t, int64_t) const { x[0] = static_cast<T>(static_cast<A>(x[0]) * ratio); }
+};
+
+// lists: 0 fisher (rw), 1 grads (r). f ← f + scale·g·g.
+template <typename T>
+struct FisherOp {
+  using A = acc_type<T>;
+  static constexpr int kLists = 2;
+  static constexpr unsigned kReads = 0b11, kWrites = 0b01;
+  static constexpr bool kMasked = false, kReduce = false;
+  A scale;
+
+  __device__ void load_scalars() {}
+  __device__ void operator()(T (&x)[2], bool, int64_t, int64_t) const {
+    const A g = static_cast<A>(x[1]);
+    x[0] = static_cast<T>(static_cast<A>(x[0]) + scale * g * g);
+  }
+};
+
+// lists: 0 g_v (w), 1 grads (r), 2 sam_grads (r). g_v ← g_s − (dot/(sq+eps))·g.
+template <typename T>
+struct LookSamStoreOp {
+  using A = acc_type<T>;
+  static constexpr int kLists = 3;
+  static constexpr unsigned kReads = 0b110, kWrites = 0b001;
+  static constexpr bool kMasked = false, kReduce = false;
+  DeviceScalar gs_dot_g, g_sq_norm;
+  A eps;
+  A coef;  // set by load_scalars
+
+  __device__ void load_scalars() { coef = gs_dot_g.get<A>() / (g_sq_norm.get<A>() + eps); }
+  __device__ void operator()(T (&x)[3], bool, int64_t, int64_t) const {
+    x[0] = static_cast<T>(static_cast<A>(x[2]) - static_cast<A>(x[1]) * coef);
+  }
+};
+
+// lists: 0 grads (rw), 1 g_v (r). g ← g + alpha·sqrt(g_sq)/(sqrt(gv_sq)+eps)·g_v.
+template <typename T>
+struct LookSamApplyOp {
+  using A = acc_type<T>;
+  static constexpr int kLists = 2;
+  static constexpr unsigned kReads = 0b11, kWrites = 0b01;
+  static constexpr bool kMasked = false, kReduce = false;
+  DeviceScalar g_sq_norm, gv_sq_norm;
+  A alpha, eps;
+  A coef;  // set by load_scalars
+
+  __device__ void load_scalars() { coef = alpha * ::sqrt(g_sq_norm.get<A>()) / (::sqrt(gv_sq_norm.get<A>()) + eps); }
+  __device__ void operator()(T (&x)[2], bool, int64_t, int64_t) const {
+    x[0] = static_cast<T>(static_cast<A>(x[0]) + static_cast<A>(x[1]) * coef);
+  }
+};
+
+void renormalize_cuda(at::TensorList grads, const at::Tensor& ref_sq_norm, const at::Tensor& sq_norm, double eps) {
+  check_primary("renormalize_", "grads", grads);
+  const DeviceScalar ref = device_scalar(ref_sq_norm, grads[0], "renormalize_", "ref_sq_norm");
+  const DeviceScalar sq = device_scalar(sq_norm, grads[0], "renormalize_", "sq_norm");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  dispatch_floats(grads[0].scalar_type(), "renormalize_", [&](auto tag) {
+    using T = decltype(tag);
+    apply_elementwise<T>({grads}, RenormalizeOp<T>{ref, sq, static_cast<acc_type<T>>(eps), {}});
+  });
+}
+
+void fisher_accumulate_cuda(at::TensorList fisher, at::TensorList grads, double scale) {
+  check_primary("fisher_accumulate_", "fisher", fisher);
+  check_list("fisher_accumulate_", "grads", fisher, grads);
+  const c10::cuda::CUDAGuard guard(fisher[0].device());
+  dispatch_floats(fisher[0].scalar_type(), "fisher_accumulate_", [&](auto tag) {
+    using T = decltype(tag);
+    apply_elementwise<T>({fisher, grads}, FisherOp<T>{static_cast<acc_type<T>>(scale)});
+  });
+}
+
+void looksam_store_cuda(at::TensorList g_v, at::TensorList grads, at::TensorList sam_grads, const at::Tensor& gs_dot_g,
+                        const at::Tensor& g_sq_norm, double eps) {
+  check_primary("looksam_store_", "g_v", g_v);
+  check_list("looksam_store_", "grads", g_v, grads);
+  check_list("looksam_store_", "sam_grads", g_v, sam_grads);
+  const DeviceScalar dot = device_scalar(gs_dot_g, g_v[0], "looksam_store_", "gs_dot_g");
+  const DeviceScalar sq = device_scalar(g_sq_norm, g_v[0], "looksam_store_", "g_sq_norm");
+  const c10::cuda::CUDAGuard guard(g_v[0].device());
+  dispatch_floats(g_v[0].scalar_type(), "looksam_store_", [&](auto tag) {
+    using T = decltype(tag);
+    apply_elementwise<T>({g_v, grads, sam_grads}, LookSamStoreOp<T>{dot, sq, static_cast<acc_type<T>>(eps), {}});
+  });
+}
+
+void looksam_apply_cuda(at::TensorList grads, at::TensorList g_v, double alpha, const at::Tensor& g_sq_norm,
+                        const at::Tensor& gv_sq_norm, double eps) {
+  check_primary("looksam_apply_", "grads", grads);
+  check_list("looksam_apply_", "g_v", grads, g_v);
+  const DeviceScalar g_sq = device_scalar(g_sq_norm, grads[0], "looksam_apply_", "g_sq_norm");
+  const DeviceScalar gv_sq = device_scalar(gv_sq_norm, grads[0], "looksam_apply_", "gv_sq_norm");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  dispatch_floats(grads[0].scalar_type(), "looksam_apply_", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_type<T>;
+    apply_elementwise<T>({grads, g_v},
+                         LookSamApplyOp<T>{g_sq, gv_sq, static_cast<A>(alpha), static_cast<A>(eps), {}});
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
+  m.impl("renormalize_", &renormalize_cuda);
+  m.impl("fisher_accumulate_", &fisher_accumulate_cuda);
+  m.impl("looksam_store_", &looksam_store_cuda);
+  m.impl("looksam_apply_", &looksam_apply_cuda);
+}
+
+}  // namespace sam_kernels::cuda

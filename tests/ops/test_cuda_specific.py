@@ -1,0 +1,262 @@
+"""Checks that only the CUDA kernels need (csrc/cuda): launch splitting, the scalar (misaligned)
+path, determinism, no host synchronization, CUDA graph capture.
+
+The ops are called at group level (``extension_ops``: same signatures as ``reference.py``) and
+compared with the eager reference on the same device. Every test skips without a GPU.
+"""
+import pytest
+import torch
+
+from sam_kernels._extension import extension_error, has_kernel
+from sam_kernels.ops import extension_ops as ext
+from sam_kernels.ops import reference as ref
+from tests.utils import assert_lists_close, assert_lists_equal
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+]
+
+# multi_tensor_apply.cuh: 320 blocks of 65,536 elements per launch; tables hold < 110 tensors.
+BLOCK_CAP_ELEMENTS = 320 * 65536
+
+
+@pytest.fixture(autouse=True)
+def _need_kernels():
+    if not torch.cuda.is_available():
+        return
+    if not has_kernel("perturb_", "CUDA"):
+        pytest.skip(extension_error() or "sam_kernels._C was built without CUDA kernels")
+
+
+def _randn(sizes, dtype=torch.float32, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(n, device="cuda", dtype=dtype, generator=g) for n in sizes]
+
+
+def _many_sizes():
+    """400 tensors (several tables at every depth), odd and aligned sizes, one tensor over the
+    block cap of a launch (cut and carried into the next launch), zero-size entries."""
+    sizes = [(i * 7919) % 5000 + 1 for i in range(398)] + [0, BLOCK_CAP_ELEMENTS + 65536 * 3 + 12]
+    sizes[17] = 0
+    sizes[200] = 65536 * 2 + 1
+    return sizes
+
+
+def _misaligned(sizes, dtype=torch.float32, seed=0):
+    """Contiguous views at storage offset 1: pointers off the 16-byte grid -> the scalar path."""
+    return [t[1:] for t in _randn([n + 1 for n in sizes], dtype, seed)]
+
+
+def _run_first_and_second_step(mod, params, grads, bufs, masks=None, keep_prob=1.0, keys=None):
+    """grad_sq_norm + perturb_ + sgd_restore_step_ through one backend; returns every output.
+
+    ``keys`` default to the caller's list positions (seed 1234), as the public perturb_ does.
+    """
+    params = [p.clone() for p in params]
+    bufs = [b.clone() for b in bufs]
+    backups = [torch.empty_like(p) for p in params]
+    if keys is None:
+        keys = [ref.tensor_key(1234, i) for i in range(len(params))]
+    sq = mod.grad_sq_norm(grads, None, masks, 0.0)
+    mod.perturb_(params, grads, backups, sq, 0.05, 1e-12, masks, False, 0.01, keep_prob, keys)
+    perturbed = [p.clone() for p in params]
+    mod.sgd_restore_step_(params, backups, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4,
+                          nesterov=True, maximize=False, init_buffers=False)
+    return sq, perturbed, backups, params, bufs
+
+
+def _nonempty(ts):
+    return [t for t in ts if t.numel()]
+
+
+# --------------------------------------------------------------------------- launch splitting
+
+def test_launch_splitting_many_tensors_and_one_over_the_block_cap():
+    sizes = _many_sizes()
+    params, grads, bufs = _randn(sizes, seed=1), _randn(sizes, seed=2), _randn(sizes, seed=3)
+    masks = [torch.rand(n, device="cuda") < 0.5 for n in sizes]
+    # The extension gets zero-size entries too: it must skip them without breaking the tables.
+    keys = [ref.tensor_key(1234, i) for i in range(len(sizes))]
+    got = _run_first_and_second_step(ext, params, grads, bufs, masks=masks, keep_prob=0.7, keys=keys)
+    idx = [i for i, n in enumerate(sizes) if n]
+    pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
+    want = _run_first_and_second_step(ref, pick(params), pick(grads), pick(bufs), masks=pick(masks), keep_prob=0.7,
+                                      keys=pick(keys))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)
+    assert_lists_close(pick(got[1]), want[1], 1e-6, 1e-5, "perturbed")
+    assert_lists_equal(got[2], params, "backups")  # exact copies, zero-size included
+    assert_lists_close(pick(got[3]), want[3], 1e-6, 1e-5, "params")
+    assert_lists_close(pick(got[4]), want[4], 1e-6, 1e-5, "momentum_buffers")
+    # Entries outside the mask are bitwise unchanged.
+    for p, e, m in zip(params, got[1], masks):
+        assert torch.equal(p[~m].view(torch.int32), e[~m].view(torch.int32))
+
+
+def test_launch_splitting_adamw_and_variants():
+    sizes = _many_sizes()
+    p, b, g, m, v = (_randn(sizes, seed=s) for s in range(5))
+    v = [x.abs() for x in v]
+    outs = {}
+    for name, mod in (("ext", ext), ("ref", ref)):
+        pp, mm, vv, gg = [x.clone() for x in p], [x.clone() for x in m], [x.clone() for x in v], [x.clone() for x in g]
+        mod.adamw_restore_step_(pp, b, gg, mm, vv, step=3, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                weight_decay=0.01, maximize=False)
+        sq = mod.grad_sq_norm(gg, None, None, 0.0)
+        mod.renormalize_(gg, sq * 4, sq, 1e-12)
+        mod.fisher_accumulate_(vv, gg, 0.5)
+        outs[name] = (pp, mm, vv, gg)
+    for what, a, e in zip(("params", "exp_avgs", "fisher", "grads"), outs["ext"], outs["ref"]):
+        assert_lists_close(_nonempty(a), _nonempty(e), 1e-6, 1e-5, what)
+
+
+def test_launch_splitting_masks():
+    sizes = _many_sizes()
+    scores = _randn(sizes, seed=4)
+    scores[3][:50] = 0.25  # ties across the threshold region are unlikely at random; force some
+    total = sum(sizes)
+    for k in (0, 1, total // 3, total):
+        got = ext.topk_mask(scores, k)
+        want = ref.topk_mask(scores, k)
+        assert_lists_equal(got, want, f"topk k={k}")
+    rows = _nonempty(scores)  # 1-D: one row each, groups of 4 run across chunk boundaries
+    got = ext.nm_mask(rows, 2, 4)
+    want = ref.nm_mask(rows, 2, 4)
+    assert_lists_equal(got, want, "nm_mask")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_topk_ties_nan_signed_zero(dtype):
+    x = torch.tensor([1.0, float("nan"), -0.0, 0.0, 2.0, 2.0, float("-inf"), float("inf"), 0.0, -1.0],
+                     device="cuda", dtype=dtype)
+    scores = [x, x.flip(0).contiguous(), torch.zeros(0, device="cuda", dtype=dtype)]
+    for k in range(0, 21):
+        assert_lists_equal(ext.topk_mask(scores, k), ref.topk_mask(scores, k), f"topk {dtype} k={k}")
+    w = torch.randn(7, 3, 5, device="cuda").to(dtype)
+    w[0, 0, :4] = 0.5
+    w[1, 1, 1] = float("nan")
+    for n, m in ((1, 4), (2, 4), (3, 8), (0, 2), (5, 5), (4, 32)):
+        assert_lists_equal(ext.nm_mask([w, x], n, m), ref.nm_mask([w, x], n, m), f"nm {dtype} {n}:{m}")
+
+
+# --------------------------------------------------------------------------- misaligned views
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_misaligned_views_take_the_scalar_path(dtype):
+    sizes = [1, 3, 4, 5, 8, 1023, 65536 + 3, 278011]
+    params, grads, bufs = (_misaligned(sizes, dtype, seed=s) for s in (1, 2, 3))
+    assert all(p.storage_offset() == 1 and p.is_contiguous() for p in params)
+    tol = {torch.float32: (1e-6, 1e-5), torch.float64: (1e-12, 1e-10), torch.float16: (1e-3, 1e-3),
+           torch.bfloat16: (1e-2, 1e-2)}[dtype]
+    got = _run_first_and_second_step(ext, params, grads, bufs)
+    want = _run_first_and_second_step(ref, params, grads, bufs)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=0)
+    for name, a, e in zip(("perturbed", "backups", "params", "bufs"), got[1:], want[1:]):
+        assert_lists_close(a, e, *tol, name)
+    assert_lists_equal(got[2], params, "backups")
+    # restore_ is a bitwise copy on the scalar path as well.
+    dst = _misaligned(sizes, dtype, seed=9)
+    ext.restore_(dst, params)
+    assert_lists_equal(dst, params, "restore_")
+    assert_lists_equal(ext.topk_mask(params, 1000), ref.topk_mask(params, 1000), "topk")
+
+
+def test_mixed_aligned_and_misaligned_in_one_group():
+    sizes = [4096, 4097, 8, 12, 100_000]
+    a = _randn(sizes, seed=1)
+    b = _misaligned(sizes, seed=2)
+    grads = [a[0], b[1], a[2], b[3], a[4]]
+    torch.testing.assert_close(ext.grad_sq_norm(grads, None, None, 0.0), ref.grad_sq_norm(grads, None, None, 0.0),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(ext.dot(grads, grads), ref.dot(grads, grads), rtol=1e-5, atol=0)
+
+
+# --------------------------------------------------------------------------- determinism
+
+def test_deterministic_reductions_and_masks():
+    sizes = _many_sizes()
+    grads, params = _randn(sizes, seed=5), _randn(sizes, seed=6)
+    masks = [torch.rand(n, device="cuda") < 0.3 for n in sizes]
+    for _ in range(2):
+        runs = [(ext.grad_sq_norm(grads, params, masks, 0.01), ext.dot(grads, params),
+                 ext.topk_mask(grads, sum(sizes) // 7)) for _ in range(2)]
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+        assert_lists_equal(runs[0][2], runs[1][2], "topk")
+
+
+def test_deterministic_step():
+    sizes = [278011, 1, 4096, 65537]
+    params, grads, bufs = (_randn(sizes, seed=s) for s in (1, 2, 3))
+    a = _run_first_and_second_step(ext, params, grads, bufs, keep_prob=0.5)
+    b = _run_first_and_second_step(ext, params, grads, bufs, keep_prob=0.5)
+    assert torch.equal(a[0], b[0])
+    for x, y in zip(a[1:], b[1:]):
+        assert_lists_equal(x, y)
+
+
+# --------------------------------------------------------------------------- no host synchronization
+
+def test_no_host_sync():
+    sizes = [278011, 17, 4096]
+    params, grads, bufs, m, v = (_randn(sizes, seed=s) for s in range(5))
+    backups = [torch.empty_like(p) for p in params]
+    masks = [torch.rand(n, device="cuda") < 0.5 for n in sizes]
+    keys = [ref.tensor_key(7, i) for i in range(len(params))]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sq = ext.grad_sq_norm(grads, params, masks, 0.01)
+        d = ext.dot(grads, params)
+        ext.perturb_(params, grads, backups, sq, 0.05, 1e-12, masks, True, 0.01, 0.5, keys)
+        ext.restore_(params, backups)
+        ext.sgd_restore_step_(params, backups, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                              nesterov=False, maximize=False, init_buffers=True)
+        ext.adamw_restore_step_(params, backups, grads, m, v, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                weight_decay=0.01, maximize=False)
+        ext.renormalize_(grads, sq, d, 1e-12)
+        ext.fisher_accumulate_(v, grads, 1.0)
+        ext.looksam_store_(m, grads, params, d, sq, 1e-12)
+        ext.looksam_apply_(grads, m, 0.7, sq, d, 1e-12)
+        ext.topk_mask(grads, 1000)
+        ext.nm_mask(grads, 2, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+def test_cuda_graph_capture_of_a_sam_step():
+    sizes = [278011, 1, 4096, 65537, 300]
+    params0, grads, bufs0 = (_randn(sizes, seed=s) for s in (1, 2, 3))
+    params, bufs = [p.clone() for p in params0], [b.clone() for b in bufs0]
+    backups = [torch.empty_like(p) for p in params]
+    out = {}
+
+    def step():
+        out["sq"] = ext.grad_sq_norm(grads, None, None, 0.0)
+        ext.perturb_(params, grads, backups, out["sq"], 0.05, 1e-12, None, False, 0.01, 1.0, [0] * len(params))
+        ext.sgd_restore_step_(params, backups, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                              nesterov=False, maximize=False, init_buffers=False)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture (allocator, lazy init)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for p, p0 in zip(params, params0):
+        p.copy_(p0)
+    for b, b0 in zip(bufs, bufs0):
+        b.copy_(b0)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_params, ref_bufs = [p.clone() for p in params0], [b.clone() for b in bufs0]
+    ref.sgd_restore_step_(ref_params, [p.clone() for p in params0], grads, ref_bufs, lr=0.1, momentum=0.9,
+                          dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, init_buffers=False)
+    torch.testing.assert_close(out["sq"], ref.grad_sq_norm(grads, None, None, 0.0), rtol=1e-5, atol=0)
+    assert_lists_close(params, ref_params, 1e-6, 1e-5, "params after replay")
+    assert_lists_close(bufs, ref_bufs, 1e-6, 1e-5, "bufs after replay")
+    assert_lists_equal(backups, params0, "backups after replay")
