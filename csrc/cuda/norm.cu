@@ -22,8 +22,8 @@ struct SqNormOp {
   __device__ A operator()(T (&x)[2], bool selected, int64_t, int64_t) const {
     A g = static_cast<A>(x[0]);
     if (adaptive) g = (::fabs(static_cast<A>(x[1])) + eta) * g;
-    // reference.py multiplies by the mask (0·inf = NaN propagates), it does not skip.
-    if (masked) g = g * static_cast<A>(selected);
+    // Masked-out entries contribute nothing, even a NaN/Inf (reference.py selects, it does not multiply).
+    if (masked && !selected) g = A(0);
     return g * g;
   }
 };

@@ -27,9 +27,9 @@ struct SgdOp {
     if (maximize) d = -d;
     if (has_weight_decay) d = d + weight_decay * w;
     if (has_momentum) {
-      // The reference continues from the fp32 buffer value, not the rounded stored one.
-      const A buf = init_buffers ? d : static_cast<A>(x[3]) * momentum + one_minus_dampening * d;
-      x[3] = static_cast<T>(buf);
+      // torch keeps the buffer in the param dtype and continues from the stored (rounded) value.
+      x[3] = static_cast<T>(init_buffers ? d : static_cast<A>(x[3]) * momentum + one_minus_dampening * d);
+      const A buf = static_cast<A>(x[3]);
       d = nesterov ? d + momentum * buf : buf;
     }
     x[0] = static_cast<T>(w + (-lr) * d);

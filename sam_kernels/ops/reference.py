@@ -64,8 +64,8 @@ def grad_sq_norm(grads: Tensors, params: Optional[Tensors], masks: MaskList, eta
     g = _up(grads)
     if params is not None:
         g = torch._foreach_mul(adaptive_scale(params, eta), g)
-    if masks is not None:
-        g = torch._foreach_mul(g, list(masks))
+    if masks is not None:  # select, not multiply: a masked-out NaN/Inf contributes nothing
+        g = [torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)) for x, m in zip(g, masks)]
     return _sum_sq(g)
 
 
@@ -175,6 +175,7 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentu
             torch._foreach_mul_(bufs, momentum)
             torch._foreach_add_(bufs, d, alpha=1 - dampening)
         _store_(momentum_buffers, bufs)
+        bufs = _up(momentum_buffers)  # torch continues from the stored (rounded) buffer
         if nesterov:
             torch._foreach_add_(d, bufs, alpha=momentum)
         else:

@@ -21,7 +21,7 @@ def _sq_norm_block(g_ptr, p_ptr, m_ptr, offs, mask, eta, CDT: tl.constexpr, ADAP
     if ADAPTIVE:
         x = (tl.abs(load(p_ptr + offs, mask).to(CDT)) + eta) * x
     if MASKED:
-        x = x * (load(m_ptr + offs, mask) != 0).to(CDT)
+        x = tl.where(load(m_ptr + offs, mask) != 0, x, 0.0)  # masked-out NaN/Inf contribute nothing
     return x * x
 
 

@@ -27,7 +27,9 @@ def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, neg_lr, mom, one_minus_
             buf = d
         else:
             buf = load(buf_ptr + offs, mask).to(CDT) * mom + one_minus_dampening * d
-        store(buf_ptr + offs, round_to(buf, DT), mask)
+        buf = round_to(buf, DT)
+        store(buf_ptr + offs, buf, mask)
+        buf = buf.to(CDT)  # torch continues from the stored (rounded) buffer
         if NESTEROV:
             d = d + mom * buf
         else:
