@@ -92,6 +92,23 @@ def test_grad_sq_norm(case, dtype, atol, rtol, shapes, adaptive, masked):
     close_scalar(got, want, 1e-10 if dtype == torch.float64 else 2e-5)
 
 
+def test_reductions_do_not_depend_on_thread_count(case):
+    backend, device = case
+    sh = shapes_for("odd", case) + shapes_for("many_small", case)
+    grads, params = make(sh, torch.float32, device), make(sh, torch.float32, device)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(torch.stack([ops.grad_sq_norm(grads, backend=backend),
+                                        ops.grad_sq_norm(grads, params=params, backend=backend),
+                                        ops.dot(grads, params, backend=backend)]))
+    finally:
+        torch.set_num_threads(threads)
+    assert_lists_equal([results[0]], [results[1]], "reductions with 1 thread vs several")
+
+
 def test_dot(case):
     backend, device = case
     sh = shapes_for("odd", case)
