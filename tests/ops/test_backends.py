@@ -86,9 +86,12 @@ def test_grad_sq_norm(case, dtype, atol, rtol, shapes, adaptive, masked):
     grads = make(sh, dtype, device)
     params = make(sh, dtype, device) if adaptive else None
     masks = [torch.rand(s, device=device) < 0.5 for s in sh] if masked else None
+    for g, m in zip(grads, masks or []):
+        g[~m] = float("nan")  # masked-out entries are selected away, not multiplied by 0
     got = ops.grad_sq_norm(grads, params=params, masks=masks, backend=backend)
     want = ops.grad_sq_norm(grads, params=params, masks=masks, backend="eager")
     assert got.dtype == want.dtype and got.device == want.device
+    assert torch.isfinite(got), "a masked-out NaN reached the norm"
     close_scalar(got, want, 1e-10 if dtype == torch.float64 else 2e-5)
 
 
