@@ -20,6 +20,9 @@ from .targets import check_targets
 from .timing import Timer
 from .train_bench import methods, run_train, train_task_count
 
+EXTERNAL = ("loop", "compile")
+"""Comparison points that are not sam_kernels backends: their mismatches do not fail the run."""
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 EPILOG = """\
@@ -39,7 +42,8 @@ what is measured
 
 defaults (quick): CPU sizes %(quick_cpu)s, GPU sizes %(quick_gpu)s; a couple of minutes.
 outputs: OUT/<device-slug>[-<dtype>].{json,md,png}; the markdown is also printed.
-exit status: 1 when an implementation's result does not match the reference.
+exit status: 1 when a sam_kernels backend's result does not match the reference (baseline
+  mismatches, e.g. the loop's torch.norm drift on CPU, are reported but do not fail the run).
 
 examples
   python -m sam_kernels.bench                                  # quick run, bench_out/
@@ -192,8 +196,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if mismatches:
         print(f"!! {len(mismatches)} result(s) did NOT match the eager reference: "
               + ", ".join(f"{r['op']}/{r['case']}/{r['impl']}" for r in mismatches), file=sys.stderr)
-        return 1
-    return 0
+    # Only our own implementations fail the run; a baseline's numerics are its own (e.g. the
+    # per-parameter loop's torch.norm on CPU drifts by ~1e-3 relative at 16M elements).
+    ours = [r for r in mismatches if r["impl"] not in EXTERNAL]
+    return 1 if ours else 0
 
 
 if __name__ == "__main__":
