@@ -16,6 +16,8 @@
 #define CPU_CAPABILITY_AVX2
 #endif
 
+#include "../common.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -82,35 +84,12 @@ acc_t read_scalar(const at::Tensor& t, const char* op, const char* name) {
   return static_cast<acc_t>(t.to(at::kDouble).item<double>());
 }
 
-// Validates one list of a group against the primary list.
-inline void check_list(const char* op, const char* name, at::TensorList primary, at::TensorList lst,
-                       bool is_mask = false) {
-  TORCH_CHECK(lst.size() == primary.size(), op, ": ", name, " has ", lst.size(), " tensors, expected ",
-              primary.size());
-  const auto dtype = primary.empty() ? at::kFloat : primary[0].scalar_type();
-  for (size_t i = 0; i < lst.size(); ++i) {
-    const auto& t = lst[i];
-    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", i, "] is on ", t.device(), "; the cpp backend runs on CPU");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is not a dense (strided) tensor");
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous (the Python layer routes "
-                "non-contiguous tensors to the eager backend)");
-    TORCH_CHECK(t.numel() == primary[i].numel(), op, ": ", name, "[", i, "] has ", t.numel(), " elements, expected ",
-                primary[i].numel());
-    if (is_mask) {
-      TORCH_CHECK(t.scalar_type() == at::kBool, op, ": ", name, "[", i, "] must be torch.bool, got ", t.scalar_type());
-    } else {
-      TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(), ", expected ",
-                  dtype, " (one dtype per group)");
-    }
-  }
-}
+// Group checks and the keep-mask hash are shared with the CUDA kernels (csrc/common.h).
+using sam_kernels::check_list;
+using sam_kernels::keep_element;
 
 inline void check_primary(const char* op, const char* name, at::TensorList primary) {
-  TORCH_CHECK(!primary.empty(), op, ": empty tensor list");
-  const auto dtype = primary[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": unsupported dtype ", dtype, "; supported: float32, float64, float16, bfloat16");
-  check_list(op, name, primary, primary);
+  sam_kernels::check_primary(op, name, primary, c10::DeviceType::CPU);
 }
 
 template <typename T>
@@ -211,21 +190,5 @@ double chunk_sum(int64_t begin, int64_t end, bool vectorize, const Term& term) {
 // Dispatch over the four float dtypes; scalar_t is the storage type.
 #define SAM_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-// murmur3 finalizer; the keep mask of reference.keep_mask: the same bits on every backend.
-inline uint32_t fmix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  x ^= x >> 16;
-  return x;
-}
-
-inline bool keep_element(uint32_t key, int64_t i, uint32_t threshold) {
-  const uint64_t u = static_cast<uint64_t>(i);
-  const uint32_t r = fmix32(fmix32(static_cast<uint32_t>(u) ^ key) ^ static_cast<uint32_t>(u >> 32));
-  return (r >> 8) < threshold;
-}
 
 }  // namespace sam_kernels::cpu

@@ -11,13 +11,9 @@ namespace {
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq_norm,
                  double rho, double eps, std::optional<at::TensorList> masks, bool adaptive, double eta,
                  double keep_prob, at::IntArrayRef keys) {
-  check_primary("perturb_", "params", params);
-  check_list("perturb_", "grads", params, grads);
-  check_list("perturb_", "backups", params, backups);
-  if (masks) check_list("perturb_", "masks", params, *masks, /*is_mask=*/true);
+  const uint32_t threshold =
+      sam_kernels::check_perturb_args(params, grads, backups, masks, keep_prob, keys, c10::DeviceType::CPU);
   const bool keep = keep_prob < 1.0;
-  TORCH_CHECK(!keep || keys.size() == params.size(), "perturb_: need one RNG key per tensor, got ", keys.size());
-  const uint32_t threshold = static_cast<uint32_t>(keep_prob * (1 << 24));
   const auto chunks = make_chunks(params);
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "perturb_", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -56,13 +56,9 @@ struct CopyOp {
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq_norm,
                   double rho, double eps, std::optional<at::TensorList> masks, bool adaptive, double eta,
                   double keep_prob, at::IntArrayRef keys) {
-  check_primary("perturb_", "params", params);
-  check_list("perturb_", "grads", params, grads);
-  check_list("perturb_", "backups", params, backups);
-  if (masks) check_list("perturb_", "masks", params, *masks, /*is_mask=*/true);
+  const uint32_t keep_threshold =
+      sam_kernels::check_perturb_args(params, grads, backups, masks, keep_prob, keys, c10::DeviceType::CUDA);
   const bool keep = keep_prob < 1.0;
-  TORCH_CHECK(!keep || keys.size() == params.size(), "perturb_: need one RNG key per tensor, got ", keys.size());
-  TORCH_CHECK(keep_prob > 0.0, "perturb_: keep_prob must be in (0, 1], got ", keep_prob);
   const DeviceScalar sq = device_scalar(sq_norm, params[0], "perturb_", "sq_norm");
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "perturb_", [&](auto tag) {
@@ -76,7 +72,7 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
     op.inv_keep_prob = A(1) / static_cast<A>(keep_prob);
     op.adaptive = adaptive;
     op.keep = keep;
-    op.keep_threshold = static_cast<uint32_t>(keep_prob * (1 << 24));  // int(keep_prob * 2**24) in reference.py
+    op.keep_threshold = keep_threshold;
     apply_elementwise<T>({params, grads, backups, masks.value_or(at::TensorList{})}, op,
                          keep ? keys : at::IntArrayRef{});
   });

@@ -1,0 +1,88 @@
+// Pieces shared by the CPU and the CUDA kernels: group checks, the perturb_ argument checks and
+// the counter-based keep-mask hash. Host code only, except the hash (host and device).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+#ifdef __CUDACC__
+#define SAM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SAM_HOST_DEVICE inline
+#endif
+
+namespace sam_kernels {
+
+// Validates one list of a group against the primary list: same length, the primary's device,
+// dense, contiguous, same numel, the primary's dtype (torch.bool for masks).
+inline void check_list(const char* op, const char* name, at::TensorList primary, at::TensorList lst,
+                       bool is_mask = false) {
+  TORCH_CHECK(lst.size() == primary.size(), op, ": ", name, " has ", lst.size(), " tensors, expected ",
+              primary.size());
+  const auto device = primary[0].device();
+  const auto dtype = primary[0].scalar_type();
+  for (size_t i = 0; i < lst.size(); ++i) {
+    const auto& t = lst[i];
+    TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), ", expected ", device);
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is not a dense (strided) tensor");
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous (the Python layer routes "
+                "non-contiguous tensors to the eager backend)");
+    TORCH_CHECK(t.numel() == primary[i].numel(), op, ": ", name, "[", i, "] has ", t.numel(), " elements, expected ",
+                primary[i].numel());
+    if (is_mask) {
+      TORCH_CHECK(t.scalar_type() == at::kBool, op, ": ", name, "[", i, "] must be torch.bool, got ", t.scalar_type());
+    } else {
+      TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(), ", expected ",
+                  dtype, " (one dtype per group)");
+    }
+  }
+}
+
+// The primary list of a group: non-empty, on `device_type`, one supported float dtype.
+inline void check_primary(const char* op, const char* name, at::TensorList primary, c10::DeviceType device_type) {
+  TORCH_CHECK(!primary.empty(), op, ": empty tensor list");
+  TORCH_CHECK(primary[0].device().type() == device_type, op, ": ", name, "[0] is on ", primary[0].device(),
+              "; this kernel runs on ", c10::DeviceTypeName(device_type), " tensors");
+  const auto dtype = primary[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": unsupported dtype ", dtype, "; supported: float32, float64, float16, bfloat16");
+  check_list(op, name, primary, primary);
+}
+
+// perturb_'s lists and keep-mask arguments; returns the keep threshold int(keep_prob·2^24)
+// of reference.keep_mask.
+inline uint32_t check_perturb_args(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                                   const std::optional<at::TensorList>& masks, double keep_prob, at::IntArrayRef keys,
+                                   c10::DeviceType device_type) {
+  check_primary("perturb_", "params", params, device_type);
+  check_list("perturb_", "grads", params, grads);
+  check_list("perturb_", "backups", params, backups);
+  if (masks) check_list("perturb_", "masks", params, *masks, /*is_mask=*/true);
+  TORCH_CHECK(keep_prob > 0.0 && keep_prob <= 1.0, "perturb_: keep_prob must be in (0, 1], got ", keep_prob);
+  TORCH_CHECK(keep_prob >= 1.0 || keys.size() == params.size(), "perturb_: need one RNG key per tensor, got ",
+              keys.size());
+  return static_cast<uint32_t>(keep_prob * (1 << 24));
+}
+
+// murmur3 finalizer: reference.keep_mask's counter-based hash, the same bits on every backend.
+SAM_HOST_DEVICE uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return x;
+}
+
+// Element i of a tensor with RNG key `key` is kept iff its 24-bit uniform is below threshold.
+SAM_HOST_DEVICE bool keep_element(uint32_t key, int64_t i, uint32_t threshold) {
+  const uint64_t u = static_cast<uint64_t>(i);
+  const uint32_t r = fmix32(fmix32(static_cast<uint32_t>(u) ^ key) ^ static_cast<uint32_t>(u >> 32));
+  return (r >> 8) < threshold;
+}
+
+}  // namespace sam_kernels
