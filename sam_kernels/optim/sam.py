@@ -248,6 +248,8 @@ class SAM(torch.optim.Optimizer):
         entries = self._with_grads()
         params = [p for _, p in entries]
         grads = [p.grad for p in params]
+        if self.finite_check and grads:  # the same guarantee as SAM steps, one host sync
+            self._check_finite(ops.grad_sq_norm(grads, backend=self.backend), "base_step")
         for m in self.modifiers:
             m.before_descent(self, params, grads, False, None)
         self.base_optimizer.step()

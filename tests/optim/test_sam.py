@@ -308,3 +308,16 @@ def test_bf16_model_runs_on_fused_path():
     for x, y in batches(3, dtype=torch.bfloat16):
         sam_step(model, opt, x, y)
     assert all(torch.isfinite(p.float()).all() for p in model.parameters())
+
+
+def test_plain_step_with_nonfinite_grads_raises():
+    model = make_model()
+    opt = sk.SSSAM(model.parameters(), torch.optim.SGD, p=0.0, seed=0, lr=0.1, momentum=0.9)
+    before = [p.clone() for p in model.parameters()]
+    loss_of(model, *batches(1)[0]).backward()
+    assert not opt.wants_sam()
+    model[3].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="base_step"):
+        opt.base_step(zero_grad=True)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
