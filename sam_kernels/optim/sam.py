@@ -35,7 +35,7 @@ class SAM(torch.optim.Optimizer):
         eta: ASAM's offset (0.01; the popular class uses 0).
         backend: kernel backend for every op ("auto", "eager", "cpp", "cuda", "triton"; None = global choice).
         finite_check: raise ``FloatingPointError`` on NaN/Inf gradients. Each check is one host sync
-            (one in ``first_step``, one in ``second_step``); with False there is none, a non-finite
+            (one in ``first_step``, one in ``second_step``, one in ``base_step``); with False there is none, a non-finite
             first-pass norm still leaves the weights unperturbed, and non-finite gradients reach the
             base optimizer as they would in plain torch.
         policy: when to take SAM steps (default: always).
