@@ -85,8 +85,14 @@ def build(impl: str, spec: OpSpec, state: dict) -> Callable[[], object]:
         return lambda: spec.loop(state)
     if impl == "compile":
         torch._dynamo.reset()  # one function compiled per (op, case): stay clear of the recompile limit
-        compiled = torch.compile(spec.reference, dynamic=False)
-        return lambda: compiled(state)
+        phases = [torch.compile(fn, dynamic=False) for fn in (spec.compile_phases or (spec.reference,))]
+
+        def run_phases():
+            for phase in phases:
+                result = phase(state)
+            return result
+
+        return run_phases
     return lambda: spec.api(state, impl)
 
 
