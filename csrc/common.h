@@ -6,6 +6,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -66,6 +67,34 @@ inline uint32_t check_perturb_args(at::TensorList params, at::TensorList grads, 
   TORCH_CHECK(keep_prob >= 1.0 || keys.size() == params.size(), "perturb_: need one RNG key per tensor, got ",
               keys.size());
   return static_cast<uint32_t>(keep_prob * (1 << 24));
+}
+
+// sgd_restore_step_'s lists (momentum buffers only when momentum != 0).
+inline void check_sgd_args(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                           at::TensorList momentum_buffers, bool has_momentum, c10::DeviceType device_type) {
+  check_primary("sgd_restore_step_", "params", params, device_type);
+  check_list("sgd_restore_step_", "backups", params, backups);
+  check_list("sgd_restore_step_", "grads", params, grads);
+  if (has_momentum) check_list("sgd_restore_step_", "momentum_buffers", params, momentum_buffers);
+}
+
+struct AdamWCorrections {
+  double bias_correction1;       // 1 − beta1^step
+  double bias_correction2_sqrt;  // sqrt(1 − beta2^step)
+};
+
+// adamw_restore_step_'s lists and step; the bias corrections in double on the host, like
+// reference.py's Python floats (kernels round them once to the compute type).
+inline AdamWCorrections check_adamw_args(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                                         at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step,
+                                         double beta1, double beta2, c10::DeviceType device_type) {
+  check_primary("adamw_restore_step_", "params", params, device_type);
+  check_list("adamw_restore_step_", "backups", params, backups);
+  check_list("adamw_restore_step_", "grads", params, grads);
+  check_list("adamw_restore_step_", "exp_avgs", params, exp_avgs);
+  check_list("adamw_restore_step_", "exp_avg_sqs", params, exp_avg_sqs);
+  TORCH_CHECK(step >= 1, "adamw_restore_step_: step must be >= 1, got ", step);
+  return {1.0 - std::pow(beta1, static_cast<double>(step)), std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)))};
 }
 
 // murmur3 finalizer: reference.keep_mask's counter-based hash, the same bits on every backend.

@@ -70,11 +70,8 @@ struct AdamWOp {
 void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
                            at::TensorList momentum_buffers, double lr, double momentum, double dampening,
                            double weight_decay, bool nesterov, bool maximize, bool init_buffers) {
-  check_primary("sgd_restore_step_", "params", params);
-  check_list("sgd_restore_step_", "backups", params, backups);
-  check_list("sgd_restore_step_", "grads", params, grads);
   const bool has_momentum = momentum != 0.0;
-  if (has_momentum) check_list("sgd_restore_step_", "momentum_buffers", params, momentum_buffers);
+  sam_kernels::check_sgd_args(params, backups, grads, momentum_buffers, has_momentum, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "sgd_restore_step_", [&](auto tag) {
     using T = decltype(tag);
@@ -96,15 +93,8 @@ void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::Te
 void adamw_restore_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step, double lr,
                              double beta1, double beta2, double eps, double weight_decay, bool maximize) {
-  check_primary("adamw_restore_step_", "params", params);
-  check_list("adamw_restore_step_", "backups", params, backups);
-  check_list("adamw_restore_step_", "grads", params, grads);
-  check_list("adamw_restore_step_", "exp_avgs", params, exp_avgs);
-  check_list("adamw_restore_step_", "exp_avg_sqs", params, exp_avg_sqs);
-  TORCH_CHECK(step >= 1, "adamw_restore_step_: step must be >= 1, got ", step);
-  // Host doubles like reference.py's Python floats; the kernel gets them rounded to the compute type.
-  const double bias_correction1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
+  const auto [bias_correction1, bias_correction2_sqrt] = sam_kernels::check_adamw_args(
+      params, backups, grads, exp_avgs, exp_avg_sqs, step, beta1, beta2, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "adamw_restore_step_", [&](auto tag) {
     using T = decltype(tag);
