@@ -38,16 +38,21 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _by_hyperparams(base, entries, keys):
+def _by_hyperparams(entries, keys):
     """Group (group, param, backup, grad) entries by the hyperparameters that reach the kernel."""
     buckets = defaultdict(list)
-    for group, p, b, g in entries:
-        buckets[tuple(group[k] for k in keys)].append((group, p, b, g))
+    key_of_group: dict = {}  # one key per param group, not per param: this runs every step
+    for entry in entries:
+        group = entry[0]
+        key = key_of_group.get(id(group))
+        if key is None:
+            key = key_of_group[id(group)] = tuple(group[k] for k in keys)
+        buckets[key].append(entry)
     return buckets.values()
 
 
 def _sgd(base: torch.optim.SGD, entries, backend) -> None:
-    for bucket in _by_hyperparams(base, entries, _SGD_KEYS):
+    for bucket in _by_hyperparams(entries, _SGD_KEYS):
         group = bucket[0][0]
         params = [p for _, p, _, _ in bucket]
         momentum = group["momentum"]
@@ -70,7 +75,7 @@ def _adamw(base: torch.optim.AdamW, entries, backend) -> None:
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["step"] += 1
     # One launch per (hyperparameters, step count); the step lives in a CPU tensor (no device sync).
-    for bucket in _by_hyperparams(base, entries, _ADAMW_KEYS):
+    for bucket in _by_hyperparams(entries, _ADAMW_KEYS):
         by_step = defaultdict(list)
         for e in bucket:
             by_step[int(base.state[e[1]]["step"].item())].append(e)
