@@ -63,7 +63,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from .. import ops
-from .sam import SAM
+from .sam import SAM, pop_saved
 
 SWP_MODES = ("tensor", "element")
 
@@ -266,11 +266,7 @@ class ESAM(SAM):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        try:
-            esam = state_dict.pop("esam")
-        except KeyError:
-            raise ValueError("ESAM.load_state_dict: no 'esam' entry; the state dict was not saved by "
-                             "ESAM.state_dict()") from None
+        esam = pop_saved(state_dict, "esam", "ESAM")
         super().load_state_dict(state_dict)
         self.generator.set_state(esam["generator"])
         self._selection = None if esam["selection"] is None else list(esam["selection"])

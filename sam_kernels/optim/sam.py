@@ -22,6 +22,15 @@ from .descent import Modifier, Renormalize
 from .policy import Policy
 
 
+def pop_saved(state_dict: dict, key: str, owner: str):
+    """``state_dict.pop(key)``, or a ValueError saying the dict was not saved by ``owner.state_dict()``."""
+    try:
+        return state_dict.pop(key)
+    except KeyError:
+        raise ValueError(f"{owner}.load_state_dict: no {key!r} entry; the state dict was not saved by "
+                         f"sam_kernels.{owner}.state_dict()") from None
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any ``torch.optim`` optimizer (drop-in for the popular
     ``SAM(params, base_optimizer, rho, adaptive, **kwargs)`` class).
@@ -316,12 +325,8 @@ class SAM(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a run saved by :meth:`state_dict` (mid-step saves included)."""
         state_dict = dict(state_dict)
-        try:
-            sam_state = state_dict.pop("sam")
-            base_state = state_dict.pop("base_optimizer")
-        except KeyError as exc:
-            raise ValueError(f"SAM.load_state_dict: missing {exc}; the state dict was not saved by "
-                             f"sam_kernels.SAM.state_dict()") from None
+        sam_state = pop_saved(state_dict, "sam", "SAM")
+        base_state = pop_saved(state_dict, "base_optimizer", "SAM")
         # Every check runs before anything is loaded, so a rejected state dict leaves this optimizer as it was.
         kinds = [type(m).__name__ for m in self.modifiers]
         saved_kinds = sam_state.get("modifier_kinds", kinds)

@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import ops
 from .masks import PATTERNS, UNITS, DynamicMask, FisherMask, MaskProvider, RandomMask, RefreshCadence
-from .sam import SAM
+from .sam import SAM, pop_saved
 
 MASKS = ("fisher", "dynamic", "random")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -376,11 +376,7 @@ class SparseSAM(SAM):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        try:
-            sparse = state_dict.pop("sparse")
-        except KeyError:
-            raise ValueError("SparseSAM.load_state_dict: no 'sparse' entry; the state dict was not saved by "
-                             "SparseSAM.state_dict()") from None
+        sparse = pop_saved(state_dict, "sparse", "SparseSAM")
         super().load_state_dict(state_dict)
         self.mask_provider.load_state_dict(sparse)
         if self.mask_provider.masks is not None:
