@@ -9,13 +9,8 @@ from . import _extension  # noqa: F401  (loads _C when built: registers torch.op
 from . import ops
 from .ops.dispatch import backends, get_backend, set_backend
 
-__version__ = "0.1.0"
-__all__ = ["ops", "backends", "set_backend", "get_backend"]
+from .optim import *  # noqa: F401,F403
+from .optim import __all__ as _optim_all
 
-try:  # the optimizer layer is optional while it is being built; ops never depend on it
-    from .optim import *  # noqa: F401,F403
-    from .optim import __all__ as _optim_all
-    __all__ += list(_optim_all)
-except ImportError as _exc:  # pragma: no cover - only while optim/ is missing
-    if "sam_kernels.optim" not in str(_exc):
-        raise
+__version__ = "0.1.0"
+__all__ = ["ops", "backends", "set_backend", "get_backend", *_optim_all]
