@@ -19,7 +19,7 @@
 namespace sam_kernels {
 
 // Validates one list of a group against the primary list: same length, the primary's device,
-// dense, contiguous, same numel, the primary's dtype (torch.bool for masks).
+// dense, contiguous, the primary's shapes, the primary's dtype (torch.bool for masks).
 inline void check_list(const char* op, const char* name, at::TensorList primary, at::TensorList lst,
                        bool is_mask = false) {
   TORCH_CHECK(lst.size() == primary.size(), op, ": ", name, " has ", lst.size(), " tensors, expected ",
@@ -32,8 +32,8 @@ inline void check_list(const char* op, const char* name, at::TensorList primary,
     TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is not a dense (strided) tensor");
     TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous (the Python layer routes "
                 "non-contiguous tensors to the eager backend)");
-    TORCH_CHECK(t.numel() == primary[i].numel(), op, ": ", name, "[", i, "] has ", t.numel(), " elements, expected ",
-                primary[i].numel());
+    TORCH_CHECK(t.sizes() == primary[i].sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), ", expected ",
+                primary[i].sizes());
     if (is_mask) {
       TORCH_CHECK(t.scalar_type() == at::kBool, op, ": ", name, "[", i, "] must be torch.bool, got ", t.scalar_type());
     } else {

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from functools import partial
 from operator import attrgetter, methodcaller
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -110,6 +111,52 @@ def _pick(lst: Optional[Tensors], idx: list[int]) -> Optional[list[torch.Tensor]
     return None if lst is None else [lst[i] for i in idx]
 
 
+def _whole(lst: Optional[Tensors]) -> Optional[Tensors]:
+    return lst
+
+
+_DEVICE_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None), getattr(torch, "OutOfMemoryError", None))
+                       if e is not None)
+
+
+def _unchecked_fn(op: str, primary: Tensors, backend: Optional[str]) -> Optional[Callable]:
+    """The backend function when a backend that checks its own lists would serve the whole call."""
+    if not isinstance(primary, list) or not primary or torch.compiler.is_compiling():
+        return None
+    first = primary[0]
+    if not isinstance(first, torch.Tensor):
+        return None
+    name, fn = dispatch.resolve(op, first.device.type, backend)
+    if not dispatch.checks_lists(name):
+        return None
+    dispatch.last_used[op] = name
+    return fn
+
+
+def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable], Any], primary: Tensors,
+            **lists: Optional[Tensors]) -> list:
+    """``call(fn, pick)`` once per (device, dtype, contiguity) group of the aligned lists; the results.
+
+    ``pick(lst)`` selects the group's entries of any list aligned with ``primary`` (None stays None).
+    Fast path: a backend that checks its lists itself (the compiled ops, which reject a call before
+    writing anything) takes them whole, with no per-tensor Python work; that is the common case of
+    an optimizer step, run hundreds of times a second. Whatever it rejects (mixed dtypes or devices,
+    non-contiguous or invalid entries) comes to the checked path: precise errors, grouping, eager
+    for non-contiguous tensors.
+    """
+    fn = _unchecked_fn(op, primary, backend)
+    if fn is not None:
+        try:
+            return [call(fn, _whole)]
+        except _DEVICE_ERRORS:  # raised by a launch, after work may have run: never retried
+            raise
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            pass
+    _check_lists(op, primary, **lists)
+    return [call(_run(op, device, contiguous, backend), partial(_pick, idx=idx))
+            for device, contiguous, idx in _groups(primary, *lists.values())]
+
+
 def _run(op: str, device: torch.device, contiguous: bool, backend: Optional[str]):
     name, fn = dispatch.resolve(op, device.type, backend, contiguous)
     dispatch.last_used[op] = name
@@ -120,12 +167,12 @@ def _sum_on(parts: list[torch.Tensor], primary: Tensors) -> torch.Tensor:
     """Sum group partial results on the first tensor's device (fp32 unless everything is fp64)."""
     if not primary:
         raise ValueError("cannot reduce an empty list of tensors")
+    if len(parts) == 1 and parts[0].device == primary[0].device:  # one group: already in the contract's dtype
+        return parts[0]
     device = primary[0].device
     dtype = torch.float64 if all(t.dtype == torch.float64 for t in primary) else torch.float32
     if not parts:
         return torch.zeros((), dtype=dtype, device=device)
-    if len(parts) == 1:
-        return parts[0].to(device=device, dtype=dtype)
     return torch.stack([p.to(device=device, dtype=dtype) for p in parts]).sum()
 
 
@@ -138,21 +185,15 @@ def grad_sq_norm(grads: Tensors, *, params: Optional[Tensors] = None, masks: Opt
     Returns a 0-dim fp32 tensor (fp64 if every grad is fp64) on the first grad's device, computed
     in a fixed order (deterministic) without synchronizing with the host.
     """
-    _check_lists("grad_sq_norm", grads, params=params, masks=masks)
-    parts = []
-    for device, contiguous, idx in _groups(grads, params, masks):
-        fn = _run("grad_sq_norm", device, contiguous, backend)
-        parts.append(fn(_pick(grads, idx), _pick(params, idx), _pick(masks, idx), float(eta)))
+    eta = float(eta)
+    parts = _launch("grad_sq_norm", backend, lambda fn, pick: fn(pick(grads), pick(params), pick(masks), eta),
+                    grads, params=params, masks=masks)
     return _sum_on(parts, grads)
 
 
 def dot(a: Tensors, b: Tensors, *, backend: Optional[str] = None) -> torch.Tensor:
     """Σ_i ⟨a_i, b_i⟩ over all tensors, as a 0-dim fp32 tensor (fp64 if all inputs are fp64)."""
-    _check_lists("dot", a, b=b)
-    parts = []
-    for device, contiguous, idx in _groups(a, b):
-        parts.append(_run("dot", device, contiguous, backend)(_pick(a, idx), _pick(b, idx)))
-    return _sum_on(parts, a)
+    return _sum_on(_launch("dot", backend, lambda fn, pick: fn(pick(a), pick(b)), a, b=b), a)
 
 
 # --------------------------------------------------------------------------- perturb / restore
@@ -169,7 +210,6 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
     scaled by 1/keep_prob. Entries outside the mask stay bitwise unchanged; a non-finite norm
     leaves every weight unchanged.
     """
-    _check_lists("perturb_", params, grads=grads, backups=backups, masks=masks)
     if keep_prob is not None and not 0.0 < keep_prob <= 1.0:
         raise ValueError(f"perturb_: keep_prob must be in (0, 1], got {keep_prob}")
     keep = 1.0 if keep_prob is None else float(keep_prob)
@@ -178,17 +218,18 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
     keys = [tensor_key(seed, i) for i in range(len(params))] if keep < 1.0 else [0] * len(params)
     if sq_norm is None:
         sq_norm = grad_sq_norm(grads, params=params if adaptive else None, eta=eta, backend=backend)
-    for device, contiguous, idx in _groups(params, grads, backups, masks):
-        fn = _run("perturb_", device, contiguous, backend)
-        fn(_pick(params, idx), _pick(grads, idx), _pick(backups, idx), sq_norm.to(device), float(rho), float(eps),
-           _pick(masks, idx), bool(adaptive), float(eta), keep, _pick(keys, idx))
+    rho, eps, adaptive, eta = float(rho), float(eps), bool(adaptive), float(eta)
+
+    def call(fn, pick):
+        ps = pick(params)
+        fn(ps, pick(grads), pick(backups), sq_norm.to(ps[0].device), rho, eps, pick(masks), adaptive, eta, keep,
+           pick(keys))
+    _launch("perturb_", backend, call, params, grads=grads, backups=backups, masks=masks)
 
 
 def restore_(params: Tensors, backups: Tensors, *, backend: Optional[str] = None) -> None:
     """params ← backups, bitwise."""
-    _check_lists("restore_", params, backups=backups)
-    for device, contiguous, idx in _groups(params, backups):
-        _run("restore_", device, contiguous, backend)(_pick(params, idx), _pick(backups, idx))
+    _launch("restore_", backend, lambda fn, pick: fn(pick(params), pick(backups)), params, backups=backups)
 
 
 # --------------------------------------------------------------------------- fused restore + base step
@@ -207,24 +248,28 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     bufs: list[Optional[torch.Tensor]] = list(momentum_buffers) if momentum_buffers is not None else [None] * n
     if len(bufs) != n:
         raise ValueError(f"sgd_restore_step_: {len(bufs)} momentum buffers for {n} params")
+    fresh = [i for i, b in enumerate(bufs) if b is None] if momentum != 0 else []
     if momentum == 0:
         bufs = [None] * n
-    fresh = [momentum != 0 and b is None for b in bufs]
-    bufs = [torch.empty_like(p, memory_format=torch.contiguous_format) if f else b for p, b, f in zip(params, bufs, fresh)]
-    _check_lists("sgd_restore_step_", params, backups=backups, grads=grads,
-                 momentum_buffers=bufs if momentum != 0 else None)
+    elif fresh:
+        for i in fresh:
+            bufs[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
     kw = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening), weight_decay=float(weight_decay),
               nesterov=bool(nesterov), maximize=bool(maximize))
-    for init in (False, True):
-        sel = [i for i in range(n) if fresh[i] == init]
-        if not sel:
-            continue
-        sub_b = _pick(bufs, sel) if momentum != 0 else None
-        for device, contiguous, idx in _groups(_pick(params, sel), _pick(backups, sel), _pick(grads, sel), sub_b):
-            fn = _run("sgd_restore_step_", device, contiguous, backend)
-            ids = [sel[i] for i in idx]
-            fn(_pick(params, ids), _pick(backups, ids), _pick(grads, ids), _pick(bufs, ids) if momentum != 0 else None,
-               init_buffers=init, **kw)
+    has_buffers = momentum != 0
+    if not fresh or len(fresh) == n:  # the usual cases: every buffer exists, or none does (first step)
+        subsets = [(bool(fresh), None)]
+    else:  # two launches: check everything before the first one writes
+        _check_lists("sgd_restore_step_", params, backups=backups, grads=grads, momentum_buffers=bufs)
+        new = set(fresh)
+        subsets = [(False, [i for i in range(n) if i not in new]), (True, fresh)]
+    for init, sel in subsets:
+        ps, bs, gs, ms = (params, backups, grads, bufs) if sel is None else (
+            _pick(params, sel), _pick(backups, sel), _pick(grads, sel), _pick(bufs, sel))
+        ms = ms if has_buffers else None
+        _launch("sgd_restore_step_", backend,
+                lambda fn, pick: fn(pick(ps), pick(bs), pick(gs), pick(ms), init_buffers=init, **kw),
+                ps, backups=bs, grads=gs, momentum_buffers=ms)
     return bufs
 
 
@@ -232,16 +277,13 @@ def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_a
                         step: int, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                         weight_decay: float = 1e-2, maximize: bool = False, backend: Optional[str] = None) -> None:
     """params ← backups, then torch.optim.AdamW's update (``step`` counted after its increment)."""
-    _check_lists("adamw_restore_step_", params, backups=backups, grads=grads, exp_avgs=exp_avgs,
-                 exp_avg_sqs=exp_avg_sqs)
     if step < 1:
         raise ValueError(f"adamw_restore_step_: step must be >= 1 (count after increment), got {step}")
     kw = dict(step=int(step), lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
               weight_decay=float(weight_decay), maximize=bool(maximize))
-    for device, contiguous, idx in _groups(params, backups, grads, exp_avgs, exp_avg_sqs):
-        fn = _run("adamw_restore_step_", device, contiguous, backend)
-        fn(_pick(params, idx), _pick(backups, idx), _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
-           **kw)
+    _launch("adamw_restore_step_", backend,
+            lambda fn, pick: fn(pick(params), pick(backups), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), **kw),
+            params, backups=backups, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
 
 
 # --------------------------------------------------------------------------- variants' element-wise ops
@@ -252,41 +294,49 @@ def renormalize_(grads: Tensors, ref_sq_norm: torch.Tensor, *, eps: float = 1e-1
 
     Returns the squared norm of the grads before rescaling (device tensor).
     """
-    _check_lists("renormalize_", grads)
     sq = grad_sq_norm(grads, backend=backend)
-    for device, contiguous, idx in _groups(grads):
-        fn = _run("renormalize_", device, contiguous, backend)
-        fn(_pick(grads, idx), ref_sq_norm.to(device), sq.to(device), float(eps))
+    eps = float(eps)
+
+    def call(fn, pick):
+        gs = pick(grads)
+        device = gs[0].device
+        fn(gs, ref_sq_norm.to(device), sq.to(device), eps)
+    _launch("renormalize_", backend, call, grads)
     return sq
 
 
 def fisher_accumulate_(fisher: Tensors, grads: Tensors, *, scale: float = 1.0, backend: Optional[str] = None) -> None:
     """fisher += scale·g² (empirical Fisher from per-sample or micro-batch gradients)."""
-    _check_lists("fisher_accumulate_", fisher, grads=grads)
-    for device, contiguous, idx in _groups(fisher, grads):
-        _run("fisher_accumulate_", device, contiguous, backend)(_pick(fisher, idx), _pick(grads, idx), float(scale))
+    scale = float(scale)
+    _launch("fisher_accumulate_", backend, lambda fn, pick: fn(pick(fisher), pick(grads), scale), fisher, grads=grads)
 
 
 def looksam_store_(g_v: Tensors, grads: Tensors, sam_grads: Tensors, *, eps: float = 1e-12,
                    backend: Optional[str] = None) -> None:
     """g_v ← g_s − (⟨g, g_s⟩/‖g‖²)·g with the dot and norm global over all tensors (LookSAM)."""
-    _check_lists("looksam_store_", g_v, grads=grads, sam_grads=sam_grads)
     d = dot(grads, sam_grads, backend=backend)
     sq = grad_sq_norm(grads, backend=backend)
-    for device, contiguous, idx in _groups(g_v, grads, sam_grads):
-        fn = _run("looksam_store_", device, contiguous, backend)
-        fn(_pick(g_v, idx), _pick(grads, idx), _pick(sam_grads, idx), d.to(device), sq.to(device), float(eps))
+    eps = float(eps)
+
+    def call(fn, pick):
+        gv = pick(g_v)
+        device = gv[0].device
+        fn(gv, pick(grads), pick(sam_grads), d.to(device), sq.to(device), eps)
+    _launch("looksam_store_", backend, call, g_v, grads=grads, sam_grads=sam_grads)
 
 
 def looksam_apply_(grads: Tensors, g_v: Tensors, alpha: float, *, eps: float = 1e-12,
                    backend: Optional[str] = None) -> None:
     """g ← g + alpha·(‖g‖/‖g_v‖)·g_v with both norms global over all tensors (LookSAM reuse step)."""
-    _check_lists("looksam_apply_", grads, g_v=g_v)
     g_sq = grad_sq_norm(grads, backend=backend)
     gv_sq = grad_sq_norm(g_v, backend=backend)
-    for device, contiguous, idx in _groups(grads, g_v):
-        fn = _run("looksam_apply_", device, contiguous, backend)
-        fn(_pick(grads, idx), _pick(g_v, idx), float(alpha), g_sq.to(device), gv_sq.to(device), float(eps))
+    alpha, eps = float(alpha), float(eps)
+
+    def call(fn, pick):
+        gs = pick(grads)
+        device = gs[0].device
+        fn(gs, pick(g_v), alpha, g_sq.to(device), gv_sq.to(device), eps)
+    _launch("looksam_apply_", backend, call, grads, g_v=g_v)
 
 
 # --------------------------------------------------------------------------- masks

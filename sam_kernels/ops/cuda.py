@@ -9,6 +9,7 @@ from .._extension import extension_error
 from .extension_ops import ops_with_kernel
 
 DEVICES = ("cuda",)
+CHECKS_LISTS = True  # csrc/common.h check_list, before any write
 OPS = ops_with_kernel("CUDA")
 
 

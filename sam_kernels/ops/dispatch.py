@@ -2,7 +2,9 @@
 
 A backend is a module exposing ``OPS`` (op name -> group-level function with the signature of
 the same function in ``reference.py``), ``DEVICES`` (device types it runs on) and
-``unavailable_reason() -> str | None``. Backends are imported lazily, the first time they are
+``unavailable_reason() -> str | None``; ``CHECKS_LISTS = True`` where its functions check the
+lists completely (lengths, shapes, one device and dtype, dense, contiguous) and reject a call
+before writing anything, so the Python layer may hand it whole lists unchecked. Backends are imported lazily, the first time they are
 asked for, so a missing toolchain never breaks ``import sam_kernels``.
 
 Resolution order for one call: the ``backend=`` argument, then :func:`set_backend`, then the
@@ -85,6 +87,11 @@ def backends() -> dict[str, dict]:
             "reason": None if module else _import_errors.get(name),
         }
     return out
+
+
+def checks_lists(name: str) -> bool:
+    """Whether backend ``name`` checks its tensor lists itself (see the module docstring)."""
+    return bool(getattr(_modules.get(name), "CHECKS_LISTS", False))
 
 
 def _serves(module: Optional[ModuleType], op: str, device_type: str) -> bool:
