@@ -30,7 +30,8 @@ what is measured
   per-op microbenchmarks
 %(ops)s
     on single tensors (1M, 16M, 64M elements) and the real parameter lists of ResNet-50
-    (161 tensors, 25.6M) and GPT-2 small (148 tensors, 124M); each implementation is checked
+    (161 tensors, 25.6M) and GPT-2 small (148 tensors, 124M), and "host": 161 tensors of 16
+    elements, where the time is the host's (Python, dispatch, launches); each implementation is checked
     against the eager reference once, then timed (median, p20/p80); GB/s at the op's bytes
     floor, fraction of the copy bandwidth measured in the same run, speedup over the baselines
     loop (per-parameter Python loop, davda54/sam style), eager (foreach reference) and

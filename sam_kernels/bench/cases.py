@@ -62,6 +62,12 @@ def gpt2_small_shapes(vocab: int = 50257, ctx: int = 1024, d: int = 768, layers:
     return shapes
 
 
+def host_shapes() -> list[Shape]:
+    """ResNet-50's tensor count with 16 elements each: the kernels have nothing to do, so the time
+    is the host's (Python layer, dispatch, checks, launches) — what bounds a step of a small model."""
+    return [(16,)] * len(resnet50_shapes())
+
+
 def _single(numel: int) -> list[Shape]:
     return [(numel,)]
 
@@ -73,9 +79,10 @@ CASES = {
     "64M": lambda: _single(64 * _M),
     "resnet50": resnet50_shapes,
     "gpt2": gpt2_small_shapes,
+    "host": host_shapes,
 }
-QUICK_CPU = ("1M", "resnet50")
-QUICK_GPU = ("1M", "16M", "resnet50")
+QUICK_CPU = ("host", "1M", "resnet50")
+QUICK_GPU = ("host", "1M", "16M", "resnet50")
 FULL = tuple(CASES)
 
 

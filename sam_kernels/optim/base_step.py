@@ -40,30 +40,30 @@ def _scalar_dtype() -> torch.dtype:
 
 def _by_hyperparams(entries, keys):
     """Group (group, param, backup, grad) entries by the hyperparameters that reach the kernel."""
-    buckets = defaultdict(list)
-    key_of_group: dict = {}  # one key per param group, not per param: this runs every step
-    for entry in entries:
-        group = entry[0]
-        key = key_of_group.get(id(group))
-        if key is None:
-            key = key_of_group[id(group)] = tuple(group[k] for k in keys)
-        buckets[key].append(entry)
+    buckets: dict = {}
+    last_group, bucket = None, []
+    for entry in entries:  # entries come in group order: one key per param group, not per param
+        if entry[0] is not last_group:
+            last_group = entry[0]
+            bucket = buckets.setdefault(tuple(last_group[k] for k in keys), [])
+        bucket.append(entry)
     return buckets.values()
 
 
 def _sgd(base: torch.optim.SGD, entries, backend) -> None:
     for bucket in _by_hyperparams(entries, _SGD_KEYS):
         group = bucket[0][0]
-        params = [p for _, p, _, _ in bucket]
+        _, params, backups, grads = map(list, zip(*bucket))
         momentum = group["momentum"]
-        bufs = [base.state[p].get("momentum_buffer") for p in params] if momentum else None
-        bufs = ops.sgd_restore_step_(params, [b for _, _, b, _ in bucket], [g for _, _, _, g in bucket], bufs,
-                                     lr=group["lr"], momentum=momentum, dampening=group["dampening"],
-                                     weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                                     maximize=group["maximize"], backend=backend)
+        states = [base.state[p] for p in params] if momentum else None
+        old = [st.get("momentum_buffer") for st in states] if momentum else None
+        bufs = ops.sgd_restore_step_(params, backups, grads, old, lr=group["lr"], momentum=momentum,
+                                     dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                     nesterov=group["nesterov"], maximize=group["maximize"], backend=backend)
         if momentum:
-            for p, buf in zip(params, bufs):
-                base.state[p]["momentum_buffer"] = buf
+            for st, before, buf in zip(states, old, bufs):
+                if buf is not before:  # a new buffer (first step of this param); the others were updated in place
+                    st["momentum_buffer"] = buf
 
 
 def _adamw(base: torch.optim.AdamW, entries, backend) -> None:
@@ -90,31 +90,29 @@ def _adamw(base: torch.optim.AdamW, entries, backend) -> None:
                                     maximize=group["maximize"], backend=backend)
 
 
-def restore_and_step(sam, perturbed: list[torch.Tensor], backend: Optional[str]) -> None:
-    """Restore every perturbed param and take the base step (fused when possible)."""
+def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[int, torch.Tensor],
+                     backend: Optional[str]) -> None:
+    """Restore every perturbed param from its backup (``backup_of[id(p)]``, in ``perturbed`` order)
+    and take the base step, fused when possible. The caller has rejected sparse gradients."""
     base = sam.base_optimizer
     kind = fused_kind(base)
     if kind is None:
         if perturbed:
-            ops.restore_(perturbed, [sam.state[p]["backup"] for p in perturbed], backend=backend)
+            ops.restore_(perturbed, list(backup_of.values()), backend=backend)
         base.step()
         return
-    perturbed_ids = {id(p) for p in perturbed}
     entries, restore_only = [], []
     for group in base.param_groups:
         for p in group["params"]:
-            was_perturbed = id(p) in perturbed_ids
-            if p.grad is None:
-                if was_perturbed:
-                    restore_only.append(p)
+            b = backup_of.get(id(p))
+            g = p.grad
+            if g is None:
+                if b is not None:
+                    restore_only.append((p, b))
                 continue
             # A param that was not perturbed is its own backup: the fused op then just updates it.
-            entries.append((group, p, sam.state[p]["backup"] if was_perturbed else p, p.grad))
+            entries.append((group, p, p if b is None else b, g))
     if restore_only:
-        ops.restore_(restore_only, [sam.state[p]["backup"] for p in restore_only], backend=backend)
-    if not entries:
-        return
-    if any(g.is_sparse for _, _, _, g in entries):
-        raise TypeError("SAM: sparse gradients are not supported (use dense gradients, e.g. "
-                        "nn.Embedding(sparse=False))")
-    (_sgd if kind == "sgd" else _adamw)(base, entries, backend)
+        ops.restore_([p for p, _ in restore_only], [b for _, b in restore_only], backend=backend)
+    if entries:
+        (_sgd if kind == "sgd" else _adamw)(base, entries, backend)

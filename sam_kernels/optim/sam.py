@@ -102,7 +102,7 @@ class SAM(torch.optim.Optimizer):
         self.step_count = 0
         self._decision: Optional[bool] = None
         self._perturbed: Optional[list[torch.Tensor]] = None
-        self._perturbed_ids: set[int] = set()
+        self._backup_of: dict[int, torch.Tensor] = {}  # id(param) -> backup, for the perturbed params
 
     # ------------------------------------------------------------------ helpers
 
@@ -149,7 +149,7 @@ class SAM(torch.optim.Optimizer):
 
     def _restored(self, p: torch.Tensor) -> torch.Tensor:
         """The weight ``p`` will have after the restore: its backup while it is perturbed."""
-        return self.state[p]["backup"] if self._perturbed is not None and id(p) in self._perturbed_ids else p
+        return self._backup_of.get(id(p), p)
 
     def _check_finite(self, sq: torch.Tensor, where: str) -> None:
         if self.finite_check and not bool(torch.isfinite(sq)):  # the documented host sync
@@ -189,35 +189,46 @@ class SAM(torch.optim.Optimizer):
         for m in self.modifiers:
             m.after_ascent(self, params, grads, sq)
         extra = self.perturbation_options(params, grads) if entries else {}
+        backups = [self._backup(p) for p in params]
         buckets: dict = {}
-        for i, (group, p) in enumerate(entries):
-            buckets.setdefault((group["rho"], group["adaptive"], group["eta"]), []).append(i)
-        done: list[torch.Tensor] = []
+        last_group, bucket = None, []
+        for i, (group, _) in enumerate(entries):
+            if group is not last_group:  # one key per param group, not per param: this runs every step
+                last_group = group
+                bucket = buckets.setdefault((group["rho"], group["adaptive"], group["eta"]), [])
+            bucket.append(i)
+        done: list[int] = []
         try:
             for b, ((rho, adaptive, eta), idx) in enumerate(buckets.items()):
-                ps = [params[i] for i in idx]
-                backups = [self._backup(p) for p in ps]
+                ps = params if len(idx) == len(params) else [params[i] for i in idx]
+                bs = backups if len(idx) == len(params) else [backups[i] for i in idx]
                 kw = {k: ([v[i] for i in idx] if k == "masks" and v is not None else v) for k, v in extra.items()}
                 kw.setdefault("sq_norm", sq)
                 if b and kw.get("seed") is not None:
                     # perturb_ keys its element RNG by (seed, position in this bucket): give each bucket
                     # its own seed so buckets of equal shapes do not repeat the first bucket's draws.
                     kw["seed"] = (int(kw["seed"]) + 0x9E3779B97F4A7C15 * b) % (1 << 62)
-                ops.perturb_(ps, [grads[i] for i in idx], backups, rho, adaptive=adaptive, eta=eta,
-                             backend=self.backend, **kw)
-                done.extend(ps)
+                ops.perturb_(ps, grads if len(idx) == len(params) else [grads[i] for i in idx], bs, rho,
+                             adaptive=adaptive, eta=eta, backend=self.backend, **kw)
+                done.extend(idx)
         except BaseException:  # never leave weights perturbed: undo the buckets that ran
             if done:
-                ops.restore_(done, [self.state[p]["backup"] for p in done], backend=self.backend)
+                ops.restore_([params[i] for i in done], [backups[i] for i in done], backend=self.backend)
             raise
-        self._set_perturbed(params)
+        self._set_perturbed(params, backups)
         self._decision = True
         if zero_grad:
             self.zero_grad()
 
-    def _set_perturbed(self, params: Optional[list[torch.Tensor]]) -> None:
+    def _set_perturbed(self, params: Optional[list[torch.Tensor]],
+                       backups: Optional[list[torch.Tensor]] = None) -> None:
         self._perturbed = params
-        self._perturbed_ids = set() if params is None else {id(p) for p in params}
+        if params is None:
+            self._backup_of = {}
+        else:
+            if backups is None:
+                backups = [self.state[p]["backup"] for p in params]
+            self._backup_of = dict(zip(map(id, params), backups))
 
     def _backup(self, p: torch.Tensor) -> torch.Tensor:
         st = self.state[p]
@@ -246,7 +257,7 @@ class SAM(torch.optim.Optimizer):
         except BaseException:
             self.restore()
             raise
-        restore_and_step(self, perturbed, self.backend)
+        restore_and_step(self, perturbed, self._backup_of, self.backend)
         self._finish(zero_grad)
 
     @torch.no_grad()
@@ -275,7 +286,7 @@ class SAM(torch.optim.Optimizer):
     def restore(self) -> None:
         """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
         if self._perturbed:
-            ops.restore_(self._perturbed, [self.state[p]["backup"] for p in self._perturbed], backend=self.backend)
+            ops.restore_(self._perturbed, list(self._backup_of.values()), backend=self.backend)
         self._set_perturbed(None)
         self._decision = None
 

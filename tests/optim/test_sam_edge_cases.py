@@ -270,6 +270,36 @@ def test_unperturbed_param_with_grad_on_fused_path(backend):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_grad_gone_at_second_pass_restores_without_update(backend, base):
+    """A param perturbed at the first pass but without a gradient at the second gets its weights back,
+    bitwise, and no base step; the others take the fused step as usual."""
+    m = model_()
+    make = (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)) if base == "sgd" else \
+        (lambda ps: torch.optim.AdamW(ps, lr=0.1))
+    opt = sk.SAM(m.parameters(), torch.optim.SGD if base == "sgd" else torch.optim.AdamW, rho=0.1, lr=0.1,
+                 **(dict(momentum=0.9) if base == "sgd" else {}), backend=backend)
+    x, y = data(1)[0]
+    frozen = m[2].bias
+    w = [p.detach().clone() for p in m.parameters()]
+    loss(m, x, y).backward()
+    opt.first_step(zero_grad=True)
+    assert not torch.equal(frozen, w[3]), "the param was not perturbed"
+    loss(m, x, y).backward()
+    g2 = [p.grad.clone() for p in m.parameters()]
+    frozen.grad = None
+    opt.second_step()
+    assert torch.equal(frozen, w[3])
+    assert "momentum_buffer" not in opt.base_optimizer.state[frozen] and "exp_avg" not in opt.base_optimizer.state[frozen]
+    ref = [t.clone().requires_grad_() for t in w[:3]]
+    for r, g in zip(ref, g2):
+        r.grad = g
+    make(ref).step()
+    for p, r in zip(list(m.parameters())[:3], ref):
+        torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("cls,kw", [(sk.LookSAM, dict(k=3)), (sk.AELookSAM, dict(total_steps=12)),
                                     (sk.StableSAM, dict())])
 @pytest.mark.parametrize("mid_step", [False, True])
