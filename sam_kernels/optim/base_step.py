@@ -8,7 +8,6 @@ over mid-run. Every other optimizer: ``ops.restore_`` then ``base_optimizer.step
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Optional
 
 import torch
@@ -67,26 +66,30 @@ def _sgd(base: torch.optim.SGD, entries, backend) -> None:
 
 
 def _adamw(base: torch.optim.AdamW, entries, backend) -> None:
-    for p in (p for _, p, _, _ in entries):
-        st = base.state[p]
+    states = [base.state[p] for _, p, _, _ in entries]
+    for (_, p, _, _), st in zip(entries, states):
         if len(st) == 0:  # the layout torch.optim.AdamW creates on its first step
             st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["step"] += 1
-    # One launch per (hyperparameters, step count); the step lives in a CPU tensor (no device sync).
+    # The steps are CPU tensors (torch's layout for non-capturable AdamW): reading them is no device sync.
+    steps = [st["step"] for st in states]
+    torch._foreach_add_(steps, 1)
+    counts = torch.stack(steps).tolist() if len({s.dtype for s in steps}) == 1 else [s.item() for s in steps]
+    step_of = {id(e[1]): (int(c), st) for e, c, st in zip(entries, counts, states)}
+    # One launch per (hyperparameters, step count): usually one for the whole model.
     for bucket in _by_hyperparams(entries, _ADAMW_KEYS):
-        by_step = defaultdict(list)
+        by_step: dict = {}
         for e in bucket:
-            by_step[int(base.state[e[1]]["step"].item())].append(e)
+            step, st = step_of[id(e[1])]
+            by_step.setdefault(step, []).append((*e, st))
         for step, items in by_step.items():
             group = items[0][0]
-            params = [p for _, p, _, _ in items]
+            _, params, backups, grads, sts = map(list, zip(*items))
             beta1, beta2 = group["betas"]
-            ops.adamw_restore_step_(params, [b for _, _, b, _ in items], [g for _, _, _, g in items],
-                                    [base.state[p]["exp_avg"] for p in params],
-                                    [base.state[p]["exp_avg_sq"] for p in params], step, lr=group["lr"],
-                                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            ops.adamw_restore_step_(params, backups, grads, [st["exp_avg"] for st in sts],
+                                    [st["exp_avg_sq"] for st in sts], step, lr=group["lr"], beta1=beta1,
+                                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                                     maximize=group["maximize"], backend=backend)
 
 
