@@ -17,12 +17,13 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
   const auto chunks = make_chunks(params);
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "perturb_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t sq = read_scalar<acc_t>(sq_norm, "perturb_", "sq_norm");
+    const double stored = read_scalar<double>(sq_norm, "perturb_", "sq_norm");  // exact: fp32/fp64 storage
+    const acc_t sq = static_cast<acc_t>(stored);
     acc_t scale = static_cast<acc_t>(rho) / (std::sqrt(sq) + static_cast<acc_t>(eps));
     if (keep) scale /= static_cast<acc_t>(keep_prob);
     // A non-finite norm must not move any weight (the backup is still taken). An Inf gradient
-    // gives scale 0, and 0·inf = NaN: the norm itself is tested too.
-    const bool finite = std::isfinite(scale) && std::isfinite(sq);
+    // gives scale 0, and 0·inf = NaN: the norm itself is tested too, as stored (like the reference).
+    const bool finite = std::isfinite(scale) && std::isfinite(stored);
     const bool select = masks || keep;
     for_each_chunk(chunks, [&](const Chunk& c) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);

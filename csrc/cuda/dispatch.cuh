@@ -57,6 +57,10 @@ struct DeviceScalar {
   __device__ __forceinline__ A get() const {
     return is_double ? static_cast<A>(*static_cast<const double*>(ptr)) : static_cast<A>(*static_cast<const float*>(ptr));
   }
+  // Finiteness of the value as stored (not after rounding to the compute type), like torch.isfinite(t).
+  __device__ __forceinline__ bool is_finite() const {
+    return is_double ? ::isfinite(*static_cast<const double*>(ptr)) : ::isfinite(*static_cast<const float*>(ptr));
+  }
 };
 
 inline DeviceScalar device_scalar(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <cfloat>
+#include <limits>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 #include <vector>
@@ -26,7 +27,7 @@
 namespace sam_kernels::cuda {
 namespace {
 
-constexpr int kMaxGroup = 32;  // nm_mask: largest m (one thread ranks a group in registers)
+constexpr int kMaxGroup = 32;  // nm_mask: groups up to this size are ranked from a per-thread key array
 
 template <typename T>
 using key_type = std::conditional_t<std::is_same_v<T, double>, uint64_t, uint32_t>;
@@ -219,12 +220,24 @@ struct NmFunctor {
       const int64_t col = i % cols;
       if (col % m != 0) continue;
       const int r = cols - col < m ? static_cast<int>(cols - col) : m;  // a row's last group may be short
-      Key keys[kMaxGroup];
-      for (int j = 0; j < r; ++j) keys[j] = key_of(scores[i + j]);
-      for (int j = 0; j < r; ++j) {
-        int rank = 0;
-        for (int l = 0; l < r; ++l) rank += (keys[l] > keys[j] || (keys[l] == keys[j] && l < j)) ? 1 : 0;
-        masks[i + j] = rank < n;
+      if (r <= kMaxGroup) {
+        Key keys[kMaxGroup];
+        for (int j = 0; j < r; ++j) keys[j] = key_of(scores[i + j]);
+        for (int j = 0; j < r; ++j) {
+          int rank = 0;
+          for (int l = 0; l < r; ++l) rank += (keys[l] > keys[j] || (keys[l] == keys[j] && l < j)) ? 1 : 0;
+          masks[i + j] = rank < n;
+        }
+      } else {  // large groups (rare: N:M sparsity uses m <= 16): the same ranking, keys re-read (L1)
+        for (int j = 0; j < r; ++j) {
+          const Key kj = key_of(scores[i + j]);
+          int rank = 0;
+          for (int l = 0; l < r; ++l) {
+            const Key kl = key_of(scores[i + l]);
+            rank += (kl > kj || (kl == kj && l < j)) ? 1 : 0;
+          }
+          masks[i + j] = rank < n;
+        }
       }
     }
   }
@@ -290,7 +303,7 @@ std::vector<at::Tensor> topk_mask_cuda(at::TensorList scores, int64_t k) {
 
 std::vector<at::Tensor> nm_mask_cuda(at::TensorList scores, int64_t n, int64_t m) {
   TORCH_CHECK(m >= 1 && n >= 0 && n <= m, "nm_mask: need 0 <= n <= m and m >= 1, got n=", n, " m=", m);
-  TORCH_CHECK(m <= kMaxGroup, "nm_mask: the cuda backend supports m <= ", kMaxGroup, ", got m=", m);
+  TORCH_CHECK(m <= std::numeric_limits<int>::max(), "nm_mask: m=", m, " is too large");
   const auto s = common_scores("nm_mask", scores);
   std::vector<at::Tensor> masks;
   std::vector<int64_t> cols;

@@ -25,7 +25,8 @@ struct PerturbOp {
     // As reference.py evaluates it on CUDA: rho / t is reciprocal(t)·rho, t / keep_prob is t·(1/keep_prob).
     scale = (A(1) / (::sqrt(sq_norm.get<A>()) + eps)) * rho;
     if (keep) scale = scale * inv_keep_prob;
-    finite = ::isfinite(scale);
+    // An Inf gradient gives sq_norm = inf and scale = 0, but 0·inf = NaN: test the norm too.
+    finite = ::isfinite(scale) && sq_norm.is_finite();
   }
   __device__ void operator()(T (&x)[3], bool selected, int64_t i, int64_t key) const {
     x[2] = x[0];  // exact copy of the storage bits

@@ -161,6 +161,20 @@ def test_perturb_nonfinite_norm_keeps_weights(case, bad):
     assert_lists_equal(backups, orig, "backups")
 
 
+def test_perturb_norm_finite_only_in_fp64(case):
+    """A float64 norm beyond float32's range is finite: fp32 weights move by rho·g·0 like the reference
+    (-0.0 becomes +0.0), which a finiteness test after rounding the norm to fp32 would skip."""
+    backend, device = case
+    params = [torch.tensor([-0.0, 1.0, -0.0, 2.0], device=device)]
+    grads = [torch.tensor([1.0, -1.0, 3.0, 0.5], device=device)]
+    sq = torch.tensor(1e300, dtype=torch.float64, device=device)
+    mine, ref = clone(params), clone(params)
+    ops.perturb_(mine, clone(grads), [torch.empty_like(p) for p in params], 0.05, sq_norm=sq, backend=backend)
+    ops.perturb_(ref, clone(grads), [torch.empty_like(p) for p in params], 0.05, sq_norm=sq, backend="eager")
+    assert torch.signbit(ref[0][0]).item() is False, "the reference no longer moves the weights here"
+    assert_lists_equal(mine, ref, "params")
+
+
 @pytest.mark.parametrize("keep_prob", [0.2, 0.75])
 def test_keep_prob_fraction_and_seeds(case, keep_prob):
     backend, device = case
@@ -257,10 +271,11 @@ def test_topk_mask_equals_eager(case, dtype):
         assert_lists_equal(got, want, f"density {density}")
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 3), (0, 4)])
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 3), (0, 4), (20, 40), (33, 64)])
 def test_nm_mask_equals_eager(case, n, m):
+    """Groups larger than 32 included (the CUDA kernel ranks those from memory, not registers)."""
     backend, device = case
-    scores = make([(6, 16), (8, 3, 3, 3), (10,), (3, 13)], torch.float32, device)
+    scores = make([(6, 16), (8, 3, 3, 3), (10,), (3, 13), (4, 100)], torch.float32, device)
     scores[3][0, 12] = float("nan")
     scores[0][1, :4] = 1.0
     assert_lists_equal(ops.nm_mask(scores, n, m, backend=backend), ops.nm_mask(scores, n, m, backend="eager"))

@@ -57,14 +57,16 @@ def _perturb_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, sizes, blocks, keys, sq_norm
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     b_ptr = tensor_ptr(b_ptrs, t, DT, ALIGNED)
     m_ptr = tensor_ptr(m_ptrs, t, tl.int8, ALIGNED)
-    sq = tl.load(sq_norm).to(CDT)
+    stored = tl.load(sq_norm)
+    sq = stored.to(CDT)
     s = div_ieee(scalar(rho, CDT), sqrt_ieee(sq) + scalar(eps, CDT))
     key = tl.zeros((), tl.uint32)
     if KEEP:
         s = div_ieee(s, scalar(keep_prob, CDT))
         key = tl.load(keys + t).to(tl.uint32)
-    # False for +-inf and NaN. The norm is tested too: an Inf gradient gives s = 0, and 0·inf = NaN.
-    finite = (tl.abs(s) < float("inf")) & (sq < float("inf"))
+    # False for +-inf and NaN. The norm is tested too, as stored (like the reference): an Inf
+    # gradient gives s = 0, and 0·inf = NaN.
+    finite = (tl.abs(s) < float("inf")) & (tl.abs(stored) < float("inf"))
     eta_c = scalar(eta, CDT)
     for off in range(start, split, BLOCK):
         _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, block_offsets(off, BLOCK), None, s, finite, eta_c, key,
