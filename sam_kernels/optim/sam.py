@@ -189,7 +189,7 @@ class SAM(torch.optim.Optimizer):
         for m in self.modifiers:
             m.after_ascent(self, params, grads, sq)
         extra = self.perturbation_options(params, grads) if entries else {}
-        backups = [self._backup(p) for p in params]
+        backups = self._backups(params)
         buckets: dict = {}
         last_group, bucket = None, []
         for i, (group, _) in enumerate(entries):
@@ -200,16 +200,23 @@ class SAM(torch.optim.Optimizer):
         done: list[int] = []
         try:
             for b, ((rho, adaptive, eta), idx) in enumerate(buckets.items()):
-                ps = params if len(idx) == len(params) else [params[i] for i in idx]
-                bs = backups if len(idx) == len(params) else [backups[i] for i in idx]
+                whole = len(idx) == len(params)
+                ps = params if whole else [params[i] for i in idx]
+                gs = grads if whole else [grads[i] for i in idx]
                 kw = {k: ([v[i] for i in idx] if k == "masks" and v is not None else v) for k, v in extra.items()}
                 kw.setdefault("sq_norm", sq)
                 if b and kw.get("seed") is not None:
                     # perturb_ keys its element RNG by (seed, position in this bucket): give each bucket
                     # its own seed so buckets of equal shapes do not repeat the first bucket's draws.
                     kw["seed"] = (int(kw["seed"]) + 0x9E3779B97F4A7C15 * b) % (1 << 62)
-                ops.perturb_(ps, grads if len(idx) == len(params) else [grads[i] for i in idx], bs, rho,
-                             adaptive=adaptive, eta=eta, backend=self.backend, **kw)
+                try:
+                    ops.perturb_(ps, gs, backups if whole else [backups[i] for i in idx], rho, adaptive=adaptive,
+                                 eta=eta, backend=self.backend, **kw)
+                except (TypeError, ValueError):  # rejected before writing anything
+                    if not self._renew_stale_backups(params, backups, idx):
+                        raise
+                    ops.perturb_(ps, gs, backups if whole else [backups[i] for i in idx], rho, adaptive=adaptive,
+                                 eta=eta, backend=self.backend, **kw)
                 done.extend(idx)
         except BaseException:  # never leave weights perturbed: undo the buckets that ran
             if done:
@@ -230,12 +237,29 @@ class SAM(torch.optim.Optimizer):
                 backups = [self.state[p]["backup"] for p in params]
             self._backup_of = dict(zip(map(id, params), backups))
 
-    def _backup(self, p: torch.Tensor) -> torch.Tensor:
-        st = self.state[p]
-        b = st.get("backup")
-        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-            b = st["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-        return b
+    def _backups(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The backup buffer of each param, created on first use. Their layouts are not compared
+        with the params' here (three attribute pairs per param, every step): perturb_ checks them
+        and rejects a mismatch before writing, and first_step then renews the stale ones."""
+        out = []
+        for p in params:
+            st = self.state[p]
+            b = st.get("backup")
+            if b is None:
+                b = st["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            out.append(b)
+        return out
+
+    def _renew_stale_backups(self, params: list[torch.Tensor], backups: list[torch.Tensor], idx: list[int]) -> bool:
+        """Replace (in ``backups`` and the state) the backups of ``params[idx]`` whose shape, dtype or
+        device no longer match their param (it was resized, cast or moved); whether any did."""
+        renewed = False
+        for i in idx:
+            p, b = params[i], backups[i]
+            if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                backups[i] = self.state[p]["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                renewed = True
+        return renewed
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

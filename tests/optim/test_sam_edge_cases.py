@@ -390,3 +390,29 @@ def test_adamw_params_at_different_step_counts(backend):
     assert int(opt.base_optimizer.state[late1]["step"]) == 3 and int(opt.base_optimizer.state[m1[0].weight]["step"]) == 5
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_param_changed_between_steps_gets_a_new_backup(backend, change):
+    """A param resized or cast after some steps (its base state reset, as torch requires) gets a fresh
+    backup: the step runs and matches a new optimizer started on the changed param."""
+    m1 = model_()
+    opt = sk.SAM(m1.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, backend=backend)
+    x, y = data(1)[0]
+    m1.zero_grad(); loss(m1, x, y).backward()
+    opt.first_step(zero_grad=True); loss(m1, x, y).backward(); opt.second_step(zero_grad=True)
+    p = m1[2].bias
+    old_backup = opt.state[p]["backup"]
+    with torch.no_grad():
+        p.data = torch.randn(5, dtype=torch.float64) if change == "shape" else p.data.float()
+    w0 = p.detach().clone()
+    g = torch.randn_like(p)
+    p.grad = g.clone()
+    opt.first_step()
+    assert opt.state[p]["backup"] is not old_backup
+    assert torch.equal(opt.state[p]["backup"], w0)
+    # perturbed by rho·g/‖all grads‖: only p has a grad now
+    torch.testing.assert_close(p.detach(), w0 + 0.1 * g / (g.norm() + 1e-12))
+    opt.restore()
+    assert torch.equal(p.detach(), w0)
