@@ -31,7 +31,7 @@ struct ElementwiseFunctor {
   Op op;
   A* partials;  // reductions: one partial per chunk, indexed by ChunkRef::block
 
-  __device__ void operator()(const TensorListMetadata<kDepth>& meta, const ChunkRef& c) const {
+  __device__ void operator()(const BlockTensors<kDepth>& tensors, const ChunkRef& c) const {
     Op o = op;
     o.load_scalars();
     A sum = A(0);
@@ -40,14 +40,14 @@ struct ElementwiseFunctor {
       Vec<T, kIlp> v[kLists] = {};
 #pragma unroll
       for (int l = 0; l < kLists; ++l)
-        if ((Op::kReads >> l & 1u) && meta.ptrs[l][c.tensor] != nullptr)
-          v[l] = load_group<T, kIlp>(meta.ptrs[l][c.tensor], i, c.end, c.aligned);
+        if ((Op::kReads >> l & 1u) && tensors.ptrs[l] != nullptr)
+          v[l] = load_group<T, kIlp>(tensors.ptrs[l], i, c.end, c.aligned);
       Vec<bool, kIlp> sel;
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) sel.v[k] = true;
       if constexpr (Op::kMasked) {
-        if (meta.ptrs[kLists][c.tensor] != nullptr)
-          sel = load_group<bool, kIlp>(meta.ptrs[kLists][c.tensor], i, c.end, c.aligned);
+        if (tensors.ptrs[kLists] != nullptr)
+          sel = load_group<bool, kIlp>(tensors.ptrs[kLists], i, c.end, c.aligned);
       }
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
@@ -65,8 +65,8 @@ struct ElementwiseFunctor {
       }
 #pragma unroll
       for (int l = 0; l < kLists; ++l)
-        if ((Op::kWrites >> l & 1u) && meta.ptrs[l][c.tensor] != nullptr)
-          store_group<T, kIlp>(meta.ptrs[l][c.tensor], v[l], i, c.end, c.aligned);
+        if ((Op::kWrites >> l & 1u) && tensors.ptrs[l] != nullptr)
+          store_group<T, kIlp>(tensors.ptrs[l], v[l], i, c.end, c.aligned);
     });
     if constexpr (Op::kReduce) {
       // Fixed tree over a fixed thread -> element assignment: the partial is deterministic.

@@ -78,7 +78,7 @@ struct HistogramFunctor {
   TopkState<Key>* state;
   int digit;
 
-  __device__ void operator()(const TensorListMetadata<1>& meta, const ChunkRef& c) const {
+  __device__ void operator()(const BlockTensors<1>& tensors, const ChunkRef& c) const {
     __shared__ unsigned int bins[256];
     for (int b = threadIdx.x; b < 256; b += kBlockSize) bins[b] = 0;
     __syncthreads();
@@ -87,7 +87,7 @@ struct HistogramFunctor {
     const int shift = digit_shift<Key>(digit);
     for_each_group<kIlp>(c, [&](int64_t i) {
       if (i >= c.end) return;
-      const auto v = load_group<T, kIlp>(meta.ptrs[0][c.tensor], i, c.end, c.aligned);
+      const auto v = load_group<T, kIlp>(tensors.ptrs[0], i, c.end, c.aligned);
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
         const Key key = key_of(v.v[k]);
@@ -127,12 +127,12 @@ struct TieCountFunctor {
   const TopkState<Key>* state;
   long long* counts;
 
-  __device__ void operator()(const TensorListMetadata<1>& meta, const ChunkRef& c) const {
+  __device__ void operator()(const BlockTensors<1>& tensors, const ChunkRef& c) const {
     const Key threshold = state->prefix;
     int ties = 0;
     for_each_group<kIlp>(c, [&](int64_t i) {
       if (i >= c.end) return;
-      const auto v = load_group<T, kIlp>(meta.ptrs[0][c.tensor], i, c.end, c.aligned);
+      const auto v = load_group<T, kIlp>(tensors.ptrs[0], i, c.end, c.aligned);
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) ties += (i + k < c.end && key_of(v.v[k]) == threshold) ? 1 : 0;
     });
@@ -169,14 +169,14 @@ struct MarkFunctor {
   const TopkState<Key>* state;
   const long long* ties_before;  // exclusive scan of the tie counts, per chunk
 
-  __device__ void operator()(const TensorListMetadata<2>& meta, const ChunkRef& c) const {
+  __device__ void operator()(const BlockTensors<2>& tensors, const ChunkRef& c) const {
     const Key threshold = state->prefix;
     const long long left = state->left;
     long long before = ties_before[c.block];
     using BlockScan = cub::BlockScan<int, kBlockSize>;
     __shared__ typename BlockScan::TempStorage tmp;
     for_each_group<kIlp>(c, [&](int64_t i) {  // every thread runs every iteration: block scan inside
-      const auto v = load_group<T, kIlp>(meta.ptrs[0][c.tensor], i, c.end, c.aligned);
+      const auto v = load_group<T, kIlp>(tensors.ptrs[0], i, c.end, c.aligned);
       Key keys[kIlp];
       int ties = 0;
 #pragma unroll
@@ -196,7 +196,7 @@ struct MarkFunctor {
         if (i + k < c.end && keys[k] == threshold) keep = r++ < left;
         out.v[k] = keep;
       }
-      store_group<bool, kIlp>(meta.ptrs[1][c.tensor], out, i, c.end, c.aligned);
+      store_group<bool, kIlp>(tensors.ptrs[1], out, i, c.end, c.aligned);
       before += block_ties;
     });
   }
@@ -212,9 +212,9 @@ struct NmFunctor {
   int n;
   int m;
 
-  __device__ void operator()(const TensorListMetadata<2>& meta, const ChunkRef& c) const {
-    const T* scores = static_cast<const T*>(meta.ptrs[0][c.tensor]);
-    bool* masks = static_cast<bool*>(meta.ptrs[1][c.tensor]);
+  __device__ void operator()(const BlockTensors<2>& tensors, const ChunkRef& c) const {
+    const T* scores = static_cast<const T*>(tensors.ptrs[0]);
+    bool* masks = static_cast<bool*>(tensors.ptrs[1]);
     const int64_t cols = c.aux;
     for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kBlockSize) {
       const int64_t col = i % cols;

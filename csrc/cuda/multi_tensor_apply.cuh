@@ -4,8 +4,11 @@
 // tensor is cut into chunks of kChunkSize elements; one block handles one chunk. The pointers,
 // sizes and block -> (tensor, chunk) maps of a launch travel BY VALUE as the kernel argument
 // (TensorListMetadata), so there is no host-to-device copy and the launch is CUDA-graph safe.
-// The table is sized for the classic 4 KB kernel-argument limit; when its tensor or block slots
-// fill, the launcher launches and starts a new table, carrying a tensor that was cut mid-way.
+// Two table sizes: 32 KB of kernel arguments (CUDA >= 12.1 toolkit and driver, Volta and newer):
+// 2048 blocks and ~340-750 tensors per launch, so a ResNet-50 or GPT-2 parameter list takes one
+// launch per pass; else the classic 4 KB (320 blocks, 36-110 tensors). SAM_KERNELS_CUDA_TABLES=small
+// forces the 4 KB tables (to compare, or to test the splitting). When a table's tensor or block
+// slots fill, the launcher launches and starts a new table, carrying a tensor that was cut mid-way.
 //
 // Element layout: thread t of a block handles the kIlp contiguous elements starting at
 // base + t * kIlp, base stepping by kBlockSize * kIlp through the chunk. The group is one 16-byte
@@ -18,19 +21,19 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>
 
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 
 namespace sam_kernels::cuda {
 
 constexpr int kBlockSize = 512;
 constexpr int64_t kChunkSize = 65536;  // a multiple of kBlockSize * kIlp for every dtype
 constexpr int kVecBytes = 16;          // one vector access per thread per list and iteration
-constexpr int kMaxBlocks = 320;        // blocks per launch (block -> chunk map slots)
-// Bytes of the metadata table; the rest of the 4 KB argument space is left to the functor.
-constexpr int kTableBytes = 3800;
-constexpr int kArgLimitBytes = 4096;
 
 // Elements per thread and vector access for storage type T (fp32: 4, fp16/bf16: 8, fp64: 2).
 template <typename T>
@@ -38,25 +41,49 @@ constexpr int ilp_of() {
   return kVecBytes / static_cast<int>(sizeof(T));
 }
 
-template <int kDepth>
+// Kernel-argument budgets. The table takes kTableBytes; the rest is left to the functor.
+struct SmallTables {
+  static constexpr int kArgBytes = 4096;
+  static constexpr int kTableBytes = 3800;
+  static constexpr int kMaxBlocks = 320;
+  using TensorIndex = uint8_t;
+};
+struct LargeTables {
+  static constexpr int kArgBytes = 32764;
+  static constexpr int kTableBytes = 31744;
+  static constexpr int kMaxBlocks = 2048;
+  using TensorIndex = uint16_t;
+};
+
+template <int kDepth_, typename Limits>
 struct TensorListMetadata {
+  static constexpr int kDepth = kDepth_;
+  static constexpr int kArgBytes = Limits::kArgBytes;
+  static constexpr int kMaxBlocks = Limits::kMaxBlocks;
+  using TensorIndex = typename Limits::TensorIndex;
   // Each tensor slot costs kDepth pointers, size, aux and an alignment flag.
   static constexpr int kMaxTensors =
-      (kTableBytes - 8 - kMaxBlocks * (4 + 1)) / (kDepth * 8 + 8 + 8 + 1);
-  static_assert(kMaxTensors >= 1 && kMaxTensors <= 255, "block_to_tensor is one byte");
+      (Limits::kTableBytes - 8 - kMaxBlocks * (4 + static_cast<int>(sizeof(TensorIndex)))) / (kDepth * 8 + 8 + 8 + 1);
+  static_assert(kMaxTensors >= 1 && kMaxTensors <= std::numeric_limits<TensorIndex>::max(),
+                "block_to_tensor cannot index every tensor slot");
 
   void* ptrs[kDepth][kMaxTensors];  // nullptr: the list is absent (optional list)
   int64_t sizes[kMaxTensors];
   int64_t aux[kMaxTensors];      // per-tensor value of the op (RNG key, row length)
   int64_t block_offset;          // blocks of the previous launches of this apply
   int block_to_chunk[kMaxBlocks];
-  unsigned char block_to_tensor[kMaxBlocks];
+  TensorIndex block_to_tensor[kMaxBlocks];
   bool aligned[kMaxTensors];
+};
+
+// The tensor a block works on: one pointer per list (nullptr for an absent optional list).
+template <int kDepth>
+struct BlockTensors {
+  void* ptrs[kDepth];
 };
 
 // What one block works on.
 struct ChunkRef {
-  int tensor;    // slot in the launch's table
   int64_t begin;  // element range [begin, end) of the tensor
   int64_t end;
   bool aligned;
@@ -106,15 +133,18 @@ __device__ __forceinline__ void for_each_group(const ChunkRef& c, F&& f) {
     f(base + int64_t{threadIdx.x} * kIlp);
 }
 
-// __grid_constant__: the functor reads the table by reference straight from parameter space
-// (no per-thread copy of ~4 KB into local memory).
-template <int kDepth, typename Functor>
+// __grid_constant__: the table is read straight from parameter space (no per-thread copy of up
+// to 32 KB into local memory); a block reads only its own entries.
+template <typename Meta, typename Functor>
 __global__ void __launch_bounds__(kBlockSize)
-    multi_tensor_kernel(const __grid_constant__ TensorListMetadata<kDepth> meta, const __grid_constant__ Functor f) {
+    multi_tensor_kernel(const __grid_constant__ Meta meta, const __grid_constant__ Functor f) {
   const int t = meta.block_to_tensor[blockIdx.x];
   const int64_t begin = int64_t{meta.block_to_chunk[blockIdx.x]} * kChunkSize;
   const int64_t end = begin + kChunkSize < meta.sizes[t] ? begin + kChunkSize : meta.sizes[t];
-  f(meta, ChunkRef{t, begin, end, meta.aligned[t], meta.block_offset + blockIdx.x, meta.aux[t]});
+  BlockTensors<Meta::kDepth> tensors;
+#pragma unroll
+  for (int l = 0; l < Meta::kDepth; ++l) tensors.ptrs[l] = meta.ptrs[l][t];
+  f(tensors, ChunkRef{begin, end, meta.aligned[t], meta.block_offset + blockIdx.x, meta.aux[t]});
 }
 
 // Number of chunks (= blocks over all launches) of a group; zero-size tensors have none.
@@ -124,20 +154,36 @@ inline int64_t count_chunks(at::TensorList primary) {
   return n;
 }
 
-// Runs f over every chunk of the group. lists[l] is list l of the table (an EMPTY list stands for
-// an absent optional list: null pointers); aux (empty or one value per tensor) lands in ChunkRef.
-// Zero-size tensors are skipped. The caller has set the device guard and checked the lists.
-template <typename Functor>
-void multi_tensor_apply(const std::array<at::TensorList, Functor::kDepth>& lists, at::IntArrayRef aux,
-                        const Functor& f) {
+// Whether this process launches with 32 KB tables: toolkit and driver >= 12.1, unless
+// SAM_KERNELS_CUDA_TABLES=small (read at every call, so tests can compare both).
+inline bool large_tables() {
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+  static const bool driver_ok = [] {
+    int version = 0;
+    return cudaDriverGetVersion(&version) == cudaSuccess && version >= 12010;
+  }();
+  const char* env = std::getenv("SAM_KERNELS_CUDA_TABLES");
+  if (env != nullptr && *env != '\0') {
+    TORCH_CHECK(std::strcmp(env, "small") == 0 || std::strcmp(env, "auto") == 0,
+                "SAM_KERNELS_CUDA_TABLES=", env, ": use auto (32 KB kernel-argument tables when the driver allows) "
+                "or small (4 KB tables)");
+    if (std::strcmp(env, "small") == 0) return false;
+  }
+  return driver_ok;
+#else
+  return false;
+#endif
+}
+
+// Fills tables of type Meta and launches one kernel per full table.
+template <typename Meta, typename Functor>
+void launch_tables(const std::array<at::TensorList, Functor::kDepth>& lists, at::IntArrayRef aux, const Functor& f) {
   constexpr int kDepth = Functor::kDepth;
-  using Meta = TensorListMetadata<kDepth>;
-  static_assert(sizeof(Meta) + sizeof(Functor) <= kArgLimitBytes - 64, "kernel arguments over 4 KB");
+  static_assert(sizeof(Meta) + sizeof(Functor) <= Meta::kArgBytes - 64, "kernel arguments over the limit");
   const at::TensorList primary = lists[0];
-  TORCH_INTERNAL_ASSERT(aux.empty() || aux.size() == primary.size());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](const Meta& meta, int blocks) {
-    multi_tensor_kernel<kDepth, Functor><<<blocks, kBlockSize, 0, stream>>>(meta, f);
+    multi_tensor_kernel<Meta, Functor><<<blocks, kBlockSize, 0, stream>>>(meta, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
 
@@ -160,11 +206,11 @@ void multi_tensor_apply(const std::array<at::TensorList, Functor::kDepth>& lists
     ++tensors;
     const int64_t chunks = (n + kChunkSize - 1) / kChunkSize;
     for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
+      meta.block_to_tensor[blocks] = static_cast<typename Meta::TensorIndex>(tensors - 1);
       meta.block_to_chunk[blocks] = static_cast<int>(c);
       ++blocks;
       const bool last_chunk = c == chunks - 1;
-      if (blocks == kMaxBlocks || (tensors == Meta::kMaxTensors && last_chunk)) {
+      if (blocks == Meta::kMaxBlocks || (tensors == Meta::kMaxTensors && last_chunk)) {
         launch(meta, blocks);
         meta.block_offset += blocks;
         blocks = 0;
@@ -181,6 +227,23 @@ void multi_tensor_apply(const std::array<at::TensorList, Functor::kDepth>& lists
     }
   }
   if (blocks > 0) launch(meta, blocks);
+}
+
+// Runs f over every chunk of the group. lists[l] is list l of the table (an EMPTY list stands for
+// an absent optional list: null pointers); aux (empty or one value per tensor) lands in ChunkRef.
+// Zero-size tensors are skipped. The caller has set the device guard and checked the lists.
+// f(const BlockTensors<kDepth>&, const ChunkRef&) runs once per chunk, as a block.
+template <typename Functor>
+void multi_tensor_apply(const std::array<at::TensorList, Functor::kDepth>& lists, at::IntArrayRef aux,
+                        const Functor& f) {
+  TORCH_INTERNAL_ASSERT(aux.empty() || aux.size() == lists[0].size());
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+  if (large_tables()) {
+    launch_tables<TensorListMetadata<Functor::kDepth, LargeTables>>(lists, aux, f);
+    return;
+  }
+#endif
+  launch_tables<TensorListMetadata<Functor::kDepth, SmallTables>>(lists, aux, f);
 }
 
 }  // namespace sam_kernels::cuda

@@ -17,8 +17,16 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
 ]
 
-# multi_tensor_apply.cuh: 320 blocks of 65,536 elements per launch; tables hold < 110 tensors.
+# multi_tensor_apply.cuh, 4 KB tables: 320 blocks of 65,536 elements per launch, < 110 tensors.
+# (32 KB tables: 2048 blocks, ~340-750 tensors; the 400 tensors below still split them by count.)
 BLOCK_CAP_ELEMENTS = 320 * 65536
+
+
+@pytest.fixture(params=["small", "auto"])
+def tables(request, monkeypatch):
+    """Both kernel-argument table sizes: 4 KB forced, and the default (32 KB where the driver allows)."""
+    monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", request.param)
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +80,7 @@ def _nonempty(ts):
 
 # --------------------------------------------------------------------------- launch splitting
 
-def test_launch_splitting_many_tensors_and_one_over_the_block_cap():
+def test_launch_splitting_many_tensors_and_one_over_the_block_cap(tables):
     sizes = _many_sizes()
     params, grads, bufs = _randn(sizes, seed=1), _randn(sizes, seed=2), _randn(sizes, seed=3)
     masks = [torch.rand(n, device="cuda") < 0.5 for n in sizes]
@@ -93,7 +101,7 @@ def test_launch_splitting_many_tensors_and_one_over_the_block_cap():
         assert torch.equal(p[~m].view(torch.int32), e[~m].view(torch.int32))
 
 
-def test_launch_splitting_adamw_and_variants():
+def test_launch_splitting_adamw_and_variants(tables):
     sizes = _many_sizes()
     p, b, g, m, v = (_randn(sizes, seed=s) for s in range(5))
     v = [x.abs() for x in v]
@@ -110,7 +118,7 @@ def test_launch_splitting_adamw_and_variants():
         assert_lists_close(_nonempty(a), _nonempty(e), 1e-6, 1e-5, what)
 
 
-def test_launch_splitting_masks():
+def test_launch_splitting_masks(tables):
     sizes = _many_sizes()
     scores = _randn(sizes, seed=4)
     scores[3][:50] = 0.25  # ties across the threshold region are unlikely at random; force some
@@ -173,7 +181,7 @@ def test_mixed_aligned_and_misaligned_in_one_group():
 
 # --------------------------------------------------------------------------- determinism
 
-def test_deterministic_reductions_and_masks():
+def test_deterministic_reductions_and_masks(tables):
     sizes = _many_sizes()
     grads, params = _randn(sizes, seed=5), _randn(sizes, seed=6)
     masks = [torch.rand(n, device="cuda") < 0.3 for n in sizes]
@@ -182,6 +190,26 @@ def test_deterministic_reductions_and_masks():
                  ext.topk_mask(grads, sum(sizes) // 7)) for _ in range(2)]
         assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
         assert_lists_equal(runs[0][2], runs[1][2], "topk")
+
+
+def test_table_sizes_agree_bitwise(monkeypatch):
+    """Partials are indexed by the chunk's position over the whole call, not by launch: 4 KB and
+    32 KB tables give bitwise the same norms and steps."""
+    sizes = _many_sizes()
+    params, grads, bufs = _randn(sizes, seed=7), _randn(sizes, seed=8), _randn(sizes, seed=9)
+    out = {}
+    for mode in ("small", "auto"):
+        monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", mode)
+        out[mode] = _run_first_and_second_step(ext, params, grads, bufs)
+    assert torch.equal(out["small"][0], out["auto"][0])
+    for a, b in zip(out["small"][1:], out["auto"][1:]):
+        assert_lists_equal(a, b)
+
+
+def test_bad_table_setting_is_rejected(monkeypatch):
+    monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", "huge")
+    with pytest.raises(RuntimeError, match="SAM_KERNELS_CUDA_TABLES=huge: use auto"):
+        ext.grad_sq_norm(_randn([10]), None, None, 0.0)
 
 
 def test_deterministic_step():
