@@ -160,3 +160,56 @@ def test_rejections_from_the_fast_path_reach_the_checked_path(monkeypatch):
     ops.restore_(p, b)
     assert calls == [2, 2]
     assert_lists_equal(p, b)
+
+
+# --------------------------------------------------------------------------- any mix of lists
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from tests.utils import DTYPES, assert_lists_close  # noqa: E402
+
+_TOL = {dt: (atol, rtol) for dt, atol, rtol in DTYPES}
+
+
+@st.composite
+def mixed_lists(draw):
+    """Up to 6 entries, each its own size (zero included), dtype and contiguity."""
+    entries = []
+    for _ in range(draw(st.integers(1, 6))):
+        size = draw(st.sampled_from([0, 1, 7, 33, 1000]))
+        dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+        strided = draw(st.booleans())
+        entries.append((size, dtype, strided))
+    return entries
+
+
+def _tensor(size, dtype, strided, gen):
+    t = torch.randn(size, 2 if strided else 1, generator=gen).to(dtype)
+    return t[:, 0] if strided else t.view(-1)  # [:, 0]: a non-contiguous view (size >= 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(entries=mixed_lists(), seed=st.integers(0, 2**31 - 1))
+def test_any_mix_of_lists_matches_eager(entries, seed):
+    """auto (fast path where it can, grouped where it must) vs the eager backend on the same lists:
+    norm, perturb with backups, fused SGD step."""
+    require_backend("cpp", "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    lists = [[_tensor(n, dt, s, gen) for n, dt, s in entries] for _ in range(3)]
+    # One norm for both runs: a mixed list's norm is fp32, and its last-bit differences between
+    # backends would reach fp64 weights through the scale; the norms are compared on their own.
+    sq = ops.grad_sq_norm(lists[1], backend="eager")
+    torch.testing.assert_close(ops.grad_sq_norm(lists[1], backend="auto"), sq, rtol=1e-5, atol=1e-6)
+    runs = {}
+    for backend in ("auto", "eager"):
+        p, g, m = ([t.clone() for t in lst] for lst in lists)  # clone() keeps the strides
+        b = [torch.empty_like(t) for t in p]
+        ops.perturb_(p, g, b, 0.05, sq_norm=sq, backend=backend)
+        perturbed = [t.clone() for t in p]
+        ops.sgd_restore_step_(p, b, g, m, lr=0.1, momentum=0.9, weight_decay=1e-4, backend=backend)
+        runs[backend] = (sq, perturbed, b, p, m)
+    for what, mine, ref in zip(("perturbed", "backups", "params", "buffers"), runs["auto"][1:], runs["eager"][1:]):
+        for i, (a, e) in enumerate(zip(mine, ref)):
+            atol, rtol = _TOL[e.dtype]
+            assert_lists_close([a], [e], atol, rtol, f"{what}[{i}]")
+    assert_lists_equal(runs["auto"][2], lists[0], "backups")  # exact copies of the weights
