@@ -36,8 +36,7 @@ def _check_lists(op: str, primary: Tensors, **others: Optional[Tensors]) -> None
     optimizer step, hundreds of tensors per list); any failure reruns the per-entry checks to
     produce a precise message.
     """
-    if not isinstance(primary, (list, tuple)):
-        raise TypeError(f"{op}: expected a list of tensors, got {type(primary).__name__}")
+    _require_list(op, primary)
     lists = {name: lst for name, lst in others.items() if lst is not None}
     for name, lst in lists.items():
         if not isinstance(lst, (list, tuple)):
@@ -115,6 +114,11 @@ def _whole(lst: Optional[Tensors]) -> Optional[Tensors]:
     return lst
 
 
+def _require_list(op: str, lst: Tensors) -> None:
+    if not isinstance(lst, (list, tuple)):
+        raise TypeError(f"{op}: expected a list of tensors, got {type(lst).__name__}")
+
+
 _DEVICE_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None), getattr(torch, "OutOfMemoryError", None))
                        if e is not None)
 
@@ -167,8 +171,9 @@ def _sum_on(parts: list[torch.Tensor], primary: Tensors) -> torch.Tensor:
     """Sum group partial results on the first tensor's device (fp32 unless everything is fp64)."""
     if not primary:
         raise ValueError("cannot reduce an empty list of tensors")
-    if len(parts) == 1 and parts[0].device == primary[0].device:  # one group: already in the contract's dtype
-        return parts[0]
+    if len(parts) == 1 and parts[0].device == primary[0].device and (
+            parts[0].dtype == torch.float32 or all(t.dtype == torch.float64 for t in primary)):
+        return parts[0]  # one group (the usual case), already in the contract's dtype
     device = primary[0].device
     dtype = torch.float64 if all(t.dtype == torch.float64 for t in primary) else torch.float32
     if not parts:
@@ -210,6 +215,7 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
     scaled by 1/keep_prob. Entries outside the mask stay bitwise unchanged; a non-finite norm
     leaves every weight unchanged.
     """
+    _require_list("perturb_", params)
     if keep_prob is not None and not 0.0 < keep_prob <= 1.0:
         raise ValueError(f"perturb_: keep_prob must be in (0, 1], got {keep_prob}")
     keep = 1.0 if keep_prob is None else float(keep_prob)
@@ -244,6 +250,7 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     ``momentum_buffers[i] is None`` means "first step": a buffer is created (torch semantics:
     buf = d_p). Returns the buffers (all None when momentum is 0), to be kept in the state.
     """
+    _require_list("sgd_restore_step_", params)
     n = len(params)
     bufs: list[Optional[torch.Tensor]] = list(momentum_buffers) if momentum_buffers is not None else [None] * n
     if len(bufs) != n:

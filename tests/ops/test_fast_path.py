@@ -213,3 +213,16 @@ def test_any_mix_of_lists_matches_eager(entries, seed):
             atol, rtol = _TOL[e.dtype]
             assert_lists_close([a], [e], atol, rtol, f"{what}[{i}]")
     assert_lists_equal(runs["auto"][2], lists[0], "backups")  # exact copies of the weights
+
+
+def test_single_group_result_keeps_the_contract_dtype():
+    """fp64 only when every grad is fp64, even when the other entries are empty (and skipped)."""
+    require_backend("cpp", "cpu")
+    grads = [torch.randn(5, dtype=torch.float64), torch.empty(0, dtype=torch.float32)]
+    assert ops.grad_sq_norm(grads).dtype == torch.float32
+    assert ops.grad_sq_norm(grads[:1]).dtype == torch.float64
+
+
+def test_non_list_arguments_are_named():
+    with pytest.raises(TypeError, match="perturb_: expected a list of tensors, got generator"):
+        ops.perturb_((torch.zeros(2) for _ in range(2)), [torch.zeros(2)] * 2, [torch.zeros(2)] * 2, 0.05)
