@@ -112,8 +112,9 @@ class SAM(torch.optim.Optimizer):
         out = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and (wanted is None or id(p) in wanted):
-                    if p.grad.is_sparse:
+                g = p.grad
+                if g is not None and (wanted is None or id(p) in wanted):
+                    if g.is_sparse:  # here, not in the ops: a rejected fused descent would leave weights perturbed
                         raise TypeError("SAM: sparse gradients are not supported (use dense gradients, e.g. "
                                         "nn.Embedding(sparse=False))")
                     out.append((group, p))
@@ -126,9 +127,12 @@ class SAM(torch.optim.Optimizer):
         perturbed params), i.e. at w rather than w + e (Stable SAM's descent norm in ASAM mode).
         """
         classes: dict = {}
+        last_group, members = None, []
         for group, p in entries:
-            key = (group["eta"],) if group["adaptive"] else None
-            classes.setdefault(key, []).append(p)
+            if group is not last_group:  # one key per param group, not per param: this runs every step
+                last_group = group
+                members = classes.setdefault((group["eta"],) if group["adaptive"] else None, [])
+            members.append(p)
         weights = self._restored if restored else (lambda p: p)
         parts = [ops.grad_sq_norm([p.grad for p in ps], params=[weights(p) for p in ps] if key else None,
                                   eta=key[0] if key else 0.0, backend=self.backend)
