@@ -6,12 +6,23 @@ Build with `pip install --no-build-isolation .` (torch must be importable at bui
 """
 import glob
 import os
+import re
 
 from setuptools import setup
 
 MODE = os.environ.get("SAM_KERNELS_BUILD", "auto").lower()
 if MODE not in ("auto", "cpu", "cuda", "none"):
     raise SystemExit(f"SAM_KERNELS_BUILD={MODE!r}: use auto, cpu, cuda or none")
+
+
+def _check_archs(arch_list: str) -> None:
+    """The 32 KB kernel-argument tables (csrc/cuda/multi_tensor_apply.cuh) need compute capability >= 7.0."""
+    archs = [a.strip() for a in arch_list.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    old = [a for a in archs if (re.match(r"\d+", a) and int(re.match(r"\d+", a).group()) < 7)
+           or a.split("+")[0] in ("Kepler", "Maxwell", "Pascal")]
+    if old:
+        raise SystemExit(f"TORCH_CUDA_ARCH_LIST={arch_list!r}: the CUDA kernels need compute capability >= 7.0 "
+                         f"(Volta or newer), got {old}; drop those archs or build with SAM_KERNELS_BUILD=cpu")
 
 
 def _want_cuda(cpp_extension, torch) -> bool:
@@ -40,6 +51,7 @@ def extensions():
     if _want_cuda(cpp_extension, torch):
         # No GPU at build time: without an arch list torch would try to query the device.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        _check_archs(os.environ["TORCH_CUDA_ARCH_LIST"])
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3"]  # no fast-math: results must match torch.optim
         ext = cpp_extension.CUDAExtension(

@@ -4,10 +4,11 @@
 // tensor is cut into chunks of kChunkSize elements; one block handles one chunk. The pointers,
 // sizes and block -> (tensor, chunk) maps of a launch travel BY VALUE as the kernel argument
 // (TensorListMetadata), so there is no host-to-device copy and the launch is CUDA-graph safe.
-// Two table sizes: 32 KB of kernel arguments (CUDA >= 12.1 toolkit and driver, Volta and newer):
-// 2048 blocks and ~340-750 tensors per launch, so a ResNet-50 or GPT-2 parameter list takes one
-// launch per pass; else the classic 4 KB (320 blocks, 36-110 tensors). SAM_KERNELS_CUDA_TABLES=small
-// forces the 4 KB tables (to compare, or to test the splitting). When a table's tensor or block
+// Two table sizes: the classic 4 KB of kernel arguments (320 blocks, 36-110 tensors per launch),
+// and, for a group that does not fit one of those, 32 KB (CUDA >= 12.1 toolkit and driver, Volta
+// and newer; setup.py refuses older archs): 2048 blocks and ~340-750 tensors, so a ResNet-50 or
+// GPT-2 parameter list takes one launch per pass. SAM_KERNELS_CUDA_TABLES=small forces 4 KB (to
+// compare, or to test the splitting). When a table's tensor or block
 // slots fill, the launcher launches and starts a new table, carrying a tensor that was cut mid-way.
 //
 // Element layout: thread t of a block handles the kIlp contiguous elements starting at
@@ -237,13 +238,18 @@ template <typename Functor>
 void multi_tensor_apply(const std::array<at::TensorList, Functor::kDepth>& lists, at::IntArrayRef aux,
                         const Functor& f) {
   TORCH_INTERNAL_ASSERT(aux.empty() || aux.size() == lists[0].size());
+  using Small = TensorListMetadata<Functor::kDepth, SmallTables>;
 #if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
-  if (large_tables()) {
+  // The 32 KB tables only where a 4 KB one would not hold the group (each launch carries, and the
+  // host clears, the whole table): results are bitwise the same either way.
+  int64_t tensors = 0;
+  for (const auto& t : lists[0]) tensors += t.numel() > 0;
+  if ((tensors > Small::kMaxTensors || count_chunks(lists[0]) > Small::kMaxBlocks) && large_tables()) {
     launch_tables<TensorListMetadata<Functor::kDepth, LargeTables>>(lists, aux, f);
     return;
   }
 #endif
-  launch_tables<TensorListMetadata<Functor::kDepth, SmallTables>>(lists, aux, f);
+  launch_tables<Small>(lists, aux, f);
 }
 
 }  // namespace sam_kernels::cuda

@@ -18,8 +18,11 @@ pytestmark = [
 ]
 
 # multi_tensor_apply.cuh, 4 KB tables: 320 blocks of 65,536 elements per launch, < 110 tensors.
-# (32 KB tables: 2048 blocks, ~340-750 tensors; the 400 tensors below still split them by count.)
+# 32 KB tables (used for groups that do not fit a 4 KB one): 2048 blocks, 341-777 tensors; the 400
+# tensors of _many_sizes() split them by count at depth >= 4 only (perturb, SGD, AdamW), hence
+# test_large_tables_split_by_count_and_by_blocks.
 BLOCK_CAP_ELEMENTS = 320 * 65536
+LARGE_BLOCK_CAP_ELEMENTS = 2048 * 65536
 
 
 @pytest.fixture(params=["small", "auto"])
@@ -192,6 +195,54 @@ def test_deterministic_reductions_and_masks(tables):
         assert_lists_equal(runs[0][2], runs[1][2], "topk")
 
 
+def _driver_version() -> int:
+    import ctypes
+    version = ctypes.c_int(0)
+    ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+    return version.value
+
+
+def _table_kernels(fn) -> list[str]:
+    """Names of the multi-tensor kernels ``fn`` launches (their template arguments name the table size)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "multi_tensor_kernel" in e.name]
+
+
+def test_auto_uses_the_table_that_fits(monkeypatch):
+    monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", "auto")
+    few, many = _randn([10] * 3), _randn([10] * 200)
+    few_b, many_b = [t.clone() for t in few], [t.clone() for t in many]
+    names = _table_kernels(lambda: ext.restore_(few, few_b))
+    assert names and all("SmallTables" in n for n in names), names
+    if _driver_version() < 12010:
+        pytest.skip("driver older than CUDA 12.1: 4 KB tables only")
+    names = _table_kernels(lambda: ext.restore_(many, many_b))
+    assert len(names) == 1 and "LargeTables" in names[0], names  # 200 tensors: one 32 KB launch
+    monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", "small")
+    assert len(_table_kernels(lambda: ext.restore_(many, many_b))) > 1
+
+
+def test_large_tables_split_by_count_and_by_blocks(monkeypatch):
+    """More tensors than a 32 KB table holds at depth 1 (777) and one fp16 tensor over its 2048-block
+    cap, cut and carried into the next launch: norm, masked norm, perturb and SGD against eager."""
+    monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", "auto")
+    sizes = [(i * 7919) % 3000 + 1 for i in range(800)] + [0, LARGE_BLOCK_CAP_ELEMENTS + 65536 * 2 + 5]
+    params, grads, bufs = (_randn(sizes, dtype=torch.float16, seed=s) for s in (11, 12, 13))
+    masks = [torch.rand(n, device="cuda") < 0.5 for n in sizes]
+    got = _run_first_and_second_step(ext, params, grads, bufs, masks=masks)
+    idx = [i for i, n in enumerate(sizes) if n]
+    pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
+    want = _run_first_and_second_step(ref, pick(params), pick(grads), pick(bufs), masks=pick(masks))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=0)
+    assert_lists_equal(got[2], params, "backups")
+    for what, a, e in zip(("perturbed", "params", "momentum_buffers"), (got[1], got[3], got[4]),
+                          (want[1], want[3], want[4])):
+        assert_lists_close(pick(a), e, 1e-3, 1e-3, what)
+
+
 def test_table_sizes_agree_bitwise(monkeypatch):
     """Partials are indexed by the chunk's position over the whole call, not by launch: 4 KB and
     32 KB tables give bitwise the same norms and steps."""
@@ -254,7 +305,7 @@ def test_no_host_sync():
 
 # --------------------------------------------------------------------------- CUDA graphs
 
-def test_cuda_graph_capture_of_a_sam_step():
+def test_cuda_graph_capture_of_a_sam_step(tables):
     sizes = [278011, 1, 4096, 65537, 300]
     params0, grads, bufs0 = (_randn(sizes, seed=s) for s in (1, 2, 3))
     params, bufs = [p.clone() for p in params0], [b.clone() for b in bufs0]
@@ -290,7 +341,7 @@ def test_cuda_graph_capture_of_a_sam_step():
     assert_lists_equal(backups, params0, "backups after replay")
 
 
-def test_cuda_graph_capture_of_the_sam_optimizer_step():
+def test_cuda_graph_capture_of_the_sam_optimizer_step(tables):
     """sam_kernels.SAM (SGD momentum, finite_check=False) captured whole — both backwards, first_step and
     second_step — and replayed, against the same steps run eagerly: no host sync or host-side state
     change inside the step, buffers updated in place."""
