@@ -213,14 +213,14 @@ class SAM(torch.optim.Optimizer):
                     # perturb_ keys its element RNG by (seed, position in this bucket): give each bucket
                     # its own seed so buckets of equal shapes do not repeat the first bucket's draws.
                     kw["seed"] = (int(kw["seed"]) + 0x9E3779B97F4A7C15 * b) % (1 << 62)
-                try:
-                    ops.perturb_(ps, gs, backups if whole else [backups[i] for i in idx], rho, adaptive=adaptive,
-                                 eta=eta, backend=self.backend, **kw)
-                except (TypeError, ValueError):  # rejected before writing anything
-                    if not self._renew_stale_backups(params, backups, idx):
-                        raise
-                    ops.perturb_(ps, gs, backups if whole else [backups[i] for i in idx], rho, adaptive=adaptive,
-                                 eta=eta, backend=self.backend, **kw)
+                for retry in (False, True):
+                    try:
+                        ops.perturb_(ps, gs, backups if whole else [backups[i] for i in idx], rho,
+                                     adaptive=adaptive, eta=eta, backend=self.backend, **kw)
+                        break
+                    except (TypeError, ValueError):  # rejected before writing anything
+                        if retry or not self._renew_stale_backups(params, backups, idx):
+                            raise
                 done.extend(idx)
         except BaseException:  # never leave weights perturbed: undo the buckets that ran
             if done:
