@@ -3,7 +3,9 @@
 # their python3 already holds torch, triton, pytest, hypothesis, tqdm, matplotlib, ninja, pybind11).
 # Builds the extension in place with that torch (no pip, no venv), then:
 #   tests  the whole test suite (the CUDA and native-Triton cases run instead of skipping)
-#   bench  python -m sam_kernels.bench --full (GPU figures and targets)
+#   bench  python -m sam_kernels.bench $BENCH_ARGS (default --full: GPU figures and targets; to fit a
+#          time limit, split it, e.g. BENCH_ARGS="--full --ops sam_step sam_optimizer_step" then the rest,
+#          each into its own OUT_DIR: a run overwrites the files of the previous one)
 #   all    both (default)
 # Usage: bash scripts/gpu_check.sh [tests|bench|all] [OUT_DIR]   (OUT_DIR default benchmarks/results)
 # Logs and benchmark files land in OUT_DIR. Exit status: the tests' (or the benchmark's).
@@ -35,7 +37,8 @@ if [ "$MODE" != bench ]; then
   status=${PIPESTATUS[0]}
 fi
 if [ "$MODE" != tests ]; then
-  $PY -m sam_kernels.bench --full --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" | tail -80
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+  $PY -m sam_kernels.bench ${BENCH_ARGS:---full} --out "$OUT" 2>&1 | tee "$OUT/gpu-bench.log" | tail -80
   bench=${PIPESTATUS[0]}
   [ "$status" -eq 0 ] && status=$bench
 fi
