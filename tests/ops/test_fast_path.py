@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import sam_kernels.ops as ops
 from sam_kernels.ops import api, dispatch
-from tests.utils import assert_lists_equal, require_backend
+from tests.utils import DTYPES, assert_lists_close, assert_lists_equal, require_backend
 
 CASES = [("cpp", "cpu"), ("cuda", "cuda")]
 CASE_IDS = [f"{b}-{d}" for b, d in CASES]
@@ -163,10 +164,6 @@ def test_rejections_from_the_fast_path_reach_the_checked_path(monkeypatch):
 
 
 # --------------------------------------------------------------------------- any mix of lists
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from tests.utils import DTYPES, assert_lists_close  # noqa: E402
 
 _TOL = {dt: (atol, rtol) for dt, atol, rtol in DTYPES}
 
