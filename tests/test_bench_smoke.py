@@ -52,3 +52,21 @@ def test_model_cases_have_the_real_sizes():
     assert (resnet.tensors, resnet.numel) == (161, 25_557_032)  # torchvision resnet50()
     assert (gpt2.tensors, gpt2.numel) == (148, 124_439_808)  # HF gpt2 (tied LM head)
     assert parse_size("64k").shapes == ((65536,),)
+
+
+def test_adamw_step_rows_are_checked_against_the_reference(tmp_path):
+    import sam_kernels
+    if not sam_kernels.backends()["cpp"]["available"]:
+        pytest.skip(f"cpp backend unavailable: {sam_kernels.backends()['cpp']['reason']}")
+    argv = ["--ops", "sam_adamw_step", "--backends", "loop", "eager", "cpp", "--no-step", "--out", str(tmp_path)]
+    assert main(argv + TINY) == 0
+    rows = {r["impl"]: r for r in _result(tmp_path)["ops"]}
+    assert set(rows) == {"loop", "eager", "cpp"}
+    assert all(r["correct"] for r in rows.values()), {k: r.get("max_err") for k, r in rows.items()}
+    assert rows["cpp"]["floor_bytes"] == 12 * 4 * 4096
+
+
+def test_host_case_is_resnet50_tensor_count():
+    from sam_kernels.bench.cases import parse_size
+    host = parse_size("host")
+    assert (host.tensors, host.numel) == (161, 161 * 16)

@@ -36,7 +36,8 @@ what is measured
     floor, fraction of the copy bandwidth measured in the same run, speedup over the baselines
     loop (per-parameter Python loop, davda54/sam style), eager (foreach reference) and
     compile (torch.compile of the reference); sam_step / sam_optimizer_step = a whole SAM
-    optimizer step (first_step + second_step, SGD momentum), the headline figure.
+    optimizer step (first_step + second_step, SGD momentum), the headline figure;
+    sam_adamw_step = the same around AdamW (davda54 loop with torch's AdamW as baseline).
   end-to-end training steps: SGD, SAM (davda54 loop, eager, fused) and each SAM variant that
     exists, on a small ResNet and a small transformer (random data): step time, fwd+bwd vs
     optimizer phase, ratio to SGD; on GPU also the fused step captured in a CUDA graph.

@@ -20,6 +20,7 @@ For fp32 these are DESIGN §7's figures (grad norm 4N, perturb 16N, restore+SGD 
 | topk_mask, nm_mask  | sN + N     | read scores, write bool masks (sort-bound: no BW target)  |
 | sam_step            | 10·sN      | grad norm + perturb + restore/SGD-momentum step           |
 | sam_optimizer_step  | 10·sN      | same work through the SAM optimizer's first/second_step   |
+| sam_adamw_step      | 12·sN      | grad norm + perturb + restore/AdamW step, through SAM     |
 """
 from __future__ import annotations
 
@@ -139,6 +140,41 @@ def _api_sam_optimizer_step(s: State, b: str) -> None:
     opt.second_step(zero_grad=False)
 
 
+def _adamw_kw() -> dict:
+    return dict(lr=ADAM["lr"], betas=(ADAM["beta1"], ADAM["beta2"]), eps=ADAM["eps"],
+                weight_decay=ADAM["weight_decay"])
+
+
+def _loop_sam_adamw_step(s: State) -> None:
+    """davda54's SAM around torch.optim.AdamW (its default implementation for the device)."""
+    opt = s.get("_davda54")
+    if opt is None:
+        _attach_grads(s)
+        opt = s["_davda54"] = baselines.Davda54SAM(s["params"], torch.optim.AdamW, rho=RHO, **_adamw_kw())
+    opt.first_step()
+    opt.second_step()
+
+
+def _api_sam_adamw_step(s: State, b: str) -> None:
+    """sam_kernels.SAM(backend=b) around AdamW: first_step + fused restore/AdamW second_step."""
+    opt = s.get("_sam")
+    if opt is None:
+        import sam_kernels
+        _attach_grads(s)
+        opt = s["_sam"] = sam_kernels.SAM(s["params"], torch.optim.AdamW, rho=RHO, backend=b, finite_check=False,
+                                          **_adamw_kw())
+    opt.first_step(zero_grad=False)
+    opt.second_step(zero_grad=False)
+
+
+def _ref_sam_adamw_step(s: State) -> None:
+    """One SAM step from a fresh AdamW state (moments zero, step 1)."""
+    _ref_perturb(s, reference.grad_sq_norm(s["grads"], None, None, 0.01))
+    zeros = [torch.zeros_like(p) for p in s["params"]]
+    reference.adamw_restore_step_(s["params"], s["backups"], s["grads"], zeros, [z.clone() for z in zeros], step=1,
+                                  maximize=False, **ADAM)
+
+
 def _ref_sam_optimizer_step(s: State) -> None:
     """One SAM step from fresh momentum buffers (torch: buf = d_p on the first step)."""
     _ref_perturb(s, reference.grad_sq_norm(s["grads"], None, None, 0.01))
@@ -230,7 +266,9 @@ SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (
            compile_phases=(_ref_sam_ascent, _ref_sgd)),
     OpSpec("sam_optimizer_step", ("params", "grads", "backups"), ("params",), 10, optimizer=True,
            api=_api_sam_optimizer_step, reference=_ref_sam_optimizer_step, loop=_loop_sam_optimizer_step),
+    OpSpec("sam_adamw_step", ("params", "grads", "backups"), ("params",), 12, optimizer=True,
+           api=_api_sam_adamw_step, reference=_ref_sam_adamw_step, loop=_loop_sam_adamw_step),
 )}
 
-QUICK = ("grad_sq_norm", "perturb_", "sgd_restore_step_", "sam_step", "sam_optimizer_step")
+QUICK = ("grad_sq_norm", "perturb_", "sgd_restore_step_", "sam_step", "sam_optimizer_step", "sam_adamw_step")
 HEADLINE = ("sam_optimizer_step", "sam_step")  # the first one that ran is the headline figure
