@@ -2,7 +2,8 @@
 # Everything that needs a GPU, for a machine that has one but no network (the lent H100/H200 boxes:
 # their python3 already holds torch, triton, pytest, hypothesis, tqdm, matplotlib, ninja, pybind11).
 # Builds the extension in place with that torch (no pip, no venv), then:
-#   tests  the whole test suite (the CUDA and native-Triton cases run instead of skipping)
+#   tests  pytest $PYTEST_ARGS (default: tests, the whole suite; the CUDA and native-Triton cases run
+#          instead of skipping; e.g. PYTEST_ARGS="tests/ops/test_cuda_specific.py" to fit a time limit)
 #   bench  python -m sam_kernels.bench $BENCH_ARGS (default --full: GPU figures and targets; to fit a
 #          time limit, split it, e.g. BENCH_ARGS="--full --ops sam_step sam_optimizer_step" then the rest,
 #          each into its own OUT_DIR: a run overwrites the files of the previous one)
@@ -33,7 +34,8 @@ PY
 
 status=0
 if [ "$MODE" != bench ]; then
-  $PY -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+  # shellcheck disable=SC2086  # PYTEST_ARGS is a list of paths and options
+  $PY -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
   status=${PIPESTATUS[0]}
 fi
 if [ "$MODE" != tests ]; then
