@@ -241,10 +241,12 @@ void multi_tensor_apply(const std::array<at::TensorList, Functor::kDepth>& lists
   using Small = TensorListMetadata<Functor::kDepth, SmallTables>;
 #if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
   // The 32 KB tables only where a 4 KB one would not hold the group (each launch carries, and the
-  // host clears, the whole table): results are bitwise the same either way.
+  // host clears, the whole table): results are bitwise the same either way. large_tables() first:
+  // it also rejects a bad SAM_KERNELS_CUDA_TABLES on calls that would not need the large tables.
+  const bool allowed = large_tables();
   int64_t tensors = 0;
   for (const auto& t : lists[0]) tensors += t.numel() > 0;
-  if ((tensors > Small::kMaxTensors || count_chunks(lists[0]) > Small::kMaxBlocks) && large_tables()) {
+  if (allowed && (tensors > Small::kMaxTensors || count_chunks(lists[0]) > Small::kMaxBlocks)) {
     launch_tables<TensorListMetadata<Functor::kDepth, LargeTables>>(lists, aux, f);
     return;
   }
