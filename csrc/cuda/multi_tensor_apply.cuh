@@ -6,9 +6,9 @@
 // (TensorListMetadata), so there is no host-to-device copy and the launch is CUDA-graph safe.
 // Two table sizes: the classic 4 KB of kernel arguments (320 blocks, 36-110 tensors per launch),
 // and, for a group that does not fit one of those, 32 KB (CUDA >= 12.1 toolkit and driver, Volta
-// and newer; setup.py refuses older archs): 2048 blocks and ~340-750 tensors, so a ResNet-50 or
-// GPT-2 parameter list takes one launch per pass. SAM_KERNELS_CUDA_TABLES=small forces 4 KB (to
-// compare, or to test the splitting). When a table's tensor or block
+// and newer; setup.py refuses older archs; not during CUDA-graph capture): 2048 blocks and
+// ~340-750 tensors, so a ResNet-50 or GPT-2 parameter list takes one launch per pass.
+// SAM_KERNELS_CUDA_TABLES=small forces 4 KB (to compare, or to test the splitting). When a table's tensor or block
 // slots fill, the launcher launches and starts a new table, carrying a tensor that was cut mid-way.
 //
 // Element layout: thread t of a block handles the kIlp contiguous elements starting at
@@ -243,7 +243,11 @@ void multi_tensor_apply(const std::array<at::TensorList, Functor::kDepth>& lists
   // The 32 KB tables only where a 4 KB one would not hold the group (each launch carries, and the
   // host clears, the whole table): results are bitwise the same either way. large_tables() first:
   // it also rejects a bad SAM_KERNELS_CUDA_TABLES on calls that would not need the large tables.
-  const bool allowed = large_tables();
+  // Not while a CUDA graph is being captured, as PyTorch's own multi_tensor_apply does: launches
+  // are cheap on replay, and 4 KB kernel nodes are what graphs have always supported.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
+  const bool allowed = large_tables() && capture == cudaStreamCaptureStatusNone;
   int64_t tensors = 0;
   for (const auto& t : lists[0]) tensors += t.numel() > 0;
   if (allowed && (tensors > Small::kMaxTensors || count_chunks(lists[0]) > Small::kMaxBlocks)) {

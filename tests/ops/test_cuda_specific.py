@@ -306,7 +306,8 @@ def test_no_host_sync():
 # --------------------------------------------------------------------------- CUDA graphs
 
 def test_cuda_graph_capture_of_a_sam_step(tables):
-    # 155 tensors: more than a 4 KB table holds, so "auto" captures 32 KB-table launches.
+    # 155 tensors: more than a 4 KB table holds; "auto" still captures 4 KB-table launches (no 32 KB
+    # tables during capture) while the warm-up outside the capture used 32 KB ones.
     sizes = [278011, 1, 4096, 65537, 300] + [37] * 150
     params0, grads, bufs0 = (_randn(sizes, seed=s) for s in (1, 2, 3))
     params, bufs = [p.clone() for p in params0], [b.clone() for b in bufs0]
