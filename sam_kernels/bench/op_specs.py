@@ -115,56 +115,36 @@ def _loop_sam_step(s: State) -> None:
     opt.second_step()
 
 
-def _loop_sam_optimizer_step(s: State) -> None:
-    """davda54's SAM from a fresh optimizer (it creates its momentum buffers, like sam_kernels.SAM)."""
-    opt = s.get("_davda54")
-    if opt is None:
-        _attach_grads(s)
-        opt = s["_davda54"] = baselines.Davda54SAM(s["params"], torch.optim.SGD, rho=RHO, **_sgd_kw())
-    opt.first_step()
-    opt.second_step()
-
-
-def _api_sam_optimizer_step(s: State, b: str) -> None:
-    """sam_kernels.SAM(backend=b): first_step + second_step, grads kept (no forward/backward).
-
-    finite_check=False: its checks are host syncs, and the davda54 baseline has none.
-    """
-    opt = s.get("_sam")
-    if opt is None:
-        import sam_kernels  # the optimizer layer may not exist yet: the runner checks before calling
-        _attach_grads(s)
-        opt = s["_sam"] = sam_kernels.SAM(s["params"], torch.optim.SGD, rho=RHO, backend=b, finite_check=False,
-                                          **_sgd_kw())
-    opt.first_step(zero_grad=False)
-    opt.second_step(zero_grad=False)
-
-
 def _adamw_kw() -> dict:
     return dict(lr=ADAM["lr"], betas=(ADAM["beta1"], ADAM["beta2"]), eps=ADAM["eps"],
                 weight_decay=ADAM["weight_decay"])
 
 
-def _loop_sam_adamw_step(s: State) -> None:
-    """davda54's SAM around torch.optim.AdamW (its default implementation for the device)."""
-    opt = s.get("_davda54")
-    if opt is None:
-        _attach_grads(s)
-        opt = s["_davda54"] = baselines.Davda54SAM(s["params"], torch.optim.AdamW, rho=RHO, **_adamw_kw())
-    opt.first_step()
-    opt.second_step()
+def _loop_sam(base: type, kw: Callable[[], dict]) -> Callable[[State], None]:
+    """davda54's SAM around ``base`` (torch's default implementation for the device), from a fresh
+    optimizer: it creates the base state (momentum buffers, moments), like sam_kernels.SAM."""
+    def step(s: State) -> None:
+        opt = s.get("_davda54")
+        if opt is None:
+            _attach_grads(s)
+            opt = s["_davda54"] = baselines.Davda54SAM(s["params"], base, rho=RHO, **kw())
+        opt.first_step()
+        opt.second_step()
+    return step
 
 
-def _api_sam_adamw_step(s: State, b: str) -> None:
-    """sam_kernels.SAM(backend=b) around AdamW: first_step + fused restore/AdamW second_step."""
-    opt = s.get("_sam")
-    if opt is None:
-        import sam_kernels
-        _attach_grads(s)
-        opt = s["_sam"] = sam_kernels.SAM(s["params"], torch.optim.AdamW, rho=RHO, backend=b, finite_check=False,
-                                          **_adamw_kw())
-    opt.first_step(zero_grad=False)
-    opt.second_step(zero_grad=False)
+def _api_sam(base: type, kw: Callable[[], dict]) -> Callable[[State, str], None]:
+    """sam_kernels.SAM(backend=b) around ``base``: first_step + second_step, grads kept (no
+    forward/backward). finite_check=False: its checks are host syncs, and the davda54 baseline has none."""
+    def step(s: State, b: str) -> None:
+        opt = s.get("_sam")
+        if opt is None:
+            import sam_kernels  # the optimizer layer may not exist yet: the runner checks before calling
+            _attach_grads(s)
+            opt = s["_sam"] = sam_kernels.SAM(s["params"], base, rho=RHO, backend=b, finite_check=False, **kw())
+        opt.first_step(zero_grad=False)
+        opt.second_step(zero_grad=False)
+    return step
 
 
 def _ref_sam_adamw_step(s: State) -> None:
@@ -265,9 +245,11 @@ SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (
            api=_api_sam_step, reference=_ref_sam_step, loop=_loop_sam_step,
            compile_phases=(_ref_sam_ascent, _ref_sgd)),
     OpSpec("sam_optimizer_step", ("params", "grads", "backups"), ("params",), 10, optimizer=True,
-           api=_api_sam_optimizer_step, reference=_ref_sam_optimizer_step, loop=_loop_sam_optimizer_step),
+           api=_api_sam(torch.optim.SGD, _sgd_kw), reference=_ref_sam_optimizer_step,
+           loop=_loop_sam(torch.optim.SGD, _sgd_kw)),
     OpSpec("sam_adamw_step", ("params", "grads", "backups"), ("params",), 12, optimizer=True,
-           api=_api_sam_adamw_step, reference=_ref_sam_adamw_step, loop=_loop_sam_adamw_step),
+           api=_api_sam(torch.optim.AdamW, _adamw_kw), reference=_ref_sam_adamw_step,
+           loop=_loop_sam(torch.optim.AdamW, _adamw_kw)),
 )}
 
 QUICK = ("grad_sq_norm", "perturb_", "sgd_restore_step_", "sam_step", "sam_optimizer_step", "sam_adamw_step")
