@@ -137,11 +137,12 @@ def _unchecked_fn(op: str, primary: Tensors, backend: Optional[str]) -> Optional
     return fn
 
 
-def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable], Any], primary: Tensors,
-            **lists: Optional[Tensors]) -> list:
-    """``call(fn, pick)`` once per (device, dtype, contiguity) group of the aligned lists; the results.
+def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable, torch.device], Any],
+            primary: Tensors, **lists: Optional[Tensors]) -> list:
+    """``call(fn, pick, device)`` once per (device, dtype, contiguity) group of the aligned lists; the results.
 
-    ``pick(lst)`` selects the group's entries of any list aligned with ``primary`` (None stays None).
+    ``pick(lst)`` selects the group's entries of any list aligned with ``primary`` (None stays None);
+    ``device`` is the group's, where the op's device scalars (norms, dots) must be.
     Fast path: a backend that checks its lists itself (the compiled ops, which reject a call before
     writing anything) takes them whole, with no per-tensor Python work; that is the common case of
     an optimizer step, run hundreds of times a second. Whatever it rejects (mixed dtypes or devices,
@@ -151,13 +152,13 @@ def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable]
     fn = _unchecked_fn(op, primary, backend)
     if fn is not None:
         try:
-            return [call(fn, _whole)]
+            return [call(fn, _whole, primary[0].device)]
         except _DEVICE_ERRORS:  # raised by a launch, after work may have run: never retried
             raise
         except (RuntimeError, TypeError, ValueError, NotImplementedError):
             pass
     _check_lists(op, primary, **lists)
-    return [call(_run(op, device, contiguous, backend), partial(_pick, idx=idx))
+    return [call(_run(op, device, contiguous, backend), partial(_pick, idx=idx), device)
             for device, contiguous, idx in _groups(primary, *lists.values())]
 
 
@@ -191,14 +192,14 @@ def grad_sq_norm(grads: Tensors, *, params: Optional[Tensors] = None, masks: Opt
     in a fixed order (deterministic) without synchronizing with the host.
     """
     eta = float(eta)
-    parts = _launch("grad_sq_norm", backend, lambda fn, pick: fn(pick(grads), pick(params), pick(masks), eta),
+    parts = _launch("grad_sq_norm", backend, lambda fn, pick, _: fn(pick(grads), pick(params), pick(masks), eta),
                     grads, params=params, masks=masks)
     return _sum_on(parts, grads)
 
 
 def dot(a: Tensors, b: Tensors, *, backend: Optional[str] = None) -> torch.Tensor:
     """Σ_i ⟨a_i, b_i⟩ over all tensors, as a 0-dim fp32 tensor (fp64 if all inputs are fp64)."""
-    return _sum_on(_launch("dot", backend, lambda fn, pick: fn(pick(a), pick(b)), a, b=b), a)
+    return _sum_on(_launch("dot", backend, lambda fn, pick, _: fn(pick(a), pick(b)), a, b=b), a)
 
 
 # --------------------------------------------------------------------------- perturb / restore
@@ -226,16 +227,15 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
         sq_norm = grad_sq_norm(grads, params=params if adaptive else None, eta=eta, backend=backend)
     rho, eps, adaptive, eta = float(rho), float(eps), bool(adaptive), float(eta)
 
-    def call(fn, pick):
-        ps = pick(params)
-        fn(ps, pick(grads), pick(backups), sq_norm.to(ps[0].device), rho, eps, pick(masks), adaptive, eta, keep,
-           pick(keys))
-    _launch("perturb_", backend, call, params, grads=grads, backups=backups, masks=masks)
+    _launch("perturb_", backend,
+            lambda fn, pick, device: fn(pick(params), pick(grads), pick(backups), sq_norm.to(device), rho, eps,
+                                        pick(masks), adaptive, eta, keep, pick(keys)),
+            params, grads=grads, backups=backups, masks=masks)
 
 
 def restore_(params: Tensors, backups: Tensors, *, backend: Optional[str] = None) -> None:
     """params ← backups, bitwise."""
-    _launch("restore_", backend, lambda fn, pick: fn(pick(params), pick(backups)), params, backups=backups)
+    _launch("restore_", backend, lambda fn, pick, _: fn(pick(params), pick(backups)), params, backups=backups)
 
 
 # --------------------------------------------------------------------------- fused restore + base step
@@ -275,7 +275,7 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
             _pick(params, sel), _pick(backups, sel), _pick(grads, sel), _pick(bufs, sel))
         ms = ms if has_buffers else None
         _launch("sgd_restore_step_", backend,
-                lambda fn, pick: fn(pick(ps), pick(bs), pick(gs), pick(ms), init_buffers=init, **kw),
+                lambda fn, pick, _: fn(pick(ps), pick(bs), pick(gs), pick(ms), init_buffers=init, **kw),
                 ps, backups=bs, grads=gs, momentum_buffers=ms)
     return bufs
 
@@ -289,7 +289,7 @@ def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_a
     kw = dict(step=int(step), lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
               weight_decay=float(weight_decay), maximize=bool(maximize))
     _launch("adamw_restore_step_", backend,
-            lambda fn, pick: fn(pick(params), pick(backups), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), **kw),
+            lambda fn, pick, _: fn(pick(params), pick(backups), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), **kw),
             params, backups=backups, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
 
 
@@ -303,19 +303,16 @@ def renormalize_(grads: Tensors, ref_sq_norm: torch.Tensor, *, eps: float = 1e-1
     """
     sq = grad_sq_norm(grads, backend=backend)
     eps = float(eps)
-
-    def call(fn, pick):
-        gs = pick(grads)
-        device = gs[0].device
-        fn(gs, ref_sq_norm.to(device), sq.to(device), eps)
-    _launch("renormalize_", backend, call, grads)
+    _launch("renormalize_", backend,
+            lambda fn, pick, device: fn(pick(grads), ref_sq_norm.to(device), sq.to(device), eps), grads)
     return sq
 
 
 def fisher_accumulate_(fisher: Tensors, grads: Tensors, *, scale: float = 1.0, backend: Optional[str] = None) -> None:
     """fisher += scale·g² (empirical Fisher from per-sample or micro-batch gradients)."""
     scale = float(scale)
-    _launch("fisher_accumulate_", backend, lambda fn, pick: fn(pick(fisher), pick(grads), scale), fisher, grads=grads)
+    _launch("fisher_accumulate_", backend, lambda fn, pick, _: fn(pick(fisher), pick(grads), scale),
+            fisher, grads=grads)
 
 
 def looksam_store_(g_v: Tensors, grads: Tensors, sam_grads: Tensors, *, eps: float = 1e-12,
@@ -324,12 +321,9 @@ def looksam_store_(g_v: Tensors, grads: Tensors, sam_grads: Tensors, *, eps: flo
     d = dot(grads, sam_grads, backend=backend)
     sq = grad_sq_norm(grads, backend=backend)
     eps = float(eps)
-
-    def call(fn, pick):
-        gv = pick(g_v)
-        device = gv[0].device
-        fn(gv, pick(grads), pick(sam_grads), d.to(device), sq.to(device), eps)
-    _launch("looksam_store_", backend, call, g_v, grads=grads, sam_grads=sam_grads)
+    _launch("looksam_store_", backend,
+            lambda fn, pick, device: fn(pick(g_v), pick(grads), pick(sam_grads), d.to(device), sq.to(device), eps),
+            g_v, grads=grads, sam_grads=sam_grads)
 
 
 def looksam_apply_(grads: Tensors, g_v: Tensors, alpha: float, *, eps: float = 1e-12,
@@ -338,12 +332,9 @@ def looksam_apply_(grads: Tensors, g_v: Tensors, alpha: float, *, eps: float = 1
     g_sq = grad_sq_norm(grads, backend=backend)
     gv_sq = grad_sq_norm(g_v, backend=backend)
     alpha, eps = float(alpha), float(eps)
-
-    def call(fn, pick):
-        gs = pick(grads)
-        device = gs[0].device
-        fn(gs, pick(g_v), alpha, g_sq.to(device), gv_sq.to(device), eps)
-    _launch("looksam_apply_", backend, call, grads, g_v=g_v)
+    _launch("looksam_apply_", backend,
+            lambda fn, pick, device: fn(pick(grads), pick(g_v), alpha, g_sq.to(device), gv_sq.to(device), eps),
+            grads, g_v=g_v)
 
 
 # --------------------------------------------------------------------------- masks
