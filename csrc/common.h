@@ -78,6 +78,17 @@ inline void check_sgd_args(at::TensorList params, at::TensorList backups, at::Te
   if (has_momentum) check_list("sgd_restore_step_", "momentum_buffers", params, momentum_buffers);
 }
 
+// AMP scalars of the fused descents: 0-dim float32 tensors on the params' device (read by the
+// kernel: reading them elsewhere would synchronize).
+inline void check_amp_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                             at::TensorList params) {
+  if (!t) return;
+  TORCH_CHECK(t->numel() == 1 && t->dim() == 0, op, ": ", name, " must be a 0-dim tensor, got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == params[0].device(), op, ": ", name, " is on ", t->device(), " but the params are on ",
+              params[0].device());
+}
+
 struct AdamWCorrections {
   double bias_correction1;       // 1 − beta1^step
   double bias_correction2_sqrt;  // sqrt(1 − beta2^step)

@@ -20,12 +20,14 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor sq_norm, float rho, "
         "float eps, Tensor[]? masks, bool adaptive, float eta, float keep_prob, int[] keys) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
+  // AMP: grads carry the loss scale `grad_scale` (divided out in the kernel); a non-zero
+  // `found_inf` skips the update on the device (params <- backups, state untouched).
   m.def("sgd_restore_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-        "bool init_buffers) -> ()");
+        "bool init_buffers, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def("adamw_restore_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, int step, float lr, float beta1, float beta2, float eps, float weight_decay, "
-        "bool maximize) -> ()");
+        "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def("renormalize_(Tensor(a!)[] grads, Tensor ref_sq_norm, Tensor sq_norm, float eps) -> ()");
   m.def("fisher_accumulate_(Tensor(a!)[] fisher, Tensor[] grads, float scale) -> ()");
   m.def("looksam_store_(Tensor(a!)[] g_v, Tensor[] grads, Tensor[] sam_grads, Tensor gs_dot_g, Tensor g_sq_norm, "

@@ -26,6 +26,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -55,6 +56,16 @@ template <typename F>
 void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) f(chunks[i]);
+  });
+}
+
+// dst <- src, bitwise, over the chunks (restore_, and the fused descents' skipped AMP steps).
+inline void copy_chunks(const std::vector<Chunk>& chunks, at::TensorList dst, at::TensorList src) {
+  const int64_t item = dst[0].element_size();
+  for_each_chunk(chunks, [&](const Chunk& c) {
+    auto* d = static_cast<char*>(dst[c.tensor].data_ptr());
+    const auto* s = static_cast<const char*>(src[c.tensor].data_ptr());
+    std::memcpy(d + c.begin * item, s + c.begin * item, (c.end - c.begin) * item);
   });
 }
 

@@ -8,12 +8,27 @@
 namespace sam_kernels::cpu {
 namespace {
 
+// AMP: a CPU found_inf is read here on the host (no device to synchronize with).
+bool skipped(const std::optional<at::Tensor>& found_inf) {
+  return found_inf && *found_inf->data_ptr<float>() != 0.0f;
+}
+
+// 1/grad_scale rounded to fp32, as reference.unscale_factor (exact for GradScaler's powers of 2).
+float unscale_factor(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale ? 1.0f / *grad_scale->data_ptr<float>() : 1.0f;
+}
+
 void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
                           at::TensorList momentum_buffers, double lr, double momentum, double dampening,
-                          double weight_decay, bool nesterov, bool maximize, bool init_buffers) {
+                          double weight_decay, bool nesterov, bool maximize, bool init_buffers,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const bool has_momentum = momentum != 0.0;
   sam_kernels::check_sgd_args(params, backups, grads, momentum_buffers, has_momentum, c10::DeviceType::CPU);
+  sam_kernels::check_amp_scalar("sgd_restore_step_", "grad_scale", grad_scale, params);
+  sam_kernels::check_amp_scalar("sgd_restore_step_", "found_inf", found_inf, params);
   const auto chunks = make_chunks(params);
+  if (skipped(found_inf)) return copy_chunks(chunks, params, backups);  // state untouched
+  const float inv_scale = unscale_factor(grad_scale);
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "sgd_restore_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
@@ -26,6 +41,7 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
         using T = decltype(tag);
         const T wi = load<T>(b, i);
         T d = load<T>(g, i);
+        if (grad_scale) d = d * T(inv_scale);
         if (maximize) d = -d;
         if (weight_decay != 0.0) d = d + T(wd) * wi;
         if (has_momentum) {
@@ -42,10 +58,15 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
 
 void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step, double lr,
-                            double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+                            double beta1, double beta2, double eps, double weight_decay, bool maximize,
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const auto [bc1, bc2_sqrt] = sam_kernels::check_adamw_args(params, backups, grads, exp_avgs, exp_avg_sqs, step,
                                                               beta1, beta2, c10::DeviceType::CPU);
+  sam_kernels::check_amp_scalar("adamw_restore_step_", "grad_scale", grad_scale, params);
+  sam_kernels::check_amp_scalar("adamw_restore_step_", "found_inf", found_inf, params);
   const auto chunks = make_chunks(params);
+  if (skipped(found_inf)) return copy_chunks(chunks, params, backups);  // state untouched
+  const float inv_scale = unscale_factor(grad_scale);
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "adamw_restore_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t decay = 1.0 - lr * weight_decay, b1 = 1.0 - beta1, b2 = beta2, one_minus_b2 = 1.0 - beta2;
@@ -59,6 +80,7 @@ void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::T
       elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
         using T = decltype(tag);
         T gi = load<T>(g, i);
+        if (grad_scale) gi = gi * T(inv_scale);
         if (maximize) gi = -gi;
         const T mi = load<T>(m, i);
         const T mn = mi + T(b1) * (gi - mi);

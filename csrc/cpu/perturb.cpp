@@ -3,7 +3,6 @@
 
 #include <torch/library.h>
 
-#include <cstring>
 
 namespace sam_kernels::cpu {
 namespace {
@@ -55,13 +54,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
 void restore_cpu(at::TensorList params, at::TensorList backups) {
   check_primary("restore_", "params", params);
   check_list("restore_", "backups", params, backups);
-  const auto chunks = make_chunks(params);
-  const int64_t item = params[0].element_size();
-  for_each_chunk(chunks, [&](const Chunk& c) {
-    auto* dst = static_cast<char*>(params[c.tensor].data_ptr());
-    const auto* src = static_cast<const char*>(backups[c.tensor].data_ptr());
-    std::memcpy(dst + c.begin * item, src + c.begin * item, (c.end - c.begin) * item);
-  });
+  copy_chunks(make_chunks(params), params, backups);
 }
 
 }  // namespace

@@ -10,6 +10,30 @@
 namespace sam_kernels::cuda {
 namespace {
 
+// AMP (as torch's fused optimizers): the grads carry the loss scale, divided out here; a non-zero
+// found_inf skips the update on the device (params <- backups, state stored back unchanged).
+struct AmpScalars {
+  const float* grad_scale = nullptr;  // null: grads are not scaled
+  const float* found_inf = nullptr;   // null: never skip
+  float inv_scale = 1.0f;             // set by load()
+  bool skip = false;                  // set by load()
+
+  __device__ void load() {
+    inv_scale = grad_scale != nullptr ? 1.0f / *grad_scale : 1.0f;  // fp32 reciprocal, as reference.unscale_factor
+    skip = found_inf != nullptr && *found_inf != 0.0f;
+  }
+};
+
+AmpScalars amp_scalars(const char* op, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, at::TensorList params) {
+  sam_kernels::check_amp_scalar(op, "grad_scale", grad_scale, params);
+  sam_kernels::check_amp_scalar(op, "found_inf", found_inf, params);
+  AmpScalars amp;
+  if (grad_scale) amp.grad_scale = grad_scale->data_ptr<float>();
+  if (found_inf) amp.found_inf = found_inf->data_ptr<float>();
+  return amp;
+}
+
 // lists: 0 params (w), 1 backups (r), 2 grads (r), 3 momentum_buffers (rw; absent when momentum == 0).
 template <typename T>
 struct SgdOp {
@@ -19,11 +43,17 @@ struct SgdOp {
   static constexpr bool kMasked = false, kReduce = false;
   A lr, momentum, one_minus_dampening, weight_decay;
   bool has_momentum, has_weight_decay, nesterov, maximize, init_buffers;
+  AmpScalars amp;
 
-  __device__ void load_scalars() {}
+  __device__ void load_scalars() { amp.load(); }
   __device__ void operator()(T (&x)[4], bool, int64_t, int64_t) const {
     const A w = static_cast<A>(x[1]);
+    if (amp.skip) {
+      x[0] = x[1];
+      return;
+    }
     A d = static_cast<A>(x[2]);
+    if (amp.grad_scale != nullptr) d = d * static_cast<A>(amp.inv_scale);
     if (maximize) d = -d;
     if (has_weight_decay) d = d + weight_decay * w;
     if (has_momentum) {
@@ -50,10 +80,16 @@ struct AdamWOp {
   A neg_step_size;       // -lr / bias_correction1
   A eps;
   bool maximize;
+  AmpScalars amp;
 
-  __device__ void load_scalars() {}
+  __device__ void load_scalars() { amp.load(); }
   __device__ void operator()(T (&x)[5], bool, int64_t, int64_t) const {
+    if (amp.skip) {
+      x[0] = x[1];
+      return;
+    }
     A g = static_cast<A>(x[2]);
+    if (amp.grad_scale != nullptr) g = g * static_cast<A>(amp.inv_scale);
     if (maximize) g = -g;
     const A m0 = static_cast<A>(x[3]);
     // torch.lerp's two-sided formula (exact at weight 0 and 1).
@@ -69,9 +105,11 @@ struct AdamWOp {
 
 void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
                            at::TensorList momentum_buffers, double lr, double momentum, double dampening,
-                           double weight_decay, bool nesterov, bool maximize, bool init_buffers) {
+                           double weight_decay, bool nesterov, bool maximize, bool init_buffers,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const bool has_momentum = momentum != 0.0;
   sam_kernels::check_sgd_args(params, backups, grads, momentum_buffers, has_momentum, c10::DeviceType::CUDA);
+  const AmpScalars amp = amp_scalars("sgd_restore_step_", grad_scale, found_inf, params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "sgd_restore_step_", [&](auto tag) {
     using T = decltype(tag);
@@ -86,15 +124,18 @@ void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::Te
     op.nesterov = nesterov;
     op.maximize = maximize;
     op.init_buffers = init_buffers;
+    op.amp = amp;
     apply_elementwise<T>({params, backups, grads, has_momentum ? momentum_buffers : at::TensorList{}}, op);
   });
 }
 
 void adamw_restore_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step, double lr,
-                             double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+                             double beta1, double beta2, double eps, double weight_decay, bool maximize,
+                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const auto [bias_correction1, bias_correction2_sqrt] = sam_kernels::check_adamw_args(
       params, backups, grads, exp_avgs, exp_avg_sqs, step, beta1, beta2, c10::DeviceType::CUDA);
+  const AmpScalars amp = amp_scalars("adamw_restore_step_", grad_scale, found_inf, params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "adamw_restore_step_", [&](auto tag) {
     using T = decltype(tag);
@@ -108,6 +149,7 @@ void adamw_restore_step_cuda(at::TensorList params, at::TensorList backups, at::
     op.neg_step_size = static_cast<A>(-lr / bias_correction1);
     op.eps = static_cast<A>(eps);
     op.maximize = maximize;
+    op.amp = amp;
     apply_elementwise<T>({params, backups, grads, exp_avgs, exp_avg_sqs}, op);
   });
 }

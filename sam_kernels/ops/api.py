@@ -206,7 +206,8 @@ def dot(a: Tensors, b: Tensors, *, backend: Optional[str] = None) -> torch.Tenso
 
 def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, sq_norm: Optional[torch.Tensor] = None,
              masks: Optional[Tensors] = None, adaptive: bool = False, eta: float = 0.01, eps: float = 1e-12,
-             keep_prob: Optional[float] = None, seed: Optional[int] = None, backend: Optional[str] = None) -> None:
+             keep_prob: Optional[float] = None, seed: Optional[int] = None, grad_scale: Optional[torch.Tensor] = None,
+             found_inf: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
     """backups ← params; params += rho·s·(m ⊙ T² ⊙ g)·keep/keep_prob, s = 1/(sqrt(sq_norm) + eps).
 
     ``sq_norm`` defaults to the UNMASKED ``grad_sq_norm(grads, params=params if adaptive)`` (Sparse
@@ -215,6 +216,13 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
     keyed by ``seed`` and the tensor's position in ``params``; reproducible, launch-shape free),
     scaled by 1/keep_prob. Entries outside the mask stay bitwise unchanged; a non-finite norm
     leaves every weight unchanged.
+
+    AMP (``grad_scale``: 0-dim fp32 device tensor S that the grads carry, as from
+    ``torch.amp.GradScaler``; ``sq_norm``, when given, is then the norm of the SCALED grads): e is
+    computed from g/S. Ours: S folds into the kernel's scale scalar, since
+    rho·(g·S)/(‖g·S‖ + eps·S) = rho·g/(‖g‖ + eps) — the squared norm handed to the kernel is
+    (sqrt(sq_norm) + eps·(S − 1))², one device scalar op, no pass over the grads. A non-zero
+    ``found_inf`` (0-dim) leaves every weight unchanged, like a non-finite norm.
     """
     _require_list("perturb_", params)
     if keep_prob is not None and not 0.0 < keep_prob <= 1.0:
@@ -225,12 +233,30 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
     keys = [tensor_key(seed, i) for i in range(len(params))] if keep < 1.0 else [0] * len(params)
     if sq_norm is None:
         sq_norm = grad_sq_norm(grads, params=params if adaptive else None, eta=eta, backend=backend)
+    if grad_scale is not None or found_inf is not None:
+        sq_norm = amp_sq_norm(sq_norm, grad_scale, found_inf, eps)
     rho, eps, adaptive, eta = float(rho), float(eps), bool(adaptive), float(eta)
 
     _launch("perturb_", backend,
             lambda fn, pick, device: fn(pick(params), pick(grads), pick(backups), sq_norm.to(device), rho, eps,
                                         pick(masks), adaptive, eta, keep, pick(keys)),
             params, grads=grads, backups=backups, masks=masks)
+
+
+def amp_sq_norm(sq_norm: torch.Tensor, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                eps: float) -> torch.Tensor:
+    """The squared norm that makes perturb_'s kernels unscale by ``grad_scale`` and skip on ``found_inf``.
+
+    s = 1/(sqrt(q) + eps) must equal 1/(sqrt(sq_norm) + eps·S): q = (sqrt(sq_norm) + eps·(S − 1))²;
+    q = inf when ``found_inf`` is non-zero (a non-finite norm leaves every weight unchanged).
+    """
+    q = sq_norm
+    if grad_scale is not None:
+        s = grad_scale.to(device=sq_norm.device, dtype=sq_norm.dtype)
+        q = (sq_norm.sqrt() + eps * (s - 1)).square()
+    if found_inf is not None:
+        q = torch.where(found_inf.to(sq_norm.device).ne(0), torch.full_like(q, float("inf")), q)
+    return q
 
 
 def restore_(params: Tensors, backups: Tensors, *, backend: Optional[str] = None) -> None:
@@ -240,15 +266,38 @@ def restore_(params: Tensors, backups: Tensors, *, backend: Optional[str] = None
 
 # --------------------------------------------------------------------------- fused restore + base step
 
+def _amp_args(grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> dict:
+    """The AMP keyword arguments of the fused descents; none at all without AMP (every backend's signature)."""
+    out = {}
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None:
+            if not (isinstance(t, torch.Tensor) and t.numel() == 1):
+                raise TypeError(f"{name} must be a 1-element tensor, got {t!r}")
+            out[name] = t.reshape(()).float()
+    return out
+
+
+def _on(scalars: dict, device: torch.device) -> dict:
+    """Device scalars moved to a group's device (no copy when already there)."""
+    return {k: v.to(device) for k, v in scalars.items()}
+
+
 def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
                       momentum_buffers: Optional[Sequence[Optional[torch.Tensor]]] = None, *, lr: float,
                       momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-                      nesterov: bool = False, maximize: bool = False,
+                      nesterov: bool = False, maximize: bool = False, grad_scale: Optional[torch.Tensor] = None,
+                      found_inf: Optional[torch.Tensor] = None,
                       backend: Optional[str] = None) -> list[Optional[torch.Tensor]]:
     """params ← backups, then torch.optim.SGD's update with ``grads``, in one pass per group.
 
     ``momentum_buffers[i] is None`` means "first step": a buffer is created (torch semantics:
     buf = d_p). Returns the buffers (all None when momentum is 0), to be kept in the state.
+
+    AMP, as torch's fused SGD: ``grad_scale`` (0-dim fp32 on the params' device) is the loss scale
+    the grads carry and is divided out in the kernel; a non-zero ``found_inf`` (0-dim fp32) skips
+    the update on the device: params end bitwise at the backups, buffers unchanged. New buffers
+    are then zero-filled (ours: a skipped first step leaves buf = 0, so the next step's
+    buf = momentum·0 + (1 − dampening)·d equals torch's first-step buf = d when dampening = 0).
     """
     _require_list("sgd_restore_step_", params)
     n = len(params)
@@ -259,10 +308,12 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     if momentum == 0:
         bufs = [None] * n
     elif fresh:
+        new = torch.zeros_like if found_inf is not None else torch.empty_like
         for i in fresh:
-            bufs[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
+            bufs[i] = new(params[i], memory_format=torch.contiguous_format)
     kw = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening), weight_decay=float(weight_decay),
               nesterov=bool(nesterov), maximize=bool(maximize))
+    amp = _amp_args(grad_scale, found_inf)
     has_buffers = momentum != 0
     if not fresh or len(fresh) == n:  # the usual cases: every buffer exists, or none does (first step)
         subsets = [(bool(fresh), None)]
@@ -275,21 +326,29 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
             _pick(params, sel), _pick(backups, sel), _pick(grads, sel), _pick(bufs, sel))
         ms = ms if has_buffers else None
         _launch("sgd_restore_step_", backend,
-                lambda fn, pick, _: fn(pick(ps), pick(bs), pick(gs), pick(ms), init_buffers=init, **kw),
+                lambda fn, pick, device: fn(pick(ps), pick(bs), pick(gs), pick(ms), init_buffers=init, **kw,
+                                            **_on(amp, device)),
                 ps, backups=bs, grads=gs, momentum_buffers=ms)
     return bufs
 
 
 def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
                         step: int, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                        weight_decay: float = 1e-2, maximize: bool = False, backend: Optional[str] = None) -> None:
-    """params ← backups, then torch.optim.AdamW's update (``step`` counted after its increment)."""
+                        weight_decay: float = 1e-2, maximize: bool = False, grad_scale: Optional[torch.Tensor] = None,
+                        found_inf: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
+    """params ← backups, then torch.optim.AdamW's update (``step`` counted after its increment).
+
+    ``grad_scale`` / ``found_inf``: as :func:`sgd_restore_step_`; a skipped step leaves both moments
+    unchanged (the caller must not count it in ``step``).
+    """
     if step < 1:
         raise ValueError(f"adamw_restore_step_: step must be >= 1 (count after increment), got {step}")
     kw = dict(step=int(step), lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
               weight_decay=float(weight_decay), maximize=bool(maximize))
+    amp = _amp_args(grad_scale, found_inf)
     _launch("adamw_restore_step_", backend,
-            lambda fn, pick, _: fn(pick(params), pick(backups), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), **kw),
+            lambda fn, pick, device: fn(pick(params), pick(backups), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+                                        **kw, **_on(amp, device)),
             params, backups=backups, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
 
 

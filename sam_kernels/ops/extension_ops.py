@@ -33,15 +33,15 @@ def restore_(params, backups):
 
 
 def sgd_restore_step_(params, backups, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
-                      maximize, init_buffers):
+                      maximize, init_buffers, grad_scale=None, found_inf=None):
     _op("sgd_restore_step_")(params, backups, grads, momentum_buffers or [], lr, momentum, dampening, weight_decay,
-                             nesterov, maximize, init_buffers)
+                             nesterov, maximize, init_buffers, grad_scale, found_inf)
 
 
 def adamw_restore_step_(params, backups, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay,
-                        maximize):
+                        maximize, grad_scale=None, found_inf=None):
     _op("adamw_restore_step_")(params, backups, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
-                               weight_decay, maximize)
+                               weight_decay, maximize, grad_scale, found_inf)
 
 
 def renormalize_(grads, ref_sq_norm, sq_norm, eps):

@@ -155,47 +155,76 @@ def restore_(params: Tensors, backups: Tensors) -> None:
 
 # --------------------------------------------------------------------------- fused restore + base step
 
+def unscale_factor(grad_scale: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """1/grad_scale rounded to fp32 (as GradScaler's unscale), in the compute dtype: exact for its powers of 2."""
+    return grad_scale.float().reciprocal().to(cdt)
+
+
+def _skip_where(found_inf: Optional[torch.Tensor], kept: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list:
+    """``new`` where the step runs, ``kept`` where ``found_inf`` is non-zero (an AMP overflow skips the step)."""
+    if found_inf is None:
+        return list(new)
+    skip = found_inf.ne(0)
+    return [torch.where(skip, k, n) for k, n in zip(kept, new)]
+
+
 def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentum_buffers: Optional[Tensors], *,
                       lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-                      maximize: bool, init_buffers: bool) -> None:
-    """params ← backups, then exactly torch.optim.SGD's update with ``grads``.
+                      maximize: bool, init_buffers: bool, grad_scale: Optional[torch.Tensor] = None,
+                      found_inf: Optional[torch.Tensor] = None) -> None:
+    """params ← backups, then exactly torch.optim.SGD's update with ``grads / grad_scale``.
 
     ``init_buffers``: the buffers hold garbage and this is their first step (torch sets buf = d_p).
+    AMP (ours, after torch's fused optimizers): ``grad_scale`` (0-dim fp32, the loss scale the
+    grads carry) is divided out element by element; a non-zero ``found_inf`` (0-dim fp32) skips the
+    update on the device: params end bitwise at the backups and the buffers are left as they were.
     """
-    restore_(params, backups)
-    w = _up(params)
-    d = [g.neg() if maximize else g.clone() for g in _up(grads)]
+    cdt = acc_dtype(params[0].dtype)
+    w0 = _up(backups)
+    d = _up(grads)
+    if grad_scale is not None:
+        d = torch._foreach_mul(d, unscale_factor(grad_scale, cdt))
+    d = [g.neg() if maximize else g.clone() for g in d]
     if weight_decay != 0:
-        torch._foreach_add_(d, w, alpha=weight_decay)
+        torch._foreach_add_(d, w0, alpha=weight_decay)
     if momentum != 0:
-        bufs = _up(momentum_buffers)
         if init_buffers:
-            torch._foreach_copy_(bufs, d)
+            bufs = [x.clone() for x in d]
         else:
-            torch._foreach_mul_(bufs, momentum)
+            bufs = torch._foreach_mul(_up(momentum_buffers), momentum)
             torch._foreach_add_(bufs, d, alpha=1 - dampening)
-        _store_(momentum_buffers, bufs)
-        bufs = _up(momentum_buffers)  # torch continues from the stored (rounded) buffer
+        torch._foreach_copy_(list(momentum_buffers), _skip_where(found_inf, _up(momentum_buffers), bufs))
+        # torch continues from the stored (rounded) buffer
+        stored = [x.to(momentum_buffers[0].dtype).to(cdt) for x in bufs]
         if nesterov:
-            torch._foreach_add_(d, bufs, alpha=momentum)
+            torch._foreach_add_(d, stored, alpha=momentum)
         else:
-            d = bufs
-    torch._foreach_add_(w, d, alpha=-lr)
-    _store_(params, w)
+            d = stored
+    w = torch._foreach_add(w0, d, alpha=-lr)
+    torch._foreach_copy_(list(params), _skip_where(found_inf, w0, w))
 
 
 def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *,
                         step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                        maximize: bool) -> None:
-    """params ← backups, then exactly torch.optim.AdamW's update; ``step`` is the count after increment."""
-    restore_(params, backups)
-    w = _up(params)
-    g = [x.neg() if maximize else x for x in _up(grads)]
-    m = _up(exp_avgs)
-    v = _up(exp_avg_sqs)
-    torch._foreach_mul_(w, 1 - lr * weight_decay)
+                        maximize: bool, grad_scale: Optional[torch.Tensor] = None,
+                        found_inf: Optional[torch.Tensor] = None) -> None:
+    """params ← backups, then exactly torch.optim.AdamW's update; ``step`` is the count after increment.
+
+    ``grad_scale`` / ``found_inf``: as :func:`sgd_restore_step_` (a skipped step leaves params at
+    the backups and both moments unchanged; the caller keeps the step count).
+    """
+    cdt = acc_dtype(params[0].dtype)
+    w0 = _up(backups)
+    g = _up(grads)
+    if grad_scale is not None:
+        g = torch._foreach_mul(g, unscale_factor(grad_scale, cdt))
+    g = [x.neg() if maximize else x for x in g]
+    m0 = [x.clone() for x in _up(exp_avgs)]
+    v0 = [x.clone() for x in _up(exp_avg_sqs)]
+    w = torch._foreach_mul(w0, 1 - lr * weight_decay)
+    m = [x.clone() for x in m0]
+    v = torch._foreach_mul(v0, beta2)
     torch._foreach_lerp_(m, g, 1 - beta1)
-    torch._foreach_mul_(v, beta2)
     torch._foreach_addcmul_(v, g, g, 1 - beta2)
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
@@ -203,9 +232,9 @@ def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_a
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(w, m, denom, -lr / bias_correction1)
-    _store_(exp_avgs, m)
-    _store_(exp_avg_sqs, v)
-    _store_(params, w)
+    torch._foreach_copy_(list(exp_avgs), _skip_where(found_inf, m0, m))
+    torch._foreach_copy_(list(exp_avg_sqs), _skip_where(found_inf, v0, v))
+    torch._foreach_copy_(list(params), _skip_where(found_inf, w0, w))
 
 
 # --------------------------------------------------------------------------- variants' element-wise ops

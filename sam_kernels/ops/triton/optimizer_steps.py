@@ -4,7 +4,12 @@ One pass reads the backup (not the perturbed weights), the gradient taken at w +
 optimizer state, and writes the new weights and state once. The maths follows torch.optim's
 single-tensor/foreach formulas operation by operation (reference.py); scalars that depend only on
 hyper-parameters (bias corrections, step sizes) are computed on the host as Python floats.
+
+AMP (as torch's fused optimizers): ``grad_scale`` points at the loss scale the grads carry,
+divided out as g·(1/S) with an fp32 reciprocal; a non-zero ``found_inf`` skips the update on the
+device (params ← backups, state untouched). Both are compiled out when absent (HAS_SCALE, HAS_FOUND).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -13,11 +18,31 @@ from ._tables import block_offsets, chunk_bounds, div_ieee, load, round_to, scal
 
 
 @triton.jit
-def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, neg_lr, mom, one_minus_dampening, weight_decay,
+def _amp_scalars(scale_ptr, found_ptr, CDT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr):
+    """(1/grad_scale in CDT, skip) from the AMP device scalars (1 and False when absent)."""
+    inv = tl.full((), 1.0, tl.float32)
+    if HAS_SCALE:
+        inv = div_ieee(inv, tl.load(scale_ptr))
+    skip = tl.full((), 0, tl.int1)
+    if HAS_FOUND:
+        skip = tl.load(found_ptr) != 0.0
+    return inv.to(CDT), skip
+
+
+@triton.jit
+def _restore_block(p_ptr, b_ptr, offs, mask):
+    store(p_ptr + offs, load(b_ptr + offs, mask), mask)
+
+
+@triton.jit
+def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, neg_lr, mom, one_minus_dampening, weight_decay, inv_scale,
                DT: tl.constexpr, CDT: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-               INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
+               INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+               HAS_SCALE: tl.constexpr):
     w = load(b_ptr + offs, mask).to(CDT)
     d = load(g_ptr + offs, mask).to(CDT)
+    if HAS_SCALE:
+        d = d * inv_scale
     if MAXIMIZE:
         d = -d
     if HAS_WD:
@@ -38,11 +63,12 @@ def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, neg_lr, mom, one_minus_
 
 
 @triton.jit
-def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, sizes, blocks, neg_lr: tl.float64,
+def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, sizes, blocks, scale_ptr, found_ptr, neg_lr: tl.float64,
                              momentum: tl.float64, one_minus_dampening: tl.float64, weight_decay: tl.float64,
                              DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                              ALIGNED: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                             INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
+                             INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+                             HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr):
     """w = backup; d = ±g (+ wd·w); buf = d if INIT else momentum·buf + (1-dampening)·d;
     d = d + momentum·buf if NESTEROV else buf; w = w + (-lr)·d (torch.optim.SGD)."""
     t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
@@ -54,21 +80,29 @@ def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, sizes, blocks, ne
     mom = scalar(momentum, CDT)
     damp = scalar(one_minus_dampening, CDT)
     wd = scalar(weight_decay, CDT)
-    for off in range(start, split, BLOCK):
-        _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, block_offsets(off, BLOCK), None, lr_c, mom, damp, wd, DT, CDT,
-                   HAS_WD, HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE)
-    for off in range(split, end, BLOCK):
-        offs = block_offsets(off, BLOCK)
-        _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, offs < end, lr_c, mom, damp, wd, DT, CDT, HAS_WD, HAS_MOMENTUM,
-                   INIT_BUFFERS, NESTEROV, MAXIMIZE)
+    inv, skip = _amp_scalars(scale_ptr, found_ptr, CDT, HAS_SCALE, HAS_FOUND)
+    if skip:
+        for off in range(start, end, BLOCK):
+            offs = block_offsets(off, BLOCK)
+            _restore_block(p_ptr, b_ptr, offs, offs < end)
+    else:
+        for off in range(start, split, BLOCK):
+            _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, block_offsets(off, BLOCK), None, lr_c, mom, damp, wd, inv, DT,
+                       CDT, HAS_WD, HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE, HAS_SCALE)
+        for off in range(split, end, BLOCK):
+            offs = block_offsets(off, BLOCK)
+            _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, offs < end, lr_c, mom, damp, wd, inv, DT, CDT, HAS_WD,
+                       HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE, HAS_SCALE)
 
 
 @triton.jit
 def _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, wt, beta2, one_minus_beta2,
-                 bias_correction2_sqrt, eps, neg_step_size, DT: tl.constexpr, CDT: tl.constexpr,
-                 MAXIMIZE: tl.constexpr):
+                 bias_correction2_sqrt, eps, neg_step_size, inv_scale, DT: tl.constexpr, CDT: tl.constexpr,
+                 MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr):
     w = load(b_ptr + offs, mask).to(CDT) * decay
     g = load(g_ptr + offs, mask).to(CDT)
+    if HAS_SCALE:
+        g = g * inv_scale
     if MAXIMIZE:
         g = -g
     m = load(m_ptr + offs, mask).to(CDT)
@@ -84,11 +118,13 @@ def _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, wt, beta2
 
 
 @triton.jit
-def _adamw_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, m_ptrs, v_ptrs, sizes, blocks, decay: tl.float64,
+def _adamw_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, m_ptrs, v_ptrs, sizes, blocks, scale_ptr, found_ptr,
+                               decay: tl.float64,
                                lerp_weight: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
                                bias_correction2_sqrt: tl.float64, eps: tl.float64, neg_step_size: tl.float64,
                                DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                               ALIGNED: tl.constexpr, MAXIMIZE: tl.constexpr):
+                               ALIGNED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                               HAS_FOUND: tl.constexpr):
     """w = backup·(1 - lr·wd); m = lerp(m, ±g, 1-beta1); v = v·beta2 + (1-beta2)·g·g;
     w = w + (-lr/bc1)·m / (sqrt(v)/sqrt(bc2) + eps) (torch.optim.AdamW)."""
     t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
@@ -104,29 +140,48 @@ def _adamw_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, m_ptrs, v_ptrs, sizes, bl
     bc2 = scalar(bias_correction2_sqrt, CDT)
     eps_c = scalar(eps, CDT)
     step_c = scalar(neg_step_size, CDT)
-    for off in range(start, split, BLOCK):
-        _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, block_offsets(off, BLOCK), None, dec, wt, b2, one_b2, bc2,
-                     eps_c, step_c, DT, CDT, MAXIMIZE)
-    for off in range(split, end, BLOCK):
-        offs = block_offsets(off, BLOCK)
-        _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, offs < end, dec, wt, b2, one_b2, bc2, eps_c, step_c, DT,
-                     CDT, MAXIMIZE)
+    inv, skip = _amp_scalars(scale_ptr, found_ptr, CDT, HAS_SCALE, HAS_FOUND)
+    if skip:
+        for off in range(start, end, BLOCK):
+            offs = block_offsets(off, BLOCK)
+            _restore_block(p_ptr, b_ptr, offs, offs < end)
+    else:
+        for off in range(start, split, BLOCK):
+            _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, block_offsets(off, BLOCK), None, dec, wt, b2, one_b2,
+                         bc2, eps_c, step_c, inv, DT, CDT, MAXIMIZE, HAS_SCALE)
+        for off in range(split, end, BLOCK):
+            offs = block_offsets(off, BLOCK)
+            _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, offs < end, dec, wt, b2, one_b2, bc2, eps_c,
+                         step_c, inv, DT, CDT, MAXIMIZE, HAS_SCALE)
 
 
 def sgd_restore_step_(params, backups, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
-                      maximize, init_buffers):
+                      maximize, init_buffers, grad_scale=None, found_inf=None):
     """params ← backups, then torch.optim.SGD's update (see reference.sgd_restore_step_)."""
     has_momentum = momentum != 0
     _tables.launch_over(_sgd_restore_step_kernel, [params, backups, grads, momentum_buffers if has_momentum else None],
-                        -lr, momentum, 1 - dampening, weight_decay, HAS_WD=weight_decay != 0,
-                        HAS_MOMENTUM=has_momentum, INIT_BUFFERS=init_buffers, NESTEROV=nesterov, MAXIMIZE=maximize)
+                        *_amp_pointers(grad_scale, found_inf, params), -lr, momentum, 1 - dampening, weight_decay,
+                        HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum, INIT_BUFFERS=init_buffers,
+                        NESTEROV=nesterov, MAXIMIZE=maximize, HAS_SCALE=grad_scale is not None,
+                        HAS_FOUND=found_inf is not None)
 
 
 def adamw_restore_step_(params, backups, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay,
-                        maximize):
+                        maximize, grad_scale=None, found_inf=None):
     """params ← backups, then torch.optim.AdamW's update (``step`` counted after its increment)."""
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
     _tables.launch_over(_adamw_restore_step_kernel, [params, backups, grads, exp_avgs, exp_avg_sqs],
-                        1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt, eps,
-                        -lr / bias_correction1, MAXIMIZE=maximize)
+                        *_amp_pointers(grad_scale, found_inf, params), 1 - lr * weight_decay, 1 - beta1, beta2,
+                        1 - beta2, bias_correction2_sqrt, eps, -lr / bias_correction1, MAXIMIZE=maximize,
+                        HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None)
+
+
+def _amp_pointers(grad_scale, found_inf, params):
+    """The AMP scalars as kernel arguments (a placeholder pointer where absent: compiled out)."""
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != params[0].device):
+            raise TypeError(f"{name} must be a 0-dim float32 tensor on {params[0].device}, got {t.dtype} "
+                            f"{tuple(t.shape)} on {t.device}")
+    placeholder = params[0]
+    return (placeholder if grad_scale is None else grad_scale), (placeholder if found_inf is None else found_inf)
