@@ -5,6 +5,17 @@ For ``torch.optim.SGD`` and ``torch.optim.AdamW`` both happen in one fused op pe
 entries (SGD ``momentum_buffer``; AdamW ``step``, ``exp_avg``, ``exp_avg_sq``) exactly as torch
 lays them out, so its ``state_dict`` is the same as a plain torch run and either path can take
 over mid-run. Every other optimizer: ``ops.restore_`` then ``base_optimizer.step()``.
+
+The fused path replaces ``base_optimizer.step()``, so it runs the base optimizer's step hooks and
+scheduler accounting itself (:mod:`.contract`). State tensors follow their parameter's dtype and
+device as torch.optim's ``load_state_dict`` casts them: a stale one (``model.double()`` mid-run)
+is cast when the kernel rejects it, before anything is written.
+
+AMP (``grad_scale``, ``found_inf``; see :mod:`.amp`): the fused kernels unscale and skip on the
+device. AdamW's step counts are host tensors (torch's layout): a skipped step is taken back from
+them with ``found_inf``, which on CUDA reads it back (one host sync). Generic optimizers: torch's
+fused ones (``_step_supports_amp_scaling``) get ``grad_scale``/``found_inf`` themselves; any other
+is stepped only when ``found_inf`` is zero, read on the host (one sync, as GradScaler does).
 """
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from .contract import mark_stepped, run_step_hooks
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize")
@@ -49,23 +61,49 @@ def _by_hyperparams(entries, keys):
     return buckets.values()
 
 
-def _sgd(base: torch.optim.SGD, entries, backend) -> None:
+def _follow_params(states: list[dict], params: list[torch.Tensor], keys: tuple[str, ...]) -> bool:
+    """Cast the state tensors ``keys`` of each param to its dtype and device (torch.optim's rule on
+    ``load_state_dict``); whether any changed."""
+    changed = False
+    for st, p in zip(states, params):
+        for k in keys:
+            t = st.get(k)
+            if isinstance(t, torch.Tensor) and (t.dtype != p.dtype or t.device != p.device):
+                st[k] = t.to(dtype=p.dtype, device=p.device)
+                changed = True
+    return changed
+
+
+def _with_state_following(call, states: list[dict], params: list[torch.Tensor], keys: tuple[str, ...]):
+    """``call()``; if the kernel rejects the lists (before writing), cast stale state and retry once."""
+    try:
+        return call()
+    except (TypeError, ValueError):
+        if not _follow_params(states, params, keys):
+            raise
+    return call()
+
+
+def _sgd(base: torch.optim.SGD, entries, backend, amp: dict) -> None:
     for bucket in _by_hyperparams(entries, _SGD_KEYS):
         group = bucket[0][0]
         _, params, backups, grads = map(list, zip(*bucket))
         momentum = group["momentum"]
-        states = [base.state[p] for p in params] if momentum else None
-        old = [st.get("momentum_buffer") for st in states] if momentum else None
-        bufs = ops.sgd_restore_step_(params, backups, grads, old, lr=group["lr"], momentum=momentum,
-                                     dampening=group["dampening"], weight_decay=group["weight_decay"],
-                                     nesterov=group["nesterov"], maximize=group["maximize"], backend=backend)
+        states = [base.state[p] for p in params] if momentum else []
+        def call():
+            old = [st.get("momentum_buffer") for st in states] if momentum else None
+            return old, ops.sgd_restore_step_(params, backups, grads, old, lr=group["lr"], momentum=momentum,
+                                              dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                              nesterov=group["nesterov"], maximize=group["maximize"],
+                                              backend=backend, **amp)
+        old, bufs = _with_state_following(call, states, params, ("momentum_buffer",))
         if momentum:
             for st, before, buf in zip(states, old, bufs):
                 if buf is not before:  # a new buffer (first step of this param); the others were updated in place
                     st["momentum_buffer"] = buf
 
 
-def _adamw(base: torch.optim.AdamW, entries, backend) -> None:
+def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict) -> None:
     states = [base.state[p] for _, p, _, _ in entries]
     for (_, p, _, _), st in zip(entries, states):
         if len(st) == 0:  # the layout torch.optim.AdamW creates on its first step
@@ -77,7 +115,17 @@ def _adamw(base: torch.optim.AdamW, entries, backend) -> None:
     torch._foreach_add_(steps, 1)
     counts = torch.stack(steps).tolist() if len({s.dtype for s in steps}) == 1 else [s.item() for s in steps]
     step_of = {id(e[1]): (int(c), st) for e, c, st in zip(entries, counts, states)}
-    # One launch per (hyperparameters, step count): usually one for the whole model.
+    try:
+        _adamw_launches(entries, step_of, backend, amp)
+    except BaseException:  # nothing was stepped for good (the caller restores w): the counts go back too
+        torch._foreach_add_(steps, -1)
+        raise
+    if amp.get("found_inf") is not None:  # a skipped step does not count (torch's fused AdamW does the same)
+        torch._foreach_add_(steps, amp["found_inf"].to(steps[0].device, steps[0].dtype), alpha=-1)
+
+
+def _adamw_launches(entries, step_of: dict, backend, amp: dict) -> None:
+    """One launch per (hyperparameters, step count): usually one for the whole model."""
     for bucket in _by_hyperparams(entries, _ADAMW_KEYS):
         by_step: dict = {}
         for e in bucket:
@@ -87,27 +135,58 @@ def _adamw(base: torch.optim.AdamW, entries, backend) -> None:
             group = items[0][0]
             _, params, backups, grads, sts = map(list, zip(*items))
             beta1, beta2 = group["betas"]
-            ops.adamw_restore_step_(params, backups, grads, [st["exp_avg"] for st in sts],
-                                    [st["exp_avg_sq"] for st in sts], step, lr=group["lr"], beta1=beta1,
-                                    beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                                    maximize=group["maximize"], backend=backend)
+            _with_state_following(
+                lambda: ops.adamw_restore_step_(params, backups, grads, [st["exp_avg"] for st in sts],
+                                                [st["exp_avg_sq"] for st in sts], step, lr=group["lr"], beta1=beta1,
+                                                beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                                                maximize=group["maximize"], backend=backend, **amp),
+                sts, params, ("exp_avg", "exp_avg_sq"))
 
 
-def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[int, torch.Tensor],
-                     backend: Optional[str]) -> None:
-    """Restore every perturbed param from its backup (``backup_of[id(p)]``, in ``perturbed`` order)
-    and take the base step, fused when possible. The caller has rejected sparse gradients."""
+def _generic_step(base: torch.optim.Optimizer, grad_scale: Optional[torch.Tensor],
+                  found_inf: Optional[torch.Tensor]) -> None:
+    """``base.step()`` for an optimizer without a fused SAM descent, under AMP when given."""
+    if grad_scale is None and found_inf is None:
+        base.step()
+    elif getattr(base, "_step_supports_amp_scaling", False):  # torch's fused optimizers unscale and skip themselves
+        base.grad_scale, base.found_inf = grad_scale, found_inf
+        try:
+            base.step()
+        finally:
+            del base.grad_scale, base.found_inf
+    else:
+        if grad_scale is not None:
+            grads = [p.grad for g in base.param_groups for p in g["params"] if p.grad is not None]
+            by_device: dict = {}
+            for g in grads:
+                by_device.setdefault(g.device, []).append(g)
+            for device, gs in by_device.items():
+                torch._foreach_mul_(gs, grad_scale.to(device).double().reciprocal().float())
+        if found_inf is None or not bool(found_inf):  # the documented host sync (as GradScaler for such optimizers)
+            base.step()
+
+
+def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.Tensor, torch.Tensor],
+                     backend: Optional[str], grad_scale: Optional[torch.Tensor] = None,
+                     found_inf: Optional[torch.Tensor] = None) -> None:
+    """Restore every perturbed param from its backup (``backup_of[p]``, in ``perturbed`` order) and
+    take the base step, fused when possible. The caller has rejected sparse gradients.
+
+    AMP: ``grad_scale`` is the loss scale the grads carry, a non-zero ``found_inf`` skips the update
+    (weights end at the backups, state untouched). Errors propagate; the caller restores.
+    """
     base = sam.base_optimizer
     kind = fused_kind(base)
     if kind is None:
         if perturbed:
-            ops.restore_(perturbed, list(backup_of.values()), backend=backend)
-        base.step()
+            sam._copy_back(perturbed, list(backup_of.values()))
+        _generic_step(base, grad_scale, found_inf)
         return
+    amp = {k: v for k, v in (("grad_scale", grad_scale), ("found_inf", found_inf)) if v is not None}
     entries, restore_only = [], []
     for group in base.param_groups:
         for p in group["params"]:
-            b = backup_of.get(id(p))
+            b = backup_of.get(p)
             g = p.grad
             if g is None:
                 if b is not None:
@@ -116,6 +195,9 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[int, to
             # A param that was not perturbed is its own backup: the fused op then just updates it.
             entries.append((group, p, p if b is None else b, g))
     if restore_only:
-        ops.restore_([p for p, _ in restore_only], [b for _, b in restore_only], backend=backend)
+        sam._copy_back([p for p, _ in restore_only], [b for _, b in restore_only])
+    run_step_hooks(base, "pre")  # what base.step() would have run
     if entries:
-        (_sgd if kind == "sgd" else _adamw)(base, entries, backend)
+        (_sgd if kind == "sgd" else _adamw)(base, entries, backend, amp)
+    mark_stepped(base)
+    run_step_hooks(base, "post")

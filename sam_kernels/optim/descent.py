@@ -55,7 +55,10 @@ class Renormalize(Modifier):
     def before_descent(self, sam, params, grads, sam_step, sq_norm):
         if not sam_step or self._ascent_sq is None or not grads:
             return sq_norm
-        ref = self._ascent_sq
+        ref = self._ascent_sq  # unscaled ‖g(w)‖²; under AMP the descent grads carry the loss scale S: ref·S²
+        scale = sam.loss_scale
+        if scale is not None:
+            ref = ref * scale.to(ref.device, ref.dtype).square()
         if any(g["adaptive"] for g in sam.param_groups):
             # ASAM: the ratio is ‖T⊙g(w)‖/‖T⊙g(w+e)‖ with T at the restored w. renormalize_ divides by
             # the plain ‖g(w+e)‖, so hand it ref·‖g‖²/‖T⊙g‖² (device maths, no sync; all-zero grads
@@ -86,6 +89,8 @@ class LookSAMReuse(Modifier):
         self.alpha, self.eps = alpha, eps
 
     def after_ascent(self, sam, params, grads, sq_norm):
+        if not grads:  # nothing to keep (a step without gradients is a no-op, as in SAM)
+            return
         firsts = []
         for p, g in zip(params, grads):
             st = sam.state[p]
@@ -100,8 +105,14 @@ class LookSAMReuse(Modifier):
             if not pairs:
                 return sq_norm
             gv = [sam.state[p].setdefault("looksam_gv", torch.zeros_like(g)) for p, g in pairs]
-            ops.looksam_store_(gv, [sam.state[p]["looksam_g"] for p, _ in pairs], [g for _, g in pairs],
+            found = sam._found  # AMP: an overflowed pass must not replace the stored g_v
+            fresh = gv if found is None else [torch.empty_like(v) for v in gv]
+            ops.looksam_store_(fresh, [sam.state[p]["looksam_g"] for p, _ in pairs], [g for _, g in pairs],
                                eps=self.eps, backend=sam.backend)
+            if found is not None:
+                skip = found.ne(0)
+                for v, f in zip(gv, fresh):
+                    torch.where(skip.to(v.device), v, f, out=v)
             return sq_norm
         pairs = [(g, sam.state[p]["looksam_gv"]) for p, g in zip(params, grads) if "looksam_gv" in sam.state[p]]
         if pairs:  # before the first SAM step there is nothing to reuse: a plain step

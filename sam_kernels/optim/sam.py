@@ -9,15 +9,22 @@ Extension points (how the variants plug in without forking this class):
   arguments of ``ops.perturb_`` (``masks``, ``keep_prob``, ``seed``, ``sq_norm``) — Sparse SAM's
   masks, ESAM's stochastic weight perturbation.
 - ``ascent_params()``: override to restrict which parameters are perturbed (ESAM per-tensor SWP).
+
+Mixed precision lives in :mod:`.amp`, the ``torch.optim`` contract (hooks, scheduler accounting,
+hyperparameter checks) in :mod:`.contract`, the fused descent in :mod:`.base_step`.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence, Union
+import contextlib
+from collections import OrderedDict
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
 from .. import ops
+from . import amp
 from .base_step import restore_and_step
+from .contract import SAM_KEYS, check_group, check_no_duplicates, complete_groups, mark_stepped, run_step_hooks
 from .descent import Modifier, Renormalize
 from .policy import Policy
 
@@ -31,25 +38,46 @@ def pop_saved(state_dict: dict, key: str, owner: str):
                          f"sam_kernels.{owner}.state_dict()") from None
 
 
+
+@contextlib.contextmanager
+def _hooks_silenced(opt: torch.optim.Optimizer, *names: str) -> Iterator[None]:
+    """Run torch's own ``state_dict``/``load_state_dict`` without their hooks: SAM runs them itself
+    around the WHOLE dict (base optimizer and SAM state included)."""
+    saved = [getattr(opt, n) for n in names]
+    try:
+        for n in names:
+            setattr(opt, n, OrderedDict())
+        yield
+    finally:
+        for n, hooks in zip(names, saved):
+            setattr(opt, n, hooks)
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any ``torch.optim`` optimizer (drop-in for the popular
     ``SAM(params, base_optimizer, rho, adaptive, **kwargs)`` class).
 
     Args:
         params: parameters or parameter groups (groups may set ``rho``, ``adaptive``, ``eta``).
+            Each tensor once (a duplicate raises ``ValueError``).
         base_optimizer: an optimizer class (built on this object's param groups with ``kwargs``)
             or an existing instance (its param groups become this object's).
-        rho: perturbation radius (default 0.05; ASAM uses 0.5–2.0).
+        rho: perturbation radius (default 0.05; ASAM uses 0.5–2.0); finite, >= 0.
         adaptive: ASAM, e = rho·T²·g/‖T⊙g‖ with T = |w| + eta.
-        eta: ASAM's offset (0.01; the popular class uses 0).
+        eta: ASAM's offset (0.01; the popular class uses 0); finite, >= 0.
         backend: kernel backend for every op ("auto", "eager", "cpp", "cuda", "triton"; None = global choice).
         finite_check: raise ``FloatingPointError`` on NaN/Inf gradients. Each check is one host sync
             (one in ``first_step``, one in ``second_step``, one in ``base_step``); with False there is none, a non-finite
             first-pass norm still leaves the weights unperturbed, and non-finite gradients reach the
-            base optimizer as they would in plain torch.
+            base optimizer as they would in plain torch. Under AMP (``grad_scaler``) an overflow is
+            expected and skips the step on the device instead: no check, no sync.
         policy: when to take SAM steps (default: always).
         renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).
         modifiers: more descent modifiers, applied in order after ``renormalize``.
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop (see :mod:`sam_kernels.optim.amp`).
+
+    Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
+    the key), at construction, ``add_param_group`` and ``load_state_dict``.
 
     Protocol (manual loop)::
 
@@ -61,20 +89,24 @@ class SAM(torch.optim.Optimizer):
         else:
             opt.base_step(zero_grad=True)     # one pass: plain (or LookSAM reuse) step
 
-    ``step(closure)`` does the same after the first backward, the closure re-evaluating the loss
-    and calling ``backward``. Calling ``first_step`` directly always takes a SAM step (a stateful
-    policy such as AE-SAM's still folds that step's gradient norm into its statistics, without a sync).
+    ``step(closure)`` does the same, the closure re-evaluating the loss and calling ``backward``;
+    if no parameter has a gradient yet, it evaluates the closure for the first pass too. Calling
+    ``first_step`` directly always takes a SAM step (a stateful policy such as AE-SAM's still folds
+    that step's gradient norm into its statistics, without a sync).
+
+    One optimizer step (``first_step`` + ``second_step``, or ``base_step``, or ``step``) runs the
+    step pre and post hooks once and counts as a step for LR schedulers, on this object and on the
+    base optimizer (whose ``step()`` the fused descent replaces).
     """
+
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale / found_inf (see .amp)
 
     def __init__(self, params: Iterable, base_optimizer: Union[type, torch.optim.Optimizer], rho: float = 0.05,
                  adaptive: bool = False, *, eta: float = 0.01, backend: Optional[str] = None,
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
-                 modifiers: Sequence[Modifier] = (), **kwargs):
-        if rho < 0:
-            raise ValueError(f"rho must be non-negative, got {rho}")
-        if eta < 0:
-            raise ValueError(f"eta must be non-negative, got {eta}")
+                 modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None, **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **kwargs)
+        check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
         super().__init__(params, defaults)
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if kwargs:
@@ -84,9 +116,7 @@ class SAM(torch.optim.Optimizer):
             theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
             if mine != theirs:
                 raise ValueError("SAM: the base optimizer instance must hold exactly the parameters given to SAM")
-            for group in base_optimizer.param_groups:
-                for key in ("rho", "adaptive", "eta"):
-                    group.setdefault(key, defaults[key])
+            complete_groups(base_optimizer.param_groups, defaults, 0, type(self).__name__)
             self.base_optimizer = base_optimizer
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
             self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
@@ -94,15 +124,50 @@ class SAM(torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass or instance, "
                             f"got {base_optimizer!r}")
         self.param_groups = self.base_optimizer.param_groups
+        self._groups_checked = len(self.param_groups)
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
         self.finite_check = finite_check
+        self.grad_scaler = grad_scaler
         self.policy = policy if policy is not None else Policy()
         self.modifiers: list[Modifier] = ([Renormalize()] if renormalize else []) + list(modifiers)
         self.step_count = 0
         self._decision: Optional[bool] = None
         self._perturbed: Optional[list[torch.Tensor]] = None
-        self._backup_of: dict[int, torch.Tensor] = {}  # id(param) -> backup, for the perturbed params
+        self._backup_of: dict[torch.Tensor, torch.Tensor] = {}  # perturbed param -> its backup (tensor keys: copyable)
+        self._found: Optional[torch.Tensor] = None  # AMP: overflow flag of this step, on the device
+        self._fresh = False     # the gradients were made by the closure of step() (AMP: the scaler's scale)
+        self._stepping = False  # inside step(): torch's wrapper runs the step hooks
+        self._begun = False     # this optimizer step has run its pre hooks
+
+    # ------------------------------------------------------------------ param groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim``, plus SAM's keys (defaults filled, checked) and a duplicate check;
+        the group is shared with the base optimizer."""
+        owner = type(self).__name__
+        params = param_group["params"]
+        if not isinstance(params, set):  # torch rejects sets itself, with its message
+            param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        for key in SAM_KEYS:
+            param_group.setdefault(key, self.defaults[key])
+        check_group(param_group, len(self.param_groups), owner)
+        check_no_duplicates([*self.param_groups, param_group], owner)
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # during __init__: the base optimizer is built on these groups afterwards
+            super().add_param_group(param_group)
+        else:
+            base.add_param_group(param_group)  # appends to the list both optimizers share
+            self._groups_checked = len(self.param_groups)
+
+    def _begin(self) -> None:
+        """Start of an optimizer step: groups added behind SAM's back get their keys; pre hooks."""
+        self._groups_checked = complete_groups(self.param_groups, self.defaults, self._groups_checked,
+                                               type(self).__name__)
+        if not self._begun:
+            self._begun = True
+            if not self._stepping:
+                run_step_hooks(self, "pre")
 
     # ------------------------------------------------------------------ helpers
 
@@ -139,8 +204,13 @@ class SAM(torch.optim.Optimizer):
                  for key, ps in classes.items()]
         return parts[0] if len(parts) == 1 else torch.stack([x.to(parts[0].device) for x in parts]).sum()
 
+    @property
+    def loss_scale(self) -> Optional[torch.Tensor]:
+        """The loss scale the gradients carry now (0-dim device tensor; None when unscaled or without AMP)."""
+        return amp.current_scale(self, fresh=self._fresh)
+
     def _policy_norm(self) -> Optional[Callable[[], torch.Tensor]]:
-        """‖g‖² of the current (first-pass) gradients as a device tensor, for policies that read it."""
+        """‖g‖² of the current (first-pass) gradients, unscaled, as a device tensor, for policies that read it."""
         if not self.policy.needs_grad_norm:
             return None
         def sq_norm() -> torch.Tensor:
@@ -148,18 +218,28 @@ class SAM(torch.optim.Optimizer):
             if not grads:
                 raise RuntimeError(f"SAM: the {type(self.policy).__name__} reads the first-pass gradients: call "
                                    f"wants_sam() after the first backward")
-            return ops.grad_sq_norm(grads, backend=self.backend)
+            return amp.unscaled(ops.grad_sq_norm(grads, backend=self.backend), self.loss_scale)
         return sq_norm
 
     def _restored(self, p: torch.Tensor) -> torch.Tensor:
         """The weight ``p`` will have after the restore: its backup while it is perturbed."""
-        return self._backup_of.get(id(p), p)
+        return self._backup_of.get(p, p)
 
     def _check_finite(self, sq: torch.Tensor, where: str) -> None:
         if self.finite_check and not bool(torch.isfinite(sq)):  # the documented host sync
             raise FloatingPointError(f"SAM.{where}: the gradients contain NaN or Inf (squared norm {float(sq)}); "
                                      f"the weights were left unperturbed. Skip this batch (zero_grad) or lower the "
                                      f"learning rate; finite_check=False disables this check")
+
+    def _screen(self, sq: Optional[torch.Tensor], where: str) -> None:
+        """Non-finite gradients: under AMP fold them into this step's overflow flag (device); else check."""
+        if sq is None:
+            return
+        if amp.active(self.grad_scaler):
+            found = amp.overflow(sq, self)
+            self._found = found if self._found is None else torch.maximum(self._found, found.to(self._found.device))
+        else:
+            self._check_finite(sq, where)
 
     def ascent_params(self) -> Optional[list[torch.Tensor]]:
         """Params to perturb this step (None: every param with a gradient). Override for ESAM."""
@@ -182,17 +262,33 @@ class SAM(torch.optim.Optimizer):
         """w ← w + e(w) for every param with a gradient; the backups are kept in ``self.state``."""
         if self._perturbed is not None:
             raise RuntimeError("SAM.first_step() called twice: call second_step() (or restore()) first")
+        amp.check_attached(self)
+        self._begin()
+        self._found = None
+        try:
+            self._ascend()
+        except BaseException:  # the weights are at w (_ascend undoes what it wrote): the step did not begin
+            self._begun = False
+            self._found = None
+            raise
+        self._decision = True
+        if zero_grad:
+            self.zero_grad()
+
+    def _ascend(self) -> None:
         entries = self._with_grads(self.ascent_params())
         if self._decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
             self.policy.observe(self.step_count, self._policy_norm())
+        scale = self.loss_scale
         sq = self._sq_norm(entries) if entries else None
-        if sq is not None:
-            self._check_finite(sq, "first_step")
+        self._screen(sq, "first_step")
         params = [p for _, p in entries]
         grads = [p.grad for p in params]
         for m in self.modifiers:
-            m.after_ascent(self, params, grads, sq)
+            m.after_ascent(self, params, grads, None if sq is None else amp.unscaled(sq, scale))
         extra = self.perturbation_options(params, grads) if entries else {}
+        if amp.active(self.grad_scaler):
+            extra.update(grad_scale=scale, found_inf=self._found)
         backups = self._backups(params)
         buckets: dict = {}
         last_group, bucket = None, []
@@ -224,12 +320,9 @@ class SAM(torch.optim.Optimizer):
                 done.extend(idx)
         except BaseException:  # never leave weights perturbed: undo the buckets that ran
             if done:
-                ops.restore_([params[i] for i in done], [backups[i] for i in done], backend=self.backend)
+                self._copy_back([params[i] for i in done], [backups[i] for i in done])
             raise
         self._set_perturbed(params, backups)
-        self._decision = True
-        if zero_grad:
-            self.zero_grad()
 
     def _set_perturbed(self, params: Optional[list[torch.Tensor]],
                        backups: Optional[list[torch.Tensor]] = None) -> None:
@@ -239,7 +332,7 @@ class SAM(torch.optim.Optimizer):
         else:
             if backups is None:
                 backups = [self.state[p]["backup"] for p in params]
-            self._backup_of = dict(zip(map(id, params), backups))
+            self._backup_of = dict(zip(params, backups))
 
     def _backups(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The backup buffer of each param, created on first use. Their layouts are not compared
@@ -265,48 +358,79 @@ class SAM(torch.optim.Optimizer):
                 renewed = True
         return renewed
 
+    def _copy_back(self, params: list[torch.Tensor], backups: list[torch.Tensor]) -> None:
+        """params ← backups: the fused restore, or a per-tensor copy when a param changed dtype or
+        device since its backup was taken (``model.double()`` mid-step), so an error never leaves w + e."""
+        try:
+            ops.restore_(params, backups, backend=self.backend)
+        except (TypeError, ValueError):  # rejected before writing anything
+            for p, b in zip(params, backups):
+                p.copy_(b)
+
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """w ← backup, then the base optimizer's step with the gradients taken at w + e."""
+        """w ← backup, then the base optimizer's step with the gradients taken at w + e.
+
+        Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next step.
+        """
         if self._perturbed is None:
             raise RuntimeError("SAM.second_step() called before first_step(): call first_step() after the first "
                                "backward, then backward again at the perturbed weights")
-        perturbed = self._perturbed
-        entries = self._with_grads()
-        params = [p for _, p in entries]
-        grads = [p.grad for p in params]
-        sq = None
         try:
-            if self.finite_check and grads:  # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
-                sq = ops.grad_sq_norm(grads, backend=self.backend)
-                self._check_finite(sq, "second_step")
-            for m in self.modifiers:
-                sq = m.before_descent(self, params, grads, True, sq)
+            self._descend(self._perturbed)
         except BaseException:
             self.restore()
             raise
-        restore_and_step(self, perturbed, self._backup_of, self.backend)
         self._finish(zero_grad)
+
+    def _descend(self, perturbed: list[torch.Tensor]) -> None:
+        entries = self._with_grads()
+        params = [p for _, p in entries]
+        grads = [p.grad for p in params]
+        scale = self.loss_scale
+        sq = None
+        if grads and (self.finite_check or amp.active(self.grad_scaler)):
+            # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
+            sq = ops.grad_sq_norm(grads, backend=self.backend)
+            self._screen(sq, "second_step" if perturbed is not None else "base_step")
+        for m in self.modifiers:
+            sq = m.before_descent(self, params, grads, perturbed is not None, sq)
+        if amp.active(self.grad_scaler):
+            restore_and_step(self, perturbed or [], self._backup_of, self.backend, grad_scale=scale,
+                             found_inf=self._found)
+            if self._found is not None:
+                amp.report(self, self._found)
+        elif perturbed is not None:
+            restore_and_step(self, perturbed, self._backup_of, self.backend)
+        else:
+            self.base_optimizer.step()
 
     @torch.no_grad()
     def base_step(self, zero_grad: bool = False) -> None:
         """A step without the ascent: descent modifiers (e.g. LookSAM reuse), then the base step."""
         if self._perturbed is not None:
             raise RuntimeError("SAM.base_step() called between first_step() and second_step()")
-        entries = self._with_grads()
-        params = [p for _, p in entries]
-        grads = [p.grad for p in params]
-        if self.finite_check and grads:  # the same guarantee as SAM steps, one host sync
-            self._check_finite(ops.grad_sq_norm(grads, backend=self.backend), "base_step")
-        for m in self.modifiers:
-            m.before_descent(self, params, grads, False, None)
-        self.base_optimizer.step()
+        amp.check_attached(self)
+        self._begin()
+        self._found = None
+        try:
+            self._descend(None)
+        except BaseException:
+            self._begun = False
+            self._decision = None
+            raise
         self._finish(zero_grad)
 
     def _finish(self, zero_grad: bool) -> None:
         self._set_perturbed(None)
         self._decision = None
+        self._found = None
+        self._fresh = False
         self.step_count += 1
+        self._begun = False
+        if not self._stepping:  # inside step() torch's wrapper does both
+            mark_stepped(self)
+            run_step_hooks(self, "post")
         if zero_grad:
             self.zero_grad()
 
@@ -314,22 +438,50 @@ class SAM(torch.optim.Optimizer):
     def restore(self) -> None:
         """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
         if self._perturbed:
-            ops.restore_(self._perturbed, list(self._backup_of.values()), backend=self.backend)
+            self._copy_back(self._perturbed, list(self._backup_of.values()))
         self._set_perturbed(None)
         self._decision = None
+        self._found = None
+        self._fresh = False
+        self._begun = False
 
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        """One full step, after the first backward: SAM (first_step, closure, second_step) or plain.
+        """One full optimizer step.
 
-        The closure re-evaluates the loss and calls ``backward``; it runs with gradients enabled.
-        Returns the closure's loss on SAM steps, None on plain steps.
+        With a closure (it re-evaluates the loss and calls ``backward``; it runs with gradients
+        enabled): if no parameter has a gradient, the closure first gives the first pass; then a
+        SAM step (first_step, closure, second_step) or a plain one, as the policy decides. Returns
+        the closure's loss of the second pass on SAM steps; on plain steps the first pass's loss
+        when this call evaluated it, else None.
+
+        Without a closure (how ``GradScaler.step(opt)`` ends the manual loop): the second step
+        after ``first_step``, or the plain step after ``wants_sam()`` said no; otherwise ``ValueError``.
         """
+        amp.check_attached(self)
+        self._stepping = True
+        try:
+            return self._step(closure)
+        finally:
+            self._stepping = False
+
+    def _step(self, closure):
         if closure is None:
-            raise ValueError("SAM.step() needs a closure that re-evaluates the loss and calls backward "
-                             "(or call first_step/second_step yourself)")
+            if self._perturbed is not None:
+                self.second_step()
+            elif self._decision is False:
+                self.base_step()
+            else:
+                raise ValueError("SAM.step() without a closure can only end a step begun by hand (after first_step(), "
+                                 "or after wants_sam() returned False). Pass a closure that re-evaluates the loss and "
+                                 f"calls backward, or use first_step()/second_step(). With a GradScaler:\n{amp.LOOP}")
+            return None
+        loss = None
+        if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            with torch.enable_grad():
+                loss = closure()  # the first pass: nothing was backpropagated before this step
         if not self.wants_sam():
             self.base_step()
-            return None
+            return loss
         self.first_step(zero_grad=True)
         try:
             with torch.enable_grad():
@@ -337,14 +489,28 @@ class SAM(torch.optim.Optimizer):
         except BaseException:
             self.restore()
             raise
+        self._fresh = True
         self.second_step()
         return loss
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ copies and state
+
+    def __getstate__(self) -> dict:
+        """Everything but hooks (as torch.optim) and the GradScaler (the user's object: attach it
+        again to a copy with ``opt.grad_scaler = scaler``); mid-step copies keep their backups."""
+        state = {k: v for k, v in self.__dict__.items() if not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
+        state["grad_scaler"] = None
+        return state
 
     def state_dict(self) -> dict:
-        """Base optimizer state + SAM state (policy, modifiers, step count; backups only mid-step)."""
-        sd = super().state_dict()
+        """Base optimizer state + SAM state (policy, modifiers, step count; backups only mid-step).
+
+        State-dict hooks registered on this optimizer see the whole dict.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        with _hooks_silenced(self, "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
+            sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         if self._perturbed is None:  # backups and first-pass copies are scratch between steps: small checkpoints
             scratch = {"backup", *(k for m in self.modifiers for k in m.transient_keys)}
@@ -359,10 +525,22 @@ class SAM(torch.optim.Optimizer):
             "modifiers": [m.state_dict() for m in self.modifiers],
         }
         sd["base_optimizer"] = self.base_optimizer.state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a run saved by :meth:`state_dict` (mid-step saves included)."""
+        """Restore a run saved by :meth:`state_dict` (mid-step saves included).
+
+        Groups saved by an older version get the current defaults for keys they lack (as
+        torch.optim does); every group's SAM hyperparameters are checked before anything is loaded.
+        """
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         state_dict = dict(state_dict)
         sam_state = pop_saved(state_dict, "sam", "SAM")
         base_state = pop_saved(state_dict, "base_optimizer", "SAM")
@@ -379,13 +557,24 @@ class SAM(torch.optim.Optimizer):
         perturbed = sam_state["perturbed"]
         if perturbed is not None and any("backup" not in state_dict["state"].get(i, {}) for i in perturbed):
             raise ValueError("SAM.load_state_dict: saved mid-step but the backups are missing")
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for i, g in enumerate(groups):
+            for key, value in self.defaults.items():
+                g.setdefault(key, value)
+            check_group(g, i, f"{type(self).__name__}.load_state_dict")
+        state_dict["param_groups"] = groups
         self.base_optimizer.load_state_dict(base_state)
-        super().load_state_dict(state_dict)
+        with _hooks_silenced(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict(state_dict)
         self.base_optimizer.param_groups = self.param_groups  # share the groups again (LR schedulers)
+        self._groups_checked = len(self.param_groups)
         params = [p for g in self.param_groups for p in g["params"]]
         self._set_perturbed(None if perturbed is None else [params[i] for i in perturbed])
         self.step_count = sam_state["step_count"]
         self._decision = sam_state["decision"]
+        self._begun = perturbed is not None
         self.policy.load_state_dict(sam_state["policy"])
         for m, st in zip(self.modifiers, sam_state["modifiers"]):
             m.load_state_dict(st)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)

@@ -1,0 +1,93 @@
+"""The ``torch.optim.Optimizer`` contract for an optimizer whose step is split in two calls.
+
+``SAM.first_step`` / ``second_step`` / ``base_step`` do not go through ``Optimizer.step``, which is
+where torch runs step hooks and where LR schedulers notice that a step happened
+(``optimizer._opt_called``). The fused descent does not call ``base_optimizer.step()`` either.
+This module gives both optimizers the same observable effects as a real ``step()``:
+:func:`run_step_hooks` for the pre/post hooks and :func:`mark_stepped` for the scheduler flag.
+It also holds the checks of the SAM hyperparameters of every param group and the duplicate
+check that ``torch.optim`` only warns about.
+"""
+from __future__ import annotations
+
+import math
+from itertools import chain
+from numbers import Real
+from typing import Iterable
+
+import torch
+from torch.optim import optimizer as _torch_optimizer
+
+SAM_KEYS = ("rho", "adaptive", "eta")
+
+
+def _global_hooks(kind: str) -> Iterable:
+    # torch keeps the hooks of register_optimizer_step_{pre,post}_hook in these module dicts; both
+    # exist since torch 2.0. Missing ones (a future rename) mean no global hooks, never a crash.
+    return getattr(_torch_optimizer, f"_global_optimizer_{kind}_hooks", {}).values()
+
+
+def run_step_hooks(opt: torch.optim.Optimizer, when: str) -> None:
+    """Run ``opt``'s step pre (``when="pre"``) or post hooks as ``Optimizer.step`` would, args ``()``.
+
+    Order as in torch: global pre hooks, then the instance's; the instance's post hooks, then the global ones.
+    A pre hook's returned (args, kwargs) cannot apply to a call that takes none; it is ignored.
+    """
+    if when == "pre":
+        hooks = chain(_global_hooks("pre"), opt._optimizer_step_pre_hooks.values())
+    else:
+        hooks = chain(opt._optimizer_step_post_hooks.values(), _global_hooks("post"))
+    for hook in list(hooks):
+        hook(opt, (), {})
+
+
+def mark_stepped(opt: torch.optim.Optimizer) -> None:
+    """What ``Optimizer.step`` leaves behind for LR schedulers (``_opt_called``) and profilers."""
+    opt._opt_called = True
+    opt._optimizer_step_code()
+
+
+def check_group(group: dict, index: int, owner: str = "SAM") -> None:
+    """Reject bad SAM hyperparameters of one param group, naming the group and the key.
+
+    rho and eta: real numbers, finite, >= 0 (rho < 0 would ascend downhill; NaN/Inf would silently
+    turn every step into a plain one); adaptive: a bool.
+    """
+    for key in ("rho", "eta"):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{owner}: param group {index}: {key} must be a real number, got "
+                            f"{type(value).__name__} {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{owner}: param group {index}: {key} must be finite and >= 0, got {value!r}")
+    if not isinstance(group["adaptive"], bool):
+        raise TypeError(f"{owner}: param group {index}: adaptive must be a bool, got "
+                        f"{type(group['adaptive']).__name__} {group['adaptive']!r}")
+
+
+def check_no_duplicates(groups: list[dict], owner: str = "SAM") -> None:
+    """A tensor listed twice would be perturbed twice and restored once: reject it (torch only warns)."""
+    seen: dict[int, int] = {}
+    for gi, group in enumerate(groups):
+        for p in group["params"]:
+            if id(p) in seen:
+                where = "the same param group" if seen[id(p)] == gi else f"param groups {seen[id(p)]} and {gi}"
+                raise ValueError(f"{owner}: a parameter (shape {tuple(p.shape)}) appears twice, in {where}; "
+                                 f"list every tensor once")
+            seen[id(p)] = gi
+
+
+def complete_groups(groups: list[dict], defaults: dict, checked: int, owner: str = "SAM") -> int:
+    """Fill missing SAM keys of groups ``checked..`` from ``defaults`` and check them; the new count.
+
+    Groups can appear behind SAM's back (``base_optimizer.add_param_group`` appends to the shared
+    list), so the step entry points call this: it costs one ``len`` when nothing is new.
+    """
+    if len(groups) == checked:
+        return checked
+    for i in range(checked, len(groups)):
+        for key in SAM_KEYS:
+            groups[i].setdefault(key, defaults[key])
+        check_group(groups[i], i, owner)
+    check_no_duplicates(groups, owner)
+    return len(groups)
