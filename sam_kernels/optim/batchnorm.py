@@ -25,8 +25,11 @@ normalizes with the running buffers, as before. Why not the alternatives:
   still read ``num_batches_tracked`` on the host (PyTorch's ``float(num_batches_tracked)``; ``.item()``
   in SyncBatchNorm): one device sync per BatchNorm layer.
 
-The flag flip is free: no tensor is read, copied or written (no device work, no host sync), and
-it skips those syncs in the frozen forward. Its one requirement is that the module's forward
+The flag flip does no device work: no tensor is read, copied or written, no host sync, and the
+frozen forward skips PyTorch's syncs above; its host cost is a Python walk over the modules. With
+SyncBatchNorm across processes the frozen forward takes PyTorch's own ``track_running_stats=False``
+path of ``sync_batch_norm`` (not run by the tests: they have no multi-GPU machine; without a
+process group SyncBatchNorm runs ``F.batch_norm``, which they test). Its one requirement is that the module's forward
 honours ``track_running_stats`` as PyTorch's does. ``_InstanceNorm`` modules with
 ``track_running_stats=True`` do not (``F.instance_norm`` updates the buffers whenever it gets them
 in training mode), so for them the block saves the buffers on entry and copies them back on exit
@@ -40,6 +43,11 @@ Two forms:
   pre-hook (``torch.nn.modules.module.register_module_forward_pre_hook``) that freezes the called
   module's whole subtree on its first call. Used where the model is not known (ESAM's closure). The
   hook is process-wide while the block runs: a model run by another thread meanwhile is frozen too.
+
+With ``torch.compile``: the flag is guarded, so a compiled model gets one more graph (frozen) on
+the first frozen call, then reuses both; the hook form makes PyTorch warn that global hooks fire
+once more for the ``OptimizedModule`` (harmless here: freezing is idempotent). Checked by hand
+(torch 2.14, CPU), not in the tests.
 
 ``disable_running_stats(model)`` / ``enable_running_stats(model)`` are the same freeze as two calls,
 named like the helpers of the popular SAM repository (davda54/sam, ``example/utility/bypass_bn.py``,
@@ -114,7 +122,7 @@ def _freeze_all(module: nn.Module, records: list[_Frozen], seen: Optional[set[nn
 
 @contextlib.contextmanager
 def frozen_running_stats(model: Optional[nn.Module] = None) -> Iterator[None]:
-    """Inside the block, BatchNorm forwards leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` untouched.
+    """Inside the block, BatchNorm leaves ``running_mean``, ``running_var``, ``num_batches_tracked`` untouched.
 
     Wrap SAM's second forward/backward (at w + e) in it; the first forward (at w) runs outside and
     updates the statistics once per step, exactly as a one-forward training loop does, for any
@@ -164,7 +172,7 @@ def frozen_running_stats(model: Optional[nn.Module] = None) -> Iterator[None]:
 
 
 def disable_running_stats(model: nn.Module) -> None:
-    """Freeze the running statistics of ``model``'s modules until :func:`enable_running_stats` (call before SAM's second forward).
+    """Freeze ``model``'s running statistics until :func:`enable_running_stats` (call before SAM's second forward).
 
     The exact freeze of :func:`frozen_running_stats`, as a call (davda54/sam's spelling). Calling it
     again before ``enable_running_stats`` changes nothing. Raises ``ValueError`` as
@@ -186,7 +194,7 @@ def disable_running_stats(model: nn.Module) -> None:
 
 
 def enable_running_stats(model: nn.Module) -> None:
-    """Undo :func:`disable_running_stats` on ``model``'s modules (call before SAM's first forward); no-op where not disabled."""
+    """Undo :func:`disable_running_stats` on ``model`` (call before SAM's first forward); no-op where not disabled."""
     for mod in model.modules():
         record = getattr(mod, _DISABLED_ATTR, None)
         if record is not None:
