@@ -8,6 +8,8 @@ __all__ = [
     "SAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM",
     "Policy", "ScheduledPolicy", "AdaptivePolicy", "PeriodicPolicy", "Modifier", "Renormalize", "LookSAMReuse",
 ]
+from .batchnorm import frozen_running_stats  # noqa: E402  (BatchNorm stats once per SAM step)
+__all__.append("frozen_running_stats")
 
 # Sparse SAM and ESAM live in their own modules; export them when present.
 try:

@@ -23,9 +23,14 @@ SDS (``gamma < 1``): per-sample losses at w come from the first pass; one extra 
 gradients gives them at w + e; the second forward/backward uses only the k = int(B·gamma) samples
 (at least 1) with the largest loss increase — not k − 1 as in the authors' code. Ties go to the
 lower sample index (stable sort); the chosen indices are passed in ascending order. With
-``gamma = 1`` the extra forward is skipped and the second pass uses the whole batch. The extra
-forward runs in the model's current mode (in training mode BatchNorm statistics see it, as in
-the authors' code).
+``gamma = 1`` the extra forward is skipped and the second pass uses the whole batch.
+
+BatchNorm: ``step`` runs the passes at w + e (the extra forward and the second forward/backward)
+inside :func:`~sam_kernels.optim.batchnorm.frozen_running_stats`: they run in the model's current
+mode (training mode: batch statistics normalize) but leave the running statistics as the first
+pass set them, so a step updates them once, as one forward would (ours; the authors' code lets
+every forward update them). The manual protocol below needs the same block around its second
+forward.
 
 Closure protocol (``step`` runs BOTH passes itself, unlike ``SAM.step`` which expects the first
 backward to be done)::
@@ -44,7 +49,8 @@ extra forward. Manual protocol (no SDS)::
     with opt.ascent_pass():                   # draws the tensor selection, freezes the others
         loss_fn(model(x), y).backward()
     opt.first_step(zero_grad=True)
-    loss_fn(model(x), y).backward()
+    with sam_kernels.frozen_running_stats(model):
+        loss_fn(model(x), y).backward()
     opt.second_step(zero_grad=True)
 
 Without ``ascent_pass`` the selection is drawn in ``first_step``: unselected tensors still get
@@ -63,6 +69,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from .. import ops
+from .batchnorm import frozen_running_stats
 from .sam import SAM, pop_saved
 
 SWP_MODES = ("tensor", "element")
@@ -244,12 +251,14 @@ class ESAM(SAM):
         self.first_step(zero_grad=True)
         try:
             indices = None
-            if self.gamma < 1.0:
-                with torch.no_grad():
-                    after = closure(None)
-                indices = sharpness_indices(losses, after, self.gamma)
-            with torch.enable_grad():
-                closure(indices).mean().backward()
+            # The closure's model is unknown here: the pre-hook form freezes whatever it calls.
+            with frozen_running_stats():
+                if self.gamma < 1.0:
+                    with torch.no_grad():
+                        after = closure(None)
+                    indices = sharpness_indices(losses, after, self.gamma)
+                with torch.enable_grad():
+                    closure(indices).mean().backward()
         except BaseException:
             self.restore()
             raise
