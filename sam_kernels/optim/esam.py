@@ -69,8 +69,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from .. import ops
+from . import amp
 from .batchnorm import frozen_running_stats
-from .sam import SAM, pop_saved
+from .sam import SAM
 
 SWP_MODES = ("tensor", "element")
 
@@ -177,6 +178,9 @@ class ESAM(SAM):
             yield
             return
         sel = self._draw()
+        if not any(sel):  # nothing drawn: e = 0, and the backward still needs something to differentiate
+            yield
+            return
         with frozen([p for p, s in zip(self._all_params(), sel) if not s and p.requires_grad]):
             yield
 
@@ -235,6 +239,13 @@ class ESAM(SAM):
 
         Returns the detached per-sample losses at w.
         """
+        return super().step(closure)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """backward of a pass this optimizer runs itself: through the attached GradScaler under AMP."""
+        (self.grad_scaler.scale(loss) if amp.active(self.grad_scaler) else loss).backward()
+
+    def _step(self, closure):
         if closure is None:
             raise ValueError("ESAM.step() needs a closure(indices=None) returning per-sample losses (shape [B]); "
                              "it runs both passes itself")
@@ -244,7 +255,7 @@ class ESAM(SAM):
                 raise ValueError(f"ESAM: the closure must return per-sample losses of shape [B], got shape "
                                  f"{tuple(losses.shape)} (use reduction='none')")
             if losses.requires_grad:
-                losses.mean().backward()
+                self._backward(losses.mean())
         if not self.wants_sam():
             self.base_step()
             return losses.detach()
@@ -258,24 +269,23 @@ class ESAM(SAM):
                         after = closure(None)
                     indices = sharpness_indices(losses, after, self.gamma)
                 with torch.enable_grad():
-                    closure(indices).mean().backward()
+                    self._backward(closure(indices).mean())
         except BaseException:
             self.restore()
             raise
+        self._fresh = True
         self.second_step()
         return losses.detach()
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict:
-        """SAM's state plus the selection generator and the current (mid-step) selection (``"esam"``)."""
-        sd = super().state_dict()
-        sd["esam"] = {"generator": self.generator.get_state(), "selection": self._selection}
-        return sd
+    _variant_keys = ("esam",)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        esam = pop_saved(state_dict, "esam", "ESAM")
-        super().load_state_dict(state_dict)
+    def _variant_state(self) -> dict:
+        """The selection generator and the current (mid-step) selection."""
+        return {"esam": {"generator": self.generator.get_state(), "selection": self._selection}}
+
+    def _load_variant_state(self, saved: dict) -> None:
+        esam = saved["esam"]
         self.generator.set_state(esam["generator"])
         self._selection = None if esam["selection"] is None else list(esam["selection"])

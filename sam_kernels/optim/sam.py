@@ -495,6 +495,16 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ copies and state
 
+    _variant_keys: tuple[str, ...] = ()
+    """Top-level state-dict entries a variant adds beside "sam" (filled by ``_variant_state``)."""
+
+    def _variant_state(self) -> dict:
+        """A variant's own state, ``{key: state}`` for each of ``_variant_keys``. Override."""
+        return {}
+
+    def _load_variant_state(self, saved: dict) -> None:
+        """Load what ``_variant_state`` saved (called after the SAM state is loaded). Override."""
+
     def __getstate__(self) -> dict:
         """Everything but hooks (as torch.optim) and the GradScaler (the user's object: attach it
         again to a copy with ``opt.grad_scaler = scaler``); mid-step copies keep their backups."""
@@ -525,6 +535,7 @@ class SAM(torch.optim.Optimizer):
             "modifiers": [m.state_dict() for m in self.modifiers],
         }
         sd["base_optimizer"] = self.base_optimizer.state_dict()
+        sd.update(self._variant_state())
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -544,6 +555,7 @@ class SAM(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         sam_state = pop_saved(state_dict, "sam", "SAM")
         base_state = pop_saved(state_dict, "base_optimizer", "SAM")
+        variant = {k: pop_saved(state_dict, k, type(self).__name__) for k in self._variant_keys}
         # Every check runs before anything is loaded, so a rejected state dict leaves this optimizer as it was.
         kinds = [type(m).__name__ for m in self.modifiers]
         saved_kinds = sam_state.get("modifier_kinds", kinds)
@@ -576,5 +588,6 @@ class SAM(torch.optim.Optimizer):
         self.policy.load_state_dict(sam_state["policy"])
         for m, st in zip(self.modifiers, sam_state["modifiers"]):
             m.load_state_dict(st)
+        self._load_variant_state(variant)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

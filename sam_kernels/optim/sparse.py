@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import ops
 from .masks import PATTERNS, UNITS, DynamicMask, FisherMask, MaskProvider, RandomMask, RefreshCadence
-from .sam import SAM, pop_saved
+from .sam import SAM
 
 MASKS = ("fisher", "dynamic", "random")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -367,17 +367,16 @@ class SparseSAM(SAM):
 
     # ------------------------------------------------------------------ state
 
-    def state_dict(self) -> dict:
-        """SAM's state plus the mask, the mask generator's state and the cadence (``"sparse"``)."""
-        sd = super().state_dict()
-        sd["sparse"] = self.mask_provider.state_dict()
-        sd["sparse"]["ascent_done"] = self._ascent_done
-        return sd
+    _variant_keys = ("sparse",)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        sparse = pop_saved(state_dict, "sparse", "SparseSAM")
-        super().load_state_dict(state_dict)
+    def _variant_state(self) -> dict:
+        """The mask, the mask generator's state and the cadence."""
+        sparse = self.mask_provider.state_dict()
+        sparse["ascent_done"] = self._ascent_done
+        return {"sparse": sparse}
+
+    def _load_variant_state(self, saved: dict) -> None:
+        sparse = saved["sparse"]
         self.mask_provider.load_state_dict(sparse)
         if self.mask_provider.masks is not None:
             params = self._all_params()
