@@ -2,6 +2,8 @@
 // device with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu. The Python-side contract
 // and eager reference of each op live in sam_kernels/ops/reference.py (same argument order).
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -36,4 +38,42 @@ TORCH_LIBRARY(sam_kernels, m) {
         "float eps) -> ()");
   m.def("topk_mask(Tensor[] scores, int k) -> Tensor[]");
   m.def("nm_mask(Tensor[] scores, int n, int m) -> Tensor[]");
+}
+
+// Autograd safety: every op that writes a tensor bumps its version counter, as torch's in-place
+// ops do, on every device; so a backward through a graph that saved a tensor before it was written
+// raises autograd's in-place error instead of silently using the new values. The written arguments
+// are read from the schema's alias annotations (Tensor(a!)[]); the bump follows a successful call
+// (a rejected call writes nothing). torch's own autogradNotImplementedInplaceOrViewFallback only
+// bumps tensors an op RETURNS, and these ops return nothing.
+namespace {
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  std::vector<at::Tensor> written;
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* alias = args[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& v = (*stack)[first + i];
+    if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList()) written.push_back(t);
+    } else if (v.isTensor()) {
+      written.push_back(v.toTensor());
+    }
+  }
+  {
+    c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) {
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sam_kernels, ADInplaceOrView, m) {
+  for (const char* op : {"perturb_", "restore_", "sgd_restore_step_", "adamw_restore_step_", "renormalize_",
+                         "fisher_accumulate_", "looksam_store_", "looksam_apply_"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  }
 }

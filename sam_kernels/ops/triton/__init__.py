@@ -12,8 +12,9 @@ the kernels run in Triton's interpreter on CPU tensors only (how CI tests them):
 copies each kernel *argument* to host memory, but these kernels reach their tensors through
 pointer tables, so a CUDA address in a table would be dereferenced on the host.
 """
+import functools
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -38,6 +39,25 @@ else:
         "topk_mask": masks.topk_mask,
         "nm_mask": masks.nm_mask,
     }
+
+# Triton writes through raw pointers, which autograd cannot see: bump the version counters of the
+# lists each op writes, by position (the compiled ops do it in the dispatcher: csrc/sam_kernels.cpp).
+WRITES = {"perturb_": (0, 2), "restore_": (0,), "sgd_restore_step_": (0, 3), "adamw_restore_step_": (0, 3, 4),
+          "renormalize_": (0,), "fisher_accumulate_": (0,), "looksam_store_": (0,), "looksam_apply_": (0,)}
+
+
+def _bumping(fn: Callable, positions: tuple[int, ...]) -> Callable:
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        written = [t for i in positions if args[i] is not None for t in args[i] if not t.is_inference()]
+        if written:
+            torch.autograd.graph.increment_version(written)
+        return out
+    return run
+
+
+OPS = {name: _bumping(fn, WRITES[name]) if name in WRITES else fn for name, fn in OPS.items()}
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Read once, like Triton itself does when the kernels are defined (at import)."""
