@@ -74,12 +74,24 @@ def _follow_params(states: list[dict], params: list[torch.Tensor], keys: tuple[s
     return changed
 
 
-def _with_state_following(call, states: list[dict], params: list[torch.Tensor], keys: tuple[str, ...]):
-    """``call()``; if the kernel rejects the lists (before writing), cast stale state and retry once."""
+def _follow_backups(backups: list[torch.Tensor], params: list[torch.Tensor]) -> bool:
+    """Cast (in the list) backups taken before their param changed dtype or device mid-step
+    (``model.double()`` between first_step and second_step); whether any changed."""
+    changed = False
+    for i, (b, p) in enumerate(zip(backups, params)):
+        if b.dtype != p.dtype or b.device != p.device:
+            backups[i] = b.to(dtype=p.dtype, device=p.device)
+            changed = True
+    return changed
+
+
+def _with_state_following(call, states: list[dict], params: list[torch.Tensor], keys: tuple[str, ...],
+                          backups: list[torch.Tensor]):
+    """``call()``; if the kernel rejects the lists (before writing), cast stale state and backups, retry once."""
     try:
         return call()
     except (TypeError, ValueError):
-        if not _follow_params(states, params, keys):
+        if not (_follow_params(states, params, keys) | _follow_backups(backups, params)):
             raise
     return call()
 
@@ -96,7 +108,7 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict) -> None:
                                               dampening=group["dampening"], weight_decay=group["weight_decay"],
                                               nesterov=group["nesterov"], maximize=group["maximize"],
                                               backend=backend, **amp)
-        old, bufs = _with_state_following(call, states, params, ("momentum_buffer",))
+        old, bufs = _with_state_following(call, states, params, ("momentum_buffer",), backups)
         if momentum:
             for st, before, buf in zip(states, old, bufs):
                 if buf is not before:  # a new buffer (first step of this param); the others were updated in place
@@ -140,7 +152,7 @@ def _adamw_launches(entries, step_of: dict, backend, amp: dict) -> None:
                                                 [st["exp_avg_sq"] for st in sts], step, lr=group["lr"], beta1=beta1,
                                                 beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                                                 maximize=group["maximize"], backend=backend, **amp),
-                sts, params, ("exp_avg", "exp_avg_sq"))
+                sts, params, ("exp_avg", "exp_avg_sq"), backups)
 
 
 def _generic_step(base: torch.optim.Optimizer, grad_scale: Optional[torch.Tensor],

@@ -234,18 +234,13 @@ class ESAM(SAM):
 
     # ------------------------------------------------------------------ the step
 
-    def step(self, closure: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
-        """One ESAM step, BOTH passes included (see the module docstring for the closure protocol).
-
-        Returns the detached per-sample losses at w.
-        """
-        return super().step(closure)
-
     def _backward(self, loss: torch.Tensor) -> None:
         """backward of a pass this optimizer runs itself: through the attached GradScaler under AMP."""
         (self.grad_scaler.scale(loss) if amp.active(self.grad_scaler) else loss).backward()
 
     def _step(self, closure):
+        """``step(closure)``: one ESAM step, BOTH passes included (see the module docstring for the
+        closure protocol). Returns the detached per-sample losses at w."""
         if closure is None:
             raise ValueError("ESAM.step() needs a closure(indices=None) returning per-sample losses (shape [B]); "
                              "it runs both passes itself")

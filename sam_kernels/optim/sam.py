@@ -215,9 +215,8 @@ class SAM(torch.optim.Optimizer):
             return None
         def sq_norm() -> torch.Tensor:
             grads = [p.grad for _, p in self._with_grads()]
-            if not grads:
-                raise RuntimeError(f"SAM: the {type(self.policy).__name__} reads the first-pass gradients: call "
-                                   f"wants_sam() after the first backward")
+            if not grads:  # a step without gradients is a no-op; NaN: the policy learns nothing from it
+                return torch.tensor(float("nan"))
             return amp.unscaled(ops.grad_sq_norm(grads, backend=self.backend), self.loss_scale)
         return sq_norm
 

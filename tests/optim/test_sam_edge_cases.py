@@ -347,11 +347,13 @@ def test_checkpoint_between_steps_holds_no_scratch_buffers():
     assert keys == {"looksam_gv"}, keys
 
 
-def test_ae_wants_sam_before_backward_says_so():
+def test_ae_step_without_gradients_is_a_plain_no_op():
+    """No gradient at all (a no-gradient step, as plain SAM allows): a plain step that learns nothing."""
     m = model_()
     opt = sk.AESAM(m.parameters(), torch.optim.SGD, total_steps=10, lr=0.1)
-    with pytest.raises(RuntimeError, match="after the first backward"):
-        opt.wants_sam()
+    assert opt.wants_sam() is False
+    opt.base_step()
+    assert opt.policy.mu is None or not bool(opt.policy.seen)
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp"])
