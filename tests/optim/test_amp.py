@@ -263,3 +263,53 @@ def test_disabled_scaler_is_plain_sam():
     closure_loop(m1, make_opt("sgd", m1, scaler), scaler, data)
     plain_loop(m2, make_opt("sgd", m2), data)
     close(weights(m1), weights(m2))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture_of_the_amp_step():
+    """The whole fp16 AMP SAM step (both backwards, first_step, scaler.step, scaler.update) captured
+    in a CUDA graph and replayed equals the same steps run eagerly: nothing in it reads the device."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)).cuda()
+    model_ref = copy.deepcopy(model)
+    x, y = torch.randn(16, 32, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+
+    def make(m):
+        scaler = torch.amp.GradScaler("cuda", init_scale=SCALE)
+        return sk.SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, grad_scaler=scaler), scaler
+    (opt, scaler), (opt_ref, scaler_ref) = make(model), make(model_ref)
+
+    def step(m, o, s):
+        o.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.cross_entropy(m(x), y)
+        s.scale(loss).backward()
+        o.first_step()
+        o.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.cross_entropy(m(x), y)
+        s.scale(loss).backward()
+        s.step(o)
+        s.update()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(model, opt, scaler)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(2):
+        step(model_ref, opt_ref, scaler_ref)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, opt, scaler)
+    for _ in range(3):
+        graph.replay()
+        step(model_ref, opt_ref, scaler_ref)
+    torch.cuda.synchronize()
+    for p, r in zip(model.parameters(), model_ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    assert scaler._scale.item() == scaler_ref._scale.item()
