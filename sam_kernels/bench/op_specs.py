@@ -21,6 +21,15 @@ For fp32 these are DESIGN §7's figures (grad norm 4N, perturb 16N, restore+SGD 
 | sam_step            | 10·sN      | grad norm + perturb + restore/SGD-momentum step           |
 | sam_optimizer_step  | 10·sN      | same work through the SAM optimizer's first/second_step   |
 | sam_adamw_step      | 12·sN      | grad norm + perturb + restore/AdamW step, through SAM     |
+| sam_amp_step        | 11·sN      | sam_optimizer_step under a GradScaler: + the second pass's|
+|                     |            | overflow check (read g); the unscale is in the kernels    |
+| sam_unscale_step    | 11·sN      | the same work done the usual way: GradScaler's unscale    |
+|                     |            | pass over the grads of each pass, then the SAM step       |
+
+The AMP steps run at scale 1.0 (the same work as any scale), so every implementation computes the
+numbers of sam_optimizer_step's reference. sam_amp_step's loop is davda54's class after the two
+unscale passes (torch's ``_amp_foreach_non_finite_check_and_unscale_``, what ``GradScaler.unscale_``
+runs: read and write g); sam_unscale_step is sam_kernels.SAM (no scaler) after the same passes.
 """
 from __future__ import annotations
 
@@ -60,6 +69,7 @@ class OpSpec:
     bandwidth_bound: bool = True
     needs_sq_norm: bool = False                # state gets sq_norm = ‖grads‖² (a given, not timed)
     optimizer: bool = False                    # goes through sam_kernels.SAM (skipped while it does not exist)
+    no_loop: str = "no per-parameter formulation (one global selection over all tensors)"  # why loop is None
     # Pieces of ``reference`` that torch.compile must trace separately: in training a forward and
     # backward run between SAM's ascent and descent, so one graph over both would let the compiler
     # drop the perturbed weights and the backup altogether (measured: "faster" than the copy floor).
@@ -163,6 +173,41 @@ def _ref_sam_optimizer_step(s: State) -> None:
                                 maximize=False, init_buffers=True, **_sgd_kw())
 
 
+def _unscale_passes(s: State) -> None:
+    """GradScaler's unscale of both passes' gradients (read + write g, twice), at scale 1.0."""
+    device = s["grads"][0].device
+    found = s.setdefault("_found", torch.zeros((), device=device))
+    inv = s.setdefault("_inv", torch.ones((), device=device))
+    for _ in range(2):
+        torch._amp_foreach_non_finite_check_and_unscale_(s["grads"], found, inv)
+
+
+def _loop_sam_unscaled(s: State) -> None:
+    _unscale_passes(s)
+    _loop_sam(torch.optim.SGD, _sgd_kw)(s)
+
+
+def _api_sam_unscaled(s: State, b: str) -> None:
+    _unscale_passes(s)
+    _api_sam(torch.optim.SGD, _sgd_kw)(s, b)
+
+
+def _api_sam_amp(s: State, b: str) -> None:
+    """sam_kernels.SAM with an attached GradScaler: the unscale happens in the fused kernels and the
+    overflow checks are the norms of the two passes (no unscale pass)."""
+    opt = s.get("_sam")
+    if opt is None:
+        import sam_kernels
+        _attach_grads(s)
+        device = s["grads"][0].device
+        scaler = torch.amp.GradScaler(device.type, init_scale=1.0)
+        scaler.scale(torch.zeros((), device=device))  # creates its scale tensor
+        opt = s["_sam"] = sam_kernels.SAM(s["params"], torch.optim.SGD, rho=RHO, backend=b, grad_scaler=scaler,
+                                          **_sgd_kw())
+    opt.first_step(zero_grad=False)
+    opt.second_step(zero_grad=False)
+
+
 def _renorm_ref(s: State) -> None:
     sq = reference.grad_sq_norm(s["grads"], None, None, 0.01)
     reference.renormalize_(s["grads"], s["sq_norm"], sq, EPS)
@@ -250,7 +295,13 @@ SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("sam_adamw_step", ("params", "grads", "backups"), ("params",), 12, optimizer=True,
            api=_api_sam(torch.optim.AdamW, _adamw_kw), reference=_ref_sam_adamw_step,
            loop=_loop_sam(torch.optim.AdamW, _adamw_kw)),
+    OpSpec("sam_amp_step", ("params", "grads", "backups"), ("params",), 11, optimizer=True,
+           api=_api_sam_amp, reference=_ref_sam_optimizer_step, loop=_loop_sam_unscaled),
+    OpSpec("sam_unscale_step", ("params", "grads", "backups"), ("params",), 11, optimizer=True,
+           api=_api_sam_unscaled, reference=_ref_sam_optimizer_step, loop=None,
+           no_loop="the loop under AMP is sam_amp_step's loop column"),
 )}
 
-QUICK = ("grad_sq_norm", "perturb_", "sgd_restore_step_", "sam_step", "sam_optimizer_step", "sam_adamw_step")
+QUICK = ("grad_sq_norm", "perturb_", "sgd_restore_step_", "sam_step", "sam_optimizer_step", "sam_adamw_step",
+         "sam_amp_step", "sam_unscale_step")
 HEADLINE = ("sam_optimizer_step", "sam_step")  # the first one that ran is the headline figure

@@ -68,7 +68,7 @@ def impl_skip_reason(impl: str, spec: OpSpec, cfg: OpsConfig) -> Optional[str]:
     if spec.optimizer and not hasattr(sam_kernels, "SAM"):
         return "sam_kernels.SAM does not exist yet (optimizer layer not written)"
     if impl == "loop" and spec.loop is None:
-        return "no per-parameter formulation (one global selection over all tensors)"
+        return spec.no_loop
     if impl == "compile":
         if spec.optimizer:
             return "torch.compile is measured on sam_step (the same work without the optimizer object)"
