@@ -6,10 +6,10 @@ Each op takes lists of tensors, groups them by (device, dtype) and runs the back
 from . import reference
 from .api import (adamw_restore_step_, dot, fisher_accumulate_, grad_sq_norm, looksam_apply_, looksam_store_, nm_mask,
                   perturb_, renormalize_, restore_, sgd_restore_step_, topk_mask)
-from .dispatch import backends, get_backend, last_used, set_backend
+from .dispatch import backends, get_backend, last_call, last_used, recording, set_backend
 
 __all__ = [
     "grad_sq_norm", "dot", "perturb_", "restore_", "sgd_restore_step_", "adamw_restore_step_", "renormalize_",
     "fisher_accumulate_", "looksam_store_", "looksam_apply_", "topk_mask", "nm_mask",
-    "backends", "set_backend", "get_backend", "last_used", "reference",
+    "backends", "set_backend", "get_backend", "last_call", "last_used", "recording", "reference",
 ]

@@ -20,6 +20,7 @@ from .. import ops
 from .base_step import restore_and_step
 from .descent import Modifier, Renormalize
 from .policy import Policy
+from .telemetry import DispatchSummary, records_step, summary
 
 
 def pop_saved(state_dict: dict, key: str, owner: str):
@@ -177,6 +178,7 @@ class SAM(torch.optim.Optimizer):
             self._decision = bool(self.policy.decide(self.step_count, self._policy_norm()))
         return self._decision
 
+    @records_step(starts_step=True)
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """w ← w + e(w) for every param with a gradient; the backups are kept in ``self.state``."""
@@ -250,7 +252,7 @@ class SAM(torch.optim.Optimizer):
             st = self.state[p]
             b = st.get("backup")
             if b is None:
-                b = st["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                b = st["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
             out.append(b)
         return out
 
@@ -261,10 +263,11 @@ class SAM(torch.optim.Optimizer):
         for i in idx:
             p, b = params[i], backups[i]
             if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                backups[i] = self.state[p]["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                backups[i] = self.state[p]["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 renewed = True
         return renewed
 
+    @records_step(starts_step=False)
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """w ← backup, then the base optimizer's step with the gradients taken at w + e."""
@@ -288,6 +291,7 @@ class SAM(torch.optim.Optimizer):
         restore_and_step(self, perturbed, self._backup_of, self.backend)
         self._finish(zero_grad)
 
+    @records_step(starts_step=True)
     @torch.no_grad()
     def base_step(self, zero_grad: bool = False) -> None:
         """A step without the ascent: descent modifiers (e.g. LookSAM reuse), then the base step."""
@@ -310,6 +314,7 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @records_step(starts_step=False)
     @torch.no_grad()
     def restore(self) -> None:
         """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
@@ -339,6 +344,11 @@ class SAM(torch.optim.Optimizer):
             raise
         self.second_step()
         return loss
+
+    def dispatch_summary(self) -> DispatchSummary:
+        """Which backend ran how many elements of each op in the last step (``print`` it for a table);
+        ``fused_share < 1`` means some tensors ran on the slow eager path (see ``ops.dispatch``)."""
+        return summary(self)
 
     # ------------------------------------------------------------------ state
 
