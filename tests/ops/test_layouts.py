@@ -283,3 +283,14 @@ def test_cuda_fallback_warns_once(monkeypatch):
         warnings.simplefilter("error")
         dispatch.record("perturb_", [part])  # once per process
         dispatch.record("perturb_", [dispatch.Part("eager", "cpu", "float32", 2, 123, "layout")])
+
+
+def test_cuda_layout_fallback_warns_through_the_ops(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    monkeypatch.setattr(dispatch, "_warned_cuda", False)
+    p = [torch.randn(4, 3, 5, 5, device="cuda").to(memory_format=torch.channels_last)]
+    g = [torch.randn(4, 3, 5, 5, device="cuda")]  # contiguous: another layout than its param
+    with pytest.warns(RuntimeWarning, match="300 elements of CUDA tensors in grad_sq_norm"):
+        ops.grad_sq_norm(g, params=p)
+    assert dispatch.last_call["grad_sq_norm"].parts[0].fallback == "layout"
