@@ -222,8 +222,10 @@ def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable,
     _check_lists(op, primary, **lists)
     results, parts = [], []
     for device, dtype, fusable, idx in _groups(primary, [lst for lst in lists.values() if lst is not None]):
-        name, fn, fallback = (dispatch.resolve if fusable else dispatch.eager)(
-            *((op, device.type, backend) if fusable else (op, backend)))
+        if fusable:
+            name, fn, fallback = dispatch.resolve(op, device.type, backend)
+        else:
+            name, fn, fallback = dispatch.eager(op, backend)
         results.append(call(fn, _picker(idx, converted), device))
         parts.append(dispatch.Part(name, device.type, str(dtype)[6:], len(idx), sum(primary[i].numel() for i in idx),
                                    fallback))

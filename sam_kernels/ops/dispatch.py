@@ -48,9 +48,10 @@ _import_errors: dict[str, str] = {}
 
 @dataclass(frozen=True)
 class Part:
-    """One backend call inside an op call: ``tensors`` non-empty tensors, ``elements`` elements of the
-    first list (complex entries count their real and imaginary parts), on ``device`` (a device
-    type) in ``dtype``, run by ``backend``. ``fallback`` says why a part ran eagerly although the
+    """One backend call inside an op call: ``tensors`` entries of the first list handed to ``backend``
+    (zero-size ones included when the whole call went to a compiled backend, which skips them),
+    ``elements`` their elements (complex entries count real and imaginary parts), on ``device`` (a
+    device type) in ``dtype``. ``fallback`` says why a part ran eagerly although the
     caller did not ask for eager: ``"layout"`` (its tensors' lists do not share one dense memory
     order: see ``api``) or ``"unavailable"`` (no compiled backend serves the device); else ""."""
     backend: str
