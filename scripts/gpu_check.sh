@@ -89,8 +89,12 @@ fi
 # 3. tests, 4. benchmark (both need a build with both backends; the benchmark runs even if a test failed)
 if [ "$ready" -eq 1 ] && [ "$MODE" != bench ]; then
   # shellcheck disable=SC2086  # PYTEST_ARGS is a list of paths and options
+  # Default order: what only a GPU can check first (CUDA kernels, layouts, optimizers), then native
+  # Triton and the torch.compile traces; a test run cut by TESTS_S loses the least important part.
   phase tests "$TESTS_S" "$OUT/gpu-tests.log" $PY -m pytest -q -p no:cacheprovider --durations=15 \
-    ${PYTEST_ARGS:-tests -k "cuda or test_triton"}
+    ${PYTEST_ARGS:-tests/ops/test_cuda_specific.py tests/ops/test_backends.py tests/ops/test_layouts.py \
+                   tests/ops/test_fast_path.py tests/optim/test_layouts.py tests/optim/test_sam_backends.py \
+                   tests/ops/test_triton.py tests -k "cuda or test_triton"}
   tail -25 "$OUT/gpu-tests.log"
 fi
 if [ "$ready" -eq 1 ] && [ "$MODE" != tests ]; then
