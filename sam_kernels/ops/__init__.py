@@ -1,7 +1,8 @@
 """``sam_kernels.ops``: the fused per-parameter work of a SAM step, one contract per op.
 
-Each op takes lists of tensors, groups them by (device, dtype) and runs the backend chosen by
-:mod:`sam_kernels.ops.dispatch` (see ``backends()``); ``reference`` holds the eager spec.
+Each op takes lists of tensors, groups them by (device, dtype, layout agreement) and runs the
+backend chosen by :mod:`sam_kernels.ops.dispatch` (see ``backends()``); ``last_call`` /
+``recording()`` tell which backend ran which part; ``reference`` holds the eager spec.
 """
 from . import reference
 from .api import (adamw_restore_step_, dot, fisher_accumulate_, grad_sq_norm, looksam_apply_, looksam_store_, nm_mask,
