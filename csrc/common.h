@@ -18,8 +18,25 @@
 
 namespace sam_kernels {
 
+// Whether `t` and `ref` (same shape, both non-overlapping and dense) put every element at the same
+// offset from their data pointers: equal strides on every dim of size > 1 (the stride of a size-1
+// dim is never used, and autograd's layout contract lets it differ between a param and its grad).
+inline bool same_memory_order(const at::Tensor& t, const at::Tensor& ref) {
+  const auto sizes = ref.sizes();
+  const auto a = t.strides();
+  const auto b = ref.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] != 1 && a[d] != b[d]) return false;
+  }
+  return true;
+}
+
 // Validates one list of a group against the primary list: same length, the primary's device,
-// dense, contiguous, the primary's shapes, the primary's dtype (torch.bool for masks).
+// strided, the primary's shapes, the primary's dtype (torch.bool for masks), and a layout the
+// kernels can walk as flat storage: non-overlapping and dense (contiguous, channels_last,
+// channels_last_3d, permuted, ...) with the same memory order as the primary's entry, so element
+// k of every list's storage is the same logical element. Zero-size tensors are skipped by the
+// kernels and not checked for layout.
 inline void check_list(const char* op, const char* name, at::TensorList primary, at::TensorList lst,
                        bool is_mask = false) {
   TORCH_CHECK(lst.size() == primary.size(), op, ": ", name, " has ", lst.size(), " tensors, expected ",
@@ -30,8 +47,6 @@ inline void check_list(const char* op, const char* name, at::TensorList primary,
     const auto& t = lst[i];
     TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), ", expected ", device);
     TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is not a dense (strided) tensor");
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous (the Python layer routes "
-                "non-contiguous tensors to the eager backend)");
     TORCH_CHECK(t.sizes() == primary[i].sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), ", expected ",
                 primary[i].sizes());
     if (is_mask) {
@@ -40,6 +55,12 @@ inline void check_list(const char* op, const char* name, at::TensorList primary,
       TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(), ", expected ",
                   dtype, " (one dtype per group)");
     }
+    if (t.numel() == 0) continue;
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", name, "[", i, "] overlaps or has gaps (strides ",
+                t.strides(), "); the Python layer routes such tensors to the eager backend");
+    TORCH_CHECK(same_memory_order(t, primary[i]), op, ": ", name, "[", i, "] has strides ", t.strides(), " but ",
+                "entry ", i, " of the first list has ", primary[i].strides(), "; the Python layer routes tensors ",
+                "whose layouts differ to the eager backend");
   }
 }
 
@@ -118,7 +139,8 @@ SAM_HOST_DEVICE uint32_t fmix32(uint32_t x) {
   return x;
 }
 
-// Element i of a tensor with RNG key `key` is kept iff its 24-bit uniform is below threshold.
+// Element i of a tensor with RNG key `key` is kept iff its 24-bit uniform is below threshold; i is
+// the element's position in memory (storage order from the data pointer), as in reference.keep_mask.
 SAM_HOST_DEVICE bool keep_element(uint32_t key, int64_t i, uint32_t threshold) {
   const uint64_t u = static_cast<uint64_t>(i);
   const uint32_t r = fmix32(fmix32(static_cast<uint32_t>(u) ^ key) ^ static_cast<uint32_t>(u >> 32));

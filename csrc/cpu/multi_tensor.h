@@ -2,7 +2,7 @@
 // deterministic reductions, dtype dispatch.
 //
 // A group is a set of aligned tensor lists (same length; entry i of every list has the same
-// numel; contiguous). Every tensor is cut into fixed chunks of kChunk elements and one
+// numel; one memory order, walked as flat storage: see check_list). Every tensor is cut into fixed chunks of kChunk elements and one
 // at::parallel_for runs over the chunks of all tensors, so hundreds of small tensors and one huge
 // tensor parallelize the same way. Reductions write one partial per chunk and sum them in chunk
 // order: the result does not depend on the number of threads.

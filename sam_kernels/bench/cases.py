@@ -16,6 +16,8 @@ Shape = tuple[int, ...]
 class Case:
     name: str
     shapes: tuple[Shape, ...]
+    channels_last: bool = False
+    """4-D tensors (conv weights) in torch.channels_last, as after model.to(memory_format=torch.channels_last)."""
 
     @property
     def numel(self) -> int:
@@ -78,18 +80,20 @@ CASES = {
     "16M": lambda: _single(16 * _M),
     "64M": lambda: _single(64 * _M),
     "resnet50": resnet50_shapes,
+    "resnet50_cl": resnet50_shapes,  # the same list in channels_last (CHANNELS_LAST)
     "gpt2": gpt2_small_shapes,
     "host": host_shapes,
 }
-QUICK_CPU = ("host", "1M", "resnet50")
-QUICK_GPU = ("host", "1M", "16M", "resnet50")
+CHANNELS_LAST = ("resnet50_cl",)
+QUICK_CPU = ("host", "1M", "resnet50", "resnet50_cl")
+QUICK_GPU = ("host", "1M", "16M", "resnet50", "resnet50_cl")
 FULL = tuple(CASES)
 
 
 def parse_size(name: str) -> Case:
     """A named case, or ``<n>`` / ``<n>k`` / ``<n>M`` for one tensor of that many elements."""
     if name in CASES:
-        return Case(name, tuple(CASES[name]()))
+        return Case(name, tuple(CASES[name]()), channels_last=name in CHANNELS_LAST)
     units = {"k": 1 << 10, "K": 1 << 10, "m": _M, "M": _M}
     try:
         numel = int(name[:-1]) * units[name[-1]] if name[-1] in units else int(name)

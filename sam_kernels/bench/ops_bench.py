@@ -108,19 +108,22 @@ def measure_copy_bandwidth(device: torch.device, timer: Timer, numel: int) -> di
 def _bench_one(impl: str, spec: OpSpec, case: Case, cfg: OpsConfig, ref_state: dict, ref_result) -> dict:
     state = make_state(case, spec, cfg.dtype, cfg.device, cfg.seed)
     fn = build(impl, spec, state)
-    ops.last_used.clear()
     t0 = time.perf_counter()
-    result = fn()
+    with ops.recording() as calls:
+        result = fn()
     cfg.timer.sync()
     first_call_s = time.perf_counter() - t0
-    ran = sorted(set(ops.last_used.values())) if impl not in ("loop", "compile") else []
+    ran = sorted({p.backend for r in calls for p in r.parts}) if impl not in ("loop", "compile") else []
+    total = sum(r.elements() for r in calls)
+    # Share of the elements the op calls ran on a compiled backend (None: no sam_kernels op ran).
+    fused_share = sum(r.fused_elements for r in calls) / total if total and impl not in ("loop", "compile") else None
     err, where = compare(spec, cfg.dtype, state, result, ref_state, ref_result)
     timing = cfg.timer.time(fn)
     elem = torch.empty((), dtype=cfg.dtype).element_size()
     floor = spec.floor_bytes(case.numel, elem)
     return {
         "op": spec.name, "case": case.name, "numel": case.numel, "tensors": case.tensors,
-        "dtype": str(cfg.dtype).replace("torch.", ""), "impl": impl, "backends_ran": ran,
+        "dtype": str(cfg.dtype).replace("torch.", ""), "impl": impl, "backends_ran": ran, "fused_share": fused_share,
         **timing.as_dict(),
         "floor_bytes": floor, "gbps": floor / (timing.median_ms * 1e-3) / 1e9,
         "bandwidth_bound": spec.bandwidth_bound,
@@ -174,6 +177,10 @@ def run_ops(cfg: OpsConfig, copy_gbps: float, peak_gbps: Optional[float], log: C
                             off = "NaN/shape/bitwise" if row["err_ratio"] is None else f"{row['err_ratio']:.3g}x"
                             log(f"!! MISMATCH {name} / {case.name} / {impl}: {row['mismatch_at']} off by {off} "
                                 f"the tolerance (timed anyway; do not trust its speed)")
+                        if impl not in ("loop", "compile", "eager") and row["fused_share"] is not None \
+                                and row["fused_share"] < 1.0:
+                            log(f"!! {name} / {case.name} / {impl}: only {row['fused_share']:.1%} of the elements ran "
+                                f"fused (the rest on the eager fallback)")
                         out.rows.append(row)
                     progress.update(1)
                 del ref_state, ref_result

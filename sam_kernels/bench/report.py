@@ -46,6 +46,15 @@ def _skipped(skips: list[dict], what: tuple[str, ...], who: str) -> list[str]:
     return lines
 
 
+def _fused(row: dict) -> str:
+    """Share of elements on a compiled backend; bold below 100 % for a compiled implementation."""
+    share = row.get("fused_share")
+    if share is None:
+        return "–"
+    text = f"{share:.1%}" if 0 < share < 1 else f"{share:.0%}"
+    return f"**{text}**" if share < 1 and row["impl"] not in ("eager", "loop", "compile") else text
+
+
 def markdown(result: dict) -> str:
     meta, lines = result["meta"], []
     lines += [f"# sam_kernels benchmark — {meta['device']}", "",
@@ -71,12 +80,13 @@ def markdown(result: dict) -> str:
         rows = sorted(result["ops"], key=lambda r: (list(SPECS).index(r["op"]), r["numel"],
                                                      IMPL_ORDER.index(r["impl"])))
         lines += _table(
-            ["op", "case", "impl", "ms", "p20–p80", "GB/s", "%copy", "vs loop", "vs eager", "vs compile", "check"],
+            ["op", "case", "impl", "ms", "p20–p80", "GB/s", "%copy", "vs loop", "vs eager", "vs compile", "fused",
+             "check"],
             [[r["op"], f"{r['case']} ({_size(r['numel'])}, {r['tensors']}t)", r["impl"], _ms(r["median_ms"]),
               f"{_ms(r['p20_ms'])}–{_ms(r['p80_ms'])}", f"{r['gbps']:.1f}",
               f"{r['frac_copy_bw']:.0%}" if r["bandwidth_bound"] else "(sort)",
               _x(r["speedup"].get("loop")), _x(r["speedup"].get("eager")), _x(r["speedup"].get("compile")),
-              "ok" if r["correct"] else f"**MISMATCH** {r['mismatch_at']}"] for r in rows])
+              _fused(r), "ok" if r["correct"] else f"**MISMATCH** {r['mismatch_at']}"] for r in rows])
         lines.append("")
     if result.get("ops_skipped"):
         lines += ["Skipped:", ""] + _skipped(result["ops_skipped"], ("op", "case"), "impl") + [""]

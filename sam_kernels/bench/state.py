@@ -41,6 +41,9 @@ def make_state(case: Case, spec: OpSpec, dtype: torch.dtype, device: torch.devic
     for name in spec.lists:
         kind, scale, offset = _FILLS[name]
         state[name] = [_fill(shape, kind, scale, offset, dtype, device, gen) for shape in case.shapes]
+        if case.channels_last:  # the same values, laid out like a channels_last model's
+            state[name] = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                           for t in state[name]]
     if spec.needs_sq_norm:  # in grad_sq_norm's result dtype: fp64 for fp64 grads, else fp32
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         state["sq_norm"] = torch.stack([g.to(acc).square().sum() for g in state["grads"]]).sum()

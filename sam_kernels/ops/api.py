@@ -1,14 +1,22 @@
-"""Public ops: argument checks, (device, dtype) grouping, global reductions, backend dispatch.
+"""Public ops: argument checks, grouping, global reductions, backend dispatch, dispatch records.
 
-Every op takes Python lists of tensors. Entries are grouped by (device, dtype, contiguity); each
-group goes to the backend chosen by :mod:`dispatch`; reductions across groups are summed on the
-first tensor's device. Zero-size tensors are skipped. Nothing here reads tensor data on the host.
+Every op takes Python lists of tensors. Complex tensors take part through ``torch.view_as_real``
+(real and imaginary parts as two floats, as torch's optimizers treat them). Entries are grouped
+by (device, dtype, layout agreement); each group goes to the backend chosen by :mod:`dispatch`;
+reductions across groups are summed on the first tensor's device. Zero-size tensors are skipped.
+Nothing here reads tensor data on the host.
+
+Layouts: the compiled kernels walk every tensor as flat storage, so they take any non-overlapping
+and dense tensors (contiguous, channels_last, channels_last_3d, permuted) as long as entry i of
+every list has the same memory order (strides equal on every dim of size > 1). An entry whose
+lists disagree (a gradient in another memory format than its parameter, an overlapping or gapped
+view) runs eagerly on its own: that tensor only, not its group; the op's :class:`dispatch.Record`
+counts it.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from functools import partial
 from operator import attrgetter, methodcaller
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,6 +35,19 @@ _device = attrgetter("device")
 _shape = attrgetter("shape")
 _contig = methodcaller("is_contiguous")
 _numel = methodcaller("numel")
+
+
+def memory_order(t: torch.Tensor) -> Optional[tuple]:
+    """The strides of ``t``'s dims of size > 1 when ``t`` is non-overlapping and dense (its elements
+    fill ``numel`` consecutive storage slots), else None. Two same-shape tensors with equal keys put
+    every element at the same offset from their data pointers (the check of csrc/common.h)."""
+    kept = [(st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1]
+    expected = 1
+    for st, sz in sorted(kept):
+        if st != expected:
+            return None
+        expected *= sz
+    return tuple(st for st, _ in kept)
 
 
 def _check_lists(op: str, primary: Tensors, **others: Optional[Tensors]) -> None:
@@ -68,7 +89,7 @@ def _explain_bad_lists(op: str, primary: Tensors, lists: dict) -> None:
             raise TypeError(f"{op}: entry {i} is a {t.layout} tensor; sparse gradients are not supported "
                             f"(use dense gradients, e.g. nn.Embedding(sparse=False))")
         if t.dtype not in _FLOATS:
-            raise TypeError(f"{op}: entry {i} has dtype {t.dtype}; supported: float32, float64, float16, bfloat16")
+            raise TypeError(f"{op}: entry {i} has dtype {t.dtype}; supported: float32, float64, float16, bfloat16 and their complex types")
         for name, lst in lists.items():
             o = lst[i]
             if not isinstance(o, torch.Tensor):
@@ -88,22 +109,33 @@ def _explain_bad_lists(op: str, primary: Tensors, lists: dict) -> None:
     raise AssertionError(f"{op}: list check failed without a reason")  # unreachable: fast and slow checks agree
 
 
-def _groups(primary: Tensors, *others: Optional[Tensors]):
-    """Yield (device, contiguous, index list) for each (device, dtype, contiguity) group; skip empty tensors."""
-    present = [lst for lst in (primary, *others) if lst is not None]
+def _groups(primary: Tensors, lists: list[Tensors]):
+    """Yield (device, dtype, fusable, index list) per (device, dtype, layout agreement); skip empty tensors.
+
+    ``fusable``: every list's entry has the primary entry's dense memory order (:func:`memory_order`).
+    """
+    present = [primary, *lists]
     contig = [all(c) for c in zip(*(map(_contig, lst) for lst in present))]
-    keys = list(zip(map(_device, primary), map(_dtype, primary), contig))
     sizes = list(map(_numel, primary))
+    if all(contig):
+        fusable = contig
+    else:  # per entry, only where some list is not contiguous
+        fusable = [c or _agree([lst[i] for lst in present]) for i, c in enumerate(contig)]
+    keys = list(zip(map(_device, primary), map(_dtype, primary), fusable))
     if len(set(keys)) == 1 and all(sizes):  # the usual case: one group, nothing to skip
-        device, _dt, contiguous = keys[0]
-        yield device, contiguous, list(range(len(primary)))
+        yield (*keys[0], list(range(len(primary))))
         return
     buckets: dict = defaultdict(list)
     for i, key in enumerate(keys):
         if sizes[i]:
             buckets[key].append(i)
-    for (device, _dt, contiguous), idx in buckets.items():
-        yield device, contiguous, idx
+    for key, idx in buckets.items():
+        yield (*key, idx)
+
+
+def _agree(entries: list[torch.Tensor]) -> bool:
+    order = memory_order(entries[0])
+    return order is not None and all(memory_order(t) == order for t in entries[1:])
 
 
 def _pick(lst: Optional[Tensors], idx: list[int]) -> Optional[list[torch.Tensor]]:
@@ -112,6 +144,29 @@ def _pick(lst: Optional[Tensors], idx: list[int]) -> Optional[list[torch.Tensor]
 
 def _whole(lst: Optional[Tensors]) -> Optional[Tensors]:
     return lst
+
+
+def _as_real(primary: Tensors, lists: dict) -> tuple[Tensors, dict, dict]:
+    """Complex entries as ``torch.view_as_real`` views (a mask of a complex entry is broadcast over
+    the real/imaginary pair); (primary, lists, {id(original list): converted list})."""
+    cplx = [isinstance(t, torch.Tensor) and t.is_complex() for t in primary]
+    if not any(cplx):
+        return primary, lists, {}
+
+    def real(lst, masks=False):
+        if masks:
+            return [m.unsqueeze(-1).expand(*m.shape, 2) if c and isinstance(m, torch.Tensor) else m
+                    for m, c in zip(lst, cplx)]
+        return [torch.view_as_real(t) if isinstance(t, torch.Tensor) and t.is_complex() else t for t in lst]
+
+    converted = {id(primary): real(primary)}
+    out = {}
+    for name, lst in lists.items():
+        if lst is None or not isinstance(lst, (list, tuple)) or len(lst) != len(primary):
+            out[name] = lst  # _check_lists names the problem
+            continue
+        converted[id(lst)] = out[name] = real(lst, masks=name == "masks")
+    return converted[id(primary)], out, converted
 
 
 def _require_list(op: str, lst: Tensors) -> None:
@@ -123,49 +178,80 @@ _DEVICE_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None), get
                        if e is not None)
 
 
-def _unchecked_fn(op: str, primary: Tensors, backend: Optional[str]) -> Optional[Callable]:
-    """The backend function when a backend that checks its own lists would serve the whole call."""
+def _unchecked_fn(op: str, primary: Tensors, backend: Optional[str]) -> Optional[tuple[str, Callable]]:
+    """(name, function) of the backend when one that checks its own lists would serve the whole call."""
     if not isinstance(primary, list) or not primary or torch.compiler.is_compiling():
         return None
     first = primary[0]
     if not isinstance(first, torch.Tensor):
         return None
-    name, fn = dispatch.resolve(op, first.device.type, backend)
+    name, fn, _ = dispatch.resolve(op, first.device.type, backend)
     if not dispatch.checks_lists(name):
         return None
-    dispatch.last_used[op] = name
-    return fn
+    return name, fn
 
 
 def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable, torch.device], Any],
             primary: Tensors, **lists: Optional[Tensors]) -> list:
-    """``call(fn, pick, device)`` once per (device, dtype, contiguity) group of the aligned lists; the results.
+    """``call(fn, pick, device)`` once per group of the aligned lists; the results.
 
-    ``pick(lst)`` selects the group's entries of any list aligned with ``primary`` (None stays None);
-    ``device`` is the group's, where the op's device scalars (norms, dots) must be.
+    ``pick(lst)`` selects the group's entries of any list aligned with ``primary`` (None stays None;
+    complex entries of the tensor lists given here come as real views); ``device`` is the group's,
+    where the op's device scalars (norms, dots) must be.
     Fast path: a backend that checks its lists itself (the compiled ops, which reject a call before
     writing anything) takes them whole, with no per-tensor Python work; that is the common case of
     an optimizer step, run hundreds of times a second. Whatever it rejects (mixed dtypes or devices,
-    non-contiguous or invalid entries) comes to the checked path: precise errors, grouping, eager
-    for non-contiguous tensors.
+    complex entries, layouts that differ between the lists, invalid entries) comes to the checked
+    path: precise errors, grouping, eager for the entries whose layouts differ. Every call leaves a
+    :class:`dispatch.Record`.
     """
-    fn = _unchecked_fn(op, primary, backend)
-    if fn is not None:
+    fast = _unchecked_fn(op, primary, backend)
+    if fast is not None:
+        name, fn = fast
         try:
-            return [call(fn, _whole, primary[0].device)]
+            out = [call(fn, _whole, primary[0].device)]
         except _DEVICE_ERRORS:  # raised by a launch, after work may have run: never retried
             raise
         except (RuntimeError, TypeError, ValueError, NotImplementedError):
             pass
+        else:
+            dispatch.record(op, [dispatch.Part(name, primary[0].device.type, str(primary[0].dtype)[6:], len(primary),
+                                               sum(map(_numel, primary)))])
+            return out
+    primary, lists, converted = _as_real(primary, lists)
     _check_lists(op, primary, **lists)
-    return [call(_run(op, device, contiguous, backend), partial(_pick, idx=idx), device)
-            for device, contiguous, idx in _groups(primary, *lists.values())]
+    results, parts = [], []
+    for device, dtype, fusable, idx in _groups(primary, [lst for lst in lists.values() if lst is not None]):
+        if fusable:
+            name, fn, fallback = dispatch.resolve(op, device.type, backend)
+        else:
+            name, fn, fallback = dispatch.eager(op, backend)
+        results.append(call(fn, _picker(idx, converted), device))
+        parts.append(dispatch.Part(name, device.type, str(dtype)[6:], len(idx), sum(primary[i].numel() for i in idx),
+                                   fallback))
+    dispatch.record(op, parts)
+    return results
 
 
-def _run(op: str, device: torch.device, contiguous: bool, backend: Optional[str]):
-    name, fn = dispatch.resolve(op, device.type, backend, contiguous)
-    dispatch.last_used[op] = name
-    return fn
+def _picker(idx: list[int], converted: dict) -> Callable:
+    if not converted:
+        return lambda lst: _pick(lst, idx)
+    return lambda lst: None if lst is None else _pick(converted.get(id(lst), lst), idx)
+
+
+def _run_masks(op: str, scores: Tensors, backend: Optional[str], *args) -> list[torch.Tensor]:
+    """A mask op on one device's scores. Masks rank in logical (row-major) order, so every backend
+    gets contiguous scores (a copy of the others, once per mask refresh); the masks come back in each
+    score's memory layout (``torch.preserve_format``), so masks of channels_last weights stay fused
+    in ``perturb_``."""
+    device = scores[0].device
+    name, fn, fallback = dispatch.resolve(op, device.type, backend)
+    contiguous = list(map(_contig, scores))
+    masks = fn([s if c else s.contiguous() for s, c in zip(scores, contiguous)], *args)
+    masks = [m if c else torch.empty_like(s, dtype=torch.bool).copy_(m) for m, s, c in zip(masks, scores, contiguous)]
+    dispatch.record(op, [dispatch.Part(name, device.type, str(scores[0].dtype)[6:], len(scores),
+                                       sum(map(_numel, scores)), fallback)])
+    return masks
 
 
 def _sum_on(parts: list[torch.Tensor], primary: Tensors) -> torch.Tensor:
@@ -173,10 +259,10 @@ def _sum_on(parts: list[torch.Tensor], primary: Tensors) -> torch.Tensor:
     if not primary:
         raise ValueError("cannot reduce an empty list of tensors")
     if len(parts) == 1 and parts[0].device == primary[0].device and (
-            parts[0].dtype == torch.float32 or all(t.dtype == torch.float64 for t in primary)):
+            parts[0].dtype == torch.float32 or all(t.dtype.to_real() == torch.float64 for t in primary)):
         return parts[0]  # one group (the usual case), already in the contract's dtype
     device = primary[0].device
-    dtype = torch.float64 if all(t.dtype == torch.float64 for t in primary) else torch.float32
+    dtype = torch.float64 if all(t.dtype.to_real() == torch.float64 for t in primary) else torch.float32
     if not parts:
         return torch.zeros((), dtype=dtype, device=device)
     return torch.stack([p.to(device=device, dtype=dtype) for p in parts]).sum()
@@ -310,7 +396,7 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     elif fresh:
         new = torch.zeros_like if found_inf is not None else torch.empty_like
         for i in fresh:
-            bufs[i] = new(params[i], memory_format=torch.contiguous_format)
+            bufs[i] = new(params[i], memory_format=torch.preserve_format)
     kw = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening), weight_decay=float(weight_decay),
               nesterov=bool(nesterov), maximize=bool(maximize))
     amp = _amp_args(grad_scale, found_inf)
@@ -413,13 +499,12 @@ def topk_mask(scores: Tensors, density: float, *, backend: Optional[str] = None)
 
     Ties go to the earlier entry (list order, then row-major); NaN ranks lowest. Returns bool tensors.
     """
-    device = _single_device("topk_mask", scores)
+    _single_device("topk_mask", scores)
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"topk_mask: density must be in [0, 1], got {density}")
     total = sum(s.numel() for s in scores)
     k = min(total, int(math.floor(total * density + 1e-9)))
-    contiguous = all(s.is_contiguous() for s in scores)
-    return _run("topk_mask", device, contiguous, backend)(list(scores), k)
+    return _run_masks("topk_mask", scores, backend, k)
 
 
 def nm_mask(scores: Tensors, n: int, m: int, *, backend: Optional[str] = None) -> list[torch.Tensor]:
@@ -428,8 +513,7 @@ def nm_mask(scores: Tensors, n: int, m: int, *, backend: Optional[str] = None) -
     Linear weights (out, in) group along ``in``; conv weights (out, in, kh, kw) along in·kh·kw; 1-D
     tensors along their length. A trailing partial group of r < m entries keeps min(n, r).
     """
-    device = _single_device("nm_mask", scores)
+    _single_device("nm_mask", scores)
     if not (isinstance(n, int) and isinstance(m, int) and 0 <= n <= m and m >= 1):
         raise ValueError(f"nm_mask: need integers 0 <= n <= m, m >= 1; got n={n}, m={m}")
-    contiguous = all(s.is_contiguous() for s in scores)
-    return _run("nm_mask", device, contiguous, backend)(list(scores), n, m)
+    return _run_masks("nm_mask", scores, backend, n, m)

@@ -3,21 +3,31 @@
 A backend is a module exposing ``OPS`` (op name -> group-level function with the signature of
 the same function in ``reference.py``), ``DEVICES`` (device types it runs on) and
 ``unavailable_reason() -> str | None``; ``CHECKS_LISTS = True`` where its functions check the
-lists completely (lengths, shapes, one device and dtype, dense, contiguous) and reject a call
-before writing anything, so the Python layer may hand it whole lists unchecked. Backends are imported lazily, the first time they are
-asked for, so a missing toolchain never breaks ``import sam_kernels``.
+lists completely (lengths, shapes, one device and dtype, one memory order per entry) and reject a
+call before writing anything, so the Python layer may hand it whole lists unchecked. Backends are
+imported lazily, the first time they are asked for, so a missing toolchain never breaks
+``import sam_kernels``.
 
 Resolution order for one call: the ``backend=`` argument, then :func:`set_backend`, then the
 ``SAM_KERNELS_BACKEND`` environment variable, then ``"auto"``. ``auto`` tries the device's
-preference list (CUDA tensors: cuda -> triton -> eager; CPU tensors: cpp -> eager) and silently
-falls back; an explicit name that cannot serve the call raises with the reason.
+preference list (CUDA tensors: cuda -> triton -> eager; CPU tensors: cpp -> eager) and falls
+back; an explicit name that cannot serve the call raises with the reason.
+
+Every op call leaves a :class:`Record` (which backend ran which part, with element counts) in
+:data:`last_call`; :func:`recording` collects the records of every call in a block (the
+optimizer's per-step summary). Elements of CUDA tensors that run eagerly although the caller did
+not ask for eager warn once per process.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 BACKEND_MODULES = {
     "eager": "sam_kernels.ops.reference_backend",
@@ -34,8 +44,91 @@ BACKEND_NAMES = tuple(BACKEND_MODULES)
 _global_backend: Optional[str] = None
 _modules: dict[str, ModuleType] = {}
 _import_errors: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One backend call inside an op call: ``tensors`` entries of the first list handed to ``backend``
+    (zero-size ones included when the whole call went to a compiled backend, which skips them),
+    ``elements`` their elements (complex entries count real and imaginary parts), on ``device`` (a
+    device type) in ``dtype``. ``fallback`` says why a part ran eagerly although the
+    caller did not ask for eager: ``"layout"`` (its tensors' lists do not share one dense memory
+    order: see ``api``) or ``"unavailable"`` (no compiled backend serves the device); else ""."""
+    backend: str
+    device: str
+    dtype: str
+    tensors: int
+    elements: int
+    fallback: str = ""
+
+
+@dataclass(frozen=True)
+class Record:
+    """What one op call ran: its parts in launch order."""
+    op: str
+    parts: tuple[Part, ...]
+
+    def elements(self, backend: Optional[str] = None) -> int:
+        """Elements run by ``backend`` (all parts when None)."""
+        return sum(p.elements for p in self.parts if backend is None or p.backend == backend)
+
+    @property
+    def fused_elements(self) -> int:
+        """Elements run by a compiled backend (anything but eager)."""
+        return sum(p.elements for p in self.parts if p.backend != "eager")
+
+    @property
+    def fallback_elements(self) -> int:
+        """Elements that ran eagerly although the caller did not ask for eager."""
+        return sum(p.elements for p in self.parts if p.fallback)
+
+
+last_call: dict[str, Record] = {}
+"""op name -> :class:`Record` of its last call."""
 last_used: dict[str, str] = {}
-"""op name -> name of the backend that ran it last (for benchmarks and bug reports)."""
+"""op name -> backend(s) of its last call, "+"-joined in launch order (e.g. ``"cpp+eager"``); kept
+for scripts that predate :data:`last_call`."""
+fallback_tensors: Counter = Counter()
+"""(op, device type, reason) -> tensors that ran eagerly although the caller did not ask for eager,
+since the process started (or the counter was cleared)."""
+_recorders: list[list[Record]] = []
+_warned_cuda = False
+
+
+@contextmanager
+def recording() -> Iterator[list[Record]]:
+    """Collect the :class:`Record` of every op call made inside the block (nested blocks each get them)."""
+    log: list[Record] = []
+    _recorders.append(log)
+    try:
+        yield log
+    finally:
+        for i in range(len(_recorders) - 1, -1, -1):
+            if _recorders[i] is log:
+                del _recorders[i]
+                break
+
+
+def record(op: str, parts: list[Part]) -> None:
+    """Store an op call's parts (:data:`last_call`, :data:`last_used`, active :func:`recording` blocks)."""
+    global _warned_cuda
+    rec = Record(op, tuple(parts))
+    last_call[op] = rec
+    last_used[op] = "+".join(dict.fromkeys(p.backend for p in parts))
+    for log in _recorders:
+        log.append(rec)
+    for p in parts:
+        if p.fallback:
+            fallback_tensors[(op, p.device, p.fallback)] += p.tensors
+            if p.device == "cuda" and not _warned_cuda:
+                _warned_cuda = True
+                why = ("their parameter/gradient/state tensors do not share one dense memory layout (e.g. a "
+                       "gradient in another memory format than its parameter, or an overlapping view)"
+                       if p.fallback == "layout" else "no compiled backend (cuda, triton) is available")
+                warnings.warn(f"sam_kernels: {p.elements} elements of CUDA tensors in {op} ran on the slow eager "
+                              f"path because {why}. sam_kernels.ops.last_call[{op!r}] and the optimizers' "
+                              f"dispatch_summary() show which; this warning is shown once.",
+                              RuntimeWarning, stacklevel=4)
 
 
 def _check_name(name: str) -> str:
@@ -98,18 +191,17 @@ def _serves(module: Optional[ModuleType], op: str, device_type: str) -> bool:
     return module is not None and device_type in module.DEVICES and op in module.OPS
 
 
-def resolve(op: str, device_type: str, backend: Optional[str] = None, contiguous: bool = True) -> tuple[str, Callable]:
-    """(backend name, group-level function) for ``op`` on ``device_type`` tensors.
+def resolve(op: str, device_type: str, backend: Optional[str] = None) -> tuple[str, Callable, str]:
+    """(backend name, group-level function, fallback reason) for ``op`` on ``device_type`` tensors.
 
-    Non-contiguous groups always run eagerly: kernels index flat storage.
+    The reason is ``"unavailable"`` when ``auto`` found no compiled backend and picked eager, else "".
     """
     requested = _check_name(backend) if backend is not None else get_backend()
-    if requested == "auto" or not contiguous:
-        order = AUTO_ORDER.get(device_type, ("eager",)) if contiguous else ("eager",)
-        for name in order:
+    if requested == "auto":
+        for name in AUTO_ORDER.get(device_type, ("eager",)):
             module = _load(name)
             if _serves(module, op, device_type):
-                return name, module.OPS[op]
+                return name, module.OPS[op], ("unavailable" if name == "eager" else "")
         raise RuntimeError(f"no backend serves {op} on {device_type}")  # eager always does
     module = _load(requested)
     if not _serves(module, op, device_type):
@@ -121,4 +213,12 @@ def resolve(op: str, device_type: str, backend: Optional[str] = None, contiguous
             why = f"it does not implement {op}"
         raise RuntimeError(f"backend {requested!r} cannot run {op} on {device_type} tensors: {why}. "
                            f"Use backend='auto' (or set_backend(None)) to fall back automatically.")
-    return requested, module.OPS[op]
+    return requested, module.OPS[op], ""
+
+
+def eager(op: str, backend: Optional[str] = None) -> tuple[str, Callable, str]:
+    """The eager function for tensors the compiled kernels cannot walk as flat storage (layouts that
+    differ between the lists, overlapping views), whatever was requested: ``"layout"`` is the
+    fallback reason unless eager was asked for."""
+    requested = _check_name(backend) if backend is not None else get_backend()
+    return "eager", _load("eager").OPS[op], ("" if requested == "eager" else "layout")

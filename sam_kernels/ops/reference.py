@@ -108,10 +108,19 @@ def keep_mask(numel: int, key: int, keep_prob: float, device: torch.device) -> t
 
     u = fmix32(fmix32(i_lo ^ key) ^ i_hi) >> 8 is a 24-bit uniform; keep iff u < keep_prob·2^24.
     Every backend computes exactly this, so masks agree bit for bit whatever the launch shape.
+    The index i is the element's position in memory (:func:`in_memory_order`), which the
+    kernels walk as flat storage; for a contiguous tensor it is the row-major index.
     """
     i = torch.arange(numel, device=device, dtype=torch.int64)
     r = fmix32(fmix32((i & _M32) ^ key) ^ (i >> 32))
     return (r >> 8) < int(keep_prob * (1 << 24))
+
+
+def in_memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``flat`` (1-D, ``like.numel()`` entries) viewed with ``like``'s shape, entry k at the k-th memory
+    position of ``like``: ``like``'s own strides when it is non-overlapping and dense (channels_last,
+    permuted, ...), else the dense strides ``torch.empty_like(like)`` infers in the same dim order."""
+    return flat.as_strided(like.shape, torch.empty_like(like, device="meta").stride())
 
 
 # --------------------------------------------------------------------------- perturb / restore
@@ -140,7 +149,7 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.T
         e = torch._foreach_mul(e, scale)
     select = [finite] * len(params) if masks is None else [m & finite for m in masks]
     if keep_prob < 1.0:
-        select = [s & keep_mask(p.numel(), k, keep_prob, p.device).view_as(p)
+        select = [s & in_memory_order(keep_mask(p.numel(), k, keep_prob, p.device), p)
                   for s, p, k in zip(select, params, keys)]
     # where(), not add: unselected entries (and everything when the norm is not finite) must stay
     # bitwise unchanged, -0.0 included, and a NaN gradient must not leak in through 0·NaN.

@@ -95,7 +95,7 @@ class LookSAMReuse(Modifier):
         for p, g in zip(params, grads):
             st = sam.state[p]
             if "looksam_g" not in st:
-                st["looksam_g"] = torch.empty_like(g, memory_format=torch.contiguous_format)
+                st["looksam_g"] = torch.empty_like(g, memory_format=torch.preserve_format)
             firsts.append(st["looksam_g"])
         torch._foreach_copy_(firsts, grads)
 

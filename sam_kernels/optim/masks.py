@@ -204,7 +204,7 @@ def fisher_scores(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tenso
         raise ValueError(f"fisher_scores: params {missing} are not parameters of the model")
     names = [name_of[id(p)] for p in params]
     fisher = [torch.zeros_like(p, dtype=torch.float32 if p.dtype in _LOW_PRECISION else p.dtype,
-                               memory_format=torch.contiguous_format) for p in params]
+                               memory_format=torch.preserve_format) for p in params]
 
     modes = [(mod, mod.training) for mod in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers()]
@@ -382,7 +382,10 @@ class MaskProvider:
         """Build a new mask for ``params`` now, store it and record the refresh in the cadence."""
         params = list(params)
         grads = [None] * len(params) if grads is None else list(grads)
-        self.masks = self._build(params, grads, **kwargs)
+        # In each param's memory layout (a copy where a pattern built it row-major), so perturb_ walks
+        # mask and param as one flat storage order: channels_last weights stay on the fused kernels.
+        self.masks = [mk if mk.stride() == p.stride() else torch.empty_like(p, dtype=torch.bool).copy_(mk)
+                      for mk, p in zip(self._build(params, grads, **kwargs), params)]
         self.cadence.mark()
         return self.masks
 

@@ -27,6 +27,7 @@ from .base_step import restore_and_step
 from .contract import SAM_KEYS, check_group, check_no_duplicates, complete_groups, mark_stepped, run_step_hooks
 from .descent import Modifier, Renormalize
 from .policy import Policy
+from .telemetry import DispatchSummary, records_step, summary
 
 
 def pop_saved(state_dict: dict, key: str, owner: str):
@@ -256,6 +257,7 @@ class SAM(torch.optim.Optimizer):
             self._decision = bool(self.policy.decide(self.step_count, self._policy_norm()))
         return self._decision
 
+    @records_step(starts_step=True)
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """w ← w + e(w) for every param with a gradient; the backups are kept in ``self.state``."""
@@ -342,7 +344,7 @@ class SAM(torch.optim.Optimizer):
             st = self.state[p]
             b = st.get("backup")
             if b is None:
-                b = st["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                b = st["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
             out.append(b)
         return out
 
@@ -353,7 +355,7 @@ class SAM(torch.optim.Optimizer):
         for i in idx:
             p, b = params[i], backups[i]
             if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                backups[i] = self.state[p]["backup"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                backups[i] = self.state[p]["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 renewed = True
         return renewed
 
@@ -366,6 +368,7 @@ class SAM(torch.optim.Optimizer):
             for p, b in zip(params, backups):
                 p.copy_(b)
 
+    @records_step(starts_step=False)
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """w ← backup, then the base optimizer's step with the gradients taken at w + e.
@@ -404,6 +407,7 @@ class SAM(torch.optim.Optimizer):
         else:
             self.base_optimizer.step()
 
+    @records_step(starts_step=True)
     @torch.no_grad()
     def base_step(self, zero_grad: bool = False) -> None:
         """A step without the ascent: descent modifiers (e.g. LookSAM reuse), then the base step."""
@@ -433,6 +437,7 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @records_step(starts_step=False)
     @torch.no_grad()
     def restore(self) -> None:
         """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
@@ -510,6 +515,11 @@ class SAM(torch.optim.Optimizer):
         state = {k: v for k, v in self.__dict__.items() if not (k.startswith("_optimizer_") and k.endswith("_hooks"))}
         state["grad_scaler"] = None
         return state
+
+    def dispatch_summary(self) -> DispatchSummary:
+        """Which backend ran how many elements of each op in the last step (``print`` it for a table);
+        ``fused_share < 1`` means some tensors ran on the slow eager path (see ``ops.dispatch``)."""
+        return summary(self)
 
     def state_dict(self) -> dict:
         """Base optimizer state + SAM state (policy, modifiers, step count; backups only mid-step).

@@ -57,9 +57,28 @@ def test_explicit_unavailable_backend_raises_with_reason():
         _restore_once(backend="cuda")
 
 
-def test_non_contiguous_groups_fall_back_to_eager():
+def test_layouts_that_differ_fall_back_to_eager_and_are_counted():
     p = [torch.zeros(4, 3).t()]
     b = [torch.ones(3, 4)]
+    before = dispatch.fallback_tensors[("restore_", "cpu", "layout")]
     sam_kernels.ops.restore_(p, b, backend="auto")
     assert dispatch.last_used["restore_"] == "eager"
+    assert dispatch.last_call["restore_"].parts == (dispatch.Part("eager", "cpu", "float32", 1, 12, "layout"),)
+    assert dispatch.fallback_tensors[("restore_", "cpu", "layout")] == before + 1
     assert torch.equal(p[0], b[0])
+
+
+def test_explicit_eager_is_no_fallback():
+    sam_kernels.ops.restore_([torch.zeros(4, 3).t()], [torch.ones(3, 4)], backend="eager")
+    assert dispatch.last_call["restore_"].parts == (dispatch.Part("eager", "cpu", "float32", 1, 12, ""),)
+
+
+def test_recording_collects_every_call_of_a_block():
+    with dispatch.recording() as outer:
+        sam_kernels.ops.grad_sq_norm([torch.ones(3)])
+        with dispatch.recording() as inner:
+            _restore_once()
+    assert [r.op for r in outer] == ["grad_sq_norm", "restore_"]
+    assert [r.op for r in inner] == ["restore_"]
+    assert outer[1] is dispatch.last_call["restore_"]
+    assert dispatch._recorders == []

@@ -87,7 +87,10 @@ def test_non_contiguous_entry_runs_eagerly_and_correctly(case):
     g[1], b[1] = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
     ref = clones(p, g, b)
     ops.restore_(p, b)
-    assert dispatch.last_used["restore_"] == "eager"  # the non-contiguous group
+    # Only the entry whose param and backup layouts differ runs eagerly; the other non-empty ones stay compiled.
+    parts = dispatch.last_call["restore_"].parts
+    assert [(x.backend, x.tensors, x.elements, x.fallback) for x in parts] == [
+        (backend, 3, 7 + 54 + 1, ""), ("eager", 1, 15, "layout")]
     assert_lists_equal(p, ref[2], "restored")
 
 
@@ -138,7 +141,7 @@ def test_device_errors_are_not_retried(monkeypatch):
     def failing(params, backups):
         calls.append(1)
         raise torch.AcceleratorError("launch failed")
-    monkeypatch.setattr(dispatch, "resolve", lambda op, device_type, backend=None, contiguous=True: ("fake", failing))
+    monkeypatch.setattr(dispatch, "resolve", lambda op, device_type, backend=None: ("fake", failing, ""))
     monkeypatch.setattr(dispatch, "checks_lists", lambda name: True)
     with pytest.raises(torch.AcceleratorError, match="launch failed"):
         ops.restore_([torch.zeros(3)], [torch.ones(3)])
@@ -155,7 +158,7 @@ def test_rejections_from_the_fast_path_reach_the_checked_path(monkeypatch):
             raise ValueError("not one group")
         for p, b in zip(params, backups):
             p.copy_(b)
-    monkeypatch.setattr(dispatch, "resolve", lambda op, device_type, backend=None, contiguous=True: ("fake", picky))
+    monkeypatch.setattr(dispatch, "resolve", lambda op, device_type, backend=None: ("fake", picky, ""))
     monkeypatch.setattr(dispatch, "checks_lists", lambda name: True)
     p, b = [torch.zeros(3), torch.zeros(2)], [torch.ones(3), torch.ones(2)]
     ops.restore_(p, b)

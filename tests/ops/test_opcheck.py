@@ -10,14 +10,22 @@ from tests.utils import require_backend
 DEVICES = ["cpu", "cuda"]
 
 
-def _lists(device, n=3):
-    shapes = [(5,), (3, 4), (2, 3, 2)][:n]
-    return [torch.randn(s, device=device) for s in shapes]
+LAYOUTS = ["contiguous", "dense"]
 
 
-def samples(device):
-    p, g, b, s = _lists(device), _lists(device), _lists(device), _lists(device)
-    masks = [torch.rand(x.shape, device=device) < 0.5 for x in p]
+def _lists(device, n=3, layout="contiguous"):
+    if layout == "contiguous":
+        shapes = [(5,), (3, 4), (2, 3, 2)][:n]
+        return [torch.randn(s, device=device) for s in shapes]
+    # Non-contiguous but dense: channels_last, channels_last_3d, a permuted matrix (kernels walk storage).
+    return [torch.randn(2, 3, 2, 3, device=device).to(memory_format=torch.channels_last),
+            torch.randn(2, 3, 2, 2, 2, device=device).to(memory_format=torch.channels_last_3d),
+            torch.randn(4, 3, device=device).t()][:n]
+
+
+def samples(device, layout="contiguous"):
+    p, g, b, s = (_lists(device, layout=layout) for _ in range(4))
+    masks = [torch.rand_like(x) < 0.5 for x in p]  # in the params' layout
     sq = torch.tensor(2.0, device=device)
     ops = torch.ops.sam_kernels
     return {
@@ -27,7 +35,7 @@ def samples(device):
         "restore_": (ops.restore_.default, (p, b)),
         "sgd_restore_step_": (ops.sgd_restore_step_.default, (p, b, g, s, 0.1, 0.9, 0.0, 1e-4, True, False, False)),
         "adamw_restore_step_": (ops.adamw_restore_step_.default,
-                                (p, b, g, s, [x.abs() for x in _lists(device)], 2, 1e-3, 0.9, 0.999, 1e-8, 0.01,
+                                (p, b, g, s, [x.abs() for x in _lists(device, layout=layout)], 2, 1e-3, 0.9, 0.999, 1e-8, 0.01,
                                  False)),
         "renormalize_": (ops.renormalize_.default, (g, sq, torch.tensor(3.0, device=device), 1e-12)),
         "fisher_accumulate_": (ops.fisher_accumulate_.default, ([x.abs() for x in s], g, 0.5)),
@@ -42,11 +50,12 @@ def _backend_for(device):
     return "cpp" if device == "cpu" else "cuda"
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", list(samples("cpu")))
-def test_opcheck(device, op):
+def test_opcheck(device, op, layout):
     require_backend(_backend_for(device), device)
-    fn, args = samples(device)[op]
+    fn, args = samples(device, layout)[op]
     torch.library.opcheck(fn, args)
 
 
