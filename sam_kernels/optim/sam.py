@@ -27,7 +27,7 @@ from .base_step import restore_and_step
 from .contract import SAM_KEYS, check_group, check_no_duplicates, complete_groups, mark_stepped, run_step_hooks
 from .descent import Modifier, Renormalize
 from .policy import Policy
-from .telemetry import DispatchSummary, records_step, summary
+from .telemetry import DispatchSummary, had_layout_fallback, records_step, summary
 
 
 def pop_saved(state_dict: dict, key: str, owner: str):
@@ -165,6 +165,8 @@ class SAM(torch.optim.Optimizer):
         """Start of an optimizer step: groups added behind SAM's back get their keys; pre hooks."""
         self._groups_checked = complete_groups(self.param_groups, self.defaults, self._groups_checked,
                                                type(self).__name__)
+        if had_layout_fallback(self):  # e.g. the model went channels_last after its state was made
+            self._relayout_state()
         if not self._begun:
             self._begun = True
             if not self._stepping:
@@ -358,6 +360,15 @@ class SAM(torch.optim.Optimizer):
                 backups[i] = self.state[p]["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 renewed = True
         return renewed
+
+    def _relayout_state(self) -> None:
+        """Give every state tensor of this optimizer and of the base the memory layout of its param,
+        so that the next step runs fused (the kernels need one layout per tensor across the lists)."""
+        for opt in (self, self.base_optimizer):
+            for p, st in opt.state.items():
+                for k, t in st.items():
+                    if isinstance(t, torch.Tensor) and t.shape == p.shape and t.stride() != p.stride():
+                        st[k] = torch.empty_like(p, dtype=t.dtype, device=t.device).copy_(t)
 
     def _copy_back(self, params: list[torch.Tensor], backups: list[torch.Tensor]) -> None:
         """params ← backups: the fused restore, or a per-tensor copy when a param changed dtype or

@@ -74,6 +74,11 @@ def records_step(starts_step: bool) -> Callable:
     return wrap
 
 
+def had_layout_fallback(optimizer) -> bool:
+    """Whether some tensors of ``optimizer``'s last step ran eagerly because their layouts differ."""
+    return any(p.fallback == "layout" for r in getattr(optimizer, "_dispatch_log", None) or () for p in r.parts)
+
+
 def summary(optimizer) -> DispatchSummary:
     """The :class:`DispatchSummary` of ``optimizer``'s last step (empty before the first)."""
     return DispatchSummary(tuple(getattr(optimizer, "_dispatch_log", None) or ()))

@@ -159,3 +159,32 @@ def test_complex_params_match_the_per_parameter_reference(backend, device, base,
     assert opt.dispatch_summary().fused_share == 1.0
     for m, t in zip(mine, theirs):
         torch.testing.assert_close(m, t, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
+def test_state_follows_a_model_converted_to_channels_last(base):
+    """Backups and base state made in the contiguous layout, then model.to(channels_last): one step
+    falls back per tensor (counted), after which the state has the params' layout and runs fused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    kw = dict(lr=0.1, momentum=0.9) if base is torch.optim.SGD else dict(lr=1e-3)
+    opt = sk.SAM(model.parameters(), base, **kw)
+    x = torch.randn(2, 3, 9, 9)
+
+    def step():
+        model(x).square().mean().backward()
+        opt.first_step(zero_grad=True)
+        model(x).square().mean().backward()
+        opt.second_step(zero_grad=True)
+    step()
+    model.to(memory_format=torch.channels_last)
+    x = x.to(memory_format=torch.channels_last)
+    step()
+    assert opt.dispatch_summary().fused_share < 1.0  # the stale state was seen
+    step()
+    step()
+    assert opt.dispatch_summary().fused_share == 1.0
+    for p in model.parameters():
+        for t in (*opt.state[p].values(), *opt.base_optimizer.state[p].values()):
+            if isinstance(t, torch.Tensor) and t.shape == p.shape:
+                assert t.stride() == p.stride()
