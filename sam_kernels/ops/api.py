@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from operator import attrgetter, methodcaller
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -29,12 +28,6 @@ Tensors = Sequence[torch.Tensor]
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-_layout = attrgetter("layout")
-_dtype = attrgetter("dtype")
-_device = attrgetter("device")
-_shape = attrgetter("shape")
-_contig = methodcaller("is_contiguous")
-_numel = methodcaller("numel")
 
 
 def memory_order(t: torch.Tensor) -> Optional[tuple]:
@@ -65,15 +58,15 @@ def _check_lists(op: str, primary: Tensors, **others: Optional[Tensors]) -> None
         if len(lst) != len(primary):
             raise ValueError(f"{op}: {name} has {len(lst)} tensors but the first list has {len(primary)}")
     try:
-        dtypes = list(map(_dtype, primary))
-        ok = all(lay == torch.strided for lay in map(_layout, primary)) and all(d in _FLOATS for d in dtypes)
+        dtypes = [t.dtype for t in primary]
+        ok = all(t.layout == torch.strided for t in primary) and all(d in _FLOATS for d in dtypes)
         if ok and lists:
-            shapes, devices = list(map(_shape, primary)), list(map(_device, primary))
+            shapes, devices = [t.shape for t in primary], [t.device for t in primary]
             for name, lst in lists.items():
                 want = [torch.bool] * len(lst) if name == "masks" else dtypes
-                ok = ok and (list(map(_dtype, lst)) == want and list(map(_shape, lst)) == shapes
-                             and list(map(_device, lst)) == devices
-                             and all(lay == torch.strided for lay in map(_layout, lst)))
+                ok = ok and ([t.dtype for t in lst] == want and [t.shape for t in lst] == shapes
+                             and [t.device for t in lst] == devices
+                             and all(t.layout == torch.strided for t in lst))
     except AttributeError:  # a non-tensor entry: the slow path names it
         ok = False
     if not ok:
@@ -115,13 +108,13 @@ def _groups(primary: Tensors, lists: list[Tensors]):
     ``fusable``: every list's entry has the primary entry's dense memory order (:func:`memory_order`).
     """
     present = [primary, *lists]
-    contig = [all(c) for c in zip(*(map(_contig, lst) for lst in present))]
-    sizes = list(map(_numel, primary))
+    contig = [all(c) for c in zip(*([t.is_contiguous() for t in lst] for lst in present))]
+    sizes = [t.numel() for t in primary]
     if all(contig):
         fusable = contig
     else:  # per entry, only where some list is not contiguous
         fusable = [c or _agree([lst[i] for lst in present]) for i, c in enumerate(contig)]
-    keys = list(zip(map(_device, primary), map(_dtype, primary), fusable))
+    keys = list(zip([t.device for t in primary], [t.dtype for t in primary], fusable))
     if len(set(keys)) == 1 and all(sizes):  # the usual case: one group, nothing to skip
         yield (*keys[0], list(range(len(primary))))
         return
@@ -216,7 +209,7 @@ def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable,
             pass
         else:
             dispatch.record(op, [dispatch.Part(name, primary[0].device.type, str(primary[0].dtype)[6:], len(primary),
-                                               sum(map(_numel, primary)))])
+                                               sum(t.numel() for t in primary))])
             return out
     primary, lists, converted = _as_real(primary, lists)
     _check_lists(op, primary, **lists)
@@ -246,11 +239,11 @@ def _run_masks(op: str, scores: Tensors, backend: Optional[str], *args) -> list[
     in ``perturb_``."""
     device = scores[0].device
     name, fn, fallback = dispatch.resolve(op, device.type, backend)
-    contiguous = list(map(_contig, scores))
+    contiguous = [s.is_contiguous() for s in scores]
     masks = fn([s if c else s.contiguous() for s, c in zip(scores, contiguous)], *args)
     masks = [m if c else torch.empty_like(s, dtype=torch.bool).copy_(m) for m, s, c in zip(masks, scores, contiguous)]
     dispatch.record(op, [dispatch.Part(name, device.type, str(scores[0].dtype)[6:], len(scores),
-                                       sum(map(_numel, scores)), fallback)])
+                                       sum(s.numel() for s in scores), fallback)])
     return masks
 
 

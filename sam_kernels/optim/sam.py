@@ -408,15 +408,14 @@ class SAM(torch.optim.Optimizer):
             self._screen(sq, "second_step" if perturbed is not None else "base_step")
         for m in self.modifiers:
             sq = m.before_descent(self, params, grads, perturbed is not None, sq)
-        if amp.active(self.grad_scaler):
-            restore_and_step(self, perturbed or [], self._backup_of, self.backend, grad_scale=scale,
-                             found_inf=self._found)
-            if self._found is not None:
-                amp.report(self, self._found)
-        elif perturbed is not None:
-            restore_and_step(self, perturbed, self._backup_of, self.backend)
-        else:
-            self.base_optimizer.step()
+        if perturbed is None and not amp.active(self.grad_scaler) and not torch.compiler.is_compiling():
+            self.base_optimizer.step()  # a plain step is exactly the base optimizer's own step
+            return
+        # Under AMP (in-kernel unscale) and under torch.compile (torch.optim's step graph-breaks), plain
+        # steps of SGD/AdamW also run the fused descent, each param its own backup.
+        restore_and_step(self, perturbed or [], self._backup_of, self.backend, grad_scale=scale, found_inf=self._found)
+        if self._found is not None:
+            amp.report(self, self._found)
 
     @records_step(starts_step=True)
     @torch.no_grad()
