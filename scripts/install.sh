@@ -27,6 +27,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 else
   say "using $VENV ($("$VENV/bin/python" --version 2>&1))"
 fi
+VENV=$(cd "$VENV" && pwd)
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check)
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { say "Python >= 3.10 needed"; exit 1; }

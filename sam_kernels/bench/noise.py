@@ -2,7 +2,8 @@
 
 A result is marked noisy, and no target is judged from it, when any of these holds:
 
-- ``spread``: its repeats disagree: (p80 − p20) / median > ``SPREAD_MAX``;
+- ``spread``: its repeats disagree: (p80 − p20) / median > ``SPREAD_MAX`` (not judged for SAM
+  variants whose step cost varies by design: SS-SAM, AE-SAM, LookSAM, AE-LookSAM);
 - ``busy``: other processes (or the hypervisor: VM steal time) used more than ``busy_limit(cores)``
   cores on average while it was timed: CPU time of the whole machine from ``/proc/stat`` minus
   this process's own, over the timing window widened to at least ``MIN_WINDOW_S`` (the counters
@@ -111,11 +112,14 @@ def spread(median: float, p20: float, p80: float) -> float:
     return (p80 - p20) / median if median > 0 else float("inf")
 
 
-def timing_noise(median: float, p20: float, p80: float, cpu: Optional[dict], cores: int) -> list[str]:
-    """Why one timed result is noisy (empty: it is not)."""
+def timing_noise(median: float, p20: float, p80: float, cpu: Optional[dict], cores: int,
+                 varies: bool = False) -> list[str]:
+    """Why one timed result is noisy (empty: it is not). ``varies``: the work itself changes from
+    repeat to repeat (a SAM variant that skips the second pass on some steps), so its spread is
+    not judged."""
     reasons = []
     s = spread(median, p20, p80)
-    if s > SPREAD_MAX:
+    if s > SPREAD_MAX and not varies:
         reasons.append(f"spread {s:.0%}")
     if cpu is not None:
         busy = cpu["others_cores"] + cpu["steal_cores"]
@@ -160,7 +164,8 @@ def mark_train(rows: list[dict], cores: int, copy_reasons: list[str]) -> None:
     """Sets ``row["noise"]`` on every training-step row (SGD's noise carries into every x SGD ratio)."""
     by_model = {}
     for r in rows:
-        reasons = timing_noise(r["step"]["median_ms"], r["step"]["p20_ms"], r["step"]["p80_ms"], r.get("cpu"), cores)
+        reasons = timing_noise(r["step"]["median_ms"], r["step"]["p20_ms"], r["step"]["p80_ms"], r.get("cpu"), cores,
+                               r.get("varies", False))
         if r["protocol"] == "sam" and r.get("ratio_to_sgd") is not None and r["ratio_to_sgd"] < 1.0:
             reasons.append("faster than SGD with two passes")
         r["noise"] = reasons + (["copy unsteady"] if copy_reasons else [])

@@ -43,16 +43,17 @@ class Method:
     needs: Optional[str] = None  # sam_kernels attribute that must exist
     note: str = ""
     kwargs: dict = field(default_factory=dict)
+    varies: bool = False  # step cost varies by design (SAM on some steps only): its spread is not noise
 
 
 def _sk(name: str):
     return getattr(sam_kernels, name)
 
 
-def _variant(cls: str, protocol: str, note: str, **kw) -> Method:
+def _variant(cls: str, protocol: str, note: str, varies: bool = False, **kw) -> Method:
     def build(ps):
         return _sk(cls)(ps, torch.optim.SGD, rho=RHO, finite_check=False, **kw, **SGD_KW)
-    return Method(cls.lower(), cls, build, protocol, needs=cls, note=note, kwargs=kw)
+    return Method(cls.lower(), cls, build, protocol, needs=cls, note=note, kwargs=kw, varies=varies)
 
 
 def methods() -> list[Method]:
@@ -71,13 +72,13 @@ def methods() -> list[Method]:
         Method("sam-fused", "SAM fused (auto)", sam("auto", finite_check=False), "sam", needs="SAM"),
         Method("sam-fused-checked", "SAM fused (auto), finite checks", sam("auto"), "sam", needs="SAM",
                note="finite_check=True (default): 2 host syncs"),
-        _variant("SSSAM", "closure", "constant p = 0.6", schedule="constant", p=0.6, seed=0),
-        _variant("AESAM", "closure", "defaults (decay 0.9, l1 -1, l2 1)", total_steps=1000),
-        _variant("AELookSAM", "closure", "alpha 0.7", total_steps=1000, alpha=0.7),
+        _variant("SSSAM", "closure", "constant p = 0.6", varies=True, schedule="constant", p=0.6, seed=0),
+        _variant("AESAM", "closure", "defaults (decay 0.9, l1 -1, l2 1)", varies=True, total_steps=1000),
+        _variant("AELookSAM", "closure", "alpha 0.7", varies=True, total_steps=1000, alpha=0.7),
         _variant("ESAM", "esam", "beta 0.6 per tensor, gamma 0.5", beta=0.6, gamma=0.5, seed=0),
         _variant("SparseSAM", "closure", "dynamic mask, 50 % sparse, refreshed every 100 steps (not timed)",
                  sparsity=0.5, mask="dynamic", update_unit="step", update_freq=100, horizon=1000, seed=0),
-        _variant("LookSAM", "closure", "k 5, alpha 0.7", k=5, alpha=0.7),
+        _variant("LookSAM", "closure", "k 5, alpha 0.7", varies=True, k=5, alpha=0.7),
         _variant("StableSAM", "closure", "renormalized SAM"),
     ]
 
@@ -220,7 +221,7 @@ def run_train(device: torch.device, wls: list[Workload], todo: list[Method], war
             if m.name == "SGD":
                 sgd_ms = r["step"]["mean_ms"]
             rows.append({"model": wl.name, "method": m.name, "protocol": m.protocol, "note": m.note,
-                         "options": m.kwargs, **r,
+                         "options": m.kwargs, "varies": m.varies, **r,
                          "ratio_to_sgd": r["step"]["mean_ms"] / sgd_ms if sgd_ms else None})
             progress.update(1)
         if device.type == "cuda" and any(m.key == "sam-fused" for m in todo):

@@ -114,6 +114,18 @@ def test_sam_step_faster_than_sgd_is_flagged():
     assert rows[1]["noise"] == ["faster than SGD with two passes"]
 
 
+def test_variants_with_varying_steps_are_not_judged_by_spread():
+    lookahead = [16.0, 16.2, 32.0, 16.1, 16.0, 31.8, 16.3, 16.0, 16.1, 32.2]  # SAM every few steps
+    rows = [_train_row("SGD", 1.0, protocol="sgd"), _train_row("LookSAM", 1.2, samples=lookahead, protocol="closure"),
+            _train_row("SAM eager", 2.0, samples=lookahead)]
+    rows[1]["varies"] = True
+    noise.mark_train(rows, CORES, [])
+    assert rows[1]["noise"] == [] and rows[2]["noise"][0].startswith("spread")
+    rows[1]["cpu"] = {"others_cores": 1.0, "steal_cores": 0.0, "window_s": 5.0}
+    noise.mark_train(rows, CORES, [])
+    assert rows[1]["noise"] == ["busy 1.00 cores"]
+
+
 def test_noisy_sgd_row_taints_every_ratio_to_it():
     rows = [_train_row("SGD", 1.0, samples=[5.0, 5.0, 20.0, 21.0, 5.0], protocol="sgd"), _train_row("SAM eager", 2.1)]
     noise.mark_train(rows, CORES, [])
