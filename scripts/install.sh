@@ -61,6 +61,12 @@ else
   fi
 fi
 
+if [ "${SAM_KERNELS_BUILD:-}" = cuda ] && ! "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+  say "SAM_KERNELS_BUILD=cuda, but the torch in $VENV is a CPU build: remove $VENV (or pick another with" \
+      "SAM_KERNELS_VENV=...) and run again, to get torch's CUDA build"
+  exit 1
+fi
+
 # --- test / benchmark dependencies ------------------------------------------------------------
 REQS=("setuptools>=64" wheel ninja pybind11 numpy "triton>=3.0" "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4"
       "tqdm>=4.60" "matplotlib>=3.7" "scikit-learn>=1.3")
