@@ -29,6 +29,7 @@ SPREAD_MAX = 0.20
 COPY_DRIFT_MAX = 0.15
 FRAC_COPY_MAX = 1.5
 MIN_WINDOW_S = 1.0
+MOSTLY_CLEAN = 0.1  # at most this share of noisy results, the verdict points to the clean ones
 
 
 def busy_limit(cores: int) -> float:
@@ -220,7 +221,12 @@ def verdict(result: dict) -> dict:
                 f"(within {COPY_DRIFT_MAX:.0%}).")
     else:
         why = "; ".join(f"{KINDS.get(k, k)}: {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-        text = (f"The run can NOT be trusted: {len(noisy)} of its {len(rows)} results were taken under noise "
-                f"(marked NOISY in the tables; reasons: {why}). Targets are not judged from them.")
+        if len(noisy) <= MOSTLY_CLEAN * len(rows) and "copy" not in counts:
+            text = (f"Only part of the run can be trusted: {len(noisy)} of its {len(rows)} results were taken under "
+                    f"noise (marked NOISY in the tables; reasons: {why}); the unmarked ones can be used. Targets are "
+                    f"not judged from noisy results.")
+        else:
+            text = (f"The run can NOT be trusted: {len(noisy)} of its {len(rows)} results were taken under noise "
+                    f"(marked NOISY in the tables; reasons: {why}). Targets are not judged from them.")
     return {"trustworthy": trustworthy, "noisy": len(noisy), "results": len(rows), "facts": facts,
             "advice": advice, "text": text}

@@ -194,5 +194,12 @@ def test_verdict_in_plain_words():
     v = noise.verdict(_result(rows))
     assert not v["trustworthy"] and v["noisy"] == 1 and v["results"] == 3
     assert "NOT be trusted" in v["text"] and "repeats disagree: 1" in v["text"]
+    # one noisy result among many: the clean ones can be used
+    many = [_op_row(CLEAN, case=f"c{i}") for i in range(12)] + [rows[-1]]
+    noise.mark_ops(many, CORES, [])
+    v = noise.verdict(_result(many))
+    assert not v["trustworthy"] and v["text"].startswith("Only part of the run can be trusted: 1 of its 13")
+    noise.mark_ops(many, CORES, ["copy drift 31.0 -> 16.8 GB/s"])  # unless the machine changed under all of them
+    assert noise.verdict(_result(many))["text"].startswith("The run can NOT be trusted: 13 of its 13")
     assert any("--threads 1" in a for a in v["advice"]) and any("repeat" in a for a in v["advice"])
     assert any("load average 0.30" in f for f in v["facts"])
