@@ -31,6 +31,7 @@ VENV=$(cd "$VENV" && pwd)
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check)
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { say "Python >= 3.10 needed"; exit 1; }
+cuda_torch() { "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; }
 
 gpu_visible() {
   { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; } || ls /dev/nvidia[0-9]* >/dev/null 2>&1
@@ -40,7 +41,7 @@ gpu_visible && GPU=yes
 
 # --- torch -----------------------------------------------------------------------------------
 if "$PY" -c "import torch" 2>/dev/null; then
-  say "torch $("$PY" -c 'import torch; print(torch.__version__, "(CUDA " + str(torch.version.cuda) + ")")') is importable: kept"
+  say "torch $("$PY" -c 'import torch; print(torch.__version__, f"(CUDA {torch.version.cuda})")') is importable: kept"
 else
   INDEX=()
   [ -n "${TORCH_INDEX_URL:-}" ] && INDEX=(--index-url "$TORCH_INDEX_URL")
@@ -55,13 +56,13 @@ else
   fi
   "${PIP[@]}" --progress-bar off "${INDEX[@]}" "$spec" | grep -E '^(Successfully|Processing|Downloading)' || true
   "$PY" -c "import torch" || { say "torch did not install"; exit 1; }
-  if [ "$GPU" = no ] && [ "${SAM_KERNELS_BUILD:-}" != cuda ] && "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+  if [ "$GPU" = no ] && [ "${SAM_KERNELS_BUILD:-}" != cuda ] && cuda_torch; then
     say "note: the index served a CUDA build of torch; for a CPU-only one (~1 GB instead of ~5 GB) start" \
         "again with a new venv and TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
   fi
 fi
 
-if [ "${SAM_KERNELS_BUILD:-}" = cuda ] && ! "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+if [ "${SAM_KERNELS_BUILD:-}" = cuda ] && ! cuda_torch; then
   say "SAM_KERNELS_BUILD=cuda, but the torch in $VENV is a CPU build: remove $VENV (or pick another with" \
       "SAM_KERNELS_VENV=...) and run again, to get torch's CUDA build"
   exit 1
@@ -93,13 +94,14 @@ so() { ls sam_kernels/_C*.so 2>/dev/null | head -n 1; }
 want=$("$PY" scripts/install_state.py stamp)
 if [ -f "$STAMP_FILE" ] && [ -n "$(so)" ] && [ "$(sed -n 1p "$STAMP_FILE")" = "$want" ] \
    && [ "$(sed -n 2p "$STAMP_FILE")" = "$("$PY" scripts/install_state.py digest "$(so)")" ]; then
-  say "sam_kernels._C is up to date ($(so)): sources, torch and build settings unchanged since it was built; not rebuilding"
+  say "sam_kernels._C is up to date ($(so)): sources, torch and build settings unchanged since it was built;" \
+      "not rebuilding"
 else
   n_cpp=$(ls csrc/*.cpp csrc/cpu/*.cpp | wc -l)
   n_cu=$(ls csrc/cuda/*.cu | wc -l)
   what="$n_cpp C++ files"
   est="1-2 min"
-  if [ "$SAM_KERNELS_BUILD" = cuda ] || { [ "$SAM_KERNELS_BUILD" = auto ] && "$PY" -c "import sys, torch; sys.exit(torch.version.cuda is None)"; }; then
+  if [ "$SAM_KERNELS_BUILD" = cuda ] || { [ "$SAM_KERNELS_BUILD" = auto ] && cuda_torch; }; then
     what="$what, and $n_cu CUDA files if setup.py finds a CUDA toolkit (archs ${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
     est="3-8 min"
   fi
@@ -123,7 +125,8 @@ else
 fi
 
 # Editable registration (the package imports from this tree, _C included); once per venv.
-if [ "$(cd / && "$PY" -c 'import sam_kernels, os; print(os.path.dirname(sam_kernels.__file__))' 2>/dev/null)" != "$PWD/sam_kernels" ]; then
+registered=$(cd / && "$PY" -c 'import sam_kernels, os; print(os.path.dirname(sam_kernels.__file__))' 2>/dev/null || true)
+if [ "$registered" != "$PWD/sam_kernels" ]; then
   say "registering this tree as the venv's sam_kernels (pip install -e ., nothing compiled)"
   SAM_KERNELS_BUILD=none "${PIP[@]}" -q --no-build-isolation --no-deps -e .
 fi

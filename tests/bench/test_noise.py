@@ -108,7 +108,8 @@ def _train_row(method, ratio, samples=CLEAN, protocol="sam", cpu=QUIET_CPU):
 
 def test_sam_step_faster_than_sgd_is_flagged():
     rows = [_train_row("SGD", 1.0, protocol="sgd"), _train_row("SAM (davda54 loop)", 0.39),
-            _train_row("SAM fused (auto)", 0.15), _train_row("SAM eager", 2.1), _train_row("SSSAM", 0.9, protocol="closure")]
+            _train_row("SAM fused (auto)", 0.15), _train_row("SAM eager", 2.1),
+            _train_row("SSSAM", 0.9, protocol="closure")]
     noise.mark_train(rows, CORES, [])
     assert [bool(r["noise"]) for r in rows] == [False, True, True, False, False]
     assert rows[1]["noise"] == ["faster than SGD with two passes"]
