@@ -99,7 +99,7 @@ if [ -f "$STAMP_FILE" ] && [ -n "$(so)" ] && [ "$(sed -n 1p "$STAMP_FILE")" = "$
 else
   n_cpp=$(ls csrc/*.cpp csrc/cpu/*.cpp | wc -l)
   n_cu=$(ls csrc/cuda/*.cu | wc -l)
-  what="$n_cpp C++ files"
+  what="$n_cpp C++ files (only those changed since the last build, if any)"
   est="1-2 min"
   if [ "$SAM_KERNELS_BUILD" = cuda ] || { [ "$SAM_KERNELS_BUILD" = auto ] && cuda_torch; }; then
     what="$what, and $n_cu CUDA files if setup.py finds a CUDA toolkit (archs ${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
