@@ -7,7 +7,7 @@ A result is marked noisy, and no target is judged from it, when any of these hol
 - ``busy``: other processes (or the hypervisor: VM steal time) used more than ``busy_limit(cores)``
   cores on average while it was timed: CPU time of the whole machine from ``/proc/stat`` minus
   this process's own, over the timing window widened to at least ``MIN_WINDOW_S`` (the counters
-  tick every 10 ms);
+  tick every 10 ms; the benchmark's own child processes, e.g. torch.compile's workers, count as its own);
 - ``copy drift``: the copy bandwidth (``dst.copy_(src)``) measured before and after the timed work
   differs by more than ``COPY_DRIFT_MAX``: the machine changed under the run (every result is
   marked), or the copy measurement itself had a spread above ``SPREAD_MAX``;
@@ -43,7 +43,7 @@ class CpuSnapshot:
     t: float  # perf_counter seconds
     busy_s: float  # CPU seconds of the whole machine spent running anything (user, nice, system, irq, softirq)
     steal_s: float  # CPU seconds the hypervisor gave to other VMs while this one wanted to run
-    own_s: float  # CPU seconds of this process (all its threads)
+    own_s: float  # CPU seconds of this process (all its threads) and of its child processes
 
 
 def _read_proc_stat() -> Optional[tuple[float, float]]:
@@ -61,6 +61,39 @@ def _read_proc_stat() -> Optional[tuple[float, float]]:
     return (user + nice + system + irq + softirq) / hz, steal / hz
 
 
+def own_cpu_s() -> float:
+    """CPU seconds used by this process and every process it started, live or ended: torch.compile's
+    worker processes are the benchmark's own work, not noise."""
+    t = os.times()
+    total = time.process_time() + t.children_user + t.children_system  # children: ended and waited for
+    hz = os.sysconf("SC_CLK_TCK")
+    todo, seen = [os.getpid()], set()
+    while todo:  # live descendants; an ended grandchild is in its parent's cutime/cstime
+        pid = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = f.read().split()
+            except OSError:
+                continue
+            for kid in kids:
+                if kid in seen:
+                    continue
+                seen.add(kid)
+                todo.append(int(kid))
+                try:
+                    with open(f"/proc/{kid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                total += sum(int(x) for x in fields[11:15]) / hz  # utime, stime, cutime, cstime
+    return total
+
+
 class CpuMonitor:
     """Snapshots of the machine's and this process's CPU time; ``others(since)`` averages what other
     processes used between a snapshot and now. Linux only (``/proc/stat``); elsewhere ``available``
@@ -74,7 +107,7 @@ class CpuMonitor:
         stat = _read_proc_stat()
         if stat is None:
             return None
-        s = CpuSnapshot(time.perf_counter(), stat[0], stat[1], time.process_time())
+        s = CpuSnapshot(time.perf_counter(), stat[0], stat[1], own_cpu_s())
         self._snaps.append(s)
         return s
 
