@@ -48,7 +48,7 @@ what is measured
     optimizer phase, ratio to SGD; on GPU also the fused step captured in a CUDA graph.
 
 defaults (quick): CPU sizes %(quick_cpu)s, GPU sizes %(quick_gpu)s; about 2 minutes on a
-  quiet 2-core CPU VM (5.5 on a loaded one).
+  quiet 2-core CPU VM (5.5-6 on a loaded one).
 outputs: OUT/<device-slug>[-<dtype>].{json,md,png}; the markdown is also printed, with what each
   column means and a verdict at the end: whether the run can be trusted.
 noise: the run measures its own noise (copy bandwidth before and after, the spread of each
