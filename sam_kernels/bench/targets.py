@@ -85,7 +85,8 @@ def check_targets(rows: list[dict], device_type: str, backends: list[str], unava
             else:
                 out.append(judge(name, row["speedup"][base], base_row["p20_ms"] / row["p80_ms"],
                                  base_row["p80_ms"] / row["p20_ms"], target,
-                                 row.get("noise", []) + [f"{base}: {n}" for n in base_row.get("noise", [])]))
+                                 row.get("noise", []) + [f"{base}: {n}" for n in base_row.get("noise", [])
+                                                          if n not in row.get("noise", [])]))
         if device_type != "cpu":
             big = [r for r in rows if r["impl"] == b and r["bandwidth_bound"] and r["numel"] >= GPU_FRAC_MIN_NUMEL]
             for r in big:
