@@ -24,7 +24,9 @@ def test_ops_smoke(tmp_path):
     meta = res["meta"]
     for key in ("device", "device_slug", "torch", "triton", "git_commit", "cpu_cores", "backends", "dtype"):
         assert key in meta
-    assert res["copy_bandwidth"]["gbps"] > 0
+    copy = res["copy_bandwidth"]
+    assert copy["before"]["gbps"] > 0 and copy["after"]["gbps"] > 0
+    assert copy["gbps"] == max(copy["before"]["gbps"], copy["after"]["gbps"])
     (row,) = res["ops"]
     assert (row["op"], row["impl"], row["numel"], row["correct"]) == ("grad_sq_norm", "eager", 4096, True)
     assert row["median_ms"] > 0 and row["p20_ms"] > 0 and row["gbps"] > 0 and row["frac_copy_bw"] > 0
@@ -32,6 +34,11 @@ def test_ops_smoke(tmp_path):
     assert row["speedup"] == {"eager": pytest.approx(1.0)}
     assert row["backends_ran"] == ["eager"]
     assert (tmp_path / f"{meta['device_slug']}.png").exists()
+    # every row is judged for noise and the run gets a verdict (numbers at this size are noise anyway)
+    assert isinstance(row["noise"], list) and "others_cores" in (row["cpu"] or {"others_cores": None})
+    assert res["verdict"]["results"] == 1 and res["verdict"]["trustworthy"] == (row["noise"] == [])
+    md = (tmp_path / f"{meta['device_slug']}.md").read_text()
+    assert "What the columns mean" in md and "## Verdict" in md
 
 
 def test_train_step_smoke(tmp_path):

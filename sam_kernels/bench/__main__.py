@@ -8,17 +8,22 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from . import cases as C
+from . import noise
 from .environment import environment
 from .models import MODELS, workloads
 from .op_specs import QUICK, SPECS
-from .ops_bench import IMPLS, OpsConfig, backend_skip_reason, measure_copy_bandwidth, run_ops
+from .ops_bench import IMPLS, OpsConfig, backend_skip_reason, measure_copy_bandwidth, run_ops, set_copy_fractions
 from .report import markdown, write
 from .targets import check_targets
 from .timing import Timer
 from .train_bench import methods, run_train, train_task_count
+
+try:  # optional (the [bench] extra): without it, no progress bar
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
 
 EXTERNAL = ("loop", "compile")
 """Comparison points that are not sam_kernels backends: their mismatches do not fail the run."""
@@ -42,8 +47,14 @@ what is measured
     exists, on a small ResNet and a small transformer (random data): step time, fwd+bwd vs
     optimizer phase, ratio to SGD; on GPU also the fused step captured in a CUDA graph.
 
-defaults (quick): CPU sizes %(quick_cpu)s, GPU sizes %(quick_gpu)s; a couple of minutes.
-outputs: OUT/<device-slug>[-<dtype>].{json,md,png}; the markdown is also printed.
+defaults (quick): CPU sizes %(quick_cpu)s, GPU sizes %(quick_gpu)s; about 2 minutes on a
+  quiet 2-core CPU VM (5.5-6 on a loaded one).
+outputs: OUT/<device-slug>[-<dtype>].{json,md,png}; the markdown is also printed, with what each
+  column means and a verdict at the end: whether the run can be trusted.
+noise: the run measures its own noise (copy bandwidth before and after, the spread of each
+  result's repeats, CPU time used by other processes while it was timed; load average shown) and
+  marks every result taken under noise NOISY; no target is judged from a noisy result.
+  On a shared machine: close other work, try --threads 1, repeat the run.
 exit status: 1 when a sam_kernels backend's result does not match the reference (baseline
   mismatches, e.g. the loop's torch.norm drift on CPU, are reported but do not fail the run).
 
@@ -105,7 +116,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, metavar="N",
                     help="torch CPU threads (default: torch's choice; 1 gives steadier numbers on a shared machine)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (none without tqdm either)")
     return ap.parse_args(argv)
 
 
@@ -147,14 +158,37 @@ def resolve(args: argparse.Namespace) -> dict:
     }
 
 
+class _NoProgress:
+    """Stands in for a tqdm bar when there is none."""
+
+    def __init__(self, **_):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = resolve(args)
     device, dtype = plan["device"], DTYPES[args.dtype]
+    cpu = noise.CpuMonitor()
+    run_start, loadavg_start = cpu.snap(), noise.load_average()
     env = environment(device)
-    log = tqdm.write
+    log = tqdm.write if tqdm is not None else lambda s: print(s, flush=True)
+    if tqdm is None and not args.no_progress:
+        log("no progress bar: tqdm is not installed (pip install tqdm)")
     log(f"sam_kernels bench on {env['device']} · torch {env['torch']} · commit {(env['git_commit'] or '?')[:12]}")
     for name, b in env["backends"].items():
         why = backend_skip_reason(name, device) if name != "eager" else None
@@ -164,35 +198,55 @@ def main(argv: Optional[list[str]] = None) -> int:
     wls = workloads(device, large=device.type == "cuda", which=tuple(args.models),
                     batch=args.train_batch) if do_train else []
     todo = [m for m in methods() if args.methods is None or m.key in args.methods]
-    total = (len(plan["cases"]) * len(plan["ops"]) * len(plan["impls"]) + 1 if do_ops else 0) \
+    total = 2 + (len(plan["cases"]) * len(plan["ops"]) * len(plan["impls"]) if do_ops else 0) \
         + (train_task_count(device, len(wls), todo) if do_train else 0)
     timer = Timer(device, warmup=plan["warmup"], repeats=plan["repeats"], flush_l2=not args.no_flush_l2,
-                  budget_s=plan["budget_s"])
+                  budget_s=plan["budget_s"], cpu=cpu)
     result: dict = {"meta": {**env, "dtype": args.dtype, "mode": "full" if args.full else "quick",
                              "warmup": plan["warmup"], "repeats": plan["repeats"], "budget_s": plan["budget_s"],
                              "train_repeats": plan["train_repeats"], "flush_l2": timer.flushes_l2,
                              "argv": sys.argv[1:] if argv is None else list(argv)}}
-    with tqdm(total=total, disable=args.no_progress, desc="bench", dynamic_ncols=True) as progress:
+    bar = tqdm if tqdm is not None and not args.no_progress else _NoProgress
+    with bar(total=total, desc="bench", dynamic_ncols=True) as progress:
+        # The copy bandwidth is measured before and after everything: a change means the machine
+        # changed under the run (noise.py).
+        progress.set_postfix_str("copy bandwidth")
+        copy_before = measure_copy_bandwidth(device, timer, plan["copy_size"])
+        progress.update(1)
         if do_ops:
-            progress.set_postfix_str("copy bandwidth")
-            copy = measure_copy_bandwidth(device, timer, plan["copy_size"])
-            progress.update(1)
             cfg = OpsConfig(device, dtype, plan["cases"], plan["ops"], plan["impls"], plan["compile_ops"],
                             plan["compile_reason"], timer, args.seed)
-            ops_result = run_ops(cfg, copy["gbps"], env["spec_peak_gbps"], log, progress)
-            unavailable = {b: backend_skip_reason(b, device) for b in ("cpp", "cuda", "triton")}
-            result.update({
-                "copy_bandwidth": copy, "ops": ops_result.rows, "ops_skipped": ops_result.skips,
-                "targets": check_targets(ops_result.rows, device.type,
-                                         [b for b in plan["impls"] if unavailable.get(b) is None],
-                                         {b: r for b, r in unavailable.items() if r}),
-            })
+            ops_result = run_ops(cfg, copy_before["gbps"], env["spec_peak_gbps"], log, progress)
+            result.update({"ops": ops_result.rows, "ops_skipped": ops_result.skips})
         if do_train:
-            result["train"] = run_train(device, wls, todo, plan["warmup"], plan["train_repeats"], log, progress)
+            result["train"] = run_train(device, wls, todo, plan["warmup"], plan["train_repeats"], log, progress,
+                                        cpu)
+        progress.set_postfix_str("copy bandwidth")
+        copy_after = measure_copy_bandwidth(device, timer, plan["copy_size"])
+        progress.update(1)
+
+    best = max(copy_before, copy_after, key=lambda c: c["gbps"])
+    result["copy_bandwidth"] = {"numel": best["numel"], "bytes": best["bytes"], "gbps": best["gbps"],
+                                "before": copy_before, "after": copy_after}
+    copy_reasons = noise.copy_noise(copy_before, copy_after)
+    if do_ops:
+        set_copy_fractions(result["ops"], best["gbps"], env["spec_peak_gbps"])
+        noise.mark_ops(result["ops"], env["cpu_cores"], copy_reasons)
+        unavailable = {b: backend_skip_reason(b, device) for b in ("cpp", "cuda", "triton")}
+        result["targets"] = check_targets(result["ops"], device.type,
+                                          [b for b in plan["impls"] if unavailable.get(b) is None],
+                                          {b: r for b, r in unavailable.items() if r}, best["gbps"])
+    if do_train:
+        noise.mark_train(result["train"]["rows"], env["cpu_cores"], copy_reasons)
+    result["cpu_usage"] = noise.usage(run_start, cpu.snap()) if run_start is not None else None
+    result["meta"].update({"loadavg_start": loadavg_start, "loadavg_end": noise.load_average()})
+    result["verdict"] = noise.verdict(result)
 
     stem = env["device_slug"] + ("" if args.dtype == "float32" else f"-{args.dtype}")
-    paths = write(result, args.out, stem)
+    paths, no_plot = write(result, args.out, stem)
     print(markdown(result))
+    if no_plot:
+        print(f"no PNG plot: {no_plot}")
     print("written: " + ", ".join(str(p) for p in paths.values()))
     mismatches = [r for r in result.get("ops", []) if not r["correct"]]
     if mismatches:

@@ -133,15 +133,20 @@ def _bench_one(impl: str, spec: OpSpec, case: Case, cfg: OpsConfig, ref_state: d
     }
 
 
+def set_copy_fractions(rows: list[dict], copy_gbps: float, peak_gbps: Optional[float]) -> None:
+    """Fractions of the measured copy bandwidth (and of the spec peak when known)."""
+    for r in rows:
+        r["frac_copy_bw"] = r["gbps"] / copy_gbps
+        r["frac_spec_peak"] = r["gbps"] / peak_gbps if peak_gbps else None
+
+
 def _add_ratios(rows: list[dict], copy_gbps: float, peak_gbps: Optional[float]) -> None:
-    """Fractions of the measured copy bandwidth (and of the spec peak when known), and speedup over
-    each baseline of the same (op, case)."""
+    """Fractions of the copy bandwidth and speedup over each baseline of the same (op, case)."""
+    set_copy_fractions(rows, copy_gbps, peak_gbps)
     by_key: dict[tuple, dict[str, float]] = {}
     for r in rows:
         by_key.setdefault((r["op"], r["case"]), {})[r["impl"]] = r["median_ms"]
     for r in rows:
-        r["frac_copy_bw"] = r["gbps"] / copy_gbps
-        r["frac_spec_peak"] = r["gbps"] / peak_gbps if peak_gbps else None
         base = by_key[(r["op"], r["case"])]
         r["speedup"] = {b: base[b] / r["median_ms"] for b in BASELINES if b in base}
 

@@ -1,4 +1,5 @@
-"""Timers: CUDA events on GPU, perf_counter on CPU; median and p20/p80 over repeats.
+"""Timers: CUDA events on GPU, perf_counter on CPU; median and p20/p80 over repeats, and the CPU
+time other processes used meanwhile (noise.py judges both).
 
 On GPU the host never waits inside the timed interval: each repeat records a start and an end
 event around the call, and the single ``torch.cuda.synchronize()`` comes after the last repeat.
@@ -14,6 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .noise import CpuMonitor
+
 L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MB, H200: 60 MB)
 
 
@@ -23,6 +26,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     repeats: int
+    cpu: Optional[dict] = None  # noise.CpuMonitor.others() over the timing (None: not measurable)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +59,7 @@ class Timer:
     MIN_REPEATS = 3
 
     def __init__(self, device: torch.device, *, warmup: int, repeats: int, flush_l2: bool = False,
-                 budget_s: Optional[float] = None):
+                 budget_s: Optional[float] = None, cpu: Optional[CpuMonitor] = None):
         if repeats < 1:
             raise ValueError("repeats must be >= 1")
         self.device = device
@@ -63,6 +67,7 @@ class Timer:
         self.repeats = repeats
         self.budget_s = budget_s
         self.is_cuda = device.type == "cuda"
+        self.cpu = cpu or CpuMonitor()
         self._flush: Optional[torch.Tensor] = None
         if flush_l2 and self.is_cuda:
             self._flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
@@ -76,6 +81,12 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def time(self, fn: Callable[[], object]) -> Timing:
+        start = self.cpu.snap()
+        timing = self._time(fn)
+        timing.cpu = self.cpu.others(start)
+        return timing
+
+    def _time(self, fn: Callable[[], object]) -> Timing:
         t0 = time.perf_counter()
         for _ in range(self.warmup):
             fn()

@@ -10,6 +10,8 @@ two forward/backward passes: the documented API, same for davda54 and sam_kernel
 closure as the second pass: SS-SAM, AE-SAM, AE-LookSAM, LookSAM, Sparse SAM, Stable SAM) and
 ``esam`` (ESAM's step runs both passes; the closure returns per-sample losses and the optimizer
 runs the backward passes itself, so for ESAM the backward is counted in the optimizer phase).
+On GPU a last row per model, protocol ``graph``, replays the fused SAM step captured in one CUDA
+graph (it can beat an eager SGD step where kernel launches dominate).
 Variants vary their cost from step to step, so the step time is a mean over the repeats (p20/p80
 show the spread).
 """
@@ -25,6 +27,7 @@ import sam_kernels
 from .. import ops
 from .baselines import Davda54SAM
 from .models import Workload
+from .noise import CpuMonitor
 from .timing import PhaseClock, quantile
 
 SGD_KW = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -40,16 +43,17 @@ class Method:
     needs: Optional[str] = None  # sam_kernels attribute that must exist
     note: str = ""
     kwargs: dict = field(default_factory=dict)
+    varies: bool = False  # step cost varies by design (SAM on some steps only): its spread is not noise
 
 
 def _sk(name: str):
     return getattr(sam_kernels, name)
 
 
-def _variant(cls: str, protocol: str, note: str, **kw) -> Method:
+def _variant(cls: str, protocol: str, note: str, varies: bool = False, **kw) -> Method:
     def build(ps):
         return _sk(cls)(ps, torch.optim.SGD, rho=RHO, finite_check=False, **kw, **SGD_KW)
-    return Method(cls.lower(), cls, build, protocol, needs=cls, note=note, kwargs=kw)
+    return Method(cls.lower(), cls, build, protocol, needs=cls, note=note, kwargs=kw, varies=varies)
 
 
 def methods() -> list[Method]:
@@ -68,13 +72,13 @@ def methods() -> list[Method]:
         Method("sam-fused", "SAM fused (auto)", sam("auto", finite_check=False), "sam", needs="SAM"),
         Method("sam-fused-checked", "SAM fused (auto), finite checks", sam("auto"), "sam", needs="SAM",
                note="finite_check=True (default): 2 host syncs"),
-        _variant("SSSAM", "closure", "constant p = 0.6", schedule="constant", p=0.6, seed=0),
-        _variant("AESAM", "closure", "defaults (decay 0.9, l1 -1, l2 1)", total_steps=1000),
-        _variant("AELookSAM", "closure", "alpha 0.7", total_steps=1000, alpha=0.7),
+        _variant("SSSAM", "closure", "constant p = 0.6", varies=True, schedule="constant", p=0.6, seed=0),
+        _variant("AESAM", "closure", "defaults (decay 0.9, l1 -1, l2 1)", varies=True, total_steps=1000),
+        _variant("AELookSAM", "closure", "alpha 0.7", varies=True, total_steps=1000, alpha=0.7),
         _variant("ESAM", "esam", "beta 0.6 per tensor, gamma 0.5", beta=0.6, gamma=0.5, seed=0),
         _variant("SparseSAM", "closure", "dynamic mask, 50 % sparse, refreshed every 100 steps (not timed)",
                  sparsity=0.5, mask="dynamic", update_unit="step", update_freq=100, horizon=1000, seed=0),
-        _variant("LookSAM", "closure", "k 5, alpha 0.7", k=5, alpha=0.7),
+        _variant("LookSAM", "closure", "k 5, alpha 0.7", varies=True, k=5, alpha=0.7),
         _variant("StableSAM", "closure", "renormalized SAM"),
     ]
 
@@ -121,10 +125,18 @@ def _step_fn(method: Method, opt, model, wl: Workload, clock: PhaseClock) -> Cal
 
 
 def _summary(samples: list[float]) -> dict:
-    return {"mean_ms": statistics.fmean(samples), "p20_ms": quantile(samples, 0.2), "p80_ms": quantile(samples, 0.8)}
+    return {"mean_ms": statistics.fmean(samples), "median_ms": statistics.median(samples),
+            "p20_ms": quantile(samples, 0.2), "p80_ms": quantile(samples, 0.8)}
 
 
-def time_method(method: Method, wl: Workload, device: torch.device, warmup: int, repeats: int) -> dict:
+def time_method(method: Method, wl: Workload, device: torch.device, warmup: int, repeats: int,
+                cpu: CpuMonitor) -> dict:
+    start = cpu.snap()
+    r = _time_method(method, wl, device, warmup, repeats)
+    return {**r, "cpu": cpu.others(start)}
+
+
+def _time_method(method: Method, wl: Workload, device: torch.device, warmup: int, repeats: int) -> dict:
     torch.manual_seed(0)
     model = wl.make_model()
     opt = method.build(list(model.parameters()))
@@ -187,7 +199,7 @@ def cuda_graph_step(wl: Workload, device: torch.device, warmup: int, repeats: in
 
 
 def run_train(device: torch.device, wls: list[Workload], todo: list[Method], warmup: int, repeats: int, log,
-              progress) -> dict:
+              progress, cpu: CpuMonitor) -> dict:
     rows, skips = [], []
     for wl in wls:
         sgd_ms = None
@@ -199,7 +211,7 @@ def run_train(device: torch.device, wls: list[Workload], todo: list[Method], war
                 progress.update(1)
                 continue
             try:
-                r = time_method(m, wl, device, warmup, repeats)
+                r = time_method(m, wl, device, warmup, repeats, cpu)
             except Exception as exc:  # e.g. a variant whose options changed: report, go on
                 reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 skips.append({"model": wl.name, "method": m.name, "reason": reason})
@@ -209,7 +221,7 @@ def run_train(device: torch.device, wls: list[Workload], todo: list[Method], war
             if m.name == "SGD":
                 sgd_ms = r["step"]["mean_ms"]
             rows.append({"model": wl.name, "method": m.name, "protocol": m.protocol, "note": m.note,
-                         "options": m.kwargs, **r,
+                         "options": m.kwargs, "varies": m.varies, **r,
                          "ratio_to_sgd": r["step"]["mean_ms"] / sgd_ms if sgd_ms else None})
             progress.update(1)
         if device.type == "cuda" and any(m.key == "sam-fused" for m in todo):
@@ -219,12 +231,13 @@ def run_train(device: torch.device, wls: list[Workload], todo: list[Method], war
                 skips.append({"model": wl.name, "method": name, "reason": "sam_kernels.SAM does not exist yet"})
             else:
                 try:
-                    r = cuda_graph_step(wl, device, warmup, repeats)
+                    start = cpu.snap()
+                    r = {**cuda_graph_step(wl, device, warmup, repeats), "cpu": cpu.others(start)}
                 except Exception as exc:
                     skips.append({"model": wl.name, "method": name,
                                   "reason": f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"})
                 else:
-                    rows.append({"model": wl.name, "method": name, "protocol": "sam", "note": "one graph replay",
+                    rows.append({"model": wl.name, "method": name, "protocol": "graph", "note": "one graph replay",
                                  "options": {}, **r, "fwd_bwd_mean_ms": None, "optimizer_mean_ms": None,
                                  "backends_ran": [],
                                  "ratio_to_sgd": r["step"]["mean_ms"] / sgd_ms if sgd_ms else None})
