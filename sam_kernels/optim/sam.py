@@ -19,6 +19,7 @@ import torch
 from .. import ops
 from .base_step import restore_and_step
 from .descent import Modifier, Renormalize
+from .distributed import GlobalSync, make_sync
 from .policy import Policy
 
 
@@ -50,6 +51,8 @@ class SAM(torch.optim.Optimizer):
         policy: when to take SAM steps (default: always).
         renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).
         modifiers: more descent modifiers, applied in order after ``renormalize``.
+        distributed: ``"global"`` (both backwards synchronized: DDP's default, FSDP2) or ``"m-sam"``
+            (first backward under DDP's ``no_sync()``); see :mod:`sam_kernels.optim.distributed`.
 
     Protocol (manual loop)::
 
@@ -69,7 +72,7 @@ class SAM(torch.optim.Optimizer):
     def __init__(self, params: Iterable, base_optimizer: Union[type, torch.optim.Optimizer], rho: float = 0.05,
                  adaptive: bool = False, *, eta: float = 0.01, backend: Optional[str] = None,
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
-                 modifiers: Sequence[Modifier] = (), **kwargs):
+                 modifiers: Sequence[Modifier] = (), distributed: Union[str, GlobalSync] = "global", **kwargs):
         if rho < 0:
             raise ValueError(f"rho must be non-negative, got {rho}")
         if eta < 0:
@@ -94,6 +97,7 @@ class SAM(torch.optim.Optimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass or instance, "
                             f"got {base_optimizer!r}")
         self.param_groups = self.base_optimizer.param_groups
+        self.distributed = make_sync(distributed, [p for g in self.param_groups for p in g["params"]])
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
         self.finite_check = finite_check
@@ -148,7 +152,7 @@ class SAM(torch.optim.Optimizer):
             if not grads:
                 raise RuntimeError(f"SAM: the {type(self.policy).__name__} reads the first-pass gradients: call "
                                    f"wants_sam() after the first backward")
-            return ops.grad_sq_norm(grads, backend=self.backend)
+            return self.distributed.policy_sq_norm(ops.grad_sq_norm(grads, backend=self.backend))
         return sq_norm
 
     def _restored(self, p: torch.Tensor) -> torch.Tensor:
@@ -186,12 +190,13 @@ class SAM(torch.optim.Optimizer):
         if self._decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
             self.policy.observe(self.step_count, self._policy_norm())
         sq = self._sq_norm(entries) if entries else None
-        if sq is not None:
-            self._check_finite(sq, "first_step")
+        agreed = None if sq is None else self.distributed.ascent_sq_norm(self, sq)  # m-SAM: the rank mean
+        if agreed is not None:
+            self._check_finite(agreed, "first_step")
         params = [p for _, p in entries]
         grads = [p.grad for p in params]
         for m in self.modifiers:
-            m.after_ascent(self, params, grads, sq)
+            m.after_ascent(self, params, grads, agreed)
         extra = self.perturbation_options(params, grads) if entries else {}
         backups = self._backups(params)
         buckets: dict = {}
@@ -280,6 +285,7 @@ class SAM(torch.optim.Optimizer):
             if self.finite_check and grads:  # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
                 sq = ops.grad_sq_norm(grads, backend=self.backend)
                 self._check_finite(sq, "second_step")
+            self.distributed.before_sam_descent(self)
             for m in self.modifiers:
                 sq = m.before_descent(self, params, grads, True, sq)
         except BaseException:
@@ -296,6 +302,7 @@ class SAM(torch.optim.Optimizer):
         entries = self._with_grads()
         params = [p for _, p in entries]
         grads = [p.grad for p in params]
+        self.distributed.before_plain_descent(grads)  # m-SAM: the first backward left them unsynchronized
         if self.finite_check and grads:  # the same guarantee as SAM steps, one host sync
             self._check_finite(ops.grad_sq_norm(grads, backend=self.backend), "base_step")
         for m in self.modifiers:

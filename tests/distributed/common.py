@@ -1,0 +1,130 @@
+"""Models, data, optimizers and training loops shared by the distributed tests (float64, tiny MLP).
+
+Every job function takes ``(rank, world, ...)``; ``rank=None`` runs the same loop in one process
+on the full batch (the reference the distributed runs must equal).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sam_kernels as sk
+
+IN, HID, OUT = 5, 7, 3
+BATCH = 8  # global batch; rank r trains on rows [r·B/world, (r+1)·B/world)
+STEPS = 6
+LOSS = F.cross_entropy
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT)).double()
+
+
+def batches(steps: int = STEPS, batch: int = BATCH, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, IN, generator=g, dtype=torch.float64), torch.randint(0, OUT, (batch,), generator=g))
+            for _ in range(steps)]
+
+
+def shard(t: torch.Tensor, rank, world: int) -> torch.Tensor:
+    if rank is None:
+        return t
+    n = t.shape[0] // world
+    return t[rank * n:(rank + 1) * n]
+
+
+def fisher_data(rank, world):
+    """The Fisher samples: rank r scores its own 3; one process scores all of them (the sum is the same)."""
+    x, y = batches(1, batch=3 * world, seed=9)[0]
+    return [(shard(x, rank, world), shard(y, rank, world))]
+
+
+def build(variant: str, module: nn.Module, rank, world: int, **extra):
+    """The optimizer of ``variant`` over ``module``'s parameters (explicit seeds: runs are comparable)."""
+    ps = list(module.parameters())
+    sgd = dict(lr=0.1, momentum=0.9)
+    if variant == "sam":
+        return sk.SAM(ps, torch.optim.SGD, rho=0.05, **sgd, **extra)
+    if variant == "sam_adamw":
+        return sk.SAM(ps, torch.optim.AdamW, rho=0.05, lr=0.01, **extra)
+    if variant == "asam":
+        return sk.SAM(ps, torch.optim.SGD, rho=0.5, adaptive=True, **sgd, **extra)
+    if variant == "sssam":
+        return sk.SSSAM(ps, torch.optim.SGD, rho=0.05, p=0.5, seed=3, **sgd, **extra)
+    if variant == "stablesam":
+        return sk.StableSAM(ps, torch.optim.SGD, rho=0.05, **sgd, **extra)
+    if variant == "stable_asam":
+        return sk.StableSAM(ps, torch.optim.SGD, rho=0.5, adaptive=True, **sgd, **extra)
+    if variant == "looksam":
+        return sk.LookSAM(ps, torch.optim.SGD, rho=0.05, k=2, **sgd, **extra)
+    if variant == "aesam":
+        return sk.AESAM(ps, torch.optim.SGD, rho=0.05, total_steps=STEPS, **sgd, **extra)
+    if variant == "aelooksam":
+        return sk.AELookSAM(ps, torch.optim.SGD, rho=0.05, total_steps=STEPS, **sgd, **extra)
+    if variant == "sparse_fisher":
+        return sk.SparseSAM(ps, torch.optim.SGD, rho=0.05, sparsity=0.5, mask="fisher", model=module, loss_fn=LOSS,
+                            fisher_data=fisher_data(rank, world), num_samples=3 * (1 if rank is not None else world),
+                            update_unit="step", update_freq=3, **sgd, **extra)
+    if variant == "sparse_dynamic":
+        return sk.SparseSAM(ps, torch.optim.SGD, rho=0.05, sparsity=0.5, mask="dynamic", horizon=STEPS,
+                            update_unit="step", update_freq=2, seed=5, **sgd, **extra)
+    if variant == "sparse_random":
+        return sk.SparseSAM(ps, torch.optim.SGD, rho=0.05, sparsity=0.6, mask="random", update_unit="step",
+                            update_freq=2, seed=6, **sgd, **extra)
+    if variant == "sparse_nm":
+        return sk.SparseSAM(ps, torch.optim.SGD, rho=0.05, mask="random", pattern="nm", n=2, m=4,
+                            update_unit="step", update_freq=2, seed=6, **sgd, **extra)
+    if variant == "esam":
+        return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.5, gamma=0.5, seed=7, **sgd, **extra)
+    if variant == "esam_element":
+        return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.6, swp="element", seed=7, **sgd, **extra)
+    raise KeyError(variant)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from sam_kernels.ops.dtensor import is_dtensor
+    return (t.full_tensor() if is_dtensor(t) else t).detach().clone()
+
+
+def train(rank, world: int, variant: str, wrap: str = "ddp", mode: str = "global", steps: int = STEPS):
+    """``steps`` steps of ``variant``; returns (final params as full tensors, the SAM/plain decisions).
+
+    wrap: "ddp" (DistributedDataParallel), "fsdp2" (fully_shard on each Linear and the root) or
+    "none". mode: the optimizer's ``distributed`` option; "m-sam" runs the first backward under
+    ``no_sync()``.
+    """
+    module = mlp()
+    model = module
+    if rank is not None and wrap == "ddp":
+        model = nn.parallel.DistributedDataParallel(module)
+    elif rank is not None and wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(module[0])
+        fully_shard(module[2])
+        fully_shard(module)
+    extra = {} if mode == "global" else {"distributed": mode}
+    opt = build(variant, module, rank, world, **extra)
+    first_pass = model.no_sync if mode == "m-sam" else contextlib.nullcontext
+    decisions = []
+    for x, y in batches(steps):
+        x, y = shard(x, rank, world), shard(y, rank, world)
+        if variant.startswith("esam"):
+            opt.zero_grad(set_to_none=True)
+            opt.step(lambda idx=None: F.cross_entropy(model(x if idx is None else x[idx]),
+                                                      y if idx is None else y[idx], reduction="none"))
+            continue
+        with first_pass():
+            LOSS(model(x), y).backward()
+        sam = opt.wants_sam()
+        decisions.append(sam)
+        if sam:
+            opt.first_step(zero_grad=True)
+            LOSS(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+        else:
+            opt.base_step(zero_grad=True)
+    return [full(p) for p in module.parameters()], decisions
