@@ -17,6 +17,7 @@ IN, HID, OUT = 5, 7, 3
 BATCH = 8  # global batch; rank r trains on rows [r·B/world, (r+1)·B/world)
 STEPS = 6
 LOSS = F.cross_entropy
+AE = dict(total_steps=STEPS, l1=0.5, l2=0.5, decay=0.5)  # AE-SAM thresholds that give both kinds of steps on this data
 
 
 def mlp() -> nn.Module:
@@ -54,7 +55,7 @@ def build(variant: str, module: nn.Module, rank, world: int, **extra):
     if variant == "asam":
         return sk.SAM(ps, torch.optim.SGD, rho=0.5, adaptive=True, **sgd, **extra)
     if variant == "sssam":
-        return sk.SSSAM(ps, torch.optim.SGD, rho=0.05, p=0.5, seed=3, **sgd, **extra)
+        return sk.SSSAM(ps, torch.optim.SGD, rho=0.05, p=0.5, seed=1, **sgd, **extra)
     if variant == "stablesam":
         return sk.StableSAM(ps, torch.optim.SGD, rho=0.05, **sgd, **extra)
     if variant == "stable_asam":
@@ -62,9 +63,9 @@ def build(variant: str, module: nn.Module, rank, world: int, **extra):
     if variant == "looksam":
         return sk.LookSAM(ps, torch.optim.SGD, rho=0.05, k=2, **sgd, **extra)
     if variant == "aesam":
-        return sk.AESAM(ps, torch.optim.SGD, rho=0.05, total_steps=STEPS, **sgd, **extra)
+        return sk.AESAM(ps, torch.optim.SGD, rho=0.05, **AE, **sgd, **extra)
     if variant == "aelooksam":
-        return sk.AELookSAM(ps, torch.optim.SGD, rho=0.05, total_steps=STEPS, **sgd, **extra)
+        return sk.AELookSAM(ps, torch.optim.SGD, rho=0.05, **AE, **sgd, **extra)
     if variant == "sparse_fisher":
         return sk.SparseSAM(ps, torch.optim.SGD, rho=0.05, sparsity=0.5, mask="fisher", model=module, loss_fn=LOSS,
                             fisher_data=fisher_data(rank, world), num_samples=3 * (1 if rank is not None else world),
@@ -106,9 +107,10 @@ def train(rank, world: int, variant: str, wrap: str = "ddp", mode: str = "global
         fully_shard(module[0])
         fully_shard(module[2])
         fully_shard(module)
-    extra = {} if mode == "global" else {"distributed": mode}
+    extra = {"distributed": mode} if mode == "m-sam" else {}
     opt = build(variant, module, rank, world, **extra)
-    first_pass = model.no_sync if mode == "m-sam" else contextlib.nullcontext
+    # "global-no_sync": the no_sync() recipe with the default mode (what the issue reports drifting)
+    first_pass = model.no_sync if mode in ("m-sam", "global-no_sync") else contextlib.nullcontext
     decisions = []
     for x, y in batches(steps):
         x, y = shard(x, rank, world), shard(y, rank, world)
