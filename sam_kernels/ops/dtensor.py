@@ -18,6 +18,8 @@ Rules (ours):
   N:M groups that may straddle shard boundaries of 1-D tensors) and return DTensor masks with
   the scores' placements (each rank keeps its own slice; no further communication).
 - ``sgd_restore_step_`` returns its momentum buffers as DTensors placed like the params.
+- ``perturb_`` with ``keep_prob`` draws the keep mask at each element's GLOBAL index (the
+  single-process mask), so it needs an explicit seed, equal on every rank.
 """
 from __future__ import annotations
 
@@ -113,6 +115,8 @@ def accepts_dtensor(fn: Callable) -> Callable:
                     for t in v if isinstance(t, torch.Tensor)]
         mesh, dims = _layout(name, dtensors)
         local = {k: _local(v) for k, v in bound.arguments.items()}
+        if name == "perturb_" and local.get("keep_prob") is not None and local["keep_prob"] < 1.0:
+            _global_keep_masks(bound.arguments, local)
         outer = reduce_groups()
         _context.groups = [mesh.get_group(d) for d in dims]
         try:
@@ -126,6 +130,44 @@ def accepts_dtensor(fn: Callable) -> Callable:
         return out
 
     return wrapper
+
+
+def _global_index(t) -> torch.Tensor:
+    """int64 tensor of the local shard's shape: each element's row-major index in the GLOBAL tensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    device = t.to_local().device
+    index = torch.zeros(shape, dtype=torch.int64, device=device)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        view = [1] * len(shape)
+        view[d] = -1
+        index += (torch.arange(offset[d], offset[d] + shape[d], device=device) * stride).view(view)
+        stride *= t.shape[d]
+    return index
+
+
+def _global_keep_masks(args: dict, local: dict) -> None:
+    """perturb_ with ``keep_prob`` on shards: the keep mask keyed by (seed, tensor position, GLOBAL element
+    index) — the single-process draw — folded into ``masks``; rho absorbs the 1/keep_prob scale."""
+    from .reference import fmix32, tensor_key
+
+    seed = args.get("seed")
+    if seed is None:
+        raise ValueError("perturb_: keep_prob on DTensors needs an explicit seed, the same on every rank "
+                         "(a seed drawn here would differ between ranks)")
+    keep_prob = float(local["keep_prob"])
+    masks = local.get("masks")
+    out = []
+    for i, p in enumerate(args["params"]):
+        gi = _global_index(p)
+        r = fmix32(fmix32((gi & 0xFFFFFFFF) ^ tensor_key(int(seed), i)) ^ (gi >> 32))
+        keep = (r >> 8) < int(keep_prob * (1 << 24))  # reference.keep_mask's formula, at global indices
+        out.append(keep if masks is None else keep & masks[i])
+    local["masks"] = out
+    local["rho"] = float(local["rho"]) / keep_prob
+    local["keep_prob"] = None
 
 
 def _rewrap(buf: Optional[torch.Tensor], param, given, sent) -> Optional[torch.Tensor]:

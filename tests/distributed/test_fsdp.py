@@ -1,0 +1,100 @@
+"""FSDP2 (``fully_shard``: DTensor parameters and gradients) = the unsharded run; FSDP1 is refused."""
+import pytest
+import torch
+from torch import nn
+
+import sam_kernels as sk
+from sam_kernels import ops
+
+from .common import mlp, train
+from .harness import WORLD
+
+FSDP2_VARIANTS = ["sam", "sam_adamw", "asam", "stablesam", "stable_asam", "looksam", "sparse_random", "sparse_nm",
+                  "sparse_dynamic", "esam", "esam_element", "sssam", "aesam"]
+
+
+@pytest.mark.parametrize("variant", FSDP2_VARIANTS)
+def test_fsdp2_equals_unsharded(pool, variant):
+    single, single_decisions = train(None, WORLD, variant)
+    for rank, (params, decisions) in enumerate(pool.run(train, variant, "fsdp2")):
+        assert decisions == single_decisions, f"rank {rank}"
+        for i, (a, b) in enumerate(zip(params, single)):
+            err = (a - b).abs().max().item()
+            assert err <= 1e-12, f"{variant} rank {rank} param {i}: {err:.3e}"
+
+
+def sharded_ops(rank, world):
+    """Each op on DTensor shards against the same op on the full tensors (one process's answer)."""
+    from torch.distributed.fsdp import fully_shard
+
+    module = mlp()
+    fully_shard(module)
+    ps = list(module.parameters())
+    torch.manual_seed(7)  # same full values on every rank
+    full_scores = [torch.rand(p.shape, dtype=torch.float64) for p in ps]
+    scores = sk.optim.masks.dtensor.shard_like(full_scores, ps)
+    out = {}
+    sq = ops.grad_sq_norm(scores)
+    out["sq"] = (sq.item(), ops.grad_sq_norm(full_scores).item(), type(sq).__name__)
+    out["dot"] = (ops.dot(scores, ps).item(), ops.dot(full_scores, [p.full_tensor() for p in ps]).item())
+    for density in (0.3, 0.5, 0.77):
+        masks = ops.topk_mask(scores, density)
+        local_count = sum(int(m.to_local().sum()) for m in masks)
+        want = ops.topk_mask(full_scores, density)
+        same = all(torch.equal(m.full_tensor(), w) for m, w in zip(masks, want))
+        out[f"topk{density}"] = (local_count, sum(int(w.sum()) for w in want), same)
+    nm = ops.nm_mask(scores, 2, 4)
+    out["nm"] = all(torch.equal(m.full_tensor(), w) for m, w in zip(nm, ops.nm_mask(full_scores, 2, 4)))
+    return out
+
+
+def test_fsdp2_ops_reduce_over_the_mesh_and_masks_keep_the_exact_global_count(pool):
+    ranks = pool.run(sharded_ops)
+    for out in ranks:
+        got, want, kind = out["sq"]
+        assert kind == "Tensor" and abs(got - want) <= 1e-12 * want
+        assert abs(out["dot"][0] - out["dot"][1]) <= 1e-12 * abs(out["dot"][1])
+        assert out["nm"]
+    for density in (0.3, 0.5, 0.77):
+        counts = [out[f"topk{density}"][0] for out in ranks]
+        assert sum(counts) == ranks[0][f"topk{density}"][1]  # the shards' counts add up to the exact global k
+        assert all(out[f"topk{density}"][2] for out in ranks)
+
+
+def fsdp1(rank, world, use_orig_params):
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    module = FullyShardedDataParallel(mlp(), sharding_strategy=ShardingStrategy.FULL_SHARD,
+                                      use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    before = [p.detach().clone() for p in module.parameters()]
+    try:
+        sk.SAM(module.parameters(), torch.optim.SGD, lr=0.1)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        message = None
+    return message, all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp1_is_refused_at_construction_pointing_to_fsdp2(pool, use_orig_params):
+    for message, unchanged in pool.run(fsdp1, use_orig_params):
+        assert message is not None and "FSDP1" in message and "fully_shard" in message
+        assert unchanged
+
+
+def test_msam_refuses_dtensor_parameters(pool):
+    for message in pool.run(msam_fsdp2):
+        assert message is not None and "distributed='global'" in message
+
+
+def msam_fsdp2(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    module = mlp()
+    fully_shard(module)
+    try:
+        sk.SAM(module.parameters(), torch.optim.SGD, lr=0.1, distributed="m-sam")
+    except ValueError as exc:
+        return str(exc)
+    return None
