@@ -81,6 +81,8 @@ def build(variant: str, module: nn.Module, rank, world: int, **extra):
                             update_unit="step", update_freq=2, seed=6, **sgd, **extra)
     if variant == "esam":
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.5, gamma=0.5, seed=7, **sgd, **extra)
+    if variant == "esam_freeze":  # the single-process saving kept: DDP needs find_unused_parameters=True
+        return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.5, gamma=0.5, seed=7, freeze=True, **sgd, **extra)
     if variant == "esam_element":
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.6, swp="element", seed=7, **sgd, **extra)
     raise KeyError(variant)
@@ -100,8 +102,8 @@ def train(rank, world: int, variant: str, wrap: str = "ddp", mode: str = "global
     """
     module = mlp()
     model = module
-    if rank is not None and wrap == "ddp":
-        model = nn.parallel.DistributedDataParallel(module)
+    if rank is not None and wrap in ("ddp", "ddp_unused"):
+        model = nn.parallel.DistributedDataParallel(module, find_unused_parameters=wrap == "ddp_unused")
     elif rank is not None and wrap == "fsdp2":
         from torch.distributed.fsdp import fully_shard
         fully_shard(module[0])

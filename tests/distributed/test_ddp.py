@@ -25,3 +25,9 @@ def test_ddp_global_equals_single_process_full_batch(pool, variant):
         assert_params_close(params, single, f"{variant}, rank {rank} vs one process")
     moved = max((a - b).abs().max().item() for a, b in zip(single, train(None, WORLD, variant, steps=0)[0]))
     assert moved > 1e-3  # the comparison is not between untrained models
+
+
+def test_ddp_esam_freeze_with_find_unused_parameters_equals_single_process(pool):
+    single, _ = train(None, WORLD, "esam")  # one process freezes by default
+    for rank, (params, _) in enumerate(pool.run(train, "esam_freeze", "ddp_unused")):
+        assert_params_close(params, single, f"esam freeze=True, find_unused_parameters=True, rank {rank}")
