@@ -70,26 +70,22 @@ def agreed_seed(seed: Optional[int] = None) -> int:
     return int(t.item())  # construction time, not a step: the host read is fine
 
 
-def world_size(group=None) -> int:
-    return dist.get_world_size(group) if is_initialized() else 1
-
-
-def all_reduce_mean_(tensors: Sequence[torch.Tensor], group=None) -> None:
-    """In place: each tensor ← its mean over the ranks of ``group``; one all-reduce per (device, dtype).
+def all_reduce_(tensors: Sequence[torch.Tensor], group=None, *, mean: bool = False) -> None:
+    """In place: each tensor ← its sum (``mean``: its mean) over the ranks of ``group``.
 
     The tensors are packed into one flat buffer per (device, dtype) (as DDP's buckets), so a model's
-    gradients cost one collective, not one per parameter. SUM then divide: gloo has no AVG.
+    gradients cost one collective, not one per parameter. The mean is SUM then divide: gloo has no AVG.
     """
     if not is_initialized() or not tensors:
         return
-    n = dist.get_world_size(group)
     buckets: dict = {}
     for t in tensors:
         buckets.setdefault((t.device, t.dtype), []).append(t)
     for ts in buckets.values():
         flat = torch.cat([t.reshape(-1) for t in ts])
         dist.all_reduce(flat, group=group)
-        flat.div_(n)
+        if mean:
+            flat.div_(dist.get_world_size(group))
         for t, part in zip(ts, flat.split([t.numel() for t in ts])):
             t.copy_(part.view_as(t))
 
@@ -109,10 +105,7 @@ def sum_over_ranks(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Te
     if not is_initialized():
         return list(tensors)
     out = [t.detach().clone(memory_format=torch.contiguous_format) for t in tensors]
-    n = dist.get_world_size(group)
-    all_reduce_mean_(out, group)
-    for t in out:
-        t.mul_(n)
+    all_reduce_(out, group)
     return out
 
 
@@ -200,14 +193,14 @@ class PerReplica(GlobalSync):
     def before_sam_descent(self, sam) -> None:
         firsts = [st["looksam_g"] for group in sam.param_groups for p in group["params"]
                   if p.grad is not None and "looksam_g" in (st := sam.state[p])]
-        all_reduce_mean_(firsts, self.process_group)
+        all_reduce_(firsts, self.process_group, mean=True)
 
     def before_plain_descent(self, grads):
-        all_reduce_mean_(list(grads), self.process_group)
+        all_reduce_(list(grads), self.process_group, mean=True)
 
     def agreed_grads(self, grads):
         present = [g.detach().clone() for g in grads if g is not None]
-        all_reduce_mean_(present, self.process_group)
+        all_reduce_(present, self.process_group, mean=True)
         it = iter(present)
         return [None if g is None else next(it) for g in grads]
 

@@ -7,7 +7,6 @@ import contextlib
 import functools
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn

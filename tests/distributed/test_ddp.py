@@ -1,6 +1,5 @@
 """DDP, global SAM (both backwards synchronized) = one process on the full batch, for every variant."""
 import pytest
-import torch
 
 from .common import train
 from .harness import WORLD

@@ -1,7 +1,6 @@
 """FSDP2 (``fully_shard``: DTensor parameters and gradients) = the unsharded run; FSDP1 is refused."""
 import pytest
 import torch
-from torch import nn
 
 import sam_kernels as sk
 from sam_kernels import ops
@@ -98,3 +97,8 @@ def msam_fsdp2(rank, world):
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def test_unknown_distributed_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        sk.SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, distributed="msam")
