@@ -83,6 +83,9 @@ def build(variant: str, module: nn.Module, rank, world: int, **extra):
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.5, gamma=0.5, seed=7, **sgd, **extra)
     if variant == "esam_freeze":  # the single-process saving kept: DDP needs find_unused_parameters=True
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.5, gamma=0.5, seed=7, freeze=True, **sgd, **extra)
+    if variant in ("esam_local", "esam_sds"):  # SDS only: local or global selection
+        return sk.ESAM(ps, torch.optim.SGD, rho=0.05, gamma=0.5, selection=variant[5:].replace("sds", "global"),
+                       **sgd, **extra)
     if variant == "esam_element":
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.6, swp="element", seed=7, **sgd, **extra)
     raise KeyError(variant)
@@ -93,12 +96,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if is_dtensor(t) else t).detach().clone()
 
 
-def train(rank, world: int, variant: str, wrap: str = "ddp", mode: str = "global", steps: int = STEPS):
+def train(rank, world: int, variant: str, wrap: str = "ddp", mode: str = "global", steps: int = STEPS,
+          backend=None):
     """``steps`` steps of ``variant``; returns (final params as full tensors, the SAM/plain decisions).
 
     wrap: "ddp" (DistributedDataParallel), "fsdp2" (fully_shard on each Linear and the root) or
     "none". mode: the optimizer's ``distributed`` option; "m-sam" runs the first backward under
-    ``no_sync()``.
+    ``no_sync()``. backend: the optimizer's kernel backend (None: automatic).
     """
     module = mlp()
     model = module
@@ -109,7 +113,7 @@ def train(rank, world: int, variant: str, wrap: str = "ddp", mode: str = "global
         fully_shard(module[0])
         fully_shard(module[2])
         fully_shard(module)
-    extra = {"distributed": mode} if mode == "m-sam" else {}
+    extra = ({"distributed": mode} if mode == "m-sam" else {}) | ({"backend": backend} if backend else {})
     opt = build(variant, module, rank, world, **extra)
     # "global-no_sync": the no_sync() recipe with the default mode (what the issue reports drifting)
     first_pass = model.no_sync if mode in ("m-sam", "global-no_sync") else contextlib.nullcontext

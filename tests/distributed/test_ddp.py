@@ -1,11 +1,15 @@
 """DDP, global SAM (both backwards synchronized) = one process on the full batch, for every variant."""
 import pytest
+import torch
+import torch.nn.functional as F
 
-from .common import train
+import sam_kernels as sk
+
+from .common import BATCH, batches, mlp, train
 from .harness import WORLD
 
 VARIANTS = ["sam", "sam_adamw", "asam", "sssam", "stablesam", "stable_asam", "looksam", "aesam", "aelooksam",
-            "sparse_fisher", "sparse_dynamic", "sparse_nm", "esam", "esam_element"]
+            "sparse_fisher", "sparse_dynamic", "sparse_nm", "esam", "esam_element", "esam_sds"]
 
 
 def assert_params_close(got, want, what):
@@ -30,3 +34,34 @@ def test_ddp_esam_freeze_with_find_unused_parameters_equals_single_process(pool)
     single, _ = train(None, WORLD, "esam")  # one process freezes by default
     for rank, (params, _) in enumerate(pool.run(train, "esam_freeze", "ddp_unused")):
         assert_params_close(params, single, f"esam freeze=True, find_unused_parameters=True, rank {rank}")
+
+
+def esam_local_reference(world: int = WORLD):
+    """ESAM(gamma=0.5, selection="local") under DDP, written out in one process: SAM's ascent on the full
+    batch, then each replica keeps the int(B_r·gamma) samples of ITS slice whose loss rose most, and the
+    descent gradient is the replica mean of the per-replica means (what DDP's average gives)."""
+    module = mlp()
+    opt = sk.SAM(module.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for x, y in batches():
+        before = F.cross_entropy(module(x), y, reduction="none")
+        before.mean().backward()
+        opt.first_step(zero_grad=True)
+        with torch.no_grad():
+            after = F.cross_entropy(module(x), y, reduction="none")
+        loss = 0
+        for r in range(world):
+            lo, hi = r * BATCH // world, (r + 1) * BATCH // world
+            rise = (after - before.detach())[lo:hi]
+            keep = torch.sort(torch.sort(rise, descending=True, stable=True).indices[:(hi - lo) // 2]).values + lo
+            loss = loss + F.cross_entropy(module(x[keep]), y[keep], reduction="none").mean() / world
+        loss.backward()
+        opt.second_step(zero_grad=True)
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_ddp_esam_local_selection_equals_per_replica_reference(pool):
+    want = esam_local_reference()
+    for rank, (params, _) in enumerate(pool.run(train, "esam_local", "ddp")):
+        assert_params_close(params, want, f"esam selection='local', rank {rank}")
+    glob, _ = train(None, WORLD, "esam_sds")  # the same ESAM with global selection: a different run
+    assert max((a - b).abs().max().item() for a, b in zip(glob, want)) > 1e-6

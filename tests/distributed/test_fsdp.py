@@ -22,6 +22,15 @@ def test_fsdp2_equals_unsharded(pool, variant):
             assert err <= 1e-12, f"{variant} rank {rank} param {i}: {err:.3e}"
 
 
+@pytest.mark.parametrize("variant", ["sam", "looksam", "sparse_nm", "esam_element"])
+def test_fsdp2_eager_backend_equals_unsharded(pool, variant):
+    """The issue's second failure: backend="eager" died on aten._foreach_copy_ with DTensors."""
+    single, _ = train(None, WORLD, variant, backend="eager")
+    for rank, (params, _) in enumerate(pool.run(train, variant, "fsdp2", "global", 6, "eager")):
+        for i, (a, b) in enumerate(zip(params, single)):
+            assert (a - b).abs().max().item() <= 1e-12, f"{variant} rank {rank} param {i}"
+
+
 def sharded_ops(rank, world):
     """Each op on DTensor shards against the same op on the full tensors (one process's answer)."""
     from torch.distributed.fsdp import fully_shard
