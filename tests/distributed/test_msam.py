@@ -76,8 +76,8 @@ def test_msam_equals_per_replica_reference(pool, variant):
     assert max((a - b).abs().max().item() for a, b in zip(glob, want)) > 1e-6
 
 
-@pytest.mark.parametrize("variant", ["stablesam", "stable_asam", "looksam", "aelooksam", "sparse_dynamic", "esam_element",
-                                     "sam_adamw"])
+@pytest.mark.parametrize("variant", ["stablesam", "stable_asam", "looksam", "aelooksam", "sparse_dynamic",
+                                     "esam_element", "sam_adamw"])
 def test_msam_replicas_stay_identical(pool, variant):
     (w0, d0), (w1, d1) = pool.run(train, variant, "ddp", "m-sam", 8)
     assert d0 == d1
