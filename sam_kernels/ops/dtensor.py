@@ -1,4 +1,4 @@
-"""DTensor (FSDP2 ``fully_shard``, tensor parallel) support for every op: local shards in, global reductions out.
+"""DTensor (FSDP2 ``fully_shard``) support for every op: local shards in, global reductions out.
 
 The compiled ops have no DTensor sharding rule, and a norm of a sharded gradient is a sum over
 every shard. So each public op that receives DTensors runs on the local shards (``to_local()``)
@@ -12,7 +12,8 @@ Rules (ours):
 - every DTensor of one call lives on the same mesh and is sharded (``Shard``) on the same mesh
   dimensions; ``Replicate`` dimensions are not reduced over (the replicas hold equal copies). A
   ``Partial`` placement (an unreduced sum) or a mix of plain tensors and DTensors is rejected with
-  a clear error before anything is written.
+  a clear error before anything is written. (Tensor parallel models, which mix sharded and
+  replicated parameters in one list, are therefore refused, not supported.)
 - ``topk_mask`` / ``nm_mask`` gather the full scores (``full_tensor()``: one all-gather per
   tensor, at mask refresh time), pick the mask exactly as in a single process (exact global count,
   N:M groups that may straddle shard boundaries of 1-D tensors) and return DTensor masks with
@@ -54,6 +55,7 @@ def all_reduce_partial(value: torch.Tensor) -> torch.Tensor:
     groups = reduce_groups()
     if not groups:
         return value
+    value = value.clone()  # never reduce in place a tensor a backend may still hold
     for group in groups:
         dist.all_reduce(value, group=group)
     return value

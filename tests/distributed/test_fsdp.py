@@ -111,3 +111,39 @@ def msam_fsdp2(rank, world):
 def test_unknown_distributed_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="distributed must be one of"):
         sk.SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, distributed="msam")
+
+
+def dtensor_errors(rank, world):
+    """Inputs the DTensor path cannot handle raise before anything is written."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Partial
+
+    module = mlp()
+    fully_shard(module)
+    ps = list(module.parameters())
+    grads = [torch.ones_like(p) for p in ps]
+    backups = [torch.empty_like(p) for p in ps]
+    before = [p.full_tensor() for p in ps]
+    out = []
+    attempts = [
+        lambda: ops.perturb_(ps, [g.full_tensor() for g in grads], backups, 0.05),  # plain grads
+        lambda: ops.perturb_(ps, grads, backups, 0.05, keep_prob=0.5),  # no seed: ranks would draw differently
+        lambda: ops.grad_sq_norm([g.redistribute(placements=[Partial()]) for g in grads]),
+    ]
+    for attempt in attempts:
+        try:
+            attempt()
+            out.append(None)
+        except (TypeError, ValueError) as exc:
+            out.append(type(exc).__name__ + ": " + str(exc))
+    unchanged = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, ps))
+    return out, unchanged
+
+
+def test_fsdp2_bad_dtensor_inputs_are_clear_errors(pool):
+    for messages, unchanged in pool.run(dtensor_errors):
+        assert unchanged
+        mixed, unseeded, partial = messages
+        assert mixed is not None and "mixes DTensors and plain tensors" in mixed
+        assert unseeded is not None and "explicit seed" in unseeded
+        assert partial is not None and "unreduced sum" in partial
