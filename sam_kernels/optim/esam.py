@@ -55,8 +55,8 @@ perturbs the same tensors. Tensors are NOT frozen by default there (``freeze=Non
 only in a single process"): DDP without ``find_unused_parameters=True`` expects a gradient for every
 parameter in each synchronized backward and raises "Expected to have finished reduction" otherwise;
 unselected tensors still get e = 0 (same maths, no compute saved). ``freeze=True`` keeps the
-saving where the wrapper allows it (DDP with ``find_unused_parameters=True``, or the first
-backward under ``no_sync()``). SDS selects GLOBALLY by default (``selection="global"``): the
+saving where the wrapper allows it (DDP with ``find_unused_parameters=True``, or m-SAM, whose first
+backward runs under ``no_sync()``). SDS selects GLOBALLY by default (``selection="global"``): the
 per-sample loss increases of all ranks are all-gathered (B floats per rank, one collective per
 SAM step; equal per-rank batch sizes required), the top int(world·B·gamma) of the whole batch are
 kept (ties to the lower global index, ranks in order), and each rank backpropagates

@@ -86,6 +86,9 @@ def build(variant: str, module: nn.Module, rank, world: int, **extra):
     if variant in ("esam_local", "esam_sds"):  # SDS only: local or global selection
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, gamma=0.5, selection=variant[5:].replace("sds", "global"),
                        **sgd, **extra)
+    if variant in ("esam_swp", "esam_swp_freeze"):  # SWP only (the manual protocol: m-SAM)
+        return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.5, seed=7, freeze=variant.endswith("freeze"), **sgd,
+                       **extra)
     if variant == "esam_element":
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.6, swp="element", seed=7, **sgd, **extra)
     raise KeyError(variant)
@@ -120,12 +123,12 @@ def train(rank, world: int, variant: str, wrap: str = "ddp", mode: str = "global
     decisions = []
     for x, y in batches(steps):
         x, y = shard(x, rank, world), shard(y, rank, world)
-        if variant.startswith("esam"):
+        if variant.startswith("esam") and mode != "m-sam":  # ESAM.step runs both passes: global SAM
             opt.zero_grad(set_to_none=True)
             opt.step(lambda idx=None: F.cross_entropy(model(x if idx is None else x[idx]),
                                                       y if idx is None else y[idx], reduction="none"))
             continue
-        with first_pass():
+        with first_pass(), (opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext()):
             LOSS(model(x), y).backward()
         sam = opt.wants_sam()
         decisions.append(sam)

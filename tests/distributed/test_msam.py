@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sam_kernels.optim import AdaptivePolicy
+from sam_kernels.optim.esam import draw_tensor_selection
 
 from .common import AE, LOSS, batches, mlp, shard, train
 from .harness import WORLD
@@ -21,18 +22,23 @@ def msam_reference(variant: str, world: int = WORLD, steps: int = AE["total_step
     """One process simulating ``world`` replicas, written from the m-SAM recipe (plain torch):
     e_r = rho·g_r/‖g_r‖ per replica; descent with the replica mean of g_r(w + e_r) on SAM steps and of
     g_r(w) on plain steps. SS-SAM draws from a generator seeded 1 (p = 0.5); AE-SAM decides from the
-    replica mean of ‖g_r‖²."""
+    replica mean of ‖g_r‖²; ESAM's SWP ("esam_swp") perturbs the tensors drawn (beta = 0.5, generator
+    seeded 7, the same on every replica) by rho·g_r/(‖g_r,selected‖·beta)."""
     module = mlp()
     params = list(module.parameters())
     sgd = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM)
     gen = torch.Generator().manual_seed(1)
+    swp = torch.Generator().manual_seed(7)
     ae = AdaptivePolicy(AE["total_steps"], l1=AE["l1"], l2=AE["l2"], decay=AE["decay"])
     decisions = []
     for t, (x, y) in enumerate(batches(steps)):
         shards = [(shard(x, r, world), shard(y, r, world)) for r in range(world)]
         first = [replica_grads(module, xr, yr) for xr, yr in shards]
-        if variant == "sam":
+        selected = [True] * len(params)
+        if variant in ("sam", "esam_swp"):
             sam = True
+            if variant == "esam_swp":
+                selected = draw_tensor_selection(len(params), 0.5, swp)
         elif variant == "sssam":
             sam = bool(torch.rand((), generator=gen) < 0.5)
         else:
@@ -42,11 +48,12 @@ def msam_reference(variant: str, world: int = WORLD, steps: int = AE["total_step
         if sam:
             second = []
             w = [p.detach().clone() for p in params]
+            beta = 0.5 if variant == "esam_swp" else 1.0
             for (xr, yr), gs in zip(shards, first):
-                norm = torch.sqrt(sum((g * g).sum() for g in gs))
+                norm = torch.sqrt(sum((g * g).sum() for g, s in zip(gs, selected) if s)) * beta
                 with torch.no_grad():
-                    for p, w0, g in zip(params, w, gs):
-                        p.copy_(w0 + RHO * g / (norm + 1e-12))
+                    for p, w0, g, s in zip(params, w, gs, selected):
+                        p.copy_(w0 + RHO * g / (norm + 1e-12) if s else w0)
                 second.append(replica_grads(module, xr, yr))
                 with torch.no_grad():
                     for p, w0 in zip(params, w):
@@ -60,19 +67,19 @@ def msam_reference(variant: str, world: int = WORLD, steps: int = AE["total_step
     return [p.detach().clone() for p in params], decisions
 
 
-@pytest.mark.parametrize("variant", ["sam", "sssam", "aesam"])
+@pytest.mark.parametrize("variant", ["sam", "sssam", "aesam", "esam_swp", "esam_swp_freeze"])
 def test_msam_equals_per_replica_reference(pool, variant):
-    want, want_decisions = msam_reference(variant)
+    want, want_decisions = msam_reference(variant.replace("_freeze", ""))
     ranks = pool.run(train, variant, "ddp", "m-sam")  # a rank waiting on its peer fails the run (harness)
     for rank, (params, decisions) in enumerate(ranks):
         assert decisions == want_decisions, f"rank {rank}"
         for i, (a, b) in enumerate(zip(params, want)):
             err = (a - b).abs().max().item()
             assert err <= 1e-12, f"{variant} rank {rank} param {i}: {err:.3e}"
-    if variant != "sam":
+    if variant in ("sssam", "aesam"):
         assert any(want_decisions) and not all(want_decisions)  # plain steps were exercised
     # m-SAM is not global SAM: the per-replica perturbation changes the result.
-    glob, _ = train(None, WORLD, variant)
+    glob, _ = train(None, WORLD, variant.replace("_freeze", ""))
     assert max((a - b).abs().max().item() for a, b in zip(glob, want)) > 1e-6
 
 
