@@ -27,7 +27,8 @@ Random draws agree by construction: every seed the optimizer layer draws (SS-SAM
 selections, Sparse SAM's masks) goes through :func:`agreed_seed`, which broadcasts rank 0's seed
 at construction when ``torch.distributed`` is initialized (one broadcast per seeded object, none
 per step). Sparse SAM's Fisher scores are summed across ranks before the top-k (so the mask
-covers every rank's ``num_samples``), and m-SAM's dynamic masks drop by the rank-averaged |g|.
+covers every rank's ``num_samples``), and m-SAM's dynamic masks drop by |ḡ|, ḡ the rank-averaged
+gradient.
 
 FSDP1 (``FullyShardedDataParallel``) is refused at construction (:func:`check_params`): its flat
 shards would give every rank its own shard's norm, a silently wrong perturbation.

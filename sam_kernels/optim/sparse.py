@@ -194,7 +194,7 @@ class SparseSAM(SAM):
         seed: seeds the mask generator (random/dynamic masks; distributed: rank 0's seed is used).
 
     Distributed: every rank holds the same mask (see :mod:`.masks`); with ``distributed="m-sam"``
-    the dynamic mask drops by the rank-averaged |g| (one gradient all-reduce per refresh). Under
+    the dynamic mask drops by |ḡ|, ḡ the rank-averaged gradient (one gradient all-reduce per refresh). Under
     FSDP2 (DTensor parameters) the random and dynamic masks work; the Fisher mask does not yet
     (its per-sample passes need the unsharded module) and is refused at construction.
 
