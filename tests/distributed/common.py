@@ -103,19 +103,24 @@ def train(rank, world: int, variant: str, wrap: str = "ddp", mode: str = "global
           backend=None):
     """``steps`` steps of ``variant``; returns (final params as full tensors, the SAM/plain decisions).
 
-    wrap: "ddp" (DistributedDataParallel), "fsdp2" (fully_shard on each Linear and the root) or
-    "none". mode: the optimizer's ``distributed`` option; "m-sam" runs the first backward under
+    wrap: "ddp" (DistributedDataParallel; "ddp_unused": find_unused_parameters=True), "fsdp2"
+    (fully_shard on each Linear and the root; "fsdp2_hsdp_RxS": on an R×S (replicate, shard) mesh)
+    or "none". mode: the optimizer's ``distributed`` option; "m-sam" runs the first backward under
     ``no_sync()``. backend: the optimizer's kernel backend (None: automatic).
     """
     module = mlp()
     model = module
     if rank is not None and wrap in ("ddp", "ddp_unused"):
         model = nn.parallel.DistributedDataParallel(module, find_unused_parameters=wrap == "ddp_unused")
-    elif rank is not None and wrap == "fsdp2":
+    elif rank is not None and wrap.startswith("fsdp2"):
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        fully_shard(module[0])
-        fully_shard(module[2])
-        fully_shard(module)
+        mesh = None
+        if wrap.startswith("fsdp2_hsdp"):  # HSDP: (replicate, shard) mesh, e.g. "fsdp2_hsdp_2x1"
+            shape = tuple(int(n) for n in wrap.rsplit("_", 1)[1].split("x"))
+            mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        for m in (module[0], module[2], module):
+            fully_shard(m, mesh=mesh)
     extra = ({"distributed": mode} if mode == "m-sam" else {}) | ({"backend": backend} if backend else {})
     opt = build(variant, module, rank, world, **extra)
     # "global-no_sync": the no_sync() recipe with the default mode (what the issue reports drifting)

@@ -31,6 +31,17 @@ def test_fsdp2_eager_backend_equals_unsharded(pool, variant):
             assert (a - b).abs().max().item() <= 1e-12, f"{variant} rank {rank} param {i}"
 
 
+@pytest.mark.parametrize("mesh", ["1x2", "2x1"])
+@pytest.mark.parametrize("variant", ["sam", "stable_asam", "looksam", "sparse_dynamic"])
+def test_hsdp_equals_unsharded(pool, variant, mesh):
+    """HSDP (Replicate, Shard) meshes: reductions run over the shard dimension only (2x1: the two ranks
+    are replicas, nothing is summed across them; 1x2: both shards are summed)."""
+    single, _ = train(None, WORLD, variant)
+    for rank, (params, _) in enumerate(pool.run(train, variant, f"fsdp2_hsdp_{mesh}")):
+        for i, (a, b) in enumerate(zip(params, single)):
+            assert (a - b).abs().max().item() <= 1e-12, f"{variant} {mesh} rank {rank} param {i}"
+
+
 def sharded_ops(rank, world):
     """Each op on DTensor shards against the same op on the full tensors (one process's answer)."""
     from torch.distributed.fsdp import fully_shard
