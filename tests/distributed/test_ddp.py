@@ -65,3 +65,19 @@ def test_ddp_esam_local_selection_equals_per_replica_reference(pool):
         assert_params_close(params, want, f"esam selection='local', rank {rank}")
     glob, _ = train(None, WORLD, "esam_sds")  # the same ESAM with global selection: a different run
     assert max((a - b).abs().max().item() for a, b in zip(glob, want)) > 1e-6
+
+
+def global_selection(rank, world):
+    from sam_kernels.optim.esam import global_sharpness_indices
+
+    before = torch.zeros(4, dtype=torch.float64)
+    # rank 1's samples all rose more than rank 0's; a tie between rank 0's samples 1 and 3
+    after = torch.tensor([0.1, 0.3, 0.2, 0.3], dtype=torch.float64) + rank
+    picks = {gamma: global_sharpness_indices(before, after, gamma) for gamma in (0.5, 0.75)}
+    return {gamma: (idx.tolist(), weight) for gamma, (idx, weight) in picks.items()}
+
+
+def test_esam_global_selection_spans_ranks_with_exact_count_and_weight(pool):
+    r0, r1 = pool.run(global_selection)
+    assert r0[0.5] == ([], 2 / 4) and r1[0.5] == ([0, 1, 2, 3], 2 / 4)  # k = 4 of 8, all on rank 1
+    assert r0[0.75] == ([1, 3], 2 / 6) and r1[0.75] == ([0, 1, 2, 3], 2 / 6)  # k = 6: rank 0's tie kept whole
