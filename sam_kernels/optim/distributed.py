@@ -19,8 +19,9 @@ Modes (``SAM(..., distributed=...)``):
   steps (SS-SAM, AE-SAM, LookSAM) average the unsynchronized gradients across ranks first (one
   gradient all-reduce, what DDP would have done); policies that read ‖g‖² (AE-SAM) decide from
   the mean over ranks of the local ‖g_r‖² (one scalar all-reduce); ``first_step``'s NaN/Inf check
-  and Stable SAM's reference norm use the same mean (one scalar all-reduce, skipped when neither
-  is on); LookSAM averages its stored first-pass gradient on its SAM steps (one gradient
+  and Stable SAM's reference norm use the same kind of mean (one scalar all-reduce, skipped when
+  neither is on, and reused from the policy's when that one covered the same norm: no ASAM group,
+  every parameter perturbed); LookSAM averages its stored first-pass gradient on its SAM steps (one gradient
   all-reduce every k steps), so its g_v is the same on every rank.
 
 Random draws agree by construction: every seed the optimizer layer draws (SS-SAM's policy, ESAM's
@@ -144,8 +145,8 @@ class GlobalSync:
     def check(self, params: Sequence[torch.Tensor]) -> None:
         check_params(params)
 
-    def policy_sq_norm(self, sq: torch.Tensor) -> torch.Tensor:
-        """The ‖g‖² a policy decides from."""
+    def policy_sq_norm(self, sam, sq: torch.Tensor) -> torch.Tensor:
+        """The ‖g‖² a policy decides from (``sq``: this rank's, of every first-pass gradient)."""
         return sq
 
     def ascent_sq_norm(self, sam, sq: torch.Tensor) -> torch.Tensor:
@@ -171,6 +172,10 @@ class PerReplica(GlobalSync):
     mode = "m-sam"
     per_replica = True
 
+    def __init__(self, process_group=None):
+        super().__init__(process_group)
+        self._policy_mean: Optional[tuple[int, torch.Tensor]] = None  # (step, rank-mean ‖g‖²) of wants_sam
+
     def check(self, params: Sequence[torch.Tensor]) -> None:
         super().check(params)
         if any(_is_dtensor(p) for p in params):
@@ -182,14 +187,22 @@ class PerReplica(GlobalSync):
             return sq
         return all_reduce_sum(sq, self.process_group) / dist.get_world_size(self.process_group)
 
-    def policy_sq_norm(self, sq):
-        return self._mean(sq)
+    def policy_sq_norm(self, sam, sq):
+        mean = self._mean(sq)
+        self._policy_mean = (sam.step_count, mean)
+        return mean
 
     def ascent_sq_norm(self, sam, sq):
         from .descent import Renormalize
-        if sam.finite_check or any(isinstance(m, Renormalize) for m in sam.modifiers):
-            return self._mean(sq)
-        return sq
+        if not (sam.finite_check or any(isinstance(m, Renormalize) for m in sam.modifiers)):
+            return sq
+        cached, self._policy_mean = self._policy_mean, None
+        if (cached is not None and cached[0] == sam.step_count and sam.ascent_params() is None
+                and not any(g["adaptive"] for g in sam.param_groups)):
+            # The ascent norm is then the policy's ‖g‖² of the same gradients (the same op on the same
+            # list, bitwise): reuse its rank mean, so AE-SAM costs one scalar all-reduce per step, not two.
+            return cached[1]
+        return self._mean(sq)
 
     def before_sam_descent(self, sam) -> None:
         firsts = [st["looksam_g"] for group in sam.param_groups for p in group["params"]

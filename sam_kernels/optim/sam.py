@@ -152,7 +152,7 @@ class SAM(torch.optim.Optimizer):
             if not grads:
                 raise RuntimeError(f"SAM: the {type(self.policy).__name__} reads the first-pass gradients: call "
                                    f"wants_sam() after the first backward")
-            return self.distributed.policy_sq_norm(ops.grad_sq_norm(grads, backend=self.backend))
+            return self.distributed.policy_sq_norm(self, ops.grad_sq_norm(grads, backend=self.backend))
         return sq_norm
 
     def _restored(self, p: torch.Tensor) -> torch.Tensor:

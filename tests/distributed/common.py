@@ -64,6 +64,8 @@ def build(variant: str, module: nn.Module, rank, world: int, **extra):
         return sk.LookSAM(ps, torch.optim.SGD, rho=0.05, k=2, **sgd, **extra)
     if variant == "aesam":
         return sk.AESAM(ps, torch.optim.SGD, rho=0.05, **AE, **sgd, **extra)
+    if variant == "aesam_asam":
+        return sk.AESAM(ps, torch.optim.SGD, rho=0.5, adaptive=True, **AE, **sgd, **extra)
     if variant == "aelooksam":
         return sk.AELookSAM(ps, torch.optim.SGD, rho=0.05, **AE, **sgd, **extra)
     if variant == "sparse_fisher":

@@ -2,11 +2,12 @@
 synchronized plain steps, identical decisions on every rank."""
 import pytest
 import torch
+from torch import nn
 
 from sam_kernels.optim import AdaptivePolicy
 from sam_kernels.optim.esam import draw_tensor_selection
 
-from .common import AE, LOSS, batches, mlp, shard, train
+from .common import AE, LOSS, batches, build, mlp, shard, train
 from .harness import WORLD
 
 RHO, LR, MOMENTUM = 0.05, 0.1, 0.9
@@ -103,3 +104,39 @@ def msam_sssam_without_sync(rank, world):
 def test_msam_mode_fixes_the_drift_of_the_no_sync_recipe(pool):
     (w0, _), (w1, _) = pool.run(msam_sssam_without_sync)
     assert max((a - b).abs().max().item() for a, b in zip(w0, w1)) > 1e-4
+
+
+def nan_on_one_rank(rank, world, variant):
+    """m-SAM: a NaN in ONE rank's unsynchronized first-pass gradient. Every rank must raise the same
+    FloatingPointError (a rank that went on would wait for its peer's second backward forever),
+    with the weights unperturbed, and training must go on in lockstep afterwards."""
+    module = mlp()
+    model = nn.parallel.DistributedDataParallel(module)
+    opt = build(variant, module, rank, world, distributed="m-sam")
+    raised = []
+    for t, (x, y) in enumerate(batches(5)):
+        x, y = shard(x, rank, world), shard(y, rank, world)
+        with model.no_sync():
+            LOSS(model(x), y).backward()
+        if t == 2 and rank == 1:
+            next(module.parameters()).grad.view(-1)[0] = float("nan")
+        before = [p.detach().clone() for p in module.parameters()]
+        try:
+            if opt.wants_sam():
+                opt.first_step(zero_grad=True)
+                LOSS(model(x), y).backward()
+                opt.second_step(zero_grad=True)
+            else:
+                opt.base_step(zero_grad=True)
+        except FloatingPointError:
+            raised.append(t)
+            assert all(torch.equal(a, p) for a, p in zip(before, module.parameters()))
+            opt.zero_grad(set_to_none=True)
+    return raised, [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("variant", ["sam", "aesam", "sssam", "stablesam"])
+def test_msam_nan_on_one_rank_raises_on_every_rank(pool, variant):
+    (r0, w0), (r1, w1) = pool.run(nan_on_one_rank, variant)
+    assert r0 == r1 == [2]
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
