@@ -158,3 +158,29 @@ def test_fsdp2_bad_dtensor_inputs_are_clear_errors(pool):
         assert mixed is not None and "mixes DTensors and plain tensors" in mixed
         assert unseeded is not None and "explicit seed" in unseeded
         assert partial is not None and "unreduced sum" in partial
+
+
+def fsdp2_nan_on_one_shard(rank, world):
+    """A NaN in one rank's gradient shard: the all-reduced norm makes every rank raise, weights unperturbed."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .common import LOSS, batches, shard
+
+    module = mlp()
+    fully_shard(module)
+    opt = sk.SAM(module.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batches(1)[0]
+    LOSS(module(shard(x, rank, world)), shard(y, rank, world)).backward()
+    if rank == 1:
+        next(module.parameters()).grad.to_local().view(-1)[0] = float("nan")
+    before = [p.full_tensor() for p in module.parameters()]
+    try:
+        opt.first_step()
+        raised = False
+    except FloatingPointError:
+        raised = True
+    return raised, all(torch.equal(a, p.full_tensor()) for a, p in zip(before, module.parameters()))
+
+
+def test_fsdp2_nan_on_one_shard_raises_on_every_rank(pool):
+    assert pool.run(fsdp2_nan_on_one_shard) == [(True, True), (True, True)]
