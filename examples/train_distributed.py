@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 
 import torch
@@ -123,6 +124,10 @@ def main() -> None:
     if rank == 0:
         print(f"{args.variant} ({args.mode}, {args.wrap}, {world} ranks): {sam_steps}/{args.steps} SAM steps; "
               f"max weight difference between ranks {diff.item():.1e}")
+    # Free DDP's reducer now, not at interpreter exit, where torch 2.14 + gloo sometimes aborts
+    # ("terminate called without an active exception"; seen without sam_kernels too).
+    del model, opt
+    gc.collect()
     dist.barrier()  # no rank tears its process group down while a peer still talks to it
     dist.destroy_process_group()
     if diff.item() != 0:

@@ -26,23 +26,26 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
 from typing import Any, Callable, Optional
 
 import torch
-
-try:
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # torch built without distributed support: no DTensor can reach the ops
-    dist = None
-    DTensor = None
+import torch.distributed as dist
 
 _context = threading.local()
 
 
 def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    """Whether ``t`` is a DTensor. torch.distributed.tensor is not imported here (0.35 s): until
+    something else imports it, no DTensor can exist."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _dtensor_api():
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    return DTensor, distribute_tensor
 
 
 def reduce_groups() -> Optional[list]:
@@ -92,6 +95,7 @@ def _full_like_scores(op: str, fn: Callable, scores, *args, **kwargs) -> list[to
     """Mask ops: gather full scores, build the mask as in one process, keep each rank's slice."""
     _layout(op, list(scores))
     full = fn([s.full_tensor() for s in scores], *args, **kwargs)
+    _, distribute_tensor = _dtensor_api()
     # Every rank built the same full mask: slice it locally (src_data_rank=None: no communication).
     return [distribute_tensor(m, s.device_mesh, s.placements, src_data_rank=None) for m, s in zip(full, scores)]
 
@@ -179,6 +183,7 @@ def _rewrap(buf: Optional[torch.Tensor], param, given, sent) -> Optional[torch.T
         return None
     if sent is not None and buf is sent:
         return given
+    DTensor, _ = _dtensor_api()
     return DTensor.from_local(buf, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                               stride=param.stride())
 
@@ -191,5 +196,6 @@ def full_tensors(tensors):
 def shard_like(tensors, likes):
     """Each full tensor sliced like the DTensor at the same position of ``likes`` (no communication:
     every rank holds the same full value); positions whose ``like`` is plain are returned as given."""
+    _, distribute_tensor = _dtensor_api()
     return [distribute_tensor(t, ref.device_mesh, ref.placements, src_data_rank=None) if is_dtensor(ref) else t
             for t, ref in zip(tensors, likes)]
