@@ -379,6 +379,7 @@ class MaskProvider:
         self.generator = torch.Generator()
         self.generator.manual_seed(agreed_seed(seed))  # distributed: rank 0's seed, same masks everywhere
         self.masks: Optional[list[torch.Tensor]] = None
+        self.process_group = None  # the data-parallel group Fisher scores are summed over (None: default group)
 
     @property
     def density(self) -> float:
@@ -449,7 +450,7 @@ class FisherMask(MaskProvider):
             raise ValueError("a Fisher mask needs data: refresh(params, model=..., loss_fn=..., data=...)")
         # Summed over the ranks (each saw its own data), so every rank ranks the same scores.
         self.last_scores = sum_over_ranks(fisher_scores(model, loss_fn, data, params, num_samples=self.num_samples,
-                                                        method=self.method, train=self.train))
+                                                        method=self.method, train=self.train), self.process_group)
         return pattern_mask(self.last_scores, self.pattern, self.density, self.n, self.m)
 
 

@@ -255,6 +255,7 @@ class SparseSAM(SAM):
         else:
             provider = RandomMask(**common)
         self.mask_provider = provider
+        provider.process_group = self.distributed.process_group
         self._ascent_done = False
 
     # ------------------------------------------------------------------ masks

@@ -118,3 +118,37 @@ def test_collectives_per_step(pool, case):
             assert kinds == {True, False}, "the case must exercise both kinds of steps"
         for sam, counts in per_step:
             assert counts == (sam_steps if sam else plain_steps), (sam, counts)
+
+
+def custom_group(rank, world):
+    """m-SAM and Sparse SAM's Fisher sum on a user-given process group: every step collective uses it."""
+    from sam_kernels.optim.distributed import PerReplica
+
+    pg = dist.new_group(list(range(world)))
+    seen = []
+    original = dist.all_reduce
+
+    def recording(tensor, *args, group=None, **kwargs):
+        seen.append(group is pg)
+        return original(tensor, *args, group=group, **kwargs)
+
+    module = mlp()
+    model = nn.parallel.DistributedDataParallel(module, process_group=pg)
+    opt = build("sparse_fisher", module, rank, world, distributed=PerReplica(process_group=pg))
+    dist.all_reduce = recording
+    try:
+        for x, y in batches(4):
+            x, y = shard(x, rank, world), shard(y, rank, world)
+            with model.no_sync():
+                LOSS(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            LOSS(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+    finally:
+        dist.all_reduce = original
+    return seen
+
+
+def test_a_given_process_group_carries_every_collective(pool):
+    for seen in pool.run(custom_group):
+        assert len(seen) == 4 + 2 and all(seen)  # one check per step, one Fisher sum per refresh (steps 0, 3)
