@@ -50,11 +50,11 @@ def is_initialized() -> bool:
 
 
 def _collective_device(group=None) -> torch.device:
-    """Where host values (seeds) travel: CPU for gloo, the current CUDA device for NCCL-only groups."""
+    """Where host values (seeds) travel: the current CUDA device for NCCL-only groups, else CPU."""
     backend = str(dist.get_backend(group)).lower()
-    if "gloo" in backend or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    if "nccl" in backend and "gloo" not in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def agreed_seed(seed: Optional[int] = None) -> int:
