@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from . import dispatch
+from .dtensor import all_reduce_partial
 from .reference import tensor_key
 
 Tensors = Sequence[torch.Tensor]
@@ -273,12 +274,12 @@ def grad_sq_norm(grads: Tensors, *, params: Optional[Tensors] = None, masks: Opt
     eta = float(eta)
     parts = _launch("grad_sq_norm", backend, lambda fn, pick, _: fn(pick(grads), pick(params), pick(masks), eta),
                     grads, params=params, masks=masks)
-    return _sum_on(parts, grads)
+    return all_reduce_partial(_sum_on(parts, grads))  # DTensor shards: summed over the mesh (ops/dtensor.py)
 
 
 def dot(a: Tensors, b: Tensors, *, backend: Optional[str] = None) -> torch.Tensor:
     """Σ_i ⟨a_i, b_i⟩ over all tensors, as a 0-dim fp32 tensor (fp64 if all inputs are fp64)."""
-    return _sum_on(_launch("dot", backend, lambda fn, pick, _: fn(pick(a), pick(b)), a, b=b), a)
+    return all_reduce_partial(_sum_on(_launch("dot", backend, lambda fn, pick, _: fn(pick(a), pick(b)), a, b=b), a))
 
 
 # --------------------------------------------------------------------------- perturb / restore

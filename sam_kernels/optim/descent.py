@@ -97,7 +97,7 @@ class LookSAMReuse(Modifier):
             if "looksam_g" not in st:
                 st["looksam_g"] = torch.empty_like(g, memory_format=torch.preserve_format)
             firsts.append(st["looksam_g"])
-        torch._foreach_copy_(firsts, grads)
+        ops.restore_(firsts, grads, backend=sam.backend)  # a bitwise list copy that also takes DTensors (FSDP2)
 
     def before_descent(self, sam, params, grads, sam_step, sq_norm):
         if sam_step:

@@ -56,6 +56,20 @@ extra forward. Manual protocol (no SDS)::
 Without ``ascent_pass`` the selection is drawn in ``first_step``: unselected tensors still get
 e = 0, but their first-pass gradients were computed (no saving).
 
+Distributed (``torch.distributed`` initialized): the selections' seed is rank 0's, so every rank
+perturbs the same tensors. Tensors are NOT frozen by default there (``freeze=None`` means "freeze
+only in a single process"): DDP without ``find_unused_parameters=True`` expects a gradient for every
+parameter in each synchronized backward and raises "Expected to have finished reduction" otherwise;
+unselected tensors still get e = 0 (same maths, no compute saved). ``freeze=True`` keeps the
+saving where the wrapper allows it (DDP with ``find_unused_parameters=True``, or m-SAM, whose first
+backward runs under ``no_sync()``). SDS selects GLOBALLY by default (``selection="global"``): the
+per-sample loss increases of all ranks are all-gathered (B floats per rank, one collective per
+SAM step; equal per-rank batch sizes required), the top int(world·B·gamma) of the whole batch are
+kept (ties to the lower global index, ranks in order), and each rank backpropagates
+``world/k · Σ`` over its own selected samples, so DDP's average is the single-process mean over the
+selected samples. The per-rank count varies, so this reads one count on the host. With
+``selection="local"`` each rank keeps its own top int(B·gamma) (no collective, no sync).
+
 Policies: with a policy that does not read the gradient norm (SS-SAM, LookSAM), ``step`` asks it
 BEFORE the first pass; a plain step then runs one dense pass. With AE-SAM (which reads ‖g‖), no
 tensor is frozen (a plain step needs every gradient) and SWP only zeroes e; noted as a cost.
@@ -71,6 +85,7 @@ import torch
 from .. import ops
 from . import amp
 from .batchnorm import frozen_running_stats
+from .distributed import agreed_seed, is_initialized
 from .sam import SAM
 
 SWP_MODES = ("tensor", "element")
@@ -106,6 +121,31 @@ def sharpness_indices(loss_before: torch.Tensor, loss_after: torch.Tensor, gamma
     return torch.sort(top).values
 
 
+def global_sharpness_indices(loss_before: torch.Tensor, loss_after: torch.Tensor, gamma: float,
+                             group=None) -> tuple[torch.Tensor, float]:
+    """SDS over the whole distributed batch: (this rank's selected indices, ascending; the loss weight).
+
+    The loss increases of every rank are all-gathered (equal per-rank batch sizes B), the top
+    k = int(world·B·gamma) over the concatenation in rank order are kept (ties: lower global
+    index), and the weight world/k makes DDP's gradient average equal the mean over the k selected
+    samples. The local count varies by rank: the boolean selection reads it on the host (one sync).
+    """
+    import torch.distributed as dist
+
+    if loss_before.dim() != 1 or loss_before.shape != loss_after.shape:
+        raise ValueError(f"ESAM: the closure must return per-sample losses of shape [B]; got "
+                         f"{tuple(loss_before.shape)} at w and {tuple(loss_after.shape)} at w + e")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    batch = loss_before.shape[0]
+    increase = (loss_after.detach() - loss_before.detach()).contiguous()
+    parts = [torch.empty_like(increase) for _ in range(world)]
+    dist.all_gather(parts, increase, group=group)
+    k = num_selected(world * batch, gamma)
+    top = torch.sort(torch.cat(parts), descending=True, stable=True).indices[:k]
+    mine = top[(top >= rank * batch) & (top < (rank + 1) * batch)] - rank * batch
+    return torch.sort(mine).values, world / k
+
+
 @contextlib.contextmanager
 def frozen(params: Sequence[torch.Tensor]) -> Iterator[None]:
     """``requires_grad`` off for ``params`` inside the block (autograd skips their gradients), restored after."""
@@ -130,21 +170,31 @@ class ESAM(SAM):
             (authors' runs 0.5–0.6; 1.0 = off).
         gamma: fraction of the batch used by the second pass (authors' runs 0.5; 1.0 = off).
         swp: ``"tensor"`` (default) or ``"element"``; see the module docstring.
-        seed: seeds the CPU generator of the selections (None: drawn from torch's global RNG).
+        seed: seeds the CPU generator of the selections (None: drawn from torch's global RNG;
+            distributed: rank 0's seed is used on every rank).
+        freeze: leave unselected tensors out of the first backward (``requires_grad`` off). None
+            (default): only when ``torch.distributed`` is not initialized (see the module docstring).
+        selection: ``"global"`` (default) or ``"local"``: where SDS ranks the samples in a
+            distributed run (module docstring); no effect in a single process.
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *, beta: float = 1.0,
-                 gamma: float = 1.0, swp: str = "tensor", seed: Optional[int] = None, **kwargs):
+                 gamma: float = 1.0, swp: str = "tensor", seed: Optional[int] = None,
+                 freeze: Optional[bool] = None, selection: str = "global", **kwargs):
         if not 0.0 < beta <= 1.0:
             raise ValueError(f"beta must be in (0, 1], got {beta}")
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}")
         if swp not in SWP_MODES:
             raise ValueError(f"swp must be one of {SWP_MODES}, got {swp!r}")
+        if selection not in ("global", "local"):
+            raise ValueError(f"selection must be 'global' or 'local', got {selection!r}")
         super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
         self.beta, self.gamma, self.swp = float(beta), float(gamma), swp
+        self.freeze = (not is_initialized()) if freeze is None else bool(freeze)
+        self.selection = selection
         self.generator = torch.Generator()
-        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+        self.generator.manual_seed(agreed_seed(seed))  # distributed: rank 0's seed, same selections everywhere
         self._selection: Optional[list[bool]] = None  # per param of all groups, this step
 
     # ------------------------------------------------------------------ selection
@@ -174,7 +224,7 @@ class ESAM(SAM):
         Nothing is frozen for element SWP, for beta = 1, on a step the policy makes plain, or with
         a policy that reads the first-pass gradient norm (see the module docstring).
         """
-        if not self._tensor_swp or self.policy.needs_grad_norm or not self.wants_sam():
+        if not self._tensor_swp or not self.freeze or self.policy.needs_grad_norm or not self.wants_sam():
             yield
             return
         sel = self._draw()
@@ -256,15 +306,20 @@ class ESAM(SAM):
             return losses.detach()
         self.first_step(zero_grad=True)
         try:
-            indices = None
+            indices, weight = None, None
             # The closure's model is unknown here: the pre-hook form freezes whatever it calls.
             with frozen_running_stats():
                 if self.gamma < 1.0:
                     with torch.no_grad():
                         after = closure(None)
-                    indices = sharpness_indices(losses, after, self.gamma)
+                    if self.selection == "global" and is_initialized():
+                        indices, weight = global_sharpness_indices(losses, after, self.gamma,
+                                                                   self.distributed.process_group)
+                    else:
+                        indices = sharpness_indices(losses, after, self.gamma)
                 with torch.enable_grad():
-                    self._backward(closure(indices).mean())
+                    selected = closure(indices)
+                    self._backward(selected.mean() if weight is None else selected.sum() * weight)
         except BaseException:
             self.restore()
             raise

@@ -20,6 +20,15 @@ Scores and patterns
   weights along the reduction dimension (in_features; in·kh·kw for conv) keep the ``n`` largest.
   The density is n/m, so the sparsity is implied (1 − n/m).
 
+Distributed
+-----------
+Seeds are rank 0's (:func:`~sam_kernels.optim.distributed.agreed_seed`), Fisher scores are summed
+over the ranks before the top-k (the sum then covers ``num_samples`` per rank), and the top-k /
+N:M choice is deterministic, so every rank holds the same mask. With DTensor (FSDP2) parameters a
+refresh gathers the full gradients and masks (``full_tensor``: one all-gather per tensor, at
+refresh time only), builds the mask exactly as one process would, and keeps DTensor masks placed
+like the parameters (ours; it costs the full model's size in memory during the refresh).
+
 Refresh cadence
 ---------------
 :class:`RefreshCadence` counts time in ``update_unit`` ("epoch" or "step") and says a refresh is
@@ -37,6 +46,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops import dtensor
+from .distributed import agreed_seed, sum_over_ranks
 
 Tensors = Sequence[torch.Tensor]
 PATTERNS = ("unstructured", "structured", "nm")
@@ -366,8 +377,9 @@ class MaskProvider:
         self.n, self.m = n, m
         self.cadence = cadence if cadence is not None else RefreshCadence()
         self.generator = torch.Generator()
-        self.generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+        self.generator.manual_seed(agreed_seed(seed))  # distributed: rank 0's seed, same masks everywhere
         self.masks: Optional[list[torch.Tensor]] = None
+        self.process_group = None  # the data-parallel group Fisher scores are summed over (None: default group)
 
     @property
     def density(self) -> float:
@@ -382,10 +394,19 @@ class MaskProvider:
         """Build a new mask for ``params`` now, store it and record the refresh in the cadence."""
         params = list(params)
         grads = [None] * len(params) if grads is None else list(grads)
-        # In each param's memory layout (a copy where a pattern built it row-major), so perturb_ walks
-        # mask and param as one flat storage order: channels_last weights stay on the fused kernels.
-        self.masks = [mk if mk.stride() == p.stride() else torch.empty_like(p, dtype=torch.bool).copy_(mk)
-                      for mk, p in zip(self._build(params, grads, **kwargs), params)]
+        if any(dtensor.is_dtensor(p) for p in params):  # FSDP2: build on full tensors, keep each rank's slice
+            kept = self.masks
+            self.masks = None if kept is None else dtensor.full_tensors(kept)
+            try:
+                built = self._build(params, dtensor.full_tensors(grads), **kwargs)
+            finally:
+                self.masks = kept
+            self.masks = dtensor.shard_like(built, params)
+        else:
+            # In each param's memory layout (a copy where a pattern built it row-major), so perturb_ walks
+            # mask and param as one flat storage order: channels_last weights stay on the fused kernels.
+            self.masks = [mk if mk.stride() == p.stride() else torch.empty_like(p, dtype=torch.bool).copy_(mk)
+                          for mk, p in zip(self._build(params, grads, **kwargs), params)]
         self.cadence.mark()
         return self.masks
 
@@ -430,8 +451,9 @@ class FisherMask(MaskProvider):
                data: Optional[Iterable] = None, **kwargs):
         if model is None or loss_fn is None or data is None:
             raise ValueError("a Fisher mask needs data: refresh(params, model=..., loss_fn=..., data=...)")
-        self.last_scores = fisher_scores(model, loss_fn, data, params, num_samples=self.num_samples,
-                                         method=self.method, train=self.train)
+        # Summed over the ranks (each saw its own data), so every rank ranks the same scores.
+        self.last_scores = sum_over_ranks(fisher_scores(model, loss_fn, data, params, num_samples=self.num_samples,
+                                                        method=self.method, train=self.train), self.process_group)
         return pattern_mask(self.last_scores, self.pattern, self.density, self.n, self.m)
 
 

@@ -2,7 +2,9 @@
 
 A policy is asked once per step, after the first backward, through ``SAM.wants_sam()``. Its
 random draws come from its own CPU ``torch.Generator`` (no device sync) and it carries its state
-through ``state_dict`` so a resumed run makes the same decisions.
+through ``state_dict`` so a resumed run makes the same decisions. Under ``torch.distributed`` the
+generator's seed is rank 0's (:func:`~sam_kernels.optim.distributed.agreed_seed`), so every rank
+makes the same decisions and runs the same number of backwards.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import math
 from typing import Callable, Optional, Union
 
 import torch
+
+from .distributed import agreed_seed
 
 
 class Policy:
@@ -34,7 +38,7 @@ class Policy:
 class _Seeded(Policy):
     def __init__(self, seed: Optional[int]):
         self.generator = torch.Generator()
-        self.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        self.generator.manual_seed(agreed_seed(seed))  # distributed: rank 0's seed on every rank
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -26,6 +26,7 @@ from . import amp
 from .base_step import restore_and_step
 from .contract import SAM_KEYS, check_group, check_no_duplicates, complete_groups, mark_stepped, run_step_hooks
 from .descent import Modifier, Renormalize
+from .distributed import GlobalSync, make_sync
 from .policy import Policy
 from .telemetry import DispatchSummary, had_layout_fallback, records_step, summary
 
@@ -76,6 +77,8 @@ class SAM(torch.optim.Optimizer):
         renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).
         modifiers: more descent modifiers, applied in order after ``renormalize``.
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop (see :mod:`sam_kernels.optim.amp`).
+        distributed: ``"global"`` (both backwards synchronized: DDP's default, FSDP2) or ``"m-sam"``
+            (first backward under DDP's ``no_sync()``); see :mod:`sam_kernels.optim.distributed`.
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
     the key), at construction, ``add_param_group`` and ``load_state_dict``.
@@ -105,7 +108,8 @@ class SAM(torch.optim.Optimizer):
     def __init__(self, params: Iterable, base_optimizer: Union[type, torch.optim.Optimizer], rho: float = 0.05,
                  adaptive: bool = False, *, eta: float = 0.01, backend: Optional[str] = None,
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
-                 modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None, **kwargs):
+                 modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None,
+                 distributed: Union[str, GlobalSync] = "global", **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
         super().__init__(params, defaults)
@@ -126,6 +130,7 @@ class SAM(torch.optim.Optimizer):
                             f"got {base_optimizer!r}")
         self.param_groups = self.base_optimizer.param_groups
         self._groups_checked = len(self.param_groups)
+        self.distributed = make_sync(distributed, [p for g in self.param_groups for p in g["params"]])
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
         self.finite_check = finite_check
@@ -220,7 +225,8 @@ class SAM(torch.optim.Optimizer):
             grads = [p.grad for _, p in self._with_grads()]
             if not grads:  # a step without gradients is a no-op; NaN: the policy learns nothing from it
                 return torch.tensor(float("nan"))
-            return amp.unscaled(ops.grad_sq_norm(grads, backend=self.backend), self.loss_scale)
+            sq = self.distributed.policy_sq_norm(self, ops.grad_sq_norm(grads, backend=self.backend))
+            return amp.unscaled(sq, self.loss_scale)
         return sq_norm
 
     def _restored(self, p: torch.Tensor) -> torch.Tensor:
@@ -284,11 +290,12 @@ class SAM(torch.optim.Optimizer):
             self.policy.observe(self.step_count, self._policy_norm())
         scale = self.loss_scale
         sq = self._sq_norm(entries) if entries else None
-        self._screen(sq, "first_step")
+        agreed = None if sq is None else self.distributed.ascent_sq_norm(self, sq)  # m-SAM: the rank mean
+        self._screen(agreed, "first_step")
         params = [p for _, p in entries]
         grads = [p.grad for p in params]
         for m in self.modifiers:
-            m.after_ascent(self, params, grads, None if sq is None else amp.unscaled(sq, scale))
+            m.after_ascent(self, params, grads, None if agreed is None else amp.unscaled(agreed, scale))
         extra = self.perturbation_options(params, grads) if entries else {}
         if amp.active(self.grad_scaler):
             extra.update(grad_scale=scale, found_inf=self._found)
@@ -400,12 +407,16 @@ class SAM(torch.optim.Optimizer):
         entries = self._with_grads()
         params = [p for _, p in entries]
         grads = [p.grad for p in params]
+        if perturbed is None:
+            self.distributed.before_plain_descent(grads)  # m-SAM: the first backward left them unsynchronized
         scale = self.loss_scale
         sq = None
         if grads and (self.finite_check or amp.active(self.grad_scaler)):
             # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
             sq = ops.grad_sq_norm(grads, backend=self.backend)
             self._screen(sq, "second_step" if perturbed is not None else "base_step")
+        if perturbed is not None:
+            self.distributed.before_sam_descent(self)
         for m in self.modifiers:
             sq = m.before_descent(self, params, grads, perturbed is not None, sq)
         if perturbed is None and not amp.active(self.grad_scaler) and not torch.compiler.is_compiling():

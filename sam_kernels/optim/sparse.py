@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops.dtensor import is_dtensor
 from .masks import PATTERNS, UNITS, DynamicMask, FisherMask, MaskProvider, RandomMask, RefreshCadence
 from .sam import SAM
 
@@ -190,7 +191,12 @@ class SparseSAM(SAM):
         fisher_method, fisher_train: ``method`` / ``train`` of :func:`.masks.fisher_scores`.
         drop_rate, horizon: dynamic mask: dr(t) = drop_rate·(1 + cos(pi·t/horizon))/2 with t and
             ``horizon`` (E, the training length) in ``update_unit``; ``horizon`` is required.
-        seed: seeds the mask generator (random/dynamic masks).
+        seed: seeds the mask generator (random/dynamic masks; distributed: rank 0's seed is used).
+
+    Distributed: every rank holds the same mask (see :mod:`.masks`); with ``distributed="m-sam"``
+    the dynamic mask drops by |ḡ|, ḡ the rank-averaged gradient (one gradient all-reduce per refresh). Under
+    FSDP2 (DTensor parameters) the random and dynamic masks work; the Fisher mask does not yet
+    (its per-sample passes need the unsharded module) and is refused at construction.
 
     When does the mask refresh? In ``first_step`` (explicit) or ``ascent_pass`` (implicit), when
     no mask exists or the cadence says it is due (and, for Fisher, data is available). The dynamic
@@ -230,6 +236,9 @@ class SparseSAM(SAM):
             if self.policy.needs_grad_norm:
                 raise ValueError("implicit=True cannot be combined with a policy that reads the first-pass "
                                  "gradient norm: that gradient is computed with masked input gradients")
+        if mask == "fisher" and any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise ValueError("SparseSAM(mask='fisher') does not support FSDP2 (DTensor) parameters yet: its batch-1 "
+                             "passes need the unsharded module. Use mask='random' or mask='dynamic'")
         cadence = RefreshCadence(update_freq, update_unit, steps_per_epoch)
         common = dict(sparsity=sparsity, pattern=pattern, n=n, m=m, cadence=cadence, seed=seed)
         self.model, self.loss_fn, self.fisher_data = model, loss_fn, fisher_data
@@ -246,6 +255,7 @@ class SparseSAM(SAM):
         else:
             provider = RandomMask(**common)
         self.mask_provider = provider
+        provider.process_group = self.distributed.process_group
         self._ascent_done = False
 
     # ------------------------------------------------------------------ masks
@@ -287,7 +297,9 @@ class SparseSAM(SAM):
                 raise ValueError("SparseSAM.update_mask: the Fisher mask needs model, loss_fn and data (here or in "
                                  "the constructor: model=, loss_fn=, fisher_data=)")
             kw = dict(model=model, loss_fn=loss_fn, data=data() if callable(data) else data)
-        return self.mask_provider.refresh(params, [p.grad for p in params], **kw)
+        # m-SAM: first-pass gradients differ by rank; the dynamic mask drops by their rank mean.
+        grads = self.distributed.agreed_grads([p.grad for p in params]) if self.mask_kind == "dynamic" else None
+        return self.mask_provider.refresh(params, grads, **kw)
 
     def _current_masks(self) -> list[torch.Tensor]:
         """The masks for this step, refreshed first when due (and possible)."""

@@ -1,0 +1,10 @@
+import pytest
+
+from .harness import Pool
+
+
+@pytest.fixture(scope="session")
+def pool():
+    p = Pool()
+    yield p
+    p.close()
