@@ -55,6 +55,29 @@ def _hooks_silenced(opt: torch.optim.Optimizer, *names: str) -> Iterator[None]:
             setattr(opt, n, hooks)
 
 
+class _StepState:
+    """Where SAM keeps what changes during a step. A plain object on purpose: torch.compile keeps
+    attribute stores on it, but drops those on ``torch.optim.Optimizer`` instances (torch 2.14,
+    Dynamo's optimizer handling), so SAM reaches these through the properties below."""
+
+    def __init__(self):
+        self.step_count = 0
+        self.decision: Optional[bool] = None
+        self.perturbed: Optional[list[torch.Tensor]] = None
+        self.backup_of: dict[torch.Tensor, torch.Tensor] = {}  # perturbed param -> its backup (tensor keys: copyable)
+        self.found: Optional[torch.Tensor] = None  # AMP: overflow flag of this step, on the device
+        self.fresh = False     # the gradients were made by the closure of step() (AMP: the scaler's scale)
+        self.stepping = False  # inside step(): torch's wrapper runs the step hooks
+        self.begun = False     # this optimizer step has run its pre hooks
+        self.groups_checked = 0
+        self.dispatch_log: Optional[list] = None  # the dispatch records of the last step (telemetry)
+
+
+def _now(name: str) -> property:
+    return property(lambda self: getattr(self._now, name), lambda self, value: setattr(self._now, name, value),
+                    doc=f"``_StepState.{name}`` of this optimizer")
+
+
 class SAM(torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any ``torch.optim`` optimizer (drop-in for the popular
     ``SAM(params, base_optimizer, rho, adaptive, **kwargs)`` class).
@@ -105,6 +128,17 @@ class SAM(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale / found_inf (see .amp)
 
+    step_count = _now("step_count")
+    _decision = _now("decision")
+    _perturbed = _now("perturbed")
+    _backup_of = _now("backup_of")
+    _found = _now("found")
+    _fresh = _now("fresh")
+    _stepping = _now("stepping")
+    _begun = _now("begun")
+    _groups_checked = _now("groups_checked")
+    _dispatch_log = _now("dispatch_log")
+
     def __init__(self, params: Iterable, base_optimizer: Union[type, torch.optim.Optimizer], rho: float = 0.05,
                  adaptive: bool = False, *, eta: float = 0.01, backend: Optional[str] = None,
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
@@ -112,6 +146,7 @@ class SAM(torch.optim.Optimizer):
                  distributed: Union[str, GlobalSync] = "global", **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
+        self._now = _StepState()
         super().__init__(params, defaults)
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if kwargs:
@@ -137,14 +172,6 @@ class SAM(torch.optim.Optimizer):
         self.grad_scaler = grad_scaler
         self.policy = policy if policy is not None else Policy()
         self.modifiers: list[Modifier] = ([Renormalize()] if renormalize else []) + list(modifiers)
-        self.step_count = 0
-        self._decision: Optional[bool] = None
-        self._perturbed: Optional[list[torch.Tensor]] = None
-        self._backup_of: dict[torch.Tensor, torch.Tensor] = {}  # perturbed param -> its backup (tensor keys: copyable)
-        self._found: Optional[torch.Tensor] = None  # AMP: overflow flag of this step, on the device
-        self._fresh = False     # the gradients were made by the closure of step() (AMP: the scaler's scale)
-        self._stepping = False  # inside step(): torch's wrapper runs the step hooks
-        self._begun = False     # this optimizer step has run its pre hooks
 
     # ------------------------------------------------------------------ param groups
 
