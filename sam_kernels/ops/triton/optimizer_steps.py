@@ -30,8 +30,12 @@ def _amp_scalars(scale_ptr, found_ptr, CDT: tl.constexpr, HAS_SCALE: tl.constexp
 
 
 @triton.jit
-def _restore_block(p_ptr, b_ptr, offs, mask):
-    store(p_ptr + offs, load(b_ptr + offs, mask), mask)
+def _restore_range(p_ptr, b_ptr, start, end, BLOCK: tl.constexpr):
+    """A skipped AMP step: params ← backups over this program's chunk."""
+    for off in range(start, end, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        mask = offs < end
+        store(p_ptr + offs, load(b_ptr + offs, mask), mask)
 
 
 @triton.jit
@@ -82,9 +86,7 @@ def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, sizes, blocks, sc
     wd = scalar(weight_decay, CDT)
     inv, skip = _amp_scalars(scale_ptr, found_ptr, CDT, HAS_SCALE, HAS_FOUND)
     if skip:
-        for off in range(start, end, BLOCK):
-            offs = block_offsets(off, BLOCK)
-            _restore_block(p_ptr, b_ptr, offs, offs < end)
+        _restore_range(p_ptr, b_ptr, start, end, BLOCK)
     else:
         for off in range(start, split, BLOCK):
             _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, block_offsets(off, BLOCK), None, lr_c, mom, damp, wd, inv, DT,
@@ -142,9 +144,7 @@ def _adamw_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, m_ptrs, v_ptrs, sizes, bl
     step_c = scalar(neg_step_size, CDT)
     inv, skip = _amp_scalars(scale_ptr, found_ptr, CDT, HAS_SCALE, HAS_FOUND)
     if skip:
-        for off in range(start, end, BLOCK):
-            offs = block_offsets(off, BLOCK)
-            _restore_block(p_ptr, b_ptr, offs, offs < end)
+        _restore_range(p_ptr, b_ptr, start, end, BLOCK)
     else:
         for off in range(start, split, BLOCK):
             _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, block_offsets(off, BLOCK), None, dec, wt, b2, one_b2,
