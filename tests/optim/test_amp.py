@@ -313,3 +313,38 @@ def test_cuda_graph_capture_of_the_amp_step():
     for p, r in zip(model.parameters(), model_ref.parameters()):
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
     assert scaler._scale.item() == scaler_ref._scale.item()
+
+
+def test_manual_loop_without_scaler_step():
+    """first_step / second_step by hand, then scaler.update(): SAM records its overflow flag for the
+    scaler itself (update() needs one), and the result is the unscaled run's."""
+    m1, data = model_and_data()
+    m2, _ = model_and_data()
+    scaler = torch.amp.GradScaler(DEV, init_scale=SCALE)
+    opt = make_opt("sgd", m1, scaler)
+    for t, (x, y) in enumerate(data):
+        scaler.scale(loss_of(m1, x, y)).backward()
+        opt.first_step(zero_grad=True)
+        scaler.scale(loss_of(m1, x, y)).backward()
+        if t == 3:
+            with torch.no_grad():
+                m1[0].weight.grad[0, 0] = float("nan")
+        opt.second_step(zero_grad=True)
+        scaler.update()
+    plain_loop(m2, make_opt("sgd", m2), data[:3])
+    close(weights(m1), weights(m2))  # the 4th step was skipped
+    assert scaler.get_scale() == SCALE / 2
+
+
+def test_closure_as_keyword_is_refused_by_torch_before_anything():
+    """GradScaler itself refuses scaler.step(opt, closure=...) before calling the optimizer; the
+    closure goes positionally (README)."""
+    m, data = model_and_data()
+    scaler = torch.amp.GradScaler(DEV, init_scale=SCALE)
+    opt = make_opt("sgd", m, scaler)
+    x, y = data[0]
+    scaler.scale(loss_of(m, x, y)).backward()
+    w = weights(m)
+    with pytest.raises(RuntimeError, match="Closure use is not currently supported"):
+        scaler.step(opt, closure=lambda: scaler.scale(loss_of(m, x, y)).backward())
+    assert_lists_equal(weights(m), w)
