@@ -127,7 +127,7 @@ def test_unknown_distributed_mode_is_a_clear_error():
 def dtensor_errors(rank, world):
     """Inputs the DTensor path cannot handle raise before anything is written."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Partial
+    from torch.distributed.tensor import DTensor, Partial
 
     module = mlp()
     fully_shard(module)
@@ -139,7 +139,9 @@ def dtensor_errors(rank, world):
     attempts = [
         lambda: ops.perturb_(ps, [g.full_tensor() for g in grads], backups, 0.05),  # plain grads
         lambda: ops.perturb_(ps, grads, backups, 0.05, keep_prob=0.5),  # no seed: ranks would draw differently
-        lambda: ops.grad_sq_norm([g.redistribute(placements=[Partial()]) for g in grads]),
+        # from_local, not redistribute: torch 2.13 refuses redistributing to Partial ("internal use only")
+        lambda: ops.grad_sq_norm([DTensor.from_local(g.to_local(), g.device_mesh, [Partial()], run_check=False)
+                                  for g in grads]),
     ]
     for attempt in attempts:
         try:
