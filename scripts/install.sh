@@ -51,7 +51,7 @@ else
     say "installing $spec, a CUDA build ($why; ~5.5 GB in the venv, a few minutes)"
   else
     spec="torch==${TORCH_VERSION:-2.13.0}"
-    say "installing $spec, a CPU build (no NVIDIA GPU visible; ~0.2 GB download, ~1 GB in the venv;" \
+    say "installing $spec, a CPU build (no NVIDIA GPU visible; ~0.2 GB download, ~1.9 GB in the venv with the test and benchmark packages;" \
         "SAM_KERNELS_BUILD=cuda installs the CUDA build instead)"
   fi
   "${PIP[@]}" --progress-bar off "${INDEX[@]}" "$spec" | grep -E '^(Successfully|Processing|Downloading)' || true

@@ -168,6 +168,16 @@ def _load(name: str) -> Optional[ModuleType]:
     return module
 
 
+def preload(device_types, backend: Optional[str] = None) -> None:
+    """Import now every backend a call on ``device_types`` could resolve to (``backend`` or the
+    global choice, and ``auto``'s order). Code traced by torch.compile cannot import modules: an
+    optimizer calls this at construction so its compiled steps never hit a first import."""
+    requested = _check_name(backend) if backend is not None else get_backend()
+    for device_type in set(device_types):
+        for name in ((requested,) if requested != "auto" else ()) + AUTO_ORDER.get(device_type, ("eager",)):
+            _load(name)
+
+
 def backends() -> dict[str, dict]:
     """Every backend with ``available``, the device types it serves, its ops and, if missing, why."""
     out = {}

@@ -168,6 +168,7 @@ class SAM(torch.optim.Optimizer):
         self.distributed = make_sync(distributed, [p for g in self.param_groups for p in g["params"]])
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
+        ops.dispatch.preload({p.device.type for g in self.param_groups for p in g["params"]}, backend)
         self.finite_check = finite_check
         self.grad_scaler = grad_scaler
         self.policy = policy if policy is not None else Policy()

@@ -101,3 +101,23 @@ def test_compiled_whole_training_step_equals_eager_inductor():
         torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_step_in_a_fresh_process():
+    """The README loop as a new user runs it: nothing has called an op before the compiled first_step
+    (a backend imported inside the traced code would break the graph)."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, sam_kernels as sk\n"
+        "m = torch.nn.Linear(4, 2)\n"
+        "opt = sk.SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, finite_check=False)\n"
+        "first = torch.compile(opt.first_step, fullgraph=True, backend='aot_eager')\n"
+        "second = torch.compile(opt.second_step, fullgraph=True, backend='aot_eager')\n"
+        "x = torch.randn(3, 4)\n"
+        "m(x).square().mean().backward(); first(); opt.zero_grad()\n"
+        "m(x).square().mean().backward(); second(); opt.zero_grad()\n"
+        "assert opt.step_count == 1\n"
+        "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
