@@ -1,0 +1,74 @@
+"""What the framework tests share: a tiny regression task and the manual SAM loop they are compared with."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import sam_kernels as sk
+
+N_FEATURES = 4
+
+
+def make_data(n: int, dtype=torch.float32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, N_FEATURES, generator=g, dtype=dtype)
+    y = (x.sum(1, keepdim=True) * 0.5).tanh() + 0.1 * torch.randn(n, 1, generator=g, dtype=dtype)
+    return x, y
+
+
+def make_net(dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
+
+
+def make_sam(params, base: str = "sgd", **kw) -> sk.SAM:
+    if base == "sgd":
+        return sk.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw)
+    return sk.SAM(params, torch.optim.AdamW, rho=0.05, lr=0.01, weight_decay=0.01, **kw)
+
+
+def autocast(precision: str):
+    if precision == "bf16-mixed":
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    if precision == "16-mixed":
+        return torch.autocast("cpu", dtype=torch.float16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def manual_steps(net: torch.nn.Module, opt: sk.SAM, steps: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                 precision: str = "32-true", clip: float = 0.0, sched=None,
+                 scaler: Optional[torch.amp.GradScaler] = None, loss_divisor: Optional[int] = None) -> None:
+    """The README's loop: each step a list of micro-batches, both passes accumulated over all of them
+    (each loss divided by ``loss_divisor``, default the number of micro-batches), the second pass clipped."""
+    def backward(x, y, n):
+        with autocast(precision):
+            loss = F.mse_loss(net(x), y) / n
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    for micro in steps:
+        n = loss_divisor or len(micro)
+        for x, y in micro:
+            backward(x, y, n)
+        opt.first_step(zero_grad=True)
+        for x, y in micro:
+            backward(x, y, n)
+        if clip > 0:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.second_step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, **tol) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), msg=lambda m: f"{name}: {m}", **tol)
