@@ -72,3 +72,29 @@ def manual_steps(net: torch.nn.Module, opt: sk.SAM, steps: list[list[tuple[torch
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, **tol) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), msg=lambda m: f"{name}: {m}", **tol)
+
+
+def launch(framework: str, out_dir, timeout: float = 300) -> list[dict]:
+    """Run ``launched.py FRAMEWORK`` on 2 CPU processes (torch.distributed.run, gloo); each rank's state dict."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).with_name("launched.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(script), framework, str(out_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=script.parents[2])
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-8000:]
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(2)]
+
+
+def global_steps(x: torch.Tensor, y: torch.Tensor, world: int, steps: int, batch: int):
+    """The single-process steps of a ``world``-rank run (``launched.py``): one micro-batch each."""
+    n = world * batch
+    return [[(x[s * n:(s + 1) * n], y[s * n:(s + 1) * n])] for s in range(steps)]

@@ -128,3 +128,16 @@ def test_sam_precision_names():
     assert sam_precision("bf16-mixed", "cpu").precision == "bf16-mixed"
     with pytest.raises(ValueError, match="'32-true', 'bf16-mixed' or '16-mixed'"):
         sam_precision("64-true")
+
+
+def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    from .common import global_steps, launch
+    from .launched import BATCH as B, STEPS as S, WORLD as W
+
+    ranks = launch("lightning", tmp_path)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    x, y = make_data(W * S * B, torch.float64)
+    net = make_net(torch.float64)
+    manual_steps(net, make_sam(net.parameters()), global_steps(x, y, W, S, B), clip=0.05)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=0, atol=1e-12)

@@ -1,0 +1,63 @@
+"""One rank of a 2-process CPU (gloo) run under ``torch.distributed.run``; saves its final weights.
+
+``python -m torch.distributed.run --nproc_per_node 2 tests/integrations/launched.py FRAMEWORK OUT_DIR``
+with FRAMEWORK one of ``lightning``, ``transformers``, ``accelerate``. Each rank trains on its
+slice of ``make_data(WORLD * STEPS * BATCH)`` (sample ``i`` goes to rank ``i % WORLD``), so a global
+step covers the contiguous samples ``[WORLD * BATCH * s, WORLD * BATCH * (s + 1))``: the reference
+is one process on those.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.integrations.common import make_data, make_net, make_sam  # noqa: E402
+
+WORLD, STEPS, BATCH = 2, 3, 4
+
+
+def lightning(out: str) -> None:
+    import lightning.pytorch as L
+
+    from sam_kernels.integrations.lightning import sam_precision
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_net(torch.float64)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return make_sam(self.parameters())
+
+    module = Module()
+    trainer = L.Trainer(max_steps=STEPS, strategy="ddp", accelerator="cpu", devices=WORLD, plugins=[sam_precision()],
+                        gradient_clip_val=0.05, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(module, my_slice(torch.float64))
+    save(module.net, out)
+
+
+def my_slice(dtype) -> torch.utils.data.DataLoader:
+    """This rank's samples, in order (an explicit slice: Lightning's own DistributedSampler shuffles)."""
+    rank = int(os.environ["RANK"])
+    x, y = make_data(WORLD * STEPS * BATCH, dtype)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[rank::WORLD], y[rank::WORLD]), batch_size=BATCH)
+
+
+def save(net: torch.nn.Module, out: str) -> None:
+    rank = int(os.environ["RANK"])
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    {"lightning": lightning}[sys.argv[1]](sys.argv[2])
