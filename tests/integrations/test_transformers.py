@@ -1,0 +1,121 @@
+"""transformers.Trainer -> SAMTrainer equals the manual SAM loop over the same micro-batches, and resumes bit-exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from .common import assert_same_weights, make_data, make_net, make_sam, manual_steps
+
+transformers = pytest.importorskip("transformers")
+from sam_kernels.integrations.transformers import SAMTrainer  # noqa: E402
+
+import sam_kernels as sk  # noqa: E402
+
+BATCH, ACCUM, STEPS = 4, 2, 3
+
+
+class Regressor(torch.nn.Module):
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.net = make_net(dtype)
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": F.mse_loss(out, labels), "logits": out}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class InOrder(SAMTrainer):
+    """Batches in dataset order (the default sampler shuffles), so that the manual loop sees the same micro-batches."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
+                max_steps=STEPS, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.05,
+                logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    return transformers.TrainingArguments(**{**base, **kw})
+
+
+def micro_steps(x, y, n_steps=STEPS):
+    mbs = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, n_steps * ACCUM * BATCH, BATCH)]
+    return [mbs[i:i + ACCUM] for i in range(0, len(mbs), ACCUM)]
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_accumulation_equals_manual_loop_float64(tmp_path, clip):
+    x, y = make_data(STEPS * ACCUM * BATCH, torch.float64)
+    model = Regressor()
+    trainer = InOrder(model=model, args=args(tmp_path, max_grad_norm=clip), train_dataset=Rows(x, y),
+                      sam_kwargs={"rho": 0.05})
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, sk.SAM) and isinstance(opt.base_optimizer, torch.optim.SGD)
+    assert opt.step_count == STEPS
+
+    net = make_net(torch.float64)
+    ref = sk.SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    manual_steps(net, ref, micro_steps(x, y), clip=clip)
+    assert_same_weights(model.net, net, rtol=0, atol=1e-13)
+
+
+def test_own_optimizer_and_scheduler_bf16(tmp_path):
+    """optimizers=(SAM, scheduler) under bf16 autocast: the scheduler steps once per SAM step."""
+    x, y = make_data(STEPS * ACCUM * BATCH)
+    model = Regressor(torch.float32)
+    opt = make_sam(model.parameters(), "adamw")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    trainer = InOrder(model=model, args=args(tmp_path, bf16=True), train_dataset=Rows(x, y), optimizers=(opt, sched))
+    trainer.train()
+    assert opt.param_groups[0]["lr"] == 0.01 * 0.5 ** STEPS
+
+    net = make_net(torch.float32)
+    ref = make_sam(net.parameters(), "adamw")
+    manual_steps(net, ref, micro_steps(x, y), precision="bf16-mixed", clip=0.05,
+                 sched=torch.optim.lr_scheduler.StepLR(ref, step_size=1, gamma=0.5))
+    assert_same_weights(model.net, net, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_resume_continues_bit_exactly(tmp_path):
+    """AdamW base, linear schedule, shuffled batches: 6 steps straight = 3 steps, save, a new Trainer resumes."""
+    x, y = make_data(6 * ACCUM * BATCH * 2, torch.float64)
+    kw = dict(max_steps=6, optim="adamw_torch", learning_rate=0.01, lr_scheduler_type="linear", weight_decay=0.01)
+
+    straight = Regressor()
+    SAMTrainer(model=straight, args=args(tmp_path / "a", **kw), train_dataset=Rows(x, y),
+               sam_kwargs={"rho": 0.05}).train()
+
+    first = Regressor()
+    SAMTrainer(model=first, args=args(tmp_path / "b", save_strategy="steps", save_steps=3, **kw),
+               train_dataset=Rows(x, y), sam_kwargs={"rho": 0.05}).train()
+    resumed = Regressor()
+    trainer = SAMTrainer(model=resumed, args=args(tmp_path / "b", **kw), train_dataset=Rows(x, y),
+                         sam_kwargs={"rho": 0.05})
+    trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    assert trainer.optimizer.optimizer.step_count == 6
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(straight.parameters(), Regressor().parameters()))
+
+
+def test_not_a_sam_optimizer_is_refused_before_any_change(tmp_path):
+    x, y = make_data(STEPS * ACCUM * BATCH, torch.float64)
+    model = Regressor()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="not a sam_kernels.SAM"):
+        SAMTrainer(model=model, args=args(tmp_path), train_dataset=Rows(x, y), optimizers=(opt, None)).train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
