@@ -30,11 +30,11 @@ def make_sam(params, base: str = "sgd", **kw) -> sk.SAM:
     return sk.SAM(params, torch.optim.AdamW, rho=0.05, lr=0.01, weight_decay=0.01, **kw)
 
 
-def autocast(precision: str):
+def autocast(precision: str, device_type: str = "cpu"):
     if precision == "bf16-mixed":
-        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
     if precision == "16-mixed":
-        return torch.autocast("cpu", dtype=torch.float16, cache_enabled=False)
+        return torch.autocast(device_type, dtype=torch.float16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -44,7 +44,7 @@ def manual_steps(net: torch.nn.Module, opt: sk.SAM, steps: list[list[tuple[torch
     """The README's loop: each step a list of micro-batches, both passes accumulated over all of them
     (each loss divided by ``loss_divisor``, default the number of micro-batches), the second pass clipped."""
     def backward(x, y, n):
-        with autocast(precision):
+        with autocast(precision, x.device.type):
             loss = F.mse_loss(net(x), y) / n
         (scaler.scale(loss) if scaler is not None else loss).backward()
 

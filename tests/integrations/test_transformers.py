@@ -50,6 +50,13 @@ def args(tmp_path, **kw):
     return transformers.TrainingArguments(**{**base, **kw})
 
 
+def trainer_groups(net):
+    """The Trainer's param groups (weights, then biases: its weight-decay split), so norms sum in its order."""
+    named = list(net.named_parameters())
+    return [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.0},
+            {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
+
+
 def micro_steps(x, y, n_steps=STEPS):
     mbs = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, n_steps * ACCUM * BATCH, BATCH)]
     return [mbs[i:i + ACCUM] for i in range(0, len(mbs), ACCUM)]
@@ -119,3 +126,24 @@ def test_not_a_sam_optimizer_is_refused_before_any_change(tmp_path):
     with pytest.raises(TypeError, match="not a sam_kernels.SAM"):
         SAMTrainer(model=model, args=args(tmp_path), train_dataset=Rows(x, y), optimizers=(opt, None)).train()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs fp16 (autocast + GradScaler) on GPUs only")
+def test_fp16_grad_scaler_equals_manual_loop(tmp_path):
+    """fp16 autocast + the accelerator's GradScaler (attached to SAM by SAMTrainer), clipped second pass."""
+    x, y = make_data(STEPS * ACCUM * BATCH)
+    model = Regressor(torch.float32)
+    trainer = InOrder(model=model, args=args(tmp_path, fp16=True, use_cpu=False), train_dataset=Rows(x, y),
+                      sam_kwargs={"rho": 0.05})
+    trainer.train()
+    scaler = trainer.accelerator.scaler
+    assert scaler is not None and trainer.optimizer.optimizer.grad_scaler is scaler
+
+    net = make_net(torch.float32).cuda()
+    ref_scaler = torch.amp.GradScaler("cuda")
+    ref = sk.SAM(trainer_groups(net), torch.optim.SGD, rho=0.05, lr=0.1, grad_scaler=ref_scaler)
+    manual_steps(net, ref, micro_steps(x.cuda(), y.cuda()), precision="16-mixed", clip=0.05, scaler=ref_scaler)
+    assert_same_weights(model.net, net, rtol=1e-6, atol=1e-7)
+    assert scaler.get_scale() == ref_scaler.get_scale()
