@@ -45,6 +45,26 @@ def lightning(out: str) -> None:
     save(module.net, out)
 
 
+def transformers(out: str) -> None:
+    """SAMTrainer under the Trainer's own DDP setup (gloo on CPU), 2 micro-batches per step, clipped."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from tests.integrations.test_transformers import ACCUM, InOrder, Regressor, Rows
+
+    x, y = make_data(WORLD * STEPS * ACCUM * BATCH, torch.float64)
+    model = Regressor()
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH,
+                             gradient_accumulation_steps=ACCUM, max_steps=STEPS, learning_rate=0.1, optim="sgd",
+                             lr_scheduler_type="constant", max_grad_norm=0.05, logging_strategy="no",
+                             save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = InOrder(model=model, args=args, train_dataset=Rows(x, y), sam_kwargs={"rho": 0.05})
+    assert trainer.args.world_size == WORLD, trainer.args.world_size
+    trainer.train()
+    save(model.net, out)
+
+
 def my_slice(dtype) -> torch.utils.data.DataLoader:
     """This rank's samples, in order (an explicit slice: Lightning's own DistributedSampler shuffles)."""
     rank = int(os.environ["RANK"])
@@ -60,4 +80,4 @@ def save(net: torch.nn.Module, out: str) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    {"lightning": lightning}[sys.argv[1]](sys.argv[2])
+    {"lightning": lightning, "transformers": transformers}[sys.argv[1]](sys.argv[2])

@@ -147,3 +147,20 @@ def test_fp16_grad_scaler_equals_manual_loop(tmp_path):
     manual_steps(net, ref, micro_steps(x.cuda(), y.cuda()), precision="16-mixed", clip=0.05, scaler=ref_scaler)
     assert_same_weights(model.net, net, rtol=1e-6, atol=1e-7)
     assert scaler.get_scale() == ref_scaler.get_scale()
+
+
+def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    """The Trainer's DDP (torch.distributed.run, gloo): the accelerate loader gives rank r the batches r, r + 2, ...
+    of the in-order batches, so one global step covers 2 * ACCUM * BATCH contiguous samples."""
+    from .common import launch
+    from .launched import WORLD
+
+    ranks = launch("transformers", tmp_path)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    x, y = make_data(WORLD * STEPS * ACCUM * BATCH, torch.float64)
+    n = WORLD * ACCUM * BATCH
+    net = make_net(torch.float64)
+    manual_steps(net, sk.SAM(trainer_groups(net), torch.optim.SGD, rho=0.05, lr=0.1),
+                 [[(x[s * n:(s + 1) * n], y[s * n:(s + 1) * n])] for s in range(STEPS)], clip=0.05)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=0, atol=1e-12)
