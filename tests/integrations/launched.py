@@ -65,6 +65,21 @@ def transformers(out: str) -> None:
     save(model.net, out)
 
 
+def accelerate(out: str) -> None:
+    """The README's accelerate loop on 2 processes (gloo on CPU), 2 micro-batches per step, clipped."""
+    import accelerate as acc
+
+    from tests.integrations.test_accelerate import ACCUM, documented_loop, loader_of
+
+    accelerator = acc.Accelerator(cpu=True, gradient_accumulation_steps=ACCUM)
+    assert accelerator.num_processes == WORLD, accelerator.num_processes
+    x, y = make_data(WORLD * STEPS * ACCUM * BATCH, torch.float64)
+    net = make_net(torch.float64)
+    opt = make_sam(net.parameters())
+    documented_loop(accelerator, net, opt, loader_of(x, y), F.mse_loss, 0.05)
+    save(net, out)
+
+
 def my_slice(dtype) -> torch.utils.data.DataLoader:
     """This rank's samples, in order (an explicit slice: Lightning's own DistributedSampler shuffles)."""
     rank = int(os.environ["RANK"])
@@ -80,4 +95,4 @@ def save(net: torch.nn.Module, out: str) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    {"lightning": lightning, "transformers": transformers}[sys.argv[1]](sys.argv[2])
+    {"lightning": lightning, "transformers": transformers, "accelerate": accelerate}[sys.argv[1]](sys.argv[2])

@@ -1,0 +1,71 @@
+"""Hugging Face ``accelerate``: the two helpers of the documented SAM loop (ours).
+
+The loop (README "Trainers and frameworks"; ``tests/integrations/test_accelerate.py`` runs it)::
+
+    accelerator = Accelerator(gradient_accumulation_steps=2, mixed_precision="bf16")
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    sam = sam_optimizer(accelerator, opt)
+    window = []
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_fn(model(x), y))          # first pass, at w
+            window.append((x, y))
+            if accelerator.sync_gradients:                       # the window's last micro-batch
+                sam.first_step(zero_grad=True)
+                for x2, y2 in second_pass(accelerator, model, window):
+                    accelerator.backward(loss_fn(model(x2), y2))  # second pass, at w + e
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()                                       # ends the SAM step (second_step)
+                opt.zero_grad()
+                window.clear()
+
+Why this shape: ``accelerator.accumulate`` counts one call per micro-batch and lets the optimizer
+step only on the window's last one, so the second pass runs inside that last call, over every
+micro-batch of the window (both passes accumulate over the same data: the README's accumulation
+loop). ``accelerator.backward`` divides each loss by ``gradient_accumulation_steps`` in both
+passes. Under fp16 ``opt.step()`` is ``scaler.step(sam)`` + ``scaler.update()`` and
+``clip_grad_norm_`` unscales the second pass first (``scaler.unscale_``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence, TypeVar
+
+import accelerate
+import torch
+
+from ..optim.sam import SAM
+
+__all__ = ["sam_optimizer", "second_pass"]
+
+T = TypeVar("T")
+
+
+def sam_optimizer(accelerator: accelerate.Accelerator, optimizer: torch.optim.Optimizer) -> SAM:
+    """The ``sam_kernels`` optimizer inside ``accelerator.prepare``'s wrapper, with the accelerator's
+    ``GradScaler`` (fp16) attached as ``grad_scaler``, so that an overflow in either pass reaches
+    ``scaler.update()``. Call ``first_step`` on it; ``step``/``zero_grad`` on the wrapper.
+
+    Raises ``TypeError`` if the optimizer is not a ``sam_kernels.SAM``; ``ValueError`` if it holds
+    another GradScaler than the accelerator's.
+    """
+    opt = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(opt, SAM):
+        raise TypeError(f"sam_optimizer: {type(opt).__name__} is not a sam_kernels.SAM")
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        if opt.grad_scaler is None:
+            opt.grad_scaler = scaler
+        elif opt.grad_scaler is not scaler:
+            raise ValueError("sam_optimizer: the optimizer holds another GradScaler than the accelerator's; build it "
+                             "without grad_scaler=")
+    return opt
+
+
+def second_pass(accelerator: accelerate.Accelerator, model: torch.nn.Module, window: Sequence[T]) -> Iterator[T]:
+    """Yield the window's micro-batches again for the second backward; each but the last under
+    ``accelerator.no_sync(model)``, so that DDP all-reduces the accumulated second pass once."""
+    for i, micro in enumerate(window):
+        with contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model):
+            yield micro
