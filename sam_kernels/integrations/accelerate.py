@@ -32,8 +32,12 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Sequence, TypeVar
 
-import accelerate
 import torch
+
+try:
+    import accelerate
+except ImportError as exc:
+    raise ImportError("sam_kernels.integrations.accelerate needs accelerate: pip install 'sam_kernels[accelerate]'") from exc
 
 from ..optim.sam import SAM
 

@@ -32,10 +32,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+except ImportError as exc:
+    raise ImportError("sam_kernels.integrations.lightning needs Lightning (the `lightning` package): "
+                      "pip install 'sam_kernels[lightning]'") from exc
 
 from ..optim.sam import SAM
 

@@ -34,8 +34,13 @@ import contextlib
 from typing import Any, Optional
 
 import torch
-import transformers
-from accelerate.utils import DistributedType
+
+try:
+    import transformers
+    from accelerate.utils import DistributedType
+except ImportError as exc:
+    raise ImportError("sam_kernels.integrations.transformers needs transformers and accelerate: "
+                      "pip install 'sam_kernels[transformers]'") from exc
 
 from ..optim.sam import SAM
 
