@@ -12,11 +12,12 @@ The loop (README "Trainers and frameworks"; ``tests/integrations/test_accelerate
             accelerator.backward(loss_fn(model(x), y))          # first pass, at w
             window.append((x, y))
             if accelerator.sync_gradients:                       # the window's last micro-batch
-                sam.first_step(zero_grad=True)
-                for x2, y2 in second_pass(accelerator, model, window):
-                    accelerator.backward(loss_fn(model(x2), y2))  # second pass, at w + e
+                if sam.wants_sam():                              # False: a plain step (SS-SAM, LookSAM, ...)
+                    sam.first_step(zero_grad=True)
+                    for x2, y2 in second_pass(accelerator, model, window):
+                        accelerator.backward(loss_fn(model(x2), y2))  # second pass, at w + e
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()                                       # ends the SAM step (second_step)
+                opt.step()                                       # second_step (or base_step)
                 opt.zero_grad()
                 window.clear()
 
@@ -39,7 +40,9 @@ try:
 except ImportError as exc:
     raise ImportError("sam_kernels.integrations.accelerate needs accelerate: pip install 'sam_kernels[accelerate]'") from exc
 
+from ..optim.batchnorm import frozen_running_stats
 from ..optim.sam import SAM
+from ._common import attach_scaler, sam_of
 
 __all__ = ["sam_optimizer", "second_pass"]
 
@@ -54,22 +57,17 @@ def sam_optimizer(accelerator: accelerate.Accelerator, optimizer: torch.optim.Op
     Raises ``TypeError`` if the optimizer is not a ``sam_kernels.SAM``; ``ValueError`` if it holds
     another GradScaler than the accelerator's.
     """
-    opt = getattr(optimizer, "optimizer", optimizer)
-    if not isinstance(opt, SAM):
-        raise TypeError(f"sam_optimizer: {type(opt).__name__} is not a sam_kernels.SAM")
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None:
-        if opt.grad_scaler is None:
-            opt.grad_scaler = scaler
-        elif opt.grad_scaler is not scaler:
-            raise ValueError("sam_optimizer: the optimizer holds another GradScaler than the accelerator's; build it "
-                             "without grad_scaler=")
+    opt = sam_of(optimizer, "sam_optimizer")
+    attach_scaler(opt, getattr(accelerator, "scaler", None), "sam_optimizer")
     return opt
 
 
 def second_pass(accelerator: accelerate.Accelerator, model: torch.nn.Module, window: Sequence[T]) -> Iterator[T]:
     """Yield the window's micro-batches again for the second backward; each but the last under
-    ``accelerator.no_sync(model)``, so that DDP all-reduces the accumulated second pass once."""
+    ``accelerator.no_sync(model)``, so that DDP all-reduces the accumulated second pass once, and all
+    under :func:`~sam_kernels.frozen_running_stats` (BatchNorm statistics updated once per step, by
+    the first pass at w)."""
     for i, micro in enumerate(window):
-        with contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model):
+        with contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model), \
+                frozen_running_stats(model):
             yield micro

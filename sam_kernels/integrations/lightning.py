@@ -42,7 +42,9 @@ except ImportError as exc:
     raise ImportError("sam_kernels.integrations.lightning needs Lightning (the `lightning` package): "
                       "pip install 'sam_kernels[lightning]'") from exc
 
+from ..optim.batchnorm import frozen_running_stats
 from ..optim.sam import SAM
+from ._common import attach_scaler, sam_of
 
 __all__ = ["sam_precision", "SAMPrecision", "SAMMixedPrecision"]
 
@@ -59,19 +61,16 @@ def _sam_step(plugin: Precision, optimizer: SAM, model: "pl.LightningModule", cl
               scaler: Optional[torch.amp.GradScaler], **kwargs: Any) -> Any:
     """One SAM (or policy-plain) step driven from the Lightning closure; returns the first pass's loss."""
     _check_trainer(model.trainer)
-    if scaler is not None:
-        if optimizer.grad_scaler is None:
-            optimizer.grad_scaler = scaler
-        elif optimizer.grad_scaler is not scaler:
-            raise ValueError("SAMMixedPrecision: the optimizer holds another GradScaler than the plugin's; build it "
-                             "without grad_scaler= (the plugin attaches its own)")
+    sam_of(optimizer, type(plugin).__name__)
+    attach_scaler(optimizer, scaler, type(plugin).__name__)
     loss = closure()  # first pass at w (the closure zeroes the previous step's gradients before backward)
     if loss is None:  # training_step returned None: Lightning skips this step, so do we
         return None
     try:
         if optimizer.wants_sam():
             optimizer.first_step(zero_grad=True)
-            closure()  # second pass at w + e
+            with frozen_running_stats(model):  # BatchNorm statistics: once per step, from the pass at w
+                closure()  # second pass at w + e
         plugin._after_closure(model, optimizer)  # on_before_optimizer_step hooks, Trainer clipping
     except BaseException:
         optimizer.restore()  # the weights go back to w before the error propagates

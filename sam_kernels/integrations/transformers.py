@@ -42,7 +42,9 @@ except ImportError as exc:
     raise ImportError("sam_kernels.integrations.transformers needs transformers and accelerate: "
                       "pip install 'sam_kernels[transformers]'") from exc
 
+from ..optim.batchnorm import frozen_running_stats
 from ..optim.sam import SAM
+from ._common import attach_scaler, sam_of
 
 __all__ = ["SAMTrainer"]
 
@@ -74,16 +76,11 @@ class SAMTrainer(transformers.Trainer):
         return self.optimizer
 
     def _sam(self) -> SAM:
-        opt = getattr(self.optimizer, "optimizer", self.optimizer)  # under the AcceleratedOptimizer wrapper
-        if not isinstance(opt, SAM):
-            raise TypeError(f"SAMTrainer: the optimizer is a {type(opt).__name__}, not a sam_kernels.SAM; pass one "
-                            f"with optimizers=(opt, scheduler) or let SAMTrainer build it (sam_kwargs=...)")
+        opt = sam_of(self.optimizer, "SAMTrainer")  # under the AcceleratedOptimizer wrapper
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ValueError("SAMTrainer: DeepSpeed runs backward and the optimizer step itself, so a SAM step "
                              "cannot be taken inside it; use DDP or FSDP2")
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and opt.grad_scaler is None:
-            opt.grad_scaler = scaler  # an overflow of either pass must reach scaler.update()
+        attach_scaler(opt, getattr(self.accelerator, "scaler", None), "SAMTrainer")
         return opt
 
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
@@ -100,7 +97,8 @@ class SAMTrainer(transformers.Trainer):
             try:
                 for i, micro in enumerate(window):
                     last = i == len(window) - 1
-                    with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    with contextlib.nullcontext() if last else self.accelerator.no_sync(model), \
+                            frozen_running_stats(model):  # BatchNorm statistics: once per step, from the pass at w
                         super().training_step(model, micro, num_items_in_batch)
             except BaseException:
                 opt.restore()  # back to w before the error propagates

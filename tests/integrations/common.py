@@ -19,14 +19,18 @@ def make_data(n: int, dtype=torch.float32, seed: int = 1) -> tuple[torch.Tensor,
     return x, y
 
 
-def make_net(dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
+def make_net(dtype=torch.float32, seed: int = 0, batchnorm: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
+    norm = [torch.nn.BatchNorm1d(8)] if batchnorm else []
+    return torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 8), *norm, torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
 
 
 def make_sam(params, base: str = "sgd", **kw) -> sk.SAM:
+    """``base``: "sgd" (momentum), "adamw", or "sssam" (SS-SAM, p = 0.5, seed 1: steps 1 and 4 plain, the others SAM)."""
     if base == "sgd":
         return sk.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw)
+    if base == "sssam":
+        return sk.SSSAM(params, torch.optim.SGD, rho=0.05, p=0.5, seed=1, lr=0.1, momentum=0.9, **kw)
     return sk.SAM(params, torch.optim.AdamW, rho=0.05, lr=0.01, weight_decay=0.01, **kw)
 
 
@@ -41,8 +45,9 @@ def autocast(precision: str, device_type: str = "cpu"):
 def manual_steps(net: torch.nn.Module, opt: sk.SAM, steps: list[list[tuple[torch.Tensor, torch.Tensor]]],
                  precision: str = "32-true", clip: float = 0.0, sched=None,
                  scaler: Optional[torch.amp.GradScaler] = None, loss_divisor: Optional[int] = None) -> None:
-    """The README's loop: each step a list of micro-batches, both passes accumulated over all of them
-    (each loss divided by ``loss_divisor``, default the number of micro-batches), the second pass clipped."""
+    """The README's loops: each step a list of micro-batches, both passes accumulated over all of them
+    (each loss divided by ``loss_divisor``, default the number of micro-batches), the second pass
+    under ``frozen_running_stats`` and clipped; a plain step where the policy says so."""
     def backward(x, y, n):
         with autocast(precision, x.device.type):
             loss = F.mse_loss(net(x), y) / n
@@ -52,9 +57,12 @@ def manual_steps(net: torch.nn.Module, opt: sk.SAM, steps: list[list[tuple[torch
         n = loss_divisor or len(micro)
         for x, y in micro:
             backward(x, y, n)
-        opt.first_step(zero_grad=True)
-        for x, y in micro:
-            backward(x, y, n)
+        sam_step = opt.wants_sam()
+        if sam_step:
+            opt.first_step(zero_grad=True)
+            with sk.frozen_running_stats(net):
+                for x, y in micro:
+                    backward(x, y, n)
         if clip > 0:
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -62,16 +70,19 @@ def manual_steps(net: torch.nn.Module, opt: sk.SAM, steps: list[list[tuple[torch
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
-        else:
+        elif sam_step:
             opt.second_step()
+        else:
+            opt.base_step()
         opt.zero_grad()
         if sched is not None:
             sched.step()
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, **tol) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), msg=lambda m: f"{name}: {m}", **tol)
+    """Parameters and buffers (BatchNorm statistics) of ``a`` and ``b`` close."""
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}", **tol)
 
 
 def launch(framework: str, out_dir, timeout: float = 300) -> list[dict]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .common import assert_same_weights, make_data, make_net, manual_steps
+from .common import assert_same_weights, make_data, make_net, make_sam, manual_steps
 
 accelerate = pytest.importorskip("accelerate")
 from sam_kernels.integrations.accelerate import sam_optimizer, second_pass  # noqa: E402
@@ -25,11 +25,12 @@ def documented_loop(accelerator, model, opt, loader, loss_fn, max_norm):
             accelerator.backward(loss_fn(model(x), y))          # first pass, at w
             window.append((x, y))
             if accelerator.sync_gradients:                       # the window's last micro-batch
-                sam.first_step(zero_grad=True)
-                for x2, y2 in second_pass(accelerator, model, window):
-                    accelerator.backward(loss_fn(model(x2), y2))  # second pass, at w + e
+                if sam.wants_sam():                              # False: a plain step (SS-SAM, LookSAM, ...)
+                    sam.first_step(zero_grad=True)
+                    for x2, y2 in second_pass(accelerator, model, window):
+                        accelerator.backward(loss_fn(model(x2), y2))  # second pass, at w + e
                 accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                opt.step()                                       # ends the SAM step (second_step)
+                opt.step()                                       # second_step (or base_step)
                 opt.zero_grad()
                 window.clear()
     return sam
@@ -77,10 +78,25 @@ def test_loop_bf16_equals_manual_loop():
     assert_same_weights(net, ref_net, rtol=1e-6, atol=1e-7)
 
 
-def test_sam_optimizer_refuses_other_optimizers():
+
+def test_policy_variant_and_batchnorm_equal_manual_loop():
+    """SS-SAM (plain steps among SAM steps) on a BatchNorm model: statistics updated once per step."""
+    x, y = make_data(5 * ACCUM * BATCH, torch.float64)
+    net = make_net(torch.float64, batchnorm=True)
+    documented_loop(fresh_accelerator(gradient_accumulation_steps=ACCUM), net, make_sam(net.parameters(), "sssam"),
+                    loader_of(x, y), F.mse_loss, 0.05)
+    ref_net = make_net(torch.float64, batchnorm=True)
+    manual_steps(ref_net, make_sam(ref_net.parameters(), "sssam"), micro_steps(x, y), clip=0.05)
+    assert_same_weights(net, ref_net, rtol=0, atol=1e-13)
+    assert net[1].num_batches_tracked.item() == 5 * ACCUM
+
+
+def test_sam_optimizer_refuses_other_optimizers_and_esam_data_selection():
     net = make_net()
     with pytest.raises(TypeError, match="not a sam_kernels.SAM"):
         sam_optimizer(fresh_accelerator(), torch.optim.SGD(net.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="ESAM with gamma=0.5"):
+        sam_optimizer(fresh_accelerator(), sk.ESAM(net.parameters(), torch.optim.SGD, gamma=0.5, lr=0.1))
 
 
 def test_two_processes_stay_identical_and_equal_one_process(tmp_path):

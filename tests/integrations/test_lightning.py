@@ -34,7 +34,7 @@ class Module(L.LightningModule):
         self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def configure_optimizers(self):
-        opt = make_sam(self.parameters(), self.base)
+        opt = make_sam(self.parameters(), self.base)  # "sgd", "adamw" or "sssam" (tests/integrations/common.py)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=self.gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -141,3 +141,30 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     manual_steps(net, make_sam(net.parameters()), global_steps(x, y, W, S, B), clip=0.05)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(ranks[0][k], v, rtol=0, atol=1e-12)
+
+
+def test_policy_variant_and_batchnorm_equal_manual_loop():
+    """SS-SAM (plain steps among SAM steps) on a BatchNorm model: statistics updated once per step."""
+    module = Module(make_net(torch.float64, batchnorm=True), "sssam")
+    fit(module, *make_data(STEPS * BATCH, torch.float64), sam_precision(), gradient_clip_val=0.05)
+    x, y = make_data(STEPS * BATCH, torch.float64)
+    net = make_net(torch.float64, batchnorm=True)
+    opt = make_sam(net.parameters(), "sssam")
+    manual_steps(net, opt, [[(x[i:i + BATCH], y[i:i + BATCH])] for i in range(0, STEPS * BATCH, BATCH)], clip=0.05,
+                 sched=torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+    assert_same_weights(module.net, net, rtol=0, atol=1e-13)
+    assert module.net[1].num_batches_tracked.item() == STEPS
+
+
+def test_esam_data_selection_is_refused_before_any_change():
+    import sam_kernels as sk
+
+    class ESAMModule(Module):
+        def configure_optimizers(self):
+            return sk.ESAM(self.parameters(), torch.optim.SGD, gamma=0.5, lr=0.1)
+
+    module = ESAMModule(make_net())
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ValueError, match="ESAM with gamma=0.5"):
+        fit(module, *make_data(STEPS * BATCH), sam_precision())
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))

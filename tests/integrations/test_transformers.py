@@ -16,9 +16,9 @@ BATCH, ACCUM, STEPS = 4, 2, 3
 
 
 class Regressor(torch.nn.Module):
-    def __init__(self, dtype=torch.float64):
+    def __init__(self, dtype=torch.float64, batchnorm=False):
         super().__init__()
-        self.net = make_net(dtype)
+        self.net = make_net(dtype, batchnorm=batchnorm)
 
     def forward(self, x, labels=None):
         out = self.net(x)
@@ -127,6 +127,30 @@ def test_not_a_sam_optimizer_is_refused_before_any_change(tmp_path):
         SAMTrainer(model=model, args=args(tmp_path), train_dataset=Rows(x, y), optimizers=(opt, None)).train()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
+
+
+
+def test_policy_variant_and_batchnorm_equal_manual_loop(tmp_path):
+    """sam_class=SSSAM (plain steps among SAM steps) on a BatchNorm model: statistics updated once per step."""
+    x, y = make_data(5 * ACCUM * BATCH, torch.float64)
+    model = Regressor(batchnorm=True)
+    InOrder(model=model, args=args(tmp_path, max_steps=5), train_dataset=Rows(x, y), sam_class=sk.SSSAM,
+            sam_kwargs={"rho": 0.05, "p": 0.5, "seed": 1}).train()
+    net = make_net(torch.float64, batchnorm=True)
+    ref = sk.SSSAM(trainer_groups(net), torch.optim.SGD, rho=0.05, p=0.5, seed=1, lr=0.1)
+    manual_steps(net, ref, micro_steps(x, y, 5), clip=0.05)
+    assert_same_weights(model.net, net, rtol=0, atol=1e-13)
+    assert model.net[1].num_batches_tracked.item() == 5 * ACCUM
+
+
+def test_esam_data_selection_is_refused_before_any_change(tmp_path):
+    x, y = make_data(STEPS * ACCUM * BATCH, torch.float64)
+    model = Regressor()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="ESAM with gamma=0.5"):
+        SAMTrainer(model=model, args=args(tmp_path), train_dataset=Rows(x, y), sam_class=sk.ESAM,
+                   sam_kwargs={"gamma": 0.5}).train()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.cuda
