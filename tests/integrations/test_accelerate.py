@@ -91,6 +91,26 @@ def test_policy_variant_and_batchnorm_equal_manual_loop():
     assert net[1].num_batches_tracked.item() == 5 * ACCUM
 
 
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs fp16 (autocast + GradScaler) on GPUs only")
+def test_loop_fp16_grad_scaler_equals_manual_loop():
+    x, y = make_data(STEPS * ACCUM * BATCH)
+    net = make_net().cuda()
+    opt = sk.SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    accelerate.state.AcceleratorState._reset_state(True)
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=ACCUM, mixed_precision="fp16")
+    sam = documented_loop(accelerator, net, opt, loader_of(x, y), F.mse_loss, 0.05)
+    assert accelerator.scaler is not None and sam.grad_scaler is accelerator.scaler
+
+    ref_net = make_net().cuda()
+    scaler = torch.amp.GradScaler("cuda")
+    ref = sk.SAM(ref_net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, grad_scaler=scaler)
+    manual_steps(ref_net, ref, micro_steps(x.cuda(), y.cuda()), precision="16-mixed", clip=0.05, scaler=scaler)
+    assert_same_weights(net, ref_net, rtol=1e-6, atol=1e-7)
+    assert accelerator.scaler.get_scale() == scaler.get_scale()
+
+
 def test_sam_optimizer_refuses_other_optimizers_and_esam_data_selection():
     net = make_net()
     with pytest.raises(TypeError, match="not a sam_kernels.SAM"):
