@@ -134,3 +134,24 @@ def test_two_processes_stay_identical_and_equal_one_process(tmp_path):
                  [[(x[s * n:(s + 1) * n], y[s * n:(s + 1) * n])] for s in range(STEPS)], clip=0.05)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(ranks[0][k], v, rtol=0, atol=1e-12)
+
+
+def test_readme_loop_as_written():
+    """The README's Accelerate block, executed verbatim (bf16 on CPU), = the manual loop."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("### Accelerate\n"):]
+    block = section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+    x, y = make_data(STEPS * ACCUM * BATCH)
+    model = make_net()
+    accelerate.state.AcceleratorState._reset_state(True)
+    scope = {"Accelerator": lambda **kw: accelerate.Accelerator(cpu=True, **kw), "sk": sk, "torch": torch,
+             "model": model, "loss_fn": F.mse_loss, "loader": loader_of(x, y)}
+    exec(compile(block, "README.md (Accelerate)", "exec"), scope)
+    assert scope["sam"].step_count == STEPS
+
+    ref_net = make_net()
+    manual_steps(ref_net, sk.SAM(ref_net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1), micro_steps(x, y),
+                 precision="bf16-mixed", clip=1.0)
+    assert_same_weights(model, ref_net, rtol=1e-6, atol=1e-7)
