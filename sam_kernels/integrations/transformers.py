@@ -79,7 +79,7 @@ class SAMTrainer(transformers.Trainer):
         opt = sam_of(self.optimizer, "SAMTrainer")  # under the AcceleratedOptimizer wrapper
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ValueError("SAMTrainer: DeepSpeed runs backward and the optimizer step itself, so a SAM step "
-                             "cannot be taken inside it; use DDP or FSDP2")
+                             "cannot be taken inside it; use DDP")
         attach_scaler(opt, getattr(self.accelerator, "scaler", None), "SAMTrainer")
         return opt
 
@@ -87,7 +87,11 @@ class SAMTrainer(transformers.Trainer):
         """The first pass of this micro-batch; after the window's last one, the SAM ascent and the
         window's second pass. Returns the first-pass loss (at w), what the Trainer logs."""
         opt = self._sam()
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except BaseException:
+            self._sam_window = []  # a later train() must not replay this window's micro-batches
+            raise
         self._sam_window.append(inputs)
         if not self.accelerator.gradient_state.sync_gradients:
             return loss
