@@ -168,3 +168,32 @@ def test_esam_data_selection_is_refused_before_any_change():
     with pytest.raises(ValueError, match="ESAM with gamma=0.5"):
         fit(module, *make_data(STEPS * BATCH), sam_precision())
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+
+def test_checkpoint_resume_continues_bit_exactly(tmp_path):
+    """AdamW base + step scheduler: 6 steps straight (2 epochs of 3 batches; ModelCheckpoint saves at the end of
+    each) = a new Trainer resumed from the first epoch's checkpoint (fit(ckpt_path=...)): optimizer state, SAM
+    state and scheduler restored exactly. The 3 batches are equal: Lightning 2.6.6 itself feeds a resumed run
+    other batches than the straight one (it counts the resumed epoch as unfinished, then starts a new one; seen
+    with a plain DataLoader, independent of the optimizer), which is no concern of the optimizer's."""
+    x, y = make_data(BATCH, torch.float64)
+    x, y = x.repeat(3, 1), y.repeat(3, 1)
+
+    def trainer(**kw):
+        return L.Trainer(max_steps=6, plugins=[sam_precision()], accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=0.05, **kw)
+
+    def loader():
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+
+    straight = Module(make_net(torch.float64), "adamw", gamma=0.9)
+    save = L.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
+    trainer(callbacks=[save]).fit(straight, loader())
+    resumed = Module(make_net(torch.float64), "adamw", gamma=0.9)
+    t = trainer(enable_checkpointing=False)
+    t.fit(resumed, loader(), ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
+    assert t.optimizers[0].step_count == 6 and t.global_step == 6
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert straight.lrs[-1] == resumed.lrs[-1] == pytest.approx(0.01 * 0.9 ** 6, rel=1e-12)
