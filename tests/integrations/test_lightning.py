@@ -41,11 +41,11 @@ class Module(L.LightningModule):
 
 def fit(module, x, y, plugin, **trainer_kw):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=False)
-    trainer = L.Trainer(max_steps=STEPS, plugins=[plugin], accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, **trainer_kw)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        trainer = L.Trainer(max_steps=STEPS, plugins=[plugin], accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, **trainer_kw)
         trainer.fit(module, loader)
     unexpected = [w for w in caught if not any(re.search(p, str(w.message)) for p in SETUP_WARNINGS)]
     assert not unexpected, [f"{w.category.__name__}: {w.message}" for w in unexpected]
