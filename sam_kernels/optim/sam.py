@@ -105,8 +105,8 @@ class SAM(torch.optim.Optimizer):
         distributed: ``"global"`` (both backwards synchronized: DDP's default, FSDP2) or ``"m-sam"``
             (first backward under DDP's ``no_sync()``); see :mod:`sam_kernels.optim.distributed`.
         telemetry: keep ‖g(w)‖, ‖g(w+e)‖, their cosine, ‖e‖ and L(w+e) − L(w) of each SAM step on the
-            device (extra op calls; see :mod:`sam_kernels.optim.stats`). The step and pass counters of
-            :meth:`stats` are kept either way.
+            device (extra op calls; see :mod:`sam_kernels.optim.stats`); ``"norms"``: all but the cosine
+            (no copy of g(w)). The step and pass counters of :meth:`stats` are kept either way.
         telemetry_decay: the factor of their exponential moving averages (0.9).
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
@@ -150,7 +150,7 @@ class SAM(torch.optim.Optimizer):
                  adaptive: bool = False, *, eta: float = 0.01, backend: Optional[str] = None,
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
                  modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None,
-                 distributed: Union[str, GlobalSync] = "global", telemetry: bool = False,
+                 distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = False,
                  telemetry_decay: float = 0.9, **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")

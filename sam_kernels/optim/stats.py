@@ -1,6 +1,7 @@
 """Sharpness telemetry and cost accounting of a SAM optimizer, with no host sync in the step.
 
-Per SAM step (``telemetry=True``), as 0-dim fp32 device tensors, never read back in the step:
+Per SAM step (``telemetry=True``; ``telemetry="norms"``: all but the cosine, see the costs below), as
+0-dim fp32 device tensors, never read back in the step:
 
 - ``grad_norm``: ‖g(w)‖, global L2 over every parameter with a first-pass gradient, unscaled (AMP).
 - ``sam_grad_norm``: ‖g(w + e)‖ of the descent gradient before any descent modifier, unscaled.
@@ -20,8 +21,10 @@ The values of the last SAM step and their exponential moving averages (``decay``
 at its first finite value and ignores NaN/Inf values) are kept. An AMP step that overflowed leaves
 both unchanged (the step was skipped).
 
-Cost (ours; these are extra op calls, not yet fused into the step's kernels): copy of g(w) (read
-and write N, plus N elements of memory; not for LookSAM) and one ``dot`` at w + e (read 2N).
+Cost (ours; these are extra op calls, not yet fused into the step's kernels): the cosine needs a
+copy of g(w) (read and write N, plus N elements of memory; not for LookSAM) and one ``dot`` at
+w + e (read 2N); ``telemetry="norms"`` leaves it out (``grad_cosine`` is NaN), so plain SAM with
+``finite_check=True`` or AMP pays no pass over the parameters at all (scalar maths only).
 ``grad_norm`` reuses the ascent norm except under ASAM or a per-tensor ESAM selection (one more
 ``grad_sq_norm``, read N); ``sam_grad_norm`` reuses the descent's finite check (read N when
 ``finite_check=False`` and no AMP); ``perturbation_norm`` outside plain SAM: one subtraction and one
@@ -43,7 +46,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -96,13 +99,16 @@ def record_bytes(records) -> dict[str, int]:
 class Telemetry:
     """The telemetry and counters of one optimizer (``SAM.telemetry``); see the module docstring.
 
-    ``enabled``: compute the device values (the counters are always kept). ``decay``: EMA factor in [0, 1).
+    ``mode``: False (counters only), True (every value) or ``"norms"`` (every value but the cosine);
+    ``decay``: EMA factor in [0, 1).
     """
 
-    def __init__(self, enabled: bool = False, decay: float = 0.9):
+    def __init__(self, mode: Union[bool, str] = False, decay: float = 0.9):
+        if mode not in (False, True, "norms"):
+            raise ValueError(f"telemetry must be False, True or 'norms', got {mode!r}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"telemetry_decay must be in [0, 1), got {decay}")
-        self.enabled, self.decay = bool(enabled), float(decay)
+        self.enabled, self.cosine, self.decay = mode is not False, mode is True, float(decay)
         self.last: Optional[torch.Tensor] = None  # [5] fp32, VALUES order
         self.ema: Optional[torch.Tensor] = None
         self.seen: Optional[torch.Tensor] = None  # [5] count of finite values folded into the EMAs
@@ -142,8 +148,8 @@ class Telemetry:
             g1_sq = sq  # the ascent norm is the plain ‖g‖² of the same list
         else:
             g1_sq = ops.grad_sq_norm(grads, backend=sam.backend)
-        firsts = [sam.state[p].get("looksam_g") for p in params]
-        if any(f is None or f.shape != g.shape for f, g in zip(firsts, grads)):  # no LookSAM copy: our own
+        firsts = [sam.state[p].get("looksam_g") for p in params] if self.cosine else []
+        if self.cosine and any(f is None or f.shape != g.shape for f, g in zip(firsts, grads)):  # no LookSAM copy
             firsts = []
             for p, g in zip(params, grads):
                 b = sam.state[p].get(SCRATCH_KEY)
@@ -160,7 +166,7 @@ class Telemetry:
         else:
             diff = torch._foreach_sub(perturbed, [sam._backup_of[p] for p in perturbed])
             e_sq = ops.grad_sq_norm(diff, backend=sam.backend)
-        self.pending.update(firsts=dict(zip(params, firsts)), g1_sq=_f32(g1_sq, device),
+        self.pending.update(firsts=dict(zip(params, firsts)) if self.cosine else {}, g1_sq=_f32(g1_sq, device),
                             grad_sq=_f32(amp.unscaled(g1_sq, scale), device), e_sq=_f32(e_sq, device))
 
     def descending(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor], sq: Optional[torch.Tensor],
@@ -171,8 +177,9 @@ class Telemetry:
             return
         device = self.pending["g1_sq"].device
         g2_sq = sq if sq is not None else ops.grad_sq_norm(grads, backend=sam.backend)
+        self.pending.update(sam_grad_sq=_f32(amp.unscaled(g2_sq, scale), device))
         both = [(firsts[p], g) for p, g in zip(params, grads) if p in firsts]
-        if not both:
+        if not both:  # telemetry="norms", or no tensor has both gradients
             return
         a, b = [x for x, _ in both], [y for _, y in both]
         dot = _f32(ops.dot(a, b, backend=sam.backend), device)
@@ -180,7 +187,7 @@ class Telemetry:
                                                                           device)
         n2 = _f32(g2_sq, device) if len(both) == len(grads) else _f32(ops.grad_sq_norm(b, backend=sam.backend),
                                                                        device)
-        self.pending.update(sam_grad_sq=_f32(amp.unscaled(g2_sq, scale), device), cosine=dot / (n1 * n2).sqrt())
+        self.pending.update(cosine=dot / (n1 * n2).sqrt())
 
     def finish(self, sam, sam_step: bool) -> None:
         """End of an optimizer step: counters; on a SAM step, the values and their EMAs."""

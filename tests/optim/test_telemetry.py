@@ -349,14 +349,31 @@ def test_aesam_counts_the_decisions_of_a_fixed_gradient_sequence():
 def test_optimizer_bytes_are_the_op_floors():
     """One SAM step with SGD momentum, fp32, N parameters: grad_sq_norm (4N) + perturb_ (16N) in
     first_step, the finite check's grad_sq_norm (4N) + sgd_restore_step_ (20N): 44N bytes; telemetry on
-    adds the g(w) copy (restore_, 8N) and the dot (8N)."""
-    for telemetry, per_param in ((False, 44), (True, 60)):
+    adds the g(w) copy (restore_, 8N) and the dot (8N); telemetry="norms" adds nothing (every norm it
+    reports is already computed), except ‖g(w+e)‖ (4N) when finite_check=False."""
+    for telemetry, finite_check, per_param in ((False, True, 44), (True, True, 60), ("norms", True, 44),
+                                               (False, False, 40), ("norms", False, 44)):
         model, data = model_and_data()
         n = sum(p.numel() for p in model.parameters())
-        opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, telemetry=telemetry)
+        opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, telemetry=telemetry,
+                     finite_check=finite_check)
         closure_step(model, opt, *data[0])
         assert opt.stats()["optimizer_bytes"] == per_param * n, telemetry
         assert set(opt.telemetry.bytes_by_backend) == {"cpp"}
+
+
+def test_norms_mode_reports_everything_but_the_cosine():
+    model, data = model_and_data()
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, telemetry="norms")
+    seen = closure_step(model, opt, *data[0])
+    st, h = opt.stats(), hand(seen)
+    assert st["grad_norm"] == pytest.approx(h["grad_norm"], rel=NORM_RTOL)
+    assert st["sam_grad_norm"] == pytest.approx(h["sam_grad_norm"], rel=NORM_RTOL)
+    assert st["sharpness"] == h["sharpness"] and st["perturbation_norm"] == pytest.approx(RHO, rel=1e-6)
+    assert math.isnan(st["grad_cosine"])
+    assert all(telemetry_stats.SCRATCH_KEY not in st for st in opt.state.values())
+    with pytest.raises(ValueError, match="telemetry"):
+        sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, telemetry="cosine")
 
 
 def test_floor_table_matches_the_bench_op_specs():
