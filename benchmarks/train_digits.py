@@ -105,6 +105,10 @@ def base_kwargs():
     return dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
+TRACE = ("steps", "sam_step_fraction", "sharpness", "grad_cosine", "grad_norm", "sam_grad_norm", "perturbation_norm")
+TRACE_EMA = ("sharpness", "grad_cosine", "grad_norm")
+
+
 def sam_kwargs():
     """The SAM-family optimizers: base optimizer settings plus telemetry on."""
     return dict(base_kwargs(), telemetry=True)
@@ -159,7 +163,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def run(method: Method, seed: int, epochs: int, record_every: int = 5) -> dict:
+def run(method: Method, seed: int, epochs: int, record_every: int = 10) -> dict:
     xtr, ytr, xte, yte, noise = make_data(seed)
     model = make_model(seed)
     g = torch.Generator().manual_seed(1000 + seed)
@@ -173,10 +177,16 @@ def run(method: Method, seed: int, epochs: int, record_every: int = 5) -> dict:
     ctx = {"seed": seed, "fisher_batches": fisher_batches}
     opt = method.build(model, ctx)
     counter = PassCounter(model)
-    trace: list[dict] = []
+    trace: dict[str, list] = {}  # column -> values, one per record
+
+    def record(st: dict) -> None:
+        ema = opt.stats(ema=True)  # a second sync: the EMAs of the same values
+        for key, value in (*((k, st[k]) for k in TRACE), *((f"{k}_ema", ema[k]) for k in TRACE_EMA)):
+            trace.setdefault(key, []).append(round(value, 6))
+
     if hasattr(opt, "stats"):
         from sam_kernels.optim.stats import every
-        every(opt, record_every, lambda st: trace.append({"last": st, "ema": opt.stats(ema=True)}))
+        every(opt, record_every, record)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     steps = examples = 0
     t0 = time.perf_counter()
@@ -223,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--only", nargs="*", default=None, help="run only these method names")
     ap.add_argument("--out", default="benchmarks/results/digits")
-    ap.add_argument("--record-every", type=int, default=5, help="optimizer steps between two opt.stats() records")
+    ap.add_argument("--record-every", type=int, default=10, help="optimizer steps between two opt.stats() records")
     ap.add_argument("--figure", default=None, help="draw sharpness and SAM-step fraction over training (PNG)")
     ap.add_argument("--figure-methods", nargs="+", default=["SAM", "SSSAM", "AESAM", "ESAM"])
     args = ap.parse_args(argv)
@@ -338,19 +348,24 @@ def figure(results: dict, names: list[str], path: str, record_every: int) -> Non
     except ImportError:
         print("no matplotlib: figure skipped (pip install matplotlib)")
         return
+    import itertools
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = itertools.cycle(["-", "--", "-.", ":"])
     for name in names:
         runs = results.get(name, {}).get("runs", [])
         traces = [r["trace"] for r in runs if r.get("trace")]
         if not traces:
             continue
-        n = min(len(t) for t in traces)
-        steps = [traces[0][i]["last"]["steps"] for i in range(n)]
-        sharp = [statistics.mean(t[i]["ema"]["sharpness"] for t in traces) for i in range(n)]
-        frac = [statistics.mean(t[i]["last"]["sam_step_fraction"] for t in traces) for i in range(n)]
-        ax1.plot(steps, sharp, label=name)
-        ax2.plot(steps, frac, label=name)
-    ax1.set(xlabel="optimizer step", ylabel="L(w + e) − L(w)  (EMA, decay 0.9)", title="sharpness")
+        n = min(len(t["steps"]) for t in traces)
+        steps = traces[0]["steps"][:n]
+        sharp = [statistics.mean(t["sharpness_ema"][i] for t in traces) for i in range(n)]
+        frac = [statistics.mean(t["sam_step_fraction"][i] for t in traces) for i in range(n)]
+        style = dict(label=name, linestyle=next(styles))
+        ax1.plot(steps, sharp, **style)
+        ax2.plot(steps, frac, **style)
+    ax1.set(xlabel="optimizer step", ylabel="L(w + e) − L(w)  (EMA over SAM steps, decay 0.9)",
+            title="sharpness at the SAM steps")
     ax2.set(xlabel="optimizer step", ylabel="SAM steps / steps", title="running SAM-step fraction", ylim=(0, 1.05))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
