@@ -325,7 +325,8 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _ascend(self) -> None:
-        entries = self._with_grads(self.ascent_params())
+        chosen = self.ascent_params()
+        entries = self._with_grads(chosen)
         if self._decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
             self.policy.observe(self.step_count, self._policy_norm())
         scale = self.loss_scale
@@ -376,7 +377,8 @@ class SAM(torch.optim.Optimizer):
         if self.telemetry.enabled:
             keys = list(buckets)  # (rho, adaptive, eta) per bucket
             plain = len(keys) == 1 and not keys[0][1] and not any(k in extra for k in ("masks", "keep_prob", "sq_norm"))
-            self.telemetry.ascended(self, entries, sq, extra, keys[0][0] if plain else None, scale)
+            everyone = entries if chosen is None else self._with_grads()
+            self.telemetry.ascended(self, entries, everyone, sq, extra, keys[0][0] if plain else None, scale)
 
     def _set_perturbed(self, params: Optional[list[torch.Tensor]],
                        backups: Optional[list[torch.Tensor]] = None) -> None:

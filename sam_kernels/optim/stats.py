@@ -73,6 +73,16 @@ SCRATCH_KEY = "telemetry_g"
 _PERTURB_EPS = inspect.signature(ops.perturb_).parameters["eps"].default  # what SAM's first_step uses
 
 
+_SQUARED: dict = {}  # device -> which VALUES are kept as squares until the end (made once per device: no copy per step)
+
+
+def _squared(device) -> torch.Tensor:
+    mask = _SQUARED.get(device)
+    if mask is None:
+        mask = _SQUARED[device] = torch.tensor([True, True, False, True, False], device=device)
+    return mask
+
+
 def _nan(device) -> torch.Tensor:
     return torch.full((), float("nan"), dtype=torch.float32, device=device)
 
@@ -128,46 +138,49 @@ class Telemetry:
         if loss is not None and self.enabled:
             self.pending[which] = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
 
-    def ascended(self, sam, entries, sq: Optional[torch.Tensor], extra: dict, plain_rho: Optional[float],
-                 scale: Optional[torch.Tensor]) -> None:
+    def ascended(self, sam, entries, everyone, sq: Optional[torch.Tensor], extra: dict,
+                 plain_rho: Optional[float], scale: Optional[torch.Tensor]) -> None:
         """After a successful perturbation: g(w) copy, ‖g(w)‖², ‖e‖². ``entries``: the perturbed
-        (group, param); ``sq``: the ascent norm (scaled); ``plain_rho``: set when the ascent was plain
-        SAM with that rho over all entries (one bucket, no ASAM/masks/keep mask/variant norm)."""
+        (group, param); ``everyone``: every (group, param) with a gradient; ``sq``: the ascent norm
+        (scaled); ``plain_rho``: set when the ascent was plain SAM with that rho over all entries (one
+        bucket, no ASAM/masks/keep mask/variant norm)."""
         if not self.enabled:
             return
         keep = {k: v for k, v in self.pending.items() if k == "before"}
         self.pending = keep
-        everyone = sam._with_grads()
         if not everyone or sq is None:
             return
-        params = [p for _, p in everyone]
-        grads = [p.grad for p in params]
-        device = grads[0].device
-        same_set = len(everyone) == len(entries)
-        if same_set and "sq_norm" not in extra and not any(g["adaptive"] for g, _ in entries):
+        device = everyone[0][1].grad.device
+        whole = len(everyone) == len(entries)
+        if whole and "sq_norm" not in extra and not any(g["adaptive"] for g in sam.param_groups):
             g1_sq = sq  # the ascent norm is the plain ‖g‖² of the same list
         else:
-            g1_sq = ops.grad_sq_norm(grads, backend=sam.backend)
-        firsts = [sam.state[p].get("looksam_g") for p in params] if self.cosine else []
-        if self.cosine and any(f is None or f.shape != g.shape for f, g in zip(firsts, grads)):  # no LookSAM copy
-            firsts = []
-            for p, g in zip(params, grads):
-                b = sam.state[p].get(SCRATCH_KEY)
-                if b is None or b.shape != g.shape or b.dtype != g.dtype or b.device != g.device:
-                    b = sam.state[p][SCRATCH_KEY] = torch.empty_like(g, memory_format=torch.preserve_format)
-                firsts.append(b)
-            ops.restore_(firsts, grads, backend=sam.backend)  # a bitwise list copy
-        perturbed = [p for _, p in entries]
+            g1_sq = ops.grad_sq_norm([p.grad for _, p in everyone], backend=sam.backend)
+        firsts: dict = {}
+        if self.cosine:
+            params = [p for _, p in everyone]
+            grads = [p.grad for p in params]
+            copies = [sam.state[p].get("looksam_g") for p in params]
+            if any(f is None or f.shape != g.shape for f, g in zip(copies, grads)):  # no LookSAM copy: our own
+                copies = []
+                for p, g in zip(params, grads):
+                    b = sam.state[p].get(SCRATCH_KEY)
+                    if b is None or b.shape != g.shape or b.dtype != g.dtype or b.device != g.device:
+                        b = sam.state[p][SCRATCH_KEY] = torch.empty_like(g, memory_format=torch.preserve_format)
+                    copies.append(b)
+                ops.restore_(copies, grads, backend=sam.backend)  # a bitwise list copy
+            firsts = dict(zip(params, copies))
         if plain_rho is not None:
             r = g1_sq.sqrt()
             s = 1.0 if scale is None else _f32(scale, r.device)
-            e_sq = (plain_rho * r / (r + _PERTURB_EPS * s)).square()
-            e_sq = torch.where(torch.isfinite(e_sq), e_sq, torch.zeros_like(e_sq))  # non-finite norm: e = 0
+            # a non-finite norm leaves the weights unperturbed (perturb_'s contract): e = 0
+            e_sq = torch.nan_to_num((plain_rho * r / (r + _PERTURB_EPS * s)).square(), nan=0.0, posinf=0.0)
         else:
+            perturbed = [p for _, p in entries]
             diff = torch._foreach_sub(perturbed, [sam._backup_of[p] for p in perturbed])
             e_sq = ops.grad_sq_norm(diff, backend=sam.backend)
-        self.pending.update(firsts=dict(zip(params, firsts)) if self.cosine else {}, g1_sq=_f32(g1_sq, device),
-                            grad_sq=_f32(amp.unscaled(g1_sq, scale), device), e_sq=_f32(e_sq, device))
+        self.pending.update(firsts=firsts, g1_sq=_f32(g1_sq, device), grad_sq=_f32(amp.unscaled(g1_sq, scale), device),
+                            e_sq=_f32(e_sq, device))
 
     def descending(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor], sq: Optional[torch.Tensor],
                    scale: Optional[torch.Tensor]) -> None:
@@ -178,7 +191,7 @@ class Telemetry:
         device = self.pending["g1_sq"].device
         g2_sq = sq if sq is not None else ops.grad_sq_norm(grads, backend=sam.backend)
         self.pending.update(sam_grad_sq=_f32(amp.unscaled(g2_sq, scale), device))
-        both = [(firsts[p], g) for p, g in zip(params, grads) if p in firsts]
+        both = [(firsts[p], g) for p, g in zip(params, grads) if p in firsts] if firsts else []
         if not both:  # telemetry="norms", or no tensor has both gradients
             return
         a, b = [x for x, _ in both], [y for _, y in both]
@@ -205,8 +218,9 @@ class Telemetry:
         nan = _nan(device)
         before, after = pending.get("before"), pending.get("after")
         sharp = nan if before is None or after is None else (_f32(after, device).mean() - _f32(before, device).mean())
-        vals = torch.stack([pending["grad_sq"].sqrt(), pending.get("sam_grad_sq", nan).sqrt(),
-                            pending.get("cosine", nan), pending["e_sq"].sqrt(), sharp])
+        vals = torch.stack([pending["grad_sq"], pending.get("sam_grad_sq", nan), pending.get("cosine", nan),
+                            pending["e_sq"], sharp])
+        vals = torch.where(_squared(device), vals.sqrt(), vals)  # the norms were kept squared
         if self.last is None:
             self.last = torch.full((5,), float("nan"), device=device)
             self.ema = torch.zeros(5, device=device)
