@@ -596,3 +596,27 @@ def test_cuda_step_with_telemetry_has_no_sync(name):
             torch.cuda.set_sync_debug_mode("default")
     st = opt.stats()
     assert tuple(st) == telemetry_stats.KEYS and math.isfinite(st["grad_norm"])
+
+
+# ---------------------------------------------------------------------- README
+
+def test_readme_telemetry_example_runs(capsys):
+    """The ```python blocks of README's "Telemetry" section run as written (scope as tests/test_readme_loops.py)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("## Telemetry")
+    blocks = re.findall(r"```python\n(.*?)```", text[start:text.index("\n## ", start + 1)], flags=re.S)
+    assert blocks
+    for block in blocks:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 3))
+        loader = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
+        scope = dict(torch=torch, sk=sk, F=F, model=model, loss_fn=F.cross_entropy, loader=loader)
+        exec(compile(block, "README Telemetry block", "exec"), scope)
+        st = scope["opt"].stats()
+        assert st["steps"] == 4 and math.isfinite(st["sharpness"]) and math.isfinite(st["grad_cosine"])
+    printed = capsys.readouterr().out
+    assert printed.count("'grad_norm'") == 3  # every(opt, 2, print) at steps 2 and 4, then the final print
