@@ -76,8 +76,8 @@ def markdown(rows: list[dict], env: dict) -> str:
                      f"{b['off'] / 1e6:.0f} | {b['norms'] / 1e6:.0f} | {b['on'] / 1e6:.0f} |")
     lines.append("")
     for r in rows:
-        lines.append(f"Round medians, {r['case']} finite_check={r['finite_check']} (ms, modes alternating): " + "; ".join(
-            f"{k} {[round(x, 2) for x in v]}" for k, v in r["round_medians_ms"].items()))
+        rounds = "; ".join(f"{k} {[round(x, 2) for x in v]}" for k, v in r["round_medians_ms"].items())
+        lines.append(f"Round medians, {r['case']} finite_check={r['finite_check']} (ms, modes alternating): {rounds}")
     return "\n".join(lines)
 
 

@@ -127,7 +127,7 @@ def test_sharpness_is_nan_when_the_first_loss_is_unknown():
 
 
 def test_asam_values_equal_hand_computation():
-    """grad_norm is the plain ‖g‖ (not ‖T⊙g‖); ‖e‖ = rho·‖T²⊙g‖/‖T⊙g‖, up to the rounding of w + e."""
+    """grad_norm is the plain ‖g‖ (not ‖T⊙g‖); ‖e‖ = rho·‖T²⊙g‖/‖T⊙g‖ (up to w + e's rounding)."""
     model, data = model_and_data()
     eta = 0.01
     opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, eta=eta, lr=0.1, telemetry=True)
@@ -203,6 +203,28 @@ def test_esam_values_and_passes_equal_hand_computation():
     k = num_selected(x.shape[0], gamma)
     assert st["forward_passes"] == 2 + k / x.shape[0] and st["backward_passes"] == 1 + k / x.shape[0]
     assert st["steps"] == 1 and st["sam_steps"] == 1
+
+
+def test_esam_element_swp_reports_the_applied_perturbation():
+    """Element SWP: each element joins with probability beta (scaled 1/beta): ‖e‖ is what was added."""
+    model, data = model_and_data()
+    opt = sk.ESAM(model.parameters(), torch.optim.SGD, rho=RHO, beta=0.6, swp="element", seed=2, lr=0.1,
+                  telemetry=True)
+    params = list(model.parameters())
+    x, y = data[0]
+    loss1 = loss_of(model, x, y)
+    loss1.backward()
+    seen = {"g1": snapshot([p.grad for p in params]), "w": snapshot(params), "loss1": loss1.detach()}
+    opt.first_step(zero_grad=True, loss=loss1)
+    seen["wp"] = snapshot(params)
+    loss2 = loss_of(model, x, y)
+    loss2.backward()
+    seen.update(g2=snapshot([p.grad for p in params]), loss2=loss2.detach())
+    opt.second_step(zero_grad=True, loss=loss2)
+    st, h = opt.stats(), hand(seen)
+    assert_norms(st, h)
+    assert st["perturbation_norm"] == pytest.approx(h["applied"], rel=NORM_RTOL)
+    assert st["perturbation_norm"] != pytest.approx(RHO, rel=1e-2)  # not the plain-SAM formula
 
 
 def test_esam_grad_norm_and_cosine_over_the_selected_tensors():
