@@ -620,6 +620,37 @@ def test_cuda_step_with_telemetry_has_no_sync(name):
     assert tuple(st) == telemetry_stats.KEYS and math.isfinite(st["grad_norm"])
 
 
+@pytest.mark.parametrize("mode", ["norms", True])
+def test_fullgraph_compiled_steps_keep_telemetry(mode):
+    """first_step/second_step under torch.compile(fullgraph=True) with telemetry on: no graph break, and
+    the values and counters equal the eager run's (bytes are not counted under compile: trace time)."""
+    torch._dynamo.reset()
+    sk.backends()
+    runs = []
+    for compiled in (True, False):
+        model, data = model_and_data()
+        opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, finite_check=False,
+                     telemetry=mode)
+        first, second = opt.first_step, opt.second_step
+        if compiled:
+            first = torch.compile(first, fullgraph=True, backend="aot_eager")
+            second = torch.compile(second, fullgraph=True, backend="aot_eager")
+        for x, y in data[:3]:
+            loss_of(model, x, y).backward()
+            first()
+            model.zero_grad()  # outside: torch.optim's zero_grad is not traceable
+            loss_of(model, x, y).backward()
+            second()
+            model.zero_grad()
+        runs.append(opt.stats())
+    got, want = runs
+    for k in telemetry_stats.VALUES[:4]:
+        if mode != "norms" or k != "grad_cosine":
+            assert got[k] == pytest.approx(want[k], rel=NORM_RTOL), k
+    assert math.isnan(got["sharpness"])
+    assert (got["steps"], got["sam_steps"]) == (want["steps"], want["sam_steps"]) == (3, 3)
+
+
 # ---------------------------------------------------------------------- README
 
 def test_readme_telemetry_example_runs(capsys):
