@@ -13,7 +13,15 @@ model in examples / batch size, so ESAM's partial second pass and the Fisher bat
 for what they are), and training wall time (s, mean over seeds). What pass counts do not see:
 ESAM's per-tensor SWP skips weight-gradient compute of unselected tensors inside a backward.
 
+Telemetry (issue #14): every SAM-family optimizer runs with ``telemetry=True`` and gets the first-pass
+loss (``step(closure, loss=...)``), so it knows L(w + e) − L(w); ``sam_kernels.optim.stats.every``
+records ``opt.stats()`` every ``--record-every`` steps (one host sync each time). The table adds the
+optimizer's own pass counts (``forward_passes / steps``) beside the hook counts, and ``--figure``
+draws sharpness (EMA) and the running SAM-step fraction over training (seed-mean) for the methods
+in ``--figure-methods`` (matplotlib needed for the figure only).
+
     python benchmarks/train_digits.py [--seeds 0 1 2 3 4] [--epochs 30] [--only SAM ESAM] [--out benchmarks/results/digits]
+        [--figure benchmarks/results/digits_telemetry.png] [--figure-methods SAM SSSAM AESAM ESAM]
 
 A variant that does not import (or is not exported yet) is skipped with the reason printed.
 """
@@ -97,6 +105,15 @@ def base_kwargs():
     return dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
+TRACE = ("steps", "sam_step_fraction", "sharpness", "grad_cosine", "grad_norm", "sam_grad_norm", "perturbation_norm")
+TRACE_EMA = ("sharpness", "grad_cosine", "grad_norm")
+
+
+def sam_kwargs():
+    """The SAM-family optimizers: base optimizer settings plus telemetry on."""
+    return dict(base_kwargs(), telemetry=True)
+
+
 def methods(sk, steps_total: int, steps_per_epoch: int, epochs: int) -> list[Method]:
     """Every method to compare; built lazily so a missing variant only skips itself."""
     sgd = torch.optim.SGD
@@ -107,26 +124,26 @@ def methods(sk, steps_total: int, steps_per_epoch: int, epochs: int) -> list[Met
         return getattr(sk, name)
 
     def preset(name, **kw):
-        return lambda model, ctx: get(name)(model.parameters(), sgd, **kw, **base_kwargs())
+        return lambda model, ctx: get(name)(model.parameters(), sgd, **kw, **sam_kwargs())
 
     return [
         Method("SGD", lambda model, ctx: sgd(model.parameters(), **base_kwargs()), protocol="sgd"),
         Method("SAM", preset("SAM", rho=0.05), note="rho 0.05"),
         Method("ASAM", preset("SAM", rho=0.5, adaptive=True), note="rho 0.5, eta 0.01"),
         Method("SSSAM", lambda model, ctx: get("SSSAM")(model.parameters(), sgd, rho=0.05, schedule="constant",
-                                                        p=0.6, seed=ctx["seed"], **base_kwargs()),
+                                                        p=0.6, seed=ctx["seed"], **sam_kwargs()),
                note="constant p 0.6"),
         Method("SparseSAM-F", lambda model, ctx: get("SparseSAM")(
             model.parameters(), sgd, rho=0.05, sparsity=0.5, mask="fisher", num_samples=32, update_freq=1,
             update_unit="epoch", steps_per_epoch=steps_per_epoch, model=model, loss_fn=F.cross_entropy,
-            fisher_data=ctx["fisher_batches"], fisher_method="loop", **base_kwargs()),
+            fisher_data=ctx["fisher_batches"], fisher_method="loop", **sam_kwargs()),
             note="Fisher, 50 % sparse, 32 batch-1 samples each epoch"),
         Method("SparseSAM-D", lambda model, ctx: get("SparseSAM")(
             model.parameters(), sgd, rho=0.05, sparsity=0.5, mask="dynamic", update_freq=1, update_unit="epoch",
-            steps_per_epoch=steps_per_epoch, horizon=epochs, seed=ctx["seed"], **base_kwargs()),
+            steps_per_epoch=steps_per_epoch, horizon=epochs, seed=ctx["seed"], **sam_kwargs()),
             note="dynamic, 50 % sparse, drop 0.5 cosine, each epoch"),
         Method("ESAM", lambda model, ctx: get("ESAM")(model.parameters(), sgd, rho=0.05, beta=0.6, gamma=0.5,
-                                                      seed=ctx["seed"], **base_kwargs()),
+                                                      seed=ctx["seed"], **sam_kwargs()),
                protocol="esam", note="beta 0.6 per tensor, gamma 0.5"),
         Method("StableSAM", preset("StableSAM", rho=0.05), note="renormalized descent"),
         Method("LookSAM", preset("LookSAM", rho=0.05, k=5, alpha=0.7), note="k 5, alpha 0.7"),
@@ -146,7 +163,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def run(method: Method, seed: int, epochs: int) -> dict:
+def run(method: Method, seed: int, epochs: int, record_every: int = 10) -> dict:
     xtr, ytr, xte, yte, noise = make_data(seed)
     model = make_model(seed)
     g = torch.Generator().manual_seed(1000 + seed)
@@ -160,6 +177,16 @@ def run(method: Method, seed: int, epochs: int) -> dict:
     ctx = {"seed": seed, "fisher_batches": fisher_batches}
     opt = method.build(model, ctx)
     counter = PassCounter(model)
+    trace: dict[str, list] = {}  # column -> values, one per record
+
+    def record(st: dict) -> None:
+        ema = opt.stats(ema=True)  # a second sync: the EMAs of the same values
+        for key, value in (*((k, st[k]) for k in TRACE), *((f"{k}_ema", ema[k]) for k in TRACE_EMA)):
+            trace.setdefault(key, []).append(round(value, 6))
+
+    if hasattr(opt, "stats"):
+        from sam_kernels.optim.stats import every
+        every(opt, record_every, record)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     steps = examples = 0
     t0 = time.perf_counter()
@@ -183,15 +210,21 @@ def run(method: Method, seed: int, epochs: int) -> dict:
                     loss.backward()
                     return loss
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(xb), yb).backward()
-                opt.step(closure)
+                first = F.cross_entropy(model(xb), yb)
+                first.backward()
+                opt.step(closure, loss=first)  # L(w): the optimizer then knows the sharpness
             sched.step()
             steps += 1
             examples += len(xb)
     wall = time.perf_counter() - t0
     fwd, bwd = counter.fwd / examples, counter.bwd / examples  # read before the evaluation forward
-    return {"seed": seed, "test_acc": evaluate(model, xte, yte), "train_noise": noise, "wall_s": wall,
-            "fwd_per_step": fwd, "bwd_per_step": bwd, "steps": steps}
+    out = {"seed": seed, "test_acc": evaluate(model, xte, yte), "train_noise": noise, "wall_s": wall,
+           "fwd_per_step": fwd, "bwd_per_step": bwd, "steps": steps}
+    if hasattr(opt, "stats"):
+        st = opt.stats()
+        out.update(stats=st, trace=trace, own_fwd_per_step=st["forward_passes"] / st["steps"],
+                   own_bwd_per_step=st["backward_passes"] / st["steps"])
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -200,6 +233,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--only", nargs="*", default=None, help="run only these method names")
     ap.add_argument("--out", default="benchmarks/results/digits")
+    ap.add_argument("--record-every", type=int, default=10, help="optimizer steps between two opt.stats() records")
+    ap.add_argument("--figure", default=None, help="draw sharpness and SAM-step fraction over training (PNG)")
+    ap.add_argument("--figure-methods", nargs="+", default=["SAM", "SSSAM", "AESAM", "ESAM"])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared 2-core box
 
@@ -217,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             skipped[method.name] = f"{type(exc).__name__}: {exc}"
             print(f"skip {method.name}: {skipped[method.name]}", flush=True)
             continue
-        runs = [run(method, s, args.epochs) for s in args.seeds]
+        runs = [run(method, s, args.epochs, args.record_every) for s in args.seeds]
         accs = [r["test_acc"] * 100 for r in runs]
         results[method.name] = {
             "note": method.note, "runs": runs,
@@ -226,10 +262,19 @@ def main(argv: Optional[list[str]] = None) -> None:
             "bwd_per_step": statistics.mean(r["bwd_per_step"] for r in runs),
             "wall_s": statistics.mean(r["wall_s"] for r in runs),
         }
+        if "stats" in runs[0]:
+            results[method.name].update(
+                own_fwd_per_step=statistics.mean(r["own_fwd_per_step"] for r in runs),
+                own_bwd_per_step=statistics.mean(r["own_bwd_per_step"] for r in runs),
+                sam_step_fraction=statistics.mean(r["stats"]["sam_step_fraction"] for r in runs),
+                optimizer_mb_per_step=statistics.mean(r["stats"]["optimizer_bytes"] / r["stats"]["steps"] / 1e6
+                                                      for r in runs))
         r = results[method.name]
         print(f"{method.name:14s} acc {r['acc_mean']:.2f} ± {r['acc_std']:.2f}  fwd {r['fwd_per_step']:.2f}  "
               f"bwd {r['bwd_per_step']:.2f}  {r['wall_s']:.2f}s", flush=True)
     write(args, results, skipped)
+    if args.figure:
+        figure(results, args.figure_methods, args.figure, args.record_every)
 
 
 def cpu_name() -> str:
@@ -276,16 +321,59 @@ def write(args, results: dict, skipped: dict) -> None:
         f"- Kernel backend(s) used: {backend or 'none'}.",
         f"- Noise level: the test set has {len(make_data(args.seeds[0])[3])} images (one image = "
         f"{100 / len(make_data(args.seeds[0])[3]):.2f} points); gaps smaller than the std are seed noise.", "",
-        "| method | test acc % (mean ± std) | fwd / step | bwd / step | wall s / run | settings |",
-        "|---|---|---|---|---|---|",
+        "- own fwd/bwd: the optimizer's count, `opt.stats()` forward/backward passes per step (telemetry, #14); "
+        "SAM steps: `sam_step_fraction`; MB/step: bytes its kernels moved at the ops' floors.",
+        "",
+        "| method | test acc % (mean ± std) | fwd / step | bwd / step | own fwd / bwd | SAM steps | MB / step "
+        "| wall s / run | settings |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        own = (f"{r['own_fwd_per_step']:.2f} / {r['own_bwd_per_step']:.2f} | {r['sam_step_fraction']:.2f} | "
+               f"{r['optimizer_mb_per_step']:.2f}") if "own_fwd_per_step" in r else "– | – | –"
         lines.append(f"| {name} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r['fwd_per_step']:.2f} | "
-                     f"{r['bwd_per_step']:.2f} | {r['wall_s']:.2f} | {r['note']} |")
+                     f"{r['bwd_per_step']:.2f} | {own} | {r['wall_s']:.2f} | {r['note']} |")
     if skipped:
         lines += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in skipped.items()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def figure(results: dict, names: list[str], path: str, record_every: int) -> None:
+    """Seed-mean sharpness EMA and running SAM-step fraction against the optimizer step."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: figure skipped (pip install matplotlib)")
+        return
+    import itertools
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = itertools.cycle(["-", "--", "-.", ":"])
+    for name in names:
+        runs = results.get(name, {}).get("runs", [])
+        traces = [r["trace"] for r in runs if r.get("trace")]
+        if not traces:
+            continue
+        n = min(len(t["steps"]) for t in traces)
+        steps = traces[0]["steps"][:n]
+        sharp = [statistics.mean(t["sharpness_ema"][i] for t in traces) for i in range(n)]
+        frac = [statistics.mean(t["sam_step_fraction"][i] for t in traces) for i in range(n)]
+        style = dict(label=name, linestyle=next(styles))
+        ax1.plot(steps, sharp, **style)
+        ax2.plot(steps, frac, **style)
+    ax1.set(xlabel="optimizer step", ylabel="L(w + e) − L(w)  (EMA over SAM steps, decay 0.9)",
+            title="sharpness at the SAM steps")
+    ax2.set(xlabel="optimizer step", ylabel="SAM steps / steps", title="running SAM-step fraction", ylim=(0, 1.05))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Noisy digits, MLP, seed mean; opt.stats() every {record_every} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -268,8 +268,8 @@ class ESAM(SAM):
         self._selection = None
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        super().second_step(zero_grad)
+    def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
+        super().second_step(zero_grad, loss=loss)
         self._clear()
 
     @torch.no_grad()
@@ -288,9 +288,10 @@ class ESAM(SAM):
         """backward of a pass this optimizer runs itself: through the attached GradScaler under AMP."""
         (self.grad_scaler.scale(loss) if amp.active(self.grad_scaler) else loss).backward()
 
-    def _step(self, closure):
+    def _step(self, closure, first_loss=None):
         """``step(closure)``: one ESAM step, BOTH passes included (see the module docstring for the
-        closure protocol). Returns the detached per-sample losses at w."""
+        closure protocol). Returns the detached per-sample losses at w. ``first_loss`` (``step``'s
+        ``loss=``) is unused: this step runs the first pass itself."""
         if closure is None:
             raise ValueError("ESAM.step() needs a closure(indices=None) returning per-sample losses (shape [B]); "
                              "it runs both passes itself")
@@ -304,9 +305,9 @@ class ESAM(SAM):
         if not self.wants_sam():
             self.base_step()
             return losses.detach()
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, loss=losses.mean())
         try:
-            indices, weight = None, None
+            indices, weight, after = None, None, None
             # The closure's model is unknown here: the pre-hook form freezes whatever it calls.
             with frozen_running_stats():
                 if self.gamma < 1.0:
@@ -323,8 +324,14 @@ class ESAM(SAM):
         except BaseException:
             self.restore()
             raise
+        # Passes in full-batch equivalents: the SDS forward counts 1, the second pass its share of the batch.
+        # (global selection: this rank's weight world/k gives the global share k/(world·B) = 1/(weight·B)).
+        if indices is not None:
+            batch = losses.shape[0]
+            share = indices.shape[0] / batch if weight is None else 1.0 / (weight * batch)
+            self.telemetry.passes = (2.0 + share, 1.0 + share)
         self._fresh = True
-        self.second_step()
+        self.second_step(loss=(selected if after is None else after).mean())
         return losses.detach()
 
     # ------------------------------------------------------------------ state

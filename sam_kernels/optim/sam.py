@@ -28,6 +28,7 @@ from .contract import SAM_KEYS, check_group, check_no_duplicates, complete_group
 from .descent import Modifier, Renormalize
 from .distributed import GlobalSync, make_sync
 from .policy import Policy
+from .stats import SCRATCH_KEY, Telemetry
 from .telemetry import DispatchSummary, had_layout_fallback, records_step, summary
 
 
@@ -71,6 +72,7 @@ class _StepState:
         self.begun = False     # this optimizer step has run its pre hooks
         self.groups_checked = 0
         self.dispatch_log: Optional[list] = None  # the dispatch records of the last step (telemetry)
+        self.telemetry: Optional[Telemetry] = None  # sharpness values and cost counters (.stats)
 
 
 def _now(name: str) -> property:
@@ -102,6 +104,10 @@ class SAM(torch.optim.Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop (see :mod:`sam_kernels.optim.amp`).
         distributed: ``"global"`` (both backwards synchronized: DDP's default, FSDP2) or ``"m-sam"``
             (first backward under DDP's ``no_sync()``); see :mod:`sam_kernels.optim.distributed`.
+        telemetry: keep ‖g(w)‖, ‖g(w+e)‖, their cosine, ‖e‖ and L(w+e) − L(w) of each SAM step on the
+            device (extra op calls; see :mod:`sam_kernels.optim.stats`); ``"norms"``: all but the cosine
+            (no copy of g(w)). The step and pass counters of :meth:`stats` are kept either way.
+        telemetry_decay: the factor of their exponential moving averages (0.9).
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
     the key), at construction, ``add_param_group`` and ``load_state_dict``.
@@ -138,15 +144,18 @@ class SAM(torch.optim.Optimizer):
     _begun = _now("begun")
     _groups_checked = _now("groups_checked")
     _dispatch_log = _now("dispatch_log")
+    telemetry = _now("telemetry")
 
     def __init__(self, params: Iterable, base_optimizer: Union[type, torch.optim.Optimizer], rho: float = 0.05,
                  adaptive: bool = False, *, eta: float = 0.01, backend: Optional[str] = None,
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
                  modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None,
-                 distributed: Union[str, GlobalSync] = "global", **kwargs):
+                 distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = False,
+                 telemetry_decay: float = 0.9, **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
         self._now = _StepState()
+        self.telemetry = Telemetry(telemetry, telemetry_decay)
         super().__init__(params, defaults)
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if kwargs:
@@ -295,25 +304,30 @@ class SAM(torch.optim.Optimizer):
 
     @records_step(starts_step=True)
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """w ← w + e(w) for every param with a gradient; the backups are kept in ``self.state``."""
+    def first_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
+        """w ← w + e(w) for every param with a gradient; the backups are kept in ``self.state``.
+
+        ``loss``: the first-pass loss L(w) (telemetry's sharpness; not read in the step)."""
         if self._perturbed is not None:
             raise RuntimeError("SAM.first_step() called twice: call second_step() (or restore()) first")
         amp.check_attached(self)
         self._begin()
         self._found = None
+        self.telemetry.see_loss("before", loss)
         try:
             self._ascend()
         except BaseException:  # the weights are at w (_ascend undoes what it wrote): the step did not begin
             self._begun = False
             self._found = None
+            self.telemetry.discard()
             raise
         self._decision = True
         if zero_grad:
             self.zero_grad()
 
     def _ascend(self) -> None:
-        entries = self._with_grads(self.ascent_params())
+        chosen = self.ascent_params()
+        entries = self._with_grads(chosen)
         if self._decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
             self.policy.observe(self.step_count, self._policy_norm())
         scale = self.loss_scale
@@ -361,6 +375,11 @@ class SAM(torch.optim.Optimizer):
                 self._copy_back([params[i] for i in done], [backups[i] for i in done])
             raise
         self._set_perturbed(params, backups)
+        if self.telemetry.enabled:
+            keys = list(buckets)  # (rho, adaptive, eta) per bucket
+            plain = len(keys) == 1 and not keys[0][1] and not any(k in extra for k in ("masks", "keep_prob", "sq_norm"))
+            everyone = entries if chosen is None else self._with_grads()
+            self.telemetry.ascended(self, entries, everyone, sq, extra, keys[0][0] if plain else None, scale)
 
     def _set_perturbed(self, params: Optional[list[torch.Tensor]],
                        backups: Optional[list[torch.Tensor]] = None) -> None:
@@ -416,14 +435,17 @@ class SAM(torch.optim.Optimizer):
 
     @records_step(starts_step=False)
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
         """w ← backup, then the base optimizer's step with the gradients taken at w + e.
+
+        ``loss``: the second-pass loss L(w + e) (telemetry's sharpness; not read in the step).
 
         Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next step.
         """
         if self._perturbed is None:
             raise RuntimeError("SAM.second_step() called before first_step(): call first_step() after the first "
                                "backward, then backward again at the perturbed weights")
+        self.telemetry.see_loss("after", loss)
         try:
             self._descend(self._perturbed)
         except BaseException:
@@ -444,6 +466,7 @@ class SAM(torch.optim.Optimizer):
             sq = ops.grad_sq_norm(grads, backend=self.backend)
             self._screen(sq, "second_step" if perturbed is not None else "base_step")
         if perturbed is not None:
+            self.telemetry.descending(self, params, grads, sq, scale)
             self.distributed.before_sam_descent(self)
         for m in self.modifiers:
             sq = m.before_descent(self, params, grads, perturbed is not None, sq)
@@ -474,6 +497,7 @@ class SAM(torch.optim.Optimizer):
         self._finish(zero_grad)
 
     def _finish(self, zero_grad: bool) -> None:
+        self.telemetry.finish(self, sam_step=self._perturbed is not None)
         self._set_perturbed(None)
         self._decision = None
         self._found = None
@@ -492,13 +516,14 @@ class SAM(torch.optim.Optimizer):
         """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
         if self._perturbed:
             self._copy_back(self._perturbed, list(self._backup_of.values()))
+        self.telemetry.discard()
         self._set_perturbed(None)
         self._decision = None
         self._found = None
         self._fresh = False
         self._begun = False
 
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None, *, loss: Optional[torch.Tensor] = None):
         """One full optimizer step.
 
         With a closure (it re-evaluates the loss and calls ``backward``; it runs with gradients
@@ -507,17 +532,20 @@ class SAM(torch.optim.Optimizer):
         the closure's loss of the second pass on SAM steps; on plain steps the first pass's loss
         when this call evaluated it, else None.
 
+        ``loss``: the loss L(w) of a first pass run before this call (telemetry's sharpness, with the
+        closure's L(w + e); not read in the step).
+
         Without a closure (how ``GradScaler.step(opt)`` ends the manual loop): the second step
         after ``first_step``, or the plain step after ``wants_sam()`` said no; otherwise ``ValueError``.
         """
         amp.check_attached(self)
         self._stepping = True
         try:
-            return self._step(closure)
+            return self._step(closure, loss)
         finally:
             self._stepping = False
 
-    def _step(self, closure):
+    def _step(self, closure, first_loss=None):
         if closure is None:
             if self._perturbed is not None:
                 self.second_step()
@@ -531,11 +559,11 @@ class SAM(torch.optim.Optimizer):
         loss = None
         if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
             with torch.enable_grad():
-                loss = closure()  # the first pass: nothing was backpropagated before this step
+                loss = first_loss = closure()  # the first pass: nothing was backpropagated before this step
         if not self.wants_sam():
             self.base_step()
             return loss
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, loss=first_loss)
         try:
             with torch.enable_grad():
                 loss = closure()
@@ -543,7 +571,7 @@ class SAM(torch.optim.Optimizer):
             self.restore()
             raise
         self._fresh = True
-        self.second_step()
+        self.second_step(loss=loss)
         return loss
 
     # ------------------------------------------------------------------ copies and state
@@ -570,6 +598,16 @@ class SAM(torch.optim.Optimizer):
         ``fused_share < 1`` means some tensors ran on the slow eager path (see ``ops.dispatch``)."""
         return summary(self)
 
+    def stats(self, ema: bool = False) -> dict[str, float]:
+        """Telemetry and cost counters as Python floats, keys exactly ``sam_kernels.optim.stats.KEYS``:
+        ``grad_norm``, ``sam_grad_norm``, ``grad_cosine``, ``perturbation_norm``, ``sharpness`` (of the
+        last SAM step; their EMAs with ``ema=True``; NaN before the first SAM step, when
+        ``telemetry=False`` or when not known), ``steps``, ``sam_steps``, ``sam_step_fraction``,
+        ``forward_passes``, ``backward_passes`` (full-batch equivalents) and ``optimizer_bytes`` (at
+        the ops' bytes floors). Units: the loss's and the gradients'; bytes. One host sync (none
+        without device values). Definitions and costs: :mod:`sam_kernels.optim.stats`."""
+        return self.telemetry.stats(ema)
+
     def state_dict(self) -> dict:
         """Base optimizer state + SAM state (policy, modifiers, step count; backups only mid-step).
 
@@ -581,7 +619,7 @@ class SAM(torch.optim.Optimizer):
             sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         if self._perturbed is None:  # backups and first-pass copies are scratch between steps: small checkpoints
-            scratch = {"backup", *(k for m in self.modifiers for k in m.transient_keys)}
+            scratch = {"backup", SCRATCH_KEY, *(k for m in self.modifiers for k in m.transient_keys)}
             sd["state"] = {k: {n: v for n, v in st.items() if n not in scratch} for k, st in sd["state"].items()}
         sd["sam"] = {
             "step_count": self.step_count,
@@ -591,6 +629,7 @@ class SAM(torch.optim.Optimizer):
             "policy": self.policy.state_dict(),
             "modifier_kinds": [type(m).__name__ for m in self.modifiers],
             "modifiers": [m.state_dict() for m in self.modifiers],
+            "telemetry": self.telemetry.state_dict(),
         }
         sd["base_optimizer"] = self.base_optimizer.state_dict()
         sd.update(self._variant_state())
@@ -646,6 +685,8 @@ class SAM(torch.optim.Optimizer):
         self.policy.load_state_dict(sam_state["policy"])
         for m, st in zip(self.modifiers, sam_state["modifiers"]):
             m.load_state_dict(st)
+        if "telemetry" in sam_state:  # state dicts saved before telemetry existed: counters start at 0
+            self.telemetry.load_state_dict(sam_state["telemetry"])
         self._load_variant_state(variant)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

@@ -359,16 +359,16 @@ class SparseSAM(SAM):
         self._ascent_done = True
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
         if self.implicit and not self._ascent_done:
             raise RuntimeError("SparseSAM(implicit=True): run the first forward/backward inside "
                                "`with opt.ascent_pass():` so that it uses the masked input gradients")
         self._ascent_done = False
-        super().first_step(zero_grad)
+        super().first_step(zero_grad, loss=loss)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        super().second_step(zero_grad)
+    def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
+        super().second_step(zero_grad, loss=loss)
         self.mask_provider.cadence.tick()
 
     @torch.no_grad()

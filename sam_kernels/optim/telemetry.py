@@ -11,6 +11,8 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from ..ops import dispatch
 
 
@@ -62,10 +64,18 @@ def records_step(starts_step: bool) -> Callable:
     def wrap(method: Callable) -> Callable:
         @functools.wraps(method)
         def recorded(self, *args, **kwargs):
+            # Compiled steps record their op calls once, at trace time: their bytes are not counted.
+            counters = None if torch.compiler.is_compiling() else getattr(self, "telemetry", None)
+            outer = counters is not None and not counters.counting  # restore() inside second_step: count once
+            if outer:
+                counters.counting = True
             with dispatch.recording() as log:
                 try:
                     return method(self, *args, **kwargs)
                 finally:
+                    if outer:
+                        counters.counting = False
+                        counters.add_bytes(log)  # the cost accounting of optim/stats.py (host arithmetic)
                     if starts_step or getattr(self, "_dispatch_log", None) is None:
                         self._dispatch_log = list(log)
                     else:

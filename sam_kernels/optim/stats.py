@@ -1,0 +1,295 @@
+"""Sharpness telemetry and cost accounting of a SAM optimizer, with no host sync in the step.
+
+Per SAM step (``telemetry=True``; ``telemetry="norms"``: all but the cosine, see the costs below), as
+0-dim fp32 device tensors, never read back in the step:
+
+- ``grad_norm``: ‖g(w)‖, global L2 over every parameter with a first-pass gradient, unscaled (AMP).
+- ``sam_grad_norm``: ‖g(w + e)‖ of the descent gradient before any descent modifier, unscaled.
+- ``grad_cosine``: cos(g(w), g(w + e)) = ⟨g(w), g(w + e)⟩ / (‖g(w)‖·‖g(w + e)‖) over the parameters
+  that have both gradients (the loss scales cancel). g(w) is gone by then (``zero_grad``), so
+  ``first_step`` keeps a copy of it (LookSAM/AE-LookSAM: their own ``looksam_g`` copy is reused).
+- ``perturbation_norm``: ‖e‖ as applied. Plain SAM (one rho, no ASAM, masks, keep mask or
+  variant norm): rho·‖g‖/(‖g‖ + eps·S) from the ascent norm (scalar maths, S = loss scale, 1
+  without AMP); any other ascent (ASAM, Sparse SAM, ESAM, several rho): ‖w_perturbed − backup‖
+  over the perturbed tensors, i.e. exactly what was added.
+- ``sharpness``: L(w + e) − L(w), when the optimizer saw both losses: a closure step that ran the
+  first pass itself, ``step(closure, loss=L(w))``, ``first_step(loss=...)`` + ``second_step(loss=...)``
+  in the manual loop, and ``ESAM.step`` (mean per-sample losses; with SDS the extra forward's
+  full-batch losses at w + e). Otherwise NaN. The losses are this rank's (no collective).
+
+The values of the last SAM step and their exponential moving averages (``decay``; each EMA starts
+at its first finite value and ignores NaN/Inf values) are kept. An AMP step that overflowed leaves
+both unchanged (the step was skipped).
+
+Cost (ours; these are extra op calls, not yet fused into the step's kernels): the cosine needs a
+copy of g(w) (read and write N, plus N elements of memory; not for LookSAM) and one ``dot`` at
+w + e (read 2N); ``telemetry="norms"`` leaves it out (``grad_cosine`` is NaN), so plain SAM with
+``finite_check=True`` or AMP pays no pass over the parameters at all (scalar maths only).
+``grad_norm`` reuses the ascent norm except under ASAM or a per-tensor ESAM selection (one more
+``grad_sq_norm``, read N); ``sam_grad_norm`` reuses the descent's finite check (read N when
+``finite_check=False`` and no AMP); ``perturbation_norm`` outside plain SAM: one subtraction and one
+``grad_sq_norm`` (read 2N, write N, read N). ``sam_kernels.bench telemetry`` measures it.
+
+Cost accounting (host integers and floats, always on, no device work): optimizer steps, SAM steps,
+forward and backward passes in full-batch equivalents (a SAM step 2 + 2, a plain step 1 + 1, ESAM's
+SDS: the extra forward counts 1 and the second pass k/B; what the optimizer does not run itself is
+counted by the protocol: Sparse SAM's Fisher batch-1 passes are not counted), and the bytes the
+optimizer's ``sam_kernels.ops`` calls moved, at each op's bytes floor (:data:`FLOOR_UNITS`, the op
+contracts' bytes floors as in ``sam_kernels.bench.op_specs``), per backend. Eager parts move more
+than the floor; a plain step's ``base_optimizer.step()`` (torch's own) is not counted.
+
+Under DDP and FSDP2 (``distributed="global"``) the norms are the global ones (the gradients are
+synchronized; DTensor reductions are all-reduced by the ops). Under m-SAM, g(w) is this rank's
+unsynchronized gradient: ``grad_norm`` and the cosine use it (what this rank ascended with).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, Optional, Union
+
+import torch
+
+from .. import ops
+from . import amp
+
+KEYS = ("grad_norm", "sam_grad_norm", "grad_cosine", "perturbation_norm", "sharpness", "steps", "sam_steps",
+        "sam_step_fraction", "forward_passes", "backward_passes", "optimizer_bytes")
+"""The keys of ``SAM.stats()``, in order."""
+VALUES = KEYS[:5]
+"""The device values (the others are host counters)."""
+
+FLOOR_UNITS = {
+    "grad_sq_norm": (1, 0), "dot": (2, 0), "perturb_": (4, 0), "restore_": (2, 0), "sgd_restore_step_": (5, 0),
+    "adamw_restore_step_": (7, 0), "renormalize_": (3, 0), "fisher_accumulate_": (3, 0), "looksam_store_": (5, 0),
+    "looksam_apply_": (5, 0), "topk_mask": (1, 1), "nm_mask": (1, 1),
+}
+"""op -> (bytes per element in units of the element size, extra bytes per element): the op contracts'
+bytes floors (sam_kernels.bench.op_specs; ASAM's read of w and mask reads are not in the floors)."""
+
+SCRATCH_KEY = "telemetry_g"
+"""Per-parameter ``sam.state`` entry holding the copy of g(w) from ``first_step`` to the descent."""
+
+_PERTURB_EPS = inspect.signature(ops.perturb_).parameters["eps"].default  # what SAM's first_step uses
+
+
+_SQUARED: dict = {}  # device -> which VALUES are kept as squares until the end (made once per device: no copy per step)
+
+
+def _squared(device) -> torch.Tensor:
+    mask = _SQUARED.get(device)
+    if mask is None:
+        mask = _SQUARED[device] = torch.tensor([True, True, False, True, False], device=device)
+    return mask
+
+
+def _nan(device) -> torch.Tensor:
+    return torch.full((), float("nan"), dtype=torch.float32, device=device)
+
+
+def _f32(t: torch.Tensor, device) -> torch.Tensor:
+    return t.detach().to(device=device, dtype=torch.float32)
+
+
+def _elem_size(dtype: str) -> int:
+    dt = getattr(torch, dtype, None)
+    return dt.to_real().itemsize if isinstance(dt, torch.dtype) else 4
+
+
+def record_bytes(records) -> dict[str, int]:
+    """backend -> bytes at the ops' floors for a list of :class:`sam_kernels.ops.dispatch.Record`."""
+    out: dict[str, int] = {}
+    for r in records:
+        units, extra = FLOOR_UNITS.get(r.op, (0, 0))
+        for p in r.parts:
+            out[p.backend] = out.get(p.backend, 0) + (units * _elem_size(p.dtype) + extra) * p.elements
+    return out
+
+
+class Telemetry:
+    """The telemetry and counters of one optimizer (``SAM.telemetry``); see the module docstring.
+
+    ``mode``: False (counters only), True (every value) or ``"norms"`` (every value but the cosine);
+    ``decay``: EMA factor in [0, 1).
+    """
+
+    def __init__(self, mode: Union[bool, str] = False, decay: float = 0.9):
+        if mode not in (False, True, "norms"):
+            raise ValueError(f"telemetry must be False, True or 'norms', got {mode!r}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"telemetry_decay must be in [0, 1), got {decay}")
+        self.enabled, self.cosine, self.decay = mode is not False, mode is True, float(decay)
+        self.last: Optional[torch.Tensor] = None  # [5] fp32, VALUES order
+        self.ema: Optional[torch.Tensor] = None
+        self.seen: Optional[torch.Tensor] = None  # [5] count of finite values folded into the EMAs
+        self.steps = 0
+        self.sam_steps = 0
+        self.forward_passes = 0.0
+        self.backward_passes = 0.0
+        self.bytes_by_backend: dict[str, int] = {}
+        self.pending: dict = {}  # this SAM step's values, from first_step to the end of the descent
+        self.passes: Optional[tuple[float, float]] = None  # a variant's pass count for this step (ESAM)
+        self.counting = False  # inside an optimizer method whose op calls are being counted
+
+    # ------------------------------------------------------------------ inside the step
+
+    def see_loss(self, which: str, loss: Optional[torch.Tensor]) -> None:
+        """Remember L(w) (``which="before"``) or L(w + e) (``"after"``) of this step (a tensor, not read)."""
+        if loss is not None and self.enabled:
+            self.pending[which] = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+
+    def ascended(self, sam, entries, everyone, sq: Optional[torch.Tensor], extra: dict,
+                 plain_rho: Optional[float], scale: Optional[torch.Tensor]) -> None:
+        """After a successful perturbation: g(w) copy, ‖g(w)‖², ‖e‖². ``entries``: the perturbed
+        (group, param); ``everyone``: every (group, param) with a gradient; ``sq``: the ascent norm
+        (scaled); ``plain_rho``: set when the ascent was plain SAM with that rho over all entries (one
+        bucket, no ASAM/masks/keep mask/variant norm)."""
+        if not self.enabled:
+            return
+        keep = {k: v for k, v in self.pending.items() if k == "before"}
+        self.pending = keep
+        if not everyone or sq is None:
+            return
+        device = everyone[0][1].grad.device
+        whole = len(everyone) == len(entries)
+        if whole and "sq_norm" not in extra and not any(g["adaptive"] for g in sam.param_groups):
+            g1_sq = sq  # the ascent norm is the plain ‖g‖² of the same list
+        else:
+            g1_sq = ops.grad_sq_norm([p.grad for _, p in everyone], backend=sam.backend)
+        firsts: dict = {}
+        if self.cosine:
+            params = [p for _, p in everyone]
+            grads = [p.grad for p in params]
+            copies = [sam.state[p].get("looksam_g") for p in params]
+            if any(f is None or f.shape != g.shape for f, g in zip(copies, grads)):  # no LookSAM copy: our own
+                copies = []
+                for p, g in zip(params, grads):
+                    b = sam.state[p].get(SCRATCH_KEY)
+                    if b is None or b.shape != g.shape or b.dtype != g.dtype or b.device != g.device:
+                        b = sam.state[p][SCRATCH_KEY] = torch.empty_like(g, memory_format=torch.preserve_format)
+                    copies.append(b)
+                ops.restore_(copies, grads, backend=sam.backend)  # a bitwise list copy
+            firsts = dict(zip(params, copies))
+        if plain_rho is not None:
+            r = g1_sq.sqrt()
+            s = 1.0 if scale is None else _f32(scale, r.device)
+            # a non-finite norm leaves the weights unperturbed (perturb_'s contract): e = 0
+            e_sq = torch.nan_to_num((plain_rho * r / (r + _PERTURB_EPS * s)).square(), nan=0.0, posinf=0.0)
+        else:
+            perturbed = [p for _, p in entries]
+            diff = torch._foreach_sub(perturbed, [sam._backup_of[p] for p in perturbed])
+            e_sq = ops.grad_sq_norm(diff, backend=sam.backend)
+        self.pending.update(firsts=firsts, g1_sq=_f32(g1_sq, device), grad_sq=_f32(amp.unscaled(g1_sq, scale), device),
+                            e_sq=_f32(e_sq, device))
+
+    def descending(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor], sq: Optional[torch.Tensor],
+                   scale: Optional[torch.Tensor]) -> None:
+        """In a SAM step's descent, before the modifiers: ‖g(w + e)‖ and the cosine."""
+        firsts = self.pending.get("firsts")
+        if not self.enabled or not grads or firsts is None:
+            return
+        device = self.pending["g1_sq"].device
+        g2_sq = sq if sq is not None else ops.grad_sq_norm(grads, backend=sam.backend)
+        self.pending.update(sam_grad_sq=_f32(amp.unscaled(g2_sq, scale), device))
+        both = [(firsts[p], g) for p, g in zip(params, grads) if p in firsts] if firsts else []
+        if not both:  # telemetry="norms", or no tensor has both gradients
+            return
+        a, b = [x for x, _ in both], [y for _, y in both]
+        dot = _f32(ops.dot(a, b, backend=sam.backend), device)
+        n1 = self.pending["g1_sq"] if len(both) == len(firsts) else _f32(ops.grad_sq_norm(a, backend=sam.backend),
+                                                                          device)
+        n2 = _f32(g2_sq, device) if len(both) == len(grads) else _f32(ops.grad_sq_norm(b, backend=sam.backend),
+                                                                       device)
+        self.pending.update(cosine=dot / (n1 * n2).sqrt())
+
+    def finish(self, sam, sam_step: bool) -> None:
+        """End of an optimizer step: counters; on a SAM step, the values and their EMAs."""
+        self.steps += 1
+        fwd, bwd = self.passes if self.passes is not None else ((2.0, 2.0) if sam_step else (1.0, 1.0))
+        self.forward_passes += fwd
+        self.backward_passes += bwd
+        self.passes = None
+        if sam_step:
+            self.sam_steps += 1
+        pending, self.pending = self.pending, {}
+        if not (self.enabled and sam_step and "g1_sq" in pending):
+            return
+        device = pending["g1_sq"].device
+        nan = _nan(device)
+        before, after = pending.get("before"), pending.get("after")
+        sharp = nan if before is None or after is None else (_f32(after, device).mean() - _f32(before, device).mean())
+        vals = torch.stack([pending["grad_sq"], pending.get("sam_grad_sq", nan), pending.get("cosine", nan),
+                            pending["e_sq"], sharp])
+        vals = torch.where(_squared(device), vals.sqrt(), vals)  # the norms were kept squared
+        if self.last is None:
+            self.last = torch.full((5,), float("nan"), device=device)
+            self.ema = torch.zeros(5, device=device)
+            self.seen = torch.zeros(5, device=device)
+        last, ema, seen = (t.to(device) for t in (self.last, self.ema, self.seen))
+        fold = torch.isfinite(vals)
+        found = sam._found  # AMP overflow of this step (the step was skipped): keep the old values
+        if found is not None:
+            ok = found.to(device).eq(0)
+            vals = torch.where(ok, vals, last)
+            fold = fold & ok
+        d = self.decay
+        ema = torch.where(fold, torch.where(seen == 0, vals, d * ema + (1 - d) * vals), ema)
+        self.last, self.ema, self.seen = vals, ema, seen + fold.float()
+
+    def discard(self) -> None:
+        """The step was undone (``restore``): forget its pending values."""
+        self.pending = {}
+        self.passes = None
+
+    def add_bytes(self, records) -> None:
+        for backend, n in record_bytes(records).items():
+            self.bytes_by_backend[backend] = self.bytes_by_backend.get(backend, 0) + n
+
+    # ------------------------------------------------------------------ reading
+
+    def stats(self, ema: bool = False) -> dict[str, float]:
+        """The dict of ``SAM.stats()``: one host sync (reading the device values), none when they do not exist."""
+        values = [math.nan] * 5
+        source = self.ema if ema else self.last
+        if source is not None:
+            if ema:
+                both = torch.cat([source, self.seen.to(source.device)]).tolist()  # the one sync
+                values = [v if n > 0 else math.nan for v, n in zip(both[:5], both[5:])]
+            else:
+                values = source.tolist()  # the one sync
+        out = dict(zip(VALUES, (float(v) for v in values)))
+        out.update(steps=float(self.steps), sam_steps=float(self.sam_steps),
+                   sam_step_fraction=self.sam_steps / self.steps if self.steps else math.nan,
+                   forward_passes=float(self.forward_passes), backward_passes=float(self.backward_passes),
+                   optimizer_bytes=float(sum(self.bytes_by_backend.values())))
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {"last": self.last, "ema": self.ema, "seen": self.seen, "steps": self.steps,
+                "sam_steps": self.sam_steps, "forward_passes": self.forward_passes,
+                "backward_passes": self.backward_passes, "bytes_by_backend": dict(self.bytes_by_backend)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last, self.ema, self.seen = (None if state.get(k) is None else state[k].clone()
+                                          for k in ("last", "ema", "seen"))
+        self.steps, self.sam_steps = int(state.get("steps", 0)), int(state.get("sam_steps", 0))
+        self.forward_passes = float(state.get("forward_passes", 0.0))
+        self.backward_passes = float(state.get("backward_passes", 0.0))
+        self.bytes_by_backend = dict(state.get("bytes_by_backend", {}))
+        self.pending, self.passes = {}, None
+
+
+def every(optimizer, n: int, callback: Callable[[dict], object], *, ema: bool = False):
+    """Call ``callback(optimizer.stats(ema=ema))`` after every ``n``-th optimizer step (a step post
+    hook; one host sync each time it fires). Works with ``print``, a TensorBoard ``SummaryWriter``
+    or ``wandb.log`` wrapped in a lambda. Returns the hook handle (``.remove()`` to stop)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"every: n must be an int >= 1, got {n!r}")
+
+    def hook(opt, args, kwargs) -> None:
+        if opt.telemetry.steps % n == 0:
+            callback(opt.stats(ema=ema))
+
+    return optimizer.register_step_post_hook(hook)
