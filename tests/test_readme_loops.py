@@ -34,6 +34,7 @@ def test_section_has_loops():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_loop_runs(index):
+    torch._dynamo.reset()  # a user's program starts with no compiled code (Dynamo's recompile limit is per process)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
                                 torch.nn.Linear(16, 3))
