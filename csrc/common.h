@@ -110,6 +110,24 @@ inline void check_amp_scalar(const char* op, const char* name, const std::option
               params[0].device());
 }
 
+// Telemetry outputs of the fused descents: `sums` a contiguous 2-element fp32/fp64 tensor on the
+// params' device (accumulated into by the kernel); `ascent_grads` aligned with the params, and only
+// together with `sums`.
+inline void check_telemetry_args(const char* op, const std::optional<at::TensorList>& ascent_grads,
+                                 const std::optional<at::Tensor>& sums, at::TensorList params) {
+  if (ascent_grads) {
+    TORCH_CHECK(sums.has_value(), op, ": ascent_grads given without sums (where the dot would go)");
+    check_list(op, "ascent_grads", params, *ascent_grads);
+  }
+  if (!sums) return;
+  TORCH_CHECK(sums->numel() == 2 && sums->dim() == 1 && sums->is_contiguous(), op,
+              ": sums must be a contiguous 1-D tensor of 2 elements, got shape ", sums->sizes());
+  TORCH_CHECK(sums->scalar_type() == at::kFloat || sums->scalar_type() == at::kDouble, op,
+              ": sums must be float32 or float64, got ", sums->scalar_type());
+  TORCH_CHECK(sums->device() == params[0].device(), op, ": sums is on ", sums->device(), " but the params are on ",
+              params[0].device());
+}
+
 struct AdamWCorrections {
   double bias_correction1;       // 1 − beta1^step
   double bias_correction2_sqrt;  // sqrt(1 − beta2^step)

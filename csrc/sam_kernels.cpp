@@ -24,12 +24,16 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   // AMP: grads carry the loss scale `grad_scale` (divided out in the kernel); a non-zero
   // `found_inf` skips the update on the device (params <- backups, state untouched).
+  // Telemetry: `sums` (2 elements, fp32/fp64) += [Σ g², Σ ⟨ascent_grads, g⟩] over the grads as given
+  // (scaled), read in the same pass; sums[1] unchanged without ascent_grads.
   m.def("sgd_restore_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-        "bool init_buffers, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+        "bool init_buffers, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? ascent_grads=None, "
+        "Tensor(c!)? sums=None) -> ()");
   m.def("adamw_restore_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, int step, float lr, float beta1, float beta2, float eps, float weight_decay, "
-        "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+        "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? ascent_grads=None, "
+        "Tensor(d!)? sums=None) -> ()");
   m.def("renormalize_(Tensor(a!)[] grads, Tensor ref_sq_norm, Tensor sq_norm, float eps) -> ()");
   m.def("fisher_accumulate_(Tensor(a!)[] fisher, Tensor[] grads, float scale) -> ()");
   m.def("looksam_store_(Tensor(a!)[] g_v, Tensor[] grads, Tensor[] sam_grads, Tensor gs_dot_g, Tensor g_sq_norm, "

@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -196,6 +197,77 @@ double chunk_sum(int64_t begin, int64_t end, bool vectorize, const Term& term) {
   }
   for (; i < end; ++i) total += static_cast<double>(term(at::opmath_type<scalar_t>{}, i));
   return total;
+}
+
+// Running sums of an element loop that also reduces (the fused descents' telemetry): add() takes
+// a value of either path; take() returns the total as a double and starts again. A loop folds
+// every kSumBlock elements, so fp32 lanes never sum more than a block, and the scalar path adds
+// in double (as chunk_sum).
+constexpr int64_t kSumBlock = 1024;
+
+template <typename scalar_t>
+struct LaneSum {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec lanes = Vec(scalar_t(0));
+  double rest = 0.0;
+
+  template <typename T>
+  void add(const T& x) {
+    if constexpr (is_vec<T>::value) {
+      lanes = lanes + x;
+    } else {
+      rest += static_cast<double>(x);
+    }
+  }
+  double take() {
+    double total = rest;
+    rest = 0.0;
+    if constexpr (has_vec_path<scalar_t>) {
+      scalar_t out[Vec::size()];
+      lanes.store(out);
+      for (int64_t l = 0; l < Vec::size(); ++l) total += static_cast<double>(out[l]);
+      lanes = Vec(scalar_t(0));
+    }
+    return total;
+  }
+};
+
+// f(chunk, lo, hi, acc) over every chunk, in parallel. Without `sums`, once per chunk with acc
+// null. With `sums` (2 elements, fp32/fp64), in kSumBlock pieces with acc = two LaneSums that f
+// adds to; the per-chunk totals are then added in chunk order to sums[0] and sums[1]
+// (deterministic whatever the thread count).
+template <typename scalar_t, typename F>
+void for_each_chunk_summing(const std::vector<Chunk>& chunks, const std::optional<at::Tensor>& sums, const F& f) {
+  if (!sums) {
+    for_each_chunk(chunks, [&](const Chunk& c) { f(c, c.begin, c.end, static_cast<LaneSum<scalar_t>*>(nullptr)); });
+    return;
+  }
+  std::vector<std::array<double, 2>> partials(chunks.size(), {0.0, 0.0});
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const Chunk& c = chunks[k];
+      LaneSum<scalar_t> acc[2];
+      for (int64_t lo = c.begin; lo < c.end; lo += kSumBlock) {
+        f(c, lo, std::min(c.end, lo + kSumBlock), acc);
+        partials[k][0] += acc[0].take();
+        partials[k][1] += acc[1].take();
+      }
+    }
+  });
+  double total[2] = {0.0, 0.0};
+  for (const auto& p : partials) {
+    total[0] += p[0];
+    total[1] += p[1];
+  }
+  if (sums->scalar_type() == at::kDouble) {
+    double* out = sums->data_ptr<double>();
+    out[0] += total[0];
+    out[1] += total[1];
+  } else {
+    float* out = sums->data_ptr<float>();
+    out[0] += static_cast<float>(total[0]);
+    out[1] += static_cast<float>(total[1]);
+  }
 }
 
 // Dispatch over the four float dtypes; scalar_t is the storage type.

@@ -13,6 +13,30 @@ bool skipped(const std::optional<at::Tensor>& found_inf) {
   return found_inf && *found_inf->data_ptr<float>() != 0.0f;
 }
 
+// Telemetry: the sums of the grads as given (scaled), g read once more only on a skipped AMP step.
+template <typename scalar_t, typename T>
+void add_sums(LaneSum<scalar_t>* acc, const scalar_t* g, const scalar_t* a, int64_t i) {
+  const T gi = load<T>(g, i);
+  acc[0].add(gi * gi);
+  if (a) acc[1].add(load<T>(a, i) * gi);
+}
+
+// A skipped AMP step: params <- backups (state untouched), and the telemetry sums still taken.
+void skip_step(const std::vector<Chunk>& chunks, at::TensorList params, at::TensorList backups, at::TensorList grads,
+               const std::optional<at::TensorList>& ascent_grads, const std::optional<at::Tensor>& sums) {
+  copy_chunks(chunks, params, backups);
+  if (!sums) return;
+  SAM_DISPATCH_FLOATS(params[0].scalar_type(), "descent sums", [&] {
+    for_each_chunk_summing<scalar_t>(chunks, sums, [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
+      const scalar_t* g = data<scalar_t>(grads[c.tensor]);
+      const scalar_t* a = ascent_grads ? data<scalar_t>((*ascent_grads)[c.tensor]) : nullptr;
+      elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
+        add_sums<scalar_t, decltype(tag)>(acc, g, a, i);
+      });
+    });
+  });
+}
+
 // 1/grad_scale rounded to fp32, as reference.unscale_factor (exact for GradScaler's powers of 2).
 float unscale_factor(const std::optional<at::Tensor>& grad_scale) {
   return grad_scale ? 1.0f / *grad_scale->data_ptr<float>() : 1.0f;
@@ -21,24 +45,28 @@ float unscale_factor(const std::optional<at::Tensor>& grad_scale) {
 void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
                           at::TensorList momentum_buffers, double lr, double momentum, double dampening,
                           double weight_decay, bool nesterov, bool maximize, bool init_buffers,
-                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                          std::optional<at::TensorList> ascent_grads, const std::optional<at::Tensor>& sums) {
   const bool has_momentum = momentum != 0.0;
   sam_kernels::check_sgd_args(params, backups, grads, momentum_buffers, has_momentum, c10::DeviceType::CPU);
   sam_kernels::check_amp_scalar("sgd_restore_step_", "grad_scale", grad_scale, params);
   sam_kernels::check_amp_scalar("sgd_restore_step_", "found_inf", found_inf, params);
+  sam_kernels::check_telemetry_args("sgd_restore_step_", ascent_grads, sums, params);
   const auto chunks = make_chunks(params);
-  if (skipped(found_inf)) return copy_chunks(chunks, params, backups);  // state untouched
+  if (skipped(found_inf)) return skip_step(chunks, params, backups, grads, ascent_grads, sums);  // state untouched
   const float inv_scale = unscale_factor(grad_scale);
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "sgd_restore_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
-    for_each_chunk(chunks, [&](const Chunk& c) {
+    for_each_chunk_summing<scalar_t>(chunks, sums, [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);
       const scalar_t* b = data<scalar_t>(backups[c.tensor]);
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
+      const scalar_t* a = ascent_grads ? data<scalar_t>((*ascent_grads)[c.tensor]) : nullptr;
       scalar_t* buf = has_momentum ? data<scalar_t>(momentum_buffers[c.tensor]) : nullptr;
-      elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+      elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
         using T = decltype(tag);
+        if (acc) add_sums<scalar_t, T>(acc, g, a, i);
         const T wi = load<T>(b, i);
         T d = load<T>(g, i);
         if (grad_scale) d = d * T(inv_scale);
@@ -59,26 +87,30 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
 void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
                             at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step, double lr,
                             double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                            std::optional<at::TensorList> ascent_grads, const std::optional<at::Tensor>& sums) {
   const auto [bc1, bc2_sqrt] = sam_kernels::check_adamw_args(params, backups, grads, exp_avgs, exp_avg_sqs, step,
                                                               beta1, beta2, c10::DeviceType::CPU);
   sam_kernels::check_amp_scalar("adamw_restore_step_", "grad_scale", grad_scale, params);
   sam_kernels::check_amp_scalar("adamw_restore_step_", "found_inf", found_inf, params);
+  sam_kernels::check_telemetry_args("adamw_restore_step_", ascent_grads, sums, params);
   const auto chunks = make_chunks(params);
-  if (skipped(found_inf)) return copy_chunks(chunks, params, backups);  // state untouched
+  if (skipped(found_inf)) return skip_step(chunks, params, backups, grads, ascent_grads, sums);  // state untouched
   const float inv_scale = unscale_factor(grad_scale);
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "adamw_restore_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t decay = 1.0 - lr * weight_decay, b1 = 1.0 - beta1, b2 = beta2, one_minus_b2 = 1.0 - beta2;
     const acc_t step_size = lr / bc1, bc2 = bc2_sqrt, eps_c = eps;
-    for_each_chunk(chunks, [&](const Chunk& c) {
+    for_each_chunk_summing<scalar_t>(chunks, sums, [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);
       const scalar_t* b = data<scalar_t>(backups[c.tensor]);
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
+      const scalar_t* a = ascent_grads ? data<scalar_t>((*ascent_grads)[c.tensor]) : nullptr;
       scalar_t* m = data<scalar_t>(exp_avgs[c.tensor]);
       scalar_t* v = data<scalar_t>(exp_avg_sqs[c.tensor]);
-      elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+      elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
         using T = decltype(tag);
+        if (acc) add_sums<scalar_t, T>(acc, g, a, i);
         T gi = load<T>(g, i);
         if (grad_scale) gi = gi * T(inv_scale);
         if (maximize) gi = -gi;

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from . import dispatch
-from .dtensor import all_reduce_partial
+from .dtensor import all_reduce_partial, reduce_groups
 from .reference import tensor_key
 
 Tensors = Sequence[torch.Tensor]
@@ -186,7 +186,7 @@ def _unchecked_fn(op: str, primary: Tensors, backend: Optional[str]) -> Optional
 
 
 def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable, torch.device], Any],
-            primary: Tensors, **lists: Optional[Tensors]) -> list:
+            primary: Tensors, extra_lists: int = 0, **lists: Optional[Tensors]) -> list:
     """``call(fn, pick, device)`` once per group of the aligned lists; the results.
 
     ``pick(lst)`` selects the group's entries of any list aligned with ``primary`` (None stays None;
@@ -210,7 +210,7 @@ def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable,
             pass
         else:
             dispatch.record(op, [dispatch.Part(name, primary[0].device.type, str(primary[0].dtype)[6:], len(primary),
-                                               sum(t.numel() for t in primary))])
+                                               sum(t.numel() for t in primary))], extra_lists)
             return out
     primary, lists, converted = _as_real(primary, lists)
     _check_lists(op, primary, **lists)
@@ -223,7 +223,7 @@ def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable,
         results.append(call(fn, _picker(idx, converted), device))
         parts.append(dispatch.Part(name, device.type, str(dtype)[6:], len(idx), sum(primary[i].numel() for i in idx),
                                    fallback))
-    dispatch.record(op, parts)
+    dispatch.record(op, parts, extra_lists)
     return results
 
 
@@ -362,11 +362,55 @@ def _on(scalars: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in scalars.items()}
 
 
+class _DescentSums:
+    """The telemetry arguments of the fused descents (``ascent_grads``, ``sums``), checked before any
+    launch. Each group's kernel accumulates into ``sums`` itself when it is on the group's device,
+    else into a zero temporary added to ``sums`` at :meth:`finish`; inside a DTensor call every
+    group uses a temporary, summed over the mesh first (the local shards' partial sums)."""
+
+    def __init__(self, op: str, sums: Optional[torch.Tensor], ascent_grads: Optional[Tensors], n: int):
+        if sums is None:
+            if ascent_grads is not None:
+                raise ValueError(f"{op}: ascent_grads given without sums (where the dot would go)")
+        elif not (isinstance(sums, torch.Tensor) and sums.shape == (2,) and sums.is_contiguous()
+                  and sums.dtype in (torch.float32, torch.float64)):
+            raise TypeError(f"{op}: sums must be a contiguous float32/float64 tensor of shape (2,), got "
+                            f"{sums.dtype if isinstance(sums, torch.Tensor) else type(sums).__name__} "
+                            f"{tuple(sums.shape) if isinstance(sums, torch.Tensor) else ''}")
+        if ascent_grads is not None:
+            _require_list(op, ascent_grads)
+            if len(ascent_grads) != n:
+                raise ValueError(f"{op}: {len(ascent_grads)} ascent_grads for {n} params")
+        self.sums = sums
+        self.per_device = sums is not None and bool(reduce_groups())
+        self.temps: dict = {}
+
+    def kwargs(self, pick: Callable, device: torch.device, ascent_grads: Optional[Tensors]) -> dict:
+        """The group's ``ascent_grads`` / ``sums`` keyword arguments (none when telemetry is off);
+        ``ascent_grads``: the list aligned with the launch's params."""
+        if self.sums is None:
+            return {}
+        out = self.sums
+        if self.per_device or device != self.sums.device:
+            out = self.temps.get(device)
+            if out is None:
+                out = self.temps[device] = torch.zeros(2, dtype=self.sums.dtype, device=device)
+        kw = {"sums": out}
+        if ascent_grads is not None:
+            kw["ascent_grads"] = pick(ascent_grads)
+        return kw
+
+    def finish(self) -> None:
+        for t in self.temps.values():
+            self.sums.add_(all_reduce_partial(t).to(self.sums.device))
+
+
 def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
                       momentum_buffers: Optional[Sequence[Optional[torch.Tensor]]] = None, *, lr: float,
                       momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
                       nesterov: bool = False, maximize: bool = False, grad_scale: Optional[torch.Tensor] = None,
-                      found_inf: Optional[torch.Tensor] = None,
+                      found_inf: Optional[torch.Tensor] = None, ascent_grads: Optional[Tensors] = None,
+                      sums: Optional[torch.Tensor] = None,
                       backend: Optional[str] = None) -> list[Optional[torch.Tensor]]:
     """params ← backups, then torch.optim.SGD's update with ``grads``, in one pass per group.
 
@@ -378,9 +422,16 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     the update on the device: params end bitwise at the backups, buffers unchanged. New buffers
     are then zero-filled (ours: a skipped first step leaves buf = 0, so the next step's
     buf = momentum·0 + (1 − dampening)·d equals torch's first-step buf = d when dampening = 0).
+
+    Telemetry (ours): ``sums`` (float32/float64, shape (2,), on the params' device) gets
+    ``[Σ g², Σ ⟨ascent_grads, g⟩]`` ADDED, over the grads as given (an AMP loss scale still in
+    them), computed in the same pass that reads g for the update; ``sums[1]`` is left alone
+    without ``ascent_grads`` (a list aligned with ``params``: g(w), the first-pass gradients).
+    DTensors: summed over the mesh. Raises TypeError/ValueError before writing anything.
     """
     _require_list("sgd_restore_step_", params)
     n = len(params)
+    tele = _DescentSums("sgd_restore_step_", sums, ascent_grads, n)
     bufs: list[Optional[torch.Tensor]] = list(momentum_buffers) if momentum_buffers is not None else [None] * n
     if len(bufs) != n:
         raise ValueError(f"sgd_restore_step_: {len(bufs)} momentum buffers for {n} params")
@@ -398,29 +449,35 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     if not fresh or len(fresh) == n:  # the usual cases: every buffer exists, or none does (first step)
         subsets = [(bool(fresh), None)]
     else:  # two launches: check everything before the first one writes
-        _check_lists("sgd_restore_step_", params, backups=backups, grads=grads, momentum_buffers=bufs)
+        _check_lists("sgd_restore_step_", params, backups=backups, grads=grads, momentum_buffers=bufs,
+                     ascent_grads=ascent_grads)
         new = set(fresh)
         subsets = [(False, [i for i in range(n) if i not in new]), (True, fresh)]
     for init, sel in subsets:
-        ps, bs, gs, ms = (params, backups, grads, bufs) if sel is None else (
-            _pick(params, sel), _pick(backups, sel), _pick(grads, sel), _pick(bufs, sel))
+        ps, bs, gs, ms, asc = (params, backups, grads, bufs, ascent_grads) if sel is None else (
+            _pick(params, sel), _pick(backups, sel), _pick(grads, sel), _pick(bufs, sel), _pick(ascent_grads, sel))
         ms = ms if has_buffers else None
         _launch("sgd_restore_step_", backend,
                 lambda fn, pick, device: fn(pick(ps), pick(bs), pick(gs), pick(ms), init_buffers=init, **kw,
-                                            **_on(amp, device)),
-                ps, backups=bs, grads=gs, momentum_buffers=ms)
+                                            **_on(amp, device), **tele.kwargs(pick, device, asc)),
+                ps, int(asc is not None), backups=bs, grads=gs, momentum_buffers=ms, ascent_grads=asc)
+    tele.finish()
     return bufs
 
 
 def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
                         step: int, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                         weight_decay: float = 1e-2, maximize: bool = False, grad_scale: Optional[torch.Tensor] = None,
-                        found_inf: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
+                        found_inf: Optional[torch.Tensor] = None, ascent_grads: Optional[Tensors] = None,
+                        sums: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
     """params ← backups, then torch.optim.AdamW's update (``step`` counted after its increment).
 
     ``grad_scale`` / ``found_inf``: as :func:`sgd_restore_step_`; a skipped step leaves both moments
-    unchanged (the caller must not count it in ``step``).
+    unchanged (the caller must not count it in ``step``). ``sums`` / ``ascent_grads``: telemetry, as
+    :func:`sgd_restore_step_`.
     """
+    _require_list("adamw_restore_step_", params)
+    tele = _DescentSums("adamw_restore_step_", sums, ascent_grads, len(params))
     if step < 1:
         raise ValueError(f"adamw_restore_step_: step must be >= 1 (count after increment), got {step}")
     kw = dict(step=int(step), lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
@@ -428,8 +485,10 @@ def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_a
     amp = _amp_args(grad_scale, found_inf)
     _launch("adamw_restore_step_", backend,
             lambda fn, pick, device: fn(pick(params), pick(backups), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-                                        **kw, **_on(amp, device)),
-            params, backups=backups, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+                                        **kw, **_on(amp, device), **tele.kwargs(pick, device, ascent_grads)),
+            params, int(ascent_grads is not None), backups=backups, grads=grads, exp_avgs=exp_avgs,
+            exp_avg_sqs=exp_avg_sqs, ascent_grads=ascent_grads)
+    tele.finish()
 
 
 # --------------------------------------------------------------------------- variants' element-wise ops

@@ -64,9 +64,11 @@ class Part:
 
 @dataclass(frozen=True)
 class Record:
-    """What one op call ran: its parts in launch order."""
+    """What one op call ran: its parts in launch order; ``extra_lists``: tensor lists the call read
+    beyond the op's own (the fused descents' ``ascent_grads``, telemetry)."""
     op: str
     parts: tuple[Part, ...]
+    extra_lists: int = 0
 
     def elements(self, backend: Optional[str] = None) -> int:
         """Elements run by ``backend`` (all parts when None)."""
@@ -109,10 +111,10 @@ def recording() -> Iterator[list[Record]]:
                 break
 
 
-def record(op: str, parts: list[Part]) -> None:
+def record(op: str, parts: list[Part], extra_lists: int = 0) -> None:
     """Store an op call's parts (:data:`last_call`, :data:`last_used`, active :func:`recording` blocks)."""
     global _warned_cuda
-    rec = Record(op, tuple(parts))
+    rec = Record(op, tuple(parts), extra_lists)
     last_call[op] = rec
     last_used[op] = "+".join(dict.fromkeys(p.backend for p in parts))
     for log in _recorders:

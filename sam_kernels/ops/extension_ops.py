@@ -33,15 +33,15 @@ def restore_(params, backups):
 
 
 def sgd_restore_step_(params, backups, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
-                      maximize, init_buffers, grad_scale=None, found_inf=None):
+                      maximize, init_buffers, grad_scale=None, found_inf=None, ascent_grads=None, sums=None):
     _op("sgd_restore_step_")(params, backups, grads, momentum_buffers or [], lr, momentum, dampening, weight_decay,
-                             nesterov, maximize, init_buffers, grad_scale, found_inf)
+                             nesterov, maximize, init_buffers, grad_scale, found_inf, ascent_grads, sums)
 
 
 def adamw_restore_step_(params, backups, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay,
-                        maximize, grad_scale=None, found_inf=None):
+                        maximize, grad_scale=None, found_inf=None, ascent_grads=None, sums=None):
     _op("adamw_restore_step_")(params, backups, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
-                               weight_decay, maximize, grad_scale, found_inf)
+                               weight_decay, maximize, grad_scale, found_inf, ascent_grads, sums)
 
 
 def renormalize_(grads, ref_sq_norm, sq_norm, eps):

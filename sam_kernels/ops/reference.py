@@ -177,17 +177,33 @@ def _skip_where(found_inf: Optional[torch.Tensor], kept: Sequence[torch.Tensor],
     return [torch.where(skip, k, n) for k, n in zip(kept, new)]
 
 
+def add_descent_sums(sums: Optional[torch.Tensor], grads: Tensors, ascent_grads: Optional[Tensors]) -> None:
+    """Telemetry of the fused descents (ours): ``sums[0] += Σ g²`` and, with ``ascent_grads``,
+    ``sums[1] += Σ ⟨a, g⟩``, over the grads AS GIVEN (still carrying an AMP loss scale), accumulated
+    like :func:`grad_sq_norm` / :func:`dot` and added in ``sums``' dtype (fp32 or fp64, 2 elements);
+    whether or not ``found_inf`` skips the step. The kernels compute them in the pass that already
+    reads g for the update, so ‖g(w + e)‖ costs no read and the cosine's dot one read of g(w)."""
+    if sums is None:
+        return
+    sums[0] += _sum_sq(grads).to(sums.dtype)
+    if ascent_grads is not None:
+        sums[1] += dot(ascent_grads, grads).to(sums.dtype)
+
+
 def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentum_buffers: Optional[Tensors], *,
                       lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                       maximize: bool, init_buffers: bool, grad_scale: Optional[torch.Tensor] = None,
-                      found_inf: Optional[torch.Tensor] = None) -> None:
+                      found_inf: Optional[torch.Tensor] = None, ascent_grads: Optional[Tensors] = None,
+                      sums: Optional[torch.Tensor] = None) -> None:
     """params ← backups, then exactly torch.optim.SGD's update with ``grads / grad_scale``.
 
     ``init_buffers``: the buffers hold garbage and this is their first step (torch sets buf = d_p).
     AMP (ours, after torch's fused optimizers): ``grad_scale`` (0-dim fp32, the loss scale the
     grads carry) is divided out element by element; a non-zero ``found_inf`` (0-dim fp32) skips the
     update on the device: params end bitwise at the backups and the buffers are left as they were.
+    ``sums`` / ``ascent_grads``: telemetry, see :func:`add_descent_sums`.
     """
+    add_descent_sums(sums, grads, ascent_grads)
     cdt = acc_dtype(params[0].dtype)
     w0 = _up(backups)
     d = _up(grads)
@@ -216,12 +232,15 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentu
 def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, *,
                         step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                         maximize: bool, grad_scale: Optional[torch.Tensor] = None,
-                        found_inf: Optional[torch.Tensor] = None) -> None:
+                        found_inf: Optional[torch.Tensor] = None, ascent_grads: Optional[Tensors] = None,
+                        sums: Optional[torch.Tensor] = None) -> None:
     """params ← backups, then exactly torch.optim.AdamW's update; ``step`` is the count after increment.
 
     ``grad_scale`` / ``found_inf``: as :func:`sgd_restore_step_` (a skipped step leaves params at
-    the backups and both moments unchanged; the caller keeps the step count).
+    the backups and both moments unchanged; the caller keeps the step count). ``sums`` /
+    ``ascent_grads``: telemetry, see :func:`add_descent_sums`.
     """
+    add_descent_sums(sums, grads, ascent_grads)
     cdt = acc_dtype(params[0].dtype)
     w0 = _up(backups)
     g = _up(grads)
