@@ -96,10 +96,19 @@ def _with_state_following(call, states: list[dict], params: list[torch.Tensor], 
     return call()
 
 
-def _sgd(base: torch.optim.SGD, entries, backend, amp: dict) -> None:
+def _telemetry_kwargs(telemetry: Optional[tuple], params: list[torch.Tensor]) -> dict:
+    """``ascent_grads``/``sums`` of one launch (see :meth:`.stats.Telemetry.fused_args`), or none."""
+    if telemetry is None:
+        return {}
+    ascent_of, sums = telemetry
+    return {"sums": sums} if ascent_of is None else {"sums": sums, "ascent_grads": [ascent_of[p] for p in params]}
+
+
+def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry: Optional[tuple]) -> None:
     for bucket in _by_hyperparams(entries, _SGD_KEYS):
         group = bucket[0][0]
         _, params, backups, grads = map(list, zip(*bucket))
+        tele = _telemetry_kwargs(telemetry, params)
         momentum = group["momentum"]
         states = [base.state[p] for p in params] if momentum else []
         def call():
@@ -107,7 +116,7 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict) -> None:
             return old, ops.sgd_restore_step_(params, backups, grads, old, lr=group["lr"], momentum=momentum,
                                               dampening=group["dampening"], weight_decay=group["weight_decay"],
                                               nesterov=group["nesterov"], maximize=group["maximize"],
-                                              backend=backend, **amp)
+                                              backend=backend, **amp, **tele)
         old, bufs = _with_state_following(call, states, params, ("momentum_buffer",), backups)
         if momentum:
             for st, before, buf in zip(states, old, bufs):
@@ -115,7 +124,7 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict) -> None:
                     st["momentum_buffer"] = buf
 
 
-def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict) -> None:
+def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry: Optional[tuple]) -> None:
     states = [base.state[p] for _, p, _, _ in entries]
     for (_, p, _, _), st in zip(entries, states):
         if len(st) == 0:  # the layout torch.optim.AdamW creates on its first step
@@ -128,7 +137,7 @@ def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict) -> None:
     counts = torch.stack(steps).tolist() if len({s.dtype for s in steps}) == 1 else [s.item() for s in steps]
     step_of = {id(e[1]): (int(c), st) for e, c, st in zip(entries, counts, states)}
     try:
-        _adamw_launches(entries, step_of, backend, amp)
+        _adamw_launches(entries, step_of, backend, amp, telemetry)
     except BaseException:  # nothing was stepped for good (the caller restores w): the counts go back too
         torch._foreach_add_(steps, -1)
         raise
@@ -136,7 +145,7 @@ def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict) -> None:
         torch._foreach_add_(steps, amp["found_inf"].to(steps[0].device, steps[0].dtype), alpha=-1)
 
 
-def _adamw_launches(entries, step_of: dict, backend, amp: dict) -> None:
+def _adamw_launches(entries, step_of: dict, backend, amp: dict, telemetry: Optional[tuple]) -> None:
     """One launch per (hyperparameters, step count): usually one for the whole model."""
     for bucket in _by_hyperparams(entries, _ADAMW_KEYS):
         by_step: dict = {}
@@ -151,7 +160,8 @@ def _adamw_launches(entries, step_of: dict, backend, amp: dict) -> None:
                 lambda: ops.adamw_restore_step_(params, backups, grads, [st["exp_avg"] for st in sts],
                                                 [st["exp_avg_sq"] for st in sts], step, lr=group["lr"], beta1=beta1,
                                                 beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                                                maximize=group["maximize"], backend=backend, **amp),
+                                                maximize=group["maximize"], backend=backend, **amp,
+                                                **_telemetry_kwargs(telemetry, params)),
                 sts, params, ("exp_avg", "exp_avg_sq"), backups)
 
 
@@ -180,12 +190,14 @@ def _generic_step(base: torch.optim.Optimizer, grad_scale: Optional[torch.Tensor
 
 def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.Tensor, torch.Tensor],
                      backend: Optional[str], grad_scale: Optional[torch.Tensor] = None,
-                     found_inf: Optional[torch.Tensor] = None) -> None:
+                     found_inf: Optional[torch.Tensor] = None, telemetry: Optional[tuple] = None) -> None:
     """Restore every perturbed param from its backup (``backup_of[p]``, in ``perturbed`` order) and
     take the base step, fused when possible. The caller has rejected sparse gradients.
 
     AMP: ``grad_scale`` is the loss scale the grads carry, a non-zero ``found_inf`` skips the update
-    (weights end at the backups, state untouched). Errors propagate; the caller restores.
+    (weights end at the backups, state untouched). ``telemetry``: (param -> g(w) or None, sums) for
+    the fused descent's sums (``ops.sgd_restore_step_``); only used on the fused path, whose
+    entries are then exactly the params with a gradient. Errors propagate; the caller restores.
     """
     base = sam.base_optimizer
     kind = fused_kind(base)
@@ -210,6 +222,6 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.T
         sam._copy_back([p for p, _ in restore_only], [b for _, b in restore_only])
     run_step_hooks(base, "pre")  # what base.step() would have run
     if entries:
-        (_sgd if kind == "sgd" else _adamw)(base, entries, backend, amp)
+        (_sgd if kind == "sgd" else _adamw)(base, entries, backend, amp, telemetry)
     mark_stepped(base)
     run_step_hooks(base, "post")

@@ -475,7 +475,8 @@ class SAM(torch.optim.Optimizer):
             return
         # Under AMP (in-kernel unscale) and under torch.compile (torch.optim's step graph-breaks), plain
         # steps of SGD/AdamW also run the fused descent, each param its own backup.
-        restore_and_step(self, perturbed or [], self._backup_of, self.backend, grad_scale=scale, found_inf=self._found)
+        restore_and_step(self, perturbed or [], self._backup_of, self.backend, grad_scale=scale, found_inf=self._found,
+                         telemetry=self.telemetry.fused_args() if perturbed is not None else None)
         if self._found is not None:
             amp.report(self, self._found)
 

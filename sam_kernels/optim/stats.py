@@ -46,12 +46,16 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
 
 from .. import ops
+from ..ops import dtensor
+from ..ops.reference import acc_dtype
 from . import amp
+from .base_step import fused_kind
 
 KEYS = ("grad_norm", "sam_grad_norm", "grad_cosine", "perturbation_norm", "sharpness", "steps", "sam_steps",
         "sam_step_fraction", "forward_passes", "backward_passes", "optimizer_bytes")
@@ -87,6 +91,22 @@ def _nan(device) -> torch.Tensor:
     return torch.full((), float("nan"), dtype=torch.float32, device=device)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), else ``t``: where its data and version counter live."""
+    return t.to_local() if dtensor.is_dtensor(t) else t
+
+
+def _fingerprint(g: torch.Tensor) -> tuple[int, Optional[int]]:
+    """(version counter, data pointer or None when empty) of a gradient, to tell later whether it was
+    written in place or its memory reused."""
+    local = _local(g)
+    return local._version, (local.data_ptr() if local.numel() else None)
+
+
+def _same_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
 def _f32(t: torch.Tensor, device) -> torch.Tensor:
     return t.detach().to(device=device, dtype=torch.float32)
 
@@ -101,6 +121,7 @@ def record_bytes(records) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in records:
         units, extra = FLOOR_UNITS.get(r.op, (0, 0))
+        units += r.extra_lists  # lists read beyond the op's own (the descents' ascent_grads)
         for p in r.parts:
             out[p.backend] = out.get(p.backend, 0) + (units * _elem_size(p.dtype) + extra) * p.elements
     return out
@@ -130,6 +151,7 @@ class Telemetry:
         self.pending: dict = {}  # this SAM step's values, from first_step to the end of the descent
         self.passes: Optional[tuple[float, float]] = None  # a variant's pass count for this step (ESAM)
         self.counting = False  # inside an optimizer method whose op calls are being counted
+        self.hold_grads = True  # the cosine references g(w) (no copy) until a loop is seen writing it in place
 
     # ------------------------------------------------------------------ inside the step
 
@@ -161,15 +183,15 @@ class Telemetry:
             params = [p for _, p in everyone]
             grads = [p.grad for p in params]
             copies = [sam.state[p].get("looksam_g") for p in params]
-            if any(f is None or f.shape != g.shape for f, g in zip(copies, grads)):  # no LookSAM copy: our own
-                copies = []
-                for p, g in zip(params, grads):
-                    b = sam.state[p].get(SCRATCH_KEY)
-                    if b is None or b.shape != g.shape or b.dtype != g.dtype or b.device != g.device:
-                        b = sam.state[p][SCRATCH_KEY] = torch.empty_like(g, memory_format=torch.preserve_format)
-                    copies.append(b)
-                ops.restore_(copies, grads, backend=sam.backend)  # a bitwise list copy
-            firsts = dict(zip(params, copies))
+            if all(f is not None and f.shape == g.shape for f, g in zip(copies, grads)):  # LookSAM's own copy
+                firsts = dict(zip(params, copies))
+            elif self.hold_grads and not torch.compiler.is_compiling():
+                # g(w) itself: the loop replaces p.grad (zero_grad's set_to_none), so the tensor stays
+                # intact while referenced; descending() checks that (version counter, storage).
+                firsts = dict(zip(params, grads))
+                self.pending["held"] = [_fingerprint(g) for g in grads]
+            else:
+                firsts = dict(zip(params, self._copies(sam, params, grads)))
         if plain_rho is not None:
             r = g1_sq.sqrt()
             s = 1.0 if scale is None else _f32(scale, r.device)
@@ -182,25 +204,79 @@ class Telemetry:
         self.pending.update(firsts=firsts, g1_sq=_f32(g1_sq, device), grad_sq=_f32(amp.unscaled(g1_sq, scale), device),
                             e_sq=_f32(e_sq, device))
 
+    def _copies(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A copy of g(w) in ``sam.state`` (loops that zero p.grad in place, torch.compile)."""
+        copies = []
+        for p, g in zip(params, grads):
+            b = sam.state[p].get(SCRATCH_KEY)
+            if b is None or b.shape != g.shape or b.dtype != g.dtype or b.device != g.device:
+                b = sam.state[p][SCRATCH_KEY] = torch.empty_like(g, memory_format=torch.preserve_format)
+            copies.append(b)
+        ops.restore_(copies, grads, backend=sam.backend)  # a bitwise list copy
+        return copies
+
     def descending(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor], sq: Optional[torch.Tensor],
                    scale: Optional[torch.Tensor]) -> None:
-        """In a SAM step's descent, before the modifiers: ‖g(w + e)‖ and the cosine."""
+        """In a SAM step's descent, before the modifiers: ‖g(w + e)‖ and the cosine, or the ``sums``
+        tensor the fused descent fills with both (:meth:`fused_args`)."""
         firsts = self.pending.get("firsts")
         if not self.enabled or not grads or firsts is None:
             return
         device = self.pending["g1_sq"].device
+        held = self.pending.pop("held", None)
+        if held is not None and not self._intact(firsts, held, grads):
+            firsts = self.pending["firsts"] = {}
+        self.pending["scale"] = scale
+        # pairs whose g(w) matches g(w + e) (a param cast or moved between the passes has no cosine term)
+        both = [(p, firsts[p], g) for p, g in zip(params, grads)
+                if p in firsts and _same_kind(firsts[p], g)] if firsts else []
+        want_dot = len(both) == len(params) == len(firsts)
+        if not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (want_dot or (sq is None and not both)):
+            # the descent's own pass reads g(w + e): it adds ‖g(w + e)‖² (and the dot with g(w)) to sums
+            self.pending["sums"] = torch.zeros(2, dtype=acc_dtype(grads[0].dtype), device=grads[0].device)
+            self.pending["ascent_of"] = {p: a for p, a, _ in both} if want_dot else None
+            if sq is not None:
+                self.pending["sam_grad_sq"] = _f32(amp.unscaled(sq, scale), device)
+            return
         g2_sq = sq if sq is not None else ops.grad_sq_norm(grads, backend=sam.backend)
         self.pending.update(sam_grad_sq=_f32(amp.unscaled(g2_sq, scale), device))
-        both = [(firsts[p], g) for p, g in zip(params, grads) if p in firsts] if firsts else []
         if not both:  # telemetry="norms", or no tensor has both gradients
             return
-        a, b = [x for x, _ in both], [y for _, y in both]
+        a, b = [x for _, x, _ in both], [y for _, _, y in both]
         dot = _f32(ops.dot(a, b, backend=sam.backend), device)
         n1 = self.pending["g1_sq"] if len(both) == len(firsts) else _f32(ops.grad_sq_norm(a, backend=sam.backend),
                                                                           device)
         n2 = _f32(g2_sq, device) if len(both) == len(grads) else _f32(ops.grad_sq_norm(b, backend=sam.backend),
                                                                        device)
         self.pending.update(cosine=dot / (n1 * n2).sqrt())
+
+    def _intact(self, firsts: dict, held: list, grads: list[torch.Tensor]) -> bool:
+        """Whether the held g(w) tensors still hold g(w): none was written since first_step (version
+        counter), none is a p.grad again and no g(w + e) starts in its memory. If one fails, the loop
+        zeroes or accumulates p.grad in place: this step's cosine is unknown (NaN) and later steps keep
+        a copy of g(w) instead."""
+        now = {id(g) for g in grads}
+        starts = set()
+        for g1, (version, ptr) in zip(firsts.values(), held):
+            if id(g1) in now or _local(g1)._version != version:
+                break
+            starts.add(ptr)
+        else:
+            starts.discard(None)
+            if not any(_fingerprint(g)[1] in starts for g in grads):
+                return True
+        self.hold_grads = False
+        warnings.warn("telemetry: the first-pass gradients g(w) were written before the descent (the loop zeroes or "
+                      "accumulates p.grad in place, e.g. zero_grad(set_to_none=False), or DDP's "
+                      "gradient_as_bucket_view): grad_cosine is NaN for this step, and from the next step on the "
+                      "optimizer keeps a copy of g(w) (one more read and write of the gradients per SAM step)",
+                      RuntimeWarning, stacklevel=4)
+        return False
+
+    def fused_args(self) -> Optional[tuple[Optional[dict], torch.Tensor]]:
+        """(param -> g(w) or None, sums) for the fused descent of this SAM step, when telemetry wants them."""
+        sums = self.pending.get("sums")
+        return None if sums is None else (self.pending.get("ascent_of"), sums)
 
     def finish(self, sam, sam_step: bool) -> None:
         """End of an optimizer step: counters; on a SAM step, the values and their EMAs."""
@@ -215,6 +291,12 @@ class Telemetry:
         if not (self.enabled and sam_step and "g1_sq" in pending):
             return
         device = pending["g1_sq"].device
+        sums = pending.get("sums")
+        if sums is not None:  # filled by the fused descent: [Σ g(w + e)², Σ ⟨g(w), g(w + e)⟩], scaled
+            sums = _f32(sums, device)
+            pending.setdefault("sam_grad_sq", amp.unscaled(sums[0], pending.get("scale")))
+            if pending.get("ascent_of") is not None:
+                pending["cosine"] = sums[1] / (pending["g1_sq"] * sums[0]).sqrt()
         nan = _nan(device)
         before, after = pending.get("before"), pending.get("after")
         sharp = nan if before is None or after is None else (_f32(after, device).mean() - _f32(before, device).mean())
@@ -269,7 +351,8 @@ class Telemetry:
     def state_dict(self) -> dict:
         return {"last": self.last, "ema": self.ema, "seen": self.seen, "steps": self.steps,
                 "sam_steps": self.sam_steps, "forward_passes": self.forward_passes,
-                "backward_passes": self.backward_passes, "bytes_by_backend": dict(self.bytes_by_backend)}
+                "backward_passes": self.backward_passes, "bytes_by_backend": dict(self.bytes_by_backend),
+                "hold_grads": self.hold_grads}
 
     def load_state_dict(self, state: dict) -> None:
         self.last, self.ema, self.seen = (None if state.get(k) is None else state[k].clone()
@@ -278,6 +361,7 @@ class Telemetry:
         self.forward_passes = float(state.get("forward_passes", 0.0))
         self.backward_passes = float(state.get("backward_passes", 0.0))
         self.bytes_by_backend = dict(state.get("bytes_by_backend", {}))
+        self.hold_grads = bool(state.get("hold_grads", True))
         self.pending, self.passes = {}, None
 
 

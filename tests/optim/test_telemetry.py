@@ -370,11 +370,12 @@ def test_aesam_counts_the_decisions_of_a_fixed_gradient_sequence():
 
 def test_optimizer_bytes_are_the_op_floors():
     """One SAM step with SGD momentum, fp32, N parameters: grad_sq_norm (4N) + perturb_ (16N) in
-    first_step, the finite check's grad_sq_norm (4N) + sgd_restore_step_ (20N): 44N bytes; telemetry on
-    adds the g(w) copy (restore_, 8N) and the dot (8N); telemetry="norms" adds nothing (every norm it
-    reports is already computed), except ‖g(w+e)‖ (4N) when finite_check=False."""
-    for telemetry, finite_check, per_param in ((False, True, 44), (True, True, 60), ("norms", True, 44),
-                                               (False, False, 40), ("norms", False, 44)):
+    first_step, the finite check's grad_sq_norm (4N) + sgd_restore_step_ (20N): 44N bytes. Telemetry on
+    adds one read of g(w) (4N) in the fused descent, which also takes ‖g(w+e)‖² and the dot (g(w) is
+    held, not copied: the loop sets p.grad to None); telemetry="norms" adds nothing at all (without
+    the finite check the descent takes ‖g(w+e)‖² in its own pass)."""
+    for telemetry, finite_check, per_param in ((False, True, 44), (True, True, 48), ("norms", True, 44),
+                                               (False, False, 40), ("norms", False, 40), (True, False, 44)):
         model, data = model_and_data()
         n = sum(p.numel() for p in model.parameters())
         opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, telemetry=telemetry,
