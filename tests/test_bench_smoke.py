@@ -77,3 +77,19 @@ def test_host_case_is_resnet50_tensor_count():
     from sam_kernels.bench.cases import parse_size
     host = parse_size("host")
     assert (host.tensors, host.numel) == (161, 161 * 16)
+
+
+def test_telemetry_bench_smoke(tmp_path):
+    """The telemetry bench runs and reports the bytes each mode adds at the ops' floors: "norms"
+    nothing, held g(w) one read of the gradients (+4N over 40N without the finite check), a copy of
+    g(w) (in-place zeroing loops) a read and a write more (+12N)."""
+    from sam_kernels.bench import telemetry_bench
+
+    out = tmp_path / "telemetry.json"
+    telemetry_bench.main(["--sizes", "4096", "--device", "cpu", "--rounds", "1", "--repeats", "1",
+                          "--finite-check", "0", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["extra_bytes_pct"]["norms"] == 0.0
+    assert row["extra_bytes_pct"]["on"] == pytest.approx(10.0)
+    assert row["extra_bytes_pct"]["copy"] == pytest.approx(30.0)
+    assert out.with_suffix(".md").exists()

@@ -97,11 +97,12 @@ def _with_state_following(call, states: list[dict], params: list[torch.Tensor], 
 
 
 def _telemetry_kwargs(telemetry: Optional[tuple], params: list[torch.Tensor]) -> dict:
-    """``ascent_grads``/``sums`` of one launch (see :meth:`.stats.Telemetry.fused_args`), or none."""
+    """``ascent_grads``/``sums`` of one launch (see :meth:`.stats.Telemetry.fused_args`: g(w) by
+    ``id`` of its param), or none."""
     if telemetry is None:
         return {}
     ascent_of, sums = telemetry
-    return {"sums": sums} if ascent_of is None else {"sums": sums, "ascent_grads": [ascent_of[p] for p in params]}
+    return {"sums": sums} if ascent_of is None else {"sums": sums, "ascent_grads": [ascent_of[id(p)] for p in params]}
 
 
 def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry: Optional[tuple]) -> None:
@@ -195,7 +196,7 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.T
     take the base step, fused when possible. The caller has rejected sparse gradients.
 
     AMP: ``grad_scale`` is the loss scale the grads carry, a non-zero ``found_inf`` skips the update
-    (weights end at the backups, state untouched). ``telemetry``: (param -> g(w) or None, sums) for
+    (weights end at the backups, state untouched). ``telemetry``: (id(param) -> g(w) or None, sums) for
     the fused descent's sums (``ops.sgd_restore_step_``); only used on the fused path, whose
     entries are then exactly the params with a gradient. Errors propagate; the caller restores.
     """

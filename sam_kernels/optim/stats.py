@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import warnings
 from typing import Callable, Optional, Union
 
@@ -91,20 +92,18 @@ def _nan(device) -> torch.Tensor:
     return torch.full((), float("nan"), dtype=torch.float32, device=device)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), else ``t``: where its data and version counter live."""
-    return t.to_local() if dtensor.is_dtensor(t) else t
+def _locals(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shards of DTensor gradients (FSDP2), where their data and version counters live."""
+    return [g.to_local() for g in grads] if grads and dtensor.is_dtensor(grads[0]) else grads
 
 
-def _fingerprint(g: torch.Tensor) -> tuple[int, Optional[int]]:
-    """(version counter, data pointer or None when empty) of a gradient, to tell later whether it was
-    written in place or its memory reused."""
-    local = _local(g)
-    return local._version, (local.data_ptr() if local.numel() else None)
+def _versions(grads: list[torch.Tensor]) -> list[int]:
+    return [g._version for g in _locals(grads)]
 
 
-def _same_kind(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+def _starts(grads: list[torch.Tensor]) -> set[int]:
+    """Data pointers (0, an empty tensor's, left out: a false match would only cost the cosine of a step)."""
+    return set(map(torch.Tensor.data_ptr, _locals(grads))) - {0}
 
 
 def _f32(t: torch.Tensor, device) -> torch.Tensor:
@@ -178,20 +177,20 @@ class Telemetry:
             g1_sq = sq  # the ascent norm is the plain ‖g‖² of the same list
         else:
             g1_sq = ops.grad_sq_norm([p.grad for _, p in everyone], backend=sam.backend)
-        firsts: dict = {}
+        firsts = None  # (params, their g(w)), aligned: what the cosine's dot reads at the descent
         if self.cosine:
             params = [p for _, p in everyone]
             grads = [p.grad for p in params]
-            copies = [sam.state[p].get("looksam_g") for p in params]
+            copies = [sam.state[p].get("looksam_g") for p in params] if sam.modifiers else [None]
             if all(f is not None and f.shape == g.shape for f, g in zip(copies, grads)):  # LookSAM's own copy
-                firsts = dict(zip(params, copies))
+                firsts = (params, copies)
             elif self.hold_grads and not torch.compiler.is_compiling():
                 # g(w) itself: the loop replaces p.grad (zero_grad's set_to_none), so the tensor stays
                 # intact while referenced; descending() checks that (version counter, storage).
-                firsts = dict(zip(params, grads))
-                self.pending["held"] = [_fingerprint(g) for g in grads]
+                firsts = (params, grads)
+                self.pending["held"] = (_versions(grads), _starts(grads))
             else:
-                firsts = dict(zip(params, self._copies(sam, params, grads)))
+                firsts = (params, self._copies(sam, params, grads))
         if plain_rho is not None:
             r = g1_sq.sqrt()
             s = 1.0 if scale is None else _f32(scale, r.device)
@@ -219,22 +218,18 @@ class Telemetry:
                    scale: Optional[torch.Tensor]) -> None:
         """In a SAM step's descent, before the modifiers: ‖g(w + e)‖ and the cosine, or the ``sums``
         tensor the fused descent fills with both (:meth:`fused_args`)."""
-        firsts = self.pending.get("firsts")
-        if not self.enabled or not grads or firsts is None:
+        if not self.enabled or not grads or "g1_sq" not in self.pending:
             return
         device = self.pending["g1_sq"].device
-        held = self.pending.pop("held", None)
-        if held is not None and not self._intact(firsts, held, grads):
-            firsts = self.pending["firsts"] = {}
         self.pending["scale"] = scale
-        # pairs whose g(w) matches g(w + e) (a param cast or moved between the passes has no cosine term)
-        both = [(p, firsts[p], g) for p, g in zip(params, grads)
-                if p in firsts and _same_kind(firsts[p], g)] if firsts else []
-        want_dot = len(both) == len(params) == len(firsts)
-        if not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (want_dot or (sq is None and not both)):
+        firsts = self.pending.get("firsts")
+        ascent = self._ascent_grads(firsts, params, grads) if firsts is not None else None
+        both = [] if ascent is None else [(a, g) for a, g in zip(ascent, grads) if a is not None]
+        every = len(both) == len(grads) and len(both) == len(firsts[0])
+        if not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (every or (sq is None and not both)):
             # the descent's own pass reads g(w + e): it adds ‖g(w + e)‖² (and the dot with g(w)) to sums
             self.pending["sums"] = torch.zeros(2, dtype=acc_dtype(grads[0].dtype), device=grads[0].device)
-            self.pending["ascent_of"] = {p: a for p, a, _ in both} if want_dot else None
+            self.pending["ascent_of"] = dict(zip(map(id, params), ascent)) if every else None
             if sq is not None:
                 self.pending["sam_grad_sq"] = _f32(amp.unscaled(sq, scale), device)
             return
@@ -242,39 +237,48 @@ class Telemetry:
         self.pending.update(sam_grad_sq=_f32(amp.unscaled(g2_sq, scale), device))
         if not both:  # telemetry="norms", or no tensor has both gradients
             return
-        a, b = [x for _, x, _ in both], [y for _, _, y in both]
+        a, b = [x for x, _ in both], [y for _, y in both]
         dot = _f32(ops.dot(a, b, backend=sam.backend), device)
-        n1 = self.pending["g1_sq"] if len(both) == len(firsts) else _f32(ops.grad_sq_norm(a, backend=sam.backend),
-                                                                          device)
+        n1 = self.pending["g1_sq"] if len(both) == len(firsts[0]) else _f32(ops.grad_sq_norm(a, backend=sam.backend),
+                                                                             device)
         n2 = _f32(g2_sq, device) if len(both) == len(grads) else _f32(ops.grad_sq_norm(b, backend=sam.backend),
                                                                        device)
         self.pending.update(cosine=dot / (n1 * n2).sqrt())
 
-    def _intact(self, firsts: dict, held: list, grads: list[torch.Tensor]) -> bool:
+    def _ascent_grads(self, firsts: tuple, params: list[torch.Tensor],
+                      grads: list[torch.Tensor]) -> Optional[list[Optional[torch.Tensor]]]:
+        """g(w) aligned with the descent's ``params`` (None where a param has none, or one of another
+        shape, dtype or device: cast or moved between the passes); None when a held g(w) was written."""
+        held = self.pending.pop("held", None)
+        if held is not None and not self._intact(firsts[1], held, grads):
+            return None
+        if len(firsts[0]) == len(params) and all(map(operator.is_, firsts[0], params)):
+            ascent = list(firsts[1])  # the usual case: the same params in the same order
+        else:
+            of = dict(zip(map(id, firsts[0]), firsts[1]))
+            ascent = [of.get(id(p)) for p in params]
+        return [a if a is not None and a.shape == g.shape and a.dtype == g.dtype and a.device == g.device else None
+                for a, g in zip(ascent, grads)]
+
+    def _intact(self, held_grads: list[torch.Tensor], held: tuple, grads: list[torch.Tensor]) -> bool:
         """Whether the held g(w) tensors still hold g(w): none was written since first_step (version
-        counter), none is a p.grad again and no g(w + e) starts in its memory. If one fails, the loop
+        counters), none is a p.grad again and no g(w + e) starts in its memory. If one fails, the loop
         zeroes or accumulates p.grad in place: this step's cosine is unknown (NaN) and later steps keep
         a copy of g(w) instead."""
-        now = {id(g) for g in grads}
-        starts = set()
-        for g1, (version, ptr) in zip(firsts.values(), held):
-            if id(g1) in now or _local(g1)._version != version:
-                break
-            starts.add(ptr)
-        else:
-            starts.discard(None)
-            if not any(_fingerprint(g)[1] in starts for g in grads):
-                return True
+        versions, starts = held
+        if (_versions(held_grads) == versions and not set(map(id, grads)).intersection(map(id, held_grads))
+                and starts.isdisjoint(_starts(grads))):
+            return True
         self.hold_grads = False
         warnings.warn("telemetry: the first-pass gradients g(w) were written before the descent (the loop zeroes or "
                       "accumulates p.grad in place, e.g. zero_grad(set_to_none=False), or DDP's "
                       "gradient_as_bucket_view): grad_cosine is NaN for this step, and from the next step on the "
                       "optimizer keeps a copy of g(w) (one more read and write of the gradients per SAM step)",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=5)
         return False
 
     def fused_args(self) -> Optional[tuple[Optional[dict], torch.Tensor]]:
-        """(param -> g(w) or None, sums) for the fused descent of this SAM step, when telemetry wants them."""
+        """(id(param) -> g(w), or None for no dot; sums) for the fused descent of this SAM step, when telemetry wants them."""
         sums = self.pending.get("sums")
         return None if sums is None else (self.pending.get("ascent_of"), sums)
 
