@@ -493,13 +493,14 @@ def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_a
 
 # --------------------------------------------------------------------------- variants' element-wise ops
 
-def renormalize_(grads: Tensors, ref_sq_norm: torch.Tensor, *, eps: float = 1e-12,
-                 backend: Optional[str] = None) -> torch.Tensor:
+def renormalize_(grads: Tensors, ref_sq_norm: torch.Tensor, *, sq_norm: Optional[torch.Tensor] = None,
+                 eps: float = 1e-12, backend: Optional[str] = None) -> torch.Tensor:
     """g ← g·sqrt(ref)/(sqrt(‖g‖²) + eps) with ‖g‖ global over the list (Stable SAM).
 
+    ``sq_norm``: ‖g‖² when the caller already has it (``grad_sq_norm(grads)``; saves that read).
     Returns the squared norm of the grads before rescaling (device tensor).
     """
-    sq = grad_sq_norm(grads, backend=backend)
+    sq = grad_sq_norm(grads, backend=backend) if sq_norm is None else sq_norm
     eps = float(eps)
     _launch("renormalize_", backend,
             lambda fn, pick, device: fn(pick(grads), ref_sq_norm.to(device), sq.to(device), eps), grads)

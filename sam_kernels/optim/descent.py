@@ -40,9 +40,10 @@ class Modifier:
 class Renormalize(Modifier):
     """Stable SAM: g ← g(w+e)·‖g(w)‖/(‖g(w+e)‖ + eps), both norms global over all parameters.
 
-    ‖g(w)‖ is the norm first_step already computed. In ASAM mode both norms are of T⊙g (T = |w| + eta
-    at the restored w). Cost on SAM steps: one reduction and one scaling pass (two more reductions
-    in ASAM mode); nothing on plain steps.
+    ‖g(w)‖ is the norm first_step already computed, ‖g(w+e)‖ the one the descent hands over when it
+    has it (the finite check, telemetry). In ASAM mode both norms are of T⊙g (T = |w| + eta at the
+    restored w). Cost on SAM steps: one scaling pass, plus one reduction unless ‖g(w+e)‖ was handed
+    over (one more in ASAM mode); nothing on plain steps.
     """
 
     def __init__(self, eps: float = 1e-12):
@@ -65,9 +66,11 @@ class Renormalize(Modifier):
             # keep ref, the result is 0 either way).
             weighted = sam._sq_norm([(group, p) for group in sam.param_groups for p in group["params"]
                                      if p.grad is not None], restored=True)
-            plain = ops.grad_sq_norm(grads, backend=sam.backend).to(weighted.device)
+            if sq_norm is None:
+                sq_norm = ops.grad_sq_norm(grads, backend=sam.backend)
+            plain = sq_norm.to(weighted.device)
             ref = torch.where(weighted > 0, ref.to(weighted.device) * plain / weighted, ref.to(weighted.device))
-        sq = ops.renormalize_(grads, ref, eps=self.eps, backend=sam.backend)
+        sq = ops.renormalize_(grads, ref, sq_norm=sq_norm, eps=self.eps, backend=sam.backend)
         self._ascent_sq = None
         return sq
 

@@ -466,7 +466,7 @@ class SAM(torch.optim.Optimizer):
             sq = ops.grad_sq_norm(grads, backend=self.backend)
             self._screen(sq, "second_step" if perturbed is not None else "base_step")
         if perturbed is not None:
-            self.telemetry.descending(self, params, grads, sq, scale)
+            sq = self.telemetry.descending(self, params, grads, sq, scale)
             self.distributed.before_sam_descent(self)
         for m in self.modifiers:
             sq = m.before_descent(self, params, grads, perturbed is not None, sq)

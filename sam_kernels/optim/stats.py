@@ -6,8 +6,12 @@ Per SAM step (``telemetry=True``; ``telemetry="norms"``: all but the cosine, see
 - ``grad_norm``: ‖g(w)‖, global L2 over every parameter with a first-pass gradient, unscaled (AMP).
 - ``sam_grad_norm``: ‖g(w + e)‖ of the descent gradient before any descent modifier, unscaled.
 - ``grad_cosine``: cos(g(w), g(w + e)) = ⟨g(w), g(w + e)⟩ / (‖g(w)‖·‖g(w + e)‖) over the parameters
-  that have both gradients (the loss scales cancel). g(w) is gone by then (``zero_grad``), so
-  ``first_step`` keeps a copy of it (LookSAM/AE-LookSAM: their own ``looksam_g`` copy is reused).
+  that have both gradients (the loss scales cancel). g(w) is kept from ``first_step`` to the descent
+  by reference, not copied: ``zero_grad`` (set_to_none, torch's default) makes the second backward
+  write new tensors. Version counters and storage pointers (host metadata) tell when a loop wrote
+  p.grad in place instead (``zero_grad(set_to_none=False)``, no zero_grad, DDP's
+  ``gradient_as_bucket_view``): that step's cosine is NaN (one RuntimeWarning) and later steps copy
+  g(w) in ``first_step``; so do compiled steps. LookSAM/AE-LookSAM: their own ``looksam_g`` copy.
 - ``perturbation_norm``: ‖e‖ as applied. Plain SAM (one rho, no ASAM, masks, keep mask or
   variant norm): rho·‖g‖/(‖g‖ + eps·S) from the ascent norm (scalar maths, S = loss scale, 1
   without AMP); any other ascent (ASAM, Sparse SAM, ESAM, several rho): ‖w_perturbed − backup‖
@@ -21,14 +25,18 @@ The values of the last SAM step and their exponential moving averages (``decay``
 at its first finite value and ignores NaN/Inf values) are kept. An AMP step that overflowed leaves
 both unchanged (the step was skipped).
 
-Cost (ours; these are extra op calls, not yet fused into the step's kernels): the cosine needs a
-copy of g(w) (read and write N, plus N elements of memory; not for LookSAM) and one ``dot`` at
-w + e (read 2N); ``telemetry="norms"`` leaves it out (``grad_cosine`` is NaN), so plain SAM with
-``finite_check=True`` or AMP pays no pass over the parameters at all (scalar maths only).
-``grad_norm`` reuses the ascent norm except under ASAM or a per-tensor ESAM selection (one more
-``grad_sq_norm``, read N); ``sam_grad_norm`` reuses the descent's finite check (read N when
-``finite_check=False`` and no AMP); ``perturbation_norm`` outside plain SAM: one subtraction and one
-``grad_sq_norm`` (read 2N, write N, read N). ``sam_kernels.bench telemetry`` measures it.
+Cost (ours), per SAM step over N gradient elements, at the floors. With SGD or AdamW as the base and
+no descent modifier, the fused descent (``ops.sgd_restore_step_``/``adamw_restore_step_`` with
+``ascent_grads``/``sums``) adds ‖g(w + e)‖² and ⟨g(w), g(w + e)⟩ in the pass that reads g(w + e)
+for the update: the cosine costs one read of g(w) (N), ‖g(w + e)‖ nothing; that read is the floor
+of the cosine, since g(w) and g(w + e) never exist in one pass otherwise (+10 % of the 10N-access
+SAM-SGD step). A loop that writes p.grad in place pays the copy too (read and write N). Other base
+optimizers, Stable SAM and LookSAM: ‖g(w + e)‖ reuses the descent's finite check (else a
+``grad_sq_norm``, read N) and the dot is its own op (read 2N). ``telemetry="norms"`` leaves the
+cosine out: plain SAM then pays no pass over the parameters at all. ``grad_norm`` reuses the ascent
+norm except under ASAM or a per-tensor ESAM selection (one more ``grad_sq_norm``, read N);
+``perturbation_norm`` outside plain SAM: one subtraction and one ``grad_sq_norm`` (read 2N, write
+N, read N). ``sam_kernels.bench.telemetry_bench`` measures it.
 
 Cost accounting (host integers and floats, always on, no device work): optimizer steps, SAM steps,
 forward and backward passes in full-batch equivalents (a SAM step 2 + 2, a plain step 1 + 1, ESAM's
@@ -66,11 +74,13 @@ VALUES = KEYS[:5]
 
 FLOOR_UNITS = {
     "grad_sq_norm": (1, 0), "dot": (2, 0), "perturb_": (4, 0), "restore_": (2, 0), "sgd_restore_step_": (5, 0),
-    "adamw_restore_step_": (7, 0), "renormalize_": (3, 0), "fisher_accumulate_": (3, 0), "looksam_store_": (5, 0),
-    "looksam_apply_": (5, 0), "topk_mask": (1, 1), "nm_mask": (1, 1),
+    "adamw_restore_step_": (7, 0), "renormalize_": (2, 0), "fisher_accumulate_": (3, 0), "looksam_store_": (3, 0),
+    "looksam_apply_": (3, 0), "topk_mask": (1, 1), "nm_mask": (1, 1),
 }
 """op -> (bytes per element in units of the element size, extra bytes per element): the op contracts'
-bytes floors (sam_kernels.bench.op_specs; ASAM's read of w and mask reads are not in the floors)."""
+bytes floors (sam_kernels.bench.op_specs; ASAM's read of w and mask reads are not in the floors).
+``renormalize_`` and the LookSAM ops count their element-wise pass only: the norms and dots they
+take run as ``grad_sq_norm``/``dot`` calls with records of their own."""
 
 SCRATCH_KEY = "telemetry_g"
 """Per-parameter ``sam.state`` entry holding the copy of g(w) from ``first_step`` to the descent."""
@@ -215,11 +225,12 @@ class Telemetry:
         return copies
 
     def descending(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor], sq: Optional[torch.Tensor],
-                   scale: Optional[torch.Tensor]) -> None:
+                   scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """In a SAM step's descent, before the modifiers: ‖g(w + e)‖ and the cosine, or the ``sums``
-        tensor the fused descent fills with both (:meth:`fused_args`)."""
+        tensor the fused descent fills with both (:meth:`fused_args`). ``sq``: ‖g(w + e)‖² (scaled)
+        when the descent has it; returns it, or the one computed here (for the modifiers)."""
         if not self.enabled or not grads or "g1_sq" not in self.pending:
-            return
+            return sq
         device = self.pending["g1_sq"].device
         self.pending["scale"] = scale
         firsts = self.pending.get("firsts")
@@ -232,11 +243,11 @@ class Telemetry:
             self.pending["ascent_of"] = dict(zip(map(id, params), ascent)) if every else None
             if sq is not None:
                 self.pending["sam_grad_sq"] = _f32(amp.unscaled(sq, scale), device)
-            return
+            return sq
         g2_sq = sq if sq is not None else ops.grad_sq_norm(grads, backend=sam.backend)
         self.pending.update(sam_grad_sq=_f32(amp.unscaled(g2_sq, scale), device))
         if not both:  # telemetry="norms", or no tensor has both gradients
-            return
+            return g2_sq
         a, b = [x for x, _ in both], [y for _, y in both]
         dot = _f32(ops.dot(a, b, backend=sam.backend), device)
         n1 = self.pending["g1_sq"] if len(both) == len(firsts[0]) else _f32(ops.grad_sq_norm(a, backend=sam.backend),
@@ -244,6 +255,7 @@ class Telemetry:
         n2 = _f32(g2_sq, device) if len(both) == len(grads) else _f32(ops.grad_sq_norm(b, backend=sam.backend),
                                                                        device)
         self.pending.update(cosine=dot / (n1 * n2).sqrt())
+        return g2_sq
 
     def _ascent_grads(self, firsts: tuple, params: list[torch.Tensor],
                       grads: list[torch.Tensor]) -> Optional[list[Optional[torch.Tensor]]]:

@@ -400,10 +400,40 @@ def test_norms_mode_reports_everything_but_the_cosine():
 
 
 def test_floor_table_matches_the_bench_op_specs():
+    """The bench's floors count the reductions a composite op needs (op_specs' table); telemetry
+    counts them as the grad_sq_norm/dot calls the op makes, so its own entry is the element pass."""
     from sam_kernels.bench.op_specs import SPECS
     specs = {s.name: (s.floor_units, s.mask_bytes) for s in SPECS.values()}
-    for op, floor in telemetry_stats.FLOOR_UNITS.items():
-        assert specs[op] == floor, op
+    reductions = {"renormalize_": 1, "looksam_store_": 2, "looksam_apply_": 2}  # op_specs: "norm: read g", ...
+    for op, (units, extra) in telemetry_stats.FLOOR_UNITS.items():
+        assert specs[op] == (units + reductions.get(op, 0), extra), op
+
+
+def test_composite_ops_are_counted_once():
+    """renormalize_ through the API: its norm (a grad_sq_norm record) plus its pass = the 3·sN floor;
+    with the norm handed over, 2·sN. (Before: the norm was counted twice.)"""
+    from sam_kernels import ops
+    grads = [torch.randn(100), torch.randn(7, 3)]
+    n = sum(g.numel() for g in grads)
+    for sq_norm, units in ((None, 3), (ops.grad_sq_norm(grads), 2)):
+        with ops.dispatch.recording() as log:
+            ops.renormalize_(grads, torch.tensor(2.0), sq_norm=sq_norm)
+        assert sum(telemetry_stats.record_bytes(log).values()) == units * 4 * n
+
+
+def test_stable_sam_reuses_the_finite_check_norm():
+    """Stable SAM with the finite check: ‖g(w+e)‖² is taken once in second_step (the check), not again
+    by the renormalization."""
+    from sam_kernels import ops
+    model, data = model_and_data()
+    opt = sk.StableSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, finite_check=True)
+    x, y = data[0]
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    with ops.dispatch.recording() as log:
+        opt.second_step(zero_grad=True)
+    assert [r.op for r in log].count("grad_sq_norm") == 1
 
 
 def test_ema_and_state_dict_round_trip():
