@@ -234,10 +234,11 @@ struct LaneSum {
 
 // f(chunk, lo, hi, acc) over every chunk, in parallel. Without `sums`, once per chunk with acc
 // null. With `sums` (2 elements, fp32/fp64), in kSumBlock pieces with acc = two LaneSums that f
-// adds to; the per-chunk totals are then added in chunk order to sums[0] and sums[1]
-// (deterministic whatever the thread count).
+// adds to; the per-chunk totals are then added in chunk order to sums[0] and, when `both`, to
+// sums[1] (deterministic whatever the thread count; sums[1] untouched otherwise, -0.0 included).
 template <typename scalar_t, typename F>
-void for_each_chunk_summing(const std::vector<Chunk>& chunks, const std::optional<at::Tensor>& sums, const F& f) {
+void for_each_chunk_summing(const std::vector<Chunk>& chunks, const std::optional<at::Tensor>& sums, bool both,
+                            const F& f) {
   if (!sums) {
     for_each_chunk(chunks, [&](const Chunk& c) { f(c, c.begin, c.end, static_cast<LaneSum<scalar_t>*>(nullptr)); });
     return;
@@ -262,11 +263,11 @@ void for_each_chunk_summing(const std::vector<Chunk>& chunks, const std::optiona
   if (sums->scalar_type() == at::kDouble) {
     double* out = sums->data_ptr<double>();
     out[0] += total[0];
-    out[1] += total[1];
+    if (both) out[1] += total[1];
   } else {
     float* out = sums->data_ptr<float>();
     out[0] += static_cast<float>(total[0]);
-    out[1] += static_cast<float>(total[1]);
+    if (both) out[1] += static_cast<float>(total[1]);
   }
 }
 

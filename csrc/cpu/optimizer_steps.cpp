@@ -27,7 +27,8 @@ void skip_step(const std::vector<Chunk>& chunks, at::TensorList params, at::Tens
   copy_chunks(chunks, params, backups);
   if (!sums) return;
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "descent sums", [&] {
-    for_each_chunk_summing<scalar_t>(chunks, sums, [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
+    for_each_chunk_summing<scalar_t>(chunks, sums, ascent_grads.has_value(),
+                                     [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
       const scalar_t* a = ascent_grads ? data<scalar_t>((*ascent_grads)[c.tensor]) : nullptr;
       elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
@@ -58,7 +59,8 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "sgd_restore_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
-    for_each_chunk_summing<scalar_t>(chunks, sums, [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
+    for_each_chunk_summing<scalar_t>(chunks, sums, ascent_grads.has_value(),
+                                     [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);
       const scalar_t* b = data<scalar_t>(backups[c.tensor]);
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
@@ -101,7 +103,8 @@ void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::T
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t decay = 1.0 - lr * weight_decay, b1 = 1.0 - beta1, b2 = beta2, one_minus_b2 = 1.0 - beta2;
     const acc_t step_size = lr / bc1, bc2 = bc2_sqrt, eps_c = eps;
-    for_each_chunk_summing<scalar_t>(chunks, sums, [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
+    for_each_chunk_summing<scalar_t>(chunks, sums, ascent_grads.has_value(),
+                                     [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);
       const scalar_t* b = data<scalar_t>(backups[c.tensor]);
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);

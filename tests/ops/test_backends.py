@@ -239,6 +239,107 @@ def test_adamw_restore_step(case, dtype, atol, rtol, maximize):
     assert_lists_close(results[0], results[1], atol * 10, rtol, "params+moments")
 
 
+def descend(op, backend, params, backups, grads, state, amp, **tele):
+    """One fused descent (sgd with momentum / adamw) of ``params`` from ``backups``; returns the state."""
+    if op == "sgd":
+        return ops.sgd_restore_step_(params, backups, grads, state, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                     backend=backend, **amp, **tele)
+    m, v = state
+    ops.adamw_restore_step_(params, backups, grads, m, v, 2, lr=1e-2, backend=backend, **amp, **tele)
+    return state
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("op", ["sgd", "adamw"])
+@pytest.mark.parametrize("amp", ["none", "scaled", "skipped"])
+@pytest.mark.parametrize("with_ascent", [True, False], ids=["dot", "norm"])
+def test_descent_sums(case, dtype, atol, rtol, op, amp, with_ascent):
+    """Telemetry sums of the fused descents: [Σ g², Σ ⟨a, g⟩] of the grads as given (AMP-scaled) ADDED
+    to sums (fp64 sums for fp64 data, else fp32), whether or not found_inf skips the step; the
+    update is the one without sums, bitwise (same backend)."""
+    backend, device = case
+    sh = shapes_for("odd", case)
+    backups, ascent = make(sh, dtype, device), make(sh, dtype, device)
+    scale = 1024.0 if amp != "none" else 1.0
+    grads = [g * scale for g in make(sh, dtype, device)]
+    amp_kw = {} if amp == "none" else {"grad_scale": torch.tensor(scale, device=device),
+                                       "found_inf": torch.tensor(float(amp == "skipped"), device=device)}
+    sums_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    start = [0.5, -0.0]  # sums[1] must stay bitwise -0.0 without ascent_grads (an added +0.0 would flip it)
+    got = {}
+    for be in (backend, "eager"):
+        for with_sums in (True, False):
+            params = clone(backups) if amp == "skipped" else make(sh, dtype, device)
+            state = None if op == "sgd" else ([torch.zeros_like(b) for b in backups],
+                                              [torch.zeros_like(b) for b in backups])
+            tele = {}
+            if with_sums:
+                tele["sums"] = torch.tensor(start, dtype=sums_dtype, device=device)
+                if with_ascent:
+                    tele["ascent_grads"] = ascent
+            torch.manual_seed(3)
+            p0 = clone(params)
+            state = descend(op, be, params, backups, grads, state, amp_kw, **tele)
+            flat_state = [] if state is None else (state if op == "sgd" else state[0] + state[1])
+            got[be, with_sums] = (params, flat_state, tele.get("sums"), p0)
+    exact_sq = sum(float((g.double() ** 2).sum()) for g in grads)
+    exact_dot = sum(float((a.double() * g.double()).sum()) for a, g in zip(ascent, grads))
+    for be in (backend, "eager"):
+        sums = got[be, True][2]
+        assert sums.dtype == sums_dtype
+        close_scalar(sums[0] - start[0], exact_sq, 1e-10 if dtype == torch.float64 else 1e-5)
+        if with_ascent:
+            assert math.isclose(float(sums[1] - start[1]), exact_dot, rel_tol=1e-10 if dtype == torch.float64 else 1e-4,
+                                abs_tol=1e-3 * math.sqrt(exact_sq) * scale if dtype != torch.float64 else 1e-9)
+        else:
+            assert float(sums[1]) == 0.0 and bool(torch.signbit(sums[1])), "sums[1] was written"
+        # the sums never change the update: bitwise the same as the call without them
+        assert_lists_equal(got[be, True][0], got[be, False][0])
+        assert_lists_equal(got[be, True][1], got[be, False][1])
+        if amp == "skipped":
+            assert_lists_equal(got[be, True][0], backups)
+    assert_lists_close(got[backend, True][0], got["eager", True][0], atol * 10, rtol, "params")
+
+
+def test_descent_sums_with_an_ascent_grad_in_another_layout(case):
+    """An ascent grad whose memory layout differs from its param's: that entry runs eagerly (the
+    others fused) and the sums still cover every entry, once."""
+    backend, device = case
+    sh = [(6, 5), (4, 3, 2, 2), (7,)]
+    params, backups, grads = (make(sh, torch.float64, device) for _ in range(3))
+    ascent = make(sh, torch.float64, device)
+    ascent[0] = ascent[0].t().contiguous().t()  # same values, column-major
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    ops.sgd_restore_step_(params, backups, grads, None, lr=0.1, ascent_grads=ascent, sums=sums, backend=backend)
+    rec = ops.last_call["sgd_restore_step_"]
+    assert rec.extra_lists == 1 and {p.backend for p in rec.parts} == {backend, "eager"}
+    close_scalar(sums[0], sum(float((g * g).sum()) for g in grads), 1e-12)
+    close_scalar(sums[1], sum(float((a * g).sum()) for a, g in zip(ascent, grads)), 1e-12)
+
+
+def test_descent_sums_reject_bad_arguments_before_writing(case):
+    backend, device = case
+    sh = [(5,), (3, 4)]
+    params, backups, grads = make(sh, torch.float32, device), make(sh, torch.float32, device), make(sh, torch.float32,
+                                                                                                     device)
+    before = clone(params)
+    good = torch.zeros(2, device=device)
+    bad_calls = [
+        (ValueError, dict(ascent_grads=grads)),  # no sums
+        (TypeError, dict(sums=torch.zeros(3, device=device))),
+        (TypeError, dict(sums=torch.zeros(2, dtype=torch.int64, device=device))),
+        (TypeError, dict(sums=torch.zeros(2, 2, device=device)[:, 0])),  # not contiguous
+        (ValueError, dict(sums=good, ascent_grads=grads[:1])),
+        (TypeError, dict(sums=good, ascent_grads=[g.double() for g in grads])),
+        (ValueError, dict(sums=good, ascent_grads=[torch.zeros(4, device=device), grads[1]])),
+    ]
+    for err, kw in bad_calls:
+        with pytest.raises(err):
+            ops.sgd_restore_step_(params, backups, grads, None, lr=0.1, momentum=0.9, backend=backend, **kw)
+        assert_lists_equal(params, before)
+        assert float(good.abs().sum()) == 0.0
+
+
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
 def test_variant_ops(case, dtype, atol, rtol):
     backend, device = case
