@@ -112,7 +112,7 @@ def _descend(op, backend, p):
     tele = {} if sums is None else dict(sums=sums, ascent_grads=p["ascent_grads"] if p["with_ascent"] else None)
     if op == "sgd":
         bufs = _clone(p["bufs"])
-        ops.sgd_restore_step_(params, p["backups"], p["grads"], bufs, lr=0.1, momentum=0.9, dampening=0.1,
+        ops.sgd_restore_step_(params, p["backups"], p["grads"], bufs, lr=0.1, momentum=0.9, dampening=0.0,
                               weight_decay=1e-4, nesterov=True, backend=backend, **p["amp"], **tele)
         state = [bufs]
     else:
@@ -271,7 +271,7 @@ def test_cuda_graph_capture_of_a_descent_with_sums(op, tables):
 
     def step():
         if op == "sgd":
-            ops.sgd_restore_step_(params, p["backups"], p["grads"], bufs, lr=0.1, momentum=0.9, dampening=0.1,
+            ops.sgd_restore_step_(params, p["backups"], p["grads"], bufs, lr=0.1, momentum=0.9, dampening=0.0,
                                   weight_decay=1e-4, nesterov=True, backend="cuda", ascent_grads=p["ascent_grads"],
                                   sums=sums, **p["amp"])
         else:
