@@ -1,9 +1,13 @@
 // Restore + base optimizer update in one pass: read backup, grad and state once, write the weight
 // and the state once (no separate restore pass). Maths as reference.py (torch.optim.SGD / AdamW):
 // fp16/bf16 computed in fp32 and rounded once when stored; one launch per group (per table fill).
+// Telemetry (`sums`, reference.add_descent_sums): the same pass also returns [g², ⟨a, g⟩] per
+// element, reduced like reduce_sum and added into sums (add_sums); the ops without sums are
+// separate instantiations with the lists and the work they had before.
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "elementwise.cuh"
 
@@ -34,19 +38,43 @@ AmpScalars amp_scalars(const char* op, const std::optional<at::Tensor>& grad_sca
   return amp;
 }
 
-// lists: 0 params (w), 1 backups (r), 2 grads (r), 3 momentum_buffers (rw; absent when momentum == 0).
+// The telemetry contributions of one element: [g², ⟨a, g⟩] over the grad as given (still scaled
+// under AMP), in the compute type. An absent ascent_grads list is not loaded (a = 0; that sum is
+// then not written).
 template <typename T>
+__device__ __forceinline__ Sums<acc_type<T>, 2> descent_sums(T grad, T ascent_grad) {
+  using A = acc_type<T>;
+  const A g = static_cast<A>(grad);
+  return {{g * g, static_cast<A>(ascent_grad) * g}};
+}
+
+// lists: 0 params (w), 1 backups (r), 2 grads (r), 3 momentum_buffers (rw; absent when momentum == 0),
+// with kSums: 4 ascent_grads (r; absent: only Σ g²).
+template <typename T, bool kSums>
 struct SgdOp {
   using A = acc_type<T>;
-  static constexpr int kLists = 4;
-  static constexpr unsigned kReads = 0b1110, kWrites = 0b1001;
-  static constexpr bool kMasked = false, kReduce = false;
+  static constexpr int kLists = kSums ? 5 : 4;
+  static constexpr unsigned kReads = kSums ? 0b11110 : 0b1110, kWrites = 0b1001;
+  static constexpr bool kMasked = false, kReduce = kSums;
   A lr, momentum, one_minus_dampening, weight_decay;
   bool has_momentum, has_weight_decay, nesterov, maximize, init_buffers;
   AmpScalars amp;
 
   __device__ void load_scalars() { amp.load(); }
-  __device__ void operator()(T (&x)[4], bool, int64_t, int64_t) const {
+  // Spelled out, not auto (see reduction_t).
+  using Result = std::conditional_t<kSums, Sums<A, 2>, void>;
+
+  __device__ Result operator()(T (&x)[kLists], bool, int64_t, int64_t) const {
+    if constexpr (kSums) {
+      const auto sums = descent_sums(x[2], x[4]);  // taken on a skipped step too
+      update(x);
+      return sums;
+    } else {
+      update(x);
+    }
+  }
+
+  __device__ __forceinline__ void update(T* x) const {
     const A w = static_cast<A>(x[1]);
     if (amp.skip) {
       x[0] = x[1];
@@ -66,13 +94,14 @@ struct SgdOp {
   }
 };
 
-// lists: 0 params (w), 1 backups (r), 2 grads (r), 3 exp_avgs (rw), 4 exp_avg_sqs (rw).
-template <typename T>
+// lists: 0 params (w), 1 backups (r), 2 grads (r), 3 exp_avgs (rw), 4 exp_avg_sqs (rw),
+// with kSums: 5 ascent_grads (r; absent: only Σ g²).
+template <typename T, bool kSums>
 struct AdamWOp {
   using A = acc_type<T>;
-  static constexpr int kLists = 5;
-  static constexpr unsigned kReads = 0b11110, kWrites = 0b11001;
-  static constexpr bool kMasked = false, kReduce = false;
+  static constexpr int kLists = kSums ? 6 : 5;
+  static constexpr unsigned kReads = kSums ? 0b111110 : 0b11110, kWrites = 0b11001;
+  static constexpr bool kMasked = false, kReduce = kSums;
   A decay;               // 1 - lr * weight_decay
   A one_minus_beta1;     // lerp weight
   A beta2, one_minus_beta2;
@@ -83,7 +112,20 @@ struct AdamWOp {
   AmpScalars amp;
 
   __device__ void load_scalars() { amp.load(); }
-  __device__ void operator()(T (&x)[5], bool, int64_t, int64_t) const {
+  // As SgdOp::Result.
+  using Result = std::conditional_t<kSums, Sums<A, 2>, void>;
+
+  __device__ Result operator()(T (&x)[kLists], bool, int64_t, int64_t) const {
+    if constexpr (kSums) {
+      const auto sums = descent_sums(x[2], x[5]);  // taken on a skipped step too
+      update(x);
+      return sums;
+    } else {
+      update(x);
+    }
+  }
+
+  __device__ __forceinline__ void update(T* x) const {
     if (amp.skip) {
       x[0] = x[1];
       return;
@@ -103,54 +145,84 @@ struct AdamWOp {
   }
 };
 
+// The ops with sums add into `sums`: Σ g² always, Σ ⟨a, g⟩ only with ascent_grads.
+int sums_written(const std::optional<at::TensorList>& ascent_grads) { return ascent_grads ? 2 : 1; }
+
 void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
                            at::TensorList momentum_buffers, double lr, double momentum, double dampening,
                            double weight_decay, bool nesterov, bool maximize, bool init_buffers,
-                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           std::optional<at::TensorList> ascent_grads, const std::optional<at::Tensor>& sums) {
   const bool has_momentum = momentum != 0.0;
   sam_kernels::check_sgd_args(params, backups, grads, momentum_buffers, has_momentum, c10::DeviceType::CUDA);
   const AmpScalars amp = amp_scalars("sgd_restore_step_", grad_scale, found_inf, params);
+  sam_kernels::check_telemetry_args("sgd_restore_step_", ascent_grads, sums, params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "sgd_restore_step_", [&](auto tag) {
     using T = decltype(tag);
     using A = acc_type<T>;
-    SgdOp<T> op{};
-    op.lr = static_cast<A>(lr);
-    op.momentum = static_cast<A>(momentum);
-    op.one_minus_dampening = static_cast<A>(1.0 - dampening);  // alpha=1 - dampening, formed in double
-    op.weight_decay = static_cast<A>(weight_decay);
-    op.has_momentum = has_momentum;
-    op.has_weight_decay = weight_decay != 0.0;
-    op.nesterov = nesterov;
-    op.maximize = maximize;
-    op.init_buffers = init_buffers;
-    op.amp = amp;
-    apply_elementwise<T>({params, backups, grads, has_momentum ? momentum_buffers : at::TensorList{}}, op);
+    auto run = [&](auto op) {
+      op.lr = static_cast<A>(lr);
+      op.momentum = static_cast<A>(momentum);
+      op.one_minus_dampening = static_cast<A>(1.0 - dampening);  // alpha=1 - dampening, formed in double
+      op.weight_decay = static_cast<A>(weight_decay);
+      op.has_momentum = has_momentum;
+      op.has_weight_decay = weight_decay != 0.0;
+      op.nesterov = nesterov;
+      op.maximize = maximize;
+      op.init_buffers = init_buffers;
+      op.amp = amp;
+      const at::TensorList bufs = has_momentum ? momentum_buffers : at::TensorList{};
+      if constexpr (decltype(op)::kReduce) {
+        add_sums<T>({params, backups, grads, bufs, ascent_grads.value_or(at::TensorList{})}, op, *sums,
+                    sums_written(ascent_grads));
+      } else {
+        apply_elementwise<T>({params, backups, grads, bufs}, op);
+      }
+    };
+    if (sums) {
+      run(SgdOp<T, true>{});
+    } else {
+      run(SgdOp<T, false>{});
+    }
   });
 }
 
 void adamw_restore_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
                              at::TensorList exp_avgs, at::TensorList exp_avg_sqs, int64_t step, double lr,
                              double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                             std::optional<at::TensorList> ascent_grads, const std::optional<at::Tensor>& sums) {
   const auto [bias_correction1, bias_correction2_sqrt] = sam_kernels::check_adamw_args(
       params, backups, grads, exp_avgs, exp_avg_sqs, step, beta1, beta2, c10::DeviceType::CUDA);
   const AmpScalars amp = amp_scalars("adamw_restore_step_", grad_scale, found_inf, params);
+  sam_kernels::check_telemetry_args("adamw_restore_step_", ascent_grads, sums, params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "adamw_restore_step_", [&](auto tag) {
     using T = decltype(tag);
     using A = acc_type<T>;
-    AdamWOp<T> op{};
-    op.decay = static_cast<A>(1.0 - lr * weight_decay);
-    op.one_minus_beta1 = static_cast<A>(1.0 - beta1);
-    op.beta2 = static_cast<A>(beta2);
-    op.one_minus_beta2 = static_cast<A>(1.0 - beta2);
-    op.bias_correction2_sqrt = static_cast<A>(bias_correction2_sqrt);
-    op.neg_step_size = static_cast<A>(-lr / bias_correction1);
-    op.eps = static_cast<A>(eps);
-    op.maximize = maximize;
-    op.amp = amp;
-    apply_elementwise<T>({params, backups, grads, exp_avgs, exp_avg_sqs}, op);
+    auto run = [&](auto op) {
+      op.decay = static_cast<A>(1.0 - lr * weight_decay);
+      op.one_minus_beta1 = static_cast<A>(1.0 - beta1);
+      op.beta2 = static_cast<A>(beta2);
+      op.one_minus_beta2 = static_cast<A>(1.0 - beta2);
+      op.bias_correction2_sqrt = static_cast<A>(bias_correction2_sqrt);
+      op.neg_step_size = static_cast<A>(-lr / bias_correction1);
+      op.eps = static_cast<A>(eps);
+      op.maximize = maximize;
+      op.amp = amp;
+      if constexpr (decltype(op)::kReduce) {
+        add_sums<T>({params, backups, grads, exp_avgs, exp_avg_sqs, ascent_grads.value_or(at::TensorList{})}, op,
+                    *sums, sums_written(ascent_grads));
+      } else {
+        apply_elementwise<T>({params, backups, grads, exp_avgs, exp_avg_sqs}, op);
+      }
+    };
+    if (sums) {
+      run(AdamWOp<T, true>{});
+    } else {
+      run(AdamWOp<T, false>{});
+    }
   });
 }
 
