@@ -110,6 +110,18 @@ inline void check_amp_scalar(const char* op, const char* name, const std::option
               params[0].device());
 }
 
+// A telemetry output a kernel adds into: a contiguous fp32/fp64 tensor of `numel` elements on the
+// params' device.
+inline void check_sums_tensor(const char* op, const char* name, const at::Tensor& t, int64_t numel,
+                              at::TensorList params) {
+  TORCH_CHECK(t.numel() == numel && t.dim() <= 1 && t.is_contiguous(), op, ": ", name, " must be a contiguous ",
+              "tensor of ", numel, " element(s) (at most 1-D), got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == params[0].device(), op, ": ", name, " is on ", t.device(), " but the params are on ",
+              params[0].device());
+}
+
 // Telemetry outputs of the fused descents: `sums` a contiguous 2-element fp32/fp64 tensor on the
 // params' device (accumulated into by the kernel); `ascent_grads` aligned with the params, and only
 // together with `sums`.
@@ -119,13 +131,7 @@ inline void check_telemetry_args(const char* op, const std::optional<at::TensorL
     TORCH_CHECK(sums.has_value(), op, ": ascent_grads given without sums (where the dot would go)");
     check_list(op, "ascent_grads", params, *ascent_grads);
   }
-  if (!sums) return;
-  TORCH_CHECK(sums->numel() == 2 && sums->dim() == 1 && sums->is_contiguous(), op,
-              ": sums must be a contiguous 1-D tensor of 2 elements, got shape ", sums->sizes());
-  TORCH_CHECK(sums->scalar_type() == at::kFloat || sums->scalar_type() == at::kDouble, op,
-              ": sums must be float32 or float64, got ", sums->scalar_type());
-  TORCH_CHECK(sums->device() == params[0].device(), op, ": sums is on ", sums->device(), " but the params are on ",
-              params[0].device());
+  if (sums) check_sums_tensor(op, "sums", *sums, 2, params);
 }
 
 struct AdamWCorrections {

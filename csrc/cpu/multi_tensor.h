@@ -233,9 +233,10 @@ struct LaneSum {
 };
 
 // f(chunk, lo, hi, acc) over every chunk, in parallel. Without `sums`, once per chunk with acc
-// null. With `sums` (2 elements, fp32/fp64), in kSumBlock pieces with acc = two LaneSums that f
-// adds to; the per-chunk totals are then added in chunk order to sums[0] and, when `both`, to
-// sums[1] (deterministic whatever the thread count; sums[1] untouched otherwise, -0.0 included).
+// null. With `sums` (fp32/fp64; 2 elements when `both`, else 1 or more), in kSumBlock pieces with
+// acc = two LaneSums that f adds to; the per-chunk totals are then added in chunk order to sums[0]
+// and, when `both`, to sums[1] (deterministic whatever the thread count; nothing else is written,
+// so sums[1] keeps its bits, -0.0 included).
 template <typename scalar_t, typename F>
 void for_each_chunk_summing(const std::vector<Chunk>& chunks, const std::optional<at::Tensor>& sums, bool both,
                             const F& f) {

@@ -9,9 +9,10 @@ namespace {
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq_norm,
                  double rho, double eps, std::optional<at::TensorList> masks, bool adaptive, double eta,
-                 double keep_prob, at::IntArrayRef keys) {
+                 double keep_prob, at::IntArrayRef keys, const std::optional<at::Tensor>& perturbation_sq) {
   const uint32_t threshold =
       sam_kernels::check_perturb_args(params, grads, backups, masks, keep_prob, keys, c10::DeviceType::CPU);
+  if (perturbation_sq) sam_kernels::check_sums_tensor("perturb_", "perturbation_sq", *perturbation_sq, 1, params);
   const bool keep = keep_prob < 1.0;
   const auto chunks = make_chunks(params);
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "perturb_", [&] {
@@ -24,17 +25,19 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
     // gives scale 0, and 0·inf = NaN: the norm itself is tested too, as stored (like the reference).
     const bool finite = std::isfinite(scale) && std::isfinite(stored);
     const bool select = masks || keep;
-    for_each_chunk(chunks, [&](const Chunk& c) {
+    // perturbation_sq: Σ (w_new − w)² of the stored values, summed while they are in cache.
+    for_each_chunk_summing<scalar_t>(chunks, perturbation_sq, /*both=*/false,
+                                     [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
       scalar_t* b = data<scalar_t>(backups[c.tensor]);
       const bool* m = masks ? data<bool>((*masks)[c.tensor]) : nullptr;
       const uint32_t key = keep ? static_cast<uint32_t>(keys[c.tensor]) : 0u;
-      std::copy(w + c.begin, w + c.end, b + c.begin);
+      std::copy(w + lo, w + hi, b + lo);
       if (!finite) return;
       // Selections are per element (bool mask, hash): the scalar path, which skips unselected
       // entries instead of adding zero, so they stay bitwise unchanged (-0.0 included).
-      elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/!select, [&](auto tag, int64_t i) {
+      elementwise<scalar_t>(lo, hi, /*vectorize=*/!select, [&](auto tag, int64_t i) {
         using T = decltype(tag);
         if constexpr (!is_vec<T>::value) {
           if ((m && !m[i]) || (keep && !keep_element(key, i, threshold))) return;
@@ -46,6 +49,10 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
           e = t * t * e;
         }
         store(w, i, wi + e * T(scale));  // the order of reference.perturb_
+        if (acc) {
+          const T applied = load<T>(w, i) - wi;  // as stored (rounded to fp16/bf16)
+          acc[0].add(applied * applied);
+        }
       });
     });
   });

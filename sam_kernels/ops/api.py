@@ -287,7 +287,8 @@ def dot(a: Tensors, b: Tensors, *, backend: Optional[str] = None) -> torch.Tenso
 def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, sq_norm: Optional[torch.Tensor] = None,
              masks: Optional[Tensors] = None, adaptive: bool = False, eta: float = 0.01, eps: float = 1e-12,
              keep_prob: Optional[float] = None, seed: Optional[int] = None, grad_scale: Optional[torch.Tensor] = None,
-             found_inf: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
+             found_inf: Optional[torch.Tensor] = None, perturbation_sq: Optional[torch.Tensor] = None,
+             backend: Optional[str] = None) -> None:
     """backups ← params; params += rho·s·(m ⊙ T² ⊙ g)·keep/keep_prob, s = 1/(sqrt(sq_norm) + eps).
 
     ``sq_norm`` defaults to the UNMASKED ``grad_sq_norm(grads, params=params if adaptive)`` (Sparse
@@ -303,8 +304,14 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
     rho·(g·S)/(‖g·S‖ + eps·S) = rho·g/(‖g‖ + eps) — the squared norm handed to the kernel is
     (sqrt(sq_norm) + eps·(S − 1))², one device scalar op, no pass over the grads. A non-zero
     ``found_inf`` (0-dim) leaves every weight unchanged, like a non-finite norm.
+
+    Telemetry (ours): ``perturbation_sq`` (a float32/float64 tensor of 1 element, on the params'
+    device) gets ‖e‖² as applied ADDED — Σ (w_new − w)² over the stored values, in the pass that
+    writes them (exactly 0 from unchanged entries). DTensors: summed over the mesh.
+    Raises TypeError/ValueError before writing anything.
     """
     _require_list("perturb_", params)
+    applied = _AddInto("perturb_", "perturbation_sq", perturbation_sq, 1)
     if keep_prob is not None and not 0.0 < keep_prob <= 1.0:
         raise ValueError(f"perturb_: keep_prob must be in (0, 1], got {keep_prob}")
     keep = 1.0 if keep_prob is None else float(keep_prob)
@@ -317,10 +324,16 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
         sq_norm = amp_sq_norm(sq_norm, grad_scale, found_inf, eps)
     rho, eps, adaptive, eta = float(rho), float(eps), bool(adaptive), float(eta)
 
-    _launch("perturb_", backend,
-            lambda fn, pick, device: fn(pick(params), pick(grads), pick(backups), sq_norm.to(device), rho, eps,
-                                        pick(masks), adaptive, eta, keep, pick(keys)),
-            params, grads=grads, backups=backups, masks=masks)
+    tele = {} if perturbation_sq is None else {"perturbation_sq": None}
+
+    def call(fn, pick, device):
+        if tele:
+            tele["perturbation_sq"] = applied.on(device)
+        fn(pick(params), pick(grads), pick(backups), sq_norm.to(device), rho, eps, pick(masks), adaptive, eta, keep,
+           pick(keys), **tele)
+
+    _launch("perturb_", backend, call, params, grads=grads, backups=backups, masks=masks)
+    applied.finish()
 
 
 def amp_sq_norm(sq_norm: torch.Tensor, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
@@ -362,47 +375,61 @@ def _on(scalars: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in scalars.items()}
 
 
-class _DescentSums:
-    """The telemetry arguments of the fused descents (``ascent_grads``, ``sums``), checked before any
-    launch. Each group's kernel accumulates into ``sums`` itself when it is on the group's device,
-    else into a zero temporary added to ``sums`` at :meth:`finish`; inside a DTensor call every
-    group uses a temporary, summed over the mesh first (the local shards' partial sums)."""
+class _AddInto:
+    """A telemetry output that kernels add into (the descents' ``sums``, perturb_'s
+    ``perturbation_sq``), checked before any launch: a contiguous float32/float64 tensor of
+    ``numel`` elements. Each group's kernel adds into it directly when it is on the group's device,
+    else into a zero temporary added to it at :meth:`finish`; inside a DTensor call every group
+    uses a temporary, summed over the mesh first (the local shards' partial sums)."""
+
+    def __init__(self, op: str, name: str, out: Optional[torch.Tensor], numel: int):
+        if out is not None and not (isinstance(out, torch.Tensor) and out.numel() == numel and out.dim() <= 1
+                                    and out.is_contiguous() and out.dtype in (torch.float32, torch.float64)):
+            raise TypeError(f"{op}: {name} must be a contiguous float32/float64 tensor of {numel} element(s), got "
+                            f"{out.dtype if isinstance(out, torch.Tensor) else type(out).__name__} "
+                            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
+        self.out = out
+        self.per_device = out is not None and bool(reduce_groups())
+        self.temps: dict = {}
+
+    def on(self, device: torch.device) -> Optional[torch.Tensor]:
+        """Where a group on ``device`` adds (None without an output)."""
+        if self.out is None or (not self.per_device and device == self.out.device):
+            return self.out
+        t = self.temps.get(device)
+        if t is None:
+            t = self.temps[device] = torch.zeros_like(self.out, device=device)
+        return t
+
+    def finish(self) -> None:
+        for t in self.temps.values():
+            self.out.add_(all_reduce_partial(t).to(self.out.device))
+
+
+class _DescentSums(_AddInto):
+    """The descents' telemetry arguments (``ascent_grads``, ``sums`` of shape (2,))."""
 
     def __init__(self, op: str, sums: Optional[torch.Tensor], ascent_grads: Optional[Tensors], n: int):
         if sums is None:
             if ascent_grads is not None:
                 raise ValueError(f"{op}: ascent_grads given without sums (where the dot would go)")
-        elif not (isinstance(sums, torch.Tensor) and sums.shape == (2,) and sums.is_contiguous()
-                  and sums.dtype in (torch.float32, torch.float64)):
-            raise TypeError(f"{op}: sums must be a contiguous float32/float64 tensor of shape (2,), got "
-                            f"{sums.dtype if isinstance(sums, torch.Tensor) else type(sums).__name__} "
-                            f"{tuple(sums.shape) if isinstance(sums, torch.Tensor) else ''}")
+        elif isinstance(sums, torch.Tensor) and sums.shape != (2,):
+            raise TypeError(f"{op}: sums must have shape (2,), got {tuple(sums.shape)}")
+        super().__init__(op, "sums", sums, 2)
         if ascent_grads is not None:
             _require_list(op, ascent_grads)
             if len(ascent_grads) != n:
                 raise ValueError(f"{op}: {len(ascent_grads)} ascent_grads for {n} params")
-        self.sums = sums
-        self.per_device = sums is not None and bool(reduce_groups())
-        self.temps: dict = {}
 
     def kwargs(self, pick: Callable, device: torch.device, ascent_grads: Optional[Tensors]) -> dict:
         """The group's ``ascent_grads`` / ``sums`` keyword arguments (none when telemetry is off);
         ``ascent_grads``: the list aligned with the launch's params."""
-        if self.sums is None:
+        if self.out is None:
             return {}
-        out = self.sums
-        if self.per_device or device != self.sums.device:
-            out = self.temps.get(device)
-            if out is None:
-                out = self.temps[device] = torch.zeros(2, dtype=self.sums.dtype, device=device)
-        kw = {"sums": out}
+        kw = {"sums": self.on(device)}
         if ascent_grads is not None:
             kw["ascent_grads"] = pick(ascent_grads)
         return kw
-
-    def finish(self) -> None:
-        for t in self.temps.values():
-            self.sums.add_(all_reduce_partial(t).to(self.sums.device))
 
 
 def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,

@@ -24,8 +24,8 @@ def dot(a, b):
     return _op("dot")(a, b)
 
 
-def perturb_(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys):
-    _op("perturb_")(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys)
+def perturb_(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys, perturbation_sq=None):
+    _op("perturb_")(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys, perturbation_sq)
 
 
 def restore_(params, backups):

@@ -126,12 +126,16 @@ def in_memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- perturb / restore
 
 def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.Tensor, rho: float, eps: float,
-             masks: MaskList, adaptive: bool, eta: float, keep_prob: float, keys: Sequence[int]) -> None:
+             masks: MaskList, adaptive: bool, eta: float, keep_prob: float, keys: Sequence[int],
+             perturbation_sq: Optional[torch.Tensor] = None) -> None:
     """backups ← params; params += s·(m ⊙ T² ⊙ g)·keep/keep_prob, s = rho/(sqrt(sq_norm)+eps).
 
     A non-finite ``sq_norm`` leaves params bitwise unchanged (the backup is still taken), so a NaN
     never reaches the weights.
     Entries outside ``masks`` / the keep mask are left bitwise unchanged.
+    Telemetry (ours): ``perturbation_sq`` (1 element, fp32/fp64) += ‖e‖² AS APPLIED, Σ (w_new − w)²
+    over the stored values in the compute dtype (accumulated like :func:`grad_sq_norm`; unchanged
+    entries add exactly 0), in the pass that writes w_new.
     """
     torch._foreach_copy_(list(backups), list(params))
     cdt = acc_dtype(params[0].dtype)
@@ -155,6 +159,9 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.T
     # bitwise unchanged, -0.0 included, and a NaN gradient must not leak in through 0·NaN.
     for p, w, ei, sel in zip(params, _up(params), e, select):
         p.copy_(torch.where(sel, w + ei, w))
+    if perturbation_sq is not None:
+        applied = [p.to(cdt) - b.to(cdt) for p, b in zip(params, backups)]
+        perturbation_sq += _sum_sq(applied).to(perturbation_sq.dtype).reshape(perturbation_sq.shape)
 
 
 def restore_(params: Tensors, backups: Tensors) -> None:
