@@ -618,22 +618,27 @@ from triton.compiler import ASTSource
 from sam_kernels.ops.triton import masks, norm, optimizer_steps, perturb, variants
 
 C = dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024, CHUNK=8192, ALIGNED=True)
+SGD = dict(HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,
+           HAS_FOUND=True)
+ADAMW = dict(MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True)
 HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full blocks
     (norm._sq_norm_partials_kernel, dict(C, ADAPTIVE=True, MASKED=True)),
     (norm._dot_partials_kernel, C),
     (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True)),
     (perturb._copy_kernel, dict(DT=tl.bfloat16, BLOCK=1024, CHUNK=8192, ALIGNED=True)),
-    (optimizer_steps._sgd_restore_step_kernel,
-     dict(C, HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,
-          HAS_FOUND=True)),
-    (optimizer_steps._adamw_restore_step_kernel, dict(C, MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True)),
+    (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=False, HAS_ASCENT=False)),
+    (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=True, HAS_ASCENT=True)),
+    (optimizer_steps._adamw_restore_step_kernel, dict(C, **ADAMW, SUMS=False, HAS_ASCENT=False)),
+    (optimizer_steps._adamw_restore_step_kernel, dict(C, **ADAMW, SUMS=True, HAS_ASCENT=True)),
     (variants._renormalize_kernel, C), (variants._fisher_accumulate_kernel, C),
     (variants._looksam_store_kernel, C), (variants._looksam_apply_kernel, C),
 ]
 OTHER = [
     (norm._sum_partials_kernel, dict(BLOCK=1024)),
     (optimizer_steps._adamw_restore_step_kernel, dict(C, DT=tl.float64, CDT=tl.float64, ALIGNED=False, MAXIMIZE=False,
-                                                      HAS_SCALE=False, HAS_FOUND=False)),
+                                                      HAS_SCALE=False, HAS_FOUND=False, SUMS=True, HAS_ASCENT=False)),
+    (optimizer_steps._sgd_restore_step_kernel, dict(C, DT=tl.bfloat16, **SGD, SUMS=True, HAS_ASCENT=False)),
+    (optimizer_steps._add_sums_kernel, dict(HAS_ASCENT=True, BLOCK=1024)),
     (masks._order_keys_kernel, dict(DT=tl.float16, BLOCK=1024, CHUNK=8192, ALIGNED=False)),
     (masks._nm_mask_kernel, dict(DT=tl.bfloat16, M=4, MP=4, GROUPS=256, ALIGNED=True)),
     (masks._radix_histogram_kernel, dict(BLOCK=1024, CHUNK=8192)),
@@ -644,13 +649,15 @@ OTHER = [
 SCALARS = {"partials": "*fp32", "out": "*fp32", "sq_norm": "*fp32", "ref_sq_norm": "*fp32", "gs_dot_g": "*fp32",
            "g_sq_norm": "*fp32", "gv_sq_norm": "*fp32", "n": "i32", "keep_threshold": "i32", "hist": "*i32",
            "keep": "*i8", "shift": "i32", "high_mask": "i64", "flip": "i32", "scale_ptr": "*fp32",
-           "found_ptr": "*fp32"}
+           "found_ptr": "*fp32", "sums": "*fp64"}
 for fn, cx in HOT + OTHER:
     sig = {p.name: "constexpr" if p.name in cx else p.annotation_type or SCALARS.get(p.name, "*i64") for p in fn.params}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     if (fn, cx) in HOT:
         assert re.search(r"ld\.global(\.nc)?\.v4", ptx), f"{fn.__name__}: no 128-bit loads"
+    if "SUMS" in cx:  # the telemetry reduction (tl.sum: warp shuffles) exists only when asked for
+        assert ("shfl.sync" in ptx) == cx["SUMS"], f"{fn.__name__} SUMS={cx['SUMS']}: shuffles {'shfl.sync' in ptx}"
 print("ok")
 """
 
