@@ -312,7 +312,14 @@ def _check_telemetry(op, params, grads, ascent_grads, sums):
         return
     if len(ascent_grads) != len(grads):
         raise ValueError(f"{op}: {len(ascent_grads)} ascent_grads for {len(grads)} grads")
-    # Read through the same table offsets as g: same shape, dtype, device and memory order.
+    # Read through the same table offsets as g: same shape, dtype, device and memory order. The usual
+    # case (identical layouts) is checked list-wide; per-entry checks name the first bad entry.
+    try:
+        if [(a.dtype, a.shape, a.device, a.stride()) for a in ascent_grads] == \
+                [(g.dtype, g.shape, g.device, g.stride()) for g in grads]:
+            return
+    except AttributeError:  # a non-tensor entry
+        pass
     for i, (a, g) in enumerate(zip(ascent_grads, grads)):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"{op}: ascent_grads[{i}] is {type(a).__name__}, not a tensor")
