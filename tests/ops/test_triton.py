@@ -378,6 +378,26 @@ def test_descent_sums_many_programs(op, found, small_blocks, launches):
     assert_close(got_sums, want_sums, 1e-6, 1e-5, "sums")
 
 
+def test_descent_sums_dense_layouts():
+    """Lists in one non-contiguous memory order (channels_last), and an ascent grad whose strides
+    differ from its grad's only on a size-1 dim: accepted, read element-aligned, as the reference."""
+    shapes = [(2, 3, 4, 5), (4, 1, 3)]
+    channels_last = lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t  # noqa: E731
+    lists = [[channels_last(t) for t in make(shapes, torch.float32)] for _ in range(5)]
+    w, backups, g, a, m = lists
+    a[1] = torch.empty_strided((4, 1, 3), (3, 1, 1), device=DEVICE).copy_(a[1])
+    assert a[1].stride() != g[1].stride() and not g[0].is_contiguous()
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+              init_buffers=False)
+    got, want = [clone(w), clone(m)], [clone(w), clone(m)]
+    got_sums, want_sums = torch.zeros(2, device=DEVICE), torch.zeros(2, device=DEVICE)
+    backend().OPS["sgd_restore_step_"](got[0], backups, g, got[1], **kw, ascent_grads=a, sums=got_sums)
+    reference.sgd_restore_step_(want[0], backups, g, want[1], **kw, ascent_grads=a, sums=want_sums)
+    for what, x, y in zip(("params", "momentum buffers"), got, want):
+        assert_lists_close(x, y, 1e-6, 1e-5, what)
+    assert_close(got_sums, want_sums, 1e-6, 1e-5, "sums")
+
+
 def _bad_telemetry(w, g):
     """(what, kwargs, exception) for each rejected ascent_grads/sums combination."""
     ok = torch.zeros(2, device=DEVICE)
