@@ -280,6 +280,169 @@ def test_adamw_restore_step(dtype, atol, rtol, step, maximize, weight_decay):
         assert_lists_close(a, b, atol, rtol, name)
 
 
+
+# --------------------------------------------------------------------------- telemetry sums of the fused descents
+
+DESCENT_SHAPES = [(7,), (3, 5), (129,), (9000,)]  # 9000 > CHUNK: one tensor spans two programs
+AMP_CASES = {"no_amp": None, "scaled": 0.0, "skipped": 1.0}  # found_inf value (None: no grad_scale/found_inf)
+
+
+def descent_inputs(dtype, amp):
+    """params, backups, grads (carrying a 1024 loss scale under AMP), ascent grads close to the grads
+    (as g(w) is to g(w + e): a dot far from 0), the two optimizers' states, the AMP kwargs."""
+    scale = 1.0 if amp is None else 1024.0
+    w, backups, m = make(DESCENT_SHAPES, dtype), make(DESCENT_SHAPES, dtype), make(DESCENT_SHAPES, dtype)
+    g = [(t.float() * scale).to(dtype) for t in make(DESCENT_SHAPES, dtype)]
+    a = [(0.5 * t.float() / scale + torch.randn(t.shape, device=DEVICE)).to(dtype) for t in g]
+    v = make(DESCENT_SHAPES, dtype, positive=True)
+    kw = {} if amp is None else dict(grad_scale=torch.tensor(scale, device=DEVICE),
+                                     found_inf=torch.tensor(amp, device=DEVICE))
+    return w, backups, g, a, m, v, kw
+
+
+def run_descent(op, backend_name, w, backups, g, m, v, amp_kw, **tele):
+    """One public fused descent on copies of the state; the resulting [params, state...]."""
+    w, m, v = clone(w), clone(m), clone(v)
+    if op == "sgd":
+        ops.sgd_restore_step_(w, backups, g, m, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2,
+                              backend=backend_name, **amp_kw, **tele)
+        return [w, m]
+    ops.adamw_restore_step_(w, backups, g, m, v, 3, lr=1e-2, weight_decay=1e-2, backend=backend_name, **amp_kw,
+                            **tele)
+    return [w, m, v]
+
+
+def sums_tol(dtype, sums_dtype):
+    """Totals are accumulated in fp32 (fp64 for fp64 tensors) and rounded to sums' dtype."""
+    return tol(torch.float64 if dtype == sums_dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("op", ["sgd", "adamw"])
+@pytest.mark.parametrize("amp", list(AMP_CASES), ids=list(AMP_CASES))
+@pytest.mark.parametrize("with_ascent", [False, True], ids=["g_sq", "g_sq_and_dot"])
+@pytest.mark.parametrize("sums_dtype", [torch.float32, torch.float64], ids=["sums32", "sums64"])
+def test_descent_sums(dtype, atol, rtol, op, amp, with_ascent, sums_dtype):
+    """sums += [Σ g², Σ ⟨a, g⟩] over the grads as given (loss scale in them), skipped step or not;
+    params and state as without sums; everything vs backend="eager"."""
+    w, backups, g, a, m, v, amp_kw = descent_inputs(dtype, AMP_CASES[amp])
+    # Without ascent_grads sums[1] starts at -0.0, which even an added 0 would change (to +0.0).
+    start = torch.tensor([0.5, -1.25 if with_ascent else -0.0], dtype=sums_dtype, device=DEVICE)
+    runs, sums = {}, {}
+    for name in ("triton", "eager"):
+        sums[name] = start.clone()
+        tele = dict(sums=sums[name], ascent_grads=a if with_ascent else None)
+        runs[name] = run_descent(op, name, w, backups, g, m, v, amp_kw, **tele)
+        assert ops.last_used[f"{op}_restore_step_"] == name
+    for what, got, want in zip(("params", "state0", "state1"), runs["triton"], runs["eager"]):
+        assert_lists_close(got, want, atol, rtol, what)
+    for what, got, want in zip(("params", "state0", "state1"), runs["triton"],
+                               run_descent(op, "triton", w, backups, g, m, v, amp_kw)):
+        assert_lists_equal(got, want, f"{what}: with sums vs without")
+    if amp == "skipped":
+        for what, got, want in zip(("params", "state0", "state1"), runs["triton"], [backups, m, v]):
+            assert_lists_equal(got, want, f"{what} of a skipped step")
+    assert sums["triton"].dtype == sums_dtype
+    assert_close(sums["triton"], sums["eager"], *sums_tol(dtype, sums_dtype), "sums")
+    if not with_ascent:
+        assert sums["triton"][1].item() == 0.0 and torch.signbit(sums["triton"][1]), "sums[1] written"
+    # The sums are not trivially close: Σg² grows with the loss scale and the dot is far from 0.
+    want_sq = sum(float((t.double() ** 2).sum()) for t in g)
+    assert abs(sums["triton"][0].item() - 0.5 - want_sq) <= 1e-4 * want_sq
+    again = start.clone()
+    run_descent(op, "triton", w, backups, g, m, v, amp_kw, sums=again, ascent_grads=a if with_ascent else None)
+    assert torch.equal(again, sums["triton"]), "sums not deterministic"
+
+
+@pytest.mark.parametrize("op", ["sgd_restore_step_", "adamw_restore_step_"])
+@pytest.mark.parametrize("found", [0.0, 1.0], ids=["taken", "skipped"])
+def test_descent_sums_many_programs(op, found, small_blocks, launches):
+    """~200 programs (BLOCK 32, CHUNK 64), so the final program loops over several BLOCKs of
+    partials; many small tensors too. Group-level call vs the reference, fp64 sums of fp32 tensors."""
+    shapes = MANY + DESCENT_SHAPES
+    w, backups, g, a, m = (make(shapes, torch.float32) for _ in range(5))
+    v = make(shapes, torch.float32, positive=True)
+    amp = dict(grad_scale=torch.tensor(4.0, device=DEVICE), found_inf=torch.tensor(found, device=DEVICE))
+    kw = (dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True, maximize=True,
+               init_buffers=False) if op == "sgd_restore_step_" else
+          dict(step=2, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, maximize=False))
+    state = [m] if op == "sgd_restore_step_" else [m, v]
+    got, want = [clone(w), *map(clone, state)], [clone(w), *map(clone, state)]
+    got_sums = torch.tensor([1.0, 2.0], dtype=torch.float64, device=DEVICE)
+    want_sums = got_sums.clone()
+    backend().OPS[op](got[0], backups, g, *got[1:], **kw, **amp, ascent_grads=a, sums=got_sums)
+    assert launches == [f"_{op[:-1]}_kernel", "_add_sums_kernel"]
+    getattr(reference, op)(want[0], backups, g, *want[1:], **kw, **amp, ascent_grads=a, sums=want_sums)
+    for what, x, y in zip(("params", "state0", "state1"), got, want):
+        assert_lists_close(x, y, 1e-6, 1e-5, what)
+    assert_close(got_sums, want_sums, 1e-6, 1e-5, "sums")
+
+
+def test_descent_sums_dense_layouts():
+    """Lists in one non-contiguous memory order (channels_last), and an ascent grad whose strides
+    differ from its grad's only on a size-1 dim: accepted, read element-aligned, as the reference."""
+    shapes = [(2, 3, 4, 5), (4, 1, 3)]
+    channels_last = lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t  # noqa: E731
+    lists = [[channels_last(t) for t in make(shapes, torch.float32)] for _ in range(5)]
+    w, backups, g, a, m = lists
+    a[1] = torch.empty_strided((4, 1, 3), (3, 1, 1), device=DEVICE).copy_(a[1])
+    assert a[1].stride() != g[1].stride() and not g[0].is_contiguous()
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+              init_buffers=False)
+    got, want = [clone(w), clone(m)], [clone(w), clone(m)]
+    got_sums, want_sums = torch.zeros(2, device=DEVICE), torch.zeros(2, device=DEVICE)
+    backend().OPS["sgd_restore_step_"](got[0], backups, g, got[1], **kw, ascent_grads=a, sums=got_sums)
+    reference.sgd_restore_step_(want[0], backups, g, want[1], **kw, ascent_grads=a, sums=want_sums)
+    for what, x, y in zip(("params", "momentum buffers"), got, want):
+        assert_lists_close(x, y, 1e-6, 1e-5, what)
+    assert_close(got_sums, want_sums, 1e-6, 1e-5, "sums")
+
+
+def _bad_telemetry(w, g):
+    """(what, kwargs, exception) for each rejected ascent_grads/sums combination."""
+    ok = torch.zeros(2, device=DEVICE)
+    a = clone(g)
+    transposed = [t.t().contiguous().t() if t.dim() == 2 else t for t in g]
+    return [
+        ("ascent_grads without sums", dict(ascent_grads=a), ValueError),
+        ("float16 sums", dict(sums=torch.zeros(2, dtype=torch.float16, device=DEVICE)), TypeError),
+        ("int sums", dict(sums=torch.zeros(2, dtype=torch.int64, device=DEVICE)), TypeError),
+        ("sums not a tensor", dict(sums=[0.0, 0.0]), TypeError),
+        ("3 sums", dict(sums=torch.zeros(3, device=DEVICE)), ValueError),
+        ("2-D sums", dict(sums=torch.zeros(1, 2, device=DEVICE)), ValueError),
+        ("strided sums", dict(sums=torch.zeros(4, device=DEVICE)[::2]), ValueError),
+        ("sums on another device", dict(sums=torch.zeros(2, device="meta")), ValueError),
+        ("one ascent grad short", dict(sums=ok, ascent_grads=a[:-1]), ValueError),
+        ("ascent grad of another dtype", dict(sums=ok, ascent_grads=[a[0].double(), *a[1:]]), TypeError),
+        ("ascent grad of another shape", dict(sums=ok, ascent_grads=[*a[:-1], a[-1][:-1]]), ValueError),
+        ("ascent grad in another memory order", dict(sums=ok, ascent_grads=transposed), ValueError),
+        ("ascent grad not a tensor", dict(sums=ok, ascent_grads=[None, *a[1:]]), TypeError),
+    ]
+
+
+@pytest.mark.parametrize("op", ["sgd_restore_step_", "adamw_restore_step_"])
+def test_descent_sums_rejected_before_any_write(op, launches):
+    """Bad sums/ascent_grads raise TypeError/ValueError from the triton group function before any
+    launch: params, state and sums keep their bits."""
+    w, backups, g, m = (make(DESCENT_SHAPES, torch.float32) for _ in range(4))
+    v = make(DESCENT_SHAPES, torch.float32, positive=True)
+    kw = (dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+               init_buffers=False) if op == "sgd_restore_step_" else
+          dict(step=1, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, maximize=False))
+    state = [m] if op == "sgd_restore_step_" else [m, v]
+    for what, tele, exc in _bad_telemetry(w, g):
+        got = [clone(w), *map(clone, state)]
+        sums = tele.get("sums")
+        before = sums.clone() if isinstance(sums, torch.Tensor) and sums.device.type != "meta" else None
+        with pytest.raises(exc):
+            backend().OPS[op](got[0], backups, g, *got[1:], **kw, **tele)
+        assert launches == [], what
+        for got_list, want_list in zip(got, [w, *state]):
+            assert_lists_equal(got_list, want_list, what)
+        if before is not None:
+            assert_lists_equal([sums], [before], what)
+
+
 # --------------------------------------------------------------------------- variants
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
@@ -475,22 +638,27 @@ from triton.compiler import ASTSource
 from sam_kernels.ops.triton import masks, norm, optimizer_steps, perturb, variants
 
 C = dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024, CHUNK=8192, ALIGNED=True)
+SGD = dict(HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,
+           HAS_FOUND=True)
+ADAMW = dict(MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True)
 HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full blocks
     (norm._sq_norm_partials_kernel, dict(C, ADAPTIVE=True, MASKED=True)),
     (norm._dot_partials_kernel, C),
     (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True)),
     (perturb._copy_kernel, dict(DT=tl.bfloat16, BLOCK=1024, CHUNK=8192, ALIGNED=True)),
-    (optimizer_steps._sgd_restore_step_kernel,
-     dict(C, HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,
-          HAS_FOUND=True)),
-    (optimizer_steps._adamw_restore_step_kernel, dict(C, MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True)),
+    (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=False, HAS_ASCENT=False)),
+    (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=True, HAS_ASCENT=True)),
+    (optimizer_steps._adamw_restore_step_kernel, dict(C, **ADAMW, SUMS=False, HAS_ASCENT=False)),
+    (optimizer_steps._adamw_restore_step_kernel, dict(C, **ADAMW, SUMS=True, HAS_ASCENT=True)),
     (variants._renormalize_kernel, C), (variants._fisher_accumulate_kernel, C),
     (variants._looksam_store_kernel, C), (variants._looksam_apply_kernel, C),
 ]
 OTHER = [
     (norm._sum_partials_kernel, dict(BLOCK=1024)),
     (optimizer_steps._adamw_restore_step_kernel, dict(C, DT=tl.float64, CDT=tl.float64, ALIGNED=False, MAXIMIZE=False,
-                                                      HAS_SCALE=False, HAS_FOUND=False)),
+                                                      HAS_SCALE=False, HAS_FOUND=False, SUMS=True, HAS_ASCENT=False)),
+    (optimizer_steps._sgd_restore_step_kernel, dict(C, DT=tl.bfloat16, **SGD, SUMS=True, HAS_ASCENT=False)),
+    (optimizer_steps._add_sums_kernel, dict(HAS_ASCENT=True, BLOCK=1024)),
     (masks._order_keys_kernel, dict(DT=tl.float16, BLOCK=1024, CHUNK=8192, ALIGNED=False)),
     (masks._nm_mask_kernel, dict(DT=tl.bfloat16, M=4, MP=4, GROUPS=256, ALIGNED=True)),
     (masks._radix_histogram_kernel, dict(BLOCK=1024, CHUNK=8192)),
@@ -501,13 +669,15 @@ OTHER = [
 SCALARS = {"partials": "*fp32", "out": "*fp32", "sq_norm": "*fp32", "ref_sq_norm": "*fp32", "gs_dot_g": "*fp32",
            "g_sq_norm": "*fp32", "gv_sq_norm": "*fp32", "n": "i32", "keep_threshold": "i32", "hist": "*i32",
            "keep": "*i8", "shift": "i32", "high_mask": "i64", "flip": "i32", "scale_ptr": "*fp32",
-           "found_ptr": "*fp32"}
+           "found_ptr": "*fp32", "sums": "*fp64"}
 for fn, cx in HOT + OTHER:
     sig = {p.name: "constexpr" if p.name in cx else p.annotation_type or SCALARS.get(p.name, "*i64") for p in fn.params}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     if (fn, cx) in HOT:
         assert re.search(r"ld\.global(\.nc)?\.v4", ptx), f"{fn.__name__}: no 128-bit loads"
+    if "SUMS" in cx:  # the telemetry reduction (tl.sum: warp shuffles) exists only when asked for
+        assert ("shfl.sync" in ptx) == cx["SUMS"], f"{fn.__name__} SUMS={cx['SUMS']}: shuffles {'shfl.sync' in ptx}"
 print("ok")
 """
 

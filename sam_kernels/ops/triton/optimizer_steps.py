@@ -8,11 +8,19 @@ hyper-parameters (bias corrections, step sizes) are computed on the host as Pyth
 AMP (as torch's fused optimizers): ``grad_scale`` points at the loss scale the grads carry,
 divided out as g·(1/S) with an fp32 reciprocal; a non-zero ``found_inf`` skips the update on the
 device (params ← backups, state untouched). Both are compiled out when absent (HAS_SCALE, HAS_FOUND).
+
+Telemetry (reference.add_descent_sums): with ``sums`` (SUMS), each program also accumulates Σg²
+and, with ``ascent_grads`` (HAS_ASCENT), Σa·g over its chunk in CDT, g as loaded (the loss scale
+still in it), skipped AMP step or not; it writes the two into row ``program_id`` of a
+[n_blocks, 2] partials buffer, and one program (:func:`_add_sums_kernel`) adds the rows in a fixed
+order into ``sums``. The only extra traffic is the read of ``ascent_grads``; without ``sums`` the
+flags compile the reduction out.
 """
 import torch
 import triton
 import triton.language as tl
 
+from ..reference import acc_dtype
 from . import _tables
 from ._tables import block_offsets, chunk_bounds, div_ieee, load, round_to, scalar, sqrt_ieee, store, tensor_ptr
 
@@ -39,12 +47,65 @@ def _restore_range(p_ptr, b_ptr, start, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _add_sums(acc_sq, acc_dot, g, a_ptr, offs, mask, CDT: tl.constexpr, HAS_ASCENT: tl.constexpr):
+    """Adds g² (and a·g) lane by lane; masked-off lanes loaded 0, so they add 0."""
+    acc_sq += g * g
+    if HAS_ASCENT:
+        acc_dot += load(a_ptr + offs, mask).to(CDT) * g
+    return acc_sq, acc_dot
+
+
+@triton.jit
+def _sums_range(g_ptr, a_ptr, start, split, end, CDT: tl.constexpr, BLOCK: tl.constexpr, HAS_ASCENT: tl.constexpr):
+    """The lane sums of a skipped step's chunk, block for block as the update loops add them."""
+    acc_sq = tl.zeros((BLOCK,), CDT)
+    acc_dot = tl.zeros((BLOCK,), CDT)
+    for off in range(start, split, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        acc_sq, acc_dot = _add_sums(acc_sq, acc_dot, load(g_ptr + offs, None).to(CDT), a_ptr, offs, None, CDT,
+                                    HAS_ASCENT)
+    for off in range(split, end, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        mask = offs < end
+        acc_sq, acc_dot = _add_sums(acc_sq, acc_dot, load(g_ptr + offs, mask).to(CDT), a_ptr, offs, mask, CDT,
+                                    HAS_ASCENT)
+    return acc_sq, acc_dot
+
+
+@triton.jit
+def _store_partials(partials, acc_sq, acc_dot):
+    """Row program_id of the [n_blocks, 2] partials: (Σ g², Σ a·g) of this program's chunk."""
+    row = partials + 2 * tl.program_id(0).to(tl.int64)
+    tl.store(row, tl.sum(acc_sq, 0))
+    tl.store(row + 1, tl.sum(acc_dot, 0))
+
+
+@triton.jit
+def _add_sums_kernel(partials, sums, n, HAS_ASCENT: tl.constexpr, BLOCK: tl.constexpr):
+    """sums[0] += Σ_b partials[b, 0] (sums[1] += Σ_b partials[b, 1] with HAS_ASCENT): one program,
+    fixed order (deterministic), totals in the partials' dtype, added in sums' dtype."""
+    acc_sq = tl.zeros((BLOCK,), partials.dtype.element_ty)
+    acc_dot = tl.zeros((BLOCK,), partials.dtype.element_ty)
+    for off in range(0, n, BLOCK):
+        rows = off + tl.arange(0, BLOCK)
+        acc_sq += tl.load(partials + 2 * rows, mask=rows < n, other=0.0)
+        if HAS_ASCENT:
+            acc_dot += tl.load(partials + 2 * rows + 1, mask=rows < n, other=0.0)
+    sdt = sums.dtype.element_ty
+    tl.store(sums, tl.load(sums) + tl.sum(acc_sq, 0).to(sdt))
+    if HAS_ASCENT:
+        tl.store(sums + 1, tl.load(sums + 1) + tl.sum(acc_dot, 0).to(sdt))
+
+
+@triton.jit
 def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, neg_lr, mom, one_minus_dampening, weight_decay, inv_scale,
                DT: tl.constexpr, CDT: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                HAS_SCALE: tl.constexpr):
+    """One block of the update; returns g as loaded, in CDT (for the sums)."""
     w = load(b_ptr + offs, mask).to(CDT)
-    d = load(g_ptr + offs, mask).to(CDT)
+    g = load(g_ptr + offs, mask).to(CDT)
+    d = g
     if HAS_SCALE:
         d = d * inv_scale
     if MAXIMIZE:
@@ -64,45 +125,63 @@ def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, neg_lr, mom, one_minus_
         else:
             d = buf
     store(p_ptr + offs, round_to(w + neg_lr * d, DT), mask)
+    return g
 
 
 @triton.jit
-def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, sizes, blocks, scale_ptr, found_ptr, neg_lr: tl.float64,
-                             momentum: tl.float64, one_minus_dampening: tl.float64, weight_decay: tl.float64,
-                             DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                             ALIGNED: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                             INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-                             HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr):
+def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, a_ptrs, sizes, blocks, scale_ptr, found_ptr, partials,
+                             neg_lr: tl.float64, momentum: tl.float64, one_minus_dampening: tl.float64,
+                             weight_decay: tl.float64, DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr,
+                             CHUNK: tl.constexpr, ALIGNED: tl.constexpr, HAS_WD: tl.constexpr,
+                             HAS_MOMENTUM: tl.constexpr, INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr,
+                             MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
+                             SUMS: tl.constexpr, HAS_ASCENT: tl.constexpr):
     """w = backup; d = ±g (+ wd·w); buf = d if INIT else momentum·buf + (1-dampening)·d;
-    d = d + momentum·buf if NESTEROV else buf; w = w + (-lr)·d (torch.optim.SGD)."""
+    d = d + momentum·buf if NESTEROV else buf; w = w + (-lr)·d (torch.optim.SGD).
+    SUMS: partials[b] = (Σ g², Σ a·g) over the chunk (a·g only with HAS_ASCENT)."""
     t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     p_ptr = tensor_ptr(p_ptrs, t, DT, ALIGNED)
     b_ptr = tensor_ptr(b_ptrs, t, DT, ALIGNED)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     buf_ptr = tensor_ptr(buf_ptrs, t, DT, ALIGNED)
+    a_ptr = tensor_ptr(a_ptrs, t, DT, ALIGNED)
     lr_c = scalar(neg_lr, CDT)
     mom = scalar(momentum, CDT)
     damp = scalar(one_minus_dampening, CDT)
     wd = scalar(weight_decay, CDT)
     inv, skip = _amp_scalars(scale_ptr, found_ptr, CDT, HAS_SCALE, HAS_FOUND)
+    acc_sq = tl.zeros((BLOCK,), CDT)
+    acc_dot = tl.zeros((BLOCK,), CDT)
     if skip:
         _restore_range(p_ptr, b_ptr, start, end, BLOCK)
+        if SUMS:  # the sums do not depend on whether the step is taken
+            acc_sq, acc_dot = _sums_range(g_ptr, a_ptr, start, split, end, CDT, BLOCK, HAS_ASCENT)
     else:
         for off in range(start, split, BLOCK):
-            _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, block_offsets(off, BLOCK), None, lr_c, mom, damp, wd, inv, DT,
-                       CDT, HAS_WD, HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE, HAS_SCALE)
+            offs = block_offsets(off, BLOCK)
+            g = _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, None, lr_c, mom, damp, wd, inv, DT, CDT, HAS_WD,
+                           HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE, HAS_SCALE)
+            if SUMS:
+                acc_sq, acc_dot = _add_sums(acc_sq, acc_dot, g, a_ptr, offs, None, CDT, HAS_ASCENT)
         for off in range(split, end, BLOCK):
             offs = block_offsets(off, BLOCK)
-            _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, offs < end, lr_c, mom, damp, wd, inv, DT, CDT, HAS_WD,
-                       HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE, HAS_SCALE)
+            mask = offs < end
+            g = _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, lr_c, mom, damp, wd, inv, DT, CDT, HAS_WD,
+                           HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE, HAS_SCALE)
+            if SUMS:
+                acc_sq, acc_dot = _add_sums(acc_sq, acc_dot, g, a_ptr, offs, mask, CDT, HAS_ASCENT)
+    if SUMS:
+        _store_partials(partials, acc_sq, acc_dot)
 
 
 @triton.jit
 def _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, wt, beta2, one_minus_beta2,
                  bias_correction2_sqrt, eps, neg_step_size, inv_scale, DT: tl.constexpr, CDT: tl.constexpr,
                  MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """One block of the update; returns the gradient as loaded, in CDT (for the sums)."""
     w = load(b_ptr + offs, mask).to(CDT) * decay
-    g = load(g_ptr + offs, mask).to(CDT)
+    loaded = load(g_ptr + offs, mask).to(CDT)
+    g = loaded
     if HAS_SCALE:
         g = g * inv_scale
     if MAXIMIZE:
@@ -117,24 +196,27 @@ def _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, decay, wt, beta2
     store(m_ptr + offs, round_to(m, DT), mask)
     store(v_ptr + offs, round_to(v, DT), mask)
     store(p_ptr + offs, round_to(w, DT), mask)
+    return loaded
 
 
 @triton.jit
-def _adamw_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, m_ptrs, v_ptrs, sizes, blocks, scale_ptr, found_ptr,
-                               decay: tl.float64,
-                               lerp_weight: tl.float64, beta2: tl.float64, one_minus_beta2: tl.float64,
-                               bias_correction2_sqrt: tl.float64, eps: tl.float64, neg_step_size: tl.float64,
-                               DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                               ALIGNED: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                               HAS_FOUND: tl.constexpr):
+def _adamw_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, m_ptrs, v_ptrs, a_ptrs, sizes, blocks, scale_ptr, found_ptr,
+                               partials, decay: tl.float64, lerp_weight: tl.float64, beta2: tl.float64,
+                               one_minus_beta2: tl.float64, bias_correction2_sqrt: tl.float64, eps: tl.float64,
+                               neg_step_size: tl.float64, DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr,
+                               CHUNK: tl.constexpr, ALIGNED: tl.constexpr, MAXIMIZE: tl.constexpr,
+                               HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, SUMS: tl.constexpr,
+                               HAS_ASCENT: tl.constexpr):
     """w = backup·(1 - lr·wd); m = lerp(m, ±g, 1-beta1); v = v·beta2 + (1-beta2)·g·g;
-    w = w + (-lr/bc1)·m / (sqrt(v)/sqrt(bc2) + eps) (torch.optim.AdamW)."""
+    w = w + (-lr/bc1)·m / (sqrt(v)/sqrt(bc2) + eps) (torch.optim.AdamW).
+    SUMS: partials[b] = (Σ g², Σ a·g) over the chunk (a·g only with HAS_ASCENT)."""
     t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     p_ptr = tensor_ptr(p_ptrs, t, DT, ALIGNED)
     b_ptr = tensor_ptr(b_ptrs, t, DT, ALIGNED)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     m_ptr = tensor_ptr(m_ptrs, t, DT, ALIGNED)
     v_ptr = tensor_ptr(v_ptrs, t, DT, ALIGNED)
+    a_ptr = tensor_ptr(a_ptrs, t, DT, ALIGNED)
     dec = scalar(decay, CDT)
     wt = scalar(lerp_weight, CDT)
     b2 = scalar(beta2, CDT)
@@ -143,38 +225,114 @@ def _adamw_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, m_ptrs, v_ptrs, sizes, bl
     eps_c = scalar(eps, CDT)
     step_c = scalar(neg_step_size, CDT)
     inv, skip = _amp_scalars(scale_ptr, found_ptr, CDT, HAS_SCALE, HAS_FOUND)
+    acc_sq = tl.zeros((BLOCK,), CDT)
+    acc_dot = tl.zeros((BLOCK,), CDT)
     if skip:
         _restore_range(p_ptr, b_ptr, start, end, BLOCK)
+        if SUMS:  # the sums do not depend on whether the step is taken
+            acc_sq, acc_dot = _sums_range(g_ptr, a_ptr, start, split, end, CDT, BLOCK, HAS_ASCENT)
     else:
         for off in range(start, split, BLOCK):
-            _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, block_offsets(off, BLOCK), None, dec, wt, b2, one_b2,
-                         bc2, eps_c, step_c, inv, DT, CDT, MAXIMIZE, HAS_SCALE)
+            offs = block_offsets(off, BLOCK)
+            g = _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, None, dec, wt, b2, one_b2, bc2, eps_c, step_c,
+                             inv, DT, CDT, MAXIMIZE, HAS_SCALE)
+            if SUMS:
+                acc_sq, acc_dot = _add_sums(acc_sq, acc_dot, g, a_ptr, offs, None, CDT, HAS_ASCENT)
         for off in range(split, end, BLOCK):
             offs = block_offsets(off, BLOCK)
-            _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, offs < end, dec, wt, b2, one_b2, bc2, eps_c,
-                         step_c, inv, DT, CDT, MAXIMIZE, HAS_SCALE)
+            mask = offs < end
+            g = _adamw_block(p_ptr, b_ptr, g_ptr, m_ptr, v_ptr, offs, mask, dec, wt, b2, one_b2, bc2, eps_c, step_c,
+                             inv, DT, CDT, MAXIMIZE, HAS_SCALE)
+            if SUMS:
+                acc_sq, acc_dot = _add_sums(acc_sq, acc_dot, g, a_ptr, offs, mask, CDT, HAS_ASCENT)
+    if SUMS:
+        _store_partials(partials, acc_sq, acc_dot)
 
 
 def sgd_restore_step_(params, backups, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
-                      maximize, init_buffers, grad_scale=None, found_inf=None):
-    """params ← backups, then torch.optim.SGD's update (see reference.sgd_restore_step_)."""
+                      maximize, init_buffers, grad_scale=None, found_inf=None, ascent_grads=None, sums=None):
+    """params ← backups, then torch.optim.SGD's update (see reference.sgd_restore_step_); with
+    ``sums``, adds [Σ g², Σ ⟨ascent_grads, g⟩] into it (reference.add_descent_sums)."""
     has_momentum = momentum != 0
-    _tables.launch_over(_sgd_restore_step_kernel, [params, backups, grads, momentum_buffers if has_momentum else None],
-                        *_amp_pointers(grad_scale, found_inf, params), -lr, momentum, 1 - dampening, weight_decay,
-                        HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum, INIT_BUFFERS=init_buffers,
-                        NESTEROV=nesterov, MAXIMIZE=maximize, HAS_SCALE=grad_scale is not None,
-                        HAS_FOUND=found_inf is not None)
+    amp = _amp_pointers(grad_scale, found_inf, params)
+    _check_telemetry("sgd_restore_step_", params, grads, ascent_grads, sums)
+    _launch_with_sums(_sgd_restore_step_kernel,
+                      [params, backups, grads, momentum_buffers if has_momentum else None, ascent_grads], amp,
+                      sums, ascent_grads, -lr, momentum, 1 - dampening, weight_decay, HAS_WD=weight_decay != 0,
+                      HAS_MOMENTUM=has_momentum, INIT_BUFFERS=init_buffers, NESTEROV=nesterov, MAXIMIZE=maximize,
+                      HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None)
 
 
 def adamw_restore_step_(params, backups, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay,
-                        maximize, grad_scale=None, found_inf=None):
-    """params ← backups, then torch.optim.AdamW's update (``step`` counted after its increment)."""
+                        maximize, grad_scale=None, found_inf=None, ascent_grads=None, sums=None):
+    """params ← backups, then torch.optim.AdamW's update (``step`` counted after its increment); with
+    ``sums``, adds [Σ g², Σ ⟨ascent_grads, g⟩] into it (reference.add_descent_sums)."""
+    amp = _amp_pointers(grad_scale, found_inf, params)
+    _check_telemetry("adamw_restore_step_", params, grads, ascent_grads, sums)
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
-    _tables.launch_over(_adamw_restore_step_kernel, [params, backups, grads, exp_avgs, exp_avg_sqs],
-                        *_amp_pointers(grad_scale, found_inf, params), 1 - lr * weight_decay, 1 - beta1, beta2,
-                        1 - beta2, bias_correction2_sqrt, eps, -lr / bias_correction1, MAXIMIZE=maximize,
-                        HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None)
+    _launch_with_sums(_adamw_restore_step_kernel, [params, backups, grads, exp_avgs, exp_avg_sqs, ascent_grads], amp,
+                      sums, ascent_grads, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt,
+                      eps, -lr / bias_correction1, MAXIMIZE=maximize, HAS_SCALE=grad_scale is not None,
+                      HAS_FOUND=found_inf is not None)
+
+
+def _launch_with_sums(kernel, lists, amp, sums, ascent_grads, *args, **constexprs):
+    """One launch of a descent ``kernel`` over ``lists``; with ``sums``, its [n_blocks, 2] partials
+    (fp32, fp64 for fp64 tensors) then :func:`_add_sums_kernel` into ``sums``."""
+    first = lists[0][0]
+    partials = first  # placeholder pointer: SUMS=False compiles its use out
+    if sums is not None:
+        n_blocks = _tables.table(lists).n_blocks
+        partials = torch.empty(n_blocks, 2, dtype=acc_dtype(first.dtype), device=first.device)
+    tab = _tables.launch_over(kernel, lists, *amp, partials, *args, SUMS=sums is not None,
+                              HAS_ASCENT=ascent_grads is not None, **constexprs)
+    if sums is not None:
+        if tab.n_blocks:
+            _tables.launch(_add_sums_kernel, 1, partials, sums, tab.n_blocks, HAS_ASCENT=ascent_grads is not None,
+                           BLOCK=_tables.BLOCK)
+        if not sums.is_inference():  # written through a raw pointer: tell autograd, as the compiled ops do
+            torch.autograd.graph.increment_version(sums)
+
+
+def _check_telemetry(op, params, grads, ascent_grads, sums):
+    """``sums``/``ascent_grads`` as csrc/common.h's check_telemetry_args, before anything is launched."""
+    if sums is None:
+        if ascent_grads is not None:
+            raise ValueError(f"{op}: ascent_grads given without sums (where the dot would go)")
+        return
+    if not isinstance(sums, torch.Tensor) or sums.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: sums must be a float32 or float64 tensor, got "
+                        f"{sums.dtype if isinstance(sums, torch.Tensor) else type(sums).__name__}")
+    if sums.shape != (2,) or not sums.is_contiguous():
+        raise ValueError(f"{op}: sums must be a contiguous 1-D tensor of 2 elements, got shape {tuple(sums.shape)}")
+    if sums.device != params[0].device:
+        raise ValueError(f"{op}: sums is on {sums.device} but the params are on {params[0].device}")
+    if ascent_grads is None:
+        return
+    if len(ascent_grads) != len(grads):
+        raise ValueError(f"{op}: {len(ascent_grads)} ascent_grads for {len(grads)} grads")
+    # Read through the same table offsets as g: same shape, dtype, device and memory order. The usual
+    # case (identical layouts) is checked list-wide; per-entry checks name the first bad entry.
+    try:
+        if [(a.dtype, a.shape, a.device, a.stride()) for a in ascent_grads] == \
+                [(g.dtype, g.shape, g.device, g.stride()) for g in grads]:
+            return
+    except AttributeError:  # a non-tensor entry
+        pass
+    for i, (a, g) in enumerate(zip(ascent_grads, grads)):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"{op}: ascent_grads[{i}] is {type(a).__name__}, not a tensor")
+        if a.dtype != g.dtype:
+            raise TypeError(f"{op}: ascent_grads[{i}] has dtype {a.dtype}, expected {g.dtype}")
+        if a.shape != g.shape or a.device != g.device or _memory_order(a) != _memory_order(g):
+            raise ValueError(f"{op}: ascent_grads[{i}] is {tuple(a.shape)} with strides {a.stride()} on {a.device}, "
+                             f"but grads[{i}] is {tuple(g.shape)} with strides {g.stride()} on {g.device}")
+
+
+def _memory_order(t):
+    """Strides of the dims of size > 1 (where equal, two same-shape dense tensors align element-wise)."""
+    return tuple(st for sz, st in zip(t.shape, t.stride()) if sz != 1)
 
 
 def _amp_pointers(grad_scale, found_inf, params):
