@@ -349,6 +349,12 @@ class SAM(torch.optim.Optimizer):
                 last_group = group
                 bucket = buckets.setdefault((group["rho"], group["adaptive"], group["eta"]), [])
             bucket.append(i)
+        # plain SAM: ‖e‖ follows from the norm (scalar maths); else perturb_ sums it as applied
+        plain = len(buckets) == 1 and not next(iter(buckets))[1] and not any(
+            k in extra for k in ("masks", "keep_prob", "sq_norm"))
+        applied = self.telemetry.perturbation_sq(params) if not plain else None
+        if applied is not None:
+            extra["perturbation_sq"] = applied
         done: list[int] = []
         try:
             for b, ((rho, adaptive, eta), idx) in enumerate(buckets.items()):
@@ -376,10 +382,9 @@ class SAM(torch.optim.Optimizer):
             raise
         self._set_perturbed(params, backups)
         if self.telemetry.enabled:
-            keys = list(buckets)  # (rho, adaptive, eta) per bucket
-            plain = len(keys) == 1 and not keys[0][1] and not any(k in extra for k in ("masks", "keep_prob", "sq_norm"))
             everyone = entries if chosen is None else self._with_grads()
-            self.telemetry.ascended(self, entries, everyone, sq, extra, keys[0][0] if plain else None, scale)
+            self.telemetry.ascended(self, entries, everyone, sq, extra, next(iter(buckets))[0] if plain else None,
+                                    scale, applied)
 
     def _set_perturbed(self, params: Optional[list[torch.Tensor]],
                        backups: Optional[list[torch.Tensor]] = None) -> None:

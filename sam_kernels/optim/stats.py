@@ -169,12 +169,20 @@ class Telemetry:
         if loss is not None and self.enabled:
             self.pending[which] = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
 
+    def perturbation_sq(self, params: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The zero tensor ``perturb_`` adds ‖e‖² (as applied) into, when telemetry is on."""
+        if not self.enabled or not params:
+            return None
+        return torch.zeros((), dtype=acc_dtype(params[0].dtype), device=params[0].device)
+
     def ascended(self, sam, entries, everyone, sq: Optional[torch.Tensor], extra: dict,
-                 plain_rho: Optional[float], scale: Optional[torch.Tensor]) -> None:
-        """After a successful perturbation: g(w) copy, ‖g(w)‖², ‖e‖². ``entries``: the perturbed
-        (group, param); ``everyone``: every (group, param) with a gradient; ``sq``: the ascent norm
-        (scaled); ``plain_rho``: set when the ascent was plain SAM with that rho over all entries (one
-        bucket, no ASAM/masks/keep mask/variant norm)."""
+                 plain_rho: Optional[float], scale: Optional[torch.Tensor],
+                 applied_sq: Optional[torch.Tensor] = None) -> None:
+        """After a successful perturbation: g(w) held or copied, ‖g(w)‖², ‖e‖². ``entries``: the
+        perturbed (group, param); ``everyone``: every (group, param) with a gradient; ``sq``: the
+        ascent norm (scaled); ``plain_rho``: set when the ascent was plain SAM with that rho over all
+        entries (one bucket, no ASAM/masks/keep mask/variant norm); ``applied_sq``: otherwise, ‖e‖²
+        as perturb_ applied it."""
         if not self.enabled:
             return
         keep = {k: v for k, v in self.pending.items() if k == "before"}
@@ -207,9 +215,7 @@ class Telemetry:
             # a non-finite norm leaves the weights unperturbed (perturb_'s contract): e = 0
             e_sq = torch.nan_to_num((plain_rho * r / (r + _PERTURB_EPS * s)).square(), nan=0.0, posinf=0.0)
         else:
-            perturbed = [p for _, p in entries]
-            diff = torch._foreach_sub(perturbed, [sam._backup_of[p] for p in perturbed])
-            e_sq = ops.grad_sq_norm(diff, backend=sam.backend)
+            e_sq = applied_sq
         self.pending.update(firsts=firsts, g1_sq=_f32(g1_sq, device), grad_sq=_f32(amp.unscaled(g1_sq, scale), device),
                             e_sq=_f32(e_sq, device))
 

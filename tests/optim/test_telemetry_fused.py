@@ -178,3 +178,29 @@ def test_a_param_cast_mid_step_keeps_the_step_and_the_norms():
     st = opt.stats()
     assert st["sam_grad_norm"] == pytest.approx(math.sqrt(sum(float((g * g).sum()) for g in g2)), rel=NORM_RTOL)
     assert all(p.dtype == torch.float64 for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", ["asam", "sparse"])
+def test_the_applied_perturbation_is_summed_by_perturb(variant):
+    """ASAM / Sparse SAM: ‖e‖ as applied comes from perturb_'s own pass (perturbation_sq), not from a
+    subtraction and a norm over the parameters afterwards; it equals ‖w + e − w‖ of the stored values."""
+    model, data = model_and_data()
+    params = list(model.parameters())
+    if variant == "asam":
+        opt = sk.SAM(params, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1, telemetry=True)
+    else:
+        opt = sk.SparseSAM(params, torch.optim.SGD, rho=RHO, mask="random", sparsity=0.5, seed=0, lr=0.1,
+                           telemetry=True)
+    x, y = data[0]
+    loss_of(model, x, y).backward()
+    w = snapshot(params)
+    with ops.dispatch.recording() as log:
+        opt.first_step(zero_grad=True)
+    applied = math.sqrt(sum(float(((p.detach().double() - a) ** 2).sum()) for p, a in zip(params, w)))
+    assert "perturb_" in [r.op for r in log]
+    # the ascent norm, plus the plain ‖g‖ under ASAM (its ascent norm is ‖T⊙g‖); no norm of w + e − w
+    assert [r.op for r in log].count("grad_sq_norm") == (2 if variant == "asam" else 1)
+    loss_of(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    assert opt.stats()["perturbation_norm"] == pytest.approx(applied, rel=1e-6)
+    assert 0 < applied
