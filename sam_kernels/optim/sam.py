@@ -105,8 +105,9 @@ class SAM(torch.optim.Optimizer):
         distributed: ``"global"`` (both backwards synchronized: DDP's default, FSDP2) or ``"m-sam"``
             (first backward under DDP's ``no_sync()``); see :mod:`sam_kernels.optim.distributed`.
         telemetry: keep ‖g(w)‖, ‖g(w+e)‖, their cosine, ‖e‖ and L(w+e) − L(w) of each SAM step on the
-            device (extra op calls; see :mod:`sam_kernels.optim.stats`); ``"norms"``: all but the cosine
-            (no copy of g(w)). The step and pass counters of :meth:`stats` are kept either way.
+            device (taken inside the step's kernels where they read the data; the cosine costs one read
+            of g(w): see :mod:`sam_kernels.optim.stats`); ``"norms"``: all but the cosine (no pass over
+            the parameters). The step and pass counters of :meth:`stats` are kept either way.
         telemetry_decay: the factor of their exponential moving averages (0.9).
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
