@@ -1,18 +1,23 @@
-"""Telemetry overhead: one SAM optimizer step (first_step + second_step, SGD momentum, fused
-backend) with ``telemetry=False``, ``"norms"`` and ``True`` on the same parameter list, side by side;
-``True`` twice: as in a loop whose ``zero_grad`` sets p.grad to None (g(w) is held, the default) and
-as in one that zeroes p.grad in place (``copy``: g(w) is copied in first_step).
+"""Telemetry overhead: one SAM optimizer step with telemetry off, "norms", on and on-with-a-copy, side by side.
 
-    python -m sam_kernels.bench.telemetry_bench [--sizes resnet50 host] [--device cpu] [--rounds 5]
-                                                [--repeats 10] [--finite-check] [--out bench_out/telemetry.json]
+The step is first_step + second_step, SGD momentum, fused backend, on the same parameter list with
+``telemetry=False``, ``"norms"`` and ``True``; ``True`` twice: as in a loop whose ``zero_grad``
+sets p.grad to None (``on``: g(w) is held, the default) and as in one that zeroes p.grad in place
+(``copy``: g(w) is copied in first_step).
 
-Each optimizer gets its own copy of the list (same values); the timings alternate off/norms/on for
-``--rounds`` rounds of ``--repeats`` steps each, so slow drifts of a shared machine hit both; the
-figure is the median over all repeats, with the per-round medians' spread. Each step hands the
-optimizer the same two gradient sets, as the two backwards of a real loop do (new p.grad tensors for
-the second pass): every step does the same work and nothing is allocated. Also reported: the bytes
-per step at the ops' floors (``stats()["optimizer_bytes"]``), on versus off: the extra traffic
-telemetry adds.
+    python -m sam_kernels.bench.telemetry_bench [--sizes resnet50 host] [--device cpu] [--threads 1]
+                                                [--rounds 5] [--repeats 10] [--finite-check 0 1]
+                                                [--out bench_out/telemetry.json]
+
+Each optimizer gets its own copy of the list (same values); the timings alternate the modes for
+``--rounds`` rounds of ``--repeats`` steps each, so slow drifts of a shared machine hit all of
+them; the figure is the median of the round medians. Each step hands the optimizer the same two
+gradient sets, as the two backwards of a real loop do (new p.grad tensors for the second pass):
+every step does the same work and nothing is allocated. Also reported: the bytes per step at the
+ops' floors (``stats()["optimizer_bytes"]``): the extra traffic each mode adds, exact whatever
+the machine does. A case is marked NOISY (``sam_kernels.bench.noise``) when its round medians
+disagree (spread over 20 %) or other processes used the CPU while it ran: then only its bytes
+columns are to be trusted. On a small shared machine use ``--threads 1``.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Optional
 import torch
 
 from . import cases as C
+from . import noise
 from .environment import environment
 from .timing import Timer
 
@@ -60,9 +66,15 @@ def measure(case: C.Case, device: torch.device, rounds: int, repeats: int, backe
     built = {name: _optimizer(case, device, name, backend, finite_check) for name in MODES}
     timer = Timer(device, warmup=2, repeats=repeats)
     samples: dict[str, list] = {name: [] for name in MODES}
+    cpu = noise.CpuMonitor()
+    start = cpu.snap()
     for _ in range(rounds):
         for name, (_, fn) in built.items():
             samples[name].append(timer.time(fn).median_ms)
+    busy = cpu.others(start)
+    cores = environment(device).get("cpu_cores") or 1
+    reasons = {name: noise.timing_noise(statistics.median(v), _quantile(v, 0.2), _quantile(v, 0.8), busy, cores)
+               for name, v in samples.items()}
     bytes_per_step = {}
     for name, (opt, _) in built.items():
         st = opt.stats()
@@ -70,8 +82,14 @@ def measure(case: C.Case, device: torch.device, rounds: int, repeats: int, backe
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {"case": case.name, "tensors": case.tensors, "numel": case.numel, "finite_check": finite_check,
             "median_ms": med, "overhead_pct": {k: 100 * (med[k] / med["off"] - 1) for k in MODES if k != "off"},
-            "round_medians_ms": samples, "bytes_per_step": bytes_per_step,
+            "round_medians_ms": samples, "noise": {k: v for k, v in reasons.items() if v},
+            "bytes_per_step": bytes_per_step,
             "extra_bytes_pct": {k: 100 * (bytes_per_step[k] / bytes_per_step["off"] - 1) for k in MODES if k != "off"}}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def markdown(rows: list[dict], env: dict) -> str:
@@ -87,7 +105,15 @@ def markdown(rows: list[dict], env: dict) -> str:
                      + " | ".join(f"{b[k] / 1e6:.0f} ({x[k]:+.0f} %)" for k in others) + " |")
     lines.append("")
     lines.append("on: telemetry=True in a loop whose zero_grad sets p.grad to None (g(w) held); copy: the same in a "
-                 "loop that zeroes p.grad in place (g(w) copied in first_step).")
+                 "loop that zeroes p.grad in place (g(w) copied in first_step). ms: median of the round medians; "
+                 "MB: bytes per step at the ops' floors (exact).")
+    noisy = [r for r in rows if r["noise"]]
+    for r in noisy:
+        why = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["noise"].items())
+        lines.append(f"NOISY {r['case']} finite_check={r['finite_check']}: {why}")
+    lines.append("Verdict: " + ("every case clean: the time overheads can be compared." if not noisy else
+                                f"{len(noisy)} of {len(rows)} cases NOISY: trust their MB columns, not their times "
+                                "(close other work, use --threads 1, repeat)."))
     for r in rows:
         rounds = "; ".join(f"{k} {[round(x, 2) for x in v]}" for k, v in r["round_medians_ms"].items())
         lines.append(f"Round medians, {r['case']} finite_check={r['finite_check']} (ms, modes alternating): {rounds}")
@@ -95,16 +121,21 @@ def markdown(rows: list[dict], env: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m sam_kernels.bench.telemetry_bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sam_kernels.bench.telemetry_bench", description=__doc__.split("\n")[0],
+                                 epilog="Writes nothing unless --out is given (then also the .md beside the .json).")
     ap.add_argument("--sizes", nargs="+", default=["resnet50", "host"], help="cases of sam_kernels.bench.cases")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", default=None, help="kernel backend (default: auto)")
+    ap.add_argument("--threads", type=int, metavar="N",
+                    help="torch CPU threads (default: torch's choice; 1 gives steadier numbers on a shared machine)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--finite-check", nargs="+", type=int, default=[0, 1],
                     help="finite_check settings to run (0/1); 1 gives the descent norm for free (one sync)")
     ap.add_argument("--out", default=None, help="write the rows as JSON (and .md beside it)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = environment(device)
     rows = [measure(C.parse_size(s), device, args.rounds, args.repeats, args.backend, bool(fc))
