@@ -215,8 +215,8 @@ def test_int64_offsets_and_keep_mask_beyond_2_32():
     partials = torch.full((1, 1), float("nan"), device=DEVICE)
     _tables.launch(perturb._perturb_kernel, 1, ptrs[0], ptrs[1], ptrs[2], ptrs[0], torch.tensor([start + n], **as_dev),
                    torch.tensor([[0, start]], **as_dev), torch.tensor([key], **as_dev), torch.tensor(1.0, device=DEVICE),
-                   1.0, 0.0, 0.0, keep_prob, int(keep_prob * 2**24), partials, DT=tl.float32, CDT=tl.float32, BLOCK=64,
-                   CHUNK=128, ALIGNED=False, MASKED=False, ADAPTIVE=False, KEEP=True, PERTURBATION_SQ=True)
+                   1.0, 0.0, 0.0, keep_prob, int(keep_prob * 2**24), partials, DT=tl.float32, CDT=tl.float32,
+                   BLOCK=64, CHUNK=128, ALIGNED=False, MASKED=False, ADAPTIVE=False, KEEP=True, PERTURBATION_SQ=True)
     i = torch.arange(start, start + n, device=DEVICE)
     r = reference.fmix32(reference.fmix32((i & 0xFFFFFFFF) ^ key) ^ (i >> 32))
     kept = (r >> 8) < int(keep_prob * 2**24)

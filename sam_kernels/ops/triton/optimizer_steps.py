@@ -13,8 +13,8 @@ Telemetry (reference.add_descent_sums): with ``sums`` (SUMS), each program also 
 and, with ``ascent_grads`` (HAS_ASCENT), Σa·g over its chunk in CDT, g as loaded (the loss scale
 still in it), skipped AMP step or not; it writes the two into row ``program_id`` of a
 [n_blocks, 2] partials buffer, and one program (:func:`_tables.add_partials_kernel`) adds the rows
-in a fixed order into ``sums``. The only extra traffic is the read of ``ascent_grads``; without ``sums`` the
-flags compile the reduction out.
+in a fixed order into ``sums``. The only extra traffic is the read of ``ascent_grads``; without
+``sums`` the flags compile the reduction out.
 """
 import torch
 import triton

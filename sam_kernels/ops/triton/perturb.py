@@ -4,8 +4,8 @@ Telemetry (reference.perturb_): with ``perturbation_sq`` (the PERTURBATION_SQ fl
 also sums (w_new − w)² over its chunk in CDT, w_new as stored (rounded to DT), while both are in
 registers; it writes the total into row ``program_id`` of a [n_blocks, 1] partials buffer, and one
 program (:func:`_tables.add_partials_kernel`) adds the rows in a fixed order into
-``perturbation_sq``. No extra memory traffic; without the argument the flag compiles the
-reduction out.
+``perturbation_sq``. The only extra traffic is those n_blocks partials; without the argument the
+flag compiles the reduction out (the PTX is unchanged but for the unused pointer parameter).
 """
 import triton
 import triton.language as tl
