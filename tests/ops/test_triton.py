@@ -212,14 +212,18 @@ def test_int64_offsets_and_keep_mask_beyond_2_32():
     key = reference.tensor_key(9, 0)
     ptrs = torch.tensor([[t.data_ptr() - 4 * start] for t in (w, g, b)], dtype=torch.int64, device=DEVICE)
     as_dev = dict(dtype=torch.int64, device=DEVICE)
+    partials = torch.full((1, 1), float("nan"), device=DEVICE)
     _tables.launch(perturb._perturb_kernel, 1, ptrs[0], ptrs[1], ptrs[2], ptrs[0], torch.tensor([start + n], **as_dev),
                    torch.tensor([[0, start]], **as_dev), torch.tensor([key], **as_dev), torch.tensor(1.0, device=DEVICE),
-                   1.0, 0.0, 0.0, keep_prob, int(keep_prob * 2**24), DT=tl.float32, CDT=tl.float32, BLOCK=64, CHUNK=128,
-                   ALIGNED=False, MASKED=False, ADAPTIVE=False, KEEP=True)
+                   1.0, 0.0, 0.0, keep_prob, int(keep_prob * 2**24), partials, DT=tl.float32, CDT=tl.float32,
+                   BLOCK=64, CHUNK=128, ALIGNED=False, MASKED=False, ADAPTIVE=False, KEEP=True, PERTURBATION_SQ=True)
     i = torch.arange(start, start + n, device=DEVICE)
     r = reference.fmix32(reference.fmix32((i & 0xFFFFFFFF) ^ key) ^ (i >> 32))
-    assert torch.equal(w != 0, (r >> 8) < int(keep_prob * 2**24))
+    kept = (r >> 8) < int(keep_prob * 2**24)
+    assert torch.equal(w != 0, kept)
     assert torch.equal(b, torch.zeros_like(b))
+    # Each kept entry moves by rho/(sqrt(1) + 0)/keep_prob = 2: the program's partial is 4 per kept entry.
+    assert 0 < int(kept.sum()) < n and partials.item() == 4.0 * int(kept.sum())
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
@@ -371,7 +375,7 @@ def test_descent_sums_many_programs(op, found, small_blocks, launches):
     got_sums = torch.tensor([1.0, 2.0], dtype=torch.float64, device=DEVICE)
     want_sums = got_sums.clone()
     backend().OPS[op](got[0], backups, g, *got[1:], **kw, **amp, ascent_grads=a, sums=got_sums)
-    assert launches == [f"_{op[:-1]}_kernel", "_add_sums_kernel"]
+    assert launches == [f"_{op[:-1]}_kernel", "add_partials_kernel"]
     getattr(reference, op)(want[0], backups, g, *want[1:], **kw, **amp, ascent_grads=a, sums=want_sums)
     for what, x, y in zip(("params", "state0", "state1"), got, want):
         assert_lists_close(x, y, 1e-6, 1e-5, what)
@@ -441,6 +445,188 @@ def test_descent_sums_rejected_before_any_write(op, launches):
             assert_lists_equal(got_list, want_list, what)
         if before is not None:
             assert_lists_equal([sums], [before], what)
+
+
+# --------------------------------------------------------------------------- telemetry: perturb_'s perturbation_sq
+
+SQ_OUTPUTS = {"sq32_0d": (torch.float32, ()), "sq64_1d": (torch.float64, (1,))}
+
+
+def run_perturb_sq(fn, params, grads, sq_norm, masks, case, out):
+    """run_perturb with ``perturbation_sq=out`` (None: without the argument)."""
+    backups = [torch.empty_like(p) for p in params]
+    keys = [reference.tensor_key(1234, i) for i in range(len(params))]
+    tele = {} if out is None else dict(perturbation_sq=out)
+    fn(params, grads, backups, sq_norm, 0.05, EPS, masks if case["masked"] else None, case["adaptive"], 0.01,
+       case["keep_prob"], keys, **tele)
+    return backups
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", list(PERTURB_CASES), ids=list(PERTURB_CASES))
+@pytest.mark.parametrize("out", list(SQ_OUTPUTS), ids=list(SQ_OUTPUTS))
+def test_perturbation_sq(dtype, atol, rtol, case, out):
+    """perturbation_sq += Σ (w_new − w)² over the stored values (9000 > CHUNK: one tensor spans two
+    programs), vs the reference, from a non-zero start; params and backups bitwise as without it."""
+    case, (sq_dtype, sq_shape) = PERTURB_CASES[case], SQ_OUTPUTS[out]
+    w, g, m = make(SHAPES, dtype), make(SHAPES, dtype), masks_for(SHAPES)
+    sq = reference.grad_sq_norm(g, None, None, 0.0)
+    start = torch.full(sq_shape, 0.75, dtype=sq_dtype, device=DEVICE)
+    got, want, plain = clone(w), clone(w), clone(w)
+    got_sq, want_sq = start.clone(), start.clone()
+    backups = run_perturb_sq(backend().OPS["perturb_"], got, g, sq, m, case, got_sq)
+    run_perturb_sq(reference.perturb_, want, g, sq, m, case, want_sq)
+    plain_backups = run_perturb_sq(backend().OPS["perturb_"], plain, g, sq, m, case, None)
+    assert_lists_equal(got, plain, "params: with perturbation_sq vs without")
+    assert_lists_equal(backups, plain_backups, "backups: with perturbation_sq vs without")
+    assert_lists_equal(backups, w, "backups")
+    assert_lists_close(got, want, atol, rtol, "params")
+    assert got_sq.dtype == sq_dtype and got_sq.shape == sq_shape
+    assert_close(got_sq, want_sq, *sums_tol(dtype, sq_dtype), "perturbation_sq")
+    # Not trivially close: the applied ‖e‖² of the stored values, in fp64, is far from 0 (rho² = 2.5e-3).
+    applied = sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(got, w))
+    assert applied > 1e-4
+    assert abs(got_sq.item() - 0.75 - applied) <= 1e-5 * applied + 1e-7  # + the rounding of 0.75 + ‖e‖² in fp32
+    again = start.clone()
+    run_perturb_sq(backend().OPS["perturb_"], clone(w), g, sq, m, case, again)
+    assert torch.equal(again, got_sq), "perturbation_sq not deterministic"
+
+
+def test_perturbation_sq_many_programs(small_blocks, launches):
+    """~200 programs (BLOCK 32, CHUNK 64): the final program loops over several BLOCKs of partials;
+    many small tensors too. One extra launch, vs the reference (fp64 sum of fp32 tensors)."""
+    case = PERTURB_CASES["all"]
+    shapes = MANY + SHAPES
+    w, g, m = make(shapes, torch.float32), make(shapes, torch.float32), masks_for(shapes)
+    sq = reference.grad_sq_norm(g, None, None, 0.0)
+    got, want = clone(w), clone(w)
+    got_sq = torch.tensor([-2.0], dtype=torch.float64, device=DEVICE)
+    want_sq = got_sq.clone()
+    run_perturb_sq(backend().OPS["perturb_"], got, g, sq, m, case, got_sq)
+    assert launches == ["_perturb_kernel", "add_partials_kernel"]
+    run_perturb_sq(reference.perturb_, want, g, sq, m, case, want_sq)
+    assert_lists_close(got, want, 1e-6, 1e-5, "params")
+    assert_close(got_sq, want_sq, 1e-6, 1e-5, "perturbation_sq")
+    launches.clear()
+    run_perturb_sq(backend().OPS["perturb_"], clone(w), g, sq, m, case, None)
+    assert launches == ["_perturb_kernel"], "the reduction launched without perturbation_sq"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter evaluates both where() arms
+@pytest.mark.parametrize("case", ["masked", "keep"])
+def test_perturbation_sq_unselected_non_finite_weights(case):
+    """Unselected entries add exactly 0 even where the weight is NaN or ±inf (NaN − NaN would not):
+    the same bits as with those weights at 0."""
+    case = PERTURB_CASES[case]
+    w, g, m = make(SHAPES, torch.float32), make(SHAPES, torch.float32), masks_for(SHAPES)
+    sel = selection(w, m, case)
+    bad = clone(w)
+    for t, s in zip(bad, sel):
+        off = t.view(-1)[~s.view(-1)]
+        off[0::3], off[1::3], off[2::3] = float("nan"), float("inf"), float("-inf")
+        t.view(-1)[~s.view(-1)] = off
+    zeroed = [torch.where(s, t, torch.zeros_like(t)) for t, s in zip(w, sel)]
+    assert sum(int((~t.isfinite()).sum()) for t in bad) > 100
+    sq = reference.grad_sq_norm(g, None, None, 0.0)
+    got_sq, zero_sq = torch.zeros((), device=DEVICE), torch.zeros((), device=DEVICE)
+    run_perturb_sq(backend().OPS["perturb_"], bad, g, sq, m, case, got_sq)
+    run_perturb_sq(backend().OPS["perturb_"], zeroed, g, sq, m, case, zero_sq)
+    assert got_sq.item() > 0 and torch.equal(got_sq, zero_sq)
+    for t, z, s in zip(bad, zeroed, sel):
+        assert_lists_equal([t[s]], [z[s]], "selected entries")
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES], ids=DTYPE_IDS)
+@pytest.mark.parametrize("why", ["nan_norm", "inf_norm", "found_inf"])
+@pytest.mark.parametrize("start", [1.5, -0.0], ids=["start_1.5", "start_-0"])
+def test_perturbation_sq_adds_zero_when_nothing_moves(dtype, why, start):
+    """Through sam_kernels.ops.perturb_ (masks, ASAM and keep_prob on): a non-finite norm, or a
+    non-zero found_inf under a loss scale, leaves every weight bitwise unchanged and adds exactly
+    +0 (so -0.0 becomes +0.0, as in eager); a zero found_inf gives the eager sum."""
+    shapes = [(7,), (3, 5), (9000,)]
+    w, g, m = make(shapes, dtype), make(shapes, dtype), masks_for(shapes)
+    kw = dict(masks=m, adaptive=True, keep_prob=0.7, seed=5)
+    if why == "found_inf":
+        kw.update(grad_scale=torch.tensor(1024.0, device=DEVICE), found_inf=torch.tensor(1.0, device=DEVICE))
+    else:
+        kw.update(sq_norm=torch.tensor(float("nan" if why == "nan_norm" else "inf"), device=DEVICE))
+    outs = {}
+    for name in ("triton", "eager"):
+        got, backups = clone(w), [torch.empty_like(t) for t in w]
+        outs[name] = torch.tensor([start], dtype=torch.float64, device=DEVICE)
+        ops.perturb_(got, g, backups, 0.05, backend=name, perturbation_sq=outs[name], **kw)
+        assert ops.last_used["perturb_"] == name
+        assert_lists_equal(got, w, f"{name}: params")
+        assert_lists_equal(backups, w, f"{name}: backups")
+    assert outs["triton"].item() == start + 0.0 and not torch.signbit(outs["triton"]).item()
+    assert torch.equal(outs["triton"], outs["eager"])
+    if why == "found_inf":  # the same call with found_inf = 0 moves the weights and adds ‖e‖²
+        kw["found_inf"] = torch.tensor(0.0, device=DEVICE)
+        for name in ("triton", "eager"):
+            outs[name] = torch.tensor([start], dtype=torch.float64, device=DEVICE)
+            ops.perturb_(clone(w), g, [torch.empty_like(t) for t in w], 0.05, backend=name, perturbation_sq=outs[name],
+                         **kw)
+        assert outs["triton"].item() > 1e-4
+        assert_close(outs["triton"], outs["eager"], *sums_tol(dtype, torch.float64), "perturbation_sq")
+
+
+def test_perturbation_sq_public_groups_and_version():
+    """sam_kernels.ops.perturb_ with mixed dtypes (two groups, two launches adding into one output),
+    vs eager; the output's version counter is bumped (written through a raw pointer)."""
+    shapes = [(7,), (0,), (3, 5), (129,), (9000,)]
+    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float32]
+    w = [torch.randn(s, device=DEVICE).to(d) for s, d in zip(shapes, dtypes)]
+    g = [torch.randn(s, device=DEVICE).to(d) for s, d in zip(shapes, dtypes)]
+    m = masks_for(shapes)
+    outs, params = {}, {}
+    for name in ("triton", "eager"):
+        outs[name] = torch.full((1,), 0.25, device=DEVICE)
+        version = outs[name]._version
+        params[name] = clone(w)
+        ops.perturb_(params[name], g, [torch.empty_like(t) for t in w], 0.05, masks=m, keep_prob=0.5, seed=3,
+                     backend=name, perturbation_sq=outs[name])
+        assert outs[name]._version > version, f"{name}: version not bumped"
+    assert_lists_close(params["triton"], params["eager"], 1e-2, 1e-2, "params")
+    assert_close(outs["triton"], outs["eager"], 1e-6, 1e-5, "perturbation_sq")
+    with torch.inference_mode():  # an inference tensor has no version counter: accepted, not bumped
+        out = torch.zeros((), device=DEVICE)
+        ops.perturb_(clone(w), g, [torch.empty_like(t) for t in w], 0.05, backend="triton", perturbation_sq=out)
+    assert out.item() > 0
+
+
+def _bad_perturbation_sq():
+    """(what, value, exception) for each rejected perturbation_sq."""
+    return [
+        ("float16", torch.zeros(1, dtype=torch.float16, device=DEVICE), TypeError),
+        ("bfloat16", torch.zeros((), dtype=torch.bfloat16, device=DEVICE), TypeError),
+        ("int", torch.zeros(1, dtype=torch.int64, device=DEVICE), TypeError),
+        ("not a tensor", 0.0, TypeError),
+        ("a list", [torch.zeros((), device=DEVICE)], TypeError),
+        ("2 elements", torch.zeros(2, device=DEVICE), ValueError),
+        ("no element", torch.zeros(0, device=DEVICE), ValueError),
+        ("2-D", torch.zeros(1, 1, device=DEVICE), ValueError),
+        ("on another device", torch.zeros(1, device="meta"), ValueError),
+    ]
+
+
+def test_perturbation_sq_rejected_before_any_write(launches):
+    """A bad perturbation_sq raises TypeError/ValueError from the triton group function before any
+    launch: params, backups (and the output) keep their bits."""
+    w, g = make(DESCENT_SHAPES, torch.float32), make(DESCENT_SHAPES, torch.float32)
+    sentinel = [torch.full_like(t, 7.0) for t in w]
+    sq = reference.grad_sq_norm(g, None, None, 0.0)
+    for what, out, exc in _bad_perturbation_sq():
+        got, backups = clone(w), clone(sentinel)
+        before = out.clone() if isinstance(out, torch.Tensor) and out.device.type != "meta" else None
+        with pytest.raises(exc, match="perturbation_sq"):
+            backend().OPS["perturb_"](got, g, backups, sq, 0.05, EPS, masks_for(DESCENT_SHAPES), True, 0.01, 0.5,
+                                      list(range(len(w))), perturbation_sq=out)
+        assert launches == [], what
+        assert_lists_equal(got, w, f"{what}: params")
+        assert_lists_equal(backups, sentinel, f"{what}: backups")
+        if before is not None:
+            assert torch.equal(out, before), what
 
 
 # --------------------------------------------------------------------------- variants
@@ -635,7 +821,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sam_kernels.ops.triton import masks, norm, optimizer_steps, perturb, variants
+from sam_kernels.ops.triton import _tables, masks, norm, optimizer_steps, perturb, variants
 
 C = dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024, CHUNK=8192, ALIGNED=True)
 SGD = dict(HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,
@@ -644,7 +830,9 @@ ADAMW = dict(MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True)
 HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full blocks
     (norm._sq_norm_partials_kernel, dict(C, ADAPTIVE=True, MASKED=True)),
     (norm._dot_partials_kernel, C),
-    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True)),
+    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=False)),
+    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=True)),
+    (perturb._perturb_kernel, dict(C, DT=tl.float16, MASKED=False, ADAPTIVE=False, KEEP=False, PERTURBATION_SQ=True)),
     (perturb._copy_kernel, dict(DT=tl.bfloat16, BLOCK=1024, CHUNK=8192, ALIGNED=True)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=False, HAS_ASCENT=False)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=True, HAS_ASCENT=True)),
@@ -658,7 +846,12 @@ OTHER = [
     (optimizer_steps._adamw_restore_step_kernel, dict(C, DT=tl.float64, CDT=tl.float64, ALIGNED=False, MAXIMIZE=False,
                                                       HAS_SCALE=False, HAS_FOUND=False, SUMS=True, HAS_ASCENT=False)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, DT=tl.bfloat16, **SGD, SUMS=True, HAS_ASCENT=False)),
-    (optimizer_steps._add_sums_kernel, dict(HAS_ASCENT=True, BLOCK=1024)),
+    (perturb._perturb_kernel, dict(C, DT=tl.bfloat16, ALIGNED=False, MASKED=False, ADAPTIVE=True, KEEP=False,
+                                   PERTURBATION_SQ=True)),
+    (perturb._perturb_kernel, dict(C, DT=tl.float64, CDT=tl.float64, MASKED=True, ADAPTIVE=False, KEEP=True,
+                                   PERTURBATION_SQ=True)),
+    (_tables.add_partials_kernel, dict(WIDTH=2, USED=2, BLOCK=1024)),
+    (_tables.add_partials_kernel, dict(WIDTH=1, USED=1, BLOCK=1024)),
     (masks._order_keys_kernel, dict(DT=tl.float16, BLOCK=1024, CHUNK=8192, ALIGNED=False)),
     (masks._nm_mask_kernel, dict(DT=tl.bfloat16, M=4, MP=4, GROUPS=256, ALIGNED=True)),
     (masks._radix_histogram_kernel, dict(BLOCK=1024, CHUNK=8192)),
@@ -676,8 +869,9 @@ for fn, cx in HOT + OTHER:
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     if (fn, cx) in HOT:
         assert re.search(r"ld\.global(\.nc)?\.v4", ptx), f"{fn.__name__}: no 128-bit loads"
-    if "SUMS" in cx:  # the telemetry reduction (tl.sum: warp shuffles) exists only when asked for
-        assert ("shfl.sync" in ptx) == cx["SUMS"], f"{fn.__name__} SUMS={cx['SUMS']}: shuffles {'shfl.sync' in ptx}"
+    for flag in ("SUMS", "PERTURBATION_SQ"):  # the telemetry reduction (tl.sum: warp shuffles) only when asked for
+        if flag in cx:
+            assert ("shfl.sync" in ptx) == cx[flag], f"{fn.__name__} {flag}={cx[flag]}: shuffles {'shfl.sync' in ptx}"
 print("ok")
 """
 

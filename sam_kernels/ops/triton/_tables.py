@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import acc_dtype
+
 BLOCK = 1024
 """Elements per loop iteration of a program (a power of two)."""
 CHUNK = 8 * BLOCK
@@ -156,6 +158,55 @@ def launch_over(kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *args
         launch(kernel, tab.n_blocks, *rows, tab.sizes, tab.blocks, *args, DT=tl_dtype(dtype),
                CDT=compute_dtype(dtype), BLOCK=BLOCK, CHUNK=CHUNK, ALIGNED=tab.aligned, **constexprs)
     return tab
+
+
+# --------------------------------------------------------------------------- telemetry outputs
+
+def check_sums_tensor(op: str, name: str, out, numel: int, params: Sequence[torch.Tensor]) -> None:
+    """A telemetry output a kernel adds into (csrc/common.h check_sums_tensor): a contiguous float32/
+    float64 tensor of ``numel`` elements, at most 1-D, on the params' device. Raises TypeError
+    (not a tensor, other dtype) or ValueError (shape, layout, device)."""
+    if not isinstance(out, torch.Tensor) or out.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: {name} must be a float32 or float64 tensor, got "
+                        f"{out.dtype if isinstance(out, torch.Tensor) else type(out).__name__}")
+    if out.numel() != numel or out.dim() > 1 or not out.is_contiguous():
+        raise ValueError(f"{op}: {name} must be a contiguous tensor of {numel} element(s) (at most 1-D), got shape "
+                         f"{tuple(out.shape)} with strides {out.stride()}")
+    if out.device != params[0].device:
+        raise ValueError(f"{op}: {name} is on {out.device} but the params are on {params[0].device}")
+
+
+def partials_for(lists: Sequence[Optional[Sequence[torch.Tensor]]], out: Optional[torch.Tensor],
+                 width: int) -> torch.Tensor:
+    """The [n_blocks, width] per-program partial sums of a kernel that adds into ``out`` over the
+    table of ``lists`` (fp32, fp64 for fp64 tensors: the compute type); without ``out``, a
+    placeholder pointer (the kernel's flag compiles its use out)."""
+    first = lists[0][0]
+    if out is None:
+        return first
+    return torch.empty(table(lists).n_blocks, width, dtype=acc_dtype(first.dtype), device=first.device)
+
+
+def add_partials(partials: torch.Tensor, out: torch.Tensor, n_blocks: int, used: int) -> None:
+    """out[j] += Σ_b partials[b, j] for j < ``used`` (one program, fixed order: deterministic; the
+    rest of ``out`` keeps its bits), then bumps ``out``'s version: it is written through a raw
+    pointer, which autograd cannot see (the compiled ops bump it in the dispatcher)."""
+    if n_blocks:
+        launch(add_partials_kernel, 1, partials, out, n_blocks, WIDTH=partials.shape[1], USED=used, BLOCK=BLOCK)
+    if not out.is_inference():
+        torch.autograd.graph.increment_version(out)
+
+
+@triton.jit
+def add_partials_kernel(partials, out, n, WIDTH: tl.constexpr, USED: tl.constexpr, BLOCK: tl.constexpr):
+    """out[j] += Σ_b partials[b, j], b = 0..n-1, for j < USED: the column total in the partials'
+    dtype, BLOCK lanes then tl.sum (a fixed order), rounded once to out's dtype and added there."""
+    for j in tl.static_range(USED):
+        acc = tl.zeros((BLOCK,), partials.dtype.element_ty)
+        for off in range(0, n, BLOCK):
+            rows = off + tl.arange(0, BLOCK)
+            acc += tl.load(partials + WIDTH * rows + j, mask=rows < n, other=0.0)
+        tl.store(out + j, tl.load(out + j) + tl.sum(acc, 0).to(out.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------- device-side helpers

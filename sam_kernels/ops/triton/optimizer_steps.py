@@ -12,15 +12,14 @@ device (params ← backups, state untouched). Both are compiled out when absent 
 Telemetry (reference.add_descent_sums): with ``sums`` (SUMS), each program also accumulates Σg²
 and, with ``ascent_grads`` (HAS_ASCENT), Σa·g over its chunk in CDT, g as loaded (the loss scale
 still in it), skipped AMP step or not; it writes the two into row ``program_id`` of a
-[n_blocks, 2] partials buffer, and one program (:func:`_add_sums_kernel`) adds the rows in a fixed
-order into ``sums``. The only extra traffic is the read of ``ascent_grads``; without ``sums`` the
-flags compile the reduction out.
+[n_blocks, 2] partials buffer, and one program (:func:`_tables.add_partials_kernel`) adds the rows
+in a fixed order into ``sums``. The only extra traffic is the read of ``ascent_grads``; without
+``sums`` the flags compile the reduction out.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import acc_dtype
 from . import _tables
 from ._tables import block_offsets, chunk_bounds, div_ieee, load, round_to, scalar, sqrt_ieee, store, tensor_ptr
 
@@ -78,23 +77,6 @@ def _store_partials(partials, acc_sq, acc_dot):
     row = partials + 2 * tl.program_id(0).to(tl.int64)
     tl.store(row, tl.sum(acc_sq, 0))
     tl.store(row + 1, tl.sum(acc_dot, 0))
-
-
-@triton.jit
-def _add_sums_kernel(partials, sums, n, HAS_ASCENT: tl.constexpr, BLOCK: tl.constexpr):
-    """sums[0] += Σ_b partials[b, 0] (sums[1] += Σ_b partials[b, 1] with HAS_ASCENT): one program,
-    fixed order (deterministic), totals in the partials' dtype, added in sums' dtype."""
-    acc_sq = tl.zeros((BLOCK,), partials.dtype.element_ty)
-    acc_dot = tl.zeros((BLOCK,), partials.dtype.element_ty)
-    for off in range(0, n, BLOCK):
-        rows = off + tl.arange(0, BLOCK)
-        acc_sq += tl.load(partials + 2 * rows, mask=rows < n, other=0.0)
-        if HAS_ASCENT:
-            acc_dot += tl.load(partials + 2 * rows + 1, mask=rows < n, other=0.0)
-    sdt = sums.dtype.element_ty
-    tl.store(sums, tl.load(sums) + tl.sum(acc_sq, 0).to(sdt))
-    if HAS_ASCENT:
-        tl.store(sums + 1, tl.load(sums + 1) + tl.sum(acc_dot, 0).to(sdt))
 
 
 @triton.jit
@@ -279,20 +261,12 @@ def adamw_restore_step_(params, backups, grads, exp_avgs, exp_avg_sqs, *, step, 
 
 def _launch_with_sums(kernel, lists, amp, sums, ascent_grads, *args, **constexprs):
     """One launch of a descent ``kernel`` over ``lists``; with ``sums``, its [n_blocks, 2] partials
-    (fp32, fp64 for fp64 tensors) then :func:`_add_sums_kernel` into ``sums``."""
-    first = lists[0][0]
-    partials = first  # placeholder pointer: SUMS=False compiles its use out
-    if sums is not None:
-        n_blocks = _tables.table(lists).n_blocks
-        partials = torch.empty(n_blocks, 2, dtype=acc_dtype(first.dtype), device=first.device)
+    then :func:`_tables.add_partials` into ``sums`` (sums[1] only with ``ascent_grads``)."""
+    partials = _tables.partials_for(lists, sums, 2)
     tab = _tables.launch_over(kernel, lists, *amp, partials, *args, SUMS=sums is not None,
                               HAS_ASCENT=ascent_grads is not None, **constexprs)
     if sums is not None:
-        if tab.n_blocks:
-            _tables.launch(_add_sums_kernel, 1, partials, sums, tab.n_blocks, HAS_ASCENT=ascent_grads is not None,
-                           BLOCK=_tables.BLOCK)
-        if not sums.is_inference():  # written through a raw pointer: tell autograd, as the compiled ops do
-            torch.autograd.graph.increment_version(sums)
+        _tables.add_partials(partials, sums, tab.n_blocks, 2 if ascent_grads is not None else 1)
 
 
 def _check_telemetry(op, params, grads, ascent_grads, sums):
@@ -301,13 +275,7 @@ def _check_telemetry(op, params, grads, ascent_grads, sums):
         if ascent_grads is not None:
             raise ValueError(f"{op}: ascent_grads given without sums (where the dot would go)")
         return
-    if not isinstance(sums, torch.Tensor) or sums.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{op}: sums must be a float32 or float64 tensor, got "
-                        f"{sums.dtype if isinstance(sums, torch.Tensor) else type(sums).__name__}")
-    if sums.shape != (2,) or not sums.is_contiguous():
-        raise ValueError(f"{op}: sums must be a contiguous 1-D tensor of 2 elements, got shape {tuple(sums.shape)}")
-    if sums.device != params[0].device:
-        raise ValueError(f"{op}: sums is on {sums.device} but the params are on {params[0].device}")
+    _tables.check_sums_tensor(op, "sums", sums, 2, params)
     if ascent_grads is None:
         return
     if len(ascent_grads) != len(grads):

@@ -1,4 +1,12 @@
-"""``perturb_`` (backup + ascent step, optional mask / ASAM / random keep) and ``restore_``."""
+"""``perturb_`` (backup + ascent step, optional mask / ASAM / random keep) and ``restore_``.
+
+Telemetry (reference.perturb_): with ``perturbation_sq`` (the PERTURBATION_SQ flag), each program
+also sums (w_new − w)² over its chunk in CDT, w_new as stored (rounded to DT), while both are in
+registers; it writes the total into row ``program_id`` of a [n_blocks, 1] partials buffer, and one
+program (:func:`_tables.add_partials_kernel`) adds the rows in a fixed order into
+``perturbation_sq``. The only extra traffic is those n_blocks partials; without the argument the
+flag compiles the reduction out (the PTX is unchanged but for the unused pointer parameter).
+"""
 import triton
 import triton.language as tl
 
@@ -18,8 +26,10 @@ def _fmix32(x):
 
 
 @triton.jit
-def _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, mask, s, finite, eta, key, keep_threshold, DT: tl.constexpr,
-                   CDT: tl.constexpr, MASKED: tl.constexpr, ADAPTIVE: tl.constexpr, KEEP: tl.constexpr):
+def _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, mask, s, finite, eta, key, keep_threshold, acc, DT: tl.constexpr,
+                   CDT: tl.constexpr, MASKED: tl.constexpr, ADAPTIVE: tl.constexpr, KEEP: tl.constexpr,
+                   PERTURBATION_SQ: tl.constexpr):
+    """One block; returns ``acc`` + (w_new − w)² lane by lane with PERTURBATION_SQ (else ``acc``)."""
     w_raw = load(p_ptr + offs, mask)
     store(b_ptr + offs, w_raw, mask)
     w = w_raw.to(CDT)
@@ -38,19 +48,28 @@ def _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, mask, s, finite, eta, key, 
         u = _fmix32(_fmix32(lo ^ key) ^ hi) >> 8
         sel = sel & (u.to(tl.int64) < keep_threshold)
     # Unselected lanes get their loaded bits back: bitwise unchanged, and the store stays vectorizable.
-    store(p_ptr + offs, tl.where(sel, round_to(w + e, DT), w_raw), mask)
+    w_new = tl.where(sel, round_to(w + e, DT), w_raw)
+    store(p_ptr + offs, w_new, mask)
+    if PERTURBATION_SQ:
+        # where(), not the difference alone: an unselected NaN/inf weight must add exactly 0 too.
+        # Masked-off tail lanes load w = g = 0, so they add 0.
+        applied = tl.where(sel, w_new.to(CDT) - w, 0.0)
+        acc += applied * applied
+    return acc
 
 
 @triton.jit
 def _perturb_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, sizes, blocks, keys, sq_norm, rho: tl.float64, eps: tl.float64,
-                    eta: tl.float64, keep_prob: tl.float64, keep_threshold, DT: tl.constexpr, CDT: tl.constexpr,
-                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
-                    ADAPTIVE: tl.constexpr, KEEP: tl.constexpr):
+                    eta: tl.float64, keep_prob: tl.float64, keep_threshold, partials, DT: tl.constexpr,
+                    CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
+                    MASKED: tl.constexpr, ADAPTIVE: tl.constexpr, KEEP: tl.constexpr,
+                    PERTURBATION_SQ: tl.constexpr):
     """backup = w;  w = w + s·(T²·g) where selected, s = rho/(sqrt(sq_norm)+eps) (/keep_prob if KEEP).
 
     T = |w| + eta if ADAPTIVE else 1. Selected = s finite & mask (if MASKED) & keep (if KEEP), with
     keep iff fmix32(fmix32(lo32(i) ^ key) ^ hi32(i)) >> 8 < keep_threshold, i the element index in
     its tensor (reference.keep_mask). Unselected weights are rewritten with their own bits.
+    PERTURBATION_SQ: partials[b] = Σ (w_new − w)² over the chunk (exactly 0 from unselected entries).
     """
     t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     p_ptr = tensor_ptr(p_ptrs, t, DT, ALIGNED)
@@ -68,13 +87,16 @@ def _perturb_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, sizes, blocks, keys, sq_norm
     # gradient gives s = 0, and 0·inf = NaN.
     finite = (tl.abs(s) < float("inf")) & (tl.abs(stored) < float("inf"))
     eta_c = scalar(eta, CDT)
+    acc = tl.zeros((BLOCK,), CDT)
     for off in range(start, split, BLOCK):
-        _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, block_offsets(off, BLOCK), None, s, finite, eta_c, key,
-                       keep_threshold, DT, CDT, MASKED, ADAPTIVE, KEEP)
+        acc = _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, block_offsets(off, BLOCK), None, s, finite, eta_c, key,
+                             keep_threshold, acc, DT, CDT, MASKED, ADAPTIVE, KEEP, PERTURBATION_SQ)
     for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
-        _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, offs < end, s, finite, eta_c, key, keep_threshold, DT, CDT,
-                       MASKED, ADAPTIVE, KEEP)
+        acc = _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, offs, offs < end, s, finite, eta_c, key, keep_threshold,
+                             acc, DT, CDT, MASKED, ADAPTIVE, KEEP, PERTURBATION_SQ)
+    if PERTURBATION_SQ:
+        tl.store(partials + tl.program_id(0).to(tl.int64), tl.sum(acc, 0))
 
 
 @triton.jit
@@ -92,12 +114,21 @@ def _copy_kernel(dst_ptrs, src_ptrs, sizes, blocks, DT: tl.constexpr, BLOCK: tl.
         tl.store(dst + offs, tl.load(src + offs, mask=offs < end), mask=offs < end)
 
 
-def perturb_(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys):
-    """backups ← params; params += s·(m ⊙ T² ⊙ g)·keep/keep_prob (see reference.perturb_)."""
+def perturb_(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys, perturbation_sq=None):
+    """backups ← params; params += s·(m ⊙ T² ⊙ g)·keep/keep_prob (see reference.perturb_); with
+    ``perturbation_sq`` (1 element, fp32/fp64), adds Σ (w_new − w)² over the stored values into it.
+    A bad ``perturbation_sq`` raises TypeError/ValueError before anything is launched."""
+    if perturbation_sq is not None:
+        _tables.check_sums_tensor("perturb_", "perturbation_sq", perturbation_sq, 1, params)
     keep = keep_prob < 1.0
     key_col = _tables.int_column(keys, params[0].device) if keep else sq_norm  # unused unless KEEP
-    _tables.launch_over(_perturb_kernel, [params, grads, backups, masks], key_col, sq_norm, rho, eps, eta, keep_prob,
-                        int(keep_prob * (1 << 24)), MASKED=masks is not None, ADAPTIVE=adaptive, KEEP=keep)
+    lists = [params, grads, backups, masks]
+    partials = _tables.partials_for(lists, perturbation_sq, 1)
+    tab = _tables.launch_over(_perturb_kernel, lists, key_col, sq_norm, rho, eps, eta, keep_prob,
+                              int(keep_prob * (1 << 24)), partials, MASKED=masks is not None, ADAPTIVE=adaptive,
+                              KEEP=keep, PERTURBATION_SQ=perturbation_sq is not None)
+    if perturbation_sq is not None:
+        _tables.add_partials(partials, perturbation_sq, tab.n_blocks, 1)
 
 
 def restore_(params, backups):
