@@ -159,8 +159,9 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.T
     # bitwise unchanged, -0.0 included, and a NaN gradient must not leak in through 0·NaN.
     for p, w, ei, sel in zip(params, _up(params), e, select):
         p.copy_(torch.where(sel, w + ei, w))
-    if perturbation_sq is not None:
-        applied = [p.to(cdt) - b.to(cdt) for p, b in zip(params, backups)]
+    if perturbation_sq is not None:  # over the selected entries only: an unselected NaN/Inf weight adds 0
+        zero = torch.zeros((), dtype=cdt, device=params[0].device)
+        applied = [torch.where(sel, p.to(cdt) - b.to(cdt), zero) for p, b, sel in zip(params, backups, select)]
         perturbation_sq += _sum_sq(applied).to(perturbation_sq.dtype).reshape(perturbation_sq.shape)
 
 
