@@ -142,13 +142,14 @@ struct AddTotals {
 // Pass 1 of a reduction: the per-chunk partials, as a {chunks, elements of R / A} tensor of the
 // compute type A.
 template <typename T, typename Op>
-at::Tensor chunk_partials(const std::array<at::TensorList, ElementwiseFunctor<T, Op>::kDepth>& lists, const Op& op) {
+at::Tensor chunk_partials(const std::array<at::TensorList, ElementwiseFunctor<T, Op>::kDepth>& lists, const Op& op,
+                          at::IntArrayRef aux) {
   using A = acc_type<T>;
   using R = reduction_t<T, Op>;
   static_assert(sizeof(R) % sizeof(A) == 0 && alignof(R) <= alignof(A), "R must be laid out as A[N]");
   const auto opts = lists[0][0].options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
   at::Tensor partials = at::empty({count_chunks(lists[0]), static_cast<int64_t>(sizeof(R) / sizeof(A))}, opts);
-  multi_tensor_apply(lists, {}, ElementwiseFunctor<T, Op>{op, static_cast<R*>(partials.data_ptr())});
+  multi_tensor_apply(lists, aux, ElementwiseFunctor<T, Op>{op, static_cast<R*>(partials.data_ptr())});
   return partials;
 }
 
@@ -174,7 +175,7 @@ template <typename T, typename Op>
 at::Tensor reduce_sum(const std::array<at::TensorList, ElementwiseFunctor<T, Op>::kDepth>& lists, const Op& op) {
   using A = acc_type<T>;
   static_assert(Op::kReduce && std::is_same_v<reduction_t<T, Op>, A>, "use apply_elementwise or add_sums");
-  const at::Tensor partials = chunk_partials<T>(lists, op);
+  const at::Tensor partials = chunk_partials<T>(lists, op, {});
   at::Tensor out = at::empty({}, partials.options());
   launch_sum_partials<A>(partials, StoreTotal<A>{static_cast<A*>(out.data_ptr())});
   return out;
@@ -183,16 +184,16 @@ at::Tensor reduce_sum(const std::array<at::TensorList, ElementwiseFunctor<T, Op>
 // Runs an op that returns Sums<A, N> (and may update its lists as apply_elementwise does), then
 // ADDS the first `count` of the N sums over the group into sums[0..count) (a contiguous fp32 or
 // fp64 tensor on the lists' device, checked by the caller); the rest of sums is not written.
-// Pass 1 / pass 2 as reduce_sum: deterministic, no host synchronization.
+// aux as apply_elementwise's. Pass 1 / pass 2 as reduce_sum: deterministic, no host synchronization.
 template <typename T, typename Op>
 void add_sums(const std::array<at::TensorList, ElementwiseFunctor<T, Op>::kDepth>& lists, const Op& op,
-              const at::Tensor& sums, int count) {
+              const at::Tensor& sums, int count, at::IntArrayRef aux = {}) {
   using A = acc_type<T>;
   using R = reduction_t<T, Op>;
   constexpr int kN = static_cast<int>(sizeof(R) / sizeof(A));
   static_assert(Op::kReduce && std::is_same_v<R, Sums<A, kN>>, "use reduce_sum");
   TORCH_INTERNAL_ASSERT(count >= 0 && count <= kN && sums.numel() >= count && sums.is_contiguous());
-  const at::Tensor partials = chunk_partials<T>(lists, op);
+  const at::Tensor partials = chunk_partials<T>(lists, op, aux);
   if (sums.scalar_type() == at::kDouble) {
     launch_sum_partials<R>(partials, AddTotals<double, A, kN>{sums.data_ptr<double>(), count});
   } else {

@@ -1,6 +1,11 @@
 // perturb_ (backup + ascent step) and restore_; see reference.py for the contract.
 // One launch per group (per table fill); the scale is computed in the kernel from the device norm.
+// Telemetry (`perturbation_sq`): the same pass also returns (w_new − w)² per element as stored,
+// reduced like reduce_sum and added into perturbation_sq (add_sums); perturb_ without it is a
+// separate instantiation with the work it had before.
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "elementwise.cuh"
 
@@ -8,12 +13,12 @@ namespace sam_kernels::cuda {
 namespace {
 
 // lists: 0 params (rw), 1 grads (r), 2 backups (w), then optional masks. aux: the tensor's RNG key.
-template <typename T>
+template <typename T, bool kSums>
 struct PerturbOp {
   using A = acc_type<T>;
   static constexpr int kLists = 3;
   static constexpr unsigned kReads = 0b011, kWrites = 0b101;
-  static constexpr bool kMasked = true, kReduce = false;
+  static constexpr bool kMasked = true, kReduce = kSums;
   DeviceScalar sq_norm;
   A rho, eps, eta, inv_keep_prob;
   bool adaptive, keep;
@@ -28,10 +33,15 @@ struct PerturbOp {
     // An Inf gradient gives sq_norm = inf and scale = 0, but 0·inf = NaN: test the norm too.
     finite = ::isfinite(scale) && sq_norm.is_finite();
   }
-  __device__ void operator()(T (&x)[3], bool selected, int64_t i, int64_t key) const {
+  // Spelled out, not auto (see reduction_t).
+  using Result = std::conditional_t<kSums, Sums<A, 1>, void>;
+
+  __device__ Result operator()(T (&x)[3], bool selected, int64_t i, int64_t key) const {
     x[2] = x[0];  // exact copy of the storage bits
-    // Unselected entries (mask, keep mask, non-finite scale) keep their bits: no add of zero.
-    if (!finite || !selected || (keep && !keep_element(static_cast<uint32_t>(key), i, keep_threshold))) return;
+    // Unselected entries (mask, keep mask, non-finite scale) keep their bits: no add of zero. They
+    // add exactly +0 to perturbation_sq (not (w − w)², NaN for a NaN/Inf weight left alone).
+    if (!finite || !selected || (keep && !keep_element(static_cast<uint32_t>(key), i, keep_threshold)))
+      return Result();
     const A w = static_cast<A>(x[0]);
     const A g = static_cast<A>(x[1]);
     if (adaptive) {
@@ -39,6 +49,10 @@ struct PerturbOp {
       x[0] = static_cast<T>(w + t * t * g * scale);
     } else {
       x[0] = static_cast<T>(w + g * scale);
+    }
+    if constexpr (kSums) {
+      const A applied = static_cast<A>(x[0]) - w;  // as stored: rounded to fp16/bf16 for those
+      return {{applied * applied}};
     }
   }
 };
@@ -56,26 +70,37 @@ struct CopyOp {
 
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq_norm,
                   double rho, double eps, std::optional<at::TensorList> masks, bool adaptive, double eta,
-                  double keep_prob, at::IntArrayRef keys) {
+                  double keep_prob, at::IntArrayRef keys, const std::optional<at::Tensor>& perturbation_sq) {
   const uint32_t keep_threshold =
       sam_kernels::check_perturb_args(params, grads, backups, masks, keep_prob, keys, c10::DeviceType::CUDA);
+  if (perturbation_sq) sam_kernels::check_sums_tensor("perturb_", "perturbation_sq", *perturbation_sq, 1, params);
   const bool keep = keep_prob < 1.0;
   const DeviceScalar sq = device_scalar(sq_norm, params[0], "perturb_", "sq_norm");
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "perturb_", [&](auto tag) {
     using T = decltype(tag);
     using A = acc_type<T>;
-    PerturbOp<T> op{};
-    op.sq_norm = sq;
-    op.rho = static_cast<A>(rho);
-    op.eps = static_cast<A>(eps);
-    op.eta = static_cast<A>(eta);
-    op.inv_keep_prob = A(1) / static_cast<A>(keep_prob);
-    op.adaptive = adaptive;
-    op.keep = keep;
-    op.keep_threshold = keep_threshold;
-    apply_elementwise<T>({params, grads, backups, masks.value_or(at::TensorList{})}, op,
-                         keep ? keys : at::IntArrayRef{});
+    auto run = [&](auto op) {
+      op.sq_norm = sq;
+      op.rho = static_cast<A>(rho);
+      op.eps = static_cast<A>(eps);
+      op.eta = static_cast<A>(eta);
+      op.inv_keep_prob = A(1) / static_cast<A>(keep_prob);
+      op.adaptive = adaptive;
+      op.keep = keep;
+      op.keep_threshold = keep_threshold;
+      const at::IntArrayRef aux = keep ? keys : at::IntArrayRef{};
+      if constexpr (decltype(op)::kReduce) {
+        add_sums<T>({params, grads, backups, masks.value_or(at::TensorList{})}, op, *perturbation_sq, 1, aux);
+      } else {
+        apply_elementwise<T>({params, grads, backups, masks.value_or(at::TensorList{})}, op, aux);
+      }
+    };
+    if (perturbation_sq) {
+      run(PerturbOp<T, true>{});
+    } else {
+      run(PerturbOp<T, false>{});
+    }
   });
 }
 
