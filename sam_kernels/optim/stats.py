@@ -63,7 +63,6 @@ import torch
 from .. import ops
 from ..ops import dtensor
 from ..ops.reference import acc_dtype
-from . import amp
 from .base_step import fused_kind
 
 KEYS = ("grad_norm", "sam_grad_norm", "grad_cosine", "perturbation_norm", "sharpness", "steps", "sam_steps",
@@ -82,24 +81,19 @@ bytes floors (sam_kernels.bench.op_specs; ASAM's read of w and mask reads are no
 ``renormalize_`` and the LookSAM ops count their element-wise pass only: the norms and dots they
 take run as ``grad_sq_norm``/``dot`` calls with records of their own."""
 
+FOLD = 64
+"""SAM steps whose raw values are kept (0-dim device tensors) before they are folded into the values
+and averages in one batch: the per-step device work of telemetry is then only what the kernels add."""
+
+_RECORD = ("g1_sq", "scale", "plain_rho", "e_sq", "g2_sq", "dot", "n1", "n2", "sums", "fused_dot", "before", "after",
+           "found")
+"""What a SAM step records (raw, scaled norms as the ops returned them; None when unknown). ``sums``:
+the fused descent's [Σ g(w + e)², Σ ⟨g(w), g(w + e)⟩] (the dot only when ``fused_dot``)."""
+
 SCRATCH_KEY = "telemetry_g"
 """Per-parameter ``sam.state`` entry holding the copy of g(w) from ``first_step`` to the descent."""
 
 _PERTURB_EPS = inspect.signature(ops.perturb_).parameters["eps"].default  # what SAM's first_step uses
-
-
-_SQUARED: dict = {}  # device -> which VALUES are kept as squares until the end (made once per device: no copy per step)
-
-
-def _squared(device) -> torch.Tensor:
-    mask = _SQUARED.get(device)
-    if mask is None:
-        mask = _SQUARED[device] = torch.tensor([True, True, False, True, False], device=device)
-    return mask
-
-
-def _nan(device) -> torch.Tensor:
-    return torch.full((), float("nan"), dtype=torch.float32, device=device)
 
 
 def _locals(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -114,10 +108,6 @@ def _versions(grads: list[torch.Tensor]) -> list[int]:
 def _starts(grads: list[torch.Tensor]) -> set[int]:
     """Data pointers (0, an empty tensor's, left out: a false match would only cost the cosine of a step)."""
     return set(map(torch.Tensor.data_ptr, _locals(grads))) - {0}
-
-
-def _f32(t: torch.Tensor, device) -> torch.Tensor:
-    return t.detach().to(device=device, dtype=torch.float32)
 
 
 def _elem_size(dtype: str) -> int:
@@ -161,13 +151,15 @@ class Telemetry:
         self.passes: Optional[tuple[float, float]] = None  # a variant's pass count for this step (ESAM)
         self.counting = False  # inside an optimizer method whose op calls are being counted
         self.hold_grads = True  # the cosine references g(w) (no copy) until a loop is seen writing it in place
+        self.records: list[dict] = []  # raw values of the SAM steps since the last fold (_fold)
 
     # ------------------------------------------------------------------ inside the step
 
     def see_loss(self, which: str, loss: Optional[torch.Tensor]) -> None:
         """Remember L(w) (``which="before"``) or L(w + e) (``"after"``) of this step (a tensor, not read)."""
         if loss is not None and self.enabled:
-            self.pending[which] = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+            loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+            self.pending[which] = loss if loss.dim() == 0 else loss.float().mean()
 
     def perturbation_sq(self, params: list[torch.Tensor]) -> Optional[torch.Tensor]:
         """The zero tensor ``perturb_`` adds ‖e‖² (as applied) into, when telemetry is on."""
@@ -189,7 +181,6 @@ class Telemetry:
         self.pending = keep
         if not everyone or sq is None:
             return
-        device = everyone[0][1].grad.device
         whole = len(everyone) == len(entries)
         if whole and "sq_norm" not in extra and not any(g["adaptive"] for g in sam.param_groups):
             g1_sq = sq  # the ascent norm is the plain ‖g‖² of the same list
@@ -209,15 +200,8 @@ class Telemetry:
                 self.pending["held"] = (_versions(grads), _starts(grads))
             else:
                 firsts = (params, self._copies(sam, params, grads))
-        if plain_rho is not None:
-            r = g1_sq.sqrt()
-            s = 1.0 if scale is None else _f32(scale, r.device)
-            # a non-finite norm leaves the weights unperturbed (perturb_'s contract): e = 0
-            e_sq = torch.nan_to_num((plain_rho * r / (r + _PERTURB_EPS * s)).square(), nan=0.0, posinf=0.0)
-        else:
-            e_sq = applied_sq
-        self.pending.update(firsts=firsts, g1_sq=_f32(g1_sq, device), grad_sq=_f32(amp.unscaled(g1_sq, scale), device),
-                            e_sq=_f32(e_sq, device))
+        # raw device scalars only: the maths runs batched at the next fold (_fold)
+        self.pending.update(firsts=firsts, g1_sq=g1_sq, scale=scale, plain_rho=plain_rho, e_sq=applied_sq)
 
     def _copies(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """A copy of g(w) in ``sam.state`` (loops that zero p.grad in place, torch.compile)."""
@@ -237,8 +221,6 @@ class Telemetry:
         when the descent has it; returns it, or the one computed here (for the modifiers)."""
         if not self.enabled or not grads or "g1_sq" not in self.pending:
             return sq
-        device = self.pending["g1_sq"].device
-        self.pending["scale"] = scale
         firsts = self.pending.get("firsts")
         ascent = self._ascent_grads(firsts, params, grads) if firsts is not None else None
         both = [] if ascent is None else [(a, g) for a, g in zip(ascent, grads) if a is not None]
@@ -248,19 +230,17 @@ class Telemetry:
             self.pending["sums"] = torch.zeros(2, dtype=acc_dtype(grads[0].dtype), device=grads[0].device)
             self.pending["ascent_of"] = dict(zip(map(id, params), ascent)) if every else None
             if sq is not None:
-                self.pending["sam_grad_sq"] = _f32(amp.unscaled(sq, scale), device)
+                self.pending["g2_sq"] = sq
             return sq
         g2_sq = sq if sq is not None else ops.grad_sq_norm(grads, backend=sam.backend)
-        self.pending.update(sam_grad_sq=_f32(amp.unscaled(g2_sq, scale), device))
+        self.pending["g2_sq"] = g2_sq
         if not both:  # telemetry="norms", or no tensor has both gradients
             return g2_sq
         a, b = [x for x, _ in both], [y for _, y in both]
-        dot = _f32(ops.dot(a, b, backend=sam.backend), device)
-        n1 = self.pending["g1_sq"] if len(both) == len(firsts[0]) else _f32(ops.grad_sq_norm(a, backend=sam.backend),
-                                                                             device)
-        n2 = _f32(g2_sq, device) if len(both) == len(grads) else _f32(ops.grad_sq_norm(b, backend=sam.backend),
-                                                                       device)
-        self.pending.update(cosine=dot / (n1 * n2).sqrt())
+        self.pending.update(
+            dot=ops.dot(a, b, backend=sam.backend),
+            n1=None if len(both) == len(firsts[0]) else ops.grad_sq_norm(a, backend=sam.backend),
+            n2=None if len(both) == len(grads) else ops.grad_sq_norm(b, backend=sam.backend))
         return g2_sq
 
     def _ascent_grads(self, firsts: tuple, params: list[torch.Tensor],
@@ -301,7 +281,9 @@ class Telemetry:
         return None if sums is None else (self.pending.get("ascent_of"), sums)
 
     def finish(self, sam, sam_step: bool) -> None:
-        """End of an optimizer step: counters; on a SAM step, the values and their EMAs."""
+        """End of an optimizer step: counters; on a SAM step, its raw values join the records that
+        the next fold turns into values and averages (every ``FOLD`` SAM steps, at ``stats()`` and
+        ``state_dict()``; every step inside a compiled step)."""
         self.steps += 1
         fwd, bwd = self.passes if self.passes is not None else ((2.0, 2.0) if sam_step else (1.0, 1.0))
         self.forward_passes += fwd
@@ -312,33 +294,65 @@ class Telemetry:
         pending, self.pending = self.pending, {}
         if not (self.enabled and sam_step and "g1_sq" in pending):
             return
-        device = pending["g1_sq"].device
-        sums = pending.get("sums")
-        if sums is not None:  # filled by the fused descent: [Σ g(w + e)², Σ ⟨g(w), g(w + e)⟩], scaled
-            sums = _f32(sums, device)
-            pending.setdefault("sam_grad_sq", amp.unscaled(sums[0], pending.get("scale")))
-            if pending.get("ascent_of") is not None:
-                pending["cosine"] = sums[1] / (pending["g1_sq"] * sums[0]).sqrt()
-        nan = _nan(device)
-        before, after = pending.get("before"), pending.get("after")
-        sharp = nan if before is None or after is None else (_f32(after, device).mean() - _f32(before, device).mean())
-        vals = torch.stack([pending["grad_sq"], pending.get("sam_grad_sq", nan), pending.get("cosine", nan),
-                            pending["e_sq"], sharp])
-        vals = torch.where(_squared(device), vals.sqrt(), vals)  # the norms were kept squared
+        pending["fused_dot"] = pending.get("ascent_of") is not None
+        pending["found"] = sam._found  # AMP overflow of this step (skipped): keeps the old values
+        self.records.append({k: pending.get(k) for k in _RECORD})
+        if len(self.records) >= FOLD or torch.compiler.is_compiling():
+            self._fold()
+
+    def _fold(self) -> None:
+        """The recorded SAM steps' values (5 per step) and their averages, batched on the device: a
+        few dozen small ops for up to ``FOLD`` steps instead of per step (no host sync). The EMA
+        recurrence ema ← d·ema + (1 − d)·v over the steps whose value is finite (and not an AMP
+        overflow), starting at the first such value, is summed in closed form: v_t weighs
+        (1 − d)·d^(later folds), the very first d^(later folds), the old average d^(folds)."""
+        records, self.records = self.records, []
+        if not records:
+            return
+        device = records[0]["g1_sq"].device
+        nan = torch.full((), math.nan, device=device)
+        one = torch.ones((), device=device)
+
+        for r in records:  # the fused descent's sums, where the step had them
+            if r["sums"] is not None:
+                r["g2_sq"] = r["sums"][0] if r["g2_sq"] is None else r["g2_sq"]
+                r["dot"] = r["sums"][1] if r["fused_dot"] else None
+
+        def col(key: str, default: Optional[torch.Tensor] = nan, fallback: Optional[str] = None) -> torch.Tensor:
+            xs = [r[key] if r[key] is not None else (r[fallback] if fallback and r[fallback] is not None else default)
+                  for r in records]
+            return torch.stack([x.to(device=device, dtype=torch.float32) for x in xs])
+
+        g1, s2 = col("g1_sq"), col("scale", one).square()
+        g2 = col("g2_sq")
+        cosine = col("dot") / (col("n1", fallback="g1_sq") * col("n2", fallback="g2_sq")).sqrt()
+        rho = torch.tensor([math.nan if r["plain_rho"] is None else r["plain_rho"] for r in records],
+                           dtype=torch.float32).to(device, non_blocking=True)
+        r = g1.sqrt()
+        # plain SAM: ‖e‖ = rho·‖g‖/(‖g‖ + eps·S); a non-finite norm leaves w unperturbed (e = 0)
+        plain = torch.nan_to_num(rho * r / (r + _PERTURB_EPS * s2.sqrt()), nan=0.0, posinf=0.0)
+        e = torch.where(rho.isnan(), col("e_sq").sqrt(), plain)
+        sharp = col("after") - col("before")
+        v = torch.stack([(g1 / s2).sqrt(), (g2 / s2).sqrt(), cosine, e, sharp], dim=1)  # [K, 5]
+        ok = col("found", torch.zeros((), device=device)).eq(0)
         if self.last is None:
-            self.last = torch.full((5,), float("nan"), device=device)
+            self.last = torch.full((5,), math.nan, device=device)
             self.ema = torch.zeros(5, device=device)
             self.seen = torch.zeros(5, device=device)
         last, ema, seen = (t.to(device) for t in (self.last, self.ema, self.seen))
-        fold = torch.isfinite(vals)
-        found = sam._found  # AMP overflow of this step (the step was skipped): keep the old values
-        if found is not None:
-            ok = found.to(device).eq(0)
-            vals = torch.where(ok, vals, last)
-            fold = fold & ok
+        steps = torch.arange(len(records), device=device)
+        newest = torch.where(ok, steps, -1).max()  # the last step that was not an AMP overflow
+        row = torch.where((steps == newest)[:, None], v, 0.0).sum(0)  # its values (no data-dependent indexing)
+        self.last = torch.where(newest >= 0, row, last)
+        fold = (torch.isfinite(v) & ok[:, None]).float()
+        counted = fold.cumsum(0)
+        total = counted[-1]
         d = self.decay
-        ema = torch.where(fold, torch.where(seen == 0, vals, d * ema + (1 - d) * vals), ema)
-        self.last, self.ema, self.seen = vals, ema, seen + fold.float()
+        later = torch.pow(d, total - counted)  # d^(folds after step t)
+        first = (fold > 0) & (counted == 1) & (seen == 0)
+        weight = torch.where(first, later, (1 - d) * later * fold)
+        self.ema = torch.where(seen > 0, ema * torch.pow(d, total), 0.0) + (weight * torch.where(fold > 0, v, 0.0)).sum(0)
+        self.seen = seen + total
 
     def discard(self) -> None:
         """The step was undone (``restore``): forget its pending values."""
@@ -352,15 +366,20 @@ class Telemetry:
     # ------------------------------------------------------------------ reading
 
     def stats(self, ema: bool = False) -> dict[str, float]:
-        """The dict of ``SAM.stats()``: one host sync (reading the device values), none when they do not exist."""
+        """The dict of ``SAM.stats()``: one host sync (reading the device values), none when they do
+        not exist. The values are NaN while telemetry is off (even if a state dict brought some), the
+        cosine while it is ``"norms"``."""
+        self._fold()
         values = [math.nan] * 5
         source = self.ema if ema else self.last
-        if source is not None:
+        if source is not None and self.enabled:
             if ema:
                 both = torch.cat([source, self.seen.to(source.device)]).tolist()  # the one sync
                 values = [v if n > 0 else math.nan for v, n in zip(both[:5], both[5:])]
             else:
                 values = source.tolist()  # the one sync
+        if not self.cosine:
+            values[2] = math.nan
         out = dict(zip(VALUES, (float(v) for v in values)))
         out.update(steps=float(self.steps), sam_steps=float(self.sam_steps),
                    sam_step_fraction=self.sam_steps / self.steps if self.steps else math.nan,
@@ -371,6 +390,7 @@ class Telemetry:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
+        self._fold()
         return {"last": self.last, "ema": self.ema, "seen": self.seen, "steps": self.steps,
                 "sam_steps": self.sam_steps, "forward_passes": self.forward_passes,
                 "backward_passes": self.backward_passes, "bytes_by_backend": dict(self.bytes_by_backend),
@@ -384,7 +404,7 @@ class Telemetry:
         self.backward_passes = float(state.get("backward_passes", 0.0))
         self.bytes_by_backend = dict(state.get("bytes_by_backend", {}))
         self.hold_grads = bool(state.get("hold_grads", True))
-        self.pending, self.passes = {}, None
+        self.pending, self.passes, self.records = {}, None, []
 
 
 def every(optimizer, n: int, callback: Callable[[dict], object], *, ema: bool = False):

@@ -204,3 +204,105 @@ def test_the_applied_perturbation_is_summed_by_perturb(variant):
     opt.second_step(zero_grad=True)
     assert opt.stats()["perturbation_norm"] == pytest.approx(applied, rel=1e-6)
     assert 0 < applied
+
+
+def amp_run(read_every_step, injects):
+    """SAM + GradScaler over ``injects`` (True: an Inf in the second pass, the step is skipped);
+    ``read_every_step``: stats() after every step (a fold per step) or only at the end (one fold)."""
+    model, data = model_and_data()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, grad_scaler=scaler, telemetry=True,
+                 telemetry_decay=0.7)
+    for i, inject in enumerate(injects):
+        x, y = data[i % len(data)]
+        opt.zero_grad()
+        loss1 = loss_of(model, x, y)
+        scaler.scale(loss1).backward()
+
+        def closure(inject=inject, x=x, y=y):
+            loss = loss_of(model, x, y)
+            scaler.scale(loss).backward()
+            if inject:
+                next(model.parameters()).grad[0, 0] = float("inf")
+            return loss
+
+        scaler.step(opt, closure, loss=loss1)
+        scaler.update()
+        if read_every_step:
+            opt.stats()
+    return opt
+
+
+def test_a_batched_fold_equals_a_fold_per_step():
+    """The values and averages folded in one batch (records of many steps, AMP overflows among them:
+    skipped steps keep the previous values and stay out of the averages) equal the step-by-step fold."""
+    injects = [False, True, False, False, True, True, False, False, False, True]
+    one, batched = amp_run(True, injects), amp_run(False, injects)
+    assert len(batched.telemetry.records) == len(injects)  # nothing folded before the read
+    for ema in (False, True):
+        a, b = one.stats(ema=ema), batched.stats(ema=ema)
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, nan_ok=True), (ema, k)
+    assert not batched.telemetry.records
+
+
+def test_ema_over_a_long_run_equals_the_recurrence():
+    """More SAM steps than one fold holds, stats() only at the end: ema_t = d·ema + (1 − d)·v_t from
+    the first value, against the per-step values read by a twin optimizer."""
+    from sam_kernels.optim.stats import FOLD
+
+    steps = FOLD + 7
+    model_a, data = model_and_data()
+    model_b, _ = model_and_data()
+    kw = dict(rho=RHO, lr=0.05, telemetry=True, telemetry_decay=0.8)
+    a = sk.SAM(model_a.parameters(), torch.optim.SGD, **kw)
+    b = sk.SAM(model_b.parameters(), torch.optim.SGD, **kw)
+    values = []
+    for i in range(steps):
+        x, y = data[i % len(data)]
+        closure_step(model_a, a, x, y)
+        closure_step(model_b, b, x, y)
+        values.append(b.stats()["grad_norm"])
+    assert len(a.telemetry.records) == steps - FOLD  # one fold ran without a read
+    ema = values[0]
+    for v in values[1:]:
+        ema = 0.8 * ema + 0.2 * v
+    assert a.stats(ema=True)["grad_norm"] == pytest.approx(ema, rel=1e-5)
+    assert a.stats()["grad_norm"] == pytest.approx(values[-1], rel=1e-6)
+
+
+def test_telemetry_adds_at_most_one_device_op_to_a_step():
+    """Between folds a SAM step with telemetry=True runs the same kernels as without (one reading
+    g(w) as an extra list) plus one fill (the zeroed sums): the per-step scalar maths is batched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "randn" not in str(func):
+                self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for mode in (False, True, "norms"):
+        torch.manual_seed(0)
+        params = [torch.randn(50) for _ in range(4)]
+        opt = sk.SAM(params, torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, telemetry=mode, finite_check=False)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(50)
+            with Count() as c:
+                opt.first_step()
+                for p in params:
+                    p.grad = torch.randn(50)
+                opt.second_step()
+        counts[mode] = c.ops
+    assert counts[False] == ["sam_kernels.grad_sq_norm", "sam_kernels.perturb_", "sam_kernels.sgd_restore_step_"]
+    for mode in (True, "norms"):
+        extra = list(counts[mode])
+        for op in counts[False]:
+            extra.remove(op)
+        assert extra == ["aten.zeros"], (mode, counts[mode])
