@@ -96,28 +96,33 @@ def _with_state_following(call, states: list[dict], params: list[torch.Tensor], 
     return call()
 
 
-def _telemetry_kwargs(telemetry: Optional[tuple], params: list[torch.Tensor]) -> dict:
-    """``ascent_grads``/``sums`` of one launch (see :meth:`.stats.Telemetry.fused_args`: g(w) by
-    ``id`` of its param), or none."""
+def _with_telemetry(call, telemetry, params: list[torch.Tensor]):
+    """``call(**kwargs)`` with the telemetry arguments of one launch (:class:`.stats.FusedSums`, or
+    None). A g(w) list the kernel rejects (a param cast or moved between the passes) is dropped and
+    the call made again with the sums only: the step goes on, that step's cosine is unknown."""
     if telemetry is None:
-        return {}
-    ascent_of, sums = telemetry
-    return {"sums": sums} if ascent_of is None else {"sums": sums, "ascent_grads": [ascent_of[id(p)] for p in params]}
+        return call()
+    if telemetry.ascent_of is not None and telemetry.dot_ok:
+        try:
+            return call(sums=telemetry.sums, ascent_grads=[telemetry.ascent_of[id(p)] for p in params])
+        except (TypeError, ValueError):  # rejected before anything was written
+            telemetry.dot_ok = False
+    return call(sums=telemetry.sums)
 
 
-def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry: Optional[tuple]) -> None:
+def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry) -> None:
     for bucket in _by_hyperparams(entries, _SGD_KEYS):
         group = bucket[0][0]
         _, params, backups, grads = map(list, zip(*bucket))
-        tele = _telemetry_kwargs(telemetry, params)
         momentum = group["momentum"]
         states = [base.state[p] for p in params] if momentum else []
         def call():
             old = [st.get("momentum_buffer") for st in states] if momentum else None
-            return old, ops.sgd_restore_step_(params, backups, grads, old, lr=group["lr"], momentum=momentum,
-                                              dampening=group["dampening"], weight_decay=group["weight_decay"],
-                                              nesterov=group["nesterov"], maximize=group["maximize"],
-                                              backend=backend, **amp, **tele)
+            return old, _with_telemetry(
+                lambda **tele: ops.sgd_restore_step_(params, backups, grads, old, lr=group["lr"], momentum=momentum,
+                                                     dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                                     nesterov=group["nesterov"], maximize=group["maximize"],
+                                                     backend=backend, **amp, **tele), telemetry, params)
         old, bufs = _with_state_following(call, states, params, ("momentum_buffer",), backups)
         if momentum:
             for st, before, buf in zip(states, old, bufs):
@@ -125,7 +130,7 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry: Optional
                     st["momentum_buffer"] = buf
 
 
-def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry: Optional[tuple]) -> None:
+def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry) -> None:
     states = [base.state[p] for _, p, _, _ in entries]
     for (_, p, _, _), st in zip(entries, states):
         if len(st) == 0:  # the layout torch.optim.AdamW creates on its first step
@@ -146,7 +151,7 @@ def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry: Opti
         torch._foreach_add_(steps, amp["found_inf"].to(steps[0].device, steps[0].dtype), alpha=-1)
 
 
-def _adamw_launches(entries, step_of: dict, backend, amp: dict, telemetry: Optional[tuple]) -> None:
+def _adamw_launches(entries, step_of: dict, backend, amp: dict, telemetry) -> None:
     """One launch per (hyperparameters, step count): usually one for the whole model."""
     for bucket in _by_hyperparams(entries, _ADAMW_KEYS):
         by_step: dict = {}
@@ -158,11 +163,13 @@ def _adamw_launches(entries, step_of: dict, backend, amp: dict, telemetry: Optio
             _, params, backups, grads, sts = map(list, zip(*items))
             beta1, beta2 = group["betas"]
             _with_state_following(
-                lambda: ops.adamw_restore_step_(params, backups, grads, [st["exp_avg"] for st in sts],
-                                                [st["exp_avg_sq"] for st in sts], step, lr=group["lr"], beta1=beta1,
-                                                beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                                                maximize=group["maximize"], backend=backend, **amp,
-                                                **_telemetry_kwargs(telemetry, params)),
+                lambda: _with_telemetry(
+                    lambda **tele: ops.adamw_restore_step_(params, backups, grads, [st["exp_avg"] for st in sts],
+                                                           [st["exp_avg_sq"] for st in sts], step, lr=group["lr"],
+                                                           beta1=beta1, beta2=beta2, eps=group["eps"],
+                                                           weight_decay=group["weight_decay"],
+                                                           maximize=group["maximize"], backend=backend, **amp, **tele),
+                    telemetry, params),
                 sts, params, ("exp_avg", "exp_avg_sq"), backups)
 
 
@@ -191,14 +198,14 @@ def _generic_step(base: torch.optim.Optimizer, grad_scale: Optional[torch.Tensor
 
 def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.Tensor, torch.Tensor],
                      backend: Optional[str], grad_scale: Optional[torch.Tensor] = None,
-                     found_inf: Optional[torch.Tensor] = None, telemetry: Optional[tuple] = None) -> None:
+                     found_inf: Optional[torch.Tensor] = None, telemetry=None) -> None:
     """Restore every perturbed param from its backup (``backup_of[p]``, in ``perturbed`` order) and
     take the base step, fused when possible. The caller has rejected sparse gradients.
 
     AMP: ``grad_scale`` is the loss scale the grads carry, a non-zero ``found_inf`` skips the update
-    (weights end at the backups, state untouched). ``telemetry``: (id(param) -> g(w) or None, sums) for
-    the fused descent's sums (``ops.sgd_restore_step_``); only used on the fused path, whose
-    entries are then exactly the params with a gradient. Errors propagate; the caller restores.
+    (weights end at the backups, state untouched). ``telemetry``: the fused descent's sums
+    (:class:`.stats.FusedSums`); only used on the fused path, whose entries are then exactly the
+    params with a gradient. Errors propagate; the caller restores.
     """
     base = sam.base_optimizer
     kind = fused_kind(base)

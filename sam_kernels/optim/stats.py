@@ -126,6 +126,16 @@ def record_bytes(records) -> dict[str, int]:
     return out
 
 
+class FusedSums:
+    """The fused descent's telemetry arguments for one SAM step (ours): ``sums`` (2 elements,
+    zeroed) gets [Σ g(w + e)², Σ ⟨g(w), g(w + e)⟩] added by every launch; ``ascent_of``: id(param) →
+    g(w), or None (no dot). ``dot_ok`` turns False when a launch dropped the dot because the kernel
+    rejected a g(w) (its param was cast or moved between the passes): the cosine is then unknown."""
+
+    def __init__(self, ascent_of: Optional[dict], sums: torch.Tensor):
+        self.ascent_of, self.sums, self.dot_ok = ascent_of, sums, True
+
+
 class Telemetry:
     """The telemetry and counters of one optimizer (``SAM.telemetry``); see the module docstring.
 
@@ -223,17 +233,21 @@ class Telemetry:
             return sq
         firsts = self.pending.get("firsts")
         ascent = self._ascent_grads(firsts, params, grads) if firsts is not None else None
-        both = [] if ascent is None else [(a, g) for a, g in zip(ascent, grads) if a is not None]
-        every = len(both) == len(grads) and len(both) == len(firsts[0])
-        if not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (every or (sq is None and not both)):
-            # the descent's own pass reads g(w + e): it adds ‖g(w + e)‖² (and the dot with g(w)) to sums
-            self.pending["sums"] = torch.zeros(2, dtype=acc_dtype(grads[0].dtype), device=grads[0].device)
-            self.pending["ascent_of"] = dict(zip(map(id, params), ascent)) if every else None
+        every = ascent is not None and len(firsts[0]) == len(params) and all(a is not None for a in ascent)
+        if not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (
+                every or (sq is None and (ascent is None or not any(a is not None for a in ascent)))):
+            # the descent's own pass reads g(w + e): it adds ‖g(w + e)‖² (and the dot with g(w)) to sums.
+            # (A g(w) whose dtype or device no longer matches is rejected by the kernel: see FusedSums.)
+            sums = torch.zeros(2, dtype=acc_dtype(grads[0].dtype), device=grads[0].device)
+            self.pending["fused"] = FusedSums(dict(zip(map(id, params), ascent)) if every else None, sums)
             if sq is not None:
                 self.pending["g2_sq"] = sq
             return sq
         g2_sq = sq if sq is not None else ops.grad_sq_norm(grads, backend=sam.backend)
         self.pending["g2_sq"] = g2_sq
+        # the pairs whose g(w) still matches g(w + e) (a param cast or moved between the passes has none)
+        both = [] if ascent is None else [(a, g) for a, g in zip(ascent, grads) if a is not None and
+                                          a.shape == g.shape and a.dtype == g.dtype and a.device == g.device]
         if not both:  # telemetry="norms", or no tensor has both gradients
             return g2_sq
         a, b = [x for x, _ in both], [y for _, y in both]
@@ -245,8 +259,8 @@ class Telemetry:
 
     def _ascent_grads(self, firsts: tuple, params: list[torch.Tensor],
                       grads: list[torch.Tensor]) -> Optional[list[Optional[torch.Tensor]]]:
-        """g(w) aligned with the descent's ``params`` (None where a param has none, or one of another
-        shape, dtype or device: cast or moved between the passes); None when a held g(w) was written."""
+        """g(w) aligned with the descent's ``params`` (None where a param has none); None when a held
+        g(w) was written."""
         held = self.pending.pop("held", None)
         if held is not None and not self._intact(firsts[1], held, grads):
             return None
@@ -255,8 +269,7 @@ class Telemetry:
         else:
             of = dict(zip(map(id, firsts[0]), firsts[1]))
             ascent = [of.get(id(p)) for p in params]
-        return [a if a is not None and a.shape == g.shape and a.dtype == g.dtype and a.device == g.device else None
-                for a, g in zip(ascent, grads)]
+        return ascent
 
     def _intact(self, held_grads: list[torch.Tensor], held: tuple, grads: list[torch.Tensor]) -> bool:
         """Whether the held g(w) tensors still hold g(w): none was written since first_step (version
@@ -275,10 +288,9 @@ class Telemetry:
                       RuntimeWarning, stacklevel=5)
         return False
 
-    def fused_args(self) -> Optional[tuple[Optional[dict], torch.Tensor]]:
-        """(id(param) -> g(w), or None for no dot; sums) for the fused descent of this SAM step, when telemetry wants them."""
-        sums = self.pending.get("sums")
-        return None if sums is None else (self.pending.get("ascent_of"), sums)
+    def fused_args(self) -> Optional["FusedSums"]:
+        """What the fused descent of this SAM step adds its sums into, when telemetry wants them."""
+        return self.pending.get("fused")
 
     def finish(self, sam, sam_step: bool) -> None:
         """End of an optimizer step: counters; on a SAM step, its raw values join the records that
@@ -294,7 +306,9 @@ class Telemetry:
         pending, self.pending = self.pending, {}
         if not (self.enabled and sam_step and "g1_sq" in pending):
             return
-        pending["fused_dot"] = pending.get("ascent_of") is not None
+        fused = pending.get("fused")
+        if fused is not None:
+            pending["sums"], pending["fused_dot"] = fused.sums, fused.ascent_of is not None and fused.dot_ok
         pending["found"] = sam._found  # AMP overflow of this step (skipped): keeps the old values
         self.records.append({k: pending.get(k) for k in _RECORD})
         if len(self.records) >= FOLD or torch.compiler.is_compiling():
