@@ -144,7 +144,7 @@ class Telemetry:
     """
 
     def __init__(self, mode: Union[bool, str] = False, decay: float = 0.9):
-        if mode not in (False, True, "norms"):
+        if not (mode is False or mode is True or mode == "norms"):
             raise ValueError(f"telemetry must be False, True or 'norms', got {mode!r}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"telemetry_decay must be in [0, 1), got {decay}")

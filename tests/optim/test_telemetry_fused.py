@@ -306,3 +306,30 @@ def test_telemetry_adds_at_most_one_device_op_to_a_step():
         for op in counts[False]:
             extra.remove(op)
         assert extra == ["aten.zeros"], (mode, counts[mode])
+
+
+def test_values_of_a_loaded_state_dict_are_not_shown_while_telemetry_is_off():
+    """A state dict saved with telemetry=True, loaded into an optimizer with telemetry off: its values
+    must not show as if they were live (they never update); "norms" shows no cosine. (Found by a
+    new-user trial.)"""
+    model, data = model_and_data()
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, telemetry=True)
+    for x, y in data[:2]:
+        closure_step(model, opt, x, y)
+    sd = opt.state_dict()
+    for mode in (False, "norms"):
+        other_model, _ = model_and_data()
+        other = sk.SAM(other_model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, telemetry=mode)
+        other.load_state_dict(sd)
+        closure_step(other_model, other, *data[2])
+        for ema in (False, True):
+            st = other.stats(ema=ema)
+            assert st["steps"] == 3 and math.isnan(st["grad_cosine"]), (mode, ema)
+            assert math.isnan(st["grad_norm"]) == (mode is False), (mode, ema)
+
+
+@pytest.mark.parametrize("bad", [1, 0, "cosine", None])
+def test_telemetry_option_is_checked(bad):
+    model, _ = model_and_data()
+    with pytest.raises(ValueError, match="telemetry must be"):
+        sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, telemetry=bad)
