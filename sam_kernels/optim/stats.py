@@ -340,8 +340,11 @@ class Telemetry:
         g1, s2 = col("g1_sq"), col("scale", one).square()
         g2 = col("g2_sq")
         cosine = col("dot") / (col("n1", fallback="g1_sq") * col("n2", fallback="g2_sq")).sqrt()
-        rho = torch.tensor([math.nan if r["plain_rho"] is None else r["plain_rho"] for r in records],
-                           dtype=torch.float32).to(device, non_blocking=True)
+        rhos = {r["plain_rho"] for r in records}  # one rho (or none) in the usual run: a fill, no copy
+        rho = (torch.full((len(records),), math.nan if rhos == {None} else rhos.pop(), device=device)
+               if len(rhos) == 1 else
+               torch.tensor([math.nan if r["plain_rho"] is None else r["plain_rho"] for r in records],
+                            dtype=torch.float32).to(device, non_blocking=True))  # pageable: staged, no sync
         r = g1.sqrt()
         # plain SAM: ‖e‖ = rho·‖g‖/(‖g‖ + eps·S); a non-finite norm leaves w unperturbed (e = 0)
         plain = torch.nan_to_num(rho * r / (r + _PERTURB_EPS * s2.sqrt()), nan=0.0, posinf=0.0)

@@ -333,3 +333,26 @@ def test_telemetry_option_is_checked(bad):
     model, _ = model_and_data()
     with pytest.raises(ValueError, match="telemetry must be"):
         sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, telemetry=bad)
+
+
+def test_a_batched_fold_with_a_changing_rho():
+    """rho changed between steps (a rho schedule) and steps of another kind (ASAM) in one batch:
+    each step's ‖e‖ uses its own rho, as a fold per step does."""
+    runs = []
+    for read_every_step in (True, False):
+        model, data = model_and_data()
+        opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, telemetry=True)
+        norms = []
+        for i, rho in enumerate((0.05, 0.1, 0.2, 0.2)):
+            opt.param_groups[0]["rho"] = rho
+            opt.param_groups[0]["adaptive"] = i == 2
+            closure_step(model, opt, *data[i])
+            if read_every_step:
+                norms.append(opt.stats()["perturbation_norm"])
+        runs.append((opt.stats(), opt.stats(ema=True), norms))
+    (a, a_ema, norms), (b, b_ema, _) = runs
+    assert norms[0] == pytest.approx(0.05, rel=1e-6) and norms[1] == pytest.approx(0.1, rel=1e-6)
+    assert norms[3] == pytest.approx(0.2, rel=1e-6)
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-5, nan_ok=True), k
+        assert a_ema[k] == pytest.approx(b_ema[k], rel=1e-5, nan_ok=True), k
