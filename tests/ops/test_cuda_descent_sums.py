@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import sam_kernels.ops as ops
-from sam_kernels._extension import extension_error, has_kernel
 from sam_kernels.ops import extension_ops as ext
+from tests.ops.cuda_utils import capture, need_cuda_kernel, randn
 from tests.utils import DTYPE_IDS, DTYPES, assert_close, assert_lists_close, assert_lists_equal
 
 pytestmark = [
@@ -35,24 +35,11 @@ SGD_ARGS = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=
 ADAMW_ARGS = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False)
 
 
-@pytest.fixture(params=["small", "auto"])
-def tables(request, monkeypatch):
-    """Both kernel-argument table sizes: 4 KB forced, and the default (32 KB where the driver allows)."""
-    monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", request.param)
-    return request.param
-
-
 @pytest.fixture(autouse=True)
 def _need_kernels():
-    if not torch.cuda.is_available():
-        return
-    if not has_kernel("sgd_restore_step_", "CUDA"):
-        pytest.skip(extension_error() or "sam_kernels._C was built without CUDA kernels")
+    need_cuda_kernel("sgd_restore_step_")
 
 
-def _randn(sizes, dtype, seed, scale=1.0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return [(torch.randn(n, device="cuda", dtype=torch.float64, generator=g) * scale).to(dtype) for n in sizes]
 
 
 def _many_sizes():
@@ -82,11 +69,11 @@ def _problem(sizes, dtype, telemetry, amp, misaligned=False):
         return out
 
     def lists(seed, s=1.0):
-        return place(_randn(sizes, dtype, seed, s))
+        return place(randn(sizes, dtype, seed, s))
 
     p = dict(params=lists(1), backups=lists(2), grads=lists(3, scale), bufs=lists(4), exp_avgs=lists(5),
-             exp_avg_sqs=place([t.abs() for t in _randn(sizes, dtype, 6)]))
-    noise = _randn(sizes, dtype, 7, scale)
+             exp_avg_sqs=place([t.abs() for t in randn(sizes, dtype, 6)]))
+    noise = randn(sizes, dtype, 7, scale)
     p["ascent_grads"] = place([(0.5 * g.double() + n.double()).to(dtype) for g, n in zip(p["grads"], noise)])
     p["amp"] = {} if amp == "off" else dict(
         grad_scale=torch.tensor(scale, device="cuda"),
@@ -279,14 +266,7 @@ def test_cuda_graph_capture_of_a_descent_with_sums(op, tables):
                                     eps=1e-8, weight_decay=0.01, backend="cuda", ascent_grads=p["ascent_grads"],
                                     sums=sums, **p["amp"])
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture (allocator, lazy init)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(step)
     for dst, src in ((params, p["params"]), (bufs, p["bufs"]), (m, p["exp_avgs"]), (v, p["exp_avg_sqs"])):
         for d, s in zip(dst, src):
             d.copy_(s)

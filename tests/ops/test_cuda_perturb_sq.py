@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import sam_kernels.ops as ops
-from sam_kernels._extension import extension_error, has_kernel
 from sam_kernels.ops import extension_ops as ext
+from tests.ops.cuda_utils import capture, need_cuda_kernel, randn
 from tests.utils import DTYPE_IDS, DTYPES, assert_close, assert_lists_close, assert_lists_equal
 
 pytestmark = [
@@ -45,24 +45,11 @@ OUTPUTS = [(torch.float32, ()), (torch.float64, (1,))]
 OUTPUT_IDS = ["f32-0dim", "f64-1"]
 
 
-@pytest.fixture(params=["small", "auto"])
-def tables(request, monkeypatch):
-    """Both kernel-argument table sizes: 4 KB forced, and the default (32 KB where the driver allows)."""
-    monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", request.param)
-    return request.param
-
-
 @pytest.fixture(autouse=True)
 def _need_kernels():
-    if not torch.cuda.is_available():
-        return
-    if not has_kernel("perturb_", "CUDA"):
-        pytest.skip(extension_error() or "sam_kernels._C was built without CUDA kernels")
+    need_cuda_kernel("perturb_")
 
 
-def _randn(sizes, dtype, seed, scale=1.0):
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    return [(torch.randn(n, device=DEVICE, dtype=torch.float64, generator=g) * scale).to(dtype) for n in sizes]
 
 
 def _many_sizes():
@@ -101,12 +88,12 @@ def _problem(sizes, dtype, condition="off", misaligned=False):
             out.append(storage[1:])
         return out
 
-    grads = _randn(sizes, dtype, 3, scale)
+    grads = randn(sizes, dtype, 3, scale)
     if condition == "inf-grad":
         grads[0][5] = float("inf")
-    p = dict(params=place(_randn(sizes, dtype, 1)), grads=place(grads), rho=0.05 * sum(sizes) ** 0.5,
+    p = dict(params=place(randn(sizes, dtype, 1)), grads=place(grads), rho=0.05 * sum(sizes) ** 0.5,
              backups=place([torch.full((n,), 7.0, device=DEVICE, dtype=dtype) for n in sizes]),
-             masks=place([t > 0 for t in _randn(sizes, torch.float32, 4)]), kw={})
+             masks=place([t > 0 for t in randn(sizes, torch.float32, 4)]), kw={})
     if condition.startswith("amp"):
         p["kw"] = dict(grad_scale=torch.tensor(scale, device=DEVICE),
                        found_inf=torch.tensor(1.0 if condition == "amp-skip" else 0.0, device=DEVICE))
@@ -288,14 +275,7 @@ def test_cuda_graph_capture_of_perturb_with_perturbation_sq(variant, tables):
                      adaptive=v.get("adaptive", False), keep_prob=v.get("keep_prob"), seed=11, backend=BACKEND,
                      perturbation_sq=out, **p["kw"])
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture (allocator, lazy init)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(step)
     for d, s in zip(params, p["params"]):
         d.copy_(s)
     out.zero_()

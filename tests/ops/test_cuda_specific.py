@@ -7,9 +7,9 @@ compared with the eager reference on the same device. Every test skips without a
 import pytest
 import torch
 
-from sam_kernels._extension import extension_error, has_kernel
 from sam_kernels.ops import extension_ops as ext
 from sam_kernels.ops import reference as ref
+from tests.ops.cuda_utils import capture, need_cuda_kernel
 from tests.utils import assert_lists_close, assert_lists_equal
 
 pytestmark = [
@@ -25,19 +25,9 @@ BLOCK_CAP_ELEMENTS = 320 * 65536
 LARGE_BLOCK_CAP_ELEMENTS = 2048 * 65536
 
 
-@pytest.fixture(params=["small", "auto"])
-def tables(request, monkeypatch):
-    """Both kernel-argument table sizes: 4 KB forced, and the default (32 KB where the driver allows)."""
-    monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", request.param)
-    return request.param
-
-
 @pytest.fixture(autouse=True)
 def _need_kernels():
-    if not torch.cuda.is_available():
-        return
-    if not has_kernel("perturb_", "CUDA"):
-        pytest.skip(extension_error() or "sam_kernels._C was built without CUDA kernels")
+    need_cuda_kernel("perturb_")
 
 
 def _randn(sizes, dtype=torch.float32, seed=0):
@@ -320,14 +310,7 @@ def test_cuda_graph_capture_of_a_sam_step(tables):
         ext.sgd_restore_step_(params, backups, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
                               nesterov=False, maximize=False, init_buffers=False)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture (allocator, lazy init)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(step)
     for p, p0 in zip(params, params0):
         p.copy_(p0)
     for b, b0 in zip(bufs, bufs0):
