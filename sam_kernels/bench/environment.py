@@ -42,7 +42,8 @@ def cpu_cores() -> int:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({cpu_cores()} cores, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{cpu_model()} ({cpu_cores()} cores, {threads} thread{'s' if threads != 1 else ''})"
 
 
 def device_slug(device: torch.device) -> str:
