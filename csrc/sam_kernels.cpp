@@ -19,10 +19,11 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def("grad_sq_norm(Tensor[] grads, Tensor[]? params, Tensor[]? masks, float eta) -> Tensor");
   m.def("dot(Tensor[] a, Tensor[] b) -> Tensor");
   // keys: one 32-bit RNG key per tensor (ignored when keep_prob >= 1). Telemetry:
-  // `perturbation_sq` (1 element, fp32/fp64) += Σ (w_new − w)² as stored, in the same pass.
+  // `perturbation_sq` (1 element, fp32/fp64) += Σ (w_new − w)² as stored, in the same pass;
+  // `grad_copies` ← grads, bitwise, every element (g(w) kept for the cosine), in the same pass.
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor sq_norm, float rho, "
         "float eps, Tensor[]? masks, bool adaptive, float eta, float keep_prob, int[] keys, "
-        "Tensor(c!)? perturbation_sq=None) -> ()");
+        "Tensor(c!)? perturbation_sq=None, Tensor(d!)[]? grad_copies=None) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   // AMP: grads carry the loss scale `grad_scale` (divided out in the kernel); a non-zero
   // `found_inf` skips the update on the device (params <- backups, state untouched).

@@ -9,10 +9,12 @@ namespace {
 
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq_norm,
                  double rho, double eps, std::optional<at::TensorList> masks, bool adaptive, double eta,
-                 double keep_prob, at::IntArrayRef keys, const std::optional<at::Tensor>& perturbation_sq) {
+                 double keep_prob, at::IntArrayRef keys, const std::optional<at::Tensor>& perturbation_sq,
+                 std::optional<at::TensorList> grad_copies) {
   const uint32_t threshold =
       sam_kernels::check_perturb_args(params, grads, backups, masks, keep_prob, keys, c10::DeviceType::CPU);
   if (perturbation_sq) sam_kernels::check_sums_tensor("perturb_", "perturbation_sq", *perturbation_sq, 1, params);
+  if (grad_copies) check_list("perturb_", "grad_copies", params, *grad_copies);
   const bool keep = keep_prob < 1.0;
   const auto chunks = make_chunks(params);
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "perturb_", [&] {
@@ -34,6 +36,10 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
       const bool* m = masks ? data<bool>((*masks)[c.tensor]) : nullptr;
       const uint32_t key = keep ? static_cast<uint32_t>(keys[c.tensor]) : 0u;
       std::copy(w + lo, w + hi, b + lo);
+      if (grad_copies) {  // g(w) for telemetry, from the piece the loop below reads (in cache)
+        scalar_t* copy = data<scalar_t>((*grad_copies)[c.tensor]);
+        std::copy(g + lo, g + hi, copy + lo);
+      }
       if (!finite) return;
       // Selections are per element (bool mask, hash): the scalar path, which skips unselected
       // entries instead of adding zero, so they stay bitwise unchanged (-0.0 included).

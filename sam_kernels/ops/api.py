@@ -288,7 +288,7 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
              masks: Optional[Tensors] = None, adaptive: bool = False, eta: float = 0.01, eps: float = 1e-12,
              keep_prob: Optional[float] = None, seed: Optional[int] = None, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None, perturbation_sq: Optional[torch.Tensor] = None,
-             backend: Optional[str] = None) -> None:
+             grad_copies: Optional[Tensors] = None, backend: Optional[str] = None) -> None:
     """backups ← params; params += rho·s·(m ⊙ T² ⊙ g)·keep/keep_prob, s = 1/(sqrt(sq_norm) + eps).
 
     ``sq_norm`` defaults to the UNMASKED ``grad_sq_norm(grads, params=params if adaptive)`` (Sparse
@@ -307,7 +307,9 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
 
     Telemetry (ours): ``perturbation_sq`` (a float32/float64 tensor of 1 element, on the params'
     device) gets ‖e‖² as applied ADDED — Σ (w_new − w)² over the stored values, in the pass that
-    writes them (exactly 0 from unchanged entries). DTensors: summed over the mesh.
+    writes them (exactly 0 from unchanged entries). DTensors: summed over the mesh. ``grad_copies``
+    (a list aligned with ``params``, like ``grads``): ← grads, bitwise, in the pass that reads them
+    (g(w) kept for telemetry's cosine; every element, whatever the mask, norm or ``found_inf``).
     Raises TypeError/ValueError before writing anything.
     """
     _require_list("perturb_", params)
@@ -324,15 +326,20 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
         sq_norm = amp_sq_norm(sq_norm, grad_scale, found_inf, eps)
     rho, eps, adaptive, eta = float(rho), float(eps), bool(adaptive), float(eta)
 
-    tele = {} if perturbation_sq is None else {"perturbation_sq": None}
+    if grad_copies is not None:
+        _require_list("perturb_", grad_copies)
 
     def call(fn, pick, device):
-        if tele:
+        tele = {}
+        if perturbation_sq is not None:
             tele["perturbation_sq"] = applied.on(device)
+        if grad_copies is not None:
+            tele["grad_copies"] = pick(grad_copies)
         fn(pick(params), pick(grads), pick(backups), sq_norm.to(device), rho, eps, pick(masks), adaptive, eta, keep,
            pick(keys), **tele)
 
-    _launch("perturb_", backend, call, params, grads=grads, backups=backups, masks=masks)
+    _launch("perturb_", backend, call, params, int(grad_copies is not None), grads=grads, backups=backups,
+            masks=masks, grad_copies=grad_copies)
     applied.finish()
 
 

@@ -65,7 +65,8 @@ class Part:
 @dataclass(frozen=True)
 class Record:
     """What one op call ran: its parts in launch order; ``extra_lists``: tensor lists the call read
-    beyond the op's own (the fused descents' ``ascent_grads``, telemetry)."""
+    or wrote beyond the op's own (telemetry: the descents' ``ascent_grads``, perturb_'s
+    ``grad_copies``)."""
     op: str
     parts: tuple[Part, ...]
     extra_lists: int = 0

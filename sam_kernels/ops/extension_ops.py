@@ -24,8 +24,10 @@ def dot(a, b):
     return _op("dot")(a, b)
 
 
-def perturb_(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys, perturbation_sq=None):
-    _op("perturb_")(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys, perturbation_sq)
+def perturb_(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys, perturbation_sq=None,
+             grad_copies=None):
+    _op("perturb_")(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys, perturbation_sq,
+                    grad_copies)
 
 
 def restore_(params, backups):

@@ -127,7 +127,7 @@ def in_memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.Tensor, rho: float, eps: float,
              masks: MaskList, adaptive: bool, eta: float, keep_prob: float, keys: Sequence[int],
-             perturbation_sq: Optional[torch.Tensor] = None) -> None:
+             perturbation_sq: Optional[torch.Tensor] = None, grad_copies: Optional[Tensors] = None) -> None:
     """backups ← params; params += s·(m ⊙ T² ⊙ g)·keep/keep_prob, s = rho/(sqrt(sq_norm)+eps).
 
     A non-finite ``sq_norm`` leaves params bitwise unchanged (the backup is still taken), so a NaN
@@ -135,9 +135,12 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.T
     Entries outside ``masks`` / the keep mask are left bitwise unchanged.
     Telemetry (ours): ``perturbation_sq`` (1 element, fp32/fp64) += ‖e‖² AS APPLIED, Σ (w_new − w)²
     over the stored values in the compute dtype (accumulated like :func:`grad_sq_norm`; unchanged
-    entries add exactly 0), in the pass that writes w_new.
+    entries add exactly 0), in the pass that writes w_new. ``grad_copies`` (ours): ← grads, bitwise,
+    every element whatever the mask or norm (g(w) kept for the cosine while the pass reads it).
     """
     torch._foreach_copy_(list(backups), list(params))
+    if grad_copies is not None:
+        torch._foreach_copy_(list(grad_copies), list(grads))
     cdt = acc_dtype(params[0].dtype)
     scale = rho / (sq_norm.to(cdt).sqrt() + eps)
     if keep_prob < 1.0:

@@ -120,7 +120,7 @@ def record_bytes(records) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in records:
         units, extra = FLOOR_UNITS.get(r.op, (0, 0))
-        units += r.extra_lists  # lists read beyond the op's own (the descents' ascent_grads)
+        units += r.extra_lists  # lists read or written beyond the op's own (ascent_grads, grad_copies)
         for p in r.parts:
             out[p.backend] = out.get(p.backend, 0) + (units * _elem_size(p.dtype) + extra) * p.elements
     return out
