@@ -82,7 +82,7 @@ def test_host_case_is_resnet50_tensor_count():
 def test_telemetry_bench_smoke(tmp_path):
     """The telemetry bench runs and reports the bytes each mode adds at the ops' floors: "norms"
     nothing, held g(w) one read of the gradients (+4N over 40N without the finite check), a copy of
-    g(w) (in-place zeroing loops) a read and a write more (+12N)."""
+    g(w) (in-place zeroing loops) one write more, inside perturb_'s pass (+8N)."""
     from sam_kernels.bench import telemetry_bench
 
     out = tmp_path / "telemetry.json"
@@ -91,5 +91,5 @@ def test_telemetry_bench_smoke(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["extra_bytes_pct"]["norms"] == 0.0
     assert row["extra_bytes_pct"]["on"] == pytest.approx(10.0)
-    assert row["extra_bytes_pct"]["copy"] == pytest.approx(30.0)
+    assert row["extra_bytes_pct"]["copy"] == pytest.approx(20.0)
     assert out.with_suffix(".md").exists()

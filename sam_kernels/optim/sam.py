@@ -356,13 +356,17 @@ class SAM(torch.optim.Optimizer):
         applied = self.telemetry.perturbation_sq(params) if not plain else None
         if applied is not None:
             extra["perturbation_sq"] = applied
+        copies = self.telemetry.grad_copies(self, params, grads) if chosen is None else None
+        if copies is not None:  # g(w) for the cosine, written by perturb_ while it reads the grads
+            extra["grad_copies"] = copies
         done: list[int] = []
         try:
             for b, ((rho, adaptive, eta), idx) in enumerate(buckets.items()):
                 whole = len(idx) == len(params)
                 ps = params if whole else [params[i] for i in idx]
                 gs = grads if whole else [grads[i] for i in idx]
-                kw = {k: ([v[i] for i in idx] if k == "masks" and v is not None else v) for k, v in extra.items()}
+                kw = {k: ([v[i] for i in idx] if k in ("masks", "grad_copies") and v is not None else v)
+                      for k, v in extra.items()}
                 kw.setdefault("sq_norm", sq)
                 if b and kw.get("seed") is not None:
                     # perturb_ keys its element RNG by (seed, position in this bucket): give each bucket
@@ -385,7 +389,7 @@ class SAM(torch.optim.Optimizer):
         if self.telemetry.enabled:
             everyone = entries if chosen is None else self._with_grads()
             self.telemetry.ascended(self, entries, everyone, sq, extra, next(iter(buckets))[0] if plain else None,
-                                    scale, applied)
+                                    scale, applied, copies)
 
     def _set_perturbed(self, params: Optional[list[torch.Tensor]],
                        backups: Optional[list[torch.Tensor]] = None) -> None:

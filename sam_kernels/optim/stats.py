@@ -30,7 +30,8 @@ no descent modifier, the fused descent (``ops.sgd_restore_step_``/``adamw_restor
 ``ascent_grads``/``sums``) adds ‖g(w + e)‖² and ⟨g(w), g(w + e)⟩ in the pass that reads g(w + e)
 for the update: the cosine costs one read of g(w) (N), ‖g(w + e)‖ nothing; that read is the floor
 of the cosine, since g(w) and g(w + e) never exist in one pass otherwise (+10 % of the 10N-access
-SAM-SGD step). A loop that writes p.grad in place pays the copy too (read and write N). Other base
+SAM-SGD step). A loop that writes p.grad in place pays the copy too, written by ``perturb_``
+(``grad_copies``) in the pass that reads g(w): one write of N. Other base
 optimizers, Stable SAM and LookSAM: ‖g(w + e)‖ reuses the descent's finite check (else a
 ``grad_sq_norm``, read N) and the dot is its own op (read 2N). ``telemetry="norms"`` leaves the
 cosine out: plain SAM then pays no pass over the parameters at all. ``grad_norm`` reuses the ascent
@@ -177,14 +178,24 @@ class Telemetry:
             return None
         return torch.zeros((), dtype=acc_dtype(params[0].dtype), device=params[0].device)
 
+    def grad_copies(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
+        """The buffers ``perturb_`` copies g(w) into, in its pass, when the cosine needs a copy: the loop
+        writes p.grad in place (or the step is compiled) and LookSAM keeps no copy of its own. The
+        caller passes every param with a gradient (all of them are perturbed)."""
+        if not self.cosine or not params or (self.hold_grads and not torch.compiler.is_compiling()):
+            return None
+        if sam.modifiers and all(sam.state[p].get("looksam_g") is not None for p in params):
+            return None
+        return self._buffers(sam, params, grads)
+
     def ascended(self, sam, entries, everyone, sq: Optional[torch.Tensor], extra: dict,
                  plain_rho: Optional[float], scale: Optional[torch.Tensor],
-                 applied_sq: Optional[torch.Tensor] = None) -> None:
+                 applied_sq: Optional[torch.Tensor] = None, copied: Optional[list[torch.Tensor]] = None) -> None:
         """After a successful perturbation: g(w) held or copied, ‖g(w)‖², ‖e‖². ``entries``: the
         perturbed (group, param); ``everyone``: every (group, param) with a gradient; ``sq``: the
         ascent norm (scaled); ``plain_rho``: set when the ascent was plain SAM with that rho over all
         entries (one bucket, no ASAM/masks/keep mask/variant norm); ``applied_sq``: otherwise, ‖e‖²
-        as perturb_ applied it."""
+        as perturb_ applied it; ``copied``: g(w) as perturb_ copied it (:meth:`grad_copies`)."""
         if not self.enabled:
             return
         keep = {k: v for k, v in self.pending.items() if k == "before"}
@@ -203,6 +214,8 @@ class Telemetry:
             copies = [sam.state[p].get("looksam_g") for p in params] if sam.modifiers else [None]
             if all(f is not None and f.shape == g.shape for f, g in zip(copies, grads)):  # LookSAM's own copy
                 firsts = (params, copies)
+            elif copied is not None:
+                firsts = (params, copied)
             elif self.hold_grads and not torch.compiler.is_compiling():
                 # g(w) itself: the loop replaces p.grad (zero_grad's set_to_none), so the tensor stays
                 # intact while referenced; descending() checks that (version counter, storage).
@@ -213,14 +226,19 @@ class Telemetry:
         # raw device scalars only: the maths runs batched at the next fold (_fold)
         self.pending.update(firsts=firsts, g1_sq=g1_sq, scale=scale, plain_rho=plain_rho, e_sq=applied_sq)
 
-    def _copies(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """A copy of g(w) in ``sam.state`` (loops that zero p.grad in place, torch.compile)."""
+    def _buffers(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Buffers for a copy of g(w) in ``sam.state``, made like each grad."""
         copies = []
         for p, g in zip(params, grads):
             b = sam.state[p].get(SCRATCH_KEY)
-            if b is None or b.shape != g.shape or b.dtype != g.dtype or b.device != g.device:
+            if b is None or b.shape != g.shape or b.dtype != g.dtype or b.device != g.device or b.stride() != g.stride():
                 b = sam.state[p][SCRATCH_KEY] = torch.empty_like(g, memory_format=torch.preserve_format)
             copies.append(b)
+        return copies
+
+    def _copies(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A copy of g(w) (a perturbation of a subset: ESAM's selection)."""
+        copies = self._buffers(sam, params, grads)
         ops.restore_(copies, grads, backend=sam.backend)  # a bitwise list copy
         return copies
 
@@ -284,7 +302,7 @@ class Telemetry:
         warnings.warn("telemetry: the first-pass gradients g(w) were written before the descent (the loop zeroes or "
                       "accumulates p.grad in place, e.g. zero_grad(set_to_none=False), or DDP's "
                       "gradient_as_bucket_view): grad_cosine is NaN for this step, and from the next step on the "
-                      "optimizer keeps a copy of g(w) (one more read and write of the gradients per SAM step)",
+                      "optimizer keeps a copy of g(w) (one more write of the gradients per SAM step)",
                       RuntimeWarning, stacklevel=5)
         return False
 

@@ -356,3 +356,26 @@ def test_a_batched_fold_with_a_changing_rho():
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-5, nan_ok=True), k
         assert a_ema[k] == pytest.approx(b_ema[k], rel=1e-5, nan_ok=True), k
+
+
+def test_the_copy_of_g_w_is_written_by_perturb():
+    """Copy mode (a loop that zeroes p.grad in place): perturb_ writes the copy of g(w) in its own pass
+    (an extra written list), no separate restore_; the cosine is the hand computation's."""
+    model, data = model_and_data()
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, telemetry=True, finite_check=False)
+    opt.telemetry.hold_grads = False  # as after a loop was seen writing p.grad in place
+    opt.zero_grad(set_to_none=False)
+    params = list(model.parameters())
+    x, y = data[0]
+    loss_of(model, x, y).backward()
+    g1 = snapshot([p.grad for p in params])
+    with ops.dispatch.recording() as log:
+        opt.first_step()
+    assert [(r.op, r.extra_lists) for r in log] == [("grad_sq_norm", 0), ("perturb_", 1)]
+    opt.zero_grad(set_to_none=False)
+    loss_of(model, x, y).backward()
+    g2 = snapshot([p.grad for p in params])
+    opt.second_step()
+    dot = sum(float((a * b).sum()) for a, b in zip(g1, g2))
+    norms = math.sqrt(sum(float((a * a).sum()) for a in g1) * sum(float((b * b).sum()) for b in g2))
+    assert opt.stats()["grad_cosine"] == pytest.approx(dot / norms, rel=NORM_RTOL)
