@@ -214,11 +214,11 @@ def test_int64_offsets_and_keep_mask_beyond_2_32():
     ptrs = torch.tensor([[t.data_ptr() - 4 * start] for t in (w, g, b, c)], dtype=torch.int64, device=DEVICE)
     as_dev = dict(dtype=torch.int64, device=DEVICE)
     partials = torch.full((1, 1), float("nan"), device=DEVICE)
-    _tables.launch(perturb._perturb_kernel, 1, ptrs[0], ptrs[1], ptrs[2], ptrs[0], ptrs[3],
-                   torch.tensor([start + n], **as_dev), torch.tensor([[0, start]], **as_dev), torch.tensor([key], **as_dev),
-                   torch.tensor(1.0, device=DEVICE), 1.0, 0.0, 0.0, keep_prob, int(keep_prob * 2**24), partials,
-                   DT=tl.float32, CDT=tl.float32, BLOCK=64, CHUNK=128, ALIGNED=False, MASKED=False, ADAPTIVE=False,
-                   KEEP=True, PERTURBATION_SQ=True, GRAD_COPIES=True)
+    _tables.launch(perturb._perturb_kernel, 1, ptrs[0], ptrs[1], ptrs[2], ptrs[0], torch.tensor([start + n], **as_dev),
+                   torch.tensor([[0, start]], **as_dev), torch.tensor([key], **as_dev), torch.tensor(1.0, device=DEVICE),
+                   1.0, 0.0, 0.0, keep_prob, int(keep_prob * 2**24), partials, ptrs[3], DT=tl.float32, CDT=tl.float32,
+                   BLOCK=64, CHUNK=128, ALIGNED=False, MASKED=False, ADAPTIVE=False, KEEP=True, PERTURBATION_SQ=True,
+                   GRAD_COPIES=True)
     i = torch.arange(start, start + n, device=DEVICE)
     r = reference.fmix32(reference.fmix32((i & 0xFFFFFFFF) ^ key) ^ (i >> 32))
     kept = (r >> 8) < int(keep_prob * 2**24)

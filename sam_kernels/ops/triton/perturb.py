@@ -10,7 +10,9 @@ flag compiles the reduction out (the PTX is unchanged but for the unused pointer
 With ``grad_copies`` (the GRAD_COPIES flag), each block stores the grads it loaded, as loaded (no
 cast through the compute type: bitwise, NaN payloads and -0.0 included), for every element
 whatever the selection or the norm: one extra write in the pass that reads the grads, instead of
-a separate copy that reads them again. Without it the flag compiles the store out.
+a separate copy that reads them again. Without it the flag compiles the store out; the copies'
+pointer row is the kernel's last parameter, so the PTX is unchanged but for that unused parameter
+(a row among the others renumbers the parameters, and LLVM then orders the code differently).
 """
 import torch
 import triton
@@ -68,8 +70,8 @@ def _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, c_ptr, offs, mask, s, finite, eta
 
 
 @triton.jit
-def _perturb_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, c_ptrs, sizes, blocks, keys, sq_norm, rho: tl.float64,
-                    eps: tl.float64, eta: tl.float64, keep_prob: tl.float64, keep_threshold, partials,
+def _perturb_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, sizes, blocks, keys, sq_norm, rho: tl.float64,
+                    eps: tl.float64, eta: tl.float64, keep_prob: tl.float64, keep_threshold, partials, c_ptrs,
                     DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                     ALIGNED: tl.constexpr, MASKED: tl.constexpr, ADAPTIVE: tl.constexpr, KEEP: tl.constexpr,
                     PERTURBATION_SQ: tl.constexpr, GRAD_COPIES: tl.constexpr):
@@ -143,7 +145,7 @@ def perturb_(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, ke
     tab = _tables.launch_over(_perturb_kernel, lists, key_col, sq_norm, rho, eps, eta, keep_prob,
                               int(keep_prob * (1 << 24)), partials, MASKED=masks is not None, ADAPTIVE=adaptive,
                               KEEP=keep, PERTURBATION_SQ=perturbation_sq is not None,
-                              GRAD_COPIES=grad_copies is not None)
+                              GRAD_COPIES=grad_copies is not None, rows_after_args=1)
     if perturbation_sq is not None:
         _tables.add_partials(partials, perturbation_sq, tab.n_blocks, 1)
     if grad_copies is not None:  # written through raw pointers (triton.WRITES bumps positional lists only)
