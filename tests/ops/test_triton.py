@@ -209,19 +209,22 @@ def test_int64_offsets_and_keep_mask_beyond_2_32():
     import triton.language as tl
     start, n, keep_prob = 5 * 2**32 + 2**31 - 40, 100, 0.5
     w, g, b = torch.zeros(n, device=DEVICE), torch.ones(n, device=DEVICE), torch.empty(n, device=DEVICE)
+    c = torch.full((n,), 3.0, device=DEVICE)
     key = reference.tensor_key(9, 0)
-    ptrs = torch.tensor([[t.data_ptr() - 4 * start] for t in (w, g, b)], dtype=torch.int64, device=DEVICE)
+    ptrs = torch.tensor([[t.data_ptr() - 4 * start] for t in (w, g, b, c)], dtype=torch.int64, device=DEVICE)
     as_dev = dict(dtype=torch.int64, device=DEVICE)
     partials = torch.full((1, 1), float("nan"), device=DEVICE)
     _tables.launch(perturb._perturb_kernel, 1, ptrs[0], ptrs[1], ptrs[2], ptrs[0], torch.tensor([start + n], **as_dev),
                    torch.tensor([[0, start]], **as_dev), torch.tensor([key], **as_dev), torch.tensor(1.0, device=DEVICE),
-                   1.0, 0.0, 0.0, keep_prob, int(keep_prob * 2**24), partials, DT=tl.float32, CDT=tl.float32,
-                   BLOCK=64, CHUNK=128, ALIGNED=False, MASKED=False, ADAPTIVE=False, KEEP=True, PERTURBATION_SQ=True)
+                   1.0, 0.0, 0.0, keep_prob, int(keep_prob * 2**24), partials, ptrs[3], DT=tl.float32, CDT=tl.float32,
+                   BLOCK=64, CHUNK=128, ALIGNED=False, MASKED=False, ADAPTIVE=False, KEEP=True, PERTURBATION_SQ=True,
+                   GRAD_COPIES=True)
     i = torch.arange(start, start + n, device=DEVICE)
     r = reference.fmix32(reference.fmix32((i & 0xFFFFFFFF) ^ key) ^ (i >> 32))
     kept = (r >> 8) < int(keep_prob * 2**24)
     assert torch.equal(w != 0, kept)
     assert torch.equal(b, torch.zeros_like(b))
+    assert torch.equal(c, g), "grad copy at offsets >= 2^32"
     # Each kept entry moves by rho/(sqrt(1) + 0)/keep_prob = 2: the program's partial is 4 per kept entry.
     assert 0 < int(kept.sum()) < n and partials.item() == 4.0 * int(kept.sum())
 
@@ -629,6 +632,206 @@ def test_perturbation_sq_rejected_before_any_write(launches):
             assert torch.equal(out, before), what
 
 
+# --------------------------------------------------------------------------- telemetry: perturb_'s grad_copies
+
+NAN_BITS = {  # (a quiet NaN with a payload, a negative signalling NaN), unsigned bits: they must survive exactly
+    torch.float32: (0x7FC12345, 0xFFA00001),
+    torch.float64: (0x7FF8000000000123, 0xFFF0000000000001),
+    torch.float16: (0x7E01, 0xFC01),
+    torch.bfloat16: (0x7FC1, 0xFF81),
+}
+INT_VIEWS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+             torch.bfloat16: torch.int16}
+
+
+def special_grads(shapes, dtype):
+    """Random grads whose first entries of every tensor of >= 7 elements are NaNs with payloads, -0.0,
+    +0.0, ±inf and the smallest subnormal: the bits a copy through the compute type could change."""
+    g = make(shapes, dtype)
+    bits = torch.finfo(dtype).bits
+    quiet, signalling = (u - (1 << bits) if u >> (bits - 1) else u for u in NAN_BITS[dtype])  # as signed ints
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    for t in g:
+        if t.numel() >= 7:
+            flat = t.view(-1)
+            ints = flat.view(INT_VIEWS[dtype])
+            ints[0], ints[1] = quiet, signalling
+            flat[2], flat[3], flat[4], flat[5], flat[6] = -0.0, 0.0, float("inf"), float("-inf"), tiny
+            assert torch.isnan(flat[:2]).all() and torch.signbit(flat[2]) and 0 < flat[6] < torch.finfo(dtype).tiny
+    return g
+
+
+def run_perturb_tele(fn, params, grads, sq_norm, masks, case, **tele):
+    """run_perturb with telemetry keywords (perturbation_sq, grad_copies)."""
+    backups = [torch.empty_like(p) for p in params]
+    keys = [reference.tensor_key(1234, i) for i in range(len(params))]
+    fn(params, grads, backups, sq_norm, 0.05, EPS, masks if case["masked"] else None, case["adaptive"], 0.01,
+       case["keep_prob"], keys, **tele)
+    return backups
+
+
+def sentinel_copies(grads):
+    """grad_copies prefilled with 3.0: every entry must be overwritten."""
+    return [torch.full_like(g, 3.0) for g in grads]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:overflow:RuntimeWarning")
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", list(PERTURB_CASES), ids=list(PERTURB_CASES))
+def test_grad_copies(dtype, atol, rtol, case):
+    """grad_copies ← grads bitwise (NaN payloads, -0.0, ±inf, subnormals; 9000 > CHUNK: one tensor
+    spans two programs, and tails), every element whatever the mask/keep selection; params and
+    backups bitwise as without it, vs the reference; with perturbation_sq too, the sum unchanged."""
+    case = PERTURB_CASES[case]
+    w, g, m = make(SHAPES, dtype), special_grads(SHAPES, dtype), masks_for(SHAPES)
+    sq = torch.tensor(0.01, device=DEVICE)  # finite (these grads' norm is NaN), and steps that survive bf16 rounding
+    op = backend().OPS["perturb_"]
+    plain = clone(w)
+    plain_backups = run_perturb_tele(op, plain, g, sq, m, case)
+    got, copies = clone(w), sentinel_copies(g)
+    backups = run_perturb_tele(op, got, g, sq, m, case, grad_copies=copies)
+    assert_lists_equal(copies, g, "grad_copies")
+    assert_lists_equal(got, plain, "params: with grad_copies vs without")
+    assert_lists_equal(backups, plain_backups, "backups: with grad_copies vs without")
+    assert_lists_equal(backups, w, "backups")
+    want, want_copies = clone(w), sentinel_copies(g)
+    run_perturb_tele(reference.perturb_, want, g, sq, m, case, grad_copies=want_copies)
+    assert_lists_equal(want_copies, g, "reference grad_copies")
+    assert_lists_close(got, want, atol, rtol, "params")
+    assert sum(int((a != b).sum()) for a, b in zip(got, w)) > 1000, "the weights did not move"
+    # Both outputs in one call (finite grads, or the sum is NaN): the same copies, params and sum as each alone.
+    g = make(SHAPES, dtype)
+    g[1][0], g[1][1] = -0.0, 0.0
+    alone, both, both_copies = clone(w), clone(w), sentinel_copies(g)
+    sq_alone, sq_both = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    run_perturb_tele(op, alone, g, sq, m, case, perturbation_sq=sq_alone)
+    run_perturb_tele(op, both, g, sq, m, case, perturbation_sq=sq_both, grad_copies=both_copies)
+    assert_lists_equal(both_copies, g, "grad_copies with perturbation_sq")
+    assert_lists_equal(both, alone, "params with both outputs")
+    assert sq_both.item() > 1e-4 and torch.equal(sq_both, sq_alone)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter computes with the NaN grads
+def test_grad_copies_many_programs(small_blocks, launches):
+    """~200 programs (BLOCK 32, CHUNK 64), many small tensors: the copies come from the one
+    perturb launch (no copy kernel), alone or with perturbation_sq's reduction."""
+    case = PERTURB_CASES["all"]
+    shapes = MANY + SHAPES
+    w, g, m = make(shapes, torch.float32), special_grads(shapes, torch.float32), masks_for(shapes)
+    sq = reference.grad_sq_norm(w, None, None, 0.0)
+    got, copies = clone(w), sentinel_copies(g)
+    run_perturb_tele(backend().OPS["perturb_"], got, g, sq, m, case, grad_copies=copies)
+    assert launches == ["_perturb_kernel"]
+    assert_lists_equal(copies, g, "grad_copies")
+    want = clone(w)
+    run_perturb_tele(reference.perturb_, want, g, sq, m, case)
+    assert_lists_close(got, want, 1e-6, 1e-5, "params")
+    launches.clear()
+    copies, out = sentinel_copies(g), torch.zeros(1, dtype=torch.float64)
+    run_perturb_tele(backend().OPS["perturb_"], clone(w), g, sq, m, case, grad_copies=copies, perturbation_sq=out)
+    assert launches == ["_perturb_kernel", "add_partials_kernel"]
+    assert_lists_equal(copies, g, "grad_copies with perturbation_sq")
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES], ids=DTYPE_IDS)
+@pytest.mark.parametrize("why", ["nan_norm", "inf_norm", "found_inf", "nan_grad"])
+def test_grad_copies_when_nothing_moves(dtype, why):
+    """Through sam_kernels.ops.perturb_ (masks, ASAM, keep_prob, perturbation_sq on): a non-finite
+    norm (given, or from a NaN gradient), or a non-zero found_inf under a loss scale, leaves every
+    weight bitwise unchanged and still copies every grad bitwise, on triton as on eager."""
+    shapes = [(7,), (3, 5), (9000,)]
+    w, g, m = make(shapes, dtype), special_grads(shapes, dtype), masks_for(shapes)
+    kw = dict(masks=m, adaptive=True, keep_prob=0.7, seed=5)
+    if why == "found_inf":
+        kw.update(grad_scale=torch.tensor(1024.0, device=DEVICE), found_inf=torch.tensor(1.0, device=DEVICE))
+    elif why != "nan_grad":  # nan_grad: the default norm of these grads is NaN
+        kw.update(sq_norm=torch.tensor(float("nan" if why == "nan_norm" else "inf"), device=DEVICE))
+    for name in ("triton", "eager"):
+        got, backups, copies = clone(w), [torch.empty_like(t) for t in w], sentinel_copies(g)
+        out = torch.tensor([1.5], dtype=torch.float64, device=DEVICE)
+        ops.perturb_(got, g, backups, 0.05, backend=name, perturbation_sq=out, grad_copies=copies, **kw)
+        assert ops.last_used["perturb_"] == name
+        assert_lists_equal(copies, g, f"{name}: grad_copies")
+        assert_lists_equal(got, w, f"{name}: params")
+        assert_lists_equal(backups, w, f"{name}: backups")
+        assert out.item() == 1.5, f"{name}: perturbation_sq"
+
+
+def test_grad_copies_public_groups_layouts_and_version():
+    """sam_kernels.ops.perturb_ with mixed dtypes (two triton groups), a channels_last weight (its
+    grad and copy channels_last too) and an empty tensor: copies bitwise, params as eager; the
+    non-empty copies' version counters are bumped (written through raw pointers), not the grads'."""
+    shapes = [(7,), (0,), (3, 5), (129,), (2, 3, 4, 5)]
+    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float32]
+    w = [torch.randn(s, device=DEVICE).to(d) for s, d in zip(shapes, dtypes)]
+    g = [torch.randn(s, device=DEVICE).to(d) for s, d in zip(shapes, dtypes)]
+    w[-1], g[-1] = (t.contiguous(memory_format=torch.channels_last) for t in (w[-1], g[-1]))
+    g[0][3] = -0.0
+    params = {}
+    for name in ("triton", "eager"):
+        copies = [torch.empty_like(t) for t in g]  # preserve_format: channels_last stays channels_last
+        versions = [c._version for c in copies]
+        grad_versions = [t._version for t in g]
+        params[name] = clone(w)
+        ops.perturb_(params[name], g, [torch.empty_like(t) for t in w], 0.05, keep_prob=0.5, seed=3, backend=name,
+                     grad_copies=copies)
+        assert ops.last_used["perturb_"] == name
+        assert_lists_equal(copies, g, f"{name}: grad_copies")
+        assert copies[-1].is_contiguous(memory_format=torch.channels_last)
+        assert all(c._version > v for c, v in zip(copies, versions) if c.numel()), f"{name}: versions not bumped"
+        assert [t._version for t in g] == grad_versions, f"{name}: grads' versions bumped"
+    assert_lists_close(params["triton"], params["eager"], 1e-2, 1e-2, "params")
+    with torch.inference_mode():  # inference tensors have no version counter: accepted, not bumped
+        copies = [torch.empty_like(t) for t in g]
+        ops.perturb_(clone(w), g, [torch.empty_like(t) for t in w], 0.05, backend="triton", grad_copies=copies)
+    assert_lists_equal(copies, g, "inference-mode grad_copies")
+
+
+def _bad_grad_copies(g):
+    """(what, value, exception) for each rejected grad_copies (grads of DESCENT_SHAPES, one 2-D)."""
+    ok = [torch.zeros_like(t) for t in g]
+    transposed = [t.t().contiguous().t() if t.dim() == 2 else t for t in ok]
+    return [
+        ("a tensor, not a list", ok[0], TypeError),
+        ("one short", ok[:-1], ValueError),
+        ("one too many", ok + ok[:1], ValueError),
+        ("an entry not a tensor", [None, *ok[1:]], TypeError),
+        ("float64 entry", [ok[0].double(), *ok[1:]], TypeError),
+        ("bfloat16 entry", [*ok[:-1], ok[-1].bfloat16()], TypeError),
+        ("shape", [*ok[:-1], ok[-1][:-1]], ValueError),
+        ("flattened", [t.view(-1) for t in ok], ValueError),
+        ("another memory order", transposed, ValueError),
+        ("strided view", [*ok[:-1], torch.zeros(2 * ok[-1].numel(), device=DEVICE)[::2]], ValueError),
+        ("on another device", [*ok[:-1], torch.zeros(ok[-1].shape, device="meta")], ValueError),
+        ("sparse", [*ok[:-1], ok[-1].to_sparse()], ValueError),
+    ]
+
+
+def test_grad_copies_rejected_before_any_write(launches):
+    """A bad grad_copies raises TypeError/ValueError from the triton group function before any
+    launch, also with a valid perturbation_sq: params, backups, the copies and the sum keep their bits."""
+    w, g = make(DESCENT_SHAPES, torch.float32), make(DESCENT_SHAPES, torch.float32)
+    sentinel = [torch.full_like(t, 7.0) for t in w]
+    sq = reference.grad_sq_norm(g, None, None, 0.0)
+    for what, copies, exc in _bad_grad_copies(g):
+        for out in (None, torch.full((1,), 0.5)):
+            got, backups = clone(w), clone(sentinel)
+            tele = {} if out is None else dict(perturbation_sq=out)
+            before = [c.clone() for c in copies if isinstance(c, torch.Tensor) and c.device.type != "meta"
+                      and c.layout == torch.strided] if isinstance(copies, list) else []
+            with pytest.raises(exc, match="grad_copies"):
+                backend().OPS["perturb_"](got, g, backups, sq, 0.05, EPS, masks_for(DESCENT_SHAPES), True, 0.01, 0.5,
+                                          list(range(len(w))), grad_copies=copies, **tele)
+            assert launches == [], what
+            assert_lists_equal(got, w, f"{what}: params")
+            assert_lists_equal(backups, sentinel, f"{what}: backups")
+            after = [c for c in copies if isinstance(c, torch.Tensor) and c.device.type != "meta"
+                     and c.layout == torch.strided] if isinstance(copies, list) else []
+            assert_lists_equal(after, before, f"{what}: grad_copies")
+            assert out is None or out.item() == 0.5, what
+
+
 # --------------------------------------------------------------------------- variants
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
@@ -830,9 +1033,15 @@ ADAMW = dict(MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True)
 HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full blocks
     (norm._sq_norm_partials_kernel, dict(C, ADAPTIVE=True, MASKED=True)),
     (norm._dot_partials_kernel, C),
-    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=False)),
-    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=True)),
-    (perturb._perturb_kernel, dict(C, DT=tl.float16, MASKED=False, ADAPTIVE=False, KEEP=False, PERTURBATION_SQ=True)),
+    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=False,
+                                   GRAD_COPIES=False)),
+    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=True, GRAD_COPIES=False)),
+    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=False, GRAD_COPIES=True)),
+    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=True, GRAD_COPIES=True)),
+    (perturb._perturb_kernel, dict(C, DT=tl.float16, MASKED=False, ADAPTIVE=False, KEEP=False, PERTURBATION_SQ=True,
+                                   GRAD_COPIES=False)),
+    (perturb._perturb_kernel, dict(C, DT=tl.bfloat16, MASKED=False, ADAPTIVE=False, KEEP=False,
+                                   PERTURBATION_SQ=False, GRAD_COPIES=True)),
     (perturb._copy_kernel, dict(DT=tl.bfloat16, BLOCK=1024, CHUNK=8192, ALIGNED=True)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=False, HAS_ASCENT=False)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=True, HAS_ASCENT=True)),
@@ -847,9 +1056,11 @@ OTHER = [
                                                       HAS_SCALE=False, HAS_FOUND=False, SUMS=True, HAS_ASCENT=False)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, DT=tl.bfloat16, **SGD, SUMS=True, HAS_ASCENT=False)),
     (perturb._perturb_kernel, dict(C, DT=tl.bfloat16, ALIGNED=False, MASKED=False, ADAPTIVE=True, KEEP=False,
-                                   PERTURBATION_SQ=True)),
+                                   PERTURBATION_SQ=True, GRAD_COPIES=True)),
     (perturb._perturb_kernel, dict(C, DT=tl.float64, CDT=tl.float64, MASKED=True, ADAPTIVE=False, KEEP=True,
-                                   PERTURBATION_SQ=True)),
+                                   PERTURBATION_SQ=True, GRAD_COPIES=False)),
+    (perturb._perturb_kernel, dict(C, DT=tl.float64, CDT=tl.float64, ALIGNED=False, MASKED=True, ADAPTIVE=False,
+                                   KEEP=True, PERTURBATION_SQ=False, GRAD_COPIES=True)),
     (_tables.add_partials_kernel, dict(WIDTH=2, USED=2, BLOCK=1024)),
     (_tables.add_partials_kernel, dict(WIDTH=1, USED=1, BLOCK=1024)),
     (masks._order_keys_kernel, dict(DT=tl.float16, BLOCK=1024, CHUNK=8192, ALIGNED=False)),
@@ -863,6 +1074,7 @@ SCALARS = {"partials": "*fp32", "out": "*fp32", "sq_norm": "*fp32", "ref_sq_norm
            "g_sq_norm": "*fp32", "gv_sq_norm": "*fp32", "n": "i32", "keep_threshold": "i32", "hist": "*i32",
            "keep": "*i8", "shift": "i32", "high_mask": "i64", "flip": "i32", "scale_ptr": "*fp32",
            "found_ptr": "*fp32", "sums": "*fp64"}
+copies_off = {}
 for fn, cx in HOT + OTHER:
     sig = {p.name: "constexpr" if p.name in cx else p.annotation_type or SCALARS.get(p.name, "*i64") for p in fn.params}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in cx.items()})
@@ -872,6 +1084,14 @@ for fn, cx in HOT + OTHER:
     for flag in ("SUMS", "PERTURBATION_SQ"):  # the telemetry reduction (tl.sum: warp shuffles) only when asked for
         if flag in cx:
             assert ("shfl.sync" in ptx) == cx[flag], f"{fn.__name__} {flag}={cx[flag]}: shuffles {'shfl.sync' in ptx}"
+    if "GRAD_COPIES" in cx:  # the copies' pointer row (a parameter) is read only with the flag: else compiled out
+        row = f"{fn.__name__}_param_{fn.arg_names.index('c_ptrs')}]"
+        assert (row in ptx) == cx["GRAD_COPIES"], f"{fn.__name__} GRAD_COPIES={cx['GRAD_COPIES']}: reads {row}"
+        stores = len(re.findall(r"st\.global", ptx))
+        plain = copies_off.setdefault(tuple((k, v) for k, v in cx.items() if k != "GRAD_COPIES"), {})
+        plain[cx["GRAD_COPIES"]] = stores
+        if len(plain) == 2:  # the same kernel with and without the flag: the copy adds stores
+            assert plain[True] > plain[False], f"{fn.__name__}: stores with GRAD_COPIES {plain}"
 print("ok")
 """
 

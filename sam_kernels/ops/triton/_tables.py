@@ -142,20 +142,24 @@ def launch(kernel, n_programs: int, *args, **kwargs) -> None:
     kernel[(n_programs,)](*args, num_warps=NUM_WARPS, **kwargs)
 
 
-def launch_over(kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *args, **constexprs) -> Table:
+def launch_over(kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *args, rows_after_args: int = 0,
+                **constexprs) -> Table:
     """Launch an element-wise/partial-reduction ``kernel`` once over the table of ``lists``; returns the table.
 
     The kernel takes one pointer row per entry of ``lists`` (an optional list passed as None, which
     the kernel compiles out through a constexpr flag, gets row 0 in its place), then ``sizes, blocks,
-    *args`` and the constexprs DT, CDT, BLOCK, CHUNK, ALIGNED and ``constexprs``. An all-empty group
+    *args`` and the constexprs DT, CDT, BLOCK, CHUNK, ALIGNED and ``constexprs``. The rows of the
+    last ``rows_after_args`` lists come after ``args`` instead: an optional list added to a kernel
+    as its last parameter leaves the kernel's code without it as it was. An all-empty group
     launches nothing.
     """
     tab = table(lists)
     if tab.n_blocks:
         present = iter(tab.ptrs)
         rows = [tab.ptrs[0] if lst is None else next(present) for lst in lists]
+        split = len(rows) - rows_after_args
         dtype = lists[0][0].dtype
-        launch(kernel, tab.n_blocks, *rows, tab.sizes, tab.blocks, *args, DT=tl_dtype(dtype),
+        launch(kernel, tab.n_blocks, *rows[:split], tab.sizes, tab.blocks, *args, *rows[split:], DT=tl_dtype(dtype),
                CDT=compute_dtype(dtype), BLOCK=BLOCK, CHUNK=CHUNK, ALIGNED=tab.aligned, **constexprs)
     return tab
 
