@@ -1,8 +1,10 @@
 // perturb_ (backup + ascent step) and restore_; see reference.py for the contract.
 // One launch per group (per table fill); the scale is computed in the kernel from the device norm.
 // Telemetry (`perturbation_sq`): the same pass also returns (w_new − w)² per element as stored,
-// reduced like reduce_sum and added into perturbation_sq (add_sums); perturb_ without it is a
-// separate instantiation with the work it had before.
+// reduced like reduce_sum and added into perturbation_sq (add_sums). Telemetry (`grad_copies`):
+// the same pass stores the grads it loaded into one more list, so g(w) is kept at one extra write
+// instead of a copy that reads the grads again. perturb_ without either is a separate
+// instantiation with the work it had before.
 #include <torch/library.h>
 
 #include <type_traits>
@@ -12,12 +14,13 @@
 namespace sam_kernels::cuda {
 namespace {
 
-// lists: 0 params (rw), 1 grads (r), 2 backups (w), then optional masks. aux: the tensor's RNG key.
-template <typename T, bool kSums>
+// lists: 0 params (rw), 1 grads (r), 2 backups (w), [3 grad_copies (w) if kCopy], then optional
+// masks. aux: the tensor's RNG key.
+template <typename T, bool kSums, bool kCopy>
 struct PerturbOp {
   using A = acc_type<T>;
-  static constexpr int kLists = 3;
-  static constexpr unsigned kReads = 0b011, kWrites = 0b101;
+  static constexpr int kLists = kCopy ? 4 : 3;
+  static constexpr unsigned kReads = 0b0011, kWrites = kCopy ? 0b1101 : 0b0101;
   static constexpr bool kMasked = true, kReduce = kSums;
   DeviceScalar sq_norm;
   A rho, eps, eta, inv_keep_prob;
@@ -36,8 +39,10 @@ struct PerturbOp {
   // Spelled out, not auto (see reduction_t).
   using Result = std::conditional_t<kSums, Sums<A, 1>, void>;
 
-  __device__ Result operator()(T (&x)[3], bool selected, int64_t i, int64_t key) const {
+  __device__ Result operator()(T (&x)[kLists], bool selected, int64_t i, int64_t key) const {
     x[2] = x[0];  // exact copy of the storage bits
+    // Before any early return: every element's grad bits, whatever the mask, keep mask or norm.
+    if constexpr (kCopy) x[3] = x[1];
     // Unselected entries (mask, keep mask, non-finite scale) keep their bits: no add of zero. They
     // add exactly +0 to perturbation_sq (not (w − w)², NaN for a NaN/Inf weight left alone).
     if (!finite || !selected || (keep && !keep_element(static_cast<uint32_t>(key), i, keep_threshold)))
@@ -70,17 +75,21 @@ struct CopyOp {
 
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq_norm,
                   double rho, double eps, std::optional<at::TensorList> masks, bool adaptive, double eta,
-                  double keep_prob, at::IntArrayRef keys, const std::optional<at::Tensor>& perturbation_sq) {
+                  double keep_prob, at::IntArrayRef keys, const std::optional<at::Tensor>& perturbation_sq,
+                  std::optional<at::TensorList> grad_copies) {
   const uint32_t keep_threshold =
       sam_kernels::check_perturb_args(params, grads, backups, masks, keep_prob, keys, c10::DeviceType::CUDA);
   if (perturbation_sq) sam_kernels::check_sums_tensor("perturb_", "perturbation_sq", *perturbation_sq, 1, params);
+  if (grad_copies) check_list("perturb_", "grad_copies", params, *grad_copies);
   const bool keep = keep_prob < 1.0;
   const DeviceScalar sq = device_scalar(sq_norm, params[0], "perturb_", "sq_norm");
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "perturb_", [&](auto tag) {
     using T = decltype(tag);
     using A = acc_type<T>;
+    const at::TensorList masks_or_none = masks.value_or(at::TensorList{});
     auto run = [&](auto op) {
+      using Op = decltype(op);
       op.sq_norm = sq;
       op.rho = static_cast<A>(rho);
       op.eps = static_cast<A>(eps);
@@ -90,16 +99,27 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
       op.keep = keep;
       op.keep_threshold = keep_threshold;
       const at::IntArrayRef aux = keep ? keys : at::IntArrayRef{};
-      if constexpr (decltype(op)::kReduce) {
-        add_sums<T>({params, grads, backups, masks.value_or(at::TensorList{})}, op, *perturbation_sq, 1, aux);
+      auto launch = [&](const std::array<at::TensorList, ElementwiseFunctor<T, Op>::kDepth>& lists) {
+        if constexpr (Op::kReduce) {
+          add_sums<T>(lists, op, *perturbation_sq, 1, aux);
+        } else {
+          apply_elementwise<T>(lists, op, aux);
+        }
+      };
+      if constexpr (Op::kLists == 4) {
+        launch({params, grads, backups, *grad_copies, masks_or_none});
       } else {
-        apply_elementwise<T>({params, grads, backups, masks.value_or(at::TensorList{})}, op, aux);
+        launch({params, grads, backups, masks_or_none});
       }
     };
-    if (perturbation_sq) {
-      run(PerturbOp<T, true>{});
+    if (perturbation_sq && grad_copies) {
+      run(PerturbOp<T, true, true>{});
+    } else if (perturbation_sq) {
+      run(PerturbOp<T, true, false>{});
+    } else if (grad_copies) {
+      run(PerturbOp<T, false, true>{});
     } else {
-      run(PerturbOp<T, false>{});
+      run(PerturbOp<T, false, false>{});
     }
   });
 }

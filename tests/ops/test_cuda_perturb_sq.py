@@ -1,4 +1,4 @@
-"""perturb_'s telemetry sum on the CUDA backend (csrc/cuda/perturb.cu).
+"""perturb_'s telemetry outputs on the CUDA backend (csrc/cuda/perturb.cu): perturbation_sq and grad_copies.
 
 ``perturb_`` with ``perturbation_sq`` ADDS ‖e‖² as applied, Σ (w_new − w)² over the values as
 stored (rounded to fp16/bf16 for those), in the pass that writes them; unchanged entries add exactly
@@ -8,7 +8,10 @@ dtype, plain / masks / adaptive / keep_prob / all three, AMP (step taken and ski
 norm, fp32 and fp64 outputs (0-dim and shape (1,)), both kernel-argument table sizes, lists longer
 than one table, a tensor cut across launches, misaligned views, determinism, bitwise-identical
 params without the argument, argument checks before any write, no host sync and CUDA-graph capture.
-Every test skips without a GPU.
+``grad_copies`` ← grads BITWISE for every element (NaN payloads, signalling NaNs, ±Inf, -0.0,
+subnormals), whatever the mask, keep mask, non-finite norm or found_inf, alone and with
+perturbation_sq, checked the same ways (params, backups and perturbation_sq bitwise those of the
+call without it). Every test skips without a GPU.
 """
 import pytest
 import torch
@@ -29,6 +32,25 @@ DEVICE, BACKEND = "cuda", "cuda"
 # perturb_'s depth (3 lists + masks); a 32 KB one 2048 chunks and 396 tensors.
 BLOCK_CAP_ELEMENTS = 320 * 65536
 GRAD_SCALE = 1024.0  # a power of 2, as GradScaler's
+
+# Storage bits planted in the grads for grad_copies (as integers of the dtype's width): quiet NaN with
+# a payload, signalling NaN, negative NaN with a payload, +Inf, -Inf, then the finite ones: -0.0,
+# the smallest subnormal, the most negative subnormal.
+NON_FINITE_BITS = {
+    torch.float32: [0x7FC00001, 0x7F800001, 0xFFC12345, 0x7F800000, 0xFF800000],
+    torch.float64: [0x7FF8000000000ABC, 0x7FF0000000000001, 0xFFF800000000BEEF, 0x7FF0000000000000,
+                    0xFFF0000000000000],
+    torch.float16: [0x7E55, 0x7C01, 0xFE01, 0x7C00, 0xFC00],
+    torch.bfloat16: [0x7FC5, 0x7F81, 0xFFC1, 0x7F80, 0xFF80],
+}
+FINITE_BITS = {
+    torch.float32: [0x80000000, 0x00000001, 0x807FFFFF],
+    torch.float64: [0x8000000000000000, 0x0000000000000001, 0x800FFFFFFFFFFFFF],
+    torch.float16: [0x8000, 0x0001, 0x83FF],
+    torch.bfloat16: [0x8000, 0x0001, 0x807F],
+}
+BITS_DTYPE = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+              torch.bfloat16: torch.int16}
 
 VARIANTS = {
     "plain": dict(),
@@ -93,6 +115,7 @@ def _problem(sizes, dtype, condition="off", misaligned=False):
         grads[0][5] = float("inf")
     p = dict(params=place(randn(sizes, dtype, 1)), grads=place(grads), rho=0.05 * sum(sizes) ** 0.5,
              backups=place([torch.full((n,), 7.0, device=DEVICE, dtype=dtype) for n in sizes]),
+             copies=place([torch.full((n,), -3.0, device=DEVICE, dtype=dtype) for n in sizes]),
              masks=place([t > 0 for t in randn(sizes, torch.float32, 4)]), kw={})
     if condition.startswith("amp"):
         p["kw"] = dict(grad_scale=torch.tensor(scale, device=DEVICE),
@@ -102,16 +125,39 @@ def _problem(sizes, dtype, condition="off", misaligned=False):
     return p
 
 
-def _perturb(backend, p, variant, out=None, seed=11):
-    """One perturb_ through the public op on copies of the mutable inputs: (params, backups, out)."""
+def _perturb(backend, p, variant, out=None, seed=11, copies=None):
+    """One perturb_ through the public op on copies of the mutable inputs: (params, backups, out,
+    grad_copies); copies: the grad_copies' initial contents (None: the argument is not passed)."""
     v = VARIANTS[variant]
     params, backups = _clone(p["params"]), _clone(p["backups"])
     out = None if out is None else out.clone()
+    copies = None if copies is None else _clone(copies)
     tele = {} if out is None else dict(perturbation_sq=out)
+    if copies is not None:
+        tele["grad_copies"] = copies
     ops.perturb_(params, p["grads"], backups, p["rho"], masks=p["masks"] if v.get("masked") else None,
                  adaptive=v.get("adaptive", False), keep_prob=v.get("keep_prob"), seed=seed, backend=backend,
                  **p["kw"], **tele)
-    return params, backups, out
+    return params, backups, out, copies
+
+
+def _plant_bits(grads, bits):
+    """Writes the storage bits ``bits`` (integers of the dtype's width) into every grad with room,
+    spread over the tensor (inside and outside the masks and keep masks, in vector and tail groups)."""
+    int_dtype = BITS_DTYPE[grads[0].dtype]
+    width = torch.iinfo(int_dtype).bits
+    values = torch.tensor([b - (1 << width) if b >= 1 << (width - 1) else b for b in bits], dtype=int_dtype,
+                          device=DEVICE)
+    for g in grads:
+        n = g.numel()
+        if n >= len(bits):
+            step = n // len(bits)
+            g.view(int_dtype)[torch.arange(len(bits), device=DEVICE) * step + (n % 3 if step > 2 else 0)] = values
+
+
+def _bits(ts):
+    """The storage bits of ts, as integer tensors (compared with assert_lists_equal)."""
+    return [t.view(BITS_DTYPE[t.dtype]).clone() for t in ts]
 
 
 def _applied_sq(params, old):
@@ -127,19 +173,28 @@ def _sums_rtol(param_dtype, out_dtype):
     return 1e-10 if param_dtype == torch.float64 and out_dtype == torch.float64 else 1e-5
 
 
-def _check_against_eager(p, variant, dtype, atol, rtol, condition, output, start=None):
+def _check_against_eager(p, variant, dtype, atol, rtol, condition, output, start=None, copies=False):
     """cuda vs eager from perturbation_sq = start; start None: the power of 2 at or below ‖e‖²
-    (exact; a store instead of an add, or a wrong sum, shows at the sums' tolerance)."""
+    (exact; a store instead of an add, or a wrong sum, shows at the sums' tolerance). copies: with
+    grad_copies too (p["copies"] before): they must hold the grads' bits, and params, backups and
+    perturbation_sq bitwise those of the call without them."""
     out_dtype, shape = output
     if start is None:
         start = 1.0
         if condition not in SKIPPED:
             start = 2.0 ** torch.floor(torch.log2(_applied_sq(_perturb("eager", p, variant)[0], p["params"]))).item()
     out = torch.full(shape, start, device=DEVICE, dtype=out_dtype)
-    got = _perturb(BACKEND, p, variant, out)
+    grad_bits = _bits(p["grads"])
+    got = _perturb(BACKEND, p, variant, out, copies=p["copies"] if copies else None)
     want = _perturb("eager", p, variant, out)
     assert got[2].dtype == out_dtype and got[2].shape == shape
     assert_lists_equal(got[1], p["params"], "backups = params before the step")
+    if copies:
+        assert_lists_equal(_bits(got[3]), grad_bits, "grad_copies = grads, bitwise")
+        assert_lists_equal(_bits(p["grads"]), grad_bits, "grads (read only)")
+        without = _perturb(BACKEND, p, variant, out)
+        assert_lists_equal(got[0], without[0], "params vs the call without grad_copies")
+        assert_lists_equal([got[2]], [without[2]], "perturbation_sq vs the call without grad_copies")
     if condition in SKIPPED:
         # Every weight unchanged, bitwise; exactly +0 added (-0.0 + +0 = +0, as eager's += 0).
         assert_lists_equal(got[0], p["params"], "params (nothing applied)")
@@ -291,3 +346,185 @@ def test_cuda_graph_capture_of_perturb_with_perturbation_sq(variant, tables):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, 2 * first), "a second replay must add the same amount again"
+
+
+# ---------------------------------------------------------------- grad_copies
+
+
+def _norm_of_finite_grads(p, variant):
+    """The norm perturb_ would compute from p's grads (scaled under AMP), handed over as sq_norm
+    before non-finite bits are planted in them: the step is then applied (inf-grad and nan-norm
+    keep theirs: nothing applied)."""
+    v = VARIANTS[variant]
+    return ops.grad_sq_norm(p["grads"], params=p["params"] if v.get("adaptive") else None, backend="eager")
+
+
+@pytest.mark.parametrize("with_sq", [False, True], ids=["copies", "copies+sq"])
+@pytest.mark.parametrize("condition", CONDITIONS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+def test_grad_copies_bitwise_every_element(dtype, atol, rtol, variant, condition, with_sq, tables):
+    """NaN payloads, a signalling NaN, ±Inf, -0.0 and subnormals in the grads, inside and outside
+    the masks: grad_copies holds every element's bits, whether the step is applied, skipped by the
+    norm or by found_inf; params and backups are bitwise those of the call without grad_copies and
+    match eager."""
+    p = _problem(_many_sizes(), dtype, condition)
+    if condition in ("off", "amp-step", "amp-skip"):
+        p["kw"]["sq_norm"] = _norm_of_finite_grads(p, variant)
+    _plant_bits(p["grads"], NON_FINITE_BITS[dtype] + FINITE_BITS[dtype])
+    grad_bits = _bits(p["grads"])
+    out = torch.full((), 1.0, device=DEVICE) if with_sq else None
+    got = _perturb(BACKEND, p, variant, out, copies=p["copies"])
+    without = _perturb(BACKEND, p, variant, out)
+    want = _perturb("eager", p, variant, out)
+    assert_lists_equal(_bits(got[3]), grad_bits, "grad_copies = grads, bitwise")
+    assert_lists_equal(_bits(p["grads"]), grad_bits, "grads (read only)")
+    assert_lists_equal(got[0], without[0], "params vs the call without grad_copies")
+    assert_lists_equal(got[1], p["params"], "backups = params before the step")
+    if with_sq:
+        assert_lists_equal([got[2]], [without[2]], "perturbation_sq vs the call without grad_copies")
+    if condition in SKIPPED:
+        assert_lists_equal(got[0], p["params"], "params (nothing applied)")
+    else:
+        assert_lists_close(got[0], want[0], atol, rtol, "params vs eager")
+        assert not all(torch.equal(a, b) for a, b in zip(_bits(got[0]), _bits(p["params"]))), \
+            "the problem must apply a perturbation"
+
+
+@pytest.mark.parametrize("output", OUTPUTS, ids=OUTPUT_IDS)
+@pytest.mark.parametrize("condition", CONDITIONS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+def test_grad_copies_with_perturbation_sq_matches_eager(dtype, atol, rtol, variant, condition, output):
+    """Both outputs in one pass (finite special bits planted: perturbation_sq stays a number):
+    perturbation_sq as the contract and eager say, and bitwise the call's without grad_copies."""
+    p = _problem(_many_sizes(), dtype, condition)
+    _plant_bits(p["grads"], FINITE_BITS[dtype])
+    _check_against_eager(p, variant, dtype, atol, rtol, condition, output, copies=True)
+
+
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_grad_copies_one_tensor_over_the_block_cap(variant, tables):
+    """A tensor cut across launches (4 KB tables): both launches copy their part."""
+    p = _problem([BLOCK_CAP_ELEMENTS + 65536 * 3 + 12, 5, 0, 4096], torch.float32)
+    _plant_bits(p["grads"], FINITE_BITS[torch.float32])
+    _check_against_eager(p, variant, torch.float32, 1e-6, 1e-5, "off", OUTPUTS[0], copies=True)
+
+
+@pytest.mark.parametrize("where", ["all", "copies-only", "all-but-copies"])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+def test_grad_copies_misaligned_views(dtype, atol, rtol, variant, where):
+    """Views at storage offset 1 (the scalar path): every list, only grad_copies (its pointer alone
+    sends the tensor to the scalar path), or all but grad_copies."""
+    sizes = [1, 3, 4, 5, 8, 1023, 65536 + 3, 278011]
+    p = _problem(sizes, dtype, "amp-step", misaligned=where != "copies-only")
+    copies = [torch.full((n,), -3.0, device=DEVICE, dtype=dtype) for n in sizes]
+    if where != "all-but-copies":
+        copies = [torch.full((n + 1,), -3.0, device=DEVICE, dtype=dtype)[1:] for n in sizes]
+    p["copies"] = copies
+    offsets = {"all": (1, 1), "copies-only": (0, 1), "all-but-copies": (1, 0)}[where]
+    assert all(t.storage_offset() == offsets[0] for t in p["params"] + p["grads"])
+    assert all(t.storage_offset() == offsets[1] for t in p["copies"])
+    _plant_bits(p["grads"], FINITE_BITS[dtype])
+    _check_against_eager(p, variant, dtype, atol, rtol, "amp-step", OUTPUTS[1], copies=True)
+
+
+def test_kernel_rejects_bad_grad_copies_before_writing():
+    """check_list on grad_copies (count, device, shape, dtype, dense layout, memory order), before
+    any launch: params, backups, perturbation_sq and the good entries of grad_copies unchanged."""
+    p = _problem([1000, 7], torch.float32)
+    sq = torch.tensor(1.0, device=DEVICE)
+
+    def good():
+        return [torch.full_like(g, -3.0) for g in p["grads"]]
+
+    gappy = torch.full((14,), -3.0, device=DEVICE)[::2]
+    bad = [
+        (good()[:1], "grad_copies has 1 tensors, expected 2"),
+        ([good()[0], torch.full((7,), -3.0, device="cpu")], r"grad_copies\[1\] is on cpu"),
+        ([good()[0], torch.full((8,), -3.0, device=DEVICE)], r"grad_copies\[1\] has shape"),
+        ([good()[0], torch.full((7,), -3.0, device=DEVICE, dtype=torch.float64)], r"grad_copies\[1\] has dtype"),
+        ([good()[0], gappy], r"grad_copies\[1\] overlaps or has gaps"),
+    ]
+    for copies, match in bad:
+        before = [c.clone() for c in copies]
+        out = torch.zeros((), device=DEVICE)
+        params, backups = _clone(p["params"]), _clone(p["backups"])
+        for tele in ({}, dict(perturbation_sq=out)):
+            with pytest.raises(RuntimeError, match=match):
+                ext.perturb_(params, p["grads"], backups, sq, p["rho"], 1e-12, p["masks"], True, 0.01, 0.7, [3, 4],
+                             grad_copies=copies, **tele)
+        torch.cuda.synchronize()
+        assert_lists_equal(params, p["params"], "params after a rejected call")
+        assert_lists_equal(backups, p["backups"], "backups after a rejected call")
+        assert_lists_equal(copies, before, "grad_copies after a rejected call")
+        assert out.item() == 0.0, "perturbation_sq after a rejected call"
+    # Memory order: a transposed copy of a 2-D grad (same shape, other strides).
+    params = [torch.ones(40, 25, device=DEVICE)]
+    grads = [torch.full((40, 25), 2.0, device=DEVICE)]
+    backups = [torch.zeros(40, 25, device=DEVICE)]
+    copies = [torch.full((25, 40), -3.0, device=DEVICE).t()]
+    with pytest.raises(RuntimeError, match=r"grad_copies\[0\] has strides"):
+        ext.perturb_(params, grads, backups, sq, 0.05, 1e-12, None, False, 0.01, 1.0, [0], grad_copies=copies)
+    torch.cuda.synchronize()
+    assert torch.equal(params[0], torch.ones(40, 25, device=DEVICE)) and torch.equal(backups[0], torch.zeros_like(
+        backups[0])) and torch.equal(copies[0], torch.full((40, 25), -3.0, device=DEVICE))
+    # The public op: a list of the wrong length is a ValueError before anything runs.
+    params, backups, copies = _clone(p["params"]), _clone(p["backups"]), good()
+    with pytest.raises(ValueError, match="grad_copies"):
+        ops.perturb_(params, p["grads"], backups, p["rho"], backend=BACKEND, grad_copies=copies[:1])
+    assert_lists_equal(params, p["params"], "params after a rejected public call")
+    assert_lists_equal(backups, p["backups"], "backups after a rejected public call")
+
+
+def test_grad_copies_no_host_sync():
+    p = _problem([278011, 17, 4096], torch.float32)
+    params, backups = _clone(p["params"]), _clone(p["backups"])
+    copies = _clone(p["copies"])
+    sq = torch.tensor(1.0, device=DEVICE)
+    out = torch.zeros((), device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ext.perturb_(params, p["grads"], backups, sq, p["rho"], 1e-12, p["masks"], True, 0.01, 0.7, [3, 4, 5], out,
+                     copies)
+        ext.perturb_(params, p["grads"], backups, sq, p["rho"], 1e-12, None, False, 0.01, 1.0, [0, 0, 0], None,
+                     copies)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert_lists_equal(copies, p["grads"], "grad_copies")
+
+
+@pytest.mark.parametrize("with_sq", [False, True], ids=["copies", "copies+sq"])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_cuda_graph_capture_of_perturb_with_grad_copies(variant, with_sq, tables):
+    """perturb_ with grad_copies captured and replayed: each replay copies the grads as they are
+    then (new values written into the captured grads between replays)."""
+    sizes = [278011, 1, 4096, 65537, 300] + [37] * 150  # more than a 4 KB table: several captured launches
+    p = _problem(sizes, torch.float32, "amp-step")
+    v = VARIANTS[variant]
+    params, backups, copies = _clone(p["params"]), _clone(p["backups"]), _clone(p["copies"])
+    out = torch.zeros((), device=DEVICE)
+    tele = dict(perturbation_sq=out) if with_sq else {}
+
+    def step():
+        ops.perturb_(params, p["grads"], backups, p["rho"], masks=p["masks"] if v.get("masked") else None,
+                     adaptive=v.get("adaptive", False), keep_prob=v.get("keep_prob"), seed=11, backend=BACKEND,
+                     grad_copies=copies, **tele, **p["kw"])
+
+    graph = capture(step)
+    for new_grads in (randn(sizes, torch.float32, 21, GRAD_SCALE), randn(sizes, torch.float32, 22, GRAD_SCALE)):
+        for g, n in zip(p["grads"], new_grads):
+            g.copy_(n)
+        for d, s in zip(params, p["params"]):
+            d.copy_(s)
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_lists_equal(copies, new_grads, "grad_copies after replay")
+        want = _perturb("eager", p, variant, torch.zeros((), device=DEVICE))
+        assert_lists_close(params, want[0], 1e-6, 1e-5, "params after replay")
+        if with_sq:
+            assert_close(out, want[2], 0.0, 1e-5, "perturbation_sq after replay")
