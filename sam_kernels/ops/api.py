@@ -309,7 +309,8 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
     device) gets ‖e‖² as applied ADDED — Σ (w_new − w)² over the stored values, in the pass that
     writes them (exactly 0 from unchanged entries). DTensors: summed over the mesh. ``grad_copies``
     (a list aligned with ``params``, like ``grads``): ← grads, bitwise, in the pass that reads them
-    (g(w) kept for telemetry's cosine; every element, whatever the mask, norm or ``found_inf``).
+    (g(w) kept for telemetry's cosine; every element, whatever the mask, norm or ``found_inf``;
+    buffers of their own: sharing memory with params or backups is not checked).
     Raises TypeError/ValueError before writing anything.
     """
     _require_list("perturb_", params)
