@@ -317,6 +317,39 @@ def test_descent_sums_with_an_ascent_grad_in_another_layout(case):
     close_scalar(sums[1], sum(float((a * g).sum()) for a, g in zip(ascent, grads)), 1e-12)
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("norm", ["finite", "nan"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_perturb_grad_copies(case, dtype, atol, rtol, norm, masked):
+    """perturb_'s grad_copies: ← grads bitwise (NaN, -0.0, Inf included) for every element, whatever
+    the mask or norm, with and without perturbation_sq; params/backups as without it."""
+    backend, device = case
+    sh = shapes_for("odd", case)
+    grads = make(sh, dtype, device)
+    special = torch.tensor([float("nan"), -0.0, float("inf"), 0.0], device=device).to(dtype)
+    grads[2][:4] = special  # (127,)
+    masks = [torch.rand(s, device=device) < 0.5 for s in sh] if masked else None
+    sq = torch.tensor(float("nan") if norm == "nan" else 2.0, device=device)
+    params = make(sh, dtype, device)
+    results = []
+    for tele in ({}, {"perturbation_sq": torch.zeros((), device=device)}, None):
+        p, b = clone(params), [torch.empty_like(x) for x in params]
+        copies = [torch.full_like(g, 3.0) for g in grads]
+        kw = {} if tele is None else dict(tele, grad_copies=copies)
+        ops.perturb_(p, grads, b, 0.05, sq_norm=sq, masks=masks, backend=backend, **kw)
+        if tele is not None:
+            for c, g in zip(copies, grads):
+                assert bool(same_bits(c, g).all())
+        results.append((p, b))
+    for p, b in results[:2]:
+        assert_lists_equal(p, results[2][0])
+        assert_lists_equal(b, results[2][1])
+    with pytest.raises((TypeError, ValueError)):
+        ops.perturb_(clone(params), grads, [torch.empty_like(x) for x in params], 0.05,
+                     grad_copies=[c.double() if c.dtype != torch.float64 else c.float() for c in grads],
+                     backend=backend)
+
+
 def test_descent_sums_reject_bad_arguments_before_writing(case):
     backend, device = case
     sh = [(5,), (3, 4)]
