@@ -48,6 +48,20 @@ __device__ __forceinline__ Sums<acc_type<T>, 2> descent_sums(T grad, T ascent_gr
   return {{g * g, static_cast<A>(ascent_grad) * g}};
 }
 
+// One element of a fused descent op (its update(x)); with kSums also its telemetry contributions,
+// taken before the update (so on a skipped step too) from lists 2 (grads) and the last (ascent_grads).
+// The return type is spelled out, not auto (see reduction_t).
+template <typename T, bool kSums, typename Op>
+__device__ __forceinline__ std::conditional_t<kSums, Sums<acc_type<T>, 2>, void> descend(const Op& op, T* x) {
+  if constexpr (kSums) {
+    const auto sums = descent_sums(x[2], x[Op::kLists - 1]);
+    op.update(x);
+    return sums;
+  } else {
+    op.update(x);
+  }
+}
+
 // lists: 0 params (w), 1 backups (r), 2 grads (r), 3 momentum_buffers (rw; absent when momentum == 0),
 // with kSums: 4 ascent_grads (r; absent: only Σ g²).
 template <typename T, bool kSums>
@@ -64,15 +78,7 @@ struct SgdOp {
   // Spelled out, not auto (see reduction_t).
   using Result = std::conditional_t<kSums, Sums<A, 2>, void>;
 
-  __device__ Result operator()(T (&x)[kLists], bool, int64_t, int64_t) const {
-    if constexpr (kSums) {
-      const auto sums = descent_sums(x[2], x[4]);  // taken on a skipped step too
-      update(x);
-      return sums;
-    } else {
-      update(x);
-    }
-  }
+  __device__ Result operator()(T (&x)[kLists], bool, int64_t, int64_t) const { return descend<T, kSums>(*this, x); }
 
   __device__ __forceinline__ void update(T* x) const {
     const A w = static_cast<A>(x[1]);
@@ -115,15 +121,7 @@ struct AdamWOp {
   // As SgdOp::Result.
   using Result = std::conditional_t<kSums, Sums<A, 2>, void>;
 
-  __device__ Result operator()(T (&x)[kLists], bool, int64_t, int64_t) const {
-    if constexpr (kSums) {
-      const auto sums = descent_sums(x[2], x[5]);  // taken on a skipped step too
-      update(x);
-      return sums;
-    } else {
-      update(x);
-    }
-  }
+  __device__ Result operator()(T (&x)[kLists], bool, int64_t, int64_t) const { return descend<T, kSums>(*this, x); }
 
   __device__ __forceinline__ void update(T* x) const {
     if (amp.skip) {
