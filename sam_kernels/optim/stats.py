@@ -97,6 +97,14 @@ SCRATCH_KEY = "telemetry_g"
 _PERTURB_EPS = inspect.signature(ops.perturb_).parameters["eps"].default  # what SAM's first_step uses
 
 
+def _looksam_copies(sam, params: list[torch.Tensor], grads: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
+    """LookSAM's own copy of g(w) (``looksam_g``, taken in first_step) when every param has one, else None."""
+    if not sam.modifiers:
+        return None
+    copies = [sam.state[p].get("looksam_g") for p in params]
+    return copies if all(f is not None and f.shape == g.shape for f, g in zip(copies, grads)) else None
+
+
 def _locals(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """The local shards of DTensor gradients (FSDP2), where their data and version counters live."""
     return [g.to_local() for g in grads] if grads and dtensor.is_dtensor(grads[0]) else grads
@@ -182,11 +190,14 @@ class Telemetry:
         """The buffers ``perturb_`` copies g(w) into, in its pass, when the cosine needs a copy: the loop
         writes p.grad in place (or the step is compiled) and LookSAM keeps no copy of its own. The
         caller passes every param with a gradient (all of them are perturbed)."""
-        if not self.cosine or not params or (self.hold_grads and not torch.compiler.is_compiling()):
-            return None
-        if sam.modifiers and all(sam.state[p].get("looksam_g") is not None for p in params):
+        if not self.cosine or not params or self._holding() or _looksam_copies(sam, params, grads) is not None:
             return None
         return self._buffers(sam, params, grads)
+
+    def _holding(self) -> bool:
+        """Whether the cosine references g(w) itself (no copy): no loop was seen writing p.grad in
+        place, and the step is not compiled (a trace cannot check version counters)."""
+        return self.hold_grads and not torch.compiler.is_compiling()
 
     def ascended(self, sam, entries, everyone, sq: Optional[torch.Tensor], extra: dict,
                  plain_rho: Optional[float], scale: Optional[torch.Tensor],
@@ -211,12 +222,12 @@ class Telemetry:
         if self.cosine:
             params = [p for _, p in everyone]
             grads = [p.grad for p in params]
-            copies = [sam.state[p].get("looksam_g") for p in params] if sam.modifiers else [None]
-            if all(f is not None and f.shape == g.shape for f, g in zip(copies, grads)):  # LookSAM's own copy
-                firsts = (params, copies)
+            looksam = _looksam_copies(sam, params, grads)
+            if looksam is not None:
+                firsts = (params, looksam)
             elif copied is not None:
                 firsts = (params, copied)
-            elif self.hold_grads and not torch.compiler.is_compiling():
+            elif self._holding():
                 # g(w) itself: the loop replaces p.grad (zero_grad's set_to_none), so the tensor stays
                 # intact while referenced; descending() checks that (version counter, storage).
                 firsts = (params, grads)
