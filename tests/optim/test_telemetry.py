@@ -62,6 +62,17 @@ def closure_step(model, opt, x, y):
     return seen
 
 
+def finish_step(model, opt, x, y, wants: bool, loss1):
+    """The rest of a manual-loop step after the first backward: a SAM step (losses handed over) or a plain one."""
+    if wants:
+        opt.first_step(zero_grad=True, loss=loss1)
+        loss2 = loss_of(model, x, y)
+        loss2.backward()
+        opt.second_step(zero_grad=True, loss=loss2)
+    else:
+        opt.base_step(zero_grad=True)
+
+
 def hand(seen):
     g1, g2 = seen["g1"], seen["g2"]
     both1 = [a for a, b in zip(g1, g2) if a is not None and b is not None]
@@ -580,13 +591,7 @@ def test_a_step_with_telemetry_has_no_host_sync(monkeypatch, name):
         calls = []
         if i == 1:
             count_reads(monkeypatch, calls)
-        if wants:
-            opt.first_step(zero_grad=True, loss=loss1)
-            loss2 = loss_of(model, x, y)
-            loss2.backward()
-            opt.second_step(zero_grad=True, loss=loss2)
-        else:
-            opt.base_step(zero_grad=True)
+        finish_step(model, opt, x, y, wants, loss1)
         monkeypatch.undo()
         assert calls == [], i
     st = opt.stats()
@@ -638,13 +643,7 @@ def test_cuda_step_with_telemetry_has_no_sync(name):
         if i == 2:
             torch.cuda.set_sync_debug_mode("error")
         try:
-            if wants:
-                opt.first_step(zero_grad=True, loss=loss1)
-                loss2 = loss_of(model, x, y)
-                loss2.backward()
-                opt.second_step(zero_grad=True, loss=loss2)
-            else:
-                opt.base_step(zero_grad=True)
+            finish_step(model, opt, x, y, wants, loss1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     st = opt.stats()
