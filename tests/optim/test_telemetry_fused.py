@@ -249,7 +249,7 @@ def test_a_batched_fold_equals_a_fold_per_step():
 def test_ema_over_a_long_run_equals_the_recurrence():
     """More SAM steps than one fold holds, stats() only at the end: ema_t = d·ema + (1 − d)·v_t from
     the first value, against the per-step values read by a twin optimizer."""
-    from sam_kernels.optim.stats import FOLD
+    from sam_kernels.optim.telemetry import FOLD
 
     steps = FOLD + 7
     model_a, data = model_and_data()
