@@ -2,14 +2,11 @@
 restore, so an error or a ``restore()`` gives w back bitwise (ours)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
 from .. import ops
-
-if TYPE_CHECKING:
-    from .step_state import StepState
 
 
 def get(state: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -56,20 +53,3 @@ def copy_back(params: list[torch.Tensor], backups: list[torch.Tensor], backend: 
     except (TypeError, ValueError):  # rejected before writing anything
         for p, b in zip(params, backups):
             p.copy_(b)
-
-
-def set_perturbed(now: "StepState", state: dict, params: Optional[list[torch.Tensor]],
-                  backups: Optional[list[torch.Tensor]] = None) -> None:
-    """Record that ``params`` are at w + e, their w in ``backups`` (default: the state's); None: none is."""
-    now.perturbed = params
-    if params is None:
-        now.backup_of = {}
-        return
-    if backups is None:
-        backups = [state[p]["backup"] for p in params]
-    now.backup_of = dict(zip(params, backups))
-
-
-def restored(now: "StepState", p: torch.Tensor) -> torch.Tensor:
-    """The weight ``p`` will have after the restore: its backup while it is perturbed."""
-    return now.backup_of.get(p, p)

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import amp, backups
+from . import amp
 from .contract import check_group
 from .telemetry import SCRATCH_KEY
 
@@ -107,7 +107,8 @@ def load(opt, state_dict: dict, variant_keys: tuple[str, ...], load_variant: Cal
     now = opt.step_state
     now.groups_checked = len(opt.param_groups)
     params = [p for g in opt.param_groups for p in g["params"]]
-    backups.set_perturbed(now, opt.state, None if perturbed is None else [params[i] for i in perturbed])
+    mid = [] if perturbed is None else [params[i] for i in perturbed]
+    now.set_perturbed(None if perturbed is None else mid, [opt.state[p]["backup"] for p in mid])
     now.step_count = sam_state["step_count"]
     now.decision = sam_state["decision"]
     now.begun = perturbed is not None

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from . import backups, groups
+from . import groups
 
 
 class Modifier:
@@ -73,7 +73,7 @@ class Renormalize(Modifier):
             now = sam.step_state
             weighted = groups.sq_norm([(group, p) for group in sam.param_groups for p in group["params"]
                                        if p.grad is not None], sam.backend,
-                                      weights=lambda p: backups.restored(now, p))
+                                      weights=now.restored)
             if sq_norm is None:
                 sq_norm = ops.grad_sq_norm(grads, backend=sam.backend)
             plain = sq_norm.to(weighted.device)

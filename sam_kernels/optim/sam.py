@@ -235,7 +235,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         ascent.buckets = groups.bucket(entries, lambda g: (g["rho"], g["adaptive"], g["eta"]))
         ascent.options.update(self.telemetry.perturb_options(self, ascent))
         ascent.perturb(self.state, self.backend)
-        backups.set_perturbed(now, self.state, ascent.params, ascent.kept)
+        now.set_perturbed(ascent.params, ascent.kept)
         self.telemetry.on_ascent(self, ascent)
 
     @records_step(starts_step=False)

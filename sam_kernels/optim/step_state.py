@@ -1,12 +1,9 @@
 """What a SAM optimizer keeps during an optimizer step (ours)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Sequence
 
 import torch
-
-if TYPE_CHECKING:
-    from .telemetry import Telemetry
 
 
 class StepState:
@@ -17,7 +14,7 @@ class StepState:
     step writes lives here rather than on the optimizer.
     """
 
-    def __init__(self, telemetry: Telemetry):
+    def __init__(self, telemetry):
         self.step_count = 0
         self.decision: Optional[bool] = None    # the policy's answer for this step, once asked
         self.perturbed: Optional[list[torch.Tensor]] = None  # between first_step and the descent
@@ -28,11 +25,19 @@ class StepState:
         self.begun = False     # this optimizer step has run its pre hooks
         self.groups_checked = 0
         self.dispatch_log: Optional[list] = None  # the dispatch records of the last step
-        self.telemetry = telemetry  # sharpness values and cost counters
+        self.telemetry = telemetry  # sharpness values and cost counters (a .telemetry.Telemetry)
+
+    def set_perturbed(self, params: Optional[list[torch.Tensor]], backups: Sequence[torch.Tensor] = ()) -> None:
+        """``params`` are at w + e now, their w in ``backups``; None: no param is perturbed."""
+        self.perturbed, self.backup_of = params, ({} if params is None else dict(zip(params, backups)))
+
+    def restored(self, p: torch.Tensor) -> torch.Tensor:
+        """The weight ``p`` will have after the restore: its backup while it is perturbed."""
+        return self.backup_of.get(p, p)
 
     def end(self) -> None:
         """Forget what belongs to the step that just ended or was undone (the counters stay)."""
-        self.perturbed, self.backup_of = None, {}
+        self.set_perturbed(None)
         self.decision = None
         self.found = None
         self.fresh = False

@@ -68,7 +68,7 @@ from . import groups
 from .base_step import fused_kind
 
 if TYPE_CHECKING:
-    from .step_state import Ascent
+    from .ascent import Ascent
 
 KEYS = ("grad_norm", "sam_grad_norm", "grad_cosine", "perturbation_norm", "sharpness", "steps", "sam_steps",
         "sam_step_fraction", "forward_passes", "backward_passes", "optimizer_bytes")

@@ -1,4 +1,4 @@
-"""Telemetry at the memory floor (optim/stats.py): g(w) is held instead of copied, and the fused
+"""Telemetry at the memory floor (optim/telemetry.py): g(w) is held instead of copied, and the fused
 descent (``ops.sgd_restore_step_``/``adamw_restore_step_`` with ``ascent_grads``/``sums``) takes
 ‖g(w+e)‖² and ⟨g(w), g(w+e)⟩ in its own pass. Checked here: the values still equal a hand
 computation on every path (fused SGD/AdamW, generic base, AMP, in-place zeroing loops, mid-step
