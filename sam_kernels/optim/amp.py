@@ -17,11 +17,28 @@ Adam/AdamW/SGD): ``scaler.step(opt)`` checks the gradients it sees, then hands t
 
 The optimizer holds one :func:`make` object (``SAM.amp``, rebuilt when ``grad_scaler`` is set) and calls
 it at fixed points of the step: ``check_attached`` on entry, ``loss_scale``, ``screen`` after each
-squared gradient norm, ``perturb_args`` for the ascent, ``descent_args`` and ``report`` around the descent.
+squared gradient norm, ``perturb_args`` for the ascent, ``next_pass`` between the passes,
+``report`` after the descent.
 
-The loss scale of the gradients at hand (:func:`current_scale`): inside ``scaler.step`` the
-scaler's ``grad_scale`` (None after ``scaler.unscale_(opt)``); outside it, in the manual loop,
-the attached scaler's scale (None after ``scaler.unscale_(opt)``); None without AMP.
+Which scale each pass carries (ours; GradScaler's bookkeeping is per optimizer, not per pass):
+the scaler's per-optimizer stage turns UNSCALED when the user calls ``scaler.unscale_(opt)`` (to
+clip, say), and torch allows that once per ``scaler.update()``. A SAM step has two passes, and the
+user may unscale either, or both, or neither: after the first pass (before ``first_step``), after
+the second (before ``scaler.step(opt)`` / ``second_step``, or inside the closure of
+``scaler.step(opt, closure)``). So the stage is read once per pass, where SAM consumes that pass's
+gradients: UNSCALED means this pass was unscaled (scale None), anything else that it carries the
+scaler's current scale. Between the passes (end of ``first_step``) an UNSCALED stage is set back
+to READY, so the stage then describes the second pass alone and ``scaler.unscale_(opt)`` may be
+called again for it. The flags ``unscale_`` recorded for a pass (``found_inf_per_device``: an Inf
+that clipping or ``nan_to_num_`` may since have hidden) join the step's overflow flag before that.
+``opt.grad_scale``, which ``scaler.step`` hands over from the stage at ITS call, is not used: inside
+``scaler.step(opt, closure)`` it describes the first pass only.
+
+Before ``scaler.step(opt, closure)`` can call the optimizer, GradScaler needs a scale, which it
+creates lazily in ``scaler.scale``; a loop whose passes all run inside the step (``ESAM.step``'s
+per-sample closure, or a closure giving the first pass too) never calls ``scale`` before it.
+Attaching a scaler therefore creates its scale (at ``init_scale``) when it has none yet, on the
+parameters' device (the scaler's own device type otherwise), as its first ``scale(loss)`` would.
 """
 from __future__ import annotations
 
@@ -65,31 +82,54 @@ def check_attached(opt) -> None:
                            f"The loop:\n{LOOP}")
 
 
-def current_scale(opt, fresh: bool = False) -> Optional[torch.Tensor]:
-    """The loss scale the gradients of ``opt`` carry now (0-dim fp32 device tensor), or None if unscaled.
+def stage(opt) -> OptState:
+    """The attached scaler's stage for ``opt`` (GradScaler's per-optimizer state, private; unchanged
+    from torch 1.6 to 2.14): UNSCALED after ``scaler.unscale_(opt)``."""
+    return opt.grad_scaler._per_optimizer_states[id(opt)]["stage"]
 
-    ``fresh``: the gradients were just made by a closure inside this step (scaled by the scaler's
-    current scale, whatever ``scaler.unscale_`` did to the previous pass).
-    """
+
+def current_scale(opt) -> Optional[torch.Tensor]:
+    """The loss scale the gradients of ``opt`` carry now (the scaler's 0-dim fp32 device tensor), or
+    None if they are unscaled: no AMP, or ``scaler.unscale_(opt)`` was called for this pass."""
     scaler = opt.grad_scaler
-    if not active(scaler):
+    if not active(scaler) or stage(opt) is OptState.UNSCALED:
         return None
-    if stepping(opt) and not fresh:
-        return opt.grad_scale
-    if not fresh and scaler._per_optimizer_states[id(opt)]["stage"] is OptState.UNSCALED:
-        return None
-    scale = scaler._scale
-    if scale is None:
+    if scaler._scale is None:
         raise RuntimeError("GradScaler has not scaled a loss yet: call scaler.scale(loss).backward() first")
-    return scale
+    return scaler._scale
+
+
+def recorded_overflow(opt) -> Optional[torch.Tensor]:
+    """The overflow flags ``scaler.unscale_(opt)`` recorded for this pass, summed (device maths), or None."""
+    flags = list(opt.grad_scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values())
+    if not flags:
+        return None
+    total = flags[0].float()
+    for f in flags[1:]:
+        total = total + f.to(total.device).float()
+    return total
+
+
+def give_scale(scaler, device: Optional[torch.device]) -> None:
+    """Create the scaler's scale tensor (at ``init_scale``) if it has none yet, as its first ``scale()``
+    would: on ``device`` when that is the scaler's device type, else on the scaler's device."""
+    if scaler._scale is not None:
+        return
+    own = torch.device(scaler._device)
+    scaler._lazy_init_scale_growth_tracker(device if device is not None and device.type == own.type else own)
 
 
 def overflow(sq_norm: torch.Tensor, opt) -> torch.Tensor:
-    """0-dim fp32 flag on the norm's device: the squared norm is not finite, or the scaler found an Inf."""
+    """0-dim fp32 flag on the norm's device: the squared norm is not finite, or the scaler found an Inf
+    (the ``found_inf`` ``scaler.step`` hands over, or what ``scaler.unscale_`` recorded for this pass)."""
     found = (~torch.isfinite(sq_norm)).float()
     theirs = getattr(opt, "found_inf", None) if stepping(opt) else None
     if isinstance(theirs, torch.Tensor):
         found = torch.maximum(found, theirs.to(found.device).float())
+    if stage(opt) is OptState.UNSCALED:
+        recorded = recorded_overflow(opt)
+        if recorded is not None:
+            found = torch.maximum(found, recorded.to(found.device))
     return found
 
 
@@ -138,6 +178,9 @@ class Unscaled:
     def perturb_args(self, opt, scale: Optional[torch.Tensor]) -> dict:
         return {}
 
+    def next_pass(self, opt) -> None:
+        pass
+
     def report(self, opt) -> None:
         pass
 
@@ -151,8 +194,12 @@ class Scaled(Unscaled):
     def check_attached(self, opt) -> None:
         pass
 
+    def __init__(self, scaler, device: Optional[torch.device] = None):
+        super().__init__(scaler)
+        give_scale(scaler, device)
+
     def loss_scale(self, opt) -> Optional[torch.Tensor]:
-        return current_scale(opt, fresh=opt.step_state.fresh)
+        return current_scale(opt)
 
     def screen(self, opt, sq_norm: torch.Tensor, where: str) -> None:
         """Fold a non-finite ``sq_norm`` (or the scaler's own ``found_inf``) into the step's overflow flag."""
@@ -163,11 +210,19 @@ class Scaled(Unscaled):
     def perturb_args(self, opt, scale: Optional[torch.Tensor]) -> dict:
         return {"grad_scale": scale, "found_inf": opt.step_state.found}
 
+    def next_pass(self, opt) -> None:
+        """The next pass begins: ``scaler.unscale_(opt)`` of the previous one (its overflow flags
+        already screened) no longer describes the gradients, so the stage goes back to READY."""
+        state = opt.grad_scaler._per_optimizer_states[id(opt)]
+        if state["stage"] is OptState.UNSCALED:
+            state["stage"] = OptState.READY
+
     def report(self, opt) -> None:
         if opt.step_state.found is not None:
             report(opt, opt.step_state.found)
 
 
-def make(scaler) -> Unscaled:
-    """The AMP object of an optimizer built with ``grad_scaler=scaler`` (None: no AMP)."""
-    return Scaled(scaler) if active(scaler) else Unscaled(scaler)
+def make(scaler, device: Optional[torch.device] = None) -> Unscaled:
+    """The AMP object of an optimizer built with ``grad_scaler=scaler`` (None: no AMP) whose
+    parameters are on ``device`` (where the scaler's scale is created if it has none)."""
+    return Scaled(scaler, device) if active(scaler) else Unscaled(scaler)

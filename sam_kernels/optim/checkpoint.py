@@ -40,7 +40,7 @@ def hooks_silenced(opt: _Optimizer, *names: str) -> Iterator[None]:
 
 def save(opt, variant_state: dict) -> dict:
     """``opt.state_dict()``: torch's dict of ``opt`` + ``"sam"`` (step count, decision, perturbed
-    params, policy, modifiers, telemetry) + ``"base_optimizer"`` + ``variant_state``'s entries.
+    params, the pending step's AMP overflow flag, policy, modifiers, telemetry) + ``"base_optimizer"`` + ``variant_state``'s entries.
     Backups and first-pass copies are scratch between steps: saved only mid-step."""
     for hook in opt._optimizer_state_dict_pre_hooks.values():
         hook(opt)
@@ -55,6 +55,7 @@ def save(opt, variant_state: dict) -> dict:
         "step_count": now.step_count,
         "decision": now.decision,
         "perturbed": None if now.perturbed is None else [index[id(p)] for p in now.perturbed],
+        "found": now.found,  # AMP: the pending step's overflow flag (device tensor), so a resumed step skips too
         "policy_kind": type(opt.policy).__name__,
         "policy": opt.policy.state_dict(),
         "modifier_kinds": [type(m).__name__ for m in opt.modifiers],
@@ -111,6 +112,8 @@ def load(opt, state_dict: dict, variant_keys: tuple[str, ...], load_variant: Cal
     now.set_perturbed(None if perturbed is None else mid, [opt.state[p]["backup"] for p in mid])
     now.step_count = sam_state["step_count"]
     now.decision = sam_state["decision"]
+    found = sam_state.get("found")  # absent in state dicts saved before it was kept
+    now.found = None if found is None or not mid else found.to(mid[0].device, copy=True)
     now.begun = perturbed is not None
     opt.policy.load_state_dict(sam_state["policy"])
     for m, st in zip(opt.modifiers, sam_state["modifiers"]):

@@ -282,9 +282,9 @@ class ESAM(SAM):
         """``step(closure)``: one ESAM step, BOTH passes included (see the module docstring for the
         closure protocol). Returns the detached per-sample losses at w. ``first_loss`` (``step``'s
         ``loss=``) is unused: this step runs the first pass itself."""
-        if closure is None:
-            raise ValueError("ESAM.step() needs a closure(indices=None) returning per-sample losses (shape [B]); "
-                             "it runs both passes itself")
+        if closure is None:  # the manual protocol: scaler.step(opt) ends a step begun by first_step
+            return super()._step(None)
+        self.amp.next_pass(self)  # an unscale_ before this call was of no gradient of this step
         with torch.enable_grad(), self.ascent_pass():
             losses = closure(None)
             if losses.dim() != 1:
@@ -320,7 +320,6 @@ class ESAM(SAM):
             batch = losses.shape[0]
             share = indices.shape[0] / batch if weight is None else 1.0 / (weight * batch)
             self.telemetry.passes = (2.0 + share, 1.0 + share)
-        self.step_state.fresh = True
         self.second_step(loss=(selected if after is None else after).mean())
         return losses.detach()
 

@@ -133,7 +133,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
 
     @grad_scaler.setter
     def grad_scaler(self, scaler: Optional[torch.amp.GradScaler]) -> None:
-        self.amp = amp.make(scaler)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        self.amp = amp.make(scaler, None if first is None else first.device)
 
     @property
     def loss_scale(self) -> Optional[torch.Tensor]:
@@ -212,6 +213,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             self.telemetry.on_discard()
             raise
         now.decision = True
+        self.amp.next_pass(self)
         if zero_grad:
             self.zero_grad()
 
@@ -361,6 +363,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             return None
         loss = None
         if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            self.amp.next_pass(self)  # an unscale_ before this call was of no gradient of this step
             with torch.enable_grad():
                 loss = first_loss = closure()  # the first pass: nothing was backpropagated before this step
         if not self.wants_sam():
@@ -373,7 +376,6 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         except BaseException:
             self.restore()
             raise
-        now.fresh = True
         self.second_step(loss=loss)
         return loss
 

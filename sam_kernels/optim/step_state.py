@@ -20,7 +20,6 @@ class StepState:
         self.perturbed: Optional[list[torch.Tensor]] = None  # between first_step and the descent
         self.backup_of: dict[torch.Tensor, torch.Tensor] = {}  # perturbed param -> its backup (tensor keys: copyable)
         self.found: Optional[torch.Tensor] = None  # AMP: overflow flag of this step, on the device
-        self.fresh = False     # the gradients were made by the closure of step() (AMP: the scaler's scale)
         self.stepping = False  # inside step(): torch's wrapper runs the step hooks
         self.begun = False     # this optimizer step has run its pre hooks
         self.groups_checked = 0
@@ -40,6 +39,5 @@ class StepState:
         self.set_perturbed(None)
         self.decision = None
         self.found = None
-        self.fresh = False
         self.begun = False
 

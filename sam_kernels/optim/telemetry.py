@@ -90,9 +90,10 @@ FOLD = 64
 """SAM steps whose raw values are kept (0-dim device tensors) before they are folded into the values
 and averages in one batch: the per-step device work of telemetry is then only what the kernels add."""
 
-_RECORD = ("g1_sq", "scale", "plain_rho", "e_sq", "g2_sq", "dot", "n1", "n2", "sums", "fused_dot", "before", "after",
-           "found")
-"""What a SAM step records (raw, scaled norms as the ops returned them; None when unknown). ``sums``:
+_RECORD = ("g1_sq", "scale", "plain_rho", "e_sq", "g2_sq", "scale2", "dot", "n1", "n2", "sums", "fused_dot", "before",
+           "after", "found")
+"""What a SAM step records (raw, scaled norms as the ops returned them; None when unknown). ``scale``,
+``scale2``: the loss scale of the first and of the second pass (AMP; either may have been unscaled). ``sums``:
 the fused descent's [Σ g(w + e)², Σ ⟨g(w), g(w + e)⟩] (the dot only when ``fused_dot``)."""
 
 SCRATCH_KEY = "telemetry_g"
@@ -267,6 +268,7 @@ class Telemetry:
         when the descent has it; returns it, or the one computed here (for the modifiers)."""
         if not self.enabled or not grads or "g1_sq" not in self.pending:
             return sq
+        self.pending["scale2"] = scale
         firsts = self.pending.get("firsts")
         ascent = self._ascent_grads(firsts, params, grads) if firsts is not None else None
         every = ascent is not None and len(firsts[0]) == len(params) and all(a is not None for a in ascent)
@@ -374,7 +376,7 @@ class Telemetry:
             return torch.stack([x.to(device=device, dtype=torch.float32) for x in xs])
 
         g1, s2 = col("g1_sq"), col("scale", one).square()
-        g2 = col("g2_sq")
+        g2 = col("g2_sq") / col("scale2", one).square()
         cosine = col("dot") / (col("n1", fallback="g1_sq") * col("n2", fallback="g2_sq")).sqrt()
         rhos = {r["plain_rho"] for r in records}  # one rho (or none) in the usual run: a fill, no copy
         rho = (torch.full((len(records),), math.nan if rhos == {None} else rhos.pop(), device=device)
@@ -386,7 +388,7 @@ class Telemetry:
         plain = torch.nan_to_num(rho * r / (r + _PERTURB_EPS * s2.sqrt()), nan=0.0, posinf=0.0)
         e = torch.where(rho.isnan(), col("e_sq").sqrt(), plain)
         sharp = col("after") - col("before")
-        v = torch.stack([(g1 / s2).sqrt(), (g2 / s2).sqrt(), cosine, e, sharp], dim=1)  # [K, 5]
+        v = torch.stack([(g1 / s2).sqrt(), g2.sqrt(), cosine, e, sharp], dim=1)  # [K, 5]
         ok = col("found", torch.zeros((), device=device)).eq(0)
         if self.last is None:
             self.last = torch.full((5,), math.nan, device=device)
