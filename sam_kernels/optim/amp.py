@@ -89,8 +89,9 @@ def stage(opt) -> OptState:
 
 
 def current_scale(opt) -> Optional[torch.Tensor]:
-    """The loss scale the gradients of ``opt`` carry now (the scaler's 0-dim fp32 device tensor), or
-    None if they are unscaled: no AMP, or ``scaler.unscale_(opt)`` was called for this pass."""
+    """The loss scale the gradients of ``opt`` carry now, or None if they are unscaled: no AMP, or
+    ``scaler.unscale_(opt)`` was called for this pass. The scaler's own 0-dim fp32 device tensor, which
+    ``scaler.update()`` changes in place: copy it to keep it beyond the step."""
     scaler = opt.grad_scaler
     if not active(scaler) or stage(opt) is OptState.UNSCALED:
         return None

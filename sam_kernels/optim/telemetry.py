@@ -111,6 +111,11 @@ def _modifier_copies(sam, params: list[torch.Tensor], grads: list[torch.Tensor])
     return None
 
 
+def _kept(scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A copy of a loss scale for the records: the scaler's own tensor changes at ``scaler.update()``."""
+    return None if scale is None else scale.clone()
+
+
 def _locals(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """The local shards of DTensor gradients (FSDP2), where their data and version counters live."""
     return [g.to_local() for g in grads] if grads and dtensor.is_dtensor(grads[0]) else grads
@@ -242,7 +247,7 @@ class Telemetry:
             else:
                 firsts = (params, self._copies(sam, params, grads))
         # raw device scalars only: the maths runs batched at the next fold (_fold)
-        self.pending.update(firsts=firsts, g1_sq=g1_sq, scale=ascent.scale, plain_rho=ascent.plain_rho,
+        self.pending.update(firsts=firsts, g1_sq=g1_sq, scale=_kept(ascent.scale), plain_rho=ascent.plain_rho,
                             e_sq=ascent.options.get("perturbation_sq"))
 
     def _buffers(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -268,7 +273,7 @@ class Telemetry:
         when the descent has it; returns it, or the one computed here (for the modifiers)."""
         if not self.enabled or not grads or "g1_sq" not in self.pending:
             return sq
-        self.pending["scale2"] = scale
+        self.pending["scale2"] = _kept(scale)
         firsts = self.pending.get("firsts")
         ascent = self._ascent_grads(firsts, params, grads) if firsts is not None else None
         every = ascent is not None and len(firsts[0]) == len(params) and all(a is not None for a in ascent)
