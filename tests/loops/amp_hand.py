@@ -46,7 +46,7 @@ def make_model(seed: int = 0) -> torch.nn.Module:
 
 
 def make_data(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(7)  # AE-SAM: SAM steps 0-2, a plain step 3
     return [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(steps)]
 
 
@@ -62,7 +62,7 @@ def build(variant: str, params, scaler, backend: str, **extra) -> sk.SAM:
     if variant == "asam":
         return sk.SAM(params, sgd, rho=RHO, adaptive=True, eta=ETA, **kw)
     if variant == "sssam":
-        return sk.SSSAM(params, sgd, rho=RHO, p=0.5, seed=SEED, **kw)
+        return sk.SSSAM(params, sgd, rho=RHO, p=0.5, seed=0, **kw)  # SAM, plain, SAM, SAM
     if variant == "stable":
         return sk.StableSAM(params, sgd, rho=RHO, **kw)
     if variant == "looksam":
@@ -102,6 +102,10 @@ class Overflow:
     def at(self, step: int, pass_no: int) -> None:
         self.now = (step, pass_no)
 
+    def on(self, model) -> "Overflow":
+        """The same injection on another model's parameters (one loaded from a checkpoint)."""
+        return Overflow(model, *(self.target or (None, None)))
+
     def _hook(self, g: torch.Tensor) -> torch.Tensor:
         if self.target is None or self.now != self.target:
             return g
@@ -122,7 +126,7 @@ class Record:
     clip_single: bool = False                # a plain step whose one pass was unscaled and clipped
 
 
-def _read_choices(opt, rec: Record) -> None:
+def read_choices(opt, rec: Record) -> None:
     rec.sam = True
     params = [p for g in opt.param_groups for p in g["params"]]
     if isinstance(opt, sk.ESAM):
@@ -146,7 +150,7 @@ def manual_step(opt, model, scaler, x, y, t: int, place, overflow: Overflow, fin
         clip(model)
     if opt.wants_sam():
         opt.first_step(zero_grad=True)
-        _read_choices(opt, rec)
+        read_choices(opt, rec)
         overflow.at(t, 2)
         scaler.scale(loss_of(model, x, y)).backward()
         if place in (2, "both"):
@@ -175,7 +179,7 @@ def closure_step(opt, model, scaler, x, y, t: int, place, overflow: Overflow) ->
         clip(model)
 
     def closure():
-        _read_choices(opt, rec)
+        read_choices(opt, rec)
         overflow.at(t, 2)
         loss = loss_of(model, x, y)
         scaler.scale(loss).backward()
@@ -200,7 +204,7 @@ def esam_closure_step(opt, model, scaler, x, y, t: int, overflow: Overflow) -> R
         if len(calls) == 1:
             overflow.at(t, 1)
         elif torch.is_grad_enabled():  # not the no-grad forward of the data selection
-            _read_choices(opt, rec)
+            read_choices(opt, rec)
             rec.indices = indices
             overflow.at(t, 2)
         xs, ys = (x, y) if indices is None else (x[indices], y[indices])
@@ -338,3 +342,17 @@ def assert_bitwise(got, want, what: str) -> None:
 def assert_follows(model, hand: Hand, what: str) -> None:
     for p, w in zip(model.parameters(), hand.w):
         torch.testing.assert_close(p.detach().double(), w, atol=2e-6, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+def check_step(model, opt, scaler, hand: Hand, before: tuple, skip: bool, what: str) -> None:
+    """After a step: skipped (weights and state bitwise as ``before`` = (weights, base_state, scale),
+    the scale halved) or the hand reference's weights at an unchanged scale; nothing pending."""
+    w0, state0, scale0 = before
+    if skip:
+        assert_bitwise(weights(model), w0, f"{what}: weights after the skipped step")
+        assert_bitwise(base_state(opt), state0, f"{what}: base state after the skipped step")
+        assert scaler.get_scale() == scale0 / 2, f"{what}: the overflow did not reach scaler.update()"
+    else:
+        assert_follows(model, hand, what)
+        assert scaler.get_scale() == scale0, f"{what}: the scale changed without an overflow"
+    assert opt.step_state.perturbed is None and opt.step_state.found is None
