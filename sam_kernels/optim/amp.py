@@ -4,7 +4,8 @@ A SAM step backpropagates twice, and either pass can overflow. GradScaler's own 
 optimizers that unscale by themselves (``_step_supports_amp_scaling = True``, as torch's fused
 Adam/AdamW/SGD): ``scaler.step(opt)`` checks the gradients it sees, then hands the optimizer
 ``opt.grad_scale`` and ``opt.found_inf`` (device tensors) instead of unscaling and reading
-``found_inf`` on the host. SAM uses them as follows (all on the device):
+``found_inf`` on the host. SAM keeps that protocol, all on the device, with the scale of each
+pass taken from the scaler itself (below):
 
 - the scale is divided out inside the fused kernels (``ops.perturb_`` folds it into its scale
   scalar; ``ops.sgd_restore_step_`` / ``adamw_restore_step_`` divide per element);
@@ -13,7 +14,9 @@ Adam/AdamW/SGD): ``scaler.step(opt)`` checks the gradients it sees, then hands t
   perturbation is not applied, the descent restores w bitwise and leaves the base state alone;
 - the overflow of the pass the scaler did not see is added to the scaler's record for this
   optimizer, so ``scaler.update()`` backs off. That needs the scaler object, which GradScaler
-  does not hand over: build the optimizer with ``grad_scaler=scaler``.
+  does not hand over: build the optimizer with ``grad_scaler=scaler``;
+- a state dict saved mid-step carries the step's flag (:mod:`.checkpoint`): a resumed step whose
+  first pass overflowed is skipped too, and reported to the new scaler.
 
 The optimizer holds one :func:`make` object (``SAM.amp``, rebuilt when ``grad_scaler`` is set) and calls
 it at fixed points of the step: ``check_attached`` on entry, ``loss_scale``, ``screen`` after each

@@ -56,6 +56,12 @@ extra forward. Manual protocol (no SDS)::
 Without ``ascent_pass`` the selection is drawn in ``first_step``: unselected tensors still get
 e = 0, but their first-pass gradients were computed (no saving).
 
+fp16 (``grad_scaler=scaler``): the closure goes to ``scaler.step(opt, closure)`` as is; ``step``
+scales both backwards with the attached scaler (the closure never calls ``scaler.scale``, so
+attaching the scaler creates its scale: see :mod:`.amp`), and an overflow in either pass skips the
+step. In the manual protocol, ``scaler.step(opt)`` ends the step ``first_step`` began (as
+``second_step``), and ``scaler.unscale_(opt)`` may follow either backward (see :mod:`.amp`).
+
 Distributed (``torch.distributed`` initialized): the selections' seed is rank 0's, so every rank
 perturbs the same tensors. Tensors are NOT frozen by default there (``freeze=None`` means "freeze
 only in a single process"): DDP without ``find_unused_parameters=True`` expects a gradient for every
@@ -281,7 +287,8 @@ class ESAM(SAM):
     def _step(self, closure, first_loss=None):
         """``step(closure)``: one ESAM step, BOTH passes included (see the module docstring for the
         closure protocol). Returns the detached per-sample losses at w. ``first_loss`` (``step``'s
-        ``loss=``) is unused: this step runs the first pass itself."""
+        ``loss=``) is unused: this step runs the first pass itself. Without a closure (the manual
+        protocol, e.g. ``scaler.step(opt)``): as ``SAM.step()``, the end of a step begun by hand."""
         if closure is None:  # the manual protocol: scaler.step(opt) ends a step begun by first_step
             return super()._step(None)
         self.amp.next_pass(self)  # an unscale_ before this call was of no gradient of this step

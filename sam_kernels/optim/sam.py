@@ -55,7 +55,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         policy: when to take SAM steps (default: always).
         renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).
         modifiers: more descent modifiers, applied in order after ``renormalize``.
-        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop (see :mod:`sam_kernels.optim.amp`).
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop (see :mod:`sam_kernels.optim.amp`:
+            where ``scaler.unscale_`` may go; attaching it creates its scale if it has none yet).
         distributed: ``"global"`` (both backwards synchronized: DDP's default, FSDP2) or ``"m-sam"``
             (first backward under DDP's ``no_sync()``); see :mod:`sam_kernels.optim.distributed`.
         telemetry: keep ‖g(w)‖, ‖g(w+e)‖, their cosine, ‖e‖ and L(w+e) − L(w) of each SAM step on the
@@ -138,7 +139,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
 
     @property
     def loss_scale(self) -> Optional[torch.Tensor]:
-        """The loss scale the gradients carry now (0-dim device tensor; None when unscaled or without AMP)."""
+        """The loss scale the gradients carry now (the scaler's own 0-dim fp32 device tensor, changed in
+        place by ``scaler.update()``; None when ``scaler.unscale_(opt)`` unscaled this pass, or without AMP)."""
         return self.amp.loss_scale(self)
 
     def add_param_group(self, param_group: dict) -> None:
