@@ -187,3 +187,24 @@ def test_unscale_twice_in_one_pass_is_torchs_error_and_the_step_restores():
         scaler.step(opt, closure)
     assert_bitwise(weights(model), w0, "weights after the error")
     assert opt.step_state.perturbed is None
+
+
+@pytest.mark.parametrize("loop", ["manual", "closure"])
+@pytest.mark.parametrize("place", [1, 2], ids=["unscale1", "unscale2"])
+def test_telemetry_norms_are_unscaled_whichever_pass_was_unscaled(loop, place):
+    """‖g(w)‖ and ‖g(w + e)‖ of telemetry when one pass carries the scale and the other does not."""
+    model, data = make_model(), make_data(1)
+    scaler = make_scaler()
+    opt = build("sam", model.parameters(), scaler, "cpp", telemetry="norms")
+    hand = Hand("sam", model)
+    x, y = data[0]
+    g1 = hand.grads(hand.w, x, y)
+    g1 = hand_clip(g1) if place == 1 else g1
+    e = hand.perturbation(g1, Record(sam=True))
+    g2 = hand.grads([a + b for a, b in zip(hand.w, e)], x, y)
+    g2 = hand_clip(g2) if place == 2 else g2
+    step = manual_step if loop == "manual" else closure_step
+    step(opt, model, scaler, x, y, 0, place, Overflow(model, None, None))
+    stats = opt.stats()
+    assert stats["grad_norm"] == pytest.approx(norm(g1), rel=1e-5)
+    assert stats["sam_grad_norm"] == pytest.approx(norm(g2), rel=1e-5)
