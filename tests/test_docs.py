@@ -108,3 +108,19 @@ def test_block_runs(page, index, tmp_path, monkeypatch):
     else:  # the block builds its own model: its optimizer must have stepped
         opts = [v for v in example.namespace.values() if isinstance(v, sk.SAM)]
         assert opts and all(o.stats()["steps"] > 0 for o in opts), "the block's optimizer took no step"
+
+
+def test_the_amp_loop_errors_show_runs_on_cpu():
+    """The GradScaler loop that errors print (a GradScaler stepping a SAM built without it) runs as
+    shown, with an enabled scaler, where the model runs on a CPU."""
+    from textwrap import dedent
+
+    from sam_kernels.optim.amp import LOOP
+
+    torch.manual_seed(0)
+    scope = make_scope()
+    before = [p.detach().clone() for p in scope["model"].parameters()]
+    scope["sam_kernels"] = sk
+    exec(compile(dedent(LOOP), "the GradScaler loop of the errors", "exec"), scope)
+    assert scope["scaler"].is_enabled()
+    assert any(not torch.equal(a, p) for a, p in zip(before, scope["model"].parameters()))
