@@ -1,4 +1,4 @@
-"""Every Python block of the guides and of "Getting started" runs as written.
+"""Every Python block of the guides, of "Getting started" and of the front page runs as written.
 
 Blocks are found by sybil's MyST parser (```python fences). Each block runs on its own, in a fresh
 namespace holding the imports the guides assume (``torch``, ``F`` for ``torch.nn.functional``,
@@ -27,7 +27,7 @@ from sybil.parsers.myst import PythonCodeBlockParser, SkipParser
 import sam_kernels as sk
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = [DOCS / "getting-started.md", *sorted(p for p in (DOCS / "guides").glob("*.md") if not p.name.startswith("_"))]
+PAGES = [DOCS / "index.md", DOCS / "getting-started.md", *sorted(p for p in (DOCS / "guides").glob("*.md") if not p.name.startswith("_"))]
 TRAINS = re.compile(r"\b(first_step|second_step|base_step|step|fit|train)\(")
 
 
