@@ -9,8 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # document this checkout, not another installed copy
 
 
-def _project_version() -> str:
-    return re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+def _pyproject() -> dict[str, str]:
+    text = (ROOT / "pyproject.toml").read_text()
+    return {"version": re.search(r'^version = "([^"]+)"', text, re.M).group(1),
+            "python_min": re.search(r'^requires-python = ">=([^"]+)"', text, re.M).group(1),
+            "torch_min": re.search(r'"torch>=([^"]+)"', text).group(1)}
 
 
 def _install_torch() -> dict[str, str]:
@@ -23,7 +26,8 @@ def _install_torch() -> dict[str, str]:
 
 project = "sam_kernels"
 author = "sam_kernels contributors"
-release = version = _project_version()
+PYPROJECT = _pyproject()
+release = version = PYPROJECT["version"]
 
 extensions = [
     "myst_parser",
@@ -36,10 +40,7 @@ exclude_patterns = ["_build", "_*.md", "**/_*.md"]  # _name.md: parts included b
 
 myst_enable_extensions = ["colon_fence", "dollarmath", "substitution", "deflist"]
 myst_heading_anchors = 3
-myst_substitutions = {
-    "version": version,
-    **_install_torch(),
-}
+myst_substitutions = {**PYPROJECT, **_install_torch()}  # versions.md shows them
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

@@ -51,3 +51,15 @@ def test_no_raw_roles_or_process_words(page):
     assert not re.findall(r"(?<![{`]):(func|class|meth|mod|attr|data):`", outside_rst)
     words = re.findall(r"issue #\d+|\bissues? \d+\b|\blent\b|\bhelper agents?\b|\bsessions?\b", text, flags=re.I)
     assert not words, words
+
+
+def test_versions_and_sizes_have_one_source():
+    """Release numbers of torch and sizes in GB are stated on docs/versions.md only (the changelog's
+    dated records aside); versions.md reads install.sh's torch releases when the site is built."""
+    install = (ROOT / "scripts" / "install.sh").read_text()
+    releases = set(re.findall(r"TORCH_VERSION:-([0-9.]+)", install))
+    assert len(releases) == 2
+    figure = re.compile(r"\b\d+(?:\.\d+)? ?GB\b(?!/s)|" + "|".join(re.escape(r) for r in releases))
+    stray = {str(p.relative_to(ROOT)): figure.findall(p.read_text()) for p in PAGES
+             if p.name not in ("versions.md", "changelog.md")}
+    assert not {k: v for k, v in stray.items() if v}
