@@ -146,6 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     rows: list[dict] = []
     meta = _meta(env, args.full)
+    path = args.out / f"{env['device_slug']}.jsonl"
     with torch.no_grad():
         for i, (suite, op, case) in enumerate(jobs):
             print(f"[{time.perf_counter() - t_start:5.0f} s] {suite} {op if suite == 'op' else ''} {case.name}: "
@@ -169,10 +170,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             for r in new:
                 r["load"] = load
             rows += new
+            results.write(rows, path)  # after every case: a run stopped from outside keeps what it measured
             print(results.table(new), flush=True)
 
-    path = args.out / f"{env['device_slug']}.jsonl"
-    results.write(rows, path)
     png = path.with_suffix(".png")
     no_plot = results.plot(results.read(path), png)
     lines = ["", f"Verdicts (ratio = its time / {ours}'s time, {LEVEL:.0%} interval):"]

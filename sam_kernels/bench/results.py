@@ -73,6 +73,9 @@ def table(rows: list[dict]) -> str:
                 floor = "" if r.get("floor_fraction") is None else f"{r['floor_fraction']:.0%}"
                 lines.append(f"  {name:44s} {r['median_ms']:10.3g} {_ratio(r):>24s} {floor:>9s} "
                              f"{_goal(r):>8s}  {r.get('verdict') or ''}")
+        setup = ", ".join(f"{r['provider']} {r['setup_s']:.1f} s" for r in timed if r.get("setup_s", 0) >= 1.0)
+        if setup:
+            lines.append(f"  untimed setup (check and first call; torch.compile compiles here): {setup}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """One SAM optimizer step (first_step + second_step, SGD momentum 0.9, weight decay 5e-4, rho 0.05;
 forward and backward excluded), written the ways a user could write it.
 
-Providers (``PROVIDERS``; labels in ``LABELS``):
+Providers (names as on the command line; labels in ``LABELS``):
 
 - ``<backend>``: ``sam_kernels.SAM`` at default settings on a compiled backend (cpp; cuda, triton);
 - ``<backend>-nocheck``: the same with ``finite_check=False``;

@@ -6,7 +6,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Runs the given code with tqdm and matplotlib unimportable, as in an environment without them.
+# Runs the given code with matplotlib (and other optional packages) unimportable, as in an environment without them.
 BLOCK = """
 import sys
 class _Block:
