@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import steps
+from . import steps, warm
 from .cases import Case, kind
 from .check import compare
 from .measure import quantiles_ms, ratio_interval, run_rounds, time_call
@@ -55,16 +55,21 @@ def _copy_call(plan: Plan) -> Callable[[], object]:
     return lambda: dst.copy_(src)
 
 
-def build_steps(case: Case, providers: list[str], plan: Plan) -> Built:
+def build_steps(case: Case, providers: list[str], plan: Plan, compile_limit_s: float) -> Built:
+    """Every provider's step on ``case``, checked; ``compile_limit_s``: the time torch.compile's
+    first compile of this list may take (``warm``)."""
     out = Built()
     inputs = steps.make_inputs(case, plan.dtype, plan.device, plan.seed)
     want = steps.expected(inputs)
     for p in providers:
+        t0 = time.perf_counter()
         why = steps.unavailable(p, plan.device)
+        if why is None and p == "compile":
+            why = warm.warm(case, plan.dtype, plan.device, compile_limit_s)
         if why is not None:
             out.skipped[p] = why
+            out.setup_s[p] = time.perf_counter() - t0
             continue
-        t0 = time.perf_counter()
         step = steps.build(p, inputs)
         bad = steps.check(step, want)  # the first step, untimed: compiles and warms up as well
         out.setup_s[p] = time.perf_counter() - t0
@@ -133,7 +138,7 @@ def measure(suite: str, op: str, case: Case, built: Built, ours: Optional[str], 
                      "floor_fraction": floor / (copy_gbps * 1e9) / (q["median_ms"] * 1e-3) if floor else None,
                      "skipped": None, "mismatch": None})
     for p, why in built.skipped.items():
-        rows.append({**base, "provider": p, "skipped": why, "mismatch": None})
+        rows.append({**base, "provider": p, "skipped": why, "mismatch": None, "setup_s": built.setup_s.get(p)})
     for p, why in built.mismatched.items():
         rows.append({**base, "provider": p, "skipped": None, "mismatch": why})
     built.calls.clear()

@@ -149,24 +149,25 @@ def build(provider: str, inputs: Inputs) -> Step:
 
 
 def expected(inputs: Inputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Weights after first_step and after second_step of the first SAM-SGD step, in float64:
-    w + rho·g/‖g‖, then w − lr·(g_s + wd·w) (the momentum buffer starts as the first update)."""
-    w = [x.double() for x in inputs.weights]
-    g = [x.double() for x in inputs.grads]
-    norm = torch.sqrt(sum((x * x).sum() for x in g))
-    perturbed = [wi + RHO * gi / (norm + 1e-12) for wi, gi in zip(w, g)]
-    after = [wi - LR * (gs.double() + WEIGHT_DECAY * wi) for wi, gs in zip(w, inputs.sam_grads)]
+    """Weights after first_step and after second_step of the first SAM-SGD step, computed in float64
+    and stored in the parameters' dtype: w + rho·g/‖g‖, then w − lr·(g_s + wd·w) (the momentum
+    buffer starts as the first update)."""
+    norm = torch.sqrt(sum(g.double().square().sum() for g in inputs.grads))
+    perturbed = [(w.double() + RHO * g.double() / (norm + 1e-12)).to(w.dtype)
+                 for w, g in zip(inputs.weights, inputs.grads)]
+    after = [(w.double() - LR * (gs.double() + WEIGHT_DECAY * w.double())).to(w.dtype)
+             for w, gs in zip(inputs.weights, inputs.sam_grads)]
     return perturbed, after
 
 
 def check(step: Step, want: tuple[list[torch.Tensor], list[torch.Tensor]]) -> Optional[str]:
     """Runs ``step``'s first step and compares both halves with ``want`` (``expected``); returns
-    where it differs beyond the dtype's tolerance, or None."""
+    where it differs beyond the dtype's tolerance (``check.TOLERANCES``), or None."""
     atol, rtol = TOLERANCES[step.params[0].dtype]
     for half, name, ref in ((step.first, "after first_step", want[0]), (step.second, "after second_step", want[1])):
         half()
         for i, (p, e) in enumerate(zip(step.params, ref)):
-            if not torch.allclose(p.double(), e, atol=atol, rtol=rtol):
-                err = (p.double() - e).abs().max().item()
+            if not torch.allclose(p, e, atol=atol, rtol=rtol):
+                err = (p.double() - e.double()).abs().max().item()
                 return f"tensor {i} {name}: max abs error {err:.3g}"
     return None
