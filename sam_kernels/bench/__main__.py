@@ -51,6 +51,13 @@ targets and verdicts
   0.9x its time), >= {VS_COMPILE_SMALL:.0f} on the small-tensor list; per-parameter loop / ours >= {VS_LOOP} everywhere.
   met / missed when the interval lies wholly on one side of the target; unresolved when it contains it.
 
+threads
+  On CPU the default is one torch thread: with more threads than idle cores, every parallel region
+  waits for a descheduled thread, and an implementation with many small parallel regions (Inductor's
+  code: one per tensor and pass) slows down far more than one with few; the ratios then follow the
+  machine's load instead of the code. One thread per implementation is time-sliced alike.
+  --threads 2 measures multi-threaded steps (on a quiet machine).
+
 torch.compile
   Its first compile of a list runs in a child process limited to {COMPILE_SHARE:.0%} of the case's time;
   what it compiled is cached (Inductor's cache), so a run that ran out of time leaves the compile row
@@ -87,7 +94,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                          f"{', '.join(QUICK)})")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
-    ap.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, metavar="N",
+                    help="torch CPU threads (default on CPU: 1, see 'threads' below; on GPU: torch's choice)")
     ap.add_argument("--min-rounds", type=int, default=MIN_ROUNDS, help=f"rounds before stopping (default {MIN_ROUNDS})")
     ap.add_argument("--max-rounds", type=int, default=200, help="rounds at most per case (default 200)")
     ap.add_argument("--copy-size", type=int, metavar="N", help="elements of the fp32 copy timed in every round "
@@ -119,9 +127,9 @@ def _meta(env: dict, full: bool) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
     budget = args.budget if args.budget is not None else BUDGET_S[args.full]

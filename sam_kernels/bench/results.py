@@ -114,6 +114,7 @@ def plot(rows: list[dict], path: Path) -> Optional[str]:
             if r.get("target") is not None:
                 ax.plot([r["target"]] * 2, [i - 0.4, i + 0.4], color="#c44e52", lw=2)
         ax.set_yticks(list(y), names, fontsize=8)
+        ax.set_xscale("log")  # ratios: 2x faster and 2x slower are the same distance from 1
         ax.axvline(1.0, color="gray", lw=0.8)
         ax.set_title(f"{op if suite == 'op' else 'SAM step'} on {case} ({rs[0]['tensors']} tensors): "
                      f"time / {rs[0]['vs']}'s time (red: target)", fontsize=9)

@@ -3,12 +3,14 @@
 Inductor's first compile of a step over a few hundred tensors takes minutes on a loaded 2-core CPU
 (ResNet-50's 161 tensors: 2.5 min measured), more than a 3-minute run can give it, and a compile
 cannot be interrupted in-process. So the benchmark compiles each list once in a child process
-under the case's time limit: what it compiles lands in Inductor's on-disk cache, and a marker file
+(while it checks the other implementations) under the case's time limit: what it compiles lands in Inductor's on-disk cache, and a marker file
 beside that cache records a list whose compile finished. With the marker, the benchmark compiles in
 its own process straight away (from the cache: seconds); without it and out of time, the
 ``compile`` row says so and the next run goes on from what the cache holds.
 
-    python -m sam_kernels.bench.warm CASE DTYPE DEVICE   # the child: compile CASE's step once
+    python -m sam_kernels.bench.warm CASE DTYPE DEVICE THREADS   # the child: compile CASE's step once
+
+The child runs with the parent's torch thread count: Inductor's CPU code is generated for it.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -29,40 +32,54 @@ def marker(case: Case, dtype: torch.dtype, device: torch.device) -> Path:
     """The file that says ``case``'s compiled step is in Inductor's cache (it is cleared with the cache)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    key = hashlib.sha256(repr((torch.__version__, str(dtype), device.type, case.shapes)).encode()).hexdigest()[:16]
+    key = repr((torch.__version__, str(dtype), device.type, torch.get_num_threads(), case.shapes))
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(cache_dir()) / "sam_kernels_bench" / f"{case.name}-{key}.done"
 
 
-def warm(case: Case, dtype: torch.dtype, device: torch.device, limit_s: float) -> Optional[str]:
-    """None when ``case``'s compiled step is cached (before, or compiled now within ``limit_s``
-    seconds in a child process); otherwise why not."""
-    done = marker(case, dtype, device)
-    if done.exists():
+class Warming:
+    """``case``'s first compile, running in a child process from construction on (none when the
+    marker says the list is compiled): the caller does other untimed work meanwhile, then ``wait``s."""
+
+    def __init__(self, case: Case, dtype: torch.dtype, device: torch.device):
+        self.done = marker(case, dtype, device)
+        self.child: Optional[subprocess.Popen] = None
+        if not self.done.exists():
+            cmd = [sys.executable, "-m", "sam_kernels.bench.warm", case.name, str(dtype).replace("torch.", ""),
+                   device.type, str(torch.get_num_threads())]
+            # its own process group: the compiler's workers end with it
+            self.child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True)
+
+    def wait(self, deadline: float) -> Optional[str]:
+        """None when the compiled step is cached (before, or now, by ``deadline``, a
+        ``time.perf_counter`` value); otherwise why not. The child never outlives this call."""
+        if self.child is None:
+            return None
+        limit_s = deadline - time.perf_counter()
+        try:
+            _, err = self.child.communicate(timeout=max(limit_s, 0.0))
+        except BaseException as exc:  # out of time, or the run itself interrupted
+            os.killpg(self.child.pid, signal.SIGKILL)
+            self.child.communicate()
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                raise
+            return (f"torch.compile's first compile of this list did not finish in the {max(limit_s, 0):.0f} s left "
+                    f"for it here (what it compiled is cached: a next run goes on from there; --full gives it "
+                    f"more time)")
+        if self.child.returncode != 0:
+            last = (err or "").strip().splitlines()[-1:] or ["no message"]
+            return f"torch.compile failed: {last[0]}"
+        self.done.parent.mkdir(parents=True, exist_ok=True)
+        self.done.touch()
         return None
-    if limit_s <= 1:
-        return "no time left in the budget to compile (--budget, or run again: the compile cache is kept)"
-    cmd = [sys.executable, "-m", "sam_kernels.bench.warm", case.name, str(dtype).replace("torch.", ""), device.type]
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)  # its own process group: the compiler's workers end with it
-    try:
-        _, err = child.communicate(timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
-        return (f"torch.compile's first compile of this list did not finish in {limit_s:.0f} s here (what it "
-                f"compiled is cached: a next run goes on from there; --full gives it more time)")
-    if child.returncode != 0:
-        last = (err or "").strip().splitlines()[-1:] or ["no message"]
-        return f"torch.compile failed: {last[0]}"
-    done.parent.mkdir(parents=True, exist_ok=True)
-    done.touch()
-    return None
 
 
 def main(argv: list[str]) -> None:
     from . import steps
 
-    name, dtype, device = argv
+    name, dtype, device, threads = argv
+    torch.set_num_threads(int(threads))
     case = parse_size(name)
     step = steps.build("compile", steps.make_inputs(case, getattr(torch, dtype), torch.device(device)))
     with torch.no_grad():

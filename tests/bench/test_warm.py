@@ -1,4 +1,6 @@
 """torch.compile's first compile in a time-limited child process (sam_kernels/bench/warm.py)."""
+import time
+
 import torch
 
 from sam_kernels.bench import warm
@@ -11,10 +13,11 @@ def test_a_compile_out_of_time_is_stopped_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     case = parse_size("8")
     # 2 s: the child has not even imported torch by then; it and its process group are killed
-    why = warm.warm(case, F32, CPU, limit_s=2.0)
-    assert why is not None and "did not finish in 2 s" in why
+    w = warm.Warming(case, F32, CPU)
+    why = w.wait(time.perf_counter() + 2.0)
+    assert why is not None and "did not finish in the 2 s left" in why
+    assert w.child.poll() is not None  # ended, not left running
     assert not warm.marker(case, F32, CPU).exists()
-    assert "no time left" in warm.warm(case, F32, CPU, limit_s=0.5)
 
 
 def test_a_compiled_list_is_not_compiled_again(tmp_path, monkeypatch):
@@ -24,7 +27,8 @@ def test_a_compiled_list_is_not_compiled_again(tmp_path, monkeypatch):
     assert done.parent.parent == tmp_path
     done.parent.mkdir(parents=True)
     done.touch()
-    assert warm.warm(case, F32, CPU, limit_s=0.0) is None
+    w = warm.Warming(case, F32, CPU)
+    assert w.child is None and w.wait(time.perf_counter()) is None
     # another list, dtype or torch version has its own marker
     assert warm.marker(parse_size("16"), F32, CPU) != done
     assert warm.marker(case, torch.float64, CPU) != done
