@@ -19,7 +19,6 @@ from .verdict import VS_COMPILE_LARGE, VS_COMPILE_SMALL, VS_LOOP
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 BACKENDS = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
-EXTERNAL = ("compile", "foreach", "loop", "pytorch-optimizer")
 CASES = {  # device -> (default lists, --full lists)
     "cpu": (("resnet50", "gpt2_blocks_2", "small_500"), ("resnet50", "gpt2_blocks", "small")),
     "cuda": (("resnet50", "gpt2_blocks", "small"), ("resnet50", "resnet50_cl", "gpt2_blocks", "small")),
@@ -109,7 +108,7 @@ def _providers(args: argparse.Namespace, device: torch.device) -> list[str]:
     if args.providers:
         return list(args.providers)
     ours = [p for b in BACKENDS[device.type] for p in (b, f"{b}-nocheck")]
-    return ours + [p for p in EXTERNAL if not (args.no_compile and p == "compile")]
+    return ours + [p for p in steps.EXTERNAL if not (args.no_compile and p == "compile")]
 
 
 def _ours(providers: list[str], device: torch.device) -> Optional[str]:
@@ -136,8 +135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     deadline = t_start + budget
     env = environment(device)
     plan = session.Plan(device, DTYPES[args.dtype], args.min_rounds, args.max_rounds, args.seed,
-                        args.copy_size or ((64 << 20) if device.type == "cuda" else (16 << 20)),
-                        log=lambda s: print(s, flush=True))
+                        args.copy_size or ((64 << 20) if device.type == "cuda" else (16 << 20)))
     case_names = args.cases or CASES[device.type][args.full]
     cases = [C.parse_size(name) for name in case_names]
     providers = _providers(args, device)
@@ -192,7 +190,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     png = path.with_suffix(".png")
     no_plot = results.plot(results.read(path), png)
-    lines = ["", f"Verdicts (ratio = its time / {ours}'s time, {LEVEL:.0%} interval):"]
+    lines = ["", f"Verdicts (ratio = its time / {ours}'s time, {LEVEL:.0%} interval):" if ours else
+             "Verdicts: none (no sam_kernels provider ran, so no ratios)"]
     lines += results.verdicts(rows) or ["  none: no target row was timed"]
     usage, load1 = noise.usage(cpu0, noise.snap()), noise.load_average()
     copies = [r["copy_gbps"] for r in rows if r.get("copy_gbps")]
@@ -207,7 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines.append(f"written: {path}" + (f", {png}" if no_plot is None else f" (no plot: {no_plot})"))
     lines.append(f"took {time.perf_counter() - t_start:.0f} s")
     print("\n".join(lines), flush=True)
-    ours_wrong = [r for r in rows if r.get("mismatch") and r["provider"] not in EXTERNAL]
+    ours_wrong = [r for r in rows if r.get("mismatch") and r["provider"] not in steps.EXTERNAL]
     return 1 if ours_wrong else 0
 
 

@@ -37,7 +37,6 @@ class Plan:
     max_rounds: int
     seed: int = 0
     copy_numel: int = 16 << 20
-    log: Callable[[str], None] = print
 
 
 @dataclass
