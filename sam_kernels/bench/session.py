@@ -73,9 +73,12 @@ def build_steps(case: Case, providers: list[str], plan: Plan, compile_limit_s: f
             out.skipped[p] = why
             out.setup_s[p] = time.perf_counter() - t0
             continue
+        t_build = time.perf_counter()
         step = steps.build(p, inputs)
         bad = steps.check(step, want)  # the first step, untimed: compiles and warms up as well
         out.setup_s[p] = time.perf_counter() - t0
+        if p == "compile":
+            warming.record(time.perf_counter() - t_build)
         if bad is None:
             out.calls[p] = step
         else:

@@ -32,3 +32,17 @@ def test_a_compiled_list_is_not_compiled_again(tmp_path, monkeypatch):
     # another list, dtype or torch version has its own marker
     assert warm.marker(parse_size("16"), F32, CPU) != done
     assert warm.marker(case, torch.float64, CPU) != done
+
+
+def test_a_slow_compile_from_the_cache_is_skipped_when_time_is_short(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    case = parse_size("8")
+    done = warm.marker(case, F32, CPU)
+    done.parent.mkdir(parents=True)
+    done.touch()
+    warm.Warming(case, F32, CPU).record(42.0)
+    w = warm.Warming(case, F32, CPU)
+    assert w.reuse_s == 42.0
+    why = w.wait(time.perf_counter() + 10.0)
+    assert why is not None and "took 42 s" in why and "--budget" in why
+    assert w.wait(time.perf_counter() + 60.0) is None
