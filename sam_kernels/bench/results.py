@@ -115,6 +115,11 @@ def plot(rows: list[dict], path: Path) -> Optional[str]:
                 ax.plot([r["target"]] * 2, [i - 0.4, i + 0.4], color="#c44e52", lw=2)
         ax.set_yticks(list(y), names, fontsize=8)
         ax.set_xscale("log")  # ratios: 2x faster and 2x slower are the same distance from 1
+        ax.xaxis.set_major_formatter(plt.FormatStrFormatter("%gx"))
+        low, high = ax.get_xlim()
+        if high / low < 10:  # within a decade the minor ticks are the only labels; beyond, they crowd
+            ax.xaxis.set_minor_formatter(plt.FormatStrFormatter("%gx"))
+        ax.tick_params(axis="x", which="both", labelsize=7)
         ax.axvline(1.0, color="gray", lw=0.8)
         ax.set_title(f"{op if suite == 'op' else 'SAM step'} on {case} ({rs[0]['tensors']} tensors): "
                      f"time / {rs[0]['vs']}'s time (red: target)", fontsize=9)
