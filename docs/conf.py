@@ -24,6 +24,28 @@ def _install_torch() -> dict[str, str]:
     return {"torch_cuda": cuda, "torch_cpu": cpu}
 
 
+def _benchmark_tables() -> str:
+    """The recorded benchmark rows (benchmarks/results/*.jsonl) as the harness's own tables and plots."""
+    from sam_kernels.bench import results
+
+    parts = []
+    for rows_file in sorted((ROOT / "benchmarks" / "results").glob("*.jsonl")):
+        rows = results.read(rows_file)
+        if not rows:
+            continue
+        source = rows_file.relative_to(ROOT)
+        parts += [f"## {rows[0]['device']}", "",
+                  f"From `{source}`, recorded {rows[0]['timestamp'][:10]} at commit `{rows[0]['commit'][:10]}`.", "",
+                  "```text", results.table(rows).strip("\n"), "", "Verdicts:", *results.verdicts(rows), "```", ""]
+        if rows_file.with_suffix(".png").exists():
+            parts += [f"![ratios, {rows[0]['device']}](../{source.with_suffix('.png')})", ""]
+    return "\n".join(parts) or "*No result rows are recorded yet.*\n"
+
+
+# benchmarks.md includes the tables, made from the rows at each build, never typed by hand.
+(ROOT / "docs" / "_generated").mkdir(exist_ok=True)
+(ROOT / "docs" / "_generated" / "benchmark_tables.md").write_text(_benchmark_tables())
+
 project = "sam_kernels"
 author = "sam_kernels contributors"
 PYPROJECT = _pyproject()
@@ -36,7 +58,7 @@ extensions = [
     "sphinx.ext.mathjax",
 ]
 source_suffix = {".md": "markdown"}
-exclude_patterns = ["_build", "_*.md", "**/_*.md"]  # _name.md: parts included by other pages
+exclude_patterns = ["_build", "_generated", "_*.md", "**/_*.md"]  # _name.md: parts included by other pages
 
 myst_enable_extensions = ["colon_fence", "dollarmath", "substitution", "deflist"]
 myst_heading_anchors = 3

@@ -1,4 +1,4 @@
-"""Sharpness telemetry and cost accounting (optim/stats.py): values against a hand computation from
+"""Sharpness telemetry and cost accounting (optim/telemetry.py): values against a hand computation from
 the gradients and weights the optimizer saw, counters against the expected decisions, no host sync
 in a step, and state_dict round trips.
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import sam_kernels as sk
-from sam_kernels.optim import stats as telemetry_stats
+from sam_kernels.optim import telemetry as telemetry_stats
 from sam_kernels.optim.esam import num_selected
 
 NORM_RTOL = 1e-5
@@ -700,3 +700,14 @@ def test_docs_telemetry_example_runs(capsys):
         assert st["steps"] == 4 and math.isfinite(st["sharpness"]) and math.isfinite(st["grad_cosine"])
     printed = capsys.readouterr().out
     assert printed.count("'grad_norm'") == 3  # every(opt, 2, print) at steps 2 and 4, then the final print
+
+
+def test_old_module_name_warns_and_gives_the_same_objects():
+    """``sam_kernels.optim.stats`` (the telemetry's former module name) still imports, with a DeprecationWarning."""
+    import importlib
+    import sys
+    sys.modules.pop("sam_kernels.optim.stats", None)
+    with pytest.warns(DeprecationWarning, match="sam_kernels.optim.telemetry"):
+        old = importlib.import_module("sam_kernels.optim.stats")
+    assert (old.every, old.KEYS, old.FOLD, old.Telemetry) == (
+        telemetry_stats.every, telemetry_stats.KEYS, telemetry_stats.FOLD, telemetry_stats.Telemetry)
