@@ -195,12 +195,12 @@ class Scaled(Unscaled):
 
     active = True
 
-    def check_attached(self, opt) -> None:
-        pass
-
     def __init__(self, scaler, device: Optional[torch.device] = None):
         super().__init__(scaler)
         give_scale(scaler, device)
+
+    def check_attached(self, opt) -> None:
+        pass
 
     def loss_scale(self, opt) -> Optional[torch.Tensor]:
         return current_scale(opt)
