@@ -24,7 +24,8 @@ import torch
 from .. import ops
 from . import amp
 from .base_step import restore_and_step
-from .contract import SAM_KEYS, check_group, check_no_duplicates, complete_groups, mark_stepped, run_step_hooks
+from .contract import (LIGHTNING_FIX, SAM_KEYS, check_closure, check_group, check_no_duplicates, complete_groups,
+                       mark_stepped, run_step_hooks)
 from .descent import Modifier, Renormalize
 from .distributed import GlobalSync, make_sync
 from .policy import Policy
@@ -550,6 +551,7 @@ class SAM(torch.optim.Optimizer):
         after ``first_step``, or the plain step after ``wants_sam()`` said no; otherwise ``ValueError``.
         """
         amp.check_attached(self)
+        check_closure(closure, type(self).__name__)
         self._stepping = True
         try:
             return self._step(closure, loss)
@@ -565,7 +567,8 @@ class SAM(torch.optim.Optimizer):
             else:
                 raise ValueError("SAM.step() without a closure can only end a step begun by hand (after first_step(), "
                                  "or after wants_sam() returned False). Pass a closure that re-evaluates the loss and "
-                                 f"calls backward, or use first_step()/second_step(). With a GradScaler:\n{amp.LOOP}")
+                                 f"calls backward, or use first_step()/second_step(). {LIGHTNING_FIX}. With a "
+                                 f"GradScaler:\n{amp.LOOP}")
             return None
         loss = None
         if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
