@@ -175,7 +175,7 @@ class Run:
         With a scaler: ``scaler.step(opt, closure)``; ``unscale`` in {None, "first", "closure"};
         ``overflow`` in {None, 1, 2}."""
         if self.info.per_sample_closure:
-            return self._per_sample_closure(micro, unscale=unscale, overflow=overflow)
+            return self._per_sample_closure(micro, zeroed=zeroed, overflow=overflow)
         rec = Record()
         before = self.sam_steps()
         calls = []
@@ -213,7 +213,8 @@ class Run:
         rec.sam = self.sam_steps() > before
         return rec
 
-    def _per_sample_closure(self, micro: Micro, unscale=None, overflow=None) -> Record:
+    def _per_sample_closure(self, micro: Micro, zeroed: bool = False, overflow=None) -> Record:
+        """ESAM's protocol: ``step`` runs both passes (no gradient before it; ``zeroed``: zero buffers)."""
         (x, y), = micro
         rec = Record()
         before = self.sam_steps()
@@ -229,13 +230,13 @@ class Run:
                     inf_on_next_backward(self.model)
             xs, ys = (x, y) if indices is None else (x[indices], y[indices])
             return self.loss(xs, ys, reduction="none")
-        self.opt.zero_grad()
+        self.opt.zero_grad(set_to_none=not zeroed)
         if self.scaler is not None:
             self.scaler.step(self.opt, closure)
             self.scaler.update()
         else:
             self.opt.step(closure)
-        self.opt.zero_grad()
+        self.opt.zero_grad(set_to_none=not zeroed)
         rec.sam = self.sam_steps() > before
         return rec
 

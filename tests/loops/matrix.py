@@ -58,6 +58,18 @@ KNOWN_FAILURES: dict[tuple, str] = {
     ("aliased", ("ESAM",), "eager"):
         "ESAM perturbs a subset: the unperturbed alias is its own backup in the fused restore+descent, read after "
         "(or before) the perturbed alias restores the shared storage",
+    ("compile", all_but("SAM-AdamW", "SAM-Adagrad", "SparseSAM-fisher", "SparseSAM-dynamic", "SparseSAM-structured",
+                        "SparseSAM-nm"), None):
+        "every compiled step recompiles (Dynamo guards on the host telemetry counters the traced step mutates; "
+        "first_step and second_step share records_step's code object) until the recompile limit fails fullgraph",
+    ("compile/inductor", None, None):
+        "every compiled step recompiles (guards on the host telemetry counters) until the recompile limit fails",
+    ("compile", ("SAM-AdamW", "SAM-Adagrad"), None):
+        "base_step.restore_and_step calls torch._dynamo.graph_break() for AdamW's host step counts and for bases "
+        "without a fused descent: fullgraph=True fails in second_step",
+    ("compile", ("SparseSAM-fisher", "SparseSAM-dynamic", "SparseSAM-structured", "SparseSAM-nm"), None):
+        "the mask refresh inside first_step does not trace (Fisher: an opaque object created in the graph; "
+        "random/dynamic: a CPU generator argument Dynamo cannot proxy)",
     ("sparse_grad", None, None):
         "SAM._with_grads refuses sparse gradients (TypeError) for every base optimizer",
 }

@@ -47,9 +47,10 @@ def amp_run(info, backend="cpp", **kw):
                                        "(Telemetry.forward_passes) the traced step mutates; first_step and second_step "
                                        "share one code object (records_step's wrapper) and its recompile budget")
 @pytest.mark.parametrize("compiler", ["aot_eager"])
-def test_input_01_compile_recipe_runs_past_step_6(compiler):
+def test_input_01_compile_recipe_runs_past_step_6(compiler, monkeypatch):
     """README's compile block verbatim, 20 batches: the hand reference's weights, at most one compile
-    per function after the first SAM step."""
+    per function after the first SAM step (Dynamo's recompile limit lowered to 4: a failure comes fast)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 4)
     torch._dynamo.reset()
     run = Run(SAM_SGD, "cpp", dtype=torch.float32, steps=20, finite_check=False)
     counter = CompileCounterWithBackend(compiler)
