@@ -14,7 +14,7 @@ for what they are), and training wall time (s, mean over seeds). What pass count
 ESAM's per-tensor SWP skips weight-gradient compute of unselected tensors inside a backward.
 
 Telemetry (issue #14): every SAM-family optimizer runs with ``telemetry=True`` and gets the first-pass
-loss (``step(closure, loss=...)``), so it knows L(w + e) − L(w); ``sam_kernels.optim.stats.every``
+loss (``step(closure, loss=...)``), so it knows L(w + e) − L(w); ``sam_kernels.optim.telemetry.every``
 records ``opt.stats()`` every ``--record-every`` steps (one host sync each time). The table adds the
 optimizer's own pass counts (``forward_passes / steps``) beside the hook counts, and ``--figure``
 draws sharpness (EMA) and the running SAM-step fraction over training (seed-mean) for the methods
@@ -185,7 +185,7 @@ def run(method: Method, seed: int, epochs: int, record_every: int = 10) -> dict:
             trace.setdefault(key, []).append(round(value, 6))
 
     if hasattr(opt, "stats"):
-        from sam_kernels.optim.stats import every
+        from sam_kernels.optim.telemetry import every
         every(opt, record_every, record)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     steps = examples = 0

@@ -15,6 +15,10 @@ Adam/AdamW/SGD): ``scaler.step(opt)`` checks the gradients it sees, then hands t
   optimizer, so ``scaler.update()`` backs off. That needs the scaler object, which GradScaler
   does not hand over: build the optimizer with ``grad_scaler=scaler``.
 
+The optimizer holds one :func:`make` object (``SAM.amp``, rebuilt when ``grad_scaler`` is set) and calls
+it at fixed points of the step: ``check_attached`` on entry, ``loss_scale``, ``screen`` after each
+squared gradient norm, ``perturb_args`` for the ascent, ``descent_args`` and ``report`` around the descent.
+
 The loss scale of the gradients at hand (:func:`current_scale`): inside ``scaler.step`` the
 scaler's ``grad_scale`` (None after ``scaler.unscale_(opt)``); outside it, in the manual loop,
 the attached scaler's scale (None after ``scaler.unscale_(opt)``); None without AMP.
@@ -27,7 +31,7 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 LOOP = """\
-    scaler = torch.amp.GradScaler()
+    scaler = torch.amp.GradScaler(device_type)  # "cuda" or "cpu": a bare GradScaler() is CUDA's, disabled on a CPU
     opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, grad_scaler=scaler, lr=0.1)
     for x, y in loader:
         with torch.autocast(device_type, dtype=torch.float16):
@@ -108,3 +112,62 @@ def unscaled(sq_norm: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tens
     if scale is None:
         return sq_norm
     return sq_norm / scale.to(sq_norm.device, sq_norm.dtype).square()
+
+
+class Unscaled:
+    """No AMP (no scaler, or a disabled one): gradients are unscaled, non-finite ones fail the finite check."""
+
+    active = False
+
+    def __init__(self, scaler=None):
+        self.scaler = scaler
+
+    def check_attached(self, opt) -> None:
+        check_attached(opt)
+
+    def loss_scale(self, opt) -> Optional[torch.Tensor]:
+        return None
+
+    def screen(self, opt, sq_norm: torch.Tensor, where: str) -> None:
+        """``finite_check``: ``FloatingPointError`` (one host sync) if ``sq_norm`` is not finite."""
+        if opt.finite_check and not bool(torch.isfinite(sq_norm)):  # the documented host sync
+            raise FloatingPointError(f"SAM.{where}: the gradients contain NaN or Inf (squared norm {float(sq_norm)}); "
+                                     f"the weights were left unperturbed. Skip this batch (zero_grad) or lower the "
+                                     f"learning rate; finite_check=False disables this check")
+
+    def perturb_args(self, opt, scale: Optional[torch.Tensor]) -> dict:
+        return {}
+
+    def report(self, opt) -> None:
+        pass
+
+
+class Scaled(Unscaled):
+    """fp16 with an enabled ``GradScaler``: the scale is divided out in the kernels, an overflow in
+    either pass skips the step on the device and reaches the scaler (see the module docstring)."""
+
+    active = True
+
+    def check_attached(self, opt) -> None:
+        pass
+
+    def loss_scale(self, opt) -> Optional[torch.Tensor]:
+        return current_scale(opt, fresh=opt.step_state.fresh)
+
+    def screen(self, opt, sq_norm: torch.Tensor, where: str) -> None:
+        """Fold a non-finite ``sq_norm`` (or the scaler's own ``found_inf``) into the step's overflow flag."""
+        now = opt.step_state
+        found = overflow(sq_norm, opt)
+        now.found = found if now.found is None else torch.maximum(now.found, found.to(now.found.device))
+
+    def perturb_args(self, opt, scale: Optional[torch.Tensor]) -> dict:
+        return {"grad_scale": scale, "found_inf": opt.step_state.found}
+
+    def report(self, opt) -> None:
+        if opt.step_state.found is not None:
+            report(opt, opt.step_state.found)
+
+
+def make(scaler) -> Unscaled:
+    """The AMP object of an optimizer built with ``grad_scaler=scaler`` (None: no AMP)."""
+    return Scaled(scaler) if active(scaler) else Unscaled(scaler)

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from .backups import copy_back
 from .contract import mark_stepped, run_step_hooks
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
@@ -97,7 +98,7 @@ def _with_state_following(call, states: list[dict], params: list[torch.Tensor], 
 
 
 def _with_telemetry(call, telemetry, params: list[torch.Tensor]):
-    """``call(**kwargs)`` with the telemetry arguments of one launch (:class:`.stats.FusedSums`, or
+    """``call(**kwargs)`` with the telemetry arguments of one launch (:class:`.telemetry.FusedSums`, or
     None). A g(w) list the kernel rejects (a param cast or moved between the passes) is dropped and
     the call made again with the sums only: the step goes on, that step's cosine is unknown."""
     if telemetry is None:
@@ -204,14 +205,14 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.T
 
     AMP: ``grad_scale`` is the loss scale the grads carry, a non-zero ``found_inf`` skips the update
     (weights end at the backups, state untouched). ``telemetry``: the fused descent's sums
-    (:class:`.stats.FusedSums`); only used on the fused path, whose entries are then exactly the
+    (:class:`.telemetry.FusedSums`); only used on the fused path, whose entries are then exactly the
     params with a gradient. Errors propagate; the caller restores.
     """
     base = sam.base_optimizer
     kind = fused_kind(base)
     if kind is None:
         if perturbed:
-            sam._copy_back(perturbed, list(backup_of.values()))
+            copy_back(perturbed, list(backup_of.values()), backend)
         _generic_step(base, grad_scale, found_inf)
         return
     amp = {k: v for k, v in (("grad_scale", grad_scale), ("found_inf", found_inf)) if v is not None}
@@ -227,7 +228,7 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.T
             # A param that was not perturbed is its own backup: the fused op then just updates it.
             entries.append((group, p, p if b is None else b, g))
     if restore_only:
-        sam._copy_back([p for p, _ in restore_only], [b for _, b in restore_only])
+        copy_back([p for p, _ in restore_only], [b for _, b in restore_only], backend)
     run_step_hooks(base, "pre")  # what base.step() would have run
     if entries:
         (_sgd if kind == "sgd" else _adamw)(base, entries, backend, amp, telemetry)

@@ -93,6 +93,39 @@ def complete_groups(groups: list[dict], defaults: dict, checked: int, owner: str
     return len(groups)
 
 
+def bind_base_optimizer(param_groups: list[dict], base_optimizer, defaults: dict, kwargs: dict,
+                        owner: str) -> torch.optim.Optimizer:
+    """The base optimizer of a SAM optimizer whose groups are ``param_groups``: built from a class on
+    them with ``kwargs``, or an instance holding exactly their params (its groups then get SAM's keys).
+    Raises ``TypeError`` (not an optimizer; keyword arguments with an instance) or ``ValueError``
+    (an instance with other params)."""
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        if kwargs:
+            raise TypeError(f"SAM: base optimizer keyword arguments {sorted(kwargs)} given with an optimizer "
+                            f"instance; set them on the instance instead")
+        mine = {id(p) for g in param_groups for p in g["params"]}
+        theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+        if mine != theirs:
+            raise ValueError("SAM: the base optimizer instance must hold exactly the parameters given to SAM")
+        complete_groups(base_optimizer.param_groups, defaults, 0, owner)
+        return base_optimizer
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+        return base_optimizer(param_groups, **kwargs)
+    raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass or instance, got {base_optimizer!r}")
+
+
+def prepare_group(param_group: dict, groups: list[dict], defaults: dict, owner: str) -> None:
+    """A group about to join ``groups``: its params as a list, SAM's keys filled from ``defaults``
+    and checked, no tensor twice (``ValueError``/``TypeError`` as :func:`check_group`)."""
+    params = param_group["params"]
+    if not isinstance(params, set):  # torch rejects sets itself, with its message
+        param_group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+    for key in SAM_KEYS:
+        param_group.setdefault(key, defaults[key])
+    check_group(param_group, len(groups), owner)
+    check_no_duplicates([*groups, param_group], owner)
+
+
 LIGHTNING_FIX = ("Under PyTorch Lightning's automatic optimization, give the Trainer the SAM precision plugin: "
                  "Trainer(plugins=[sam_kernels.integrations.lightning.sam_precision(precision)]), or use manual "
                  "optimization")

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from . import groups
 
 
 class Modifier:
@@ -29,6 +30,11 @@ class Modifier:
                        sq_norm: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Modify ``grads`` in place before the base step; may return the new squared norm."""
         return sq_norm
+
+    def first_grads(self, sam, params: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
+        """A copy of g(w) this modifier keeps for ``params`` until the descent (telemetry's cosine
+        reads it instead of making its own), or None."""
+        return None
 
     def state_dict(self) -> dict:
         return {}
@@ -64,8 +70,10 @@ class Renormalize(Modifier):
             # ASAM: the ratio is ‖T⊙g(w)‖/‖T⊙g(w+e)‖ with T at the restored w. renormalize_ divides by
             # the plain ‖g(w+e)‖, so hand it ref·‖g‖²/‖T⊙g‖² (device maths, no sync; all-zero grads
             # keep ref, the result is 0 either way).
-            weighted = sam._sq_norm([(group, p) for group in sam.param_groups for p in group["params"]
-                                     if p.grad is not None], restored=True)
+            now = sam.step_state
+            weighted = groups.sq_norm([(group, p) for group in sam.param_groups for p in group["params"]
+                                       if p.grad is not None], sam.backend,
+                                      weights=now.restored)
             if sq_norm is None:
                 sq_norm = ops.grad_sq_norm(grads, backend=sam.backend)
             plain = sq_norm.to(weighted.device)
@@ -102,13 +110,16 @@ class LookSAMReuse(Modifier):
             firsts.append(st["looksam_g"])
         ops.restore_(firsts, grads, backend=sam.backend)  # a bitwise list copy that also takes DTensors (FSDP2)
 
+    def first_grads(self, sam, params):
+        return [sam.state[p].get("looksam_g") for p in params]
+
     def before_descent(self, sam, params, grads, sam_step, sq_norm):
         if sam_step:
             pairs = [(p, g) for p, g in zip(params, grads) if "looksam_g" in sam.state[p]]
             if not pairs:
                 return sq_norm
             gv = [sam.state[p].setdefault("looksam_gv", torch.zeros_like(g)) for p, g in pairs]
-            found = sam._found  # AMP: an overflowed pass must not replace the stored g_v
+            found = sam.step_state.found  # AMP: an overflowed pass must not replace the stored g_v
             fresh = gv if found is None else [torch.empty_like(v) for v in gv]
             ops.looksam_store_(fresh, [sam.state[p]["looksam_g"] for p, _ in pairs], [g for _, g in pairs],
                                eps=self.eps, backend=sam.backend)

@@ -240,8 +240,9 @@ class PerReplica(GlobalSync):
         return self._mean(sq)
 
     def before_sam_descent(self, sam) -> None:
-        firsts = [st["looksam_g"] for group in sam.param_groups for p in group["params"]
-                  if p.grad is not None and "looksam_g" in (st := sam.state[p])]
+        # a modifier's own copy of g(w) (LookSAM's) is this rank's: average it as the plain steps' grads
+        params = [p for group in sam.param_groups for p in group["params"] if p.grad is not None]
+        firsts = [g for m in sam.modifiers for g in (m.first_grads(sam, params) or ()) if g is not None]
         all_reduce_(firsts, self.process_group, mean=True)
 
     def before_plain_descent(self, grads):

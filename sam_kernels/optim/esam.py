@@ -82,8 +82,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .. import ops
-from . import amp
+from . import groups
 from .batchnorm import frozen_running_stats
 from .distributed import agreed_seed, is_initialized
 from .sam import SAM
@@ -253,16 +252,7 @@ class ESAM(SAM):
     def _sq_norm_of(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
         """‖T ⊙ g‖² over ``params`` (the selected ones), each param's group deciding ASAM's T."""
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        classes: dict = {}
-        for p, g in zip(params, grads):
-            group = group_of[id(p)]
-            key = group["eta"] if group["adaptive"] else None
-            classes.setdefault(key, ([], []))
-            classes[key][0].append(p)
-            classes[key][1].append(g)
-        parts = [ops.grad_sq_norm(gs, params=ps if eta is not None else None, eta=0.0 if eta is None else eta,
-                                  backend=self.backend) for eta, (ps, gs) in classes.items()]
-        return parts[0] if len(parts) == 1 else torch.stack([x.to(parts[0].device) for x in parts]).sum()
+        return groups.sq_norm([(group_of[id(p)], p) for p in params], self.backend, grads=grads)
 
     def _clear(self) -> None:
         self._selection = None
@@ -286,7 +276,7 @@ class ESAM(SAM):
 
     def _backward(self, loss: torch.Tensor) -> None:
         """backward of a pass this optimizer runs itself: through the attached GradScaler under AMP."""
-        (self.grad_scaler.scale(loss) if amp.active(self.grad_scaler) else loss).backward()
+        (self.grad_scaler.scale(loss) if self.amp.active else loss).backward()
 
     def _step(self, closure, first_loss=None):
         """``step(closure)``: one ESAM step, BOTH passes included (see the module docstring for the
@@ -330,7 +320,7 @@ class ESAM(SAM):
             batch = losses.shape[0]
             share = indices.shape[0] / batch if weight is None else 1.0 / (weight * batch)
             self.telemetry.passes = (2.0 + share, 1.0 + share)
-        self._fresh = True
+        self.step_state.fresh = True
         self.second_step(loss=(selected if after is None else after).mean())
         return losses.detach()
 

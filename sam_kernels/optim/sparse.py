@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ..ops.dtensor import is_dtensor
+from . import groups
 from .masks import PATTERNS, UNITS, DynamicMask, FisherMask, MaskProvider, RandomMask, RefreshCadence
 from .sam import SAM
 
@@ -318,16 +318,7 @@ class SparseSAM(SAM):
                         masks: list[torch.Tensor]) -> torch.Tensor:
         """‖m ⊙ T ⊙ g‖² with each param's group deciding ASAM's T (one global value)."""
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        classes: dict = {}
-        for p, g, mk in zip(params, grads, masks):
-            group = group_of[id(p)]
-            key = ("ada", group["eta"]) if group["adaptive"] else ("plain", 0.0)
-            classes.setdefault(key, ([], [], []))
-            for lst, v in zip(classes[key], (p, g, mk)):
-                lst.append(v)
-        parts = [ops.grad_sq_norm(gs, params=ps if kind == "ada" else None, masks=ms, eta=eta, backend=self.backend)
-                 for (kind, eta), (ps, gs, ms) in classes.items()]
-        return parts[0] if len(parts) == 1 else torch.stack([x.to(parts[0].device) for x in parts]).sum()
+        return groups.sq_norm([(group_of[id(p)], p) for p in params], self.backend, grads=grads, masks=masks)
 
     # ------------------------------------------------------------------ core hooks
 

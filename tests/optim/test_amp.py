@@ -144,7 +144,7 @@ def test_overflow_skips_the_whole_step(kind, loop, pass_no):
     assert scaler.get_scale() == SCALE / 2  # the scaler backed off
     loop(m, opt, scaler, data[2:3])  # the next step proceeds
     assert any(not torch.equal(a, b) for a, b in zip(weights(m), w))
-    assert not opt._perturbed and opt._found is None
+    assert not opt.step_state.perturbed and opt.step_state.found is None
 
 
 @pytest.mark.parametrize("variant", ["sssam", "stable", "looksam", "aesam"])
@@ -196,7 +196,7 @@ def test_scaler_step_without_attached_scaler_raises_before_any_change():
     with pytest.raises(RuntimeError, match="grad_scaler=scaler"):
         scaler.step(opt, lambda: scaler.scale(loss_of(m, x, y)).backward())
     assert_lists_equal(weights(m), w)
-    assert opt._perturbed is None
+    assert opt.step_state.perturbed is None
 
 
 def test_scaler_step_without_closure_or_first_step_shows_the_loop():

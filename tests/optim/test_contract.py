@@ -287,7 +287,7 @@ def test_group_added_to_base_optimizer_works():
     loss_of(model, x, y).backward()
     with pytest.raises(ValueError, match="param group 2: rho"):
         opt.first_step()
-    assert opt._perturbed is None
+    assert opt.step_state.perturbed is None
 
 
 def test_old_state_dict_without_new_keys_loads_with_defaults():

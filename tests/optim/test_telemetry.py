@@ -1,4 +1,4 @@
-"""Sharpness telemetry and cost accounting (optim/stats.py): values against a hand computation from
+"""Sharpness telemetry and cost accounting (optim/telemetry.py): values against a hand computation from
 the gradients and weights the optimizer saw, counters against the expected decisions, no host sync
 in a step, and state_dict round trips.
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import sam_kernels as sk
-from sam_kernels.optim import stats as telemetry_stats
+from sam_kernels.optim import telemetry as telemetry_stats
 from sam_kernels.optim.esam import num_selected
 
 NORM_RTOL = 1e-5
@@ -681,25 +681,33 @@ def test_fullgraph_compiled_steps_keep_telemetry(mode):
     assert (got["steps"], got["sam_steps"]) == (want["steps"], want["sam_steps"]) == (3, 3)
 
 
-# ---------------------------------------------------------------------- README
+# ---------------------------------------------------------------------- the docs
 
-def test_readme_telemetry_example_runs(capsys):
-    """The ```python blocks of README's "Telemetry" section run as written (scope as tests/test_readme_loops.py)."""
-    import re
-    from pathlib import Path
+def test_docs_telemetry_example_runs(capsys):
+    """The example of the telemetry guide's "stats()" section runs as written and fills every value."""
+    from tests.docs_blocks import python_blocks
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    start = text.index("## Telemetry")
-    blocks = re.findall(r"```python\n(.*?)```", text[start:text.index("\n## ", start + 1)], flags=re.S)
-    assert blocks
+    blocks = python_blocks("guides/telemetry.md", "## `stats()` and the `telemetry=` modes")
+    assert len(blocks) == 1
     for block in blocks:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
                                     torch.nn.Linear(16, 3))
         loader = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
         scope = dict(torch=torch, sk=sk, F=F, model=model, loss_fn=F.cross_entropy, loader=loader)
-        exec(compile(block, "README Telemetry block", "exec"), scope)
+        exec(compile(block, "docs/guides/telemetry.md", "exec"), scope)
         st = scope["opt"].stats()
         assert st["steps"] == 4 and math.isfinite(st["sharpness"]) and math.isfinite(st["grad_cosine"])
     printed = capsys.readouterr().out
     assert printed.count("'grad_norm'") == 3  # every(opt, 2, print) at steps 2 and 4, then the final print
+
+
+def test_old_module_name_warns_and_gives_the_same_objects():
+    """``sam_kernels.optim.stats`` (the telemetry's former module name) still imports, with a DeprecationWarning."""
+    import importlib
+    import sys
+    sys.modules.pop("sam_kernels.optim.stats", None)
+    with pytest.warns(DeprecationWarning, match="sam_kernels.optim.telemetry"):
+        old = importlib.import_module("sam_kernels.optim.stats")
+    assert (old.every, old.KEYS, old.FOLD, old.Telemetry) == (
+        telemetry_stats.every, telemetry_stats.KEYS, telemetry_stats.FOLD, telemetry_stats.Telemetry)

@@ -1,4 +1,4 @@
-"""Telemetry at the memory floor (optim/stats.py): g(w) is held instead of copied, and the fused
+"""Telemetry at the memory floor (optim/telemetry.py): g(w) is held instead of copied, and the fused
 descent (``ops.sgd_restore_step_``/``adamw_restore_step_`` with ``ascent_grads``/``sums``) takes
 ‖g(w+e)‖² and ⟨g(w), g(w+e)⟩ in its own pass. Checked here: the values still equal a hand
 computation on every path (fused SGD/AdamW, generic base, AMP, in-place zeroing loops, mid-step
@@ -249,7 +249,7 @@ def test_a_batched_fold_equals_a_fold_per_step():
 def test_ema_over_a_long_run_equals_the_recurrence():
     """More SAM steps than one fold holds, stats() only at the end: ema_t = d·ema + (1 − d)·v_t from
     the first value, against the per-step values read by a twin optimizer."""
-    from sam_kernels.optim.stats import FOLD
+    from sam_kernels.optim.telemetry import FOLD
 
     steps = FOLD + 7
     model_a, data = model_and_data()

@@ -1,0 +1,71 @@
+"""One ascent of a SAM step (w ← w + e) as the step loop runs it (ours)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .. import ops
+from . import backups
+
+
+@dataclass
+class Ascent:
+    """One ascent (``first_step``) as the step loop runs it; telemetry observes it."""
+
+    entries: list            # (param group, param) to perturb, in group order
+    sq: Optional[torch.Tensor]     # their ‖T ⊙ g‖² (scaled under AMP; this rank's), None without entries
+    scale: Optional[torch.Tensor]  # the loss scale the gradients carry (None: unscaled)
+    subset: bool             # ``ascent_params()`` chose the params (not every param with a gradient)
+    options: dict = field(default_factory=dict)  # extra ``ops.perturb_`` keyword arguments
+    buckets: dict = field(default_factory=dict)  # (rho, adaptive, eta) -> indices into ``entries``
+    params: list = field(init=False)
+    grads: list = field(init=False)
+    kept: Optional[list] = field(init=False, default=None)  # the params' backups (their w), once perturbed
+
+    def __post_init__(self):
+        self.params = [p for _, p in self.entries]
+        self.grads = [p.grad for p in self.params]
+
+    @property
+    def plain_rho(self) -> Optional[float]:
+        """rho when this is plain SAM (one bucket without ASAM; no masks, keep mask or variant norm),
+        so ‖e‖ follows from the norm by scalar maths; else None."""
+        if len(self.buckets) != 1:
+            return None
+        rho, adaptive, _ = next(iter(self.buckets))
+        plain = not adaptive and not any(k in self.options for k in ("masks", "keep_prob", "sq_norm"))
+        return rho if plain else None
+
+    def perturb(self, state: dict, backend: Optional[str]) -> None:
+        """w ← w + e: ``ops.perturb_`` per bucket of equal (rho, adaptive, eta), each param's w kept in
+        ``state[p]["backup"]`` (:attr:`kept`). On any error the weights are w again."""
+        params, grads = self.params, self.grads
+        kept = self.kept = backups.get(state, params)
+        done: list[int] = []
+        try:
+            for b, ((rho, adaptive, eta), idx) in enumerate(self.buckets.items()):
+                whole = len(idx) == len(params)
+                pick = (lambda xs: xs) if whole else (lambda xs: [xs[i] for i in idx])
+                kw = {k: (pick(v) if k in ("masks", "grad_copies") and v is not None else v)
+                      for k, v in self.options.items()}
+                kw.setdefault("sq_norm", self.sq)
+                if b and kw.get("seed") is not None:
+                    # perturb_ keys its element RNG by (seed, position in this bucket): give each bucket
+                    # its own seed so buckets of equal shapes do not repeat the first bucket's draws.
+                    kw["seed"] = (int(kw["seed"]) + 0x9E3779B97F4A7C15 * b) % (1 << 62)
+                for retry in (False, True):
+                    try:
+                        ops.perturb_(pick(params), pick(grads), pick(kept), rho, adaptive=adaptive, eta=eta,
+                                     backend=backend, **kw)
+                        break
+                    except (TypeError, ValueError):  # rejected before writing anything
+                        if retry or not backups.renew_stale(state, params, kept, idx):
+                            raise
+                done.extend(idx)
+        except BaseException:  # never leave weights perturbed: undo the buckets that ran
+            if done:
+                backups.copy_back([params[i] for i in done], [kept[i] for i in done], backend)
+            raise
+

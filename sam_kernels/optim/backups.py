@@ -1,0 +1,55 @@
+"""The backups of perturbed weights: w kept in ``state[p]["backup"]`` from ``first_step`` to the
+restore, so an error or a ``restore()`` gives w back bitwise (ours)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+
+
+def get(state: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The backup buffer of each param, created on first use. Their layouts are not compared with the
+    params' here (three attribute pairs per param, every step): ``perturb_`` checks them and rejects a
+    mismatch before writing, and the caller then renews the stale ones (:func:`renew_stale`)."""
+    out = []
+    for p in params:
+        st = state[p]
+        b = st.get("backup")
+        if b is None:
+            b = st["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
+        out.append(b)
+    return out
+
+
+def renew_stale(state: dict, params: list[torch.Tensor], backups: list[torch.Tensor], idx: list[int]) -> bool:
+    """Replace (in ``backups`` and ``state``) the backups of ``params[idx]`` whose shape, dtype or device
+    no longer match their param (it was resized, cast or moved); whether any did."""
+    renewed = False
+    for i in idx:
+        p, b = params[i], backups[i]
+        if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            backups[i] = state[p]["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            renewed = True
+    return renewed
+
+
+def relayout(optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
+    """Give every state tensor of ``optimizers`` the memory layout of its param, so that the next step
+    runs fused (the kernels need one layout per tensor across the lists)."""
+    for opt in optimizers:
+        for p, st in opt.state.items():
+            for k, t in st.items():
+                if isinstance(t, torch.Tensor) and t.shape == p.shape and t.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def copy_back(params: list[torch.Tensor], backups: list[torch.Tensor], backend: Optional[str]) -> None:
+    """params ← backups: the fused restore, or a per-tensor copy when a param changed dtype or device
+    since its backup was taken (``model.double()`` mid-step), so an error never leaves w + e."""
+    try:
+        ops.restore_(params, backups, backend=backend)
+    except (TypeError, ValueError):  # rejected before writing anything
+        for p, b in zip(params, backups):
+            p.copy_(b)

@@ -1,0 +1,64 @@
+"""Parameters by param group: which have gradients, how groups bucket, the group-weighted norm (ours)."""
+from __future__ import annotations
+
+from typing import Callable, Hashable, Iterable, Optional
+
+import torch
+
+from .. import ops
+
+Entry = tuple[dict, torch.Tensor]
+"""(param group, param)."""
+
+
+def with_grads(param_groups: list[dict], params: Optional[Iterable[torch.Tensor]] = None) -> list[Entry]:
+    """(group, param) for every param with a gradient (of ``params`` only, if given), in group order.
+
+    Raises ``TypeError`` on a sparse gradient: here, not in the ops, because a rejected fused descent
+    would leave the weights perturbed."""
+    wanted = None if params is None else {id(p) for p in params}
+    out = []
+    for group in param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None and (wanted is None or id(p) in wanted):
+                if g.is_sparse:
+                    raise TypeError("SAM: sparse gradients are not supported (use dense gradients, e.g. "
+                                    "nn.Embedding(sparse=False))")
+                out.append((group, p))
+    return out
+
+
+def bucket(entries: list[Entry], key: Callable[[dict], Hashable]) -> dict[Hashable, list[int]]:
+    """key(group) -> the indices into ``entries`` of its params, keys in order of first appearance.
+    ``key`` runs once per run of one group, not per param: this runs every step."""
+    out: dict = {}
+    last_group, members = None, []
+    for i, (group, _) in enumerate(entries):
+        if group is not last_group:
+            last_group = group
+            members = out.setdefault(key(group), [])
+        members.append(i)
+    return out
+
+
+def asam_eta(group: dict) -> Optional[float]:
+    """The group's ASAM offset, or None for a group without ASAM."""
+    return group["eta"] if group["adaptive"] else None
+
+
+def sq_norm(entries: list[Entry], backend: Optional[str], *, grads: Optional[list[torch.Tensor]] = None,
+            weights: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+            masks: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+    """One global ‖m ⊙ T ⊙ g‖² over ``entries`` (0-dim, on the first part's device): T = |w| + eta for
+    ASAM groups (ASAM, Kwon et al. 2021), 1 otherwise; m = ``masks`` (aligned with ``entries``), 1 if
+    None. ``grads``: the gradients (default ``p.grad``); ``weights(p)``: the w of T (default ``p``)."""
+    grads = [p.grad for _, p in entries] if grads is None else grads
+    weights = weights or (lambda p: p)
+    parts = []
+    for eta, idx in bucket(entries, asam_eta).items():
+        ps = [weights(entries[i][1]) for i in idx] if eta is not None else None
+        parts.append(ops.grad_sq_norm([grads[i] for i in idx], params=ps,
+                                      masks=None if masks is None else [masks[i] for i in idx],
+                                      eta=0.0 if eta is None else eta, backend=backend))
+    return parts[0] if len(parts) == 1 else torch.stack([x.to(parts[0].device) for x in parts]).sum()

@@ -1,0 +1,45 @@
+"""What a SAM optimizer keeps during an optimizer step (ours)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+class StepState:
+    """The mutable state of one SAM optimizer's step loop (``SAM.step_state``).
+
+    A plain object on purpose: torch.compile keeps attribute stores on it, but drops those on
+    ``torch.optim.Optimizer`` instances (torch 2.14, Dynamo's optimizer handling), so everything the
+    step writes lives here rather than on the optimizer.
+    """
+
+    def __init__(self, telemetry):
+        self.step_count = 0
+        self.decision: Optional[bool] = None    # the policy's answer for this step, once asked
+        self.perturbed: Optional[list[torch.Tensor]] = None  # between first_step and the descent
+        self.backup_of: dict[torch.Tensor, torch.Tensor] = {}  # perturbed param -> its backup (tensor keys: copyable)
+        self.found: Optional[torch.Tensor] = None  # AMP: overflow flag of this step, on the device
+        self.fresh = False     # the gradients were made by the closure of step() (AMP: the scaler's scale)
+        self.stepping = False  # inside step(): torch's wrapper runs the step hooks
+        self.begun = False     # this optimizer step has run its pre hooks
+        self.groups_checked = 0
+        self.dispatch_log: Optional[list] = None  # the dispatch records of the last step
+        self.telemetry = telemetry  # sharpness values and cost counters (a .telemetry.Telemetry)
+
+    def set_perturbed(self, params: Optional[list[torch.Tensor]], backups: Sequence[torch.Tensor] = ()) -> None:
+        """``params`` are at w + e now, their w in ``backups``; None: no param is perturbed."""
+        self.perturbed, self.backup_of = params, ({} if params is None else dict(zip(params, backups)))
+
+    def restored(self, p: torch.Tensor) -> torch.Tensor:
+        """The weight ``p`` will have after the restore: its backup while it is perturbed."""
+        return self.backup_of.get(p, p)
+
+    def end(self) -> None:
+        """Forget what belongs to the step that just ended or was undone (the counters stay)."""
+        self.set_perturbed(None)
+        self.decision = None
+        self.found = None
+        self.fresh = False
+        self.begun = False
+
