@@ -44,7 +44,7 @@ KNOWN_FAILURES: dict[tuple, str] = {
     ("amp_closure/overflow=2", ("ESAM",), None): ESAM_AMP,
     ("amp_manual/fp16", ("ESAM",), None): ESAM_AMP,
     ("checkpoint/midstep_overflow", all_but("LookSAM"), None):  # LookSAM's step 1 is a plain step: no middle
-        "the first pass's overflow flag (_StepState.found) is not saved by state_dict(): the resumed step applies "
+        "the first pass's overflow flag (StepState.found) is not saved by state_dict(): the resumed step applies "
         "the overflowed step and the scale does not back off",
     ("cast", ("LookSAM", "AELookSAM"), None):
         "LookSAMReuse keeps g_v and its first-pass copy in the dtype they were made in: restore_/looksam_apply_ raise "
@@ -71,7 +71,7 @@ KNOWN_FAILURES: dict[tuple, str] = {
         "the mask refresh inside first_step does not trace (Fisher: an opaque object created in the graph; "
         "random/dynamic: a CPU generator argument Dynamo cannot proxy)",
     ("sparse_grad", None, None):
-        "SAM._with_grads refuses sparse gradients (TypeError) for every base optimizer",
+        "groups.with_grads refuses sparse gradients (TypeError) for every base optimizer",
 }
 
 

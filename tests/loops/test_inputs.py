@@ -138,7 +138,7 @@ def test_input_03b_esam_closure_amp_loop():
 
 # --------------------------------------------------------------------------- 4. mid-step checkpoint
 
-@pytest.mark.xfail(strict=True, reason="the overflow flag of the first pass (_StepState.found) is not in "
+@pytest.mark.xfail(strict=True, reason="the overflow flag of the first pass (StepState.found) is not in "
                                        "state_dict(): the resumed step applies the overflowed step and keeps the scale")
 def test_input_04_midstep_checkpoint_keeps_pending_overflow():
     run = amp_run(SAM_SGD)
@@ -265,7 +265,7 @@ def test_input_07c_adamw_cast_mid_run():
 # --------------------------------------------------------------------------- 8. sparse gradients
 
 @pytest.mark.parametrize("momentum", [0.0, MOMENTUM])
-@pytest.mark.xfail(strict=True, reason="SAM._with_grads refuses sparse gradients (TypeError) for every base optimizer")
+@pytest.mark.xfail(strict=True, reason="groups.with_grads refuses sparse gradients (TypeError) for every base optimizer")
 def test_input_08_sparse_embedding(momentum):
     row = sam_row("sgd", torch.optim.SGD, dict(lr=LR, momentum=momentum))
     run = DenseGrads(row, "cpp", model_fn=lambda dtype: Bag().to(dtype))
