@@ -19,33 +19,9 @@ def all_but(*names: str) -> tuple:
     return tuple(v.name for v in VARIANTS if v.name not in names)
 
 
-# Scale-invariant steps hide a wrong loss scale: AdamW and Adagrad normalize by the gradient's own size and
-# Stable SAM rescales the descent gradient to ‖g(w)‖, so those rows pass where the scale is mishandled.
-SCALE_INVARIANT = ("SAM-AdamW", "SAM-Adagrad", "StableSAM")
-ESAM_AMP = ("ESAM.step() refuses to end a manual step (scaler.step(opt) after first_step: ValueError, weights at "
-            "w + e), and scaler.step(opt, closure) asserts a loss was scaled before ESAM's step runs its first pass")
-
 KNOWN_FAILURES: dict[tuple, str] = {
     ("zeroed_closure", all_but("ESAM"), None):
         "SAM._step takes zero gradient buffers (zero_grad(set_to_none=False)) as the first pass: e = 0, a plain step",
-    ("amp_manual/unscale=first", all_but(*SCALE_INVARIANT), None):
-        "unscale_ on the first pass marks the scaler stage UNSCALED; amp.current_scale then returns None for the "
-        "scaled second pass too: the descent uses a 1024x gradient",
-    ("amp_closure/unscale=closure", all_but(*SCALE_INVARIANT[2:]), None):
-        "unscale_ inside the closure: SAM.step marks the closure's gradients fresh (scaled by the scaler's scale) "
-        "and divides them again: a step 1/1024 the size",
-    ("amp_manual", ("ESAM",), None): ESAM_AMP,
-    ("amp_manual/unscale=second", ("ESAM",), None): ESAM_AMP,
-    ("amp_manual/unscale=first", ("ESAM",), None): ESAM_AMP,
-    ("amp_closure", ("ESAM",), None): ESAM_AMP,
-    ("amp_manual/overflow=1", ("ESAM",), None): ESAM_AMP,
-    ("amp_manual/overflow=2", ("ESAM",), None): ESAM_AMP,
-    ("amp_closure/overflow=1", ("ESAM",), None): ESAM_AMP,
-    ("amp_closure/overflow=2", ("ESAM",), None): ESAM_AMP,
-    ("amp_manual/fp16", ("ESAM",), None): ESAM_AMP,
-    ("checkpoint/midstep_overflow", all_but("LookSAM"), None):  # LookSAM's step 1 is a plain step: no middle
-        "the first pass's overflow flag (StepState.found) is not saved by state_dict(): the resumed step applies "
-        "the overflowed step and the scale does not back off",
     ("cast", ("LookSAM", "AELookSAM"), None):
         "LookSAMReuse keeps g_v and its first-pass copy in the dtype they were made in: restore_/looksam_apply_ raise "
         "TypeError after model.double()",

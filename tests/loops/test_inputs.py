@@ -74,9 +74,6 @@ def test_input_01_compile_recipe_runs_past_step_6(compiler, monkeypatch):
 # --------------------------------------------------------------------------- 2. unscale_ placement
 
 @pytest.mark.parametrize("row", [SAM_SGD, SAM_ASGD], ids=["SGD", "ASGD"])
-@pytest.mark.xfail(strict=True, reason="unscale_ on the first pass marks the scaler's per-optimizer stage UNSCALED; "
-                                       "amp.current_scale then returns None for the second (scaled) pass too, so "
-                                       "second_step descends with a 1024x gradient")
 def test_input_02a_unscale_first_pass(row):
     """scaler.unscale_(opt) + clip_grad_norm_(params, 10) on the FIRST pass, then first_step, a scaled second
     backward, scaler.step(opt): the plain SAM step (clip 10 does not bite here: checked)."""
@@ -96,9 +93,6 @@ def test_input_02a_unscale_first_pass(row):
 
 
 @pytest.mark.parametrize("row", [SAM_SGD, SAM_ASGD], ids=["SGD", "ASGD"])
-@pytest.mark.xfail(strict=True, reason="unscale_ inside the closure of scaler.step(opt, closure): the step was "
-                                       "handed grad_scale by scaler.step and step() marks the closure's gradients "
-                                       "'fresh' (scaled), so they are divided by the scale a second time")
 def test_input_02b_unscale_inside_closure(row):
     run = amp_run(row)
     for t, (x, y) in enumerate(run.data[:3]):
@@ -122,15 +116,11 @@ ESAM_AMP = VariantInfo("ESAM", variant("ESAM").factory, False, variant("ESAM").h
                        per_sample_closure=True, probe=variant("ESAM").probe)
 
 
-@pytest.mark.xfail(strict=True, reason="ESAM overrides _step and refuses step() without a closure, so "
-                                       "scaler.step(opt) cannot end a step begun by first_step (weights left at w + e)")
 def test_input_03a_esam_manual_amp_loop():
     run = amp_run(ESAM_AMP)
     run.train("manual")
 
 
-@pytest.mark.xfail(strict=True, reason="scaler.step(opt, closure) asserts the scaler has scaled a loss this "
-                                       "iteration; ESAM's step runs (and scales) its first pass only inside step()")
 def test_input_03b_esam_closure_amp_loop():
     run = amp_run(ESAM_AMP)
     run.train("closure")
@@ -138,8 +128,6 @@ def test_input_03b_esam_closure_amp_loop():
 
 # --------------------------------------------------------------------------- 4. mid-step checkpoint
 
-@pytest.mark.xfail(strict=True, reason="the overflow flag of the first pass (StepState.found) is not in "
-                                       "state_dict(): the resumed step applies the overflowed step and keeps the scale")
 def test_input_04_midstep_checkpoint_keeps_pending_overflow():
     run = amp_run(SAM_SGD)
     for t, (x, y) in enumerate(run.data[:3]):
