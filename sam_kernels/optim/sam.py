@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .. import ops
-from . import amp, backups, checkpoint, groups
+from . import aliases, amp, backups, checkpoint, groups
 from .base_step import restore_and_step
 from .contract import bind_base_optimizer, check_group, complete_groups, mark_stepped, prepare_group, run_step_hooks
 from .descent import Modifier, Renormalize
@@ -103,6 +103,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                                                   type(self).__name__)
         self.param_groups = self.base_optimizer.param_groups
         self.step_state.groups_checked = len(self.param_groups)
+        self.find_aliases()
         self.distributed = make_sync(distributed, [p for g in self.param_groups for p in g["params"]])
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
@@ -150,6 +151,15 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         else:
             base.add_param_group(param_group)  # appends to the list both optimizers share
             self.step_state.groups_checked = len(self.param_groups)
+            self.find_aliases()
+
+    def find_aliases(self) -> None:
+        """Find the params that share memory (exact aliases are stepped as ``torch.optim`` steps them,
+        see :mod:`.aliases`; a partial overlap raises ``ValueError``). Runs at construction,
+        ``add_param_group`` and ``load_state_dict``; call it after re-tying parameters' storage
+        (``p.data = q.data``) on a built optimizer."""
+        self.step_state.aliases = aliases.find((p for g in self.param_groups for p in g["params"]),
+                                               type(self).__name__)
 
     def ascent_params(self) -> Optional[list[torch.Tensor]]:
         """Params to perturb this step (None: every param with a gradient). Override for ESAM."""
@@ -183,7 +193,10 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     def _begin(self) -> None:
         """Start of an optimizer step: groups added behind SAM's back get their keys; pre hooks."""
         now = self.step_state
-        now.groups_checked = complete_groups(self.param_groups, self.defaults, now.groups_checked, type(self).__name__)
+        checked = now.groups_checked
+        now.groups_checked = complete_groups(self.param_groups, self.defaults, checked, type(self).__name__)
+        if now.groups_checked != checked:
+            self.find_aliases()
         if had_layout_fallback(now.dispatch_log):  # e.g. the model went channels_last after its state was made
             backups.relayout((self, self.base_optimizer))
         if not now.begun:
@@ -223,7 +236,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
             self.policy.observe(now.step_count, self._policy_norm())
         sq = groups.sq_norm(entries, self.backend) if entries else None
-        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None)
+        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None, alias_keys=now.aliases)
         agreed = None if sq is None else self.distributed.ascent_sq_norm(self, sq)  # m-SAM: the rank mean
         if agreed is not None:
             self.amp.screen(self, agreed, "first_step")
@@ -321,7 +334,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
         now = self.step_state
         if now.perturbed:
-            backups.copy_back(now.perturbed, list(now.backup_of.values()), self.backend)
+            backups.copy_back(now.perturbed, list(now.backup_of.values()), self.backend, now.aliases)
         self.telemetry.on_discard()
         now.end()
 
