@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .. import ops
-from . import aliases, amp, backups, checkpoint, groups
+from . import aliases, amp, backups, checkpoint, follow, groups
 from .base_step import restore_and_step
 from .contract import bind_base_optimizer, check_group, complete_groups, mark_stepped, prepare_group, run_step_hooks
 from .descent import Modifier, Renormalize
@@ -161,6 +161,23 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.step_state.aliases = aliases.find((p for g in self.param_groups for p in g["params"]),
                                                type(self).__name__)
 
+    def _follow_casts(self) -> None:
+        """After ``model.double()`` / ``model.to(device)`` (between steps or mid-step) every state tensor
+        follows its param's dtype and device as after a ``load_state_dict`` onto the cast model (see
+        :mod:`.follow`); one host-side comparison of dtypes and devices per call otherwise."""
+        now = self.step_state
+        params = [p for g in self.param_groups for p in g["params"]]
+        sig = follow.signature(params)
+        if follow.changed(now.param_signature, sig):
+            self._cast_state(params)
+        now.param_signature = sig
+
+    def _cast_state(self, params: list[torch.Tensor]) -> None:
+        """Cast this optimizer's and the base optimizer's per-param state to the params (variants with
+        state of their own extend this)."""
+        follow.cast_state(self.state, params)
+        follow.cast_state(self.base_optimizer.state, params)
+
     def ascent_params(self) -> Optional[list[torch.Tensor]]:
         """Params to perturb this step (None: every param with a gradient). Override for ESAM."""
         return None
@@ -197,6 +214,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         now.groups_checked = complete_groups(self.param_groups, self.defaults, checked, type(self).__name__)
         if now.groups_checked != checked:
             self.find_aliases()
+        self._follow_casts()
         if had_layout_fallback(now.dispatch_log):  # e.g. the model went channels_last after its state was made
             backups.relayout((self, self.base_optimizer))
         if not now.begun:
@@ -265,6 +283,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                                "backward, then backward again at the perturbed weights")
         self.telemetry.on_loss("after", loss)
         try:
+            self._follow_casts()
             self._descend(self.step_state.perturbed)
         except BaseException:
             self.restore()
