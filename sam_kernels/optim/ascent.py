@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from . import aliases, backups
+from . import aliases, backups, sparse_grads
 
 
 @dataclass
@@ -21,6 +21,7 @@ class Ascent:
     options: dict = field(default_factory=dict)  # extra ``ops.perturb_`` keyword arguments
     buckets: dict = field(default_factory=dict)  # (rho, adaptive, eta) -> indices into ``entries``
     alias_keys: dict = field(default_factory=dict)  # params over shared memory (:func:`.aliases.find`)
+    sparse: bool = False     # some gradient is sparse (those params take the eager path, :mod:`.sparse_grads`)
     params: list = field(init=False)
     grads: list = field(init=False)
     kept: Optional[list] = field(init=False, default=None)  # the params' backups (their w), once perturbed
@@ -59,6 +60,11 @@ class Ascent:
             for n in range(1 + max(layer or [0])):
                 for b, ((rho, adaptive, eta), all_idx) in enumerate(buckets):
                     idx = all_idx if layer is None else [i for i in all_idx if layer[i] == n]
+                    if self.sparse:
+                        for i in [i for i in idx if grads[i].is_sparse]:
+                            self._perturb_sparse(state, i, rho, eta if adaptive else None)
+                            done.append(i)
+                        idx = [i for i in idx if not grads[i].is_sparse]
                     if idx:
                         self._perturb_bucket(state, backend, idx, rho, adaptive, eta, b + n * len(buckets))
                         done.extend(idx)
@@ -66,6 +72,14 @@ class Ascent:
             if done:
                 backups.copy_back([params[i] for i in done], [kept[i] for i in done], backend, self.alias_keys)
             raise
+
+    def _perturb_sparse(self, state: dict, i: int, rho: float, eta: Optional[float]) -> None:
+        """Entry ``i`` has a sparse gradient: the eager ascent at its stored indices."""
+        p, masks = self.params[i], self.options.get("masks")
+        if self.kept[i].shape != p.shape or self.kept[i].dtype != p.dtype or self.kept[i].device != p.device:
+            backups.renew_stale(state, self.params, self.kept, [i])
+        sparse_grads.perturb_(p, self.grads[i], self.kept[i], self.options.get("sq_norm", self.sq), rho, eta,
+                              None if masks is None else masks[i])
 
     def _perturb_bucket(self, state: dict, backend: Optional[str], idx: list[int], rho: float, adaptive: bool,
                         eta: float, b: int) -> None:

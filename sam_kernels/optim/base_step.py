@@ -200,9 +200,10 @@ def _generic_step(base: torch.optim.Optimizer, grad_scale: Optional[torch.Tensor
 
 def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.Tensor, torch.Tensor],
                      backend: Optional[str], grad_scale: Optional[torch.Tensor] = None,
-                     found_inf: Optional[torch.Tensor] = None, telemetry=None) -> None:
+                     found_inf: Optional[torch.Tensor] = None, telemetry=None, dense: bool = True) -> None:
     """Restore every perturbed param from its backup (``backup_of[p]``, in ``perturbed`` order) and
-    take the base step, fused when possible. The caller has rejected sparse gradients.
+    take the base step, fused when possible: not with sparse gradients (``dense=False``), which the
+    base optimizer's own ``step()`` takes (:mod:`.sparse_grads`).
 
     AMP: ``grad_scale`` is the loss scale the grads carry, a non-zero ``found_inf`` skips the update
     (weights end at the backups, state untouched). ``telemetry``: the fused descent's sums
@@ -210,7 +211,7 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.T
     params with a gradient. Errors propagate; the caller restores.
     """
     base = sam.base_optimizer
-    kind = fused_kind(base)
+    kind = fused_kind(base) if dense else None
     alias_keys = sam.step_state.aliases
     if kind is None:
         if perturbed:

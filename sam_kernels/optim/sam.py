@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .. import ops
-from . import aliases, amp, backups, checkpoint, follow, groups
+from . import aliases, amp, backups, checkpoint, follow, groups, sparse_grads
 from .base_step import restore_and_step
 from .contract import bind_base_optimizer, check_group, complete_groups, mark_stepped, prepare_group, run_step_hooks
 from .descent import Modifier, Renormalize
@@ -203,7 +203,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             grads = [p.grad for _, p in groups.with_grads(self.param_groups)]
             if not grads:  # a step without gradients is a no-op; NaN: the policy learns nothing from it
                 return torch.tensor(float("nan"))
-            sq = self.distributed.policy_sq_norm(self, ops.grad_sq_norm(grads, backend=self.backend))
+            sq = self.distributed.policy_sq_norm(self, groups.grads_sq_norm(grads, self.backend))
             return amp.unscaled(sq, self.loss_scale)
         return sq_norm
 
@@ -249,12 +249,16 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     def _ascend(self) -> None:
         """Collect, norm, agree across ranks, screen, modifiers, options, perturb per bucket."""
         now = self.step_state
+        sparse = sparse_grads.any_sparse(self.param_groups)  # every param's, chosen or not: before any write
+        if sparse:
+            sparse_grads.refuse_unsupported(self)
         chosen = self.ascent_params()
         entries = groups.with_grads(self.param_groups, chosen)
         if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
             self.policy.observe(now.step_count, self._policy_norm())
         sq = groups.sq_norm(entries, self.backend) if entries else None
-        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None, alias_keys=now.aliases)
+        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None, alias_keys=now.aliases,
+                        sparse=sparse)
         agreed = None if sq is None else self.distributed.ascent_sq_norm(self, sq)  # m-SAM: the rank mean
         if agreed is not None:
             self.amp.screen(self, agreed, "first_step")
@@ -265,6 +269,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         ascent.options.update(self.amp.perturb_args(self, ascent.scale))
         ascent.buckets = groups.bucket(entries, lambda g: (g["rho"], g["adaptive"], g["eta"]))
         ascent.options.update(self.telemetry.perturb_options(self, ascent))
+        if sparse:
+            sparse_grads.refuse_unsupported(self, ascent.options)
         ascent.perturb(self.state, self.backend)
         now.set_perturbed(ascent.params, ascent.kept)
         self.telemetry.on_ascent(self, ascent)
@@ -296,13 +302,16 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         sam_step = perturbed is not None
         params = [p for _, p in groups.with_grads(self.param_groups)]
         grads = [p.grad for p in params]
+        sparse = any(g.is_sparse for g in grads)
+        if sparse:
+            sparse_grads.refuse_unsupported(self)
         if not sam_step:
             self.distributed.before_plain_descent(grads)  # m-SAM: the first backward left them unsynchronized
         scale = self.loss_scale
         sq = None
         if grads and (self.finite_check or self.amp.active):
             # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
-            sq = ops.grad_sq_norm(grads, backend=self.backend)
+            sq = groups.grads_sq_norm(grads, self.backend)
             self.amp.screen(self, sq, "second_step" if sam_step else "base_step")
         if sam_step:
             sq = self.telemetry.on_descent(self, params, grads, sq, scale)
@@ -315,6 +324,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         # Under AMP (in-kernel unscale) and under torch.compile (torch.optim's step graph-breaks), plain
         # steps of SGD/AdamW also run the fused descent, each param its own backup.
         restore_and_step(self, perturbed or [], now.backup_of, self.backend, grad_scale=scale, found_inf=now.found,
+                         dense=not sparse,
                          telemetry=self.telemetry.fused_args() if sam_step else None)
         self.amp.report(self)
 
