@@ -22,6 +22,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..ops.dtensor import is_dtensor
+
 Key = tuple
 """(device, storage pointer, offset, shape, strides, dtype): the elements a tensor views."""
 
@@ -41,11 +43,13 @@ def find(params: Iterable[torch.Tensor], owner: str = "SAM") -> dict[int, Key]:
     same way (a partial overlap, or the same bytes as another shape or dtype)."""
     by_storage: dict = {}
     for i, p in enumerate(params):
-        if p.numel() == 0:
+        if p.numel() == 0 or is_dtensor(p) or p.device.type == "meta":  # no memory of its own to compare
             continue
         try:
             ptr = p.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError, TypeError):  # no plain storage (e.g. a DTensor wrapper)
+        except (RuntimeError, NotImplementedError, TypeError):  # another wrapper subclass without a storage
+            continue
+        if ptr == 0:
             continue
         by_storage.setdefault((p.device, ptr), []).append((i, p))
     out: dict[int, Key] = {}

@@ -40,7 +40,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (groups may set ``rho``, ``adaptive``, ``eta``).
-            Each tensor once (a duplicate raises ``ValueError``).
+            Each tensor once (a duplicate raises ``ValueError``). Parameters over the same memory
+            (weight tied by hand) step as ``torch.optim`` steps them, partial overlaps raise
+            ``ValueError`` (:mod:`.aliases`). Sparse gradients: :mod:`.sparse_grads`.
         base_optimizer: an optimizer class (built on this object's param groups with ``kwargs``)
             or an existing instance (its param groups become this object's).
         rho: perturbation radius (default 0.05; ASAM uses 0.5–2.0); finite, >= 0.
