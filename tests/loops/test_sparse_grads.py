@@ -80,7 +80,7 @@ BASES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + (["triton"] if backend_available("triton", "cpu") else []))
 @pytest.mark.parametrize("adaptive", [False, True], ids=["SAM", "ASAM"])
 @pytest.mark.parametrize("base", list(BASES))
 def test_input_08_sparse_embedding_matches_hand(base, adaptive, backend):
