@@ -171,6 +171,14 @@ def test_input_05_partial_overlap_refused_everywhere():
     # Disjoint slices of one buffer are fine (no aliasing), and step as separate tensors.
     c, d = nn.Parameter(flat.data[0:5]), nn.Parameter(flat.data[5:10])
     assert sk.SAM([c, d], torch.optim.SGD, lr=0.1).step_state.aliases == {}
+    # Storage re-pointed after construction: load_state_dict looks again, before loading anything.
+    opt = sk.SAM([c, d], torch.optim.SGD, lr=0.1)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 0.5
+    d.data = flat.data[2:7]
+    with pytest.raises(ValueError, match="overlap in memory"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.1
     # The same bytes seen with another shape overlap too.
     with pytest.raises(ValueError, match="overlap in memory"):
         sk.SAM([nn.Parameter(flat.data), nn.Parameter(flat.data.view(2, 5))], torch.optim.SGD, lr=0.1)
