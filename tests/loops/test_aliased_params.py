@@ -200,3 +200,71 @@ def test_input_05_tied_mid_step_checkpoint_restores_w():
     opt2.load_state_dict(sd)
     opt2.restore()
     assert torch.equal(params2[0].detach(), w0)
+
+
+# --------------------------------------------------------------------------- the ops' own check
+
+def _snapshot(lists):
+    return [[t.clone() for t in lst] for lst in lists]
+
+
+def _unchanged(lists, before):
+    return all(torch.equal(t, b) for lst, bl in zip(lists, before) for t, b in zip(lst, bl))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_05_ops_refuse_memory_shared_across_entries(backend):
+    w = torch.randn(6)
+    other = torch.randn(6)
+    g = [torch.randn(6), torch.randn(6)]
+    b = [torch.empty(6), torch.empty(6)]
+    cases = {
+        "perturb_ (a param twice)": (lambda: sk.ops.perturb_([w, w.view(6)], g, b, 0.1, backend=backend),
+                                     [[w], b]),
+        "restore_ (a param twice)": (lambda: sk.ops.restore_([w, w.view(2, 3).view(6)], [other, other], backend=backend),
+                                     [[w]]),
+        "sgd (a grad that is a view of another param)":
+            (lambda: sk.ops.sgd_restore_step_([w, other], [w, other], [g[0], w.view(6)], None, lr=0.1,
+                                              backend=backend), [[w, other]]),
+        "sgd (one momentum buffer for two params)":
+            (lambda: sk.ops.sgd_restore_step_([w, other], b, g, [g[0], g[0]], lr=0.1, momentum=0.9,
+                                              backend=backend), [[w, other], b, g]),
+        "perturb_ (a backup over another param)": (lambda: sk.ops.perturb_([w, other], g, [b[0], w], 0.1,
+                                                                          backend=backend), [[w, other], b]),
+    }
+    for what, (call, lists) in cases.items():
+        before = _snapshot(lists)
+        with pytest.raises(ValueError, match="share memory"):
+            call()
+        assert _unchanged(lists, before), what
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_05_ops_allow_a_tensor_shared_within_its_entry(backend):
+    """A param that is its own backup and whose grad is a view of itself (same entry, same view):
+    well defined, as torch's p.add_(p.grad, alpha=-lr) with p.grad = p: w ← w − lr·w."""
+    w, v = torch.randn(6), torch.randn(6)
+    expected = [(w.double() * (1 - 0.1)).float(), (v.double() * (1 - 0.1)).float()]
+    sk.ops.sgd_restore_step_([w, v], [w, v], [w.view(6), v.detach()], None, lr=0.1, backend=backend)
+    for t, e in zip((w, v), expected):
+        torch.testing.assert_close(t, e, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_05_tied_after_construction_is_refused_until_find_aliases(backend):
+    (a, b, c), params, x = _tied()
+    b.weight.data = torch.randn(4, 4)  # untied when the optimizer is built ...
+    opt = sk.SAM(params, torch.optim.SGD, rho=RHO, lr=0.0, backend=backend)
+    b.weight.data = a.weight.data      # ... tied afterwards
+    w0 = [p.detach().clone() for p in params]
+    _loss(a, b, c, x).backward()
+    with pytest.raises(ValueError, match="find_aliases"):
+        opt.first_step()
+    for p, w in zip(params, w0):
+        assert torch.equal(p.detach(), w)
+    opt.find_aliases()
+    opt.first_step(zero_grad=True)
+    _loss(a, b, c, x).backward()
+    opt.second_step(zero_grad=True)
+    for p, w in zip(params, w0):
+        assert torch.equal(p.detach(), w)
