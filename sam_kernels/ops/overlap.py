@@ -15,6 +15,7 @@ same address. Views of one storage that overlap from different start addresses a
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import chain
 from typing import Optional, Sequence
 
 import torch
@@ -35,6 +36,8 @@ WRITES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 """op -> (the name of its first list, the lists it writes), as in its schema."""
 
+_data_ptr = torch.Tensor.data_ptr
+
 
 def check(op: str, primary: Tensors, lists: dict[str, Optional[Tensors]]) -> None:
     """``ValueError`` when a tensor ``op`` writes shares its start address with a tensor of another
@@ -48,10 +51,14 @@ def check(op: str, primary: Tensors, lists: dict[str, Optional[Tensors]]) -> Non
     present = [(n, lst) for n, lst in lists.items()
                if isinstance(lst, (list, tuple)) and len(lst) == len(primary)]
     try:
-        ptrs = [t.data_ptr() for t in primary]
+        ptrs = list(map(_data_ptr, chain(primary, *(lst for _, lst in present))))
+        if len(set(ptrs)) == len(ptrs):
+            return
+        # the same tensor as the entry's first (a param that is its own backup) counts once
+        ptrs = list(map(_data_ptr, primary))
         for _, lst in present:
             ptrs.extend([t.data_ptr() for t, p in zip(lst, primary) if t is not p])
-    except (AttributeError, RuntimeError):  # a non-tensor entry, a tensor without storage: the list checks speak
+    except (AttributeError, RuntimeError, TypeError):  # a non-tensor entry, no storage: the list checks speak
         return
     if len(set(ptrs)) != len(ptrs):
         _explain(op, spec, primary, present)

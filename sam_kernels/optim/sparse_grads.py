@@ -26,7 +26,7 @@ _HINT = "use dense gradients (e.g. nn.Embedding(sparse=False))"
 
 def any_sparse(param_groups: list[dict]) -> bool:
     """Whether any param of ``param_groups`` holds a sparse gradient now."""
-    return any(p.grad is not None and p.grad.is_sparse for g in param_groups for p in g["params"])
+    return any(g is not None and g.is_sparse for g in [p.grad for group in param_groups for p in group["params"]])
 
 
 def refuse_unsupported(opt, options: Optional[dict] = None) -> None:
