@@ -70,8 +70,8 @@ fi
 
 # --- test / benchmark dependencies ------------------------------------------------------------
 # The frameworks of sam_kernels.integrations are here for their tests (the package's extras).
-REQS=("setuptools>=64" wheel ninja pybind11 numpy "triton>=3.0" "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4"
-      "tqdm>=4.60" "matplotlib>=3.7" "scikit-learn>=1.3" "lightning>=2.4" "transformers>=5.0" "accelerate>=1.0")
+REQS=("setuptools>=64" wheel ninja pybind11 numpy "triton>=3.0" "pytest>=8" "hypothesis>=6"
+      "matplotlib>=3.7" "pytorch-optimizer>=3" "scikit-learn>=1.3" "lightning>=2.4" "transformers>=5.0" "accelerate>=1.0")
 mapfile -t MISSING < <("$PY" scripts/install_state.py missing "${REQS[@]}")
 if [ "${#MISSING[@]}" -gt 0 ] && [ -n "${MISSING[0]}" ]; then
   say "installing the build/test/benchmark dependencies: ${MISSING[*]}"
