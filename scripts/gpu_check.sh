@@ -13,7 +13,7 @@
 # Each phase runs under its own time limit (seconds; override with the variables), so the whole
 # command ends within ~9 minutes: BUILD_S=110, backends 30, TESTS_S=210, BENCH_S=130, each plus
 # <= 10 s to stop (SIGINT first: pytest still prints what passed), ~10 s of start-up and summary.
-# Budget basis (README, Development): each .cu file compiles in 20-31 s for one arch on the
+# Budget basis (docs/development.md): each .cu file compiles in 20-31 s for one arch on the
 # project's loaded 2-core build VM, the C++ files in 8-18 s; with one job per core the GPU box is
 # bounded by the slowest file plus the link. Triton's first compile of each kernel variant during
 # the tests is not measured yet (no GPU so far): it is what TESTS_S mostly pays for.
