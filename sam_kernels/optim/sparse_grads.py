@@ -37,8 +37,13 @@ def refuse_unsupported(opt, options: Optional[dict] = None) -> None:
         raise TypeError(f"{owner}: a parameter has a sparse gradient but the base optimizer "
                         f"{type(base).__name__} does not take sparse gradients (torch.optim.SGD, Adagrad and "
                         f"SparseAdam do); {_HINT}")
+    if type(base) is torch.optim.SGD and any(g["weight_decay"] for g in opt.param_groups):
+        raise TypeError(f"{owner}: a parameter has a sparse gradient, and torch.optim.SGD does not take sparse "
+                        f"gradients with weight_decay != 0; set weight_decay=0 for that group or {_HINT}")
     why = None
-    if opt.modifiers:
+    if getattr(opt, "mask_kind", None) in ("fisher", "dynamic"):
+        why = f"SparseSAM's {opt.mask_kind} mask (it scores dense gradients)"
+    elif opt.modifiers:
         why = f"descent modifiers ({', '.join(type(m).__name__ for m in opt.modifiers)})"
     elif opt.amp.active:
         why = "AMP (grad_scaler)"

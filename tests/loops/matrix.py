@@ -22,18 +22,6 @@ def all_but(*names: str) -> tuple:
 KNOWN_FAILURES: dict[tuple, str] = {
     ("zeroed_closure", all_but("ESAM"), None):
         "SAM._step takes zero gradient buffers (zero_grad(set_to_none=False)) as the first pass: e = 0, a plain step",
-    ("cast", ("LookSAM", "AELookSAM"), None):
-        "LookSAMReuse keeps g_v and its first-pass copy in the dtype they were made in: restore_/looksam_apply_ raise "
-        "TypeError after model.double()",
-    ("cast/midstep", ("LookSAM", "AELookSAM"), None):
-        "LookSAMReuse keeps g_v and its first-pass copy in the dtype they were made in: restore_/looksam_apply_ raise "
-        "TypeError after model.double()",
-    ("aliased", None, "cpp"):
-        "the cpp perturb_/restore_ read an alias's backup after an earlier list entry wrote the shared storage: "
-        "the storage ends at w + e",
-    ("aliased", ("ESAM",), "eager"):
-        "ESAM perturbs a subset: the unperturbed alias is its own backup in the fused restore+descent, read after "
-        "(or before) the perturbed alias restores the shared storage",
     ("compile", all_but("SAM-AdamW", "SAM-Adagrad", "SparseSAM-fisher", "SparseSAM-dynamic", "SparseSAM-structured",
                         "SparseSAM-nm"), None):
         "every compiled step recompiles (Dynamo guards on the host telemetry counters the traced step mutates; "
@@ -46,8 +34,6 @@ KNOWN_FAILURES: dict[tuple, str] = {
     ("compile", ("SparseSAM-fisher", "SparseSAM-dynamic", "SparseSAM-structured", "SparseSAM-nm"), None):
         "the mask refresh inside first_step does not trace (Fisher: an opaque object created in the graph; "
         "random/dynamic: a CPU generator argument Dynamo cannot proxy)",
-    ("sparse_grad", None, None):
-        "groups.with_grads refuses sparse gradients (TypeError) for every base optimizer",
 }
 
 
