@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in ONE command that fits a short rental (9 minutes on an H100/H200),
 # for a machine with a GPU but no network (the lent boxes: python3 with torch 2.11, triton 3.6,
-# pytest, hypothesis, tqdm, matplotlib, ninja). No pip, no venv.
+# pytest, hypothesis, matplotlib, ninja). No pip, no venv.
 #
 #   1. build   the extension in place for the GPU found (its architecture only: nvidia-smi's
 #              compute_cap, else torch's), all cores
 #   2. check   that the cuda and triton backends load
 #   3. tests   pytest $PYTEST_ARGS (default: every CUDA and native-Triton case, `-k "cuda or test_triton"`)
-#   4. bench   python -m sam_kernels.bench $BENCH_ARGS (default: the fused step and its ops on host, 16M,
-#              ResNet-50 contiguous and channels_last; no torch.compile baseline, no training steps)
+#   4. bench   python -m sam_kernels.bench $BENCH_ARGS (default: the SAM step of every provider, cuda and
+#              triton included, on the ResNet-50, GPT-2-blocks and small-tensor lists, with verdicts)
 #
 # Each phase runs under its own time limit (seconds; override with the variables), so the whole
 # command ends within ~9 minutes: BUILD_S=110, backends 30, TESTS_S=210, BENCH_S=130, each plus
 # <= 10 s to stop (SIGINT first: pytest still prints what passed), ~10 s of start-up and summary.
-# Budget basis (README, Development): each .cu file compiles in 20-31 s for one arch on the
+# Budget basis (docs/development.md): each .cu file compiles in 20-31 s for one arch on the
 # project's loaded 2-core build VM, the C++ files in 8-18 s; with one job per core the GPU box is
 # bounded by the slowest file plus the link. Triton's first compile of each kernel variant during
 # the tests is not measured yet (no GPU so far): it is what TESTS_S mostly pays for.
@@ -22,7 +22,7 @@
 #   OUT_DIR (default benchmarks/results/gpu-check) receives files that can be committed as they are:
 #   gpu-check.md (summary: device, versions, phase times and results), gpu-build.log,
 #   gpu-build-times.txt (per-file compile seconds), gpu-tests.log, gpu-bench.log and the
-#   benchmark's <device>.{json,md,png}.
+#   benchmark's rows and plot, <device>.{jsonl,png}.
 # Exit status: 0 only when every phase that ran passed within its limit (124 = a phase timed out).
 set -uo pipefail
 MODE=${1:-all}
@@ -100,9 +100,9 @@ if [ "$ready" -eq 1 ] && [ "$MODE" != bench ]; then
 fi
 if [ "$ready" -eq 1 ] && [ "$MODE" != tests ]; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-  phase bench "$BENCH_S" "$OUT/gpu-bench.log" $PY -m sam_kernels.bench --no-progress --out "$OUT" \
-    ${BENCH_ARGS:---ops sam_optimizer_step sam_adamw_step sam_step grad_sq_norm perturb_ sgd_restore_step_ \
-                  --sizes host 16M resnet50 resnet50_cl --no-compile --no-step --budget 5}
+  # The bench's own budget ends before the phase limit: its rows and verdicts get written.
+  phase bench "$BENCH_S" "$OUT/gpu-bench.log" $PY -m sam_kernels.bench --out "$OUT" \
+    ${BENCH_ARGS:---budget $((BENCH_S - 30))}
   tail -40 "$OUT/gpu-bench.log"
 fi
 
@@ -124,9 +124,10 @@ fi
     echo "Tests: \`${line:-no pytest summary (crashed?): see gpu-tests.log}\`"; echo
   fi
   if [ -f "$OUT/gpu-bench.log" ]; then
-    echo "Benchmark targets:"; echo
-    awk '/^## Targets/ { on = 1; next } on && /^\|/ { print } on && /^written:/ { on = 0 }' "$OUT/gpu-bench.log"
-    grep -E '^!!' "$OUT/gpu-bench.log" | sed 's/^/    /'
+    echo "Benchmark verdicts:"; echo; echo '```'
+    awk '/^Verdicts/ { on = 1 } on && /^written:/ { on = 0 } on { print }' "$OUT/gpu-bench.log"
+    grep -E '^!!' "$OUT/gpu-bench.log"
+    echo '```'
   fi
 } > "$SUMMARY"
 rm -f "$SUMMARY.phases"

@@ -51,7 +51,7 @@ else
     say "installing $spec, a CUDA build ($why; ~5.5 GB in the venv, a few minutes)"
   else
     spec="torch==${TORCH_VERSION:-2.13.0}"
-    say "installing $spec, a CPU build (no NVIDIA GPU visible; ~0.2 GB download, ~1.9 GB in the venv with the test and benchmark packages;" \
+    say "installing $spec, a CPU build (no NVIDIA GPU visible; ~0.2 GB download, ~2.2 GB in the venv with the test, benchmark and docs packages;" \
         "SAM_KERNELS_BUILD=cuda installs the CUDA build instead)"
   fi
   "${PIP[@]}" --progress-bar off "${INDEX[@]}" "$spec" | grep -E '^(Successfully|Processing|Downloading)' || true
@@ -69,15 +69,17 @@ if [ "${SAM_KERNELS_BUILD:-}" = cuda ] && ! cuda_torch; then
 fi
 
 # --- test / benchmark dependencies ------------------------------------------------------------
-# The frameworks of sam_kernels.integrations are here for their tests (the package's extras).
-REQS=("setuptools>=64" wheel ninja pybind11 numpy "triton>=3.0" "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4"
-      "tqdm>=4.60" "matplotlib>=3.7" "scikit-learn>=1.3" "lightning>=2.4" "transformers>=5.0" "accelerate>=1.0")
+# The frameworks of sam_kernels.integrations are here for their tests (the package's extras); the
+# docs packages for the tests that build the site and run its examples.
+REQS=("setuptools>=64" wheel ninja pybind11 numpy "triton>=3.0" "pytest>=8" "hypothesis>=6"
+      "matplotlib>=3.7" "pytorch-optimizer>=3" "scikit-learn>=1.3" "lightning>=2.4" "transformers>=5.0" "accelerate>=1.0"
+      "sphinx>=7" "myst-parser>=3" "furo" "sybil>=9")
 mapfile -t MISSING < <("$PY" scripts/install_state.py missing "${REQS[@]}")
 if [ "${#MISSING[@]}" -gt 0 ] && [ -n "${MISSING[0]}" ]; then
-  say "installing the build/test/benchmark dependencies: ${MISSING[*]}"
+  say "installing the build/test/benchmark/docs dependencies: ${MISSING[*]}"
   "${PIP[@]}" -q "${REQS[@]}"
 else
-  say "build/test/benchmark dependencies present"
+  say "build/test/benchmark/docs dependencies present"
 fi
 
 # --- the extension ------------------------------------------------------------------------------

@@ -1,82 +1,91 @@
-"""Smoke test of the benchmark CLI (sam_kernels.bench): runs in-process at the smallest size.
-
-Only checks that a run completes and writes well-formed results; the numbers mean nothing here.
-"""
+"""Smoke tests of the benchmark command (sam_kernels.bench) on tiny cases: it runs, checks results
+before timing, and writes well-formed rows. The numbers mean nothing here; no timing is asserted."""
 import json
 
 import pytest
 
+import sam_kernels
+from sam_kernels.bench import steps
 from sam_kernels.bench.__main__ import main
+from sam_kernels.bench.cases import parse_size
 
-TINY = ["--sizes", "4096", "--repeats", "1", "--warmup", "0", "--copy-size", "4096", "--no-progress"]
+TINY = ["--cases", "4096", "--min-rounds", "3", "--max-rounds", "3", "--copy-size", "4096", "--budget", "30"]
+ROW_KEYS = {"suite", "op", "case", "tensors", "numel", "provider", "dtype", "device", "device_slug", "threads",
+            "median_ms", "p20_ms", "p80_ms", "rounds", "vs", "ratio", "ratio_low", "ratio_high", "level", "target",
+            "verdict", "floor_bytes", "floor_fraction", "copy_gbps", "load", "commit", "dirty", "versions",
+            "timestamp", "lists", "skipped", "mismatch", "setup_s"}
 
-
-def _result(out_dir):
-    files = list(out_dir.glob("*.json"))
-    assert len(files) == 1, files
-    assert files[0].with_suffix(".md").exists()
-    return json.loads(files[0].read_text())
-
-
-def test_ops_smoke(tmp_path):
-    assert main(["--ops", "grad_sq_norm", "--backends", "eager", "--no-step", "--out", str(tmp_path)] + TINY) == 0
-    res = _result(tmp_path)
-    meta = res["meta"]
-    for key in ("device", "device_slug", "torch", "triton", "git_commit", "cpu_cores", "backends", "dtype"):
-        assert key in meta
-    copy = res["copy_bandwidth"]
-    assert copy["before"]["gbps"] > 0 and copy["after"]["gbps"] > 0
-    assert copy["gbps"] == max(copy["before"]["gbps"], copy["after"]["gbps"])
-    (row,) = res["ops"]
-    assert (row["op"], row["impl"], row["numel"], row["correct"]) == ("grad_sq_norm", "eager", 4096, True)
-    assert row["median_ms"] > 0 and row["p20_ms"] > 0 and row["gbps"] > 0 and row["frac_copy_bw"] > 0
-    assert row["floor_bytes"] == 4 * 4096
-    assert row["speedup"] == {"eager": pytest.approx(1.0)}
-    assert row["backends_ran"] == ["eager"]
-    assert (tmp_path / f"{meta['device_slug']}.png").exists()
-    # every row is judged for noise and the run gets a verdict (numbers at this size are noise anyway)
-    assert isinstance(row["noise"], list) and "others_cores" in (row["cpu"] or {"others_cores": None})
-    assert res["verdict"]["results"] == 1 and res["verdict"]["trustworthy"] == (row["noise"] == [])
-    md = (tmp_path / f"{meta['device_slug']}.md").read_text()
-    assert "What the columns mean" in md and "## Verdict" in md
+needs_cpp = pytest.mark.skipif(not sam_kernels.backends()["cpp"]["available"],
+                               reason=f"cpp backend unavailable: {sam_kernels.backends()['cpp']['reason']}")
 
 
-def test_train_step_smoke(tmp_path):
-    argv = ["--steps-only", "--models", "transformer", "--methods", "sgd", "sam-fused", "--train-batch", "2",
-            "--train-repeats", "1", "--out", str(tmp_path)]
-    assert main(argv + TINY) == 0
-    train = _result(tmp_path)["train"]
-    assert [r["method"] for r in train["rows"]] == ["SGD", "SAM fused (auto)"]
-    for r in train["rows"]:
-        assert r["step"]["mean_ms"] > 0 and r["ratio_to_sgd"] > 0
-    for s in train["skips"]:
-        assert s["reason"]
+def _rows(out_dir):
+    (path,) = out_dir.glob("*.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@needs_cpp
+def test_step_suite_smoke(tmp_path, capsys):
+    argv = TINY + ["--providers", "cpp", "cpp-nocheck", "foreach", "loop", "pytorch-optimizer", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = {r["provider"]: r for r in _rows(tmp_path)}
+    assert set(rows) == {"cpp", "cpp-nocheck", "foreach", "loop", "pytorch-optimizer"}
+    for p in ("cpp", "cpp-nocheck", "foreach", "loop"):
+        r = rows[p]
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert (r["suite"], r["case"], r["numel"], r["vs"], r["rounds"]) == ("step", "4096", 4096, "cpp", 3)
+        assert r["median_ms"] > 0 and r["ratio_low"] <= r["ratio"] <= r["ratio_high"]
+        assert r["floor_bytes"] == 10 * 4 * 4096  # op_specs: a SAM-SGD step moves 10 fp32 passes at least
+        assert r["skipped"] is None and r["mismatch"] is None
+    assert rows["cpp"]["ratio"] == 1.0 and rows["cpp"]["verdict"] is None
+    assert rows["loop"]["target"] == 1.6 and rows["loop"]["verdict"] in ("met", "missed", "unresolved")
+    assert rows["foreach"]["target"] is None and rows["foreach"]["verdict"] is None
+    if rows["pytorch-optimizer"]["skipped"] is not None:
+        assert "pip install pytorch-optimizer" in rows["pytorch-optimizer"]["skipped"]
+    assert (tmp_path / f"{rows['cpp']['device_slug']}.png").exists()
+    out = capsys.readouterr().out
+    assert "Verdicts" in out and "Noise" in out and "per-parameter loop" in out
+
+
+@needs_cpp
+def test_op_suite_smoke(tmp_path):
+    assert main(TINY + ["--ops", "grad_sq_norm", "--out", str(tmp_path)]) == 0
+    rows = {r["provider"]: r for r in _rows(tmp_path)}
+    assert set(rows) == {"loop", "eager", "cpp"}
+    assert all(r["suite"] == "op" and r["op"] == "grad_sq_norm" and r["vs"] == "cpp" for r in rows.values())
+    assert rows["eager"]["floor_bytes"] == 4 * 4096 and rows["eager"]["mismatch"] is None
+
+
+@needs_cpp
+def test_a_wrong_step_is_not_timed_and_fails_the_run(tmp_path, monkeypatch):
+    """Correctness before speed: a step that does not give SAM's weights is reported, not timed."""
+    def shifted(inputs):
+        perturbed, after = EXPECTED(inputs)
+        return perturbed, [a + 1e-2 for a in after]
+    EXPECTED = steps.expected
+    monkeypatch.setattr(steps, "expected", shifted)
+    assert main(TINY + ["--providers", "cpp", "loop", "--out", str(tmp_path)]) == 1
+    rows = {r["provider"]: r for r in _rows(tmp_path)}
+    assert "after second_step" in rows["cpp"]["mismatch"] and "median_ms" not in rows["cpp"]
+
+
+def test_check_catches_a_wrong_ascent():
+    inputs = steps.make_inputs(parse_size("300"), __import__("torch").float32, __import__("torch").device("cpu"))
+    step = steps.build("foreach", inputs)
+    step.first = lambda f=step.first: (f(), step.params[0].mul_(1.001))
+    assert "tensor 0 after first_step" in steps.check(step, steps.expected(inputs))
+    assert steps.check(steps.build("loop", inputs), steps.expected(inputs)) is None
 
 
 def test_model_cases_have_the_real_sizes():
-    from sam_kernels.bench.cases import parse_size
-    resnet, gpt2 = parse_size("resnet50"), parse_size("gpt2")
+    resnet, gpt2, blocks, small = (parse_size(n) for n in ("resnet50", "gpt2", "gpt2_blocks", "small"))
     assert (resnet.tensors, resnet.numel) == (161, 25_557_032)  # torchvision resnet50()
     assert (gpt2.tensors, gpt2.numel) == (148, 124_439_808)  # HF gpt2 (tied LM head)
+    # a GPT-2 small block: 2 LayerNorms (4 x 768), c_attn 768x2304 + 2304, c_proj 768x768 + 768,
+    # c_fc 768x3072 + 3072, mlp c_proj 3072x768 + 768 = 7,087,872 elements in 12 tensors
+    assert (blocks.tensors, blocks.numel) == (144, 12 * 7_087_872)
+    assert (small.tensors, small.numel) == (2000, 2000 * 64)
     assert parse_size("64k").shapes == ((65536,),)
-
-
-def test_adamw_step_rows_are_checked_against_the_reference(tmp_path):
-    import sam_kernels
-    if not sam_kernels.backends()["cpp"]["available"]:
-        pytest.skip(f"cpp backend unavailable: {sam_kernels.backends()['cpp']['reason']}")
-    argv = ["--ops", "sam_adamw_step", "--backends", "loop", "eager", "cpp", "--no-step", "--out", str(tmp_path)]
-    assert main(argv + TINY) == 0
-    rows = {r["impl"]: r for r in _result(tmp_path)["ops"]}
-    assert set(rows) == {"loop", "eager", "cpp"}
-    assert all(r["correct"] for r in rows.values()), {k: r.get("max_err") for k, r in rows.items()}
-    assert rows["cpp"]["floor_bytes"] == 12 * 4 * 4096
-
-
-def test_host_case_is_resnet50_tensor_count():
-    from sam_kernels.bench.cases import parse_size
-    host = parse_size("host")
-    assert (host.tensors, host.numel) == (161, 161 * 16)
 
 
 def test_telemetry_bench_smoke(tmp_path):
@@ -86,10 +95,11 @@ def test_telemetry_bench_smoke(tmp_path):
     from sam_kernels.bench import telemetry_bench
 
     out = tmp_path / "telemetry.json"
-    telemetry_bench.main(["--sizes", "4096", "--device", "cpu", "--rounds", "1", "--repeats", "1",
-                          "--finite-check", "0", "--out", str(out)])
+    telemetry_bench.main(["--sizes", "4096", "--device", "cpu", "--rounds", "2", "--finite-check", "0",
+                          "--out", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["extra_bytes_pct"]["norms"] == 0.0
     assert row["extra_bytes_pct"]["on"] == pytest.approx(10.0)
     assert row["extra_bytes_pct"]["copy"] == pytest.approx(20.0)
+    assert row["rounds"] == 2 and set(row["overhead_pct_interval"]) == {"norms", "on", "copy"}
     assert out.with_suffix(".md").exists()

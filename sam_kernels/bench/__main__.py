@@ -1,261 +1,213 @@
-"""``python -m sam_kernels.bench`` / ``sam-kernels-bench``: the benchmark runner (see --help)."""
+"""``python -m sam_kernels.bench`` / ``sam-kernels-bench``: how much faster a SAM step is with sam_kernels
+than the ways a user would write it otherwise, with a verdict that holds under load (see --help)."""
 from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from . import cases as C
-from . import noise
+from . import noise, results, session, steps
 from .environment import environment
-from .models import MODELS, workloads
+from .measure import LEVEL, MIN_ROUNDS
 from .op_specs import QUICK, SPECS
-from .ops_bench import IMPLS, OpsConfig, backend_skip_reason, measure_copy_bandwidth, run_ops, set_copy_fractions
-from .report import markdown, write
-from .targets import check_targets
-from .timing import Timer
-from .train_bench import methods, run_train, train_task_count
-
-try:  # optional (the [bench] extra): without it, no progress bar
-    from tqdm import tqdm
-except ImportError:
-    tqdm = None
-
-EXTERNAL = ("loop", "compile")
-"""Comparison points that are not sam_kernels backends: their mismatches do not fail the run."""
+from .verdict import VS_COMPILE_LARGE, VS_COMPILE_SMALL, VS_LOOP
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+BACKENDS = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
+CASES = {  # device -> (default lists, --full lists)
+    "cpu": (("resnet50", "gpt2_blocks_2", "small_500"), ("resnet50", "gpt2_blocks", "small")),
+    "cuda": (("resnet50", "gpt2_blocks", "small"), ("resnet50", "resnet50_cl", "gpt2_blocks", "small")),
+}
+SHRUNK = {"gpt2_blocks_2": "GPT-2 small: 2 of its 12 blocks", "small_500": "500 of the 2,000 small tensors"}
+OP_CASES = ("host", "resnet50")
+BUDGET_S = {False: 160.0, True: 1200.0}
+COMPILE_SHARE = 0.6  # of a case's time: what torch.compile's first compile of its list may take
 
-EPILOG = """\
-what is measured
-  per-op microbenchmarks
-%(ops)s
-    on single tensors (1M, 16M, 64M elements) and the real parameter lists of ResNet-50
-    (161 tensors, 25.6M) and GPT-2 small (148 tensors, 124M), and "host": 161 tensors of 16
-    elements, where the time is the host's (Python, dispatch, launches); each implementation is checked
-    against the eager reference once, then timed (median, p20/p80); GB/s at the op's bytes
-    floor, fraction of the copy bandwidth measured in the same run, speedup over the baselines
-    loop (per-parameter Python loop, davda54/sam style), eager (foreach reference) and
-    compile (torch.compile of the reference); sam_step / sam_optimizer_step = a whole SAM
-    optimizer step (first_step + second_step, SGD momentum), the headline figure;
-    sam_adamw_step = the same around AdamW (davda54 loop with torch's AdamW as baseline).
-  end-to-end training steps: SGD, SAM (davda54 loop, eager, fused) and each SAM variant that
-    exists, on a small ResNet and a small transformer (random data): step time, fwd+bwd vs
-    optimizer phase, ratio to SGD; on GPU also the fused step captured in a CUDA graph.
+EPILOG = f"""\
+what it answers
+  One SAM optimizer step (first_step + second_step, SGD momentum 0.9, weight decay 5e-4; forward and
+  backward excluded) with sam_kernels at default settings, against: the same with finite_check=False,
+  torch.compile of a hand-written foreach step, that step eager, the popular SAM class's per-parameter
+  loop, and pytorch-optimizer's SAM (when installed); on a ResNet-50 parameter list (161 tensors, 25.6M),
+  GPT-2 small's transformer blocks (144 tensors, 85M) and 2,000 tensors of 64 elements.
+  On CPU the default run shrinks the last two ({'; '.join(SHRUNK.values())}) to fit its
+  budget; --full runs the whole lists and the per-op benchmarks.
 
-defaults (quick): CPU sizes %(quick_cpu)s, GPU sizes %(quick_gpu)s; about 2 minutes on a
-  quiet 2-core CPU VM (5.5-6 on a loaded one).
-outputs: OUT/<device-slug>[-<dtype>].{json,md,png}; the markdown is also printed, with what each
-  column means and a verdict at the end: whether the run can be trusted.
-noise: the run measures its own noise (copy bandwidth before and after, the spread of each
-  result's repeats, CPU time used by other processes while it was timed; load average shown) and
-  marks every result taken under noise NOISY; no target is judged from a noisy result.
-  On a shared machine: close other work, try --threads 1, repeat the run.
-exit status: 1 when a sam_kernels backend's result does not match the reference (baseline
-  mismatches, e.g. the loop's torch.norm drift on CPU, are reported but do not fail the run).
+how it measures
+  Every implementation is first checked against one SAM step computed in float64, then all are timed
+  in one process, one call each per round, interleaved (A, B, C, A, B, C, ...), with a copy of a
+  fixed buffer in every round (the bandwidth the memory floor is taken of). A row's ratio is the
+  median of its per-round ratios to sam_kernels' time, with a {LEVEL:.0%} bootstrap interval. Rounds
+  go on until every target has a verdict or the case's share of --budget is spent.
+
+targets and verdicts
+  time of torch.compile's step / ours >= {VS_COMPILE_LARGE:.2f} on the large lists (ours at most
+  0.9x its time), >= {VS_COMPILE_SMALL:.0f} on the small-tensor list; per-parameter loop / ours >= {VS_LOOP} everywhere.
+  met / missed when the interval lies wholly on one side of the target; unresolved when it contains it.
+
+threads
+  On CPU the default is one torch thread: with more threads than idle cores, every parallel region
+  waits for a descheduled thread, and an implementation with many small parallel regions (Inductor's
+  code: one per tensor and pass) slows down far more than one with few; the ratios then follow the
+  machine's load instead of the code. One thread per implementation is time-sliced alike.
+  --threads 2 measures multi-threaded steps (on a quiet machine).
+
+torch.compile
+  Its first compile of a list runs in a child process limited to {COMPILE_SHARE:.0%} of the case's time;
+  what it compiled is cached (Inductor's cache), so a run that ran out of time leaves the compile row
+  out and says so, and the next run goes on from the cache. Once compiled, a list costs seconds.
+
+output
+  the tables and verdicts, a footer with the run's noise facts (copy bandwidth, CPU taken by other
+  processes, load average), and OUT/<device>.jsonl (the rows; schema: sam_kernels.bench) and
+  OUT/<device>.png (drawn from the rows). Exit status 1 when a sam_kernels step gives a wrong result.
 
 examples
-  python -m sam_kernels.bench                                  # quick run, bench_out/
+  python -m sam_kernels.bench                                  # about 3 minutes on a 2-core CPU
   python -m sam_kernels.bench --full --out benchmarks/results  # the recorded results
-  python -m sam_kernels.bench --ops perturb_ sam_step --sizes 16M gpt2 --backends eager cuda
-  python -m sam_kernels.bench --steps-only
+  python -m sam_kernels.bench --cases resnet50 --providers cpp compile --budget 60
+  python -m sam_kernels.bench --ops perturb_ grad_sq_norm --cases host 1M
 """
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m sam_kernels.bench",
-        description="Benchmark sam_kernels' fused SAM ops and optimizer steps against per-parameter loops, "
-                    "foreach eager and torch.compile, on CPU or GPU.",
-        epilog=EPILOG % {"ops": textwrap.fill(f"default: {', '.join(QUICK)}; --full or --ops all: also "
-                                              f"{', '.join(op for op in SPECS if op not in QUICK)}", 92,
-                                              initial_indent="    ", subsequent_indent="    "),
-                         "quick_cpu": ", ".join(C.QUICK_CPU), "quick_gpu": ", ".join(C.QUICK_GPU)},
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true",
-                    help="whole grid: every op, every size, more repeats, more torch.compile baselines")
-    ap.add_argument("--ops", nargs="+", metavar="OP", choices=list(SPECS) + ["all"],
-                    help="ops to benchmark ('all' for every op)")
-    ap.add_argument("--sizes", nargs="+", metavar="SIZE",
-                    help=f"cases: {', '.join(C.CASES)}, or an element count for one tensor (4096, 64k, 2M)")
-    ap.add_argument("--backends", nargs="+", metavar="IMPL", choices=IMPLS,
-                    help=f"implementations to run, among {', '.join(IMPLS)} (default: all that are available)")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter/gradient dtype")
-    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
-    ap.add_argument("--repeats", type=int, help="timed repeats per measurement (quick: CPU 5, GPU 20; full: 10/50)")
-    ap.add_argument("--warmup", type=int, help="untimed calls before timing (CPU 1; GPU 3, full 5)")
+    ap = argparse.ArgumentParser(prog="python -m sam_kernels.bench", description=__doc__.splitlines()[0],
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="the whole lists, the per-op benchmarks, a 20-minute budget")
     ap.add_argument("--budget", type=float, metavar="S",
-                    help="seconds per measurement: fewer repeats (>= 3) when the warmup says they would take "
-                         "longer (default: CPU 10, GPU unlimited)")
-    compile_group = ap.add_mutually_exclusive_group()
-    compile_group.add_argument("--compile", dest="compile", action="store_true", default=None,
-                               help="torch.compile baseline for every selected op (default: GPU sam_step only, "
-                                    "every op with --full; CPU off, sam_step only with --full)")
-    compile_group.add_argument("--no-compile", dest="compile", action="store_false",
-                               help="no torch.compile baseline")
-    ap.add_argument("--no-flush-l2", action="store_true",
-                    help="GPU: do not overwrite a 256 MB buffer before each repeat (warm-L2 numbers)")
-    ap.add_argument("--copy-size", type=int, metavar="N",
-                    help="elements of the fp32 copy_ that measures the device bandwidth (default GPU 64M, CPU 16M)")
-    section = ap.add_mutually_exclusive_group()
-    section.add_argument("--no-step", action="store_true", help="skip the end-to-end training-step benchmark")
-    section.add_argument("--steps-only", action="store_true", help="only the end-to-end training-step benchmark")
-    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
-                    help="models of the training-step benchmark (default: both)")
-    ap.add_argument("--methods", nargs="+", metavar="M", choices=[m.key for m in methods()],
-                    help=f"methods of the training-step benchmark, among {', '.join(m.key for m in methods())} "
-                         f"(default: all; a variant that does not exist yet is skipped)")
-    ap.add_argument("--train-batch", type=int, metavar="B",
-                    help="batch size of both models (default: CPU 32 images / 8 sequences, GPU 128 / 32)")
-    ap.add_argument("--train-repeats", type=int, help="training steps timed per method (default CPU 10, GPU 30)")
-    ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
+                    help="seconds for the whole benchmark, shared among its cases (default 160, --full 1200)")
+    ap.add_argument("--cases", nargs="+", metavar="CASE",
+                    help=f"parameter lists: {', '.join(C.CASES)}, or one tensor of N elements (4096, 64k, 2M)")
+    ap.add_argument("--providers", nargs="+", metavar="P",
+                    help="step implementations (default: every one for the device): cpp, cpp-nocheck, cuda, "
+                         "cuda-nocheck, triton, triton-nocheck, compile, foreach, loop, pytorch-optimizer")
+    ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile (its first compile of a list "
+                                                              "takes minutes on a loaded 2-core CPU)")
+    ap.add_argument("--ops", nargs="+", metavar="OP", choices=list(SPECS) + ["all"],
+                    help="per-op benchmarks instead of the step ('all': every op; --full: the step and "
+                         f"{', '.join(QUICK)})")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is visible, else cpu")
     ap.add_argument("--threads", type=int, metavar="N",
-                    help="torch CPU threads (default: torch's choice; 1 gives steadier numbers on a shared machine)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (none without tqdm either)")
+                    help="torch CPU threads (default on CPU: 1, see 'threads' below; on GPU: torch's choice)")
+    ap.add_argument("--min-rounds", type=int, default=MIN_ROUNDS, help=f"rounds before stopping (default {MIN_ROUNDS})")
+    ap.add_argument("--max-rounds", type=int, default=200, help="rounds at most per case (default 200)")
+    ap.add_argument("--copy-size", type=int, metavar="N", help="elements of the fp32 copy timed in every round "
+                                                                "(default: CPU 16M, GPU 64M)")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
+    ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
 
-def resolve(args: argparse.Namespace) -> dict:
-    """Turns the flags into a concrete plan (every default depends on device and --full)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    gpu = device.type == "cuda"
-    sizes = args.sizes or (C.FULL if args.full else C.QUICK_GPU if gpu else C.QUICK_CPU)
-    if args.ops:  # explicit choices win over --full, like --sizes
-        op_names = list(SPECS) if "all" in args.ops else [op for op in SPECS if op in args.ops]
-    else:
-        op_names = list(SPECS) if args.full else list(QUICK)
-    impls = [i for i in IMPLS if i in (args.backends or IMPLS)]
-    if args.compile is False:
-        compile_ops, compile_reason = set(), "--no-compile"
-    elif args.compile or (args.full and gpu):
-        compile_ops, compile_reason = set(op_names), ""
-    elif gpu or args.full:
-        compile_ops = {"sam_step"}
-        compile_reason = ("only sam_step is compiled in this mode (--compile: every op; on CPU each compile "
-                          "takes ~30 s for ResNet-50's 161 tensors)")
-    else:
-        compile_ops = set()
-        compile_reason = "off in quick mode on CPU: ~30 s per compile here (--compile, or --full for sam_step)"
-    return {
-        "device": device,
-        "cases": [C.parse_size(s) for s in sizes],
-        "ops": op_names,
-        "impls": impls,
-        "compile_ops": compile_ops,
-        "compile_reason": compile_reason,
-        "repeats": args.repeats or ((50 if gpu else 10) if args.full else (20 if gpu else 5)),
-        "warmup": args.warmup if args.warmup is not None else ((5 if args.full else 3) if gpu else 1),
-        "train_repeats": args.train_repeats or (30 if gpu else 10),  # multiples of LookSAM's k = 5
-        "budget_s": args.budget if args.budget is not None else (None if gpu else 10.0),
-        "copy_size": args.copy_size or ((64 << 20) if gpu else (16 << 20)),
-    }
+def _providers(args: argparse.Namespace, device: torch.device) -> list[str]:
+    if args.providers:
+        return list(args.providers)
+    ours = [p for b in BACKENDS[device.type] for p in (b, f"{b}-nocheck")]
+    return ours + [p for p in steps.EXTERNAL if not (args.no_compile and p == "compile")]
 
 
-class _NoProgress:
-    """Stands in for a tqdm bar when there is none."""
+def _ours(providers: list[str], device: torch.device) -> Optional[str]:
+    """The reference of every ratio: the first sam_kernels provider at default settings that can run."""
+    return next((p for p in providers if p in BACKENDS[device.type] and steps.unavailable(p, device) is None), None)
 
-    def __init__(self, **_):
-        pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        return False
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
+def _meta(env: dict, full: bool) -> dict:
+    return {"device": env["device"], "device_slug": env["device_slug"], "threads": env["torch_threads"],
+            "commit": env["git_commit"], "dirty": env["git_dirty"], "timestamp": env["date"],
+            "versions": {k: env[k] for k in ("torch", "triton", "cuda", "python", "sam_kernels")},
+            "lists": "full" if full else "default"}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    plan = resolve(args)
-    device, dtype = plan["device"], DTYPES[args.dtype]
-    cpu = noise.CpuMonitor()
-    run_start, loadavg_start = cpu.snap(), noise.load_average()
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    budget = args.budget if args.budget is not None else BUDGET_S[args.full]
+    deadline = t_start + budget
     env = environment(device)
-    log = tqdm.write if tqdm is not None else lambda s: print(s, flush=True)
-    if tqdm is None and not args.no_progress:
-        log("no progress bar: tqdm is not installed (pip install tqdm)")
-    log(f"sam_kernels bench on {env['device']} · torch {env['torch']} · commit {(env['git_commit'] or '?')[:12]}")
-    for name, b in env["backends"].items():
-        why = backend_skip_reason(name, device) if name != "eager" else None
-        log(f"  backend {name:7s} {'ready' if why is None else 'skipped: ' + why}")
+    plan = session.Plan(device, DTYPES[args.dtype], args.min_rounds, args.max_rounds, args.seed,
+                        args.copy_size or ((64 << 20) if device.type == "cuda" else (16 << 20)))
+    case_names = args.cases or CASES[device.type][args.full]
+    cases = [C.parse_size(name) for name in case_names]
+    providers = _providers(args, device)
+    ours = _ours(providers, device)
+    load0, cpu0 = noise.load_average(), noise.snap()
+    print(f"sam_kernels bench on {env['device']}, torch {env['torch']}, commit {(env['git_commit'] or '?')[:12]}"
+          f"{' (uncommitted changes)' if env['git_dirty'] else ''}; budget {budget:.0f} s", flush=True)
+    shrunk = [SHRUNK[n] for n in case_names if n in SHRUNK]
+    if shrunk:
+        print(f"lists shrunk to fit the budget: {'; '.join(shrunk)} (--full: the whole lists)", flush=True)
 
-    do_ops, do_train = not args.steps_only, not args.no_step
-    wls = workloads(device, large=device.type == "cuda", which=tuple(args.models),
-                    batch=args.train_batch) if do_train else []
-    todo = [m for m in methods() if args.methods is None or m.key in args.methods]
-    total = 2 + (len(plan["cases"]) * len(plan["ops"]) * len(plan["impls"]) if do_ops else 0) \
-        + (train_task_count(device, len(wls), todo) if do_train else 0)
-    timer = Timer(device, warmup=plan["warmup"], repeats=plan["repeats"], flush_l2=not args.no_flush_l2,
-                  budget_s=plan["budget_s"], cpu=cpu)
-    result: dict = {"meta": {**env, "dtype": args.dtype, "mode": "full" if args.full else "quick",
-                             "warmup": plan["warmup"], "repeats": plan["repeats"], "budget_s": plan["budget_s"],
-                             "train_repeats": plan["train_repeats"], "flush_l2": timer.flushes_l2,
-                             "argv": sys.argv[1:] if argv is None else list(argv)}}
-    bar = tqdm if tqdm is not None and not args.no_progress else _NoProgress
-    with bar(total=total, desc="bench", dynamic_ncols=True) as progress:
-        # The copy bandwidth is measured before and after everything: a change means the machine
-        # changed under the run (noise.py).
-        progress.set_postfix_str("copy bandwidth")
-        copy_before = measure_copy_bandwidth(device, timer, plan["copy_size"])
-        progress.update(1)
-        if do_ops:
-            cfg = OpsConfig(device, dtype, plan["cases"], plan["ops"], plan["impls"], plan["compile_ops"],
-                            plan["compile_reason"], timer, args.seed)
-            ops_result = run_ops(cfg, copy_before["gbps"], env["spec_peak_gbps"], log, progress)
-            result.update({"ops": ops_result.rows, "ops_skipped": ops_result.skips})
-        if do_train:
-            result["train"] = run_train(device, wls, todo, plan["warmup"], plan["train_repeats"], log, progress,
-                                        cpu)
-        progress.set_postfix_str("copy bandwidth")
-        copy_after = measure_copy_bandwidth(device, timer, plan["copy_size"])
-        progress.update(1)
+    jobs: list[tuple[str, str, C.Case]] = []  # (suite, op, case)
+    if args.ops is None or args.full:
+        jobs += [("step", "sam_sgd_step", c) for c in cases]
+    if args.ops or args.full:
+        ops = list(SPECS) if args.ops and "all" in args.ops else list(args.ops or QUICK)
+        op_cases = cases if args.cases else [C.parse_size(n) for n in OP_CASES]
+        jobs += [("op", op, c) for c in op_cases for op in ops]
+    impls = ["loop", "eager", *BACKENDS[device.type]]
 
-    best = max(copy_before, copy_after, key=lambda c: c["gbps"])
-    result["copy_bandwidth"] = {"numel": best["numel"], "bytes": best["bytes"], "gbps": best["gbps"],
-                                "before": copy_before, "after": copy_after}
-    copy_reasons = noise.copy_noise(copy_before, copy_after)
-    if do_ops:
-        set_copy_fractions(result["ops"], best["gbps"], env["spec_peak_gbps"])
-        noise.mark_ops(result["ops"], env["cpu_cores"], copy_reasons)
-        unavailable = {b: backend_skip_reason(b, device) for b in ("cpp", "cuda", "triton")}
-        result["targets"] = check_targets(result["ops"], device.type,
-                                          [b for b in plan["impls"] if unavailable.get(b) is None],
-                                          {b: r for b, r in unavailable.items() if r}, best["gbps"])
-    if do_train:
-        noise.mark_train(result["train"]["rows"], env["cpu_cores"], copy_reasons)
-    result["cpu_usage"] = noise.usage(run_start, cpu.snap()) if run_start is not None else None
-    result["meta"].update({"loadavg_start": loadavg_start, "loadavg_end": noise.load_average()})
-    result["verdict"] = noise.verdict(result)
+    rows: list[dict] = []
+    meta = _meta(env, args.full)
+    path = args.out / f"{env['device_slug']}.jsonl"
+    with torch.no_grad():
+        for i, (suite, op, case) in enumerate(jobs):
+            what = "SAM step" if suite == "step" else f"op {op}"
+            print(f"[{time.perf_counter() - t_start:5.0f} s] {what} on {case.name}: checking each implementation"
+                  + (" (torch.compile compiles meanwhile)..." if suite == "step" and "compile" in providers else "..."),
+                  flush=True)
+            share = max(0.0, deadline - time.perf_counter()) / (len(jobs) - i)
+            if suite == "step":
+                built = session.build_steps(case, providers, plan, compile_limit_s=COMPILE_SHARE * share)
+                floor = steps.floor_bytes(case, plan.dtype)
+                ref = ours
+            else:
+                built = session.build_op(case, op, impls, plan)
+                elem = torch.empty((), dtype=plan.dtype).element_size()
+                floor = SPECS[op].floor_bytes(case.numel, elem) if SPECS[op].bandwidth_bound else None
+                ref = _ours([b for b in impls if b != "loop"], device) or "eager"
+            for p, why in built.mismatched.items():
+                print(f"!! {p} on {case.name}: WRONG RESULT ({why}); not timed", flush=True)
+            now = time.perf_counter()
+            case_deadline = now + max(0.0, deadline - now) / (len(jobs) - i)
+            snap0, la = noise.snap(), noise.load_average()
+            new = session.measure(suite, op, case, built, ref, floor, plan, case_deadline, meta)
+            load = {**(noise.usage(snap0, noise.snap()) or {}), "loadavg_1min": la[0] if la else None}
+            for r in new:
+                r["load"] = load
+            rows += new
+            results.write(rows, path)  # after every case: a run stopped from outside keeps what it measured
+            print(results.table(new), flush=True)
 
-    stem = env["device_slug"] + ("" if args.dtype == "float32" else f"-{args.dtype}")
-    paths, no_plot = write(result, args.out, stem)
-    print(markdown(result))
-    if no_plot:
-        print(f"no PNG plot: {no_plot}")
-    print("written: " + ", ".join(str(p) for p in paths.values()))
-    mismatches = [r for r in result.get("ops", []) if not r["correct"]]
-    if mismatches:
-        print(f"!! {len(mismatches)} result(s) did NOT match the eager reference: "
-              + ", ".join(f"{r['op']}/{r['case']}/{r['impl']}" for r in mismatches), file=sys.stderr)
-    # Only our own implementations fail the run; a baseline's numerics are its own (e.g. the
-    # per-parameter loop's torch.norm on CPU drifts by ~1e-3 relative at 16M elements).
-    ours = [r for r in mismatches if r["impl"] not in EXTERNAL]
-    return 1 if ours else 0
+    png = path.with_suffix(".png")
+    no_plot = results.plot(results.read(path), png)
+    lines = ["", f"Verdicts (ratio = its time / {ours}'s time, {LEVEL:.0%} interval):" if ours else
+             "Verdicts: none (no sam_kernels provider ran, so no ratios)"]
+    lines += results.verdicts(rows) or ["  none: no target row was timed"]
+    usage, load1 = noise.usage(cpu0, noise.snap()), noise.load_average()
+    copies = [r["copy_gbps"] for r in rows if r.get("copy_gbps")]
+    lines += ["", "Noise (facts, not verdicts; the intervals above already carry the load):"]
+    if copies:
+        lines.append(f"  copy bandwidth {min(copies):.1f}-{max(copies):.1f} GB/s across the cases")
+    if usage:
+        lines.append(f"  other processes took {usage['others_cores']:.2f} of {env['cpu_cores']} cores on average, "
+                     f"VM steal {usage['steal_cores']:.2f}")
+    if load0 and load1:
+        lines.append(f"  load average (1 min) {load0[0]:.1f} at the start, {load1[0]:.1f} at the end")
+    lines.append(f"written: {path}" + (f", {png}" if no_plot is None else f" (no plot: {no_plot})"))
+    lines.append(f"took {time.perf_counter() - t_start:.0f} s")
+    print("\n".join(lines), flush=True)
+    ours_wrong = [r for r in rows if r.get("mismatch") and r["provider"] not in steps.EXTERNAL]
+    return 1 if ours_wrong else 0
 
 
 if __name__ == "__main__":

@@ -64,6 +64,25 @@ class Davda54SAM(torch.optim.Optimizer):
             for group in self.param_groups for p in group["params"] if p.grad is not None]), p=2)
 
 
+# --------------------------------------------------------------------------- foreach step
+
+def foreach_ascent(params: list, grads: Tensors, backups: list, rho: float) -> None:
+    """SAM's first step the way a user writes it with torch's foreach ops: global norm, backup, w += e."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_copy_(backups, params)
+    torch._foreach_add_(params, torch._foreach_mul(grads, rho / (norm + 1e-12)))
+
+
+def foreach_descent(params: list, grads: Tensors, backups: Tensors, bufs: list, lr: float, momentum: float,
+                    weight_decay: float) -> None:
+    """Restore w, then torch.optim.SGD's foreach update (dampening 0, no nesterov)."""
+    torch._foreach_copy_(params, backups)
+    d = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, d)
+    torch._foreach_add_(params, bufs, alpha=-lr)
+
+
 # --------------------------------------------------------------------------- per-op loops
 
 def grad_norm(grads: Tensors) -> torch.Tensor:

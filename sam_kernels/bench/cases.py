@@ -64,6 +64,17 @@ def gpt2_small_shapes(vocab: int = 50257, ctx: int = 1024, d: int = 768, layers:
     return shapes
 
 
+def gpt2_blocks_shapes(blocks: int = 12, d: int = 768) -> list[Shape]:
+    """The transformer blocks of GPT-2 small without embeddings and final norm: 12 tensors per
+    block; 12 blocks = 144 tensors, 85,054,464 elements."""
+    return gpt2_small_shapes(d=d, layers=blocks)[2:-2]
+
+
+def small_shapes(count: int = 2000, numel: int = 64) -> list[Shape]:
+    """Many small tensors (biases, norms, adapters): the step's cost is per tensor, not per byte."""
+    return [(numel,)] * count
+
+
 def host_shapes() -> list[Shape]:
     """ResNet-50's tensor count with 16 elements each: the kernels have nothing to do, so the time
     is the host's (Python layer, dispatch, checks, launches) — what bounds a step of a small model."""
@@ -83,11 +94,19 @@ CASES = {
     "resnet50_cl": resnet50_shapes,  # the same list in channels_last (CHANNELS_LAST)
     "gpt2": gpt2_small_shapes,
     "host": host_shapes,
+    "gpt2_blocks": gpt2_blocks_shapes,
+    "gpt2_blocks_2": lambda: gpt2_blocks_shapes(2),
+    "small": small_shapes,
+    "small_500": lambda: small_shapes(500),
 }
 CHANNELS_LAST = ("resnet50_cl",)
-QUICK_CPU = ("host", "1M", "resnet50", "resnet50_cl")
-QUICK_GPU = ("host", "1M", "16M", "resnet50", "resnet50_cl")
-FULL = tuple(CASES)
+SMALL = ("host", "small", "small_500")
+"""Cases whose step cost is per tensor (the small-tensor targets apply); every other case is large."""
+
+
+def kind(name: str) -> str:
+    """"small" or "large": which targets a case's ratios are judged against (verdict.target)."""
+    return "small" if name in SMALL else "large"
 
 
 def parse_size(name: str) -> Case:

@@ -1,6 +1,6 @@
 """Hugging Face ``accelerate``: the two helpers of the documented SAM loop (ours).
 
-The loop (README "Trainers and frameworks"; ``tests/integrations/test_accelerate.py`` runs it)::
+The loop (documented in the frameworks guide; ``tests/integrations/test_accelerate.py`` runs it)::
 
     accelerator = Accelerator(gradient_accumulation_steps=2, mixed_precision="bf16")
     opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
@@ -23,8 +23,8 @@ The loop (README "Trainers and frameworks"; ``tests/integrations/test_accelerate
 
 Why this shape: ``accelerator.accumulate`` counts one call per micro-batch and lets the optimizer
 step only on the window's last one, so the second pass runs inside that last call, over every
-micro-batch of the window (both passes accumulate over the same data: the README's accumulation
-loop). ``accelerator.backward`` divides each loss by ``gradient_accumulation_steps`` in both
+micro-batch of the window (both passes accumulate over the same data, as in the manual
+accumulation loop). ``accelerator.backward`` divides each loss by ``gradient_accumulation_steps`` in both
 passes. Under fp16 ``opt.step()`` is ``scaler.step(sam)`` + ``scaler.update()`` and
 ``clip_grad_norm_`` unscales the second pass first (``scaler.unscale_``).
 """

@@ -54,7 +54,7 @@ def _check_trainer(trainer: "pl.Trainer") -> None:
         raise ValueError(f"sam_kernels.integrations.lightning: accumulate_grad_batches="
                          f"{trainer.accumulate_grad_batches} is not supported: Lightning's closure replays only the "
                          f"last micro-batch, so SAM's second pass would miss the others. Use a larger batch, or "
-                         f"the manual accumulation loop of the README")
+                         f"the manual accumulation loop of the training-loops guide")
 
 
 def _sam_step(plugin: Precision, optimizer: SAM, model: "pl.LightningModule", closure: Callable[[], Any],

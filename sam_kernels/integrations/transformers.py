@@ -23,7 +23,7 @@ AMP: bf16 needs nothing; under fp16 the accelerator's ``GradScaler`` is attached
 (``grad_scaler=``), the Trainer's clipping unscales the second pass (``scaler.unscale_``) and
 ``scaler.step`` ends the SAM step; an overflow in either pass skips it on the device.
 Accelerate's ``optimizer_step_was_skipped`` then stays False (SAM skips without a host sync),
-so the scheduler steps on a skipped step, as in the manual GradScaler loop of the README.
+so the scheduler steps on a skipped step, as in the manual GradScaler loop.
 
 Not supported: DeepSpeed (its engine runs ``backward`` and ``step`` itself): ``ValueError`` at the
 first step, before any weight changes.
@@ -52,7 +52,9 @@ __all__ = ["SAMTrainer"]
 class SAMTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose optimizer steps are SAM steps over the whole accumulation window.
 
-    Args (besides the Trainer's own):
+    Takes the Trainer's own arguments, and these.
+
+    Args:
         sam_class: the ``sam_kernels`` optimizer class that wraps the Trainer's optimizer
             (``SAM``, ``SSSAM``, ``StableSAM``, ...); used only when ``optimizers`` gives no optimizer.
         sam_kwargs: its keyword arguments (``rho``, ``adaptive``, variant options), e.g. ``{"rho": 0.05}``.

@@ -31,7 +31,7 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 LOOP = """\
-    scaler = torch.amp.GradScaler()
+    scaler = torch.amp.GradScaler(device_type)  # "cuda" or "cpu": a bare GradScaler() is CUDA's, disabled on a CPU
     opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, grad_scaler=scaler, lr=0.1)
     for x, y in loader:
         with torch.autocast(device_type, dtype=torch.float16):

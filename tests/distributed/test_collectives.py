@@ -1,4 +1,4 @@
-"""Collectives the optimizer issues per step, per mode (the figures README's "Distributed training" states).
+"""Collectives the optimizer issues per step, per mode (the figures of the docs' Collectives page).
 
 Counted by patching the ``torch.distributed`` collectives while the optimizer's own methods run
 (DDP's and FSDP2's gradient reductions inside forward/backward are theirs, not counted).

@@ -45,7 +45,7 @@ def autocast(precision: str, device_type: str = "cpu"):
 def manual_steps(net: torch.nn.Module, opt: sk.SAM, steps: list[list[tuple[torch.Tensor, torch.Tensor]]],
                  precision: str = "32-true", clip: float = 0.0, sched=None,
                  scaler: Optional[torch.amp.GradScaler] = None, loss_divisor: Optional[int] = None) -> None:
-    """The README's loops: each step a list of micro-batches, both passes accumulated over all of them
+    """The documented loops: each step a list of micro-batches, both passes accumulated over all of them
     (each loss divided by ``loss_divisor``, default the number of micro-batches), the second pass
     under ``frozen_running_stats`` and clipped; a plain step where the policy says so."""
     def backward(x, y, n):

@@ -66,7 +66,7 @@ def transformers(out: str) -> None:
 
 
 def accelerate(out: str) -> None:
-    """The README's accelerate loop on 2 processes (gloo on CPU), 2 micro-batches per step, clipped."""
+    """The documented accelerate loop on 2 processes (gloo on CPU), 2 micro-batches per step, clipped."""
     import accelerate as acc
 
     from tests.integrations.test_accelerate import ACCUM, documented_loop, loader_of

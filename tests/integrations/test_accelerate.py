@@ -1,4 +1,4 @@
-"""The README's accelerate loop equals the manual SAM loop over the same micro-batches; 2 processes stay identical."""
+"""The documented accelerate loop equals the manual SAM loop over the same micro-batches; 2 processes stay identical."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +16,7 @@ BATCH, ACCUM, STEPS = 4, 2, 3
 
 
 def documented_loop(accelerator, model, opt, loader, loss_fn, max_norm):
-    """README "Trainers and frameworks" / Accelerate, as written there."""
+    """The frameworks guide's Accelerate loop, as written there."""
     model, opt, loader = accelerator.prepare(model, opt, loader)
     sam = sam_optimizer(accelerator, opt)
     window = []
@@ -136,19 +136,19 @@ def test_two_processes_stay_identical_and_equal_one_process(tmp_path):
         torch.testing.assert_close(ranks[0][k], v, rtol=0, atol=1e-12)
 
 
-def test_readme_loop_as_written():
-    """The README's Accelerate block, executed verbatim (bf16 on CPU), = the manual loop."""
-    from pathlib import Path
+def test_docs_loop_as_written(monkeypatch):
+    """The Accelerate block of the frameworks guide, executed verbatim (bf16 on CPU), = the manual loop."""
+    from tests.docs_blocks import python_blocks
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = text[text.index("### Accelerate\n"):]
-    block = section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+    [block] = python_blocks("guides/frameworks.md", "## Accelerate")
+    real = accelerate.Accelerator
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: real(cpu=True, **kw))  # what the block imports
     x, y = make_data(STEPS * ACCUM * BATCH)
     model = make_net()
     accelerate.state.AcceleratorState._reset_state(True)
-    scope = {"Accelerator": lambda **kw: accelerate.Accelerator(cpu=True, **kw), "sk": sk, "torch": torch,
+    scope = {"sk": sk, "torch": torch,
              "model": model, "loss_fn": F.mse_loss, "loader": loader_of(x, y)}
-    exec(compile(block, "README.md (Accelerate)", "exec"), scope)
+    exec(compile(block, "docs/guides/frameworks.md (Accelerate)", "exec"), scope)
     assert scope["sam"].step_count == STEPS
 
     ref_net = make_net()

@@ -681,24 +681,21 @@ def test_fullgraph_compiled_steps_keep_telemetry(mode):
     assert (got["steps"], got["sam_steps"]) == (want["steps"], want["sam_steps"]) == (3, 3)
 
 
-# ---------------------------------------------------------------------- README
+# ---------------------------------------------------------------------- the docs
 
-def test_readme_telemetry_example_runs(capsys):
-    """The ```python blocks of README's "Telemetry" section run as written (scope as tests/test_readme_loops.py)."""
-    import re
-    from pathlib import Path
+def test_docs_telemetry_example_runs(capsys):
+    """The example of the telemetry guide's "stats()" section runs as written and fills every value."""
+    from tests.docs_blocks import python_blocks
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    start = text.index("## Telemetry")
-    blocks = re.findall(r"```python\n(.*?)```", text[start:text.index("\n## ", start + 1)], flags=re.S)
-    assert blocks
+    blocks = python_blocks("guides/telemetry.md", "## `stats()` and the `telemetry=` modes")
+    assert len(blocks) == 1
     for block in blocks:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
                                     torch.nn.Linear(16, 3))
         loader = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(4)]
         scope = dict(torch=torch, sk=sk, F=F, model=model, loss_fn=F.cross_entropy, loader=loader)
-        exec(compile(block, "README Telemetry block", "exec"), scope)
+        exec(compile(block, "docs/guides/telemetry.md", "exec"), scope)
         st = scope["opt"].stats()
         assert st["steps"] == 4 and math.isfinite(st["sharpness"]) and math.isfinite(st["grad_cosine"])
     printed = capsys.readouterr().out
