@@ -12,6 +12,7 @@ instead.
 from __future__ import annotations
 
 import functools
+import operator
 import weakref
 from typing import Iterable, Optional
 
@@ -40,6 +41,9 @@ class BackwardWatch:
         self._hooked: dict[int, weakref.ref] = {}  # id(param) -> the param (tensors compare by value)
         self._handles: list = []
         self._marks: dict[int, Optional[tuple[int, int]]] = {}  # id(DTensor param) -> its grad's mark
+        self._params: list[torch.Tensor] = []  # the params of the last clear (unchanged: nothing to hook)
+        self._dtensors: list[torch.Tensor] = []
+        self._unhooked = False  # some param did not require grad at the last scan (frozen): scan again
         weakref.finalize(self, _remove, self._handles)  # a dropped optimizer leaves no live hooks
 
     def clear(self, params: Iterable[torch.Tensor]) -> None:
@@ -47,20 +51,28 @@ class BackwardWatch:
         self.seen = False
         if torch.compiler.is_compiling():  # a compiled step: hooks and metadata are the eager caller's
             return
-        marks = {}
+        params = list(params)
+        if (self._unhooked or len(params) != len(self._params)
+                or not all(map(operator.is_, params, self._params))):
+            self._watch(params)
+        self._marks = {id(p): _grad_mark(p) for p in self._dtensors}
+
+    def _watch(self, params: list[torch.Tensor]) -> None:
+        """Hook the params not hooked yet; note the DTensor ones (their hooks would never fire)."""
+        self._params = params
+        self._dtensors = [p for p in params if dtensor.is_dtensor(p)]
+        self._unhooked = any(not p.requires_grad for p in params)
         for p in params:
-            if dtensor.is_dtensor(p):
-                marks[id(p)] = _grad_mark(p)
-            elif p.requires_grad and (id(p) not in self._hooked or self._hooked[id(p)]() is not p):
+            if (p.requires_grad and not dtensor.is_dtensor(p)
+                    and (id(p) not in self._hooked or self._hooked[id(p)]() is not p)):
                 self._handles.append(p.register_post_accumulate_grad_hook(
                     functools.partial(_note, weakref.ref(self))))
                 self._hooked[id(p)] = weakref.ref(p)
-        self._marks = marks
 
     def ran(self, params: Iterable[torch.Tensor]) -> bool:
         """Whether a backward wrote any of ``params``' gradients since the last :meth:`clear`."""
-        if self.seen:
-            return True
+        if self.seen or not self._dtensors:
+            return self.seen
         return any(id(p) in self._marks and _grad_mark(p) != self._marks[id(p)]
                    for p in params if dtensor.is_dtensor(p))
 
