@@ -124,3 +124,27 @@ def prepare_group(param_group: dict, groups: list[dict], defaults: dict, owner: 
         param_group.setdefault(key, defaults[key])
     check_group(param_group, len(groups), owner)
     check_no_duplicates([*groups, param_group], owner)
+
+
+LIGHTNING_FIX = ("Under PyTorch Lightning's automatic optimization, give the Trainer the SAM precision plugin: "
+                 "Trainer(plugins=[sam_kernels.integrations.lightning.sam_precision(precision)]), or use manual "
+                 "optimization")
+_LIGHTNING_PACKAGES = ("lightning", "pytorch_lightning")
+
+
+def check_closure(closure, owner: str) -> None:
+    """Refuse the closure of a stock Lightning precision plugin (raised before anything changes).
+
+    Lightning's ``Precision.optimizer_step`` hands ``step`` a ``partial`` of its ``_wrap_closure`` while the
+    previous step's gradients are still there (the closure zeroes them itself), so ``step`` would take them
+    as the first pass: a stale ascent on every step but the first, silently. Recognized by duck typing,
+    without importing Lightning: the partial's function is a method named ``_wrap_closure`` of an object
+    whose class comes from a Lightning package.
+    """
+    func = getattr(closure, "func", None)
+    plugin = getattr(func, "__self__", None)
+    if plugin is None or getattr(func, "__name__", "") != "_wrap_closure":
+        return
+    if any(c.__module__.split(".")[0] in _LIGHTNING_PACKAGES for c in type(plugin).__mro__):
+        raise RuntimeError(f"{owner}.step(closure) was called by Lightning's {type(plugin).__name__} plugin, whose "
+                           f"closure would make stale gradients the first SAM pass. {LIGHTNING_FIX}")

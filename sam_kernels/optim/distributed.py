@@ -12,7 +12,11 @@ Modes (``SAM(..., distributed=...)``):
   Every gradient the optimizer reads is the global one, identical on every rank, so SAM equals
   single-process SAM on the full batch and every decision derived from gradients agrees. The
   optimizer adds no collective per step (FSDP2's DTensor reductions aside, see
-  :mod:`sam_kernels.ops.dtensor`).
+  :mod:`sam_kernels.ops.dtensor`) except at the first ``AGREEMENT_STEPS`` steps under DDP: there the ranks
+  compare the squared norm of the first-pass gradient (one scalar all-reduce and one host read per
+  step) and raise if they differ, before any weight changes. That catches the m-SAM recipe (first
+  backward under ``no_sync()``) run without ``distributed="m-sam"``, whose plain steps would
+  otherwise let the replicas drift apart silently.
 - ``"m-sam"`` (:class:`PerReplica`): the first backward runs under DDP's ``no_sync()``, so each
   replica perturbs with its own gradient (m-SAM: Foret et al. §4 / Andriushchenko & Flammarion);
   the second backward synchronizes. The optimizer then keeps the ranks in lockstep itself: plain
@@ -132,18 +136,25 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return is_dtensor(t)
 
 
+AGREEMENT_STEPS = 2
+"""Global mode: the first steps at which the ranks check that they hold the same first-pass gradient."""
+
+
 class GlobalSync:
     """``distributed="global"``: gradients are synchronized by DDP/FSDP2 before the optimizer reads
-    them; nothing to add (every hook is the identity, no collective)."""
+    them; nothing to add but the agreement check of the first steps (see the module docstring)."""
 
     mode = "global"
     per_replica = False
 
     def __init__(self, process_group=None):
         self.process_group = process_group
+        self._checks_left = AGREEMENT_STEPS
 
     def check(self, params: Sequence[torch.Tensor]) -> None:
         check_params(params)
+        if any(_is_dtensor(p) for p in params):  # FSDP2 reduces every backward and every norm: nothing to compare
+            self._checks_left = 0
 
     def policy_sq_norm(self, sam, sq: torch.Tensor) -> torch.Tensor:
         """The ‖g‖² a policy decides from (``sq``: this rank's, of every first-pass gradient)."""
@@ -151,6 +162,7 @@ class GlobalSync:
 
     def ascent_sq_norm(self, sam, sq: torch.Tensor) -> torch.Tensor:
         """The ascent ‖g‖² the NaN/Inf check and the descent modifiers (Stable SAM) see."""
+        self._check_agreement(sq)
         return sq
 
     def before_sam_descent(self, sam) -> None:
@@ -158,6 +170,29 @@ class GlobalSync:
 
     def before_plain_descent(self, grads: Sequence[torch.Tensor]) -> None:
         """Called in ``base_step`` before anything reads the gradients."""
+        if self._checks_left > 0 and is_initialized() and not torch.compiler.is_compiling():
+            from .. import ops
+            self._check_agreement(ops.grad_sq_norm(list(grads)) if grads else torch.zeros(()))
+
+    def _check_agreement(self, sq: torch.Tensor) -> None:
+        """At the first steps: raise on every rank if the ranks' first-pass ‖g‖² differ (one scalar
+        all-reduce, one host read). Non-finite norms are left to the finite check and AMP. Not inside
+        torch.compile, where the host read would break the graph."""
+        if (self._checks_left <= 0 or torch.compiler.is_compiling() or not is_initialized()
+                or dist.get_world_size(self.process_group) == 1):
+            return
+        self._checks_left -= 1
+        sq = sq.detach().double().reshape(())
+        both = torch.stack([sq, -sq])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
+        high, low = both[0], -both[1]
+        agree = torch.isclose(high, low, rtol=1e-6, atol=0.0) | ~torch.isfinite(both).all()
+        if not bool(agree):  # the documented host read, first steps only
+            raise RuntimeError(
+                f"SAM(distributed='global'): the ranks hold different first-pass gradients (squared norms from "
+                f"{low.item():.6g} to {high.item():.6g}), so each would descend with its own gradient and the replicas "
+                f"would drift apart. If the first backward runs under DDP's no_sync() (m-SAM), build the optimizer "
+                f"with distributed='m-sam'; otherwise let DDP synchronize the first backward. The weights are unchanged")
 
     def agreed_grads(self, grads: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
         """First-pass gradients as every rank sees them (dynamic sparse masks): unchanged here."""

@@ -24,7 +24,8 @@ import torch
 from .. import ops
 from . import amp, backups, checkpoint, groups
 from .base_step import restore_and_step
-from .contract import bind_base_optimizer, check_group, complete_groups, mark_stepped, prepare_group, run_step_hooks
+from .contract import (LIGHTNING_FIX, bind_base_optimizer, check_closure, check_group, complete_groups,
+                       mark_stepped, prepare_group, run_step_hooks)
 from .descent import Modifier, Renormalize
 from .dispatch_summary import DispatchSummary, had_layout_fallback, records_step
 from .first_pass import BackwardWatch
@@ -362,6 +363,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         after ``first_step``, or the plain step after ``wants_sam()`` said no; otherwise ``ValueError``.
         """
         self.amp.check_attached(self)
+        check_closure(closure, type(self).__name__)
         self.step_state.stepping = True
         try:
             return self._step(closure, loss)
@@ -378,7 +380,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             else:
                 raise ValueError("SAM.step() without a closure can only end a step begun by hand (after first_step(), "
                                  "or after wants_sam() returned False). Pass a closure that re-evaluates the loss and "
-                                 f"calls backward, or use first_step()/second_step(). With a GradScaler:\n{amp.LOOP}")
+                                 f"calls backward, or use first_step()/second_step(). {LIGHTNING_FIX}. With a "
+                                 f"GradScaler:\n{amp.LOOP}")
             return None
         loss = None
         params = self._params()

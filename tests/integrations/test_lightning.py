@@ -73,14 +73,23 @@ def test_32_true_equals_manual_loop_float64(base, clip):
     assert module.trainer.optimizers[0].step_count == opt.step_count == STEPS
 
 
-def test_plain_precision_plugin_finds_no_first_pass_in_stale_gradients():
-    """Lightning's own 32-true plugin calls SAM.step(closure) with the previous step's gradients present
-    (its closure zeroes and backpropagates): no backward wrote them since the last step, so the
-    closure gives the first pass and the run equals the manual loop."""
-    module = Module(make_net(torch.float64))
-    fit(module, *make_data(STEPS * BATCH, torch.float64), L.plugins.precision.Precision())
-    net, _ = reference(torch.float64, "32-true", "sgd")
-    assert_same_weights(module.net, net, rtol=0, atol=1e-13)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_input_10_without_the_plugin_refuses_before_any_step(precision):
+    """Automatic optimization without sam_precision: Lightning's own plugin would make the previous step's
+    gradients SAM's first pass (32-true, bf16-mixed: step(closure) with them present) or end a step that
+    never began (16-mixed: scaler.step(opt)). Either way the first step raises, naming the plugin, and
+    no weight has moved."""
+    module = Module(make_net(torch.float64 if precision == "32-true" else torch.float32))
+    before = [p.detach().clone() for p in module.net.parameters()]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*make_data(STEPS * BATCH, before[0].dtype)),
+                                         batch_size=BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's setup warnings (see SETUP_WARNINGS); the error is the point
+        trainer = L.Trainer(max_steps=STEPS, precision=precision, accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        with pytest.raises((RuntimeError, ValueError), match=r"sam_precision"):
+            trainer.fit(module, loader)
+    assert all(torch.equal(p, w) for p, w in zip(module.net.parameters(), before))
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])

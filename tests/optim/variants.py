@@ -1,0 +1,168 @@
+"""The variant table: every public optimizer variant once, with its hand reference and its loops.
+
+Like PyTorch's ``OptimizerInfo``: a test takes ``VariantInfo`` rows and a loop, and never builds a
+variant by name itself. Adding a variant is adding a row: its factory, whether it takes plain
+(one-pass) steps, its hand reference (``tests/optim/hand_reference.py``, plain torch), and the
+loops it truly cannot run, each with the error it must raise (``refuses``): those are tested as
+errors, not left out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import sam_kernels as sk
+from tests.optim.hand_reference import HandSAM
+
+# Every loop of the loop matrix (tests/loops/). A row supports all of them but its ``refuses``.
+LOOPS = (
+    "manual",              # backward; first_step; backward; second_step (base_step on plain steps)
+    "closure",             # backward; step(closure)
+    "closure_first_pass",  # step(closure) with no gradient yet (Lightning, accelerate, skorch)
+    "zeroed_closure",      # zero_grad(set_to_none=False); step(closure) that zeroes, forwards, backwards
+    "amp_manual",          # fp16 GradScaler, manual loop, scaler.step(opt)
+    "amp_closure",         # fp16 GradScaler, scaler.step(opt, closure)
+    "bf16",                # bf16 autocast, manual loop
+    "accumulation",        # two micro-batches per pass
+    "clipping",            # clip_grad_norm_ on either pass
+    "compile",             # torch.compile(first_step / second_step / base_step, fullgraph=True)
+    "checkpoint",          # save/load at a step boundary and between first_step and second_step
+    "cast",                # model.double() between steps and between first_step and second_step
+    "aliased",             # two Parameters over one storage (b.weight.data = a.weight.data)
+    "sparse_grad",         # nn.Embedding(sparse=True)
+)
+
+RHO, LR, MOMENTUM = 0.05, 0.1, 0.9
+SGD = dict(lr=LR, momentum=MOMENTUM)
+STEPS = 4  # steps of a matrix run; the table's schedules (LookSAM's k, AE-SAM's T) are sized for it
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
+def make_model(dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
+    """The shared tiny model: Linear(4, 6) · tanh · Linear(6, 3)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).to(dtype)
+
+
+def make_batches(steps: int, dtype=torch.float64, seed: int = 1, batch: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 4, generator=g, dtype=dtype), torch.randint(0, 3, (batch,), generator=g))
+            for _ in range(steps)]
+
+
+def fisher_data(model: torch.nn.Module) -> Callable[[], list]:
+    """The Fisher mask's data, in the model's dtype at each refresh (it follows a mid-run cast)."""
+    return lambda: make_batches(1, next(model.parameters()).dtype, seed=9, batch=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantInfo:
+    """One row. ``factory(params, model=..., backend=..., **extra)`` builds the optimizer;
+    ``hand_reference(weights)`` builds its plain-torch reference (``HandSAM``).
+
+    ``refuses``: loop -> (exception type, message regex) for loops the variant cannot run: the
+    loop must raise that error before any weight changes. ``per_sample_closure``: the variant's
+    ``step`` takes ESAM's closure (per-sample losses, both passes run by ``step``).
+    ``probe(opt)``: the decisions of the running step the reference needs (masks, selections),
+    read from the optimizer between its two passes.
+    """
+    name: str
+    factory: Callable[..., sk.SAM]
+    has_plain_steps: bool
+    hand_reference: Callable[[list], HandSAM]
+    refuses: dict = dataclasses.field(default_factory=dict)
+    per_sample_closure: bool = False
+    probe: Optional[Callable[[sk.SAM], dict]] = None
+
+    @property
+    def supports(self) -> frozenset:
+        return frozenset(LOOPS) - frozenset(self.refuses)
+
+    def build(self, model: torch.nn.Module, backend: Optional[str] = None, **extra) -> sk.SAM:
+        return self.factory(model.parameters(), model=model, backend=backend, **extra)
+
+    def reference(self, model: torch.nn.Module) -> HandSAM:
+        return self.hand_reference([p.detach() for p in model.parameters()])
+
+
+def _hand(base="sgd", base_kwargs=SGD, **kw):
+    return functools.partial(HandSAM, base=base, base_kwargs=dict(base_kwargs), **{"rho": RHO, **kw})
+
+
+def _sam(cls, **fixed):
+    def factory(params, model=None, backend=None, **extra):
+        return cls(params, **{**fixed, **extra}, backend=backend)
+    return factory
+
+
+def _masks(opt) -> dict:
+    return {"masks": [m.clone() for m in opt.masks]}
+
+
+def _esam_selection(opt) -> dict:
+    chosen = opt.selected()
+    if chosen is None:
+        return {}
+    ids = {id(p) for p in chosen}
+    return {"selected": [id(p) in ids for g in opt.param_groups for p in g["params"]]}
+
+
+def _fisher(params, model=None, backend=None, **extra):
+    return sk.SparseSAM(params, torch.optim.SGD, rho=RHO, sparsity=0.5, mask="fisher", model=model, loss_fn=loss_fn,
+                        fisher_data=fisher_data(model), num_samples=4, update_unit="step",
+                        update_freq=2, backend=backend, **{**SGD, **extra})
+
+
+ADAMW = dict(lr=1e-2, weight_decay=1e-2)
+ADAGRAD = dict(lr=0.1)
+SPARSE_REFUSED = (TypeError, "sparse")
+
+VARIANTS: list[VariantInfo] = [
+    VariantInfo("SAM", _sam(sk.SAM, base_optimizer=torch.optim.SGD, rho=RHO, weight_decay=1e-3, **SGD),
+                False, _hand(base_kwargs={**SGD, "weight_decay": 1e-3})),
+    VariantInfo("SAM-AdamW", _sam(sk.SAM, base_optimizer=torch.optim.AdamW, rho=RHO, **ADAMW),
+                False, _hand("adamw", ADAMW),
+                refuses={"sparse_grad": SPARSE_REFUSED}),  # torch's AdamW has no sparse form
+    VariantInfo("SAM-Adagrad", _sam(sk.SAM, base_optimizer=torch.optim.Adagrad, rho=RHO, **ADAGRAD),
+                False, _hand("adagrad", ADAGRAD)),  # a base without a fused descent (generic path)
+    VariantInfo("ASAM", _sam(sk.SAM, base_optimizer=torch.optim.SGD, rho=0.5, adaptive=True, **SGD),
+                False, _hand(rho=0.5, adaptive=True)),
+    VariantInfo("SSSAM", _sam(sk.SSSAM, base_optimizer=torch.optim.SGD, rho=RHO, p=0.5, seed=3, **SGD),
+                True, _hand()),
+    VariantInfo("StableSAM", _sam(sk.StableSAM, base_optimizer=torch.optim.SGD, rho=RHO, **SGD),
+                False, _hand(renormalize=True)),
+    VariantInfo("LookSAM", _sam(sk.LookSAM, base_optimizer=torch.optim.SGD, rho=RHO, k=2, alpha=0.7, **SGD),
+                True, _hand(looksam_alpha=0.7)),
+    VariantInfo("AESAM", _sam(sk.AESAM, base_optimizer=torch.optim.SGD, rho=RHO, total_steps=STEPS, **SGD),
+                True, _hand()),
+    VariantInfo("AELookSAM", _sam(sk.AELookSAM, base_optimizer=torch.optim.SGD, rho=RHO, total_steps=STEPS,
+                                  alpha=0.7, **SGD),
+                True, _hand(looksam_alpha=0.7)),
+    VariantInfo("SparseSAM-fisher", _fisher, False, _hand(), probe=_masks),
+    VariantInfo("SparseSAM-dynamic", _sam(sk.SparseSAM, base_optimizer=torch.optim.SGD, rho=RHO, sparsity=0.5,
+                                          mask="dynamic", horizon=STEPS, update_unit="step", update_freq=2, seed=5,
+                                          **SGD),
+                False, _hand(), probe=_masks),
+    VariantInfo("SparseSAM-structured", _sam(sk.SparseSAM, base_optimizer=torch.optim.SGD, rho=RHO, sparsity=0.5,
+                                             mask="random", pattern="structured", masked_norm=True,
+                                             update_unit="step", update_freq=2, seed=6, **SGD),
+                False, _hand(masked_norm=True), probe=_masks),
+    VariantInfo("SparseSAM-nm", _sam(sk.SparseSAM, base_optimizer=torch.optim.SGD, rho=RHO, mask="random",
+                                     pattern="nm", n=2, m=4, update_unit="step", update_freq=2, seed=6, **SGD),
+                False, _hand(), probe=_masks),
+    VariantInfo("ESAM", _sam(sk.ESAM, base_optimizer=torch.optim.SGD, rho=RHO, beta=0.6, gamma=0.5, seed=7, **SGD),
+                False, _hand(beta=0.6), per_sample_closure=True, probe=_esam_selection),
+]
+
+BY_NAME = {v.name: v for v in VARIANTS}
+
+
+def variant(name: str) -> VariantInfo:
+    return BY_NAME[name]
