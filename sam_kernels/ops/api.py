@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import dispatch
+from . import dispatch, overlap
 from .dtensor import all_reduce_partial, reduce_groups
 from .reference import tensor_key
 
@@ -199,6 +199,7 @@ def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable,
     path: precise errors, grouping, eager for the entries whose layouts differ. Every call leaves a
     :class:`dispatch.Record`.
     """
+    overlap.check(op, primary, lists)  # before any backend writes
     fast = _unchecked_fn(op, primary, backend)
     if fast is not None:
         name, fn = fast

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from . import backups
+from . import aliases, backups, sparse_grads
 
 
 @dataclass
@@ -20,6 +20,8 @@ class Ascent:
     subset: bool             # ``ascent_params()`` chose the params (not every param with a gradient)
     options: dict = field(default_factory=dict)  # extra ``ops.perturb_`` keyword arguments
     buckets: dict = field(default_factory=dict)  # (rho, adaptive, eta) -> indices into ``entries``
+    alias_keys: dict = field(default_factory=dict)  # params over shared memory (:func:`.aliases.find`)
+    sparse: bool = False     # some gradient is sparse (those params take the eager path, :mod:`.sparse_grads`)
     params: list = field(init=False)
     grads: list = field(init=False)
     kept: Optional[list] = field(init=False, default=None)  # the params' backups (their w), once perturbed
@@ -40,32 +42,63 @@ class Ascent:
 
     def perturb(self, state: dict, backend: Optional[str]) -> None:
         """w ← w + e: ``ops.perturb_`` per bucket of equal (rho, adaptive, eta), each param's w kept in
-        ``state[p]["backup"]`` (:attr:`kept`). On any error the weights are w again."""
+        ``state[p]["backup"]`` (:attr:`kept`). Aliased params run one layer after the other (see
+        :mod:`.aliases`). On any error the weights are w again.
+
+        Raises ``ValueError`` before writing when an ASAM bucket holds a second alias of one memory:
+        its T = |w| + eta would be read at the already perturbed weights."""
         params, grads = self.params, self.grads
+        layer = aliases.layers(params, self.alias_keys)
+        buckets = list(self.buckets.items())
+        if layer is not None and any(adaptive and any(layer[i] for i in idx) for (_, adaptive, _), idx in buckets):
+            raise ValueError("SAM: ASAM (adaptive=True) on parameters that share their memory is not supported "
+                             "(T = |w| + eta would be read at the perturbed weights); tie the weight by using one "
+                             "Parameter in both places (b.weight = a.weight), or use adaptive=False for them")
         kept = self.kept = backups.get(state, params)
         done: list[int] = []
         try:
-            for b, ((rho, adaptive, eta), idx) in enumerate(self.buckets.items()):
-                whole = len(idx) == len(params)
-                pick = (lambda xs: xs) if whole else (lambda xs: [xs[i] for i in idx])
-                kw = {k: (pick(v) if k in ("masks", "grad_copies") and v is not None else v)
-                      for k, v in self.options.items()}
-                kw.setdefault("sq_norm", self.sq)
-                if b and kw.get("seed") is not None:
-                    # perturb_ keys its element RNG by (seed, position in this bucket): give each bucket
-                    # its own seed so buckets of equal shapes do not repeat the first bucket's draws.
-                    kw["seed"] = (int(kw["seed"]) + 0x9E3779B97F4A7C15 * b) % (1 << 62)
-                for retry in (False, True):
-                    try:
-                        ops.perturb_(pick(params), pick(grads), pick(kept), rho, adaptive=adaptive, eta=eta,
-                                     backend=backend, **kw)
-                        break
-                    except (TypeError, ValueError):  # rejected before writing anything
-                        if retry or not backups.renew_stale(state, params, kept, idx):
-                            raise
-                done.extend(idx)
-        except BaseException:  # never leave weights perturbed: undo the buckets that ran
+            for n in range(1 + max(layer or [0])):
+                for b, ((rho, adaptive, eta), all_idx) in enumerate(buckets):
+                    idx = all_idx if layer is None else [i for i in all_idx if layer[i] == n]
+                    if self.sparse:
+                        for i in [i for i in idx if grads[i].is_sparse]:
+                            self._perturb_sparse(state, i, rho, eta if adaptive else None)
+                            done.append(i)
+                        idx = [i for i in idx if not grads[i].is_sparse]
+                    if idx:
+                        self._perturb_bucket(state, backend, idx, rho, adaptive, eta, b + n * len(buckets))
+                        done.extend(idx)
+        except BaseException:  # never leave weights perturbed: undo what ran
             if done:
-                backups.copy_back([params[i] for i in done], [kept[i] for i in done], backend)
+                backups.copy_back([params[i] for i in done], [kept[i] for i in done], backend, self.alias_keys)
             raise
 
+    def _perturb_sparse(self, state: dict, i: int, rho: float, eta: Optional[float]) -> None:
+        """Entry ``i`` has a sparse gradient: the eager ascent at its stored indices."""
+        p, masks = self.params[i], self.options.get("masks")
+        if self.kept[i].shape != p.shape or self.kept[i].dtype != p.dtype or self.kept[i].device != p.device:
+            backups.renew_stale(state, self.params, self.kept, [i])
+        sparse_grads.perturb_(p, self.grads[i], self.kept[i], self.options.get("sq_norm", self.sq), rho, eta,
+                              None if masks is None else masks[i])
+
+    def _perturb_bucket(self, state: dict, backend: Optional[str], idx: list[int], rho: float, adaptive: bool,
+                        eta: float, b: int) -> None:
+        """``ops.perturb_`` on the entries ``idx`` (none of them aliases another); ``b`` numbers the launch."""
+        params, grads, kept = self.params, self.grads, self.kept
+        whole = len(idx) == len(params)
+        pick = (lambda xs: xs) if whole else (lambda xs: [xs[i] for i in idx])
+        kw = {k: (pick(v) if k in ("masks", "grad_copies") and v is not None else v)
+              for k, v in self.options.items()}
+        kw.setdefault("sq_norm", self.sq)
+        if b and kw.get("seed") is not None:
+            # perturb_ keys its element RNG by (seed, position in this launch): give each launch
+            # its own seed so launches of equal shapes do not repeat the first one's draws.
+            kw["seed"] = (int(kw["seed"]) + 0x9E3779B97F4A7C15 * b) % (1 << 62)
+        for retry in (False, True):
+            try:
+                ops.perturb_(pick(params), pick(grads), pick(kept), rho, adaptive=adaptive, eta=eta,
+                             backend=backend, **kw)
+                return
+            except (TypeError, ValueError):  # rejected before writing anything
+                if retry or not backups.renew_stale(state, params, kept, idx):
+                    raise

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from . import aliases
 
 
 def get(state: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -47,11 +48,17 @@ def relayout(optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
                     st[k] = torch.empty_like(p, dtype=t.dtype, device=t.device).copy_(t)
 
 
-def copy_back(params: list[torch.Tensor], backups: list[torch.Tensor], backend: Optional[str]) -> None:
+def copy_back(params: list[torch.Tensor], backups: list[torch.Tensor], backend: Optional[str],
+              alias_keys: Optional[dict] = None) -> None:
     """params ← backups: the fused restore, or a per-tensor copy when a param changed dtype or device
-    since its backup was taken (``model.double()`` mid-step), so an error never leaves w + e."""
-    try:
-        ops.restore_(params, backups, backend=backend)
-    except (TypeError, ValueError):  # rejected before writing anything
-        for p, b in zip(params, backups):
-            p.copy_(b)
+    since its backup was taken (``model.double()`` mid-step), so an error never leaves w + e.
+
+    ``alias_keys`` (:func:`.aliases.find`): aliased params are restored one layer at a time, the last
+    layer first, so the memory ends at the first layer's backup, w (see :mod:`.aliases`)."""
+    for idx in reversed(aliases.split(list(range(len(params))), aliases.layers(params, alias_keys or {}))):
+        ps, bs = [params[i] for i in idx], [backups[i] for i in idx]
+        try:
+            ops.restore_(ps, bs, backend=backend)
+        except (TypeError, ValueError):  # rejected before writing anything
+            for p, b in zip(ps, bs):
+                p.copy_(b)

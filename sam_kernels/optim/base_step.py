@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from . import aliases
 from .backups import copy_back
 from .contract import mark_stepped, run_step_hooks
 
@@ -199,9 +200,10 @@ def _generic_step(base: torch.optim.Optimizer, grad_scale: Optional[torch.Tensor
 
 def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.Tensor, torch.Tensor],
                      backend: Optional[str], grad_scale: Optional[torch.Tensor] = None,
-                     found_inf: Optional[torch.Tensor] = None, telemetry=None) -> None:
+                     found_inf: Optional[torch.Tensor] = None, telemetry=None, dense: bool = True) -> None:
     """Restore every perturbed param from its backup (``backup_of[p]``, in ``perturbed`` order) and
-    take the base step, fused when possible. The caller has rejected sparse gradients.
+    take the base step, fused when possible: not with sparse gradients (``dense=False``), which the
+    base optimizer's own ``step()`` takes (:mod:`.sparse_grads`).
 
     AMP: ``grad_scale`` is the loss scale the grads carry, a non-zero ``found_inf`` skips the update
     (weights end at the backups, state untouched). ``telemetry``: the fused descent's sums
@@ -209,13 +211,20 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.T
     params with a gradient. Errors propagate; the caller restores.
     """
     base = sam.base_optimizer
-    kind = fused_kind(base)
+    kind = fused_kind(base) if dense else None
+    alias_keys = sam.step_state.aliases
     if kind is None:
         if perturbed:
-            copy_back(perturbed, list(backup_of.values()), backend)
+            copy_back(perturbed, list(backup_of.values()), backend, alias_keys)
         _generic_step(base, grad_scale, found_inf)
         return
     amp = {k: v for k, v in (("grad_scale", grad_scale), ("found_inf", found_inf)) if v is not None}
+    if alias_keys and perturbed:
+        # Aliased params: restore them first (layer by layer, see .aliases); each is then its own backup,
+        # and the fused updates below add up on the shared memory in layer order, as torch.optim's do.
+        shared = [p for p in perturbed if id(p) in alias_keys]
+        copy_back(shared, [backup_of[p] for p in shared], backend, alias_keys)
+        backup_of = {p: b for p, b in backup_of.items() if id(p) not in alias_keys}
     entries, restore_only = [], []
     for group in base.param_groups:
         for p in group["params"]:
@@ -230,7 +239,8 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.T
     if restore_only:
         copy_back([p for p, _ in restore_only], [b for _, b in restore_only], backend)
     run_step_hooks(base, "pre")  # what base.step() would have run
-    if entries:
-        (_sgd if kind == "sgd" else _adamw)(base, entries, backend, amp, telemetry)
+    layer = aliases.layers([e[1] for e in entries], alias_keys)
+    for idx in aliases.split(list(range(len(entries))), layer):
+        (_sgd if kind == "sgd" else _adamw)(base, [entries[i] for i in idx], backend, amp, telemetry)
     mark_stepped(base)
     run_step_hooks(base, "post")

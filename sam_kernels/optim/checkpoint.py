@@ -102,6 +102,7 @@ def load(opt, state_dict: dict, variant_keys: tuple[str, ...], load_variant: Cal
             g.setdefault(key, value)
         check_group(g, i, f"{owner}.load_state_dict")
     state_dict["param_groups"] = groups
+    opt.find_aliases()  # a partial overlap raises here, before anything is loaded
     opt.base_optimizer.load_state_dict(base_state)
     with hooks_silenced(opt, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
         _Optimizer.load_state_dict(opt, state_dict)

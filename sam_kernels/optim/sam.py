@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .. import ops
-from . import amp, backups, checkpoint, groups
+from . import aliases, amp, backups, checkpoint, follow, groups, sparse_grads
 from .base_step import restore_and_step
 from .contract import (LIGHTNING_FIX, bind_base_optimizer, check_closure, check_group, complete_groups,
                        mark_stepped, prepare_group, run_step_hooks)
@@ -42,7 +42,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (groups may set ``rho``, ``adaptive``, ``eta``).
-            Each tensor once (a duplicate raises ``ValueError``).
+            Each tensor once (a duplicate raises ``ValueError``). Parameters over the same memory
+            (weight tied by hand) step as ``torch.optim`` steps them, partial overlaps raise
+            ``ValueError`` (:mod:`.aliases`). Sparse gradients: :mod:`.sparse_grads`.
         base_optimizer: an optimizer class (built on this object's param groups with ``kwargs``)
             or an existing instance (its param groups become this object's).
         rho: perturbation radius (default 0.05; ASAM uses 0.5–2.0); finite, >= 0.
@@ -106,6 +108,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                                                   type(self).__name__)
         self.param_groups = self.base_optimizer.param_groups
         self.step_state.groups_checked = len(self.param_groups)
+        self.find_aliases()
         self.distributed = make_sync(distributed, [p for g in self.param_groups for p in g["params"]])
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
@@ -162,6 +165,32 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         else:
             base.add_param_group(param_group)  # appends to the list both optimizers share
             self.step_state.groups_checked = len(self.param_groups)
+            self.find_aliases()
+
+    def find_aliases(self) -> None:
+        """Find the params that share memory (exact aliases are stepped as ``torch.optim`` steps them,
+        see :mod:`.aliases`; a partial overlap raises ``ValueError``). Runs at construction,
+        ``add_param_group`` and ``load_state_dict``; call it after re-tying parameters' storage
+        (``p.data = q.data``) on a built optimizer."""
+        self.step_state.aliases = aliases.find((p for g in self.param_groups for p in g["params"]),
+                                               type(self).__name__)
+
+    def _follow_casts(self) -> None:
+        """After ``model.double()`` / ``model.to(device)`` (between steps or mid-step) every state tensor
+        follows its param's dtype and device as after a ``load_state_dict`` onto the cast model (see
+        :mod:`.follow`); one host-side comparison of dtypes and devices per call otherwise."""
+        now = self.step_state
+        params = [p for g in self.param_groups for p in g["params"]]
+        sig = follow.signature(params)
+        if follow.changed(now.param_signature, sig):
+            self._cast_state(params)
+        now.param_signature = sig
+
+    def _cast_state(self, params: list[torch.Tensor]) -> None:
+        """Cast this optimizer's and the base optimizer's per-param state to the params (variants with
+        state of their own extend this)."""
+        follow.cast_state(self.state, params)
+        follow.cast_state(self.base_optimizer.state, params)
 
     def ascent_params(self) -> Optional[list[torch.Tensor]]:
         """Params to perturb this step (None: every param with a gradient). Override for ESAM."""
@@ -188,14 +217,18 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             grads = [p.grad for _, p in groups.with_grads(self.param_groups)]
             if not grads:  # a step without gradients is a no-op; NaN: the policy learns nothing from it
                 return torch.tensor(float("nan"))
-            sq = self.distributed.policy_sq_norm(self, ops.grad_sq_norm(grads, backend=self.backend))
+            sq = self.distributed.policy_sq_norm(self, groups.grads_sq_norm(grads, self.backend))
             return amp.unscaled(sq, self.loss_scale)
         return sq_norm
 
     def _begin(self) -> None:
         """Start of an optimizer step: groups added behind SAM's back get their keys; pre hooks."""
         now = self.step_state
-        now.groups_checked = complete_groups(self.param_groups, self.defaults, now.groups_checked, type(self).__name__)
+        checked = now.groups_checked
+        now.groups_checked = complete_groups(self.param_groups, self.defaults, checked, type(self).__name__)
+        if now.groups_checked != checked:
+            self.find_aliases()
+        self._follow_casts()
         if had_layout_fallback(now.dispatch_log):  # e.g. the model went channels_last after its state was made
             backups.relayout((self, self.base_optimizer))
         if not now.begun:
@@ -230,12 +263,16 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     def _ascend(self) -> None:
         """Collect, norm, agree across ranks, screen, modifiers, options, perturb per bucket."""
         now = self.step_state
+        sparse = sparse_grads.any_sparse(self.param_groups)  # every param's, chosen or not: before any write
+        if sparse:
+            sparse_grads.refuse_unsupported(self)
         chosen = self.ascent_params()
         entries = groups.with_grads(self.param_groups, chosen)
         if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
             self.policy.observe(now.step_count, self._policy_norm())
         sq = groups.sq_norm(entries, self.backend) if entries else None
-        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None)
+        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None, alias_keys=now.aliases,
+                        sparse=sparse)
         agreed = None if sq is None else self.distributed.ascent_sq_norm(self, sq)  # m-SAM: the rank mean
         if agreed is not None:
             self.amp.screen(self, agreed, "first_step")
@@ -246,6 +283,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         ascent.options.update(self.amp.perturb_args(self, ascent.scale))
         ascent.buckets = groups.bucket(entries, lambda g: (g["rho"], g["adaptive"], g["eta"]))
         ascent.options.update(self.telemetry.perturb_options(self, ascent))
+        if sparse:
+            sparse_grads.refuse_unsupported(self, ascent.options)
         ascent.perturb(self.state, self.backend)
         now.set_perturbed(ascent.params, ascent.kept)
         self.telemetry.on_ascent(self, ascent)
@@ -264,6 +303,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                                "backward, then backward again at the perturbed weights")
         self.telemetry.on_loss("after", loss)
         try:
+            self._follow_casts()
             self._descend(self.step_state.perturbed)
         except BaseException:
             self.restore()
@@ -276,13 +316,16 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         sam_step = perturbed is not None
         params = [p for _, p in groups.with_grads(self.param_groups)]
         grads = [p.grad for p in params]
+        sparse = any(g.is_sparse for g in grads)
+        if sparse:
+            sparse_grads.refuse_unsupported(self)
         if not sam_step:
             self.distributed.before_plain_descent(grads)  # m-SAM: the first backward left them unsynchronized
         scale = self.loss_scale
         sq = None
         if grads and (self.finite_check or self.amp.active):
             # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
-            sq = ops.grad_sq_norm(grads, backend=self.backend)
+            sq = groups.grads_sq_norm(grads, self.backend)
             self.amp.screen(self, sq, "second_step" if sam_step else "base_step")
         if sam_step:
             sq = self.telemetry.on_descent(self, params, grads, sq, scale)
@@ -295,6 +338,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         # Under AMP (in-kernel unscale) and under torch.compile (torch.optim's step graph-breaks), plain
         # steps of SGD/AdamW also run the fused descent, each param its own backup.
         restore_and_step(self, perturbed or [], now.backup_of, self.backend, grad_scale=scale, found_inf=now.found,
+                         dense=not sparse,
                          telemetry=self.telemetry.fused_args() if sam_step else None)
         self.amp.report(self)
 
@@ -334,7 +378,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
         now = self.step_state
         if now.perturbed:
-            backups.copy_back(now.perturbed, list(now.backup_of.values()), self.backend)
+            backups.copy_back(now.perturbed, list(now.backup_of.values()), self.backend, now.aliases)
         self.telemetry.on_discard()
         now.end()
 

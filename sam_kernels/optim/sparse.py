@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dtensor import is_dtensor
-from . import groups
+from . import follow, groups
 from .masks import PATTERNS, UNITS, DynamicMask, FisherMask, MaskProvider, RandomMask, RefreshCadence
 from .sam import SAM
 
@@ -369,6 +369,11 @@ class SparseSAM(SAM):
         self.mask_provider.cadence.tick()
 
     # ------------------------------------------------------------------ state
+
+    def _cast_state(self, params: list[torch.Tensor]) -> None:
+        super()._cast_state(params)
+        if self.mask_provider.masks is not None:  # bool masks follow their param's device (torch.optim's rule)
+            self.mask_provider.masks = [follow.cast_like(mk, p) for mk, p in zip(self.mask_provider.masks, params)]
 
     _variant_keys = ("sparse",)
 

@@ -44,18 +44,6 @@ KNOWN_FAILURES: dict[tuple, str] = {
     ("checkpoint/midstep_overflow", all_but("LookSAM"), None):  # LookSAM's step 1 is a plain step: no middle
         "the first pass's overflow flag (StepState.found) is not saved by state_dict(): the resumed step applies "
         "the overflowed step and the scale does not back off",
-    ("cast", ("LookSAM", "AELookSAM"), None):
-        "LookSAMReuse keeps g_v and its first-pass copy in the dtype they were made in: restore_/looksam_apply_ raise "
-        "TypeError after model.double()",
-    ("cast/midstep", ("LookSAM", "AELookSAM"), None):
-        "LookSAMReuse keeps g_v and its first-pass copy in the dtype they were made in: restore_/looksam_apply_ raise "
-        "TypeError after model.double()",
-    ("aliased", None, "cpp"):
-        "the cpp perturb_/restore_ read an alias's backup after an earlier list entry wrote the shared storage: "
-        "the storage ends at w + e",
-    ("aliased", ("ESAM",), "eager"):
-        "ESAM perturbs a subset: the unperturbed alias is its own backup in the fused restore+descent, read after "
-        "(or before) the perturbed alias restores the shared storage",
     ("compile", all_but("SAM-AdamW", "SAM-Adagrad", "SparseSAM-fisher", "SparseSAM-dynamic", "SparseSAM-structured",
                         "SparseSAM-nm"), None):
         "the lr schedule recompiles every step: the kernels take lr and rho as Python floats, which a compiled "
@@ -68,8 +56,6 @@ KNOWN_FAILURES: dict[tuple, str] = {
     ("compile", ("SparseSAM-fisher", "SparseSAM-dynamic", "SparseSAM-structured", "SparseSAM-nm"), None):
         "the mask refresh inside first_step does not trace (Fisher: an opaque object created in the graph; "
         "random/dynamic: a CPU generator argument Dynamo cannot proxy)",
-    ("sparse_grad", None, None):
-        "groups.with_grads refuses sparse gradients (TypeError) for every base optimizer",
 }
 
 

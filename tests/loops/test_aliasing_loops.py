@@ -69,9 +69,6 @@ def test_aliased_storage_restored_with_lr_zero(info, backend):
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp"])
-@pytest.mark.xfail(strict=True, reason="the fused restore+descent restores each alias from its own backup after "
-                                       "the other alias's descent wrote the storage: one entry's update is lost "
-                                       "(eager); cpp also restores from a backup taken after perturbing")
 def test_aliased_storage_sam_step_by_hand(backend):
     import sam_kernels as sk
     model = Net("alias")

@@ -256,9 +256,9 @@ def test_nonfinite_without_check_never_perturbs():
         assert torch.equal(p, b)
 
 
-def test_sparse_gradients_are_rejected():
+def test_sparse_gradients_are_rejected_around_a_base_optimizer_without_them():
     emb = torch.nn.Embedding(10, 3, sparse=True)
-    opt = sk.SAM(emb.parameters(), torch.optim.SGD, lr=0.1)
+    opt = sk.SAM(emb.parameters(), torch.optim.Adam, lr=0.1)
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(TypeError, match="sparse gradients"):
         opt.first_step()

@@ -123,33 +123,36 @@ def _fisher(params, model=None, backend=None, **extra):
 ADAMW = dict(lr=1e-2, weight_decay=1e-2)
 ADAGRAD = dict(lr=0.1)
 SPARSE_REFUSED = (TypeError, "sparse")
+ALIAS_REFUSED = (ValueError, "share their memory")
 
 VARIANTS: list[VariantInfo] = [
     VariantInfo("SAM", _sam(sk.SAM, base_optimizer=torch.optim.SGD, rho=RHO, weight_decay=1e-3, **SGD),
-                False, _hand(base_kwargs={**SGD, "weight_decay": 1e-3})),
+                False, _hand(base_kwargs={**SGD, "weight_decay": 1e-3}),
+                refuses={"sparse_grad": SPARSE_REFUSED}),  # torch's SGD takes no sparse gradient with weight decay
     VariantInfo("SAM-AdamW", _sam(sk.SAM, base_optimizer=torch.optim.AdamW, rho=RHO, **ADAMW),
                 False, _hand("adamw", ADAMW),
                 refuses={"sparse_grad": SPARSE_REFUSED}),  # torch's AdamW has no sparse form
     VariantInfo("SAM-Adagrad", _sam(sk.SAM, base_optimizer=torch.optim.Adagrad, rho=RHO, **ADAGRAD),
                 False, _hand("adagrad", ADAGRAD)),  # a base without a fused descent (generic path)
     VariantInfo("ASAM", _sam(sk.SAM, base_optimizer=torch.optim.SGD, rho=0.5, adaptive=True, **SGD),
-                False, _hand(rho=0.5, adaptive=True)),
+                False, _hand(rho=0.5, adaptive=True),
+                refuses={"aliased": ALIAS_REFUSED}),  # T = |w| + eta would be read at perturbed weights
     VariantInfo("SSSAM", _sam(sk.SSSAM, base_optimizer=torch.optim.SGD, rho=RHO, p=0.5, seed=3, **SGD),
                 True, _hand()),
     VariantInfo("StableSAM", _sam(sk.StableSAM, base_optimizer=torch.optim.SGD, rho=RHO, **SGD),
-                False, _hand(renormalize=True)),
+                False, _hand(renormalize=True), refuses={"sparse_grad": SPARSE_REFUSED}),
     VariantInfo("LookSAM", _sam(sk.LookSAM, base_optimizer=torch.optim.SGD, rho=RHO, k=2, alpha=0.7, **SGD),
-                True, _hand(looksam_alpha=0.7)),
+                True, _hand(looksam_alpha=0.7), refuses={"sparse_grad": SPARSE_REFUSED}),
     VariantInfo("AESAM", _sam(sk.AESAM, base_optimizer=torch.optim.SGD, rho=RHO, total_steps=STEPS, **SGD),
                 True, _hand()),
     VariantInfo("AELookSAM", _sam(sk.AELookSAM, base_optimizer=torch.optim.SGD, rho=RHO, total_steps=STEPS,
                                   alpha=0.7, **SGD),
-                True, _hand(looksam_alpha=0.7)),
-    VariantInfo("SparseSAM-fisher", _fisher, False, _hand(), probe=_masks),
+                True, _hand(looksam_alpha=0.7), refuses={"sparse_grad": SPARSE_REFUSED}),
+    VariantInfo("SparseSAM-fisher", _fisher, False, _hand(), probe=_masks, refuses={"sparse_grad": SPARSE_REFUSED}),
     VariantInfo("SparseSAM-dynamic", _sam(sk.SparseSAM, base_optimizer=torch.optim.SGD, rho=RHO, sparsity=0.5,
                                           mask="dynamic", horizon=STEPS, update_unit="step", update_freq=2, seed=5,
                                           **SGD),
-                False, _hand(), probe=_masks),
+                False, _hand(), probe=_masks, refuses={"sparse_grad": SPARSE_REFUSED}),
     VariantInfo("SparseSAM-structured", _sam(sk.SparseSAM, base_optimizer=torch.optim.SGD, rho=RHO, sparsity=0.5,
                                              mask="random", pattern="structured", masked_norm=True,
                                              update_unit="step", update_freq=2, seed=6, **SGD),

@@ -1,0 +1,48 @@
+"""Optimizer state that follows its parameter's dtype and device (ours, after torch.optim's rule
+on ``load_state_dict``): after ``model.double()`` or ``model.to(device)`` mid-run, every state
+tensor of a parameter is cast as a fresh optimizer loading the same state dict would cast it, so
+the run goes on as if it had been saved and loaded onto the cast model.
+
+The rule (``torch.optim.Optimizer._process_value_according_to_param_policy``): ``step`` stays as
+it is; a floating-point tensor takes the parameter's dtype (floating-point parameters) and device;
+any other tensor (bool masks, counters) takes the device only. Backups are left to the step
+(:mod:`.backups`: a backup keeps w exactly in the dtype it was taken in).
+
+Detection is a comparison of each parameter's (dtype, device) with the last step's, on the host:
+no device work unless something changed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_KEEP = ("step", "backup")
+
+
+def signature(params: list[torch.Tensor]) -> list[tuple]:
+    """(dtype, device) of each param, in order."""
+    return [(p.dtype, p.device) for p in params]
+
+
+def cast_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``t`` as torch.optim's load rule casts a state tensor of ``p`` (itself when nothing changes)."""
+    if t.is_floating_point() and p.is_floating_point():
+        return t if (t.dtype, t.device) == (p.dtype, p.device) else t.to(dtype=p.dtype, device=p.device)
+    return t if t.device == p.device else t.to(device=p.device)
+
+
+def cast_state(state: dict, params: list[torch.Tensor]) -> None:
+    """Cast every tensor of ``state[p]`` (but ``step`` and ``backup``) for each of ``params``."""
+    for p in params:
+        st = state.get(p)
+        if not st:
+            continue
+        for k, v in st.items():
+            if k not in _KEEP and isinstance(v, torch.Tensor):
+                st[k] = cast_like(v, p)
+
+
+def changed(last: Optional[list[tuple]], now: list[tuple]) -> bool:
+    """Whether params were cast or moved since ``last`` (None: the first look)."""
+    return last is not None and last != now
