@@ -41,6 +41,8 @@ def relayout(optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
     runs fused (the kernels need one layout per tensor across the lists)."""
     for opt in optimizers:
         for p, st in opt.state.items():
+            if not (isinstance(p, torch.Tensor) and isinstance(st, dict)):  # a hook's own entry
+                continue
             for k, t in st.items():
                 if isinstance(t, torch.Tensor) and t.shape == p.shape and t.stride() != p.stride():
                     st[k] = torch.empty_like(p, dtype=t.dtype, device=t.device).copy_(t)

@@ -50,7 +50,9 @@ def save(opt, variant_state: dict) -> dict:
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     if now.perturbed is None:
         scratch = {"backup", SCRATCH_KEY, *(k for m in opt.modifiers for k in m.transient_keys)}
-        sd["state"] = {k: {n: v for n, v in st.items() if n not in scratch} for k, st in sd["state"].items()}
+        # entries that are not a param's state dict (a hook's ``state["test"] = 1``) are kept as they are
+        sd["state"] = {k: {n: v for n, v in st.items() if n not in scratch} if isinstance(st, dict) else st
+                       for k, st in sd["state"].items()}
     sd["sam"] = {
         "step_count": now.step_count,
         "decision": now.decision,

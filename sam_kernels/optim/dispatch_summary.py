@@ -1,13 +1,15 @@
 """Which backend ran an optimizer step: the dispatch records of its op calls, summed per backend.
 
 A step starts at ``first_step`` or ``base_step`` and runs until the next one starts
-(``second_step`` and ``restore`` add to it). ``SAM.dispatch_summary()`` returns the last step's
+(``second_step`` and ``restore`` add to it). Steps run under ``torch.compile`` are not recorded
+(the summary stays that of the last step run eagerly). ``SAM.dispatch_summary()`` returns the last step's
 :class:`DispatchSummary`. Recording costs a list append per op call; element counts come from the
 ops' own records (:mod:`sam_kernels.ops.dispatch`), computed on the host from tensor sizes.
 """
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -64,9 +66,12 @@ def records_step(starts_step: bool) -> Callable:
     def wrap(method: Callable) -> Callable:
         @functools.wraps(method)
         def recorded(self, *args, **kwargs):
-            # Compiled steps record their op calls once, at trace time: their bytes are not counted.
+            # Compiled steps record their op calls once, at trace time: their bytes are not counted, and
+            # the step records stay the last eager step's (a trace that read and extended them would
+            # be specialized on their length and recompiled at the next step).
             now = self.step_state
-            counters = None if torch.compiler.is_compiling() else now.telemetry
+            compiling = torch.compiler.is_compiling()
+            counters = None if compiling else now.telemetry
             outer = counters is not None and not counters.counting  # restore() inside second_step: count once
             if outer:
                 counters.counting = True
@@ -77,12 +82,27 @@ def records_step(starts_step: bool) -> Callable:
                     if outer:
                         counters.counting = False
                         counters.add_bytes(log)  # the cost accounting of optim/telemetry.py (host arithmetic)
-                    if starts_step or now.dispatch_log is None:
+                    if compiling:
+                        pass
+                    elif starts_step or now.dispatch_log is None:
                         now.dispatch_log = list(log)
                     else:
                         now.dispatch_log.extend(log)
-        return recorded
+        return own_code(recorded)
     return wrap
+
+
+def own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own, named after the method it wraps. torch.compile keeps its
+    compiled variants and its recompile budget per code object: without this every decorated method
+    (``first_step``, ``second_step``, ...) would share one budget, and a compiled ``first_step`` would
+    count against ``second_step``'s."""
+    names = {"co_name": fn.__name__}
+    if hasattr(fn.__code__, "co_qualname"):  # Python >= 3.11
+        names["co_qualname"] = fn.__qualname__
+    code = fn.__code__.replace(**names)
+    out = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return functools.update_wrapper(out, fn)
 
 
 def had_layout_fallback(log: Optional[list]) -> bool:

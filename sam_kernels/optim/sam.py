@@ -28,6 +28,7 @@ from .contract import (LIGHTNING_FIX, bind_base_optimizer, check_closure, check_
                        mark_stepped, prepare_group, run_step_hooks)
 from .descent import Modifier, Renormalize
 from .dispatch_summary import DispatchSummary, had_layout_fallback, records_step
+from .first_pass import BackwardWatch
 from .distributed import GlobalSync, make_sync
 from .policy import Policy
 from .ascent import Ascent
@@ -82,7 +83,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             opt.base_step(zero_grad=True)     # one pass: plain (or LookSAM reuse) step
 
     ``step(closure)`` does the same, the closure re-evaluating the loss and calling ``backward``;
-    if no parameter has a gradient yet, it evaluates the closure for the first pass too. Calling
+    if no backward wrote the gradients since the last step or ``zero_grad`` (none yet, or zeroed
+    in place), it evaluates the closure for the first pass too (see :meth:`step`). Calling
     ``first_step`` directly always takes a SAM step (a stateful policy such as AE-SAM's still folds
     that step's gradient norm into its statistics, without a sync).
 
@@ -116,6 +118,15 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.grad_scaler = grad_scaler
         self.policy = policy if policy is not None else Policy()
         self.modifiers: list[Modifier] = ([Renormalize()] if renormalize else []) + list(modifiers)
+        self.step_state.backward.clear(self._params())
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim``; it also marks the gradients as no first pass (see :meth:`step`)."""
+        super().zero_grad(set_to_none)
+        self.step_state.backward.clear(self._params())
 
     @property
     def step_count(self) -> int:
@@ -358,6 +369,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.telemetry.on_finish(self, sam_step=now.perturbed is not None)
         now.end()
         now.step_count += 1
+        now.backward.clear(self._params())
         if not now.stepping:  # inside step() torch's wrapper does both
             mark_stepped(self)
             run_step_hooks(self, "post")
@@ -378,10 +390,19 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         """One full optimizer step.
 
         With a closure (it re-evaluates the loss and calls ``backward``; it runs with gradients
-        enabled): if no parameter has a gradient, the closure first gives the first pass; then a
-        SAM step (first_step, closure, second_step) or a plain one, as the policy decides. Returns
-        the closure's loss of the second pass on SAM steps; on plain steps the first pass's loss
-        when this call evaluated it, else None.
+        enabled): the first pass is the gradients a backward wrote since the last optimizer step or
+        this optimizer's ``zero_grad``; when no backward did (no gradient yet, or gradients zeroed by
+        ``zero_grad(set_to_none=False)``, or left from the last step), the gradients are zeroed in
+        place and the closure gives the first pass. Then a SAM step (first_step, closure,
+        second_step) or a plain one, as the policy decides. Returns the closure's loss of the
+        second pass on SAM steps; on plain steps the first pass's loss when this call evaluated it,
+        else None.
+
+        Where to zero: through this optimizer's ``zero_grad`` or inside the closure. Whether a
+        backward ran is known from post-accumulate-gradient hooks (FSDP2: the gradients' versions),
+        never from their values (no host sync), so gradients zeroed in place by other code after a
+        backward (``model.zero_grad(set_to_none=False)``, ``p.grad.zero_()``) still count as a first
+        pass.
 
         ``loss``: the loss L(w) of a first pass run before this call (telemetry's sharpness, with the
         closure's L(w + e); not read in the step).
@@ -411,10 +432,13 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                                  f"GradScaler:\n{amp.LOOP}")
             return None
         loss = None
-        if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+        params = self._params()
+        if not now.backward.ran(params):  # no first pass: no gradient, or only zeros or last step's
+            if any(p.grad is not None for p in params):
+                self.zero_grad(set_to_none=False)  # the first pass is the closure's alone (buffers kept)
             self.amp.next_pass(self)  # an unscale_ before this call was of no gradient of this step
             with torch.enable_grad():
-                loss = first_loss = closure()  # the first pass: nothing was backpropagated before this step
+                loss = first_loss = closure()
         if not self.wants_sam():
             self.base_step()
             return loss

@@ -5,6 +5,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .first_pass import BackwardWatch
+
 
 class StepState:
     """The mutable state of one SAM optimizer's step loop (``SAM.step_state``).
@@ -27,6 +29,7 @@ class StepState:
         self.aliases: dict = {}  # params over shared memory, per param set (.aliases.find)
         self.dispatch_log: Optional[list] = None  # the dispatch records of the last step
         self.telemetry = telemetry  # sharpness values and cost counters (a .telemetry.Telemetry)
+        self.backward = BackwardWatch()  # whether a backward wrote gradients since the last step or zero_grad
 
     def set_perturbed(self, params: Optional[list[torch.Tensor]], backups: Sequence[torch.Tensor] = ()) -> None:
         """``params`` are at w + e now, their w in ``backups``; None: no param is perturbed."""

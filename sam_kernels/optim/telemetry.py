@@ -174,8 +174,9 @@ class Telemetry:
         self.seen: Optional[torch.Tensor] = None  # [5] count of finite values folded into the EMAs
         self.steps = 0
         self.sam_steps = 0
-        self.forward_passes = 0.0
-        self.backward_passes = 0.0
+        # passes beyond a SAM step's 2 + 2 and a plain step's 1 + 1 (ESAM's SDS): host floats changed only
+        # by a variant's count, so a compiled step never reads and rewrites a float that grows every step
+        self.extra_passes = (0.0, 0.0)
         self.bytes_by_backend: dict[str, int] = {}
         self.pending: dict = {}  # this SAM step's values, from first_step to the end of the descent
         self.passes: Optional[tuple[float, float]] = None  # a variant's pass count for this step (ESAM)
@@ -340,10 +341,11 @@ class Telemetry:
         the next fold turns into values and averages (every ``FOLD`` SAM steps, at ``stats()`` and
         ``state_dict()``; every step inside a compiled step)."""
         self.steps += 1
-        fwd, bwd = self.passes if self.passes is not None else ((2.0, 2.0) if sam_step else (1.0, 1.0))
-        self.forward_passes += fwd
-        self.backward_passes += bwd
-        self.passes = None
+        if self.passes is not None:
+            usual = 2.0 if sam_step else 1.0
+            self.extra_passes = (self.extra_passes[0] + self.passes[0] - usual,
+                                 self.extra_passes[1] + self.passes[1] - usual)
+            self.passes = None
         if sam_step:
             self.sam_steps += 1
         pending, self.pending = self.pending, {}
@@ -414,6 +416,16 @@ class Telemetry:
         self.ema = torch.where(seen > 0, ema * torch.pow(d, total), 0.0) + (weight * torch.where(fold > 0, v, 0.0)).sum(0)
         self.seen = seen + total
 
+    @property
+    def forward_passes(self) -> float:
+        """Forward passes in full-batch equivalents (a SAM step 2, a plain step 1, plus a variant's extra)."""
+        return float(self.steps + self.sam_steps) + self.extra_passes[0]
+
+    @property
+    def backward_passes(self) -> float:
+        """Backward passes in full-batch equivalents (as :attr:`forward_passes`)."""
+        return float(self.steps + self.sam_steps) + self.extra_passes[1]
+
     def on_discard(self) -> None:
         """The step was undone (``restore``): forget its pending values."""
         self.pending = {}
@@ -460,8 +472,9 @@ class Telemetry:
         self.last, self.ema, self.seen = (None if state.get(k) is None else state[k].clone()
                                           for k in ("last", "ema", "seen"))
         self.steps, self.sam_steps = int(state.get("steps", 0)), int(state.get("sam_steps", 0))
-        self.forward_passes = float(state.get("forward_passes", 0.0))
-        self.backward_passes = float(state.get("backward_passes", 0.0))
+        usual = float(self.steps + self.sam_steps)
+        self.extra_passes = (float(state.get("forward_passes", usual)) - usual,
+                             float(state.get("backward_passes", usual)) - usual)
         self.bytes_by_backend = dict(state.get("bytes_by_backend", {}))
         self.hold_grads = bool(state.get("hold_grads", True))
         self.pending, self.passes, self.records = {}, None, []

@@ -43,9 +43,6 @@ def amp_run(info, backend="cpp", **kw):
 
 # --------------------------------------------------------------------------- 1. torch.compile
 
-@pytest.mark.xfail(strict=True, reason="every step recompiles: Dynamo guards on the host float telemetry counters "
-                                       "(Telemetry.forward_passes) the traced step mutates; first_step and second_step "
-                                       "share one code object (records_step's wrapper) and its recompile budget")
 @pytest.mark.parametrize("compiler", ["aot_eager"])
 def test_input_01_compile_recipe_runs_past_step_6(compiler, monkeypatch):
     """README's compile block verbatim, 20 batches: the hand reference's weights, at most one compile
@@ -182,8 +179,6 @@ def test_input_05_two_parameters_one_storage(backend):
 
 # --------------------------------------------------------------------------- 6. zeroed-not-None gradients
 
-@pytest.mark.xfail(strict=True, reason="SAM._step takes any present gradient buffer as the first pass; zero buffers "
-                                       "(zero_grad(set_to_none=False)) give e = 0: a plain SGD step")
 def test_input_06_closure_after_zero_grad_set_to_none_false():
     run = Run(SAM_SGD, "cpp")
     for t, (x, y) in enumerate(run.data[:3]):
@@ -257,8 +252,6 @@ def test_input_08_sparse_embedding(momentum):
 # --------------------------------------------------------------------------- 9. state-dict hooks
 
 @pytest.mark.parametrize("info", VARIANTS, ids=[v.name for v in VARIANTS])
-@pytest.mark.xfail(strict=True, reason="SAM.state_dict filters the scratch keys of every state entry with "
-                                       "st.items(): an entry a hook added that is not a dict (state['test'] = 1) raises")
 def test_input_09_state_dict_pre_hook_adds_an_entry(info):
     """PyTorch's optimizer test: a pre-hook adds ``state["test"] = 1``; a post-hook then sees it and removes it."""
     model = make_model()

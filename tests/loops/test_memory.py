@@ -33,9 +33,7 @@ def run_loop(run: Run, loop: str, steps: int, **kw) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-@pytest.mark.parametrize("loop", ["manual", "closure", "amp_closure", pytest.param("compile", marks=pytest.mark.xfail(
-    strict=True, reason="every compiled step recompiles (guards on the host telemetry counters) until Dynamo's "
-                        "recompile limit fails the fullgraph call"))])
+@pytest.mark.parametrize("loop", ["manual", "closure", "amp_closure", "compile"])
 def test_sam_1000_steps_hold_no_more_tensors(loop):
     info = variant("SAM")
     if loop == "amp_closure":
