@@ -3,9 +3,11 @@ C++20 by g++ with the shim headers of ``shim/`` (docs/verification.md), linked i
 that registers the ops as ``torch.ops.sam_kernels_emu`` on CPU tensors (and the harness's own
 ``torch.ops.cuda_emu``).
 
-Cached: the library lands in ``build/cuda_emu/<variant>-<key>/`` where the key hashes every file
-under ``csrc/`` and ``tests/cuda_emu/shim/``, this file, the torch version, the compiler's version
-and the flags; an unchanged key is not rebuilt.
+Cached: each object is keyed on its source, every header under ``csrc/`` and
+``tests/cuda_emu/shim/``, this file, the torch version, the compiler's version and the flags
+(``build/cuda_emu/<variant>-objects/``), the library on its objects' keys
+(``build/cuda_emu/<variant>-<key>/``): an unchanged ``csrc/`` is not rebuilt, an edited source
+recompiles only itself.
 
 Variants: ``default`` (what the tests load: -O2, -ffp-contract=off, and the alignment checks of
 -fsanitize=alignment reported by the runtime as a launch error), ``sanitize`` (ASan + UBSan with
@@ -71,16 +73,22 @@ def _units(variant: str) -> list[tuple[Path, list[str]]]:
     return units
 
 
-def _key(variant: str, cflags: list[str], torch_version: str) -> str:
+def _fingerprint(variant: str, cflags: list[str], torch_version: str) -> bytes:
+    """What every object depends on besides its own source: the headers, this file, the flags,
+    torch and the compiler."""
     h = hashlib.sha256()
     for base in (CSRC, SHIM):
         for p in sorted(base.rglob("*")):
-            if p.is_file():
+            if p.is_file() and p.suffix in (".h", ".cuh"):
                 h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(Path(__file__).read_bytes())
     cxx_version = subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout
     h.update(f"{variant}\0{torch_version}\0{cxx_version}\0{cflags}".encode())
-    return h.hexdigest()[:16]
+    return h.digest()
+
+
+def _unit_key(fingerprint: bytes, src: Path) -> str:
+    return hashlib.sha256(fingerprint + src.read_bytes()).hexdigest()[:16]
 
 
 def _say(msg: str) -> None:
@@ -90,42 +98,49 @@ def _say(msg: str) -> None:
 def build(variant: str = "default", jobs: int | None = None) -> Path:
     """Path of the emulation library of ``variant``, compiled first unless cached."""
     cflags, lflags, torch_version = _torch_flags()
-    key = _key(variant, cflags, torch_version)
+    fingerprint = _fingerprint(variant, cflags, torch_version)
+    units = _units(variant)
+    unit_keys = [_unit_key(fingerprint, src) for src, _ in units]
+    key = hashlib.sha256("".join(unit_keys).encode()).hexdigest()[:16]
     out = OUT / f"{variant}-{key}"
     lib = out / LIBRARY
-    OUT.mkdir(parents=True, exist_ok=True)
+    objdir = OUT / f"{variant}-objects"  # one object per source and key: an edit recompiles its file only
+    objdir.mkdir(parents=True, exist_ok=True)
     with open(OUT / f"{variant}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; the second waits and finds it done
         if lib.is_file():
             return lib
-        for old in OUT.glob(f"{variant}-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         v = VARIANTS[variant]
         base = [CXX] + COMMON + v["opt"] + v.get("all", []) + cflags
-        units = _units(variant)
+        todo = [(u, objdir / f"{u[0].name}-{k}.o") for u, k in zip(units, unit_keys)]
         start = time.monotonic()
-        _say(f"compiling {len(units)} files ({variant}) into {out} ...")
+        stale = [t for t in todo if not t[1].is_file()]
+        _say(f"compiling {len(stale)} of {len(units)} files ({variant}); library {out} ...")
 
-        def compile_one(unit):
-            src, flags = unit
-            obj = tmp / (src.name + ".o")
-            cmd = base + flags + ["-c", str(src), "-o", str(obj)]
+        def compile_one(item):
+            (src, flags), obj = item
+            cmd = base + flags + ["-c", str(src), "-o", str(obj) + ".tmp"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"cuda_emu build failed on {src}:\n{' '.join(cmd)}\n{r.stderr[-20000:]}")
-            return obj
+            os.replace(str(obj) + ".tmp", obj)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-            objs = list(pool.map(compile_one, units))
-        cmd = [CXX, "-shared"] + v.get("all", []) + v["link"] + [str(o) for o in objs] + lflags + ["-o", str(tmp / LIBRARY)]
+            list(pool.map(compile_one, stale))
+        keep = {obj.name for _, obj in todo}
+        for old in objdir.glob("*.o"):
+            if old.name not in keep:
+                old.unlink()
+        for old in OUT.glob(f"{variant}-*"):
+            if old != objdir and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        cmd = ([CXX, "-shared"] + v.get("all", []) + v["link"] + [str(obj) for _, obj in todo] + lflags
+               + ["-o", str(tmp / LIBRARY)])
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"cuda_emu link failed:\n{' '.join(cmd)}\n{r.stderr[-20000:]}")
-        for o in objs:
-            o.unlink()
         tmp.rename(out)
         _say(f"built {lib} in {time.monotonic() - start:.0f} s")
         return lib

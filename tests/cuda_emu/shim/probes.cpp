@@ -80,7 +80,7 @@ at::Tensor table_plan(at::IntArrayRef sizes, at::IntArrayRef offsets, at::IntArr
   std::vector<at::Tensor> tensors;
   int64_t chunks = 0;
   for (size_t i = 0; i < sizes.size(); ++i) {
-    TORCH_CHECK(sizes[i] >= 0 && sizes[i] * element_size < kStride / 2, "table_plan: size ", sizes[i]);
+    TORCH_CHECK(sizes[i] >= 0 && (sizes[i] + 1) * element_size <= kStride, "table_plan: size ", sizes[i]);
     void* p = reinterpret_cast<void*>(kBase + i * kStride + offsets[i] * element_size);
     tensors.push_back(at::from_blob(p, {sizes[i]}, at::TensorOptions().dtype(dtype)));
     chunks += (sizes[i] + kChunkSize - 1) / kChunkSize;

@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <numeric>
 #include <random>
 #include <string>
@@ -60,7 +61,7 @@ struct Stats {
 };
 
 struct Scheduler {
-  std::vector<Fiber> fibers;
+  std::deque<Fiber> fibers;  // never moved: a ucontext_t points into itself
   ucontext_t host;
   int current = -1;  // the running thread, -1 on the host
   void (*body)(void*) = nullptr;
@@ -130,6 +131,7 @@ void ensure_fibers(size_t n) {
     TORCH_CHECK(mem != MAP_FAILED, "cuda_emu: cannot map a fiber stack");
     mprotect(mem, page, PROT_NONE);  // an overflowing thread faults instead of corrupting its neighbour
     f.stack = static_cast<char*>(mem) + page;
+    TORCH_CHECK(getcontext(&f.context) == 0, "cuda_emu: getcontext failed");  // once: makecontext reuses it
     sched.fibers.push_back(f);
   }
 }
@@ -159,7 +161,6 @@ Order thread_order() {
 std::string run_block(unsigned int threads, const Order& order, std::mt19937_64& rng) {
   for (unsigned int t = 0; t < threads; ++t) {
     Fiber& f = sched.fibers[t];
-    TORCH_CHECK(getcontext(&f.context) == 0, "cuda_emu: getcontext failed");
     f.context.uc_stack.ss_sp = f.stack;
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = nullptr;
