@@ -22,6 +22,16 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=f"opt-in: run with -m {name}"))
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The emulation runs on one thread; the reference ops here too: on tensors this small torch's
+    intra-op threads only add their synchronization (several times the work on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def emu():
     """``torch.ops.sam_kernels_emu`` (the emulated CUDA ops), built first unless cached."""

@@ -104,5 +104,5 @@ def test_nm_mask_matches_reference(emu, dtype):
     w[1, 1, 1] = float("nan")
     wide = randn([CHUNK + 100], dtype, 3)[0].view(1, -1)  # groups across a chunk boundary
     for n, m in ((1, 4), (2, 4), (3, 8), (0, 2), (5, 5), (4, 32), (7, 40)):  # m > 32: the re-reading path
-        scores = [w, _tie_scores(dtype)[0], wide, torch.zeros(0, 4, dtype=dtype)]
+        scores = [w, _tie_scores(dtype)[0], wide, torch.zeros(0, dtype=dtype)]
         assert_lists_equal(emu.nm_mask(scores, n, m), ref.nm_mask(scores, n, m), f"nm {dtype} {n}:{m}")

@@ -1,5 +1,6 @@
 // The CPU emulation's runtime: a grid runs its blocks one after another on the calling thread,
-// and a block's threads as cooperative fibers (ucontext) that switch only at __syncthreads().
+// and a block's threads as cooperative fibers that switch only at __syncthreads(): a dozen
+// instructions on x86-64 (ucontext's swapcontext, elsewhere, makes a system call per switch).
 //
 // CUDA_EMU_THREAD_ORDER (read at every launch) picks the order in which the threads of a block
 // run between two barriers: forward (default), reverse, or shuffle[:seed] (a new permutation per
@@ -47,8 +48,80 @@ constexpr size_t kStackBytes = size_t{256} << 10;  // a thread copies its kernel
 
 enum class State { kRunnable, kAtBarrier, kDone };
 
+#if defined(__x86_64__)
+// A suspended fiber: its stack pointer; the callee-saved registers and the SSE/x87 control words
+// are on its stack (System V ABI: everything else is caller-saved across the switch call).
+struct Context {
+  void* sp = nullptr;
+};
+
+extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+  .text
+  .p2align 4
+  .globl cuda_emu_switch
+  .hidden cuda_emu_switch
+  .type cuda_emu_switch, @function
+cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuda_emu_switch, .-cuda_emu_switch
+)");
+
+// A context that starts entry() on [stack, stack + size) as cuda_emu_switch resumes it.
+void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  auto* sp = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15});
+  *--sp = 0;                                   // entry's return address (it never returns)
+  *--sp = reinterpret_cast<uint64_t>(entry);   // popped by `ret`: entry starts with rsp % 16 == 8
+  for (int r = 0; r < 6; ++r) *--sp = 0;       // rbp (0 ends frame-pointer unwinding), rbx, r12-r15
+  uint32_t mxcsr = 0;
+  uint16_t fpcw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpcw));
+  *--sp = (uint64_t{fpcw} << 32) | mxcsr;      // this thread's rounding modes
+  c.sp = sp;
+}
+
+void switch_context(Context& from, const Context& to) { cuda_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  TORCH_CHECK(getcontext(&c.uc) == 0, "cuda_emu: getcontext failed");
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+
+void switch_context(Context& from, Context& to) {
+  TORCH_CHECK(swapcontext(&from.uc, &to.uc) == 0, "cuda_emu: swapcontext failed");
+}
+#endif
+
 struct Fiber {
-  ucontext_t context;
+  Context context;
   char* stack = nullptr;  // kStackBytes above one guard page
   State state = State::kDone;
 };
@@ -61,8 +134,8 @@ struct Stats {
 };
 
 struct Scheduler {
-  std::deque<Fiber> fibers;  // never moved: a ucontext_t points into itself
-  ucontext_t host;
+  std::deque<Fiber> fibers;  // never moved (a ucontext_t points into itself)
+  Context host;
   int current = -1;  // the running thread, -1 on the host
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
@@ -93,7 +166,7 @@ void resume(int tid) {
 #ifdef CUDA_EMU_ASAN
   __sanitizer_start_switch_fiber(&sched.host_fake_stack, f.stack, kStackBytes);
 #endif
-  TORCH_CHECK(swapcontext(&sched.host, &f.context) == 0, "cuda_emu: swapcontext failed");
+  switch_context(sched.host, f.context);
 #ifdef CUDA_EMU_ASAN
   __sanitizer_finish_switch_fiber(sched.host_fake_stack, nullptr, nullptr);
 #endif
@@ -106,7 +179,7 @@ void yield_to_host(bool finished) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(finished ? nullptr : &fake, sched.host_stack_bottom, sched.host_stack_size);
 #endif
-  swapcontext(&f.context, &sched.host);
+  switch_context(f.context, sched.host);
 #ifdef CUDA_EMU_ASAN
   __sanitizer_finish_switch_fiber(fake, &sched.host_stack_bottom, &sched.host_stack_size);
 #endif
@@ -131,7 +204,6 @@ void ensure_fibers(size_t n) {
     TORCH_CHECK(mem != MAP_FAILED, "cuda_emu: cannot map a fiber stack");
     mprotect(mem, page, PROT_NONE);  // an overflowing thread faults instead of corrupting its neighbour
     f.stack = static_cast<char*>(mem) + page;
-    TORCH_CHECK(getcontext(&f.context) == 0, "cuda_emu: getcontext failed");  // once: makecontext reuses it
     sched.fibers.push_back(f);
   }
 }
@@ -161,10 +233,7 @@ Order thread_order() {
 std::string run_block(unsigned int threads, const Order& order, std::mt19937_64& rng) {
   for (unsigned int t = 0; t < threads; ++t) {
     Fiber& f = sched.fibers[t];
-    f.context.uc_stack.ss_sp = f.stack;
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = nullptr;
-    makecontext(&f.context, fiber_main, 0);
+    make_context(f.context, f.stack, kStackBytes, fiber_main);
     f.state = State::kRunnable;
   }
   std::vector<int> ids(threads);
