@@ -233,6 +233,10 @@ Order thread_order() {
 std::string run_block(unsigned int threads, const Order& order, std::mt19937_64& rng) {
   for (unsigned int t = 0; t < threads; ++t) {
     Fiber& f = sched.fibers[t];
+#ifdef CUDA_EMU_ASAN
+    // A fiber's frames never return (it is switched away from), so their redzones stay poisoned.
+    __asan_unpoison_memory_region(f.stack, kStackBytes);
+#endif
     make_context(f.context, f.stack, kStackBytes, fiber_main);
     f.state = State::kRunnable;
   }
