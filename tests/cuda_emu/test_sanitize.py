@@ -1,4 +1,4 @@
-"""Opt-in (``-m cuda_emu_sanitize``, ~15-30 min): the cuda_emu tests again, on the emulation built
+"""Opt-in (``-m cuda_emu_sanitize``; see docs/verification.md for its state): the cuda_emu tests again, on the emulation built
 with AddressSanitizer and UndefinedBehaviorSanitizer (halting at the first report), in a child
 process that preloads the ASan runtime. The misaligned-access probe is left out of that run: under
 UBSan it must stop the process, which the second test checks."""
