@@ -6,7 +6,8 @@
 #   1. build   the extension in place for the GPU found (its architecture only: nvidia-smi's
 #              compute_cap, else torch's), all cores
 #   2. check   that the cuda and triton backends load
-#   3. tests   pytest $PYTEST_ARGS (default: every CUDA and native-Triton case, `-k "cuda or test_triton"`)
+#   3. tests   pytest $PYTEST_ARGS (default: every CUDA and native-Triton case, `-k "cuda or test_triton"`;
+#              not the CPU emulation of the CUDA kernels, `-m "not cuda_emu"`: CI runs it)
 #   4. bench   python -m sam_kernels.bench $BENCH_ARGS (default: the SAM step of every provider, cuda and
 #              triton included, on the ResNet-50, GPT-2-blocks and small-tensor lists, with verdicts)
 #
@@ -95,7 +96,7 @@ if [ "$ready" -eq 1 ] && [ "$MODE" != bench ]; then
     ${PYTEST_ARGS:-tests/ops/test_cuda_specific.py tests/ops/test_cuda_descent_sums.py \
                    tests/ops/test_cuda_perturb_sq.py tests/ops/test_backends.py tests/ops/test_layouts.py \
                    tests/ops/test_fast_path.py tests/optim/test_layouts.py tests/optim/test_sam_backends.py \
-                   tests/ops/test_triton.py tests -k "cuda or test_triton"}
+                   tests/ops/test_triton.py tests -k "cuda or test_triton" -m "not cuda_emu"}
   tail -25 "$OUT/gpu-tests.log"
 fi
 if [ "$ready" -eq 1 ] && [ "$MODE" != tests ]; then

@@ -155,7 +155,7 @@ at::Tensor chunk_partials(const std::array<at::TensorList, ElementwiseFunctor<T,
 
 template <typename R, typename Out>
 void launch_sum_partials(const at::Tensor& partials, const Out& out) {
-  sum_partials_kernel<R, Out><<<1, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  SAM_KERNELS_LAUNCH(1, kBlockSize, 0, c10::cuda::getCurrentCUDAStream(), sum_partials_kernel<R, Out>)(
       static_cast<const R*>(partials.data_ptr()), partials.size(0), out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -287,14 +287,14 @@ std::vector<at::Tensor> topk_mask_cuda(at::TensorList scores, int64_t k) {
     auto* state = reinterpret_cast<State*>(state_buf.data_ptr());
     for (int digit = 0; digit < static_cast<int>(sizeof(Key)); ++digit) {
       multi_tensor_apply<HistogramFunctor<T>>({s}, {}, HistogramFunctor<T>{state, digit});
-      radix_select_kernel<Key><<<1, 1, 0, stream>>>(state, digit, k);
+      SAM_KERNELS_LAUNCH(1, 1, 0, stream, radix_select_kernel<Key>)(state, digit, k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t chunks = count_chunks(s);
     at::Tensor counts = at::empty({chunks}, s[0].options().dtype(at::kLong));
     auto* counts_ptr = reinterpret_cast<long long*>(counts.data_ptr());
     multi_tensor_apply<TieCountFunctor<T>>({s}, {}, TieCountFunctor<T>{state, counts_ptr});
-    exclusive_scan_kernel<<<1, kBlockSize, 0, stream>>>(counts_ptr, chunks);
+    SAM_KERNELS_LAUNCH(1, kBlockSize, 0, stream, exclusive_scan_kernel)(counts_ptr, chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     multi_tensor_apply<MarkFunctor<T>>({s, masks}, {}, MarkFunctor<T>{state, counts_ptr});
   });

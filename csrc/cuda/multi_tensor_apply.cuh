@@ -30,6 +30,13 @@
 #include <cstring>
 #include <limits>
 
+// Every kernel launch: SAM_KERNELS_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...) is
+// CUDA's kernel<<<grid, block, shared_bytes, stream>>>(args...). A host C++ build of these
+// sources (the CPU emulation the tests run, docs/verification.md) defines it before this file.
+#ifndef SAM_KERNELS_LAUNCH
+#define SAM_KERNELS_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
+#endif
+
 namespace sam_kernels::cuda {
 
 constexpr int kBlockSize = 512;
@@ -184,7 +191,7 @@ void launch_tables(const std::array<at::TensorList, Functor::kDepth>& lists, at:
   const at::TensorList primary = lists[0];
   const auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](const Meta& meta, int blocks) {
-    multi_tensor_kernel<Meta, Functor><<<blocks, kBlockSize, 0, stream>>>(meta, f);
+    SAM_KERNELS_LAUNCH(blocks, kBlockSize, 0, stream, multi_tensor_kernel<Meta, Functor>)(meta, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
 

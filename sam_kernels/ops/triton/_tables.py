@@ -137,9 +137,17 @@ def _remember(key, value):
     return value
 
 
+# Floating-point contraction (a*b + c -> FMA) in every kernel of this backend: on, as nvcc does for
+# the CUDA kernels and for torch's own eager CUDA kernels (their default), so the backends round
+# alike. Chosen here, per launch, rather than left to TRITON_DEFAULT_FP_FUSION (the default this
+# overrides), so a user's environment does not change these kernels' numerics; only Triton's
+# TRITON_FORCE_DISABLE_FP_FUSION still turns it off. docs/verification.md.
+FP_FUSION = True
+
+
 def launch(kernel, n_programs: int, *args, **kwargs) -> None:
     """Launch ``kernel`` on a 1-D grid; every Triton launch of this backend goes through here."""
-    kernel[(n_programs,)](*args, num_warps=NUM_WARPS, **kwargs)
+    kernel[(n_programs,)](*args, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION, **kwargs)
 
 
 def launch_over(kernel, lists: Sequence[Optional[Sequence[torch.Tensor]]], *args, rows_after_args: int = 0,
