@@ -146,13 +146,20 @@ def build(variant: str = "default", jobs: int | None = None) -> Path:
         return lib
 
 
+def _compiler_library(name: str) -> str:
+    path = subprocess.run([CXX, f"-print-file-name={name}"], capture_output=True, text=True, check=True).stdout
+    return os.path.realpath(path.strip())
+
+
 def sanitizer_env() -> dict[str, str]:
     """Environment of a process that loads the ``sanitize`` variant: the ASan runtime preloaded
-    (it must come first), leaks not reported (Python's allocations), stop at the first error."""
-    libasan = subprocess.run([CXX, "-print-file-name=libasan.so"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    (it must come first), leaks not reported (Python's allocations), stop at the first error.
+
+    libstdc++ is preloaded too: ASan binds its ``__cxa_throw`` interceptor to the real function
+    when it starts, and Python does not link libstdc++, so without it the first C++ exception
+    fails ASan's check ``real___cxa_throw != 0`` and ends the process."""
     return {
-        "LD_PRELOAD": libasan,
+        "LD_PRELOAD": f"{_compiler_library('libasan.so')} {_compiler_library('libstdc++.so.6')}",
         "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=1",
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
     }
