@@ -1,7 +1,7 @@
 """Opt-in (``-m cuda_emu_sanitize``; docs/verification.md): the cuda_emu tests again, on the emulation built
 with AddressSanitizer and UndefinedBehaviorSanitizer (halting at the first report), in a child
 process that preloads the ASan runtime. The misaligned-access probe is left out of that run: under
-UBSan it must stop the process, which the second test checks."""
+UBSan it must stop the process, which the last test checks."""
 import os
 import subprocess
 import sys
