@@ -88,7 +88,9 @@ std::vector<at::Tensor> nm_mask_cpu(at::TensorList scores, int64_t n, int64_t m)
         const int64_t take = std::min(n, r);
         std::iota(idx.begin(), idx.begin() + r, begin);
         std::partial_sort(idx.begin(), idx.begin() + take, idx.begin() + r, [&](int64_t a, int64_t b) {
-          return key[a] > key[b] || (key[a] == key[b] && a < b);
+          // rank_key, as topk_mask: NaN ranks last (a raw > would keep NaNs and lose the real maxima)
+          const double ka = rank_key(key[a]), kb = rank_key(key[b]);
+          return ka > kb || (ka == kb && a < b);
         });
         for (int64_t j = 0; j < take; ++j) keep[idx[j]] = true;
       }

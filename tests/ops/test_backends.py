@@ -415,6 +415,18 @@ def test_nm_mask_equals_eager(case, n, m):
     assert_lists_equal(ops.nm_mask(scores, n, m, backend=backend), ops.nm_mask(scores, n, m, backend="eager"))
 
 
+@pytest.mark.parametrize("row,kept", [
+    ([1.0, float("nan"), 2.0, 3.0], [False, False, True, True]),      # NaN inside a group ranks last
+    ([float("nan"), 1.0, 0.0, -1.0], [False, True, True, False]),     # and when it leads the group
+    ([float("nan"), float("nan"), -5.0, float("-inf")], [False, False, True, True]),
+])
+def test_nm_mask_ranks_nan_last(case, row, kept):
+    """2:4 by hand: the two largest scores of each group, NaN below every number (-inf included)."""
+    backend, device = case
+    mask = ops.nm_mask([torch.tensor(row, device=device)], 2, 4, backend=backend)[0]
+    assert mask.cpu().tolist() == kept
+
+
 def test_rejects_wrong_device_and_dtype_in_kernel():
     require_backend("cpp", "cpu")
     with pytest.raises(RuntimeError, match="expected"):
