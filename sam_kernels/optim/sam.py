@@ -51,11 +51,14 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         adaptive: ASAM, e = rho·T²·g/‖T⊙g‖ with T = |w| + eta.
         eta: ASAM's offset (0.01; the popular class uses 0); finite, >= 0.
         backend: kernel backend for every op ("auto", "eager", "cpp", "cuda", "triton"; None = global choice).
-        finite_check: raise ``FloatingPointError`` on NaN/Inf gradients. Each check is one host sync
-            (one in ``first_step``, one in ``second_step``, one in ``base_step``); with False there is none, a non-finite
-            first-pass norm still leaves the weights unperturbed, and non-finite gradients reach the
-            base optimizer as they would in plain torch. Under AMP (``grad_scaler``) an overflow is
-            expected and skips the step on the device instead: no check, no sync.
+        finite_check: raise ``FloatingPointError`` on NaN/Inf gradients, with the weights at w and the
+            optimizer state unchanged. On CPU parameters it is raised in the call that finds them
+            (``first_step``, ``second_step``, ``base_step``); on a GPU the step is skipped on the device
+            and the error raised at the start of the next step, or by :meth:`stats` or
+            :meth:`check_finite` (no host sync in the step; :mod:`sam_kernels.optim.finite`). With
+            False there is no check: a non-finite first-pass norm still leaves the weights unperturbed,
+            and non-finite gradients reach the base optimizer as they would in plain torch. Under AMP
+            (``grad_scaler``) an overflow is expected and skips the step on the device instead: no error.
         policy: when to take SAM steps (default: always).
         renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).
         modifiers: more descent modifiers, applied in order after ``renormalize``.
@@ -246,6 +249,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
 
         ``loss``: the first-pass loss L(w) (telemetry's sharpness; not read in the step)."""
         now = self.step_state
+        now.finite.surface()
         if now.perturbed is not None:
             raise RuntimeError("SAM.first_step() called twice: call second_step() (or restore()) first")
         self.amp.check_attached(self)
@@ -336,11 +340,12 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             self.distributed.before_sam_descent(self)
         for m in self.modifiers:
             sq = m.before_descent(self, params, grads, sam_step, sq)
-        if not sam_step and not self.amp.active and not torch.compiler.is_compiling():
+        if not sam_step and not self.amp.active and now.found is None and not torch.compiler.is_compiling():
             self.base_optimizer.step()  # a plain step is exactly the base optimizer's own step
             return
-        # Under AMP (in-kernel unscale) and under torch.compile (torch.optim's step graph-breaks), plain
-        # steps of SGD/AdamW also run the fused descent, each param its own backup.
+        # Under AMP (in-kernel unscale), with a device-side skip flag (the deferred finite check) and under
+        # torch.compile (torch.optim's step graph-breaks), plain steps of SGD/AdamW also run the fused
+        # descent, each param its own backup.
         restore_and_step(self, perturbed or [], now.backup_of, self.backend, grad_scale=scale, found_inf=now.found,
                          dense=not sparse,
                          telemetry=self.telemetry.fused_args() if sam_step else None)
@@ -351,6 +356,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     def base_step(self, zero_grad: bool = False) -> None:
         """A step without the ascent: descent modifiers (e.g. LookSAM reuse), then the base step."""
         now = self.step_state
+        now.finite.surface()
         if now.perturbed is not None:
             raise RuntimeError("SAM.base_step() called between first_step() and second_step()")
         self.amp.check_attached(self)
@@ -412,6 +418,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         """
         self.amp.check_attached(self)
         check_closure(closure, type(self).__name__)
+        self.step_state.finite.surface()
         self.step_state.stepping = True
         try:
             return self._step(closure, loss)
@@ -466,5 +473,13 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         ``telemetry=False`` or when not known), ``steps``, ``sam_steps``, ``sam_step_fraction``,
         ``forward_passes``, ``backward_passes`` (full-batch equivalents) and ``optimizer_bytes`` (at
         the ops' bytes floors). Units: the loss's and the gradients'; bytes. One host sync (none
-        without device values). Definitions and costs: :mod:`sam_kernels.optim.telemetry`."""
+        without device values). Definitions and costs: :mod:`sam_kernels.optim.telemetry`.
+        Raises the finite check's deferred ``FloatingPointError`` first (see :meth:`check_finite`)."""
+        self.step_state.finite.surface(wait=True)
         return self.telemetry.stats(ema)
+
+    def check_finite(self) -> None:
+        """Raise the ``FloatingPointError`` of the last step if the finite check skipped it on the
+        device (gradients on a GPU; :mod:`sam_kernels.optim.finite`), waiting for that step (one host
+        sync). Otherwise that error is raised at the start of the next step. Once per skipped step."""
+        self.step_state.finite.surface(wait=True)

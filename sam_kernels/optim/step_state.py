@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .finite import FiniteCheck
 from .first_pass import BackwardWatch
 
 
@@ -21,7 +22,8 @@ class StepState:
         self.decision: Optional[bool] = None    # the policy's answer for this step, once asked
         self.perturbed: Optional[list[torch.Tensor]] = None  # between first_step and the descent
         self.backup_of: dict[torch.Tensor, torch.Tensor] = {}  # perturbed param -> its backup (tensor keys: copyable)
-        self.found: Optional[torch.Tensor] = None  # AMP: overflow flag of this step, on the device
+        self.found: Optional[torch.Tensor] = None  # skip flag of this step on the device (AMP overflow, deferred finite check)
+        self.finite = FiniteCheck()  # where the finite check reports (.finite)
         self.stepping = False  # inside step(): torch's wrapper runs the step hooks
         self.begun = False     # this optimizer step has run its pre hooks
         self.groups_checked = 0

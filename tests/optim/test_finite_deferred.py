@@ -1,0 +1,158 @@
+"""The finite check without a read of the flag in the step: the device-side skip and the error raised
+at the next step, as it runs for GPU parameters (forced here on CPU tensors with
+``step_state.finite.deferred = True``). Expected weights and states come from plain torch runs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sam_kernels as sk
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+
+
+def batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+
+
+def loss_of(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def states(opt):
+    """Every tensor (and number) of the base optimizer's state, copied."""
+    return [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.base_optimizer.state[p].items()}
+            for g in opt.param_groups for p in g["params"]]
+
+
+def same_states(a, b):
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(
+        torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x) for x, y in zip(a, b))
+
+
+BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+         "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=1e-2)),
+         "adam": (torch.optim.Adam, dict(lr=0.01))}  # no fused descent: the generic path
+
+
+def build(model, base):
+    cls, kw = BASES[base]
+    opt = sk.SAM(model.parameters(), cls, rho=0.05, **kw)
+    opt.step_state.finite.deferred = True
+    return opt
+
+
+def sam_step(model, opt, x, y, bad=None, where=None):
+    loss_of(model, x, y).backward()
+    if where == "first":
+        model[2].weight.grad[0, 1] = bad
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    if where == "second":
+        model[0].bias.grad[2] = bad
+    opt.second_step(zero_grad=True)
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["first", "second"])
+def test_skipped_on_the_device_and_raised_at_the_next_step(base, bad, where):
+    model = make_model()
+    opt = build(model, base)
+    sam_step(model, opt, *batch(1))  # a good step first: the state exists and must not move
+    weights = [p.detach().clone() for p in model.parameters()]
+    before = states(opt)
+    sam_step(model, opt, *batch(2), bad=bad, where=where)  # no error inside the step
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)), "the skipped step moved the weights"
+    assert same_states(states(opt), before), "the skipped step changed the optimizer state"
+    assert opt.step_state.perturbed is None
+    x, y = batch(3)
+    loss_of(model, x, y).backward()
+    with pytest.raises(FloatingPointError, match="NaN or Inf.*optimizer step 1"):
+        opt.first_step()  # the next step's first call raises, having done nothing
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert same_states(states(opt), before)
+    # raised once: calling again takes the step, as a fresh run from the same weights and state does
+    ref_model = make_model()
+    ref_model.load_state_dict(model.state_dict())
+    ref = build(ref_model, base)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    loss_of(ref_model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    ref.first_step(zero_grad=True)
+    for m, o in ((model, opt), (ref_model, ref)):
+        loss_of(m, x, y).backward()
+        o.second_step(zero_grad=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_good_steps_equal_the_immediate_check():
+    """Without NaNs the deferred check changes no value: the same weights as the in-call check."""
+    a, b = make_model(), make_model()
+    oa, ob = build(a, "sgd"), sk.SAM(b.parameters(), torch.optim.SGD, rho=0.05, **BASES["sgd"][1])
+    for t in range(3):
+        sam_step(a, oa, *batch(t))
+        sam_step(b, ob, *batch(t))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_plain_step_skipped_and_raised_by_check_finite():
+    model = make_model()
+    opt = sk.SSSAM(model.parameters(), torch.optim.SGD, p=0.0, seed=0, lr=0.1, momentum=0.9)
+    opt.step_state.finite.deferred = True
+    loss_of(model, *batch(1)).backward()
+    opt.base_step(zero_grad=True)
+    weights = [p.detach().clone() for p in model.parameters()]
+    before = states(opt)
+    loss_of(model, *batch(2)).backward()
+    assert not opt.wants_sam()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.base_step(zero_grad=True)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert same_states(states(opt), before)
+    with pytest.raises(FloatingPointError, match="optimizer step 1"):
+        opt.check_finite()
+    opt.check_finite()  # once only
+
+
+def test_stats_and_step_closure_raise_it():
+    model = make_model()
+    opt = build(model, "sgd")
+    x, y = batch(1)
+    sam_step(model, opt, x, y, bad=float("nan"), where="second")
+    with pytest.raises(FloatingPointError, match="optimizer step 0"):
+        opt.stats()
+    sam_step(model, opt, x, y, bad=float("nan"), where="first")
+    ran = []
+
+    def closure():
+        ran.append(1)
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+    with pytest.raises(FloatingPointError, match="optimizer step 1"):
+        opt.step(closure)
+    assert not ran, "the closure ran before the deferred error was raised"
+    opt.zero_grad()
+    opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_looksam_keeps_its_state_on_a_skipped_step():
+    model = make_model()
+    opt = sk.LookSAM(model.parameters(), torch.optim.SGD, k=2, lr=0.1)
+    opt.step_state.finite.deferred = True
+    sam_step(model, opt, *batch(1))
+    kept = [opt.state[p]["looksam_gv"].clone() for p in model.parameters()]
+    sam_step(model, opt, *batch(2), bad=float("nan"), where="second")
+    assert all(torch.equal(opt.state[p]["looksam_gv"], v) for p, v in zip(model.parameters(), kept))
+    with pytest.raises(FloatingPointError):
+        opt.check_finite()
