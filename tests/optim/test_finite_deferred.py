@@ -156,3 +156,39 @@ def test_looksam_keeps_its_state_on_a_skipped_step():
     assert all(torch.equal(opt.state[p]["looksam_gv"], v) for p, v in zip(model.parameters(), kept))
     with pytest.raises(FloatingPointError):
         opt.check_finite()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bad", [None, float("nan")])
+def test_cuda_default_step_has_no_sync_and_skips_on_the_device(bad):
+    """SGD momentum at default settings (finite_check=True): no host sync in first_step/second_step,
+    a NaN skips the step on the device and is raised at the next first_step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)).cuda()
+    x, y = torch.randn(16, 32, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    for i in range(3):
+        loss_of(model, x, y).backward()
+        if i == 2:
+            weights = [p.detach().clone() for p in model.parameters()]
+            bufs = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.first_step(zero_grad=True)
+            loss_of(model, x, y).backward()
+            if i == 2 and bad is not None:
+                model[0].bias.grad[3] = bad
+            opt.second_step(zero_grad=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    moved = not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert moved == (bad is None)
+    if bad is not None:
+        assert all(torch.equal(opt.base_optimizer.state[p]["momentum_buffer"], b)
+                   for p, b in zip(model.parameters(), bufs))
+        loss_of(model, x, y).backward()
+        with pytest.raises(FloatingPointError, match="optimizer step 2"):
+            opt.first_step()
