@@ -27,6 +27,7 @@ from .reference import tensor_key
 
 Tensors = Sequence[torch.Tensor]
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_numel = torch.Tensor.numel
 
 
 
@@ -211,7 +212,7 @@ def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable,
             pass
         else:
             dispatch.record(op, [dispatch.Part(name, primary[0].device.type, str(primary[0].dtype)[6:], len(primary),
-                                               sum(t.numel() for t in primary))], extra_lists)
+                                               sum(map(_numel, primary)))], extra_lists)
             return out
     primary, lists, converted = _as_real(primary, lists)
     _check_lists(op, primary, **lists)

@@ -324,7 +324,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         sam_step = perturbed is not None
         params = [p for _, p in groups.with_grads(self.param_groups)]
         grads = [p.grad for p in params]
-        sparse = any(g.is_sparse for g in grads)
+        sparse = any(map(sparse_grads.IS_SPARSE, grads))
         if sparse:
             sparse_grads.refuse_unsupported(self)
         if not sam_step:
@@ -346,7 +346,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         # Under AMP (in-kernel unscale), with a device-side skip flag (the deferred finite check) and under
         # torch.compile (torch.optim's step graph-breaks), plain steps of SGD/AdamW also run the fused
         # descent, each param its own backup.
-        restore_and_step(self, perturbed or [], now.backup_of, self.backend, grad_scale=scale, found_inf=now.found,
+        restore_and_step(self, perturbed or [], now.backups, self.backend, grad_scale=scale, found_inf=now.found,
                          dense=not sparse,
                          telemetry=self.telemetry.fused_args() if sam_step else None)
         self.amp.report(self)
@@ -388,7 +388,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
         now = self.step_state
         if now.perturbed:
-            backups.copy_back(now.perturbed, list(now.backup_of.values()), self.backend, now.aliases)
+            backups.copy_back(now.perturbed, now.backups, self.backend, now.aliases)
         self.telemetry.on_discard()
         now.end()
 
