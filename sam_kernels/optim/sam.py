@@ -324,7 +324,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         sam_step = perturbed is not None
         params = [p for _, p in groups.with_grads(self.param_groups)]
         grads = [p.grad for p in params]
-        sparse = any(map(sparse_grads.IS_SPARSE, grads))
+        sparse = any(g.is_sparse for g in grads)
         if sparse:
             sparse_grads.refuse_unsupported(self)
         if not sam_step:

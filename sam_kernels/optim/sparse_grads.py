@@ -16,7 +16,6 @@ SWP (``ESAM(swp="element")``), telemetry device values, AMP (``grad_scaler``) an
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -25,12 +24,9 @@ _TAKE_SPARSE = (torch.optim.SGD, torch.optim.Adagrad, torch.optim.SparseAdam)
 _HINT = "use dense gradients (e.g. nn.Embedding(sparse=False))"
 
 
-IS_SPARSE = operator.attrgetter("is_sparse")
-
-
 def any_sparse(param_groups: list[dict]) -> bool:
     """Whether any param of ``param_groups`` holds a sparse gradient now."""
-    return any(map(IS_SPARSE, [p.grad for group in param_groups for p in group["params"] if p.grad is not None]))
+    return any(g is not None and g.is_sparse for g in [p.grad for group in param_groups for p in group["params"]])
 
 
 def refuse_unsupported(opt, options: Optional[dict] = None) -> None:
