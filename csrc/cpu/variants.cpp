@@ -24,6 +24,7 @@ void axpy(at::TensorList out, at::TensorList a, at::TensorList x, acc_t coef) {
 
 void renormalize_cpu(at::TensorList grads, const at::Tensor& ref_sq_norm, const at::Tensor& sq_norm, double eps) {
   check_primary("renormalize_", "grads", grads);
+  sam_kernels::check_no_shared_writes("renormalize_", {{grads, true}});
   SAM_DISPATCH_FLOATS(grads[0].scalar_type(), "renormalize_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t ratio = std::sqrt(read_scalar<acc_t>(ref_sq_norm, "renormalize_", "ref_sq_norm")) /
@@ -42,6 +43,7 @@ void renormalize_cpu(at::TensorList grads, const at::Tensor& ref_sq_norm, const 
 void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double scale) {
   check_primary("fisher_accumulate_", "fisher", fisher);
   check_list("fisher_accumulate_", "grads", fisher, grads);
+  sam_kernels::check_no_shared_writes("fisher_accumulate_", {{fisher, true}, {grads, false}});
   SAM_DISPATCH_FLOATS(fisher[0].scalar_type(), "fisher_accumulate_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = scale;
@@ -63,6 +65,7 @@ void looksam_store_cpu(at::TensorList g_v, at::TensorList grads, at::TensorList 
   check_primary("looksam_store_", "g_v", g_v);
   check_list("looksam_store_", "grads", g_v, grads);
   check_list("looksam_store_", "sam_grads", g_v, sam_grads);
+  sam_kernels::check_no_shared_writes("looksam_store_", {{g_v, true}, {grads, false}, {sam_grads, false}});
   SAM_DISPATCH_FLOATS(g_v[0].scalar_type(), "looksam_store_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t coef = read_scalar<acc_t>(gs_dot_g, "looksam_store_", "gs_dot_g") /
@@ -75,6 +78,7 @@ void looksam_apply_cpu(at::TensorList grads, at::TensorList g_v, double alpha, c
                        const at::Tensor& gv_sq_norm, double eps) {
   check_primary("looksam_apply_", "grads", grads);
   check_list("looksam_apply_", "g_v", grads, g_v);
+  sam_kernels::check_no_shared_writes("looksam_apply_", {{grads, true}, {g_v, false}});
   SAM_DISPATCH_FLOATS(grads[0].scalar_type(), "looksam_apply_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t coef = static_cast<acc_t>(alpha) *

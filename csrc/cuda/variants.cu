@@ -75,6 +75,7 @@ struct LookSamApplyOp {
 
 void renormalize_cuda(at::TensorList grads, const at::Tensor& ref_sq_norm, const at::Tensor& sq_norm, double eps) {
   check_primary("renormalize_", "grads", grads);
+  sam_kernels::check_no_shared_writes("renormalize_", {{grads, true}});
   const DeviceScalar ref = device_scalar(ref_sq_norm, grads[0], "renormalize_", "ref_sq_norm");
   const DeviceScalar sq = device_scalar(sq_norm, grads[0], "renormalize_", "sq_norm");
   const c10::cuda::CUDAGuard guard(grads[0].device());
@@ -87,6 +88,7 @@ void renormalize_cuda(at::TensorList grads, const at::Tensor& ref_sq_norm, const
 void fisher_accumulate_cuda(at::TensorList fisher, at::TensorList grads, double scale) {
   check_primary("fisher_accumulate_", "fisher", fisher);
   check_list("fisher_accumulate_", "grads", fisher, grads);
+  sam_kernels::check_no_shared_writes("fisher_accumulate_", {{fisher, true}, {grads, false}});
   const c10::cuda::CUDAGuard guard(fisher[0].device());
   dispatch_floats(fisher[0].scalar_type(), "fisher_accumulate_", [&](auto tag) {
     using T = decltype(tag);
@@ -99,6 +101,7 @@ void looksam_store_cuda(at::TensorList g_v, at::TensorList grads, at::TensorList
   check_primary("looksam_store_", "g_v", g_v);
   check_list("looksam_store_", "grads", g_v, grads);
   check_list("looksam_store_", "sam_grads", g_v, sam_grads);
+  sam_kernels::check_no_shared_writes("looksam_store_", {{g_v, true}, {grads, false}, {sam_grads, false}});
   const DeviceScalar dot = device_scalar(gs_dot_g, g_v[0], "looksam_store_", "gs_dot_g");
   const DeviceScalar sq = device_scalar(g_sq_norm, g_v[0], "looksam_store_", "g_sq_norm");
   const c10::cuda::CUDAGuard guard(g_v[0].device());
@@ -112,6 +115,7 @@ void looksam_apply_cuda(at::TensorList grads, at::TensorList g_v, double alpha, 
                         const at::Tensor& gv_sq_norm, double eps) {
   check_primary("looksam_apply_", "grads", grads);
   check_list("looksam_apply_", "g_v", grads, g_v);
+  sam_kernels::check_no_shared_writes("looksam_apply_", {{grads, true}, {g_v, false}});
   const DeviceScalar g_sq = device_scalar(g_sq_norm, grads[0], "looksam_apply_", "g_sq_norm");
   const DeviceScalar gv_sq = device_scalar(gv_sq_norm, grads[0], "looksam_apply_", "gv_sq_norm");
   const c10::cuda::CUDAGuard guard(grads[0].device());

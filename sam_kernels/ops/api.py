@@ -198,9 +198,9 @@ def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable,
     an optimizer step, run hundreds of times a second. Whatever it rejects (mixed dtypes or devices,
     complex entries, layouts that differ between the lists, invalid entries) comes to the checked
     path: precise errors, grouping, eager for the entries whose layouts differ. Every call leaves a
-    :class:`dispatch.Record`.
+    :class:`dispatch.Record`. Memory shared between entries (:mod:`.overlap`) is refused by the
+    compiled ops themselves; the checked path looks for it before any backend writes.
     """
-    overlap.check(op, primary, lists)  # before any backend writes
     fast = _unchecked_fn(op, primary, backend)
     if fast is not None:
         name, fn = fast
@@ -214,6 +214,7 @@ def _launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable,
             dispatch.record(op, [dispatch.Part(name, primary[0].device.type, str(primary[0].dtype)[6:], len(primary),
                                                sum(map(_numel, primary)))], extra_lists)
             return out
+    overlap.check(op, primary, lists)  # before any backend writes
     primary, lists, converted = _as_real(primary, lists)
     _check_lists(op, primary, **lists)
     results, parts = [], []
