@@ -45,7 +45,9 @@ class FiniteCheck:
 
     def __init__(self):
         self.deferred: Optional[bool] = None
-        self._pending: Optional[tuple] = None  # (host flag, event or None, step number) of a finished step
+        # (host flag, event or None, step number) per finished step whose flag was not looked at yet, oldest
+        # first: the device may run several steps behind the host
+        self._pending: list[tuple] = []
 
     def __getstate__(self) -> dict:
         return {"deferred": self.deferred}  # a copy starts with nothing pending (events do not copy)
@@ -74,26 +76,26 @@ class FiniteCheck:
         if found is None:
             return
         if found.device.type == "cpu":
-            self._pending = (found.clone(), None, now.step_count)
+            self._pending.append((found.clone(), None, now.step_count))
             return
         host = torch.empty((), dtype=found.dtype, pin_memory=True)
         host.copy_(found, non_blocking=True)
         event = torch.Event(device=found.device)
         event.record()
-        self._pending = (host, event, now.step_count)
+        self._pending.append((host, event, now.step_count))
 
     def surface(self, wait: bool = False) -> None:
-        """Raise the deferred error of a skipped step, once its flag has reached the host (``wait``:
-        wait for it, one sync). The error is raised once."""
-        if self._pending is None:
-            return
-        host, event, step = self._pending
-        if event is not None:
-            if wait:
-                event.synchronize()
-            elif not event.query():
-                return  # not there yet: the next look
-        self._pending = None
-        if bool(host):  # host memory the copy has finished writing: no sync
-            raise FloatingPointError(message("step", f"found in optimizer step {step}, which was skipped; raised at "
-                                                     f"the first look after it"))
+        """Raise the deferred error of the oldest skipped step whose flag has reached the host (``wait``:
+        wait for the flags, one sync). Each skipped step raises once; flags still on their way stay
+        for the next look."""
+        while self._pending:
+            host, event, step = self._pending[0]
+            if event is not None:
+                if wait:
+                    event.synchronize()
+                elif not event.query():
+                    return  # not there yet: the next look
+            self._pending.pop(0)
+            if bool(host):  # host memory the copy has finished writing: no sync
+                raise FloatingPointError(message("step", f"found in optimizer step {step}, which was skipped; "
+                                                         f"raised at the first look after it"))

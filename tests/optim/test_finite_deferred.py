@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import sam_kernels as sk
+from sam_kernels.optim.finite import FiniteCheck
 
 
 def make_model(seed=0):
@@ -192,3 +193,39 @@ def test_cuda_default_step_has_no_sync_and_skips_on_the_device(bad):
         loss_of(model, x, y).backward()
         with pytest.raises(FloatingPointError, match="optimizer step 2"):
             opt.first_step()
+
+
+class _Event:
+    """Stands for the CUDA event of a flag's copy: done once ``done`` is set; counts waits."""
+
+    def __init__(self):
+        self.done, self.waited = False, 0
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.waited += 1
+        self.done = True
+
+
+def test_flags_of_steps_the_device_has_not_finished_wait_in_order():
+    """The device may be several steps behind: a flag whose copy has not finished is not read (no
+    wait), a later step's flag does not replace it, and each skipped step raises once, oldest first."""
+    check = FiniteCheck()
+    events = [_Event() for _ in range(3)]
+    for step, (flag, event) in enumerate(zip((1.0, 0.0, 1.0), events)):
+        check._pending.append((torch.tensor(flag), event, step))
+    check.surface()  # nothing has arrived: no error, no wait
+    assert len(check._pending) == 3 and not any(e.waited for e in events)
+    events[1].done = True
+    check.surface()  # step 0's flag is still on its way: step 1's waits behind it
+    assert len(check._pending) == 3
+    events[0].done = True
+    with pytest.raises(FloatingPointError, match="optimizer step 0"):
+        check.surface()
+    check.surface()  # step 1 was fine; step 2 not arrived
+    assert [p[2] for p in check._pending] == [2]
+    with pytest.raises(FloatingPointError, match="optimizer step 2"):
+        check.surface(wait=True)
+    assert events[2].waited == 1 and not check._pending
