@@ -2,7 +2,8 @@
 from .batchnorm import frozen_running_stats
 from .descent import LookSAMReuse, Modifier, Renormalize
 from .esam import ESAM
-from .policy import AdaptivePolicy, PeriodicPolicy, Policy, ScheduledPolicy
+from .policy import AdaptivePolicy, LatePhasePolicy, PeriodicPolicy, Policy, ScheduledPolicy
+from .sam_on import sam_on_param_groups
 from .sam import SAM
 from .sparse import SparseSAM
 from .variants import AELookSAM, AESAM, LookSAM, SSSAM, StableSAM
@@ -11,4 +12,5 @@ __all__ = [
     "SAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM",
     "Policy", "ScheduledPolicy", "AdaptivePolicy", "PeriodicPolicy", "Modifier", "Renormalize", "LookSAMReuse",
     "frozen_running_stats", "SparseSAM", "ESAM",
+    "LatePhasePolicy", "sam_on_param_groups",
 ]

@@ -41,7 +41,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     ``SAM(params, base_optimizer, rho, adaptive, **kwargs)`` class).
 
     Args:
-        params: parameters or parameter groups (groups may set ``rho``, ``adaptive``, ``eta``).
+        params: parameters or parameter groups (groups may set ``rho``, ``adaptive``, ``eta``, and
+            ``perturb=False``: SAM-ON's rule, the group is neither perturbed nor counted in the ascent
+            norm, its params still take the base step; see :func:`~sam_kernels.optim.sam_on.sam_on_param_groups`).
             Each tensor once (a duplicate raises ``ValueError``). Parameters over the same memory
             (weight tied by hand) step as ``torch.optim`` steps them, partial overlaps raise
             ``ValueError`` (:mod:`.aliases`). Sparse gradients: :mod:`.sparse_grads`.
@@ -101,7 +103,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                  modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None,
                  distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = False,
                  telemetry_decay: float = 0.9, **kwargs):
-        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **kwargs)
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
         self.step_state = StepState(Telemetry(telemetry, telemetry_decay))
         super().__init__(params, defaults)
@@ -274,10 +276,20 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         entries = groups.with_grads(self.param_groups, chosen)
         if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
             self.policy.observe(now.step_count, self._policy_norm())
+        every_group = groups.all_perturbed(self.param_groups)
+        skipped = []
+        if not every_group:  # SAM-ON: groups with perturb=False are neither perturbed nor in the norm
+            skipped = [e for e in entries if not e[0]["perturb"]]
+            entries = [e for e in entries if e[0]["perturb"]]
         sq = groups.sq_norm(entries, self.backend) if entries else None
-        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None, alias_keys=now.aliases,
-                        sparse=sparse)
-        agreed = None if sq is None else self.distributed.ascent_sq_norm(self, sq)  # m-SAM: the rank mean
+        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None or not every_group,
+                        alias_keys=now.aliases, sparse=sparse)
+        whole = sq
+        if sq is not None and skipped and (self.finite_check or self.amp.active or self.modifiers):
+            # the overflow screen and Stable SAM's ‖g(w)‖ cover every first-pass gradient, as plain SAM's
+            # norm does: the skipped groups are read here only when one of them needs it
+            whole = sq + groups.sq_norm(skipped, self.backend).to(sq.device)
+        agreed = None if sq is None else self.distributed.ascent_sq_norm(self, whole)  # m-SAM: the rank mean
         if agreed is not None:
             self.amp.screen(self, agreed, "first_step")
         params, grads = ascent.params, ascent.grads

@@ -121,17 +121,21 @@ class HandSAM:
             steps descend with g + alpha·(‖g‖/‖g_v‖)·g_v (plain g before the first SAM step).
         masked_norm: Sparse SAM (Mi et al. 2022) divides by ‖m ⊙ g‖ instead of the full ‖g‖.
         beta: ESAM's SWP (Du et al. 2022): e = rho·g/(‖g_sel‖·beta) on the selected tensors, 0 elsewhere.
+        perturbed: SAM-ON (Mueller et al. 2023, ``only_norm``): per tensor, whether it is perturbed; the
+            others get e = 0 and are left out of the norm (as an unselected tensor of ESAM, without 1/beta).
         base: "sgd" | "adamw" | "adagrad" and its keyword arguments.
     """
 
     def __init__(self, ws: Grads, *, base: str, base_kwargs: dict, rho: float, adaptive: bool = False,
                  eta: float = 0.01, renormalize: bool = False, looksam_alpha: Optional[float] = None,
-                 masked_norm: bool = False, beta: Optional[float] = None):
+                 masked_norm: bool = False, beta: Optional[float] = None,
+                 perturbed: Optional[Sequence[bool]] = None):
         self.ws = [w.detach().double().clone() for w in ws]
         self.base = BASES[base](**base_kwargs)
         self.rho, self.adaptive, self.eta = rho, adaptive, eta
         self.renormalize, self.alpha, self.masked_norm, self.beta = renormalize, looksam_alpha, masked_norm, beta
         self.gv: Optional[Grads] = None
+        self.perturbed = None if perturbed is None else list(perturbed)
 
     @property
     def lr(self) -> float:
@@ -146,6 +150,8 @@ class HandSAM:
         """e(w) for the current weights and first-pass gradients ``g``."""
         t = [w.abs() + self.eta if self.adaptive else torch.ones_like(w) for w in self.ws]
         sel = [True] * len(g) if selected is None else list(selected)
+        if self.perturbed is not None:
+            sel = [s and p for s, p in zip(sel, self.perturbed)]
         m = [torch.ones_like(w) for w in self.ws] if masks is None else [mk.double() for mk in masks]
         tg = [ti * gi for ti, gi, s in zip(t, g, sel) if s]
         if self.masked_norm:

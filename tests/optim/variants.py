@@ -120,6 +120,24 @@ def _fisher(params, model=None, backend=None, **extra):
                         update_freq=2, backend=backend, **{**SGD, **extra})
 
 
+def _late_phase(params, model=None, backend=None, **extra):
+    return sk.SAM(params, torch.optim.SGD, rho=RHO, policy=sk.LatePhasePolicy(STEPS, fraction=0.5), backend=backend,
+                  **{**SGD, **extra})
+
+
+def _sam_on(params, model=None, backend=None, **extra):
+    """SAM-ON's groups on a model without normalization layers: the 1-D tensors (biases, as a norm
+    layer's scale and shift) perturbed, the others not."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.dim() == 1]},
+              {"params": [p for p in params if p.dim() != 1], "perturb": False}]
+    return sk.SAM(groups, torch.optim.SGD, rho=RHO, backend=backend, **{**SGD, **extra})
+
+
+def _hand_sam_on(ws):
+    return HandSAM(ws, base="sgd", base_kwargs=dict(SGD), rho=RHO, perturbed=[w.dim() == 1 for w in ws])
+
+
 ADAMW = dict(lr=1e-2, weight_decay=1e-2)
 ADAGRAD = dict(lr=0.1)
 SPARSE_REFUSED = (TypeError, "sparse")
@@ -162,6 +180,8 @@ VARIANTS: list[VariantInfo] = [
                 False, _hand(), probe=_masks),
     VariantInfo("ESAM", _sam(sk.ESAM, base_optimizer=torch.optim.SGD, rho=RHO, beta=0.6, gamma=0.5, seed=7, **SGD),
                 False, _hand(beta=0.6), per_sample_closure=True, probe=_esam_selection),
+    VariantInfo("LatePhaseSAM", _late_phase, True, _hand()),
+    VariantInfo("SAM-ON", _sam_on, False, _hand_sam_on),
 ]
 
 BY_NAME = {v.name: v for v in VARIANTS}
