@@ -1,5 +1,6 @@
 """The optimizer layer: one SAM core (``sam.py``) and the variants as presets of it."""
 from .batchnorm import frozen_running_stats
+from .bsam import BSAM
 from .descent import LookSAMReuse, Modifier, Renormalize
 from .esam import ESAM
 from .policy import AdaptivePolicy, LatePhasePolicy, PeriodicPolicy, Policy, ScheduledPolicy
@@ -12,5 +13,5 @@ __all__ = [
     "SAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM",
     "Policy", "ScheduledPolicy", "AdaptivePolicy", "PeriodicPolicy", "Modifier", "Renormalize", "LookSAMReuse",
     "frozen_running_stats", "SparseSAM", "ESAM",
-    "LatePhasePolicy", "sam_on_param_groups",
+    "LatePhasePolicy", "sam_on_param_groups", "BSAM",
 ]
