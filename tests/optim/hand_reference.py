@@ -204,7 +204,8 @@ class HandBSAM:
         m = beta1·m + (1 − beta1)·(g_e + wd·w);  w = w − lr·m/s;  s = beta2·s + (1 − beta2)·(sqrt(s·g²) + damping + wd)
 
     z: the optimizer's documented draw, float32 ``torch.randn(shape, generator=...)`` per tensor in
-    parameter order from a CPU generator seeded with ``seed``. ``perturbed``: SAM-ON's per-tensor flags
+    param-group order from a CPU generator seeded with ``seed`` (``draw_order``: the indices of ``ws``
+    in that order, when the groups list them otherwise). ``perturbed``: SAM-ON's per-tensor flags
     (e = 0 where False). The first pass is taken at the noisy sample: ``step`` gets ``g1_at(ws)``.
     """
 
@@ -212,8 +213,9 @@ class HandBSAM:
 
     def __init__(self, ws: Grads, *, lr: float, num_data: float, rho: float, beta1: float = 0.9,
                  beta2: float = 0.999, weight_decay: float, damping: float = 0.1, s_init: float = 1.0, seed: int,
-                 perturbed: Optional[Sequence[bool]] = None):
+                 perturbed: Optional[Sequence[bool]] = None, draw_order: Optional[Sequence[int]] = None):
         self.ws = [w.detach().double().clone() for w in ws]
+        self.order = list(range(len(self.ws))) if draw_order is None else list(draw_order)
         self.lr, self.n, self.rho, self.b1, self.b2 = lr, num_data, rho, beta1, beta2
         self.wd, self.damping = weight_decay, damping
         self.m = [torch.zeros_like(w) for w in self.ws]
@@ -222,7 +224,10 @@ class HandBSAM:
         self.perturbed = [True] * len(self.ws) if perturbed is None else list(perturbed)
 
     def noise(self) -> Grads:
-        return [torch.randn(w.shape, dtype=torch.float32, generator=self.gen).double() for w in self.ws]
+        z = [None] * len(self.ws)
+        for i in self.order:
+            z[i] = torch.randn(self.ws[i].shape, dtype=torch.float32, generator=self.gen).double()
+        return z
 
     def step(self, g1_at: Callable[[Grads], Grads], g2_at: Callable[[Grads], Grads], *, sam: bool = True) -> None:
         assert sam, "every bSAM step takes both passes"
