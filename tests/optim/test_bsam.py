@@ -217,3 +217,26 @@ def test_peer_library_agrees_on_the_first_perturbation():
     theirs.second_step()  # w + rho·g/s
     for a, b in zip(model.parameters(), other.parameters()):
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-14, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_amp_closure_without_a_prior_backward(backend):
+    """scaler.step(opt, closure) with no backward before it: both scaled passes inside, against the
+    float64 hand reference; an Inf in either pass of step 1 skips that step (its noise still drawn)
+    and halves the scale."""
+    from tests.loops.test_amp_loops import SCALE, amp_run
+    from tests.optim.variants import variant
+    run = amp_run(variant("BSAM"), backend)
+    run.train("closure", first_pass=True)
+    assert run.scaler.get_scale() == SCALE
+    for pass_no in (1, 2):
+        run = amp_run(variant("BSAM"), backend)
+        for t, (x, y) in enumerate(run.data):
+            rec = run.closure([(x, y)], first_pass=True, overflow=pass_no if t == 1 else None)
+            if t == 1:
+                run.ref.skip()
+                assert run.scaler.get_scale() == SCALE / 2
+            else:
+                run.reference_step(rec, [(x, y)])
+            run.check(f"overflow in pass {pass_no}, step {t}")
+

@@ -166,3 +166,21 @@ def test_skipped_groups_are_in_no_ascent_list(monkeypatch):
     loss_fn(model(x), y).backward()
     opt.first_step()
     assert seen == [("grad_sq_norm", 2), ("perturb_", 2)]
+
+
+def test_stable_sam_with_sam_on_groups_in_the_matrix_loops():
+    """Stable SAM's ‖g(w)‖ with SAM-ON groups is over every first-pass gradient (as the hand reference)."""
+    from tests.loops.harness import Run
+    from tests.optim.hand_reference import HandSAM
+    from tests.optim.variants import SGD, VariantInfo
+
+    def factory(params, model=None, backend=None, **extra):
+        params = list(params)
+        groups = [{"params": [p for p in params if p.dim() == 1]},
+                  {"params": [p for p in params if p.dim() != 1], "perturb": False}]
+        return sk.StableSAM(groups, torch.optim.SGD, rho=0.05, backend=backend, **{**SGD, **extra})
+    info = VariantInfo("StableSAM-ON", factory, False,
+                       lambda ws: HandSAM(ws, base="sgd", base_kwargs=dict(SGD), rho=0.05, renormalize=True,
+                                          perturbed=[w.dim() == 1 for w in ws]))
+    for loop in ("manual", "closure"):
+        Run(info, "cpp").train(loop)
