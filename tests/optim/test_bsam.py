@@ -239,4 +239,3 @@ def test_amp_closure_without_a_prior_backward(backend):
             else:
                 run.reference_step(rec, [(x, y)])
             run.check(f"overflow in pass {pass_no}, step {t}")
-
