@@ -77,7 +77,10 @@ class BSAMUpdate(torch.optim.Optimizer):
     """bSAM's own descent (the ``base_optimizer`` of :class:`BSAM`; not meant to be used alone):
     m ← beta1·m + (1 − beta1)·(g + weight_decay·w); w ← w − lr·m/s; then s ← s_next, the variance
     ``BSAM.first_step`` computed from the noisy-sample gradient. State per param: ``exp_avg`` (m),
-    ``s``, ``s_next``."""
+    ``s``, ``s_next``. Under AMP the SAM step hands it ``grad_scale`` and ``found_inf``: it unscales
+    and skips on the device."""
+
+    _step_supports_amp_scaling = True  # takes grad_scale / found_inf and skips on the device (no sync)
 
     def __init__(self, params, lr: float, beta1: float, beta2: float, weight_decay: float, damping: float,
                  s_init: float, num_data: float):
@@ -111,9 +114,13 @@ class BSAMUpdate(torch.optim.Optimizer):
                 raise RuntimeError("BSAM: a descent without its first_step (no variance update from a noisy "
                                    "sample for this step): use BSAM's first_step/second_step or step(closure)")
             sts = [self.state[p] for p in params]
+            scale = getattr(self, "grad_scale", None)  # set by the SAM step under AMP (see base_step)
             descent_(params, [p.grad for p in params], [st["exp_avg"] for st in sts], [st["s"] for st in sts],
-                     lr=group["lr"], beta1=group["beta1"], weight_decay=group["weight_decay"])
-            for st in sts:  # s <- s_next: the buffers swap, nothing is copied
+                     [st["s_next"] for st in sts], lr=group["lr"], beta1=group["beta1"],
+                     weight_decay=group["weight_decay"],
+                     inv_scale=None if scale is None else scale.double().reciprocal().float(),
+                     found_inf=getattr(self, "found_inf", None))
+            for st in sts:  # s <- s_next: the buffers swap
                 st["s"], st["s_next"] = st["s_next"], st["s"]
 
 

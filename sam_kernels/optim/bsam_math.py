@@ -67,15 +67,32 @@ def ascent_(params: list[torch.Tensor], backups: list[torch.Tensor], grads: list
 
 
 def descent_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-             s: list[torch.Tensor], *, lr: float, beta1: float, weight_decay: float) -> None:
-    """At the restored w, with g the gradient at w + e:
+             s: list[torch.Tensor], s_next: list[torch.Tensor], *, lr: float, beta1: float, weight_decay: float,
+             inv_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
+    """At the restored w, with g the gradient at w + e (times ``inv_scale`` when given: AMP's 1/S):
 
         m ← beta1 · m + (1 − beta1) · (g + weight_decay · w);   w ← w − lr · m / s
 
-    (s is the variance state of this step; the caller then moves s_next into s)."""
-    for ps, gs, ms, ss in _buckets(params, grads, exp_avgs, s):
-        torch._foreach_mul_(ms, float(beta1))
-        torch._foreach_add_(ms, gs, alpha=1.0 - float(beta1))
+    (w's update reads the old s; the caller then swaps the ``s`` and ``s_next`` buffers, nothing is
+    copied). ``found_inf`` (0-dim, nonzero: the step overflowed) keeps m and w as they were and sets
+    s_next ← s, so that the swap keeps s too: decided on the device, no host sync."""
+    for ps, gs, ms, ss, ns in _buckets(params, grads, exp_avgs, s, s_next):
+        if inv_scale is not None:
+            gs = torch._foreach_mul(gs, inv_scale.to(gs[0].device, torch.float32).to(gs[0].dtype))
+        if found_inf is None:
+            torch._foreach_mul_(ms, float(beta1))
+            torch._foreach_add_(ms, gs, alpha=1.0 - float(beta1))
+            if weight_decay:
+                torch._foreach_add_(ms, ps, alpha=(1.0 - float(beta1)) * float(weight_decay))
+            torch._foreach_addcdiv_(ps, ms, ss, value=-float(lr))
+            continue
+        m_new = torch._foreach_mul(ms, float(beta1))
+        torch._foreach_add_(m_new, gs, alpha=1.0 - float(beta1))
         if weight_decay:
-            torch._foreach_add_(ms, ps, alpha=(1.0 - float(beta1)) * float(weight_decay))
-        torch._foreach_addcdiv_(ps, ms, ss, value=-float(lr))
+            torch._foreach_add_(m_new, ps, alpha=(1.0 - float(beta1)) * float(weight_decay))
+        w_new = torch._foreach_addcdiv(ps, m_new, ss, value=-float(lr))
+        ok = found_inf.to(ps[0].device).eq(0)
+        for w, m, sv, wn, mn, sn in zip(ps, ms, ss, w_new, m_new, ns):
+            w.copy_(torch.where(ok, wn, w))
+            m.copy_(torch.where(ok, mn, m))
+            sn.copy_(torch.where(ok, sn, sv))
