@@ -17,7 +17,10 @@ with N = ``num_data``, delta = ``weight_decay`` (prior precision / N), gamma = `
 in that order (the w update reads the old s), as the official code. No bias correction, s starts at
 ``s_init``. Where the official code splits the batch into ``msharpness`` sub-batches (one noise draw
 and perturbation each, gradients averaged), this class takes one: m-sharpness comes from data
-parallelism (``distributed="m-sam"``).
+parallelism (``distributed="m-sam"``: the first backward under DDP's ``no_sync()``; each replica
+perturbs with its own g, and the variance update averages the replicas' sqrt(s)·|g| as the official
+code averages its sub-batches', one all-reduce of N values per step; the noise z is the same on every
+replica, where the official code draws one per sub-batch).
 
 The peer library's ``pytorch_optimizer.BSAM`` (4.1) differs from the official code, which this class
 follows: its noise has standard deviation 1/(N·s) (not 1/sqrt(N·s)) and stays in the weights (the
@@ -59,7 +62,7 @@ import torch
 
 from . import backups, groups, sparse_grads
 from .bsam_math import ascent_, descent_, draw_noise, noise_
-from .distributed import agreed_seed
+from .distributed import agreed_seed, all_reduce_
 from .sam import SAM
 
 _HYPER = ("lr", "beta1", "beta2", "weight_decay", "damping", "s_init", "num_data")
@@ -246,6 +249,7 @@ class BSAM(SAM):
         inv = None if scale is None else scale.double().reciprocal().float()
         kept_of = dict(zip(map(id, params_all), kept_all))
         with_grad = {id(p) for _, p in entries}
+        variances = []
         for group in self.param_groups:
             ps = [p for p in group["params"] if id(p) in with_grad]
             if ps:
@@ -254,6 +258,11 @@ class BSAM(SAM):
                         [st["s_next"] for st in sts], rho=group["rho"], beta2=group["beta2"],
                         damping=group["damping"], weight_decay=group["weight_decay"], perturb=group["perturb"],
                         inv_scale=inv, found_inf=now.found)
+                variances += [st["s_next"] for st in sts]
+        if self.distributed.per_replica:
+            # m-SAM: each replica's s_next is from its own g; their mean is the official code's average of
+            # sqrt(s)·|g| over its msharpness sub-batches, the same on every rank (one all-reduce of N)
+            all_reduce_(variances, self.distributed.process_group, mean=True)
         rest = [i for i, p in enumerate(params_all) if id(p) not in with_grad]
         if rest:  # no gradient: back to w for the second pass
             backups.copy_back([params_all[i] for i in rest], [kept_all[i] for i in rest], self.backend)
