@@ -65,7 +65,18 @@ from .bsam_math import ascent_, descent_, draw_noise, noise_
 from .distributed import agreed_seed, all_reduce_
 from .sam import SAM
 
-_HYPER = ("lr", "beta1", "beta2", "weight_decay", "damping", "s_init", "num_data")
+
+
+def check_hyperparameters(group: dict, where: str) -> None:
+    """``ValueError`` naming the key unless lr, weight_decay, damping >= 0; 0 <= beta1, beta2 < 1;
+    s_init, num_data > 0 (s must stay positive: it divides)."""
+    rules = {"lr": lambda v: v >= 0, "beta1": lambda v: 0 <= v < 1, "beta2": lambda v: 0 <= v < 1,
+             "weight_decay": lambda v: v >= 0, "damping": lambda v: v >= 0, "s_init": lambda v: v > 0,
+             "num_data": lambda v: v > 0}
+    for key, ok in rules.items():
+        if not ok(group[key]):
+            raise ValueError(f"BSAM: {where}: invalid {key} {group[key]!r} (lr, weight_decay, damping >= 0; "
+                             f"0 <= beta1, beta2 < 1; s_init, num_data > 0)")
 
 
 class Sample:
@@ -87,14 +98,10 @@ class BSAMUpdate(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, beta1: float, beta2: float, weight_decay: float, damping: float,
                  s_init: float, num_data: float):
-        checks = {"lr": lr >= 0, "beta1": 0 <= beta1 < 1, "beta2": 0 <= beta2 < 1, "weight_decay": weight_decay >= 0,
-                  "damping": damping >= 0, "s_init": s_init > 0, "num_data": num_data > 0}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"BSAM: invalid {name}: {locals()[name]!r} (lr, weight_decay, damping >= 0; "
-                                 f"0 <= beta1, beta2 < 1; s_init, num_data > 0)")
-        super().__init__(params, dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, damping=damping,
-                                      s_init=s_init, num_data=num_data))
+        defaults = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, damping=damping,
+                        s_init=s_init, num_data=num_data)
+        check_hyperparameters(defaults, "keyword arguments")
+        super().__init__(params, defaults)
 
     def variance(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """s of ``p`` (created at ``s_init`` with m = 0 on first use)."""
@@ -132,8 +139,8 @@ class BSAM(SAM):
     protocol and how it differs from the peer library.
 
     Args:
-        params: parameters or param groups (groups may set any keyword below but ``seed``, and
-            ``perturb=False``).
+        params: parameters or param groups (groups may set ``lr``, ``rho``, ``beta1``, ``beta2``,
+            ``weight_decay``, ``damping``, ``s_init``, ``num_data`` and SAM-ON's ``perturb=False``).
         lr: learning rate (0.5, the official README's bSAM runs on CIFAR).
         num_data: N, the number of training examples (required; the official runs multiply it by
             the augmentation factor ``--dafactor``, 4 on CIFAR).
@@ -170,6 +177,8 @@ class BSAM(SAM):
         self.sample = Sample()
 
     def _check_groups(self) -> None:
+        for i, g in enumerate(self.param_groups):
+            check_hyperparameters(g, f"param group {i}")
         if any(g["adaptive"] for g in self.param_groups):
             raise ValueError("BSAM: adaptive=True is not supported (bSAM's e = rho·g/s is already scaled per "
                              "element by its precision s)")

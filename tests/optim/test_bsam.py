@@ -166,8 +166,10 @@ def test_refusals():
     with pytest.raises(TypeError):
         sk.BSAM(model.parameters(), policy=sk.LatePhasePolicy(10), **KW)
     for bad in (dict(lr=-1.0), dict(beta1=1.0), dict(beta2=-0.1), dict(s_init=0.0), dict(damping=-1.0)):
-        with pytest.raises(ValueError, match="BSAM: invalid"):
+        with pytest.raises(ValueError, match="BSAM: keyword arguments: invalid"):
             sk.BSAM(model.parameters(), **{**KW, **bad})
+        with pytest.raises(ValueError, match="BSAM: param group 1: invalid"):
+            sk.BSAM([{"params": model[0].parameters()}, {"params": model[2].parameters(), **bad}], **KW)
     with pytest.raises(ValueError, match="num_data"):
         sk.BSAM(model.parameters(), **{**KW, "num_data": 0})
     with pytest.raises(RuntimeError, match="already under way"):
