@@ -47,7 +47,7 @@ Between steps the model holds the mean w. ``first_step`` without ``ascent_pass``
 ``step(closure)`` after a backward outside ``ascent_pass``. Every step is a bSAM step (no ``policy``,
 no ``base_step``); ``perturb=False`` groups (SAM-ON) keep their noise sample and variance update but
 get e = 0. Not supported (clear errors): ``adaptive`` groups (s already scales e per element), sparse
-gradients, parameters that share memory (``ValueError``), telemetry of the sharpness values (the step
+gradients, parameters that share memory and FSDP2's DTensor parameters (``ValueError``), telemetry of the sharpness values (the step
 and pass counters of ``stats()`` are kept).
 
 Cost per step: two forward/backward passes, as SAM; optimizer state 4 tensors per parameter (backup,
@@ -60,6 +60,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..ops.dtensor import is_dtensor
 from . import backups, groups, sparse_grads
 from .bsam_math import ascent_, descent_, draw_noise, noise_
 from .distributed import agreed_seed, all_reduce_
@@ -182,6 +183,9 @@ class BSAM(SAM):
         if any(g["adaptive"] for g in self.param_groups):
             raise ValueError("BSAM: adaptive=True is not supported (bSAM's e = rho·g/s is already scaled per "
                              "element by its precision s)")
+        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise ValueError("BSAM: FSDP2 (DTensor parameters) is not supported (its noise is drawn per whole "
+                             "tensor); use DDP")
         if self.step_state.aliases:
             raise ValueError("BSAM: parameters that share their memory are not supported (each would add its "
                              "own noise and perturbation to the one storage); tie the weight by using one "
