@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sam_kernels.ops as ops
-from sam_kernels.ops import extension_ops as ext
+from sam_kernels.ops.backends import extension as ext
 from tests.ops.cuda_utils import capture, need_cuda_kernel, randn
 from tests.utils import DTYPE_IDS, DTYPES, assert_close, assert_lists_close, assert_lists_equal
 
@@ -29,7 +29,7 @@ GRAD_SCALE = 1024.0  # a power of 2, as GradScaler's
 TELEMETRY = [None, (torch.float32, False), (torch.float32, True), (torch.float64, False), (torch.float64, True)]
 TELEMETRY_IDS = ["none", "f32", "f32-ascent", "f64", "f64-ascent"]
 
-# Group-level (extension_ops) arguments, for the calls that bypass the public wrappers.
+# Group-level (backends.extension) arguments, for the calls that bypass the public wrappers.
 SGD_ARGS = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
                 init_buffers=False)
 ADAMW_ARGS = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False)
@@ -221,9 +221,9 @@ def test_kernel_rejects_bad_telemetry_args_before_writing():
     for kw, match in bad:
         params, bufs, m, v = (_clone(p[k]) for k in ("params", "bufs", "exp_avgs", "exp_avg_sqs"))
         with pytest.raises(RuntimeError, match=match):
-            ext.sgd_restore_step_(params, p["backups"], p["grads"], bufs, **SGD_ARGS, **kw)
+            ext.wrapper("sgd_restore_step_")(params, p["backups"], p["grads"], bufs, **SGD_ARGS, **kw)
         with pytest.raises(RuntimeError, match=match):
-            ext.adamw_restore_step_(params, p["backups"], p["grads"], m, v, **ADAMW_ARGS, **kw)
+            ext.wrapper("adamw_restore_step_")(params, p["backups"], p["grads"], m, v, **ADAMW_ARGS, **kw)
         torch.cuda.synchronize()
         assert_lists_equal(params, p["params"], "params after a rejected call")
         assert_lists_equal(bufs, p["bufs"], "momentum_buffers after a rejected call")
@@ -239,9 +239,9 @@ def test_descent_sums_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ext.sgd_restore_step_(params, p["backups"], p["grads"], bufs, **SGD_ARGS, **p["amp"],
+        ext.wrapper("sgd_restore_step_")(params, p["backups"], p["grads"], bufs, **SGD_ARGS, **p["amp"],
                               ascent_grads=p["ascent_grads"], sums=sums)
-        ext.adamw_restore_step_(params, p["backups"], p["grads"], m, v, **ADAMW_ARGS, **p["amp"], sums=sums)
+        ext.wrapper("adamw_restore_step_")(params, p["backups"], p["grads"], m, v, **ADAMW_ARGS, **p["amp"], sums=sums)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sam_kernels.ops as ops
-from sam_kernels.ops import extension_ops as ext
+from sam_kernels.ops.backends import extension as ext
 from tests.ops.cuda_utils import capture, need_cuda_kernel, randn
 from tests.utils import DTYPE_IDS, DTYPES, assert_close, assert_lists_close, assert_lists_equal
 
@@ -289,7 +289,7 @@ def test_kernel_rejects_bad_perturbation_sq_before_writing():
         before = out.clone()
         params, backups = _clone(p["params"]), _clone(p["backups"])
         with pytest.raises(RuntimeError, match=match):
-            ext.perturb_(params, p["grads"], backups, sq, p["rho"], 1e-12, p["masks"], True, 0.01, 0.7, [3, 4], out)
+            ext.wrapper("perturb_")(params, p["grads"], backups, sq, p["rho"], 1e-12, p["masks"], True, 0.01, 0.7, [3, 4], out)
         if out.device.type == DEVICE:  # the public op adds a CPU output at its end: only a device one is wrong there
             with pytest.raises(TypeError, match="perturbation_sq"):
                 ops.perturb_(params, p["grads"], backups, p["rho"], masks=p["masks"], keep_prob=0.7, seed=3,
@@ -308,8 +308,8 @@ def test_perturbation_sq_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ext.perturb_(params, p["grads"], backups, sq, p["rho"], 1e-12, p["masks"], True, 0.01, 0.7, [3, 4, 5], out)
-        ext.perturb_(params, p["grads"], backups, sq, p["rho"], 1e-12, None, False, 0.01, 1.0, [0, 0, 0], out)
+        ext.wrapper("perturb_")(params, p["grads"], backups, sq, p["rho"], 1e-12, p["masks"], True, 0.01, 0.7, [3, 4, 5], out)
+        ext.wrapper("perturb_")(params, p["grads"], backups, sq, p["rho"], 1e-12, None, False, 0.01, 1.0, [0, 0, 0], out)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
@@ -453,7 +453,7 @@ def test_kernel_rejects_bad_grad_copies_before_writing():
         params, backups = _clone(p["params"]), _clone(p["backups"])
         for tele in ({}, dict(perturbation_sq=out)):
             with pytest.raises(RuntimeError, match=match):
-                ext.perturb_(params, p["grads"], backups, sq, p["rho"], 1e-12, p["masks"], True, 0.01, 0.7, [3, 4],
+                ext.wrapper("perturb_")(params, p["grads"], backups, sq, p["rho"], 1e-12, p["masks"], True, 0.01, 0.7, [3, 4],
                              grad_copies=copies, **tele)
         torch.cuda.synchronize()
         assert_lists_equal(params, p["params"], "params after a rejected call")
@@ -466,7 +466,7 @@ def test_kernel_rejects_bad_grad_copies_before_writing():
     backups = [torch.zeros(40, 25, device=DEVICE)]
     copies = [torch.full((25, 40), -3.0, device=DEVICE).t()]
     with pytest.raises(RuntimeError, match=r"grad_copies\[0\] has strides"):
-        ext.perturb_(params, grads, backups, sq, 0.05, 1e-12, None, False, 0.01, 1.0, [0], grad_copies=copies)
+        ext.wrapper("perturb_")(params, grads, backups, sq, 0.05, 1e-12, None, False, 0.01, 1.0, [0], grad_copies=copies)
     torch.cuda.synchronize()
     assert torch.equal(params[0], torch.ones(40, 25, device=DEVICE)) and torch.equal(backups[0], torch.zeros_like(
         backups[0])) and torch.equal(copies[0], torch.full((40, 25), -3.0, device=DEVICE))
@@ -487,9 +487,9 @@ def test_grad_copies_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ext.perturb_(params, p["grads"], backups, sq, p["rho"], 1e-12, p["masks"], True, 0.01, 0.7, [3, 4, 5], out,
+        ext.wrapper("perturb_")(params, p["grads"], backups, sq, p["rho"], 1e-12, p["masks"], True, 0.01, 0.7, [3, 4, 5], out,
                      copies)
-        ext.perturb_(params, p["grads"], backups, sq, p["rho"], 1e-12, None, False, 0.01, 1.0, [0, 0, 0], None,
+        ext.wrapper("perturb_")(params, p["grads"], backups, sq, p["rho"], 1e-12, None, False, 0.01, 1.0, [0, 0, 0], None,
                      copies)
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sam_kernels.ops as ops
-from sam_kernels.ops import reference, reference_backend
+from sam_kernels.ops import reference
 from tests.utils import DTYPE_IDS, DTYPES, assert_close, assert_lists_close, assert_lists_equal, require_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +33,7 @@ def _triton():
 
 
 def backend():
-    from sam_kernels.ops import triton as tb
+    from sam_kernels.ops.backends import triton as tb
     return tb
 
 
@@ -57,7 +57,7 @@ def tol(dtype):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Tiny BLOCK/CHUNK so small tensors span several programs and loop iterations."""
-    from sam_kernels.ops.triton import _tables
+    from sam_kernels.ops.backends.triton import _tables
     monkeypatch.setattr(_tables, "BLOCK", 32)
     monkeypatch.setattr(_tables, "CHUNK", 64)
 
@@ -65,7 +65,7 @@ def small_blocks(monkeypatch):
 @pytest.fixture
 def medium_blocks(monkeypatch):
     """Several programs per ~9k-element list without the interpreter's per-program cost of small_blocks."""
-    from sam_kernels.ops.triton import _tables
+    from sam_kernels.ops.backends.triton import _tables
     monkeypatch.setattr(_tables, "BLOCK", 512)
     monkeypatch.setattr(_tables, "CHUNK", 2048)
 
@@ -73,7 +73,7 @@ def medium_blocks(monkeypatch):
 @pytest.fixture
 def launches(monkeypatch):
     """Kernel names launched, in order (wraps the single launcher)."""
-    from sam_kernels.ops.triton import _tables
+    from sam_kernels.ops.backends.triton import _tables
     names = []
     real = _tables.launch
 
@@ -90,7 +90,6 @@ def launches(monkeypatch):
 def test_module_contract():
     tb = backend()
     assert tb.unavailable_reason() is None
-    assert set(tb.OPS) == set(reference_backend.OPS)
     assert DEVICE in tb.DEVICES
 
 
@@ -205,7 +204,7 @@ def test_int64_offsets_and_keep_mask_beyond_2_32():
     """Element indices past 2^32 without allocating 16 GiB: a hand-made table points each tensor
     4·start bytes before its data and gives the program the chunk starting at element ``start``,
     so the kernel computes int64 offsets >= 2^32 and the hash's high word, on real memory."""
-    from sam_kernels.ops.triton import _tables, perturb
+    from sam_kernels.ops.backends.triton import _tables, perturb
     import triton.language as tl
     start, n, keep_prob = 5 * 2**32 + 2**31 - 40, 100, 0.5
     w, g, b = torch.zeros(n, device=DEVICE), torch.ones(n, device=DEVICE), torch.empty(n, device=DEVICE)
@@ -918,7 +917,7 @@ def test_nm_mask_exact(dtype, n, m):
 # --------------------------------------------------------------------------- multi-tensor machinery
 
 def test_table_cache_reused_and_rebuilt():
-    from sam_kernels.ops.triton import _tables
+    from sam_kernels.ops.backends.triton import _tables
     w = make(MANY, torch.float32)
     g = make(MANY, torch.float32)
     first = _tables.table([w, g])
@@ -931,7 +930,7 @@ def test_table_cache_reused_and_rebuilt():
 
 
 def test_table_chunking():
-    from sam_kernels.ops.triton import _tables
+    from sam_kernels.ops.backends.triton import _tables
     ts = [torch.empty(n, device=DEVICE) for n in (10, 0, 64, 65, 1)]
     tab = _tables.table([ts], chunk=64)
     assert tab.blocks.tolist() == [[0, 0], [2, 0], [3, 0], [3, 64], [4, 0]]
@@ -1024,7 +1023,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sam_kernels.ops.triton import _tables, masks, norm, optimizer_steps, perturb, variants
+from sam_kernels.ops.backends.triton import _tables, masks, norm, optimizer_steps, perturb, variants
 
 C = dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024, CHUNK=8192, ALIGNED=True)
 SGD = dict(HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,
