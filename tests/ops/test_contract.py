@@ -89,3 +89,11 @@ def test_a_bad_entry_is_rejected():
         contract.OpInfo("dot", "other(Tensor[] a) -> Tensor", "reduction", "", contract.reference.dot, (1, 0), "")
     with pytest.raises(ValueError, match="kind"):
         contract.OpInfo("dot", "dot(Tensor[] a, Tensor[] b) -> Tensor", "scan", "", contract.reference.dot, (1, 0), "")
+
+
+def test_every_op_has_samples():
+    from tests.ops.opinfo import SAMPLES
+    assert list(SAMPLES) == list(contract.OPS)
+    for name, samples in SAMPLES.items():
+        assert samples and all(s.op == name for s in samples), name
+        assert len({s.id for s in samples}) == len(samples), f"{name}: two samples share an id"
