@@ -125,7 +125,7 @@ SHAPES = {
 LAYOUTS = ("contiguous", "dense", "misaligned", "mixed")
 """How every list of a sample is laid out: contiguous; ``dense``: channels_last 4-d, permuted 2-d
 (the same in every list); ``misaligned``: views at storage offset 1; ``mixed``: contiguous but
-the first list's entry 0 transposed (its layout differs from the other lists': eager for it)."""
+the first list's last 2-d entry transposed (its layout differs from the other lists': eager for it)."""
 
 
 def shapes_for(name: str, backend: Backend) -> list[tuple]:
@@ -206,17 +206,11 @@ class Sample:
     """Outputs whose bitwise-unchanged entries must be the reference's (which weights a perturbation moved)."""
     meta: dict = field(default_factory=dict)
     """The sample's settings (variant, condition, telemetry...), for the tests that check it by hand."""
+    extended: bool = False
+    """Part of a full product of flags: run against eager on the rows that are not interpreted."""
 
     def param(self):
         return pytest.param(self, id=f"{self.op}-{self.id}")
-
-
-def _clone(x):
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) or t is None for t in x):
-        return [None if t is None else t.clone() for t in x]
-    return x
 
 
 def _clone_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -243,13 +237,14 @@ def _clone_call(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(walk(a) for a in args), {k: walk(v) for k, v in kwargs.items()}
 
 
-_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-           torch.bfloat16: torch.int16}
+INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+          torch.bfloat16: torch.int16}
+"""The integer type of each float type's width (its storage bits)."""
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per element: are a and b bitwise equal (so -0.0 != 0.0 and NaN payloads count)?"""
-    return a.view(_INT_OF[a.dtype]) == b.view(_INT_OF[b.dtype])
+    return a.view(INT_OF[a.dtype]) == b.view(INT_OF[b.dtype])
 
 
 def _tensors(x) -> Optional[list[torch.Tensor]]:
@@ -276,6 +271,8 @@ def check_against_eager(backend: Backend, sample: Sample) -> None:
     """``sample`` on ``backend`` and on eager from the same inputs: the result and every written
     argument as the sample says (bitwise or within tolerance); every argument the op only reads
     bitwise unchanged."""
+    if sample.extended and backend.interpreted:
+        pytest.skip("the full product of flags runs on the compiled rows (the interpreter is slow)")
     torch.manual_seed(0)
     args, kwargs = sample.make(backend)
     mine_args, mine_kwargs = _clone_call(args, kwargs)
@@ -372,23 +369,30 @@ PERTURB_VARIANTS = {
     "all": dict(masked=True, adaptive=True, keep_prob=0.7),
 }
 PERTURB_CONDITIONS = ("finite", "nan-norm", "inf-norm", "inf-grad", "amp-step", "amp-skip")
-PERTURB_TELEMETRY = ("none", "sq32", "sq64", "copies", "sq32+copies")
+PERTURB_TELEMETRY = ("none", "sq32", "sq64", "copies", "sq32+copies", "sq64+copies")
 
 
 def perturb_samples() -> list[Sample]:
+    """Every dtype x variant x condition with both telemetry outputs (a float32 0-dim one starting at
+    0.5 with grad_copies, a float64 (1,) one starting at -0.0); the other telemetry settings extended."""
     out = []
-    tele_cycle = itertools.cycle(PERTURB_TELEMETRY)
     shape_cycle = itertools.cycle(["odd", "conv", "many_small"])
-    for c in _cases(dtype=FLOAT_DTYPES, variant=list(PERTURB_VARIANTS), condition=PERTURB_CONDITIONS):
-        c = dict(c, telemetry=next(tele_cycle), shapes=next(shape_cycle))
-        out.append(_perturb_sample(c))
+    for c in _cases(dtype=FLOAT_DTYPES, variant=list(PERTURB_VARIANTS), condition=PERTURB_CONDITIONS,
+                    telemetry=["sq32+copies", "sq64"]):
+        out.append(_perturb_sample(dict(c, shapes=next(shape_cycle))))
     for layout in LAYOUTS[1:]:
         out.append(_perturb_sample(dict(dtype=torch.float32, variant="all", condition="finite",
                                         telemetry="sq32+copies", shapes="conv", layout=layout)))
+    taken = {(s.meta["dtype"], s.meta["variant"], s.meta["condition"], s.meta["telemetry"]) for s in out}
+    for c in _cases(dtype=FLOAT_DTYPES, variant=list(PERTURB_VARIANTS), condition=PERTURB_CONDITIONS,
+                    telemetry=PERTURB_TELEMETRY):
+        if tuple(c.values()) not in taken:
+            small = c["dtype"] == torch.float32 and c["variant"] == "all"  # lists longer than a 4 KB table
+            out.append(_perturb_sample(dict(c, shapes="many_small" if small else "odd"), extended=True))
     return out
 
 
-def _perturb_sample(c: dict) -> Sample:
+def _perturb_sample(c: dict, extended: bool = False) -> Sample:
     v = PERTURB_VARIANTS[c["variant"]]
 
     def make(b):
@@ -421,7 +425,8 @@ def _perturb_sample(c: dict) -> Sample:
 
     return Sample("perturb_", "-".join([_dtype_id(c["dtype"]), c["variant"], c["condition"], c["telemetry"],
                                         c["shapes"], c.get("layout", "contiguous")]),
-                  c["dtype"], make, bitwise=("backups", "grad_copies"), same_changes=("params",), meta=c)
+                  c["dtype"], make, bitwise=("backups", "grad_copies"), same_changes=("params",), meta=c,
+                  extended=extended)
 
 
 def restore_samples() -> list[Sample]:
@@ -474,7 +479,10 @@ def sgd_samples() -> list[Sample]:
                                     amp="step", shapes="conv", layout=layout)))
     out.append(_sgd_sample(dict(dtype=torch.float32, config="momentum", buffers="some", telemetry="sums32+ascent",
                                 amp="off", shapes="many_small")))
-    return out
+    for c in _cases(dtype=FLOAT_DTYPES, amp=DESCENT_AMP, telemetry=DESCENT_TELEMETRY):
+        shapes = "many_small" if c["dtype"] == torch.float32 else "odd"  # lists longer than a 4 KB table
+        out.append(_sgd_sample(dict(c, config="momentum", buffers="kept", shapes=shapes, layout="contiguous")))
+    return _unique(out)
 
 
 def _sgd_sample(c: dict) -> Sample:
@@ -504,7 +512,20 @@ def adamw_samples() -> list[Sample]:
                                       shapes="conv", layout=layout)))
     out.append(_adamw_sample(dict(dtype=torch.float32, config="step1", amp="step", telemetry="sums32+ascent",
                                   shapes="many_small")))
-    return out
+    for c in _cases(dtype=FLOAT_DTYPES, amp=DESCENT_AMP, telemetry=DESCENT_TELEMETRY):
+        shapes = "many_small" if c["dtype"] == torch.float32 else "conv"  # lists longer than a 4 KB table
+        out.append(_adamw_sample(dict(c, config="step1", shapes=shapes, layout="contiguous")))
+    return _unique(out)
+
+
+def _unique(out: list[Sample]) -> list[Sample]:
+    """``out`` without the samples whose id an earlier sample has."""
+    seen, kept = set(), []
+    for s in out:
+        if s.id not in seen:
+            seen.add(s.id)
+            kept.append(s)
+    return kept
 
 
 def _adamw_sample(c: dict) -> Sample:
@@ -623,6 +644,6 @@ SAMPLES: dict[str, list[Sample]] = {
 """op -> its samples; every op of the table has some (tests/ops/test_contract.py checks)."""
 
 
-def samples(*op_names: str) -> list:
-    """The pytest params of the samples of ``op_names``."""
-    return [s.param() for name in op_names for s in SAMPLES[name]]
+def samples(*op_names: str, extended: bool = True) -> list:
+    """The pytest params of the samples of ``op_names`` (without the extended ones unless ``extended``)."""
+    return [s.param() for name in op_names for s in SAMPLES[name] if extended or not s.extended]

@@ -2,10 +2,11 @@
 
 ``sgd_restore_step_`` / ``adamw_restore_step_`` with ``sums`` ADD ``[Σ g², Σ ⟨ascent_grads, g⟩]``
 (grads as given, still scaled under AMP; ``sums[1]`` untouched without ``ascent_grads``) in the pass
-that updates the params (reference.add_descent_sums). Checked through the public ops,
-``backend="cuda"`` against ``backend="eager"``, over every dtype, both kernel-argument table sizes,
-lists longer than one table, a tensor cut across launches, misaligned views, AMP (step taken and
-skipped), determinism, no host sync and CUDA-graph capture. Every test skips without a GPU.
+that updates the params (reference.add_descent_sums). Every dtype x AMP x telemetry setting against
+eager, with both kernel-argument table sizes and lists longer than one table, is in the op table's
+samples (tests/ops/test_descents.py); here, through the public ops, ``backend="cuda"`` against
+``backend="eager"``: a tensor cut across launches, misaligned views, determinism and table-size
+independence, no host sync and CUDA-graph capture. Every test skips without a GPU.
 """
 import pytest
 import torch
@@ -25,10 +26,6 @@ pytestmark = [
 BLOCK_CAP_ELEMENTS = 320 * 65536
 GRAD_SCALE = 1024.0  # a power of 2, as GradScaler's
 
-# (sums dtype, with ascent_grads); None: no telemetry (the kernels without the reduction).
-TELEMETRY = [None, (torch.float32, False), (torch.float32, True), (torch.float64, False), (torch.float64, True)]
-TELEMETRY_IDS = ["none", "f32", "f32-ascent", "f64", "f64-ascent"]
-
 # Group-level (backends.extension) arguments, for the calls that bypass the public wrappers.
 SGD_ARGS = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
                 init_buffers=False)
@@ -38,8 +35,6 @@ ADAMW_ARGS = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_deca
 @pytest.fixture(autouse=True)
 def _need_kernels():
     need_cuda_kernel("sgd_restore_step_")
-
-
 
 
 def _many_sizes():
@@ -140,15 +135,6 @@ def _check_against_eager(op, p, dtype, atol, rtol):
     else:
         assert_lists_equal([sums[1:]], [p["sums"][1:]], "sums[1] untouched without ascent_grads")
         assert torch.signbit(sums[1]).item()
-
-
-@pytest.mark.parametrize("telemetry", TELEMETRY, ids=TELEMETRY_IDS)
-@pytest.mark.parametrize("amp", ["off", "step", "skip"])
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("op", ["sgd", "adamw"])
-def test_descent_sums_match_eager(op, dtype, atol, rtol, amp, telemetry, tables):
-    p = _problem(_many_sizes(), dtype, telemetry, amp)
-    _check_against_eager(op, p, dtype, atol, rtol)
 
 
 @pytest.mark.parametrize("op", ["sgd", "adamw"])

@@ -23,7 +23,7 @@ def test_matches_eager(backend, sample):
 
 
 @backend_param(ALL)
-@pytest.mark.parametrize("sample", samples("perturb_"))
+@pytest.mark.parametrize("sample", samples("perturb_", extended=False))
 def test_perturb_by_hand(backend, sample):
     """backups ← w bitwise; entries outside the mask bitwise unchanged; nothing moves on a non-finite
     norm or a skipped AMP step; perturbation_sq += Σ (w_new − w)² of the stored values (float64 by
