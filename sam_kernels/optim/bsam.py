@@ -51,7 +51,8 @@ gradients, parameters that share memory and FSDP2's DTensor parameters (``ValueE
 and pass counters of ``stats()`` are kept).
 
 Cost per step: two forward/backward passes, as SAM; optimizer state 4 tensors per parameter (backup,
-m, s, s_next).
+m, s, s_next). The per-element maths is eager multi-tensor code (:mod:`.bsam_math`), not an op of
+:mod:`sam_kernels.ops`: ``stats()["optimizer_bytes"]`` does not count it.
 """
 from __future__ import annotations
 
