@@ -1,7 +1,8 @@
 """Sharpness telemetry and cost accounting of a SAM optimizer, with no host sync in the step.
 
-Per SAM step (``telemetry=True``; ``telemetry="norms"``: all but the cosine, see the costs below), as
-0-dim fp32 device tensors, never read back in the step:
+Per SAM step (``telemetry="norms"``, the optimizers' default: all but the cosine; ``telemetry=True``:
+all; ``telemetry=False``: none; see the costs below), as 0-dim fp32 device tensors, never read back
+in the step:
 
 - ``grad_norm``: ‖g(w)‖, global L2 over every parameter with a first-pass gradient, unscaled (AMP).
 - ``sam_grad_norm``: ‖g(w + e)‖ of the descent gradient before any descent modifier, unscaled.
@@ -159,11 +160,11 @@ class FusedSums:
 class Telemetry:
     """The telemetry and counters of one optimizer (``SAM.telemetry``); see the module docstring.
 
-    ``mode``: False (counters only), True (every value) or ``"norms"`` (every value but the cosine);
-    ``decay``: EMA factor in [0, 1).
+    ``mode``: ``"norms"`` (every value but the cosine; the optimizers' default), True (every value)
+    or False (counters only); ``decay``: EMA factor in [0, 1).
     """
 
-    def __init__(self, mode: Union[bool, str] = False, decay: float = 0.9):
+    def __init__(self, mode: Union[bool, str] = "norms", decay: float = 0.9):
         if not (mode is False or mode is True or mode == "norms"):
             raise ValueError(f"telemetry must be False, True or 'norms', got {mode!r}")
         if not 0.0 <= decay < 1.0:

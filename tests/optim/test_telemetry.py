@@ -322,7 +322,7 @@ def test_every_optimizer_class_reports_stats(name):
 
 def test_stats_before_any_step_and_without_telemetry():
     model, data = model_and_data()
-    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, telemetry=False)
     st = opt.stats()
     assert tuple(st) == telemetry_stats.KEYS
     assert all(math.isnan(st[k]) for k in telemetry_stats.VALUES + ("sam_step_fraction",))
@@ -331,6 +331,39 @@ def test_stats_before_any_step_and_without_telemetry():
     st = opt.stats()
     assert all(math.isnan(st[k]) for k in telemetry_stats.VALUES)  # telemetry off: counters only
     assert (st["steps"], st["sam_steps"], st["forward_passes"], st["backward_passes"]) == (1, 1, 2, 2)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_default_optimizer_reports_norms_after_one_sam_step(name):
+    """No telemetry= argument: the default ("norms") fills ‖g(w)‖, ‖g(w + e)‖, ‖e‖ and the sharpness
+    after one SAM step, equal to a hand computation; the cosine (telemetry=True) stays NaN."""
+    model, data = model_and_data()
+    params = list(model.parameters())
+    opt = build(name, model)
+    assert opt.telemetry.enabled and not opt.telemetry.cosine
+    x, y = data[0]
+    loss1 = loss_of(model, x, y)
+    loss1.backward()
+    seen = {"g1": snapshot([p.grad for p in params]), "w": snapshot(params)}
+    assert opt.wants_sam()  # the first step is a SAM step for every class here
+    opt.first_step(zero_grad=True, loss=loss1)
+    seen["wp"] = snapshot(params)
+    loss2 = loss_of(model, x, y)
+    loss2.backward()
+    seen.update(g2=snapshot([p.grad for p in params]), loss1=loss1.detach(), loss2=loss2.detach())
+    opt.second_step(zero_grad=True, loss=loss2)
+    st, h = opt.stats(), hand(seen)
+    assert (st["steps"], st["sam_steps"]) == (1, 1)
+    for key in ("grad_norm", "sam_grad_norm"):
+        assert math.isfinite(st[key]) and st[key] == pytest.approx(h[key], rel=NORM_RTOL), key
+    assert math.isfinite(st["perturbation_norm"])
+    assert abs(st["perturbation_norm"] - h["applied"]) <= h["spacing"] + NORM_RTOL * RHO  # what was added
+    if name != "SparseSAM":  # every element perturbed: ‖e‖ = rho·‖g‖/(‖g‖ + 1e-12)
+        assert st["perturbation_norm"] == pytest.approx(RHO * h["grad_norm"] / (h["grad_norm"] + 1e-12), rel=1e-6)
+    else:  # half the elements masked: less than rho
+        assert st["perturbation_norm"] < 0.9 * RHO
+    assert st["sharpness"] == h["sharpness"] != 0.0
+    assert math.isnan(st["grad_cosine"])
 
 
 def test_sssam_counts_the_seeded_draws():
@@ -575,12 +608,15 @@ def count_reads(monkeypatch, calls):
         monkeypatch.setattr(torch.Tensor, name, counted)
 
 
+@pytest.mark.parametrize("telemetry", [True, "default"])
 @pytest.mark.parametrize("name", CLASSES)
-def test_a_step_with_telemetry_has_no_host_sync(monkeypatch, name):
+def test_a_step_with_telemetry_has_no_host_sync(monkeypatch, name, telemetry):
     """The step itself (first_step, the second backward, second_step): the policy's decision is taken
-    before (SS-SAM's draw and AE-SAM's threshold are host reads by design), ESAM's tensor draw too."""
+    before (SS-SAM's draw and AE-SAM's threshold are host reads by design), ESAM's tensor draw too.
+    ``"default"``: no telemetry= argument (the "norms" mode)."""
     model, data = model_and_data()
-    opt = build(name, model, telemetry=True, finite_check=False)
+    kw = {} if telemetry == "default" else dict(telemetry=telemetry)
+    opt = build(name, model, finite_check=False, **kw)
     for i in range(2):  # warm-up: state, masks
         x, y = data[i]
         loss1 = loss_of(model, x, y)
