@@ -227,10 +227,12 @@ class Telemetry:
         if not everyone or sq is None:
             return
         whole = len(everyone) == len(ascent.entries)
-        if whole and "sq_norm" not in ascent.options and not any(g["adaptive"] for g in sam.param_groups):
-            g1_sq = sq  # the ascent norm is the plain ‖g‖² of the same list
+        if whole and not any(g["adaptive"] for g in sam.param_groups):
+            # the ascent norm is the plain ‖g‖² of the same list (an ascent's own ``sq_norm`` option,
+            # ESAM's or Sparse SAM's, changes what perturb_ divides by, not ``ascent.sq``)
+            g1_sq = sq
         else:
-            g1_sq = ops.grad_sq_norm([p.grad for _, p in everyone], backend=sam.backend)
+            g1_sq = groups.grads_sq_norm([p.grad for _, p in everyone], sam.backend)
         firsts = None  # (params, their g(w)), aligned: what the cosine's dot reads at the descent
         if self.cosine:
             params = [p for _, p in everyone]
@@ -279,7 +281,8 @@ class Telemetry:
         firsts = self.pending.get("firsts")
         ascent = self._ascent_grads(firsts, params, grads) if firsts is not None else None
         every = ascent is not None and len(firsts[0]) == len(params) and all(a is not None for a in ascent)
-        if not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (
+        dense = not any(g.is_sparse for g in grads)  # sparse gradients: the base optimizer's own step, not fused
+        if dense and not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (
                 every or (sq is None and (ascent is None or not any(a is not None for a in ascent)))):
             # the descent's own pass reads g(w + e): it adds ‖g(w + e)‖² (and the dot with g(w)) to sums.
             # (A g(w) whose dtype or device no longer matches is rejected by the kernel: see FusedSums.)
@@ -288,7 +291,7 @@ class Telemetry:
             if sq is not None:
                 self.pending["g2_sq"] = sq
             return sq
-        g2_sq = sq if sq is not None else ops.grad_sq_norm(grads, backend=sam.backend)
+        g2_sq = sq if sq is not None else groups.grads_sq_norm(grads, sam.backend)
         self.pending["g2_sq"] = g2_sq
         # the pairs whose g(w) still matches g(w + e) (a param cast or moved between the passes has none)
         both = [] if ascent is None else [(a, g) for a, g in zip(ascent, grads) if a is not None and
