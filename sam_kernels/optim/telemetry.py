@@ -34,11 +34,15 @@ of the cosine, since g(w) and g(w + e) never exist in one pass otherwise (+10 % 
 SAM-SGD step). A loop that writes p.grad in place pays the copy too, written by ``perturb_``
 (``grad_copies``) in the pass that reads g(w): one write of N. Other base
 optimizers, Stable SAM and LookSAM: ‖g(w + e)‖ reuses the descent's finite check (else a
-``grad_sq_norm``, read N) and the dot is its own op (read 2N). ``telemetry="norms"`` leaves the
-cosine out: plain SAM then pays no pass over the parameters at all. ``grad_norm`` reuses the ascent
-norm except under ASAM or a per-tensor ESAM selection (one more ``grad_sq_norm``, read N);
-``perturbation_norm`` outside plain SAM: one subtraction and one ``grad_sq_norm`` (read 2N, write
-N, read N). ``sam_kernels.bench.telemetry_bench`` measures it.
+``grad_sq_norm``, read N, which Stable SAM's renormalization then reuses) and the dot is its own op
+(read 2N). ``telemetry="norms"`` (the default) leaves the cosine out: SAM, SS-SAM, AE-SAM, Stable
+SAM, Sparse SAM and ESAM around SGD or AdamW then pay no pass over the parameters at all.
+``grad_norm`` reuses the ascent norm except under ASAM (its ascent norm is ‖T ⊙ g‖) and when
+gradients exist beyond the ascent's params (an ESAM selection whose first backward ran outside
+``ascent_pass``): one more ``grad_sq_norm``, read N. ``perturbation_norm`` outside plain SAM is
+summed by ``perturb_`` as it writes w + e (``perturbation_sq``): no pass. Under FSDP2 every global
+value the step does not compute anyway is one more scalar all-reduce.
+``sam_kernels.bench.telemetry_bench`` measures it.
 
 Cost accounting (host integers and floats, always on, no device work): optimizer steps, SAM steps,
 forward and backward passes in full-batch equivalents (a SAM step 2 + 2, a plain step 1 + 1, ESAM's
