@@ -9,10 +9,11 @@ same tensor or the same view (a parameter that is its own backup; a gradient tha
 every kernel reads an element's inputs before it writes that element.
 
 The check compares data pointers, one set per call of an op that writes: tensors that start at the
-same address. The compiled ops make the same check in C++ before writing (``check_no_shared_writes``
-in csrc/common.h, where the lists are already unpacked); a call they refuse comes here, for the
-message that names the entries. Views of one storage that overlap from different start addresses are not seen here
-(the optimizer rejects such parameters when it is built, see ``sam_kernels.optim.aliases``).
+same address. Views of one storage that overlap from different start addresses are not seen here
+(the optimizer rejects such parameters when it is built, see ``sam_kernels.optim.aliases``). The
+compiled ops make the same check in C++ before writing (``check_no_shared_writes`` in
+csrc/common.h, where the lists are already unpacked); a call they refuse comes here, for the message
+that names the entries.
 """
 from __future__ import annotations
 
@@ -22,21 +23,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from .contract import OPS
 from .dtensor import is_dtensor
 
 Tensors = Sequence[torch.Tensor]
 
 WRITES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "perturb_": ("params", ("params", "backups", "grad_copies")),
-    "restore_": ("params", ("params",)),
-    "sgd_restore_step_": ("params", ("params", "momentum_buffers")),
-    "adamw_restore_step_": ("params", ("params", "exp_avgs", "exp_avg_sqs")),
-    "renormalize_": ("grads", ("grads",)),
-    "fisher_accumulate_": ("fisher", ("fisher",)),
-    "looksam_store_": ("g_v", ("g_v",)),
-    "looksam_apply_": ("grads", ("grads",)),
-}
-"""op -> (the name of its first list, the lists it writes), as in its schema."""
+    op.name: (op.arguments[0], op.writes) for op in OPS.values() if op.kind == "update"}
+"""op -> (the name of its first list, the arguments it writes), from the op table's schemas."""
 
 _data_ptr = torch.Tensor.data_ptr
 

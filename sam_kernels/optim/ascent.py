@@ -79,7 +79,8 @@ class Ascent:
         if self.kept[i].shape != p.shape or self.kept[i].dtype != p.dtype or self.kept[i].device != p.device:
             backups.renew_stale(state, self.params, self.kept, [i])
         sparse_grads.perturb_(p, self.grads[i], self.kept[i], self.options.get("sq_norm", self.sq), rho, eta,
-                              None if masks is None else masks[i])
+                              None if masks is None else masks[i],
+                              perturbation_sq=self.options.get("perturbation_sq"))
 
     def _perturb_bucket(self, state: dict, backend: Optional[str], idx: list[int], rho: float, adaptive: bool,
                         eta: float, b: int) -> None:
