@@ -22,6 +22,7 @@ class Ascent:
     buckets: dict = field(default_factory=dict)  # (rho, adaptive, eta) -> indices into ``entries``
     alias_keys: dict = field(default_factory=dict)  # params over shared memory (:func:`.aliases.find`)
     sparse: bool = False     # some gradient is sparse (those params take the eager path, :mod:`.sparse_grads`)
+    whole_sq: Optional[torch.Tensor] = None  # ‖g‖² over the perturbed and SAM-ON's skipped groups, when taken
     params: list = field(init=False)
     grads: list = field(init=False)
     kept: Optional[list] = field(init=False, default=None)  # the params' backups (their w), once perturbed

@@ -291,10 +291,13 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None or not every_group,
                         alias_keys=now.aliases, sparse=sparse)
         whole = sq
-        if sq is not None and skipped and (self.finite_check or self.amp.active or self.modifiers):
-            # the overflow screen and Stable SAM's ‖g(w)‖ cover every first-pass gradient, as plain SAM's
-            # norm does: the skipped groups are read here only when one of them needs it
+        if sq is not None and skipped and (self.finite_check or self.amp.active or self.modifiers
+                                           or self.telemetry.enabled):
+            # the overflow screen, Stable SAM's and telemetry's ‖g(w)‖ cover every first-pass gradient,
+            # as plain SAM's norm does: the skipped groups are read here only when one of them needs it
             whole = sq + groups.sq_norm(skipped, self.backend).to(sq.device)
+            if chosen is None:
+                ascent.whole_sq = whole
         agreed = None if sq is None else self.distributed.ascent_sq_norm(self, whole)  # m-SAM: the rank mean
         if agreed is not None:
             self.amp.screen(self, agreed, "first_step")

@@ -231,6 +231,8 @@ class Telemetry:
             # the ascent norm is the plain ‖g‖² of the same list (an ascent's own ``sq_norm`` option,
             # ESAM's or Sparse SAM's, changes what perturb_ divides by, not ``ascent.sq``)
             g1_sq = sq
+        elif ascent.whole_sq is not None and not any(g["adaptive"] for g in sam.param_groups):
+            g1_sq = ascent.whole_sq  # SAM-ON: the ascent norm plus the skipped groups' (read once, in the step)
         else:
             g1_sq = groups.grads_sq_norm([p.grad for _, p in everyone], sam.backend)
         firsts = None  # (params, their g(w)), aligned: what the cosine's dot reads at the descent
