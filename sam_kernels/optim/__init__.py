@@ -6,9 +6,14 @@ from .policy import AdaptivePolicy, PeriodicPolicy, Policy, ScheduledPolicy
 from .sam import SAM
 from .sparse import SparseSAM
 from .variants import AELookSAM, AESAM, LookSAM, SSSAM, StableSAM
+from .variants import GSAM, WSAM
+from .centralize import CentralizeAscent
+from .mixing import SurrogateGap, WeightedSharpness
+from .rho_schedule import ProportionalRho
 
 __all__ = [
     "SAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM",
     "Policy", "ScheduledPolicy", "AdaptivePolicy", "PeriodicPolicy", "Modifier", "Renormalize", "LookSAMReuse",
     "frozen_running_stats", "SparseSAM", "ESAM",
+    "GSAM", "WSAM", "ProportionalRho", "CentralizeAscent", "SurrogateGap", "WeightedSharpness",
 ]

@@ -1,0 +1,199 @@
+"""Descent modifiers that mix the first-pass gradient g(w) into the descent of a SAM step: GSAM's
+surrogate-gap term and WSAM's weighted sharpness.
+
+Both keep a copy of g(w) from ``first_step`` to the descent (``sam.state[p]["first_grad"]``, saved
+in a mid-step checkpoint) and the loss scale it carried. Under AMP the two passes may carry
+different scales (``scaler.unscale_`` on one pass only), so g(w) is brought to the descent
+gradient's units with k = S2/S1 before it is mixed in (k = 1 without AMP); norms and dots are
+taken in unscaled units, as the papers' code does in fp32. A param with a descent gradient but no
+copy (no first-pass gradient) counts as g(w) = 0, as in pytorch-optimizer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+from . import aliases
+from .descent import Modifier
+
+KEY = "first_grad"
+
+
+def _ratio(s1: Optional[torch.Tensor], s2: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """S2/S1 as a 0-dim fp32 tensor on ``device`` (None when both passes are unscaled)."""
+    if s1 is None and s2 is None:
+        return None
+    one = torch.ones((), dtype=torch.float32, device=device)
+    num = one if s2 is None else s2.to(device, torch.float32)
+    return num / (one if s1 is None else s1.to(device, torch.float32))
+
+
+class KeepsFirstGrad(Modifier):
+    """Base of the mixing modifiers: the copy of g(w) and its loss scale S1."""
+
+    transient_keys = (KEY,)
+
+    def __init__(self):
+        self._scale1: Optional[torch.Tensor] = None
+
+    def after_ascent(self, sam, params, grads, sq_norm):
+        for group in sam.param_groups:  # copies of an earlier, unfinished step are not this step's
+            for p in group["params"]:
+                sam.state.get(p, {}).pop(KEY, None)
+        if not grads:
+            return
+        copies = [torch.empty_like(g, memory_format=torch.preserve_format) for g in grads]
+        ops.restore_(copies, grads, backend=sam.backend)  # a bitwise list copy that also takes DTensors
+        for p, c in zip(params, copies):
+            sam.state[p][KEY] = c
+        scale = sam.loss_scale
+        self._scale1 = None if scale is None else scale.detach().clone()
+
+    def first_grads(self, sam, params):
+        return [sam.state[p].get(KEY) for p in params]
+
+    def _pairs(self, sam, params, grads):
+        """(copies of g(w), the descent grads they pair with, k = S2/S1 or None); the copies leave ``sam.state``."""
+        firsts, seconds = [], []
+        for p, g in zip(params, grads):
+            c = sam.state[p].pop(KEY, None) if p in sam.state else None
+            if c is not None and c.shape == g.shape:
+                firsts.append(c.to(g.dtype) if c.dtype != g.dtype else c)
+                seconds.append(g)
+        k = _ratio(self._scale1, sam.loss_scale, grads[0].device) if grads else None
+        self._scale1 = None
+        return firsts, seconds, k
+
+    def state_dict(self) -> dict:
+        return {"scale1": self._scale1}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._scale1 = state.get("scale1")
+
+
+class SurrogateGap(KeepsFirstGrad):
+    """GSAM (Zhuang et al., ICLR 2022; official code juntang-zhuang/GSAM, ``gsam/gsam.py``,
+    ``gradient_decompose``): with g1 = g(w), g2 = g(w + e), global dot and norms,
+
+        cos = ⟨g1, g2⟩/(‖g2‖·‖g1‖ + eps),  v = g1 − cos·‖g1‖·g2/(‖g2‖ + eps),  d = g2 − alpha·v
+
+    (v: the component of g1 orthogonal to g2; eps 1e-12, the code's ``perturb_eps``). The descent
+    uses d. Computed as d = (1 + alpha·c)·g2 − alpha·k·g1 with c = cos·‖g1‖/(‖g2‖ + eps) in unscaled
+    units. Cost per SAM step: three reductions (dot, two norms; ‖g2‖ reused when the descent has it)
+    and one or two passes over the gradients; no extra memory beyond the copy of g1.
+    """
+
+    def __init__(self, alpha: float = 0.4, eps: float = 1e-12):
+        super().__init__()
+        self.alpha, self.eps = alpha, eps
+
+    def before_descent(self, sam, params, grads, sam_step, sq_norm):
+        if not sam_step or not grads:
+            return sq_norm
+        g1, g2, k = self._pairs(sam, params, grads)
+        n2 = sq_norm if sq_norm is not None else ops.grad_sq_norm(grads, backend=sam.backend)
+        dev = grads[0].device
+        n2 = n2.to(dev, torch.float64 if grads[0].dtype == torch.float64 else torch.float32)
+        s2 = sam.loss_scale
+        if g1:
+            dot = ops.dot(g1, g2, backend=sam.backend).to(dev, n2.dtype)
+            n1 = ops.grad_sq_norm(g1, backend=sam.backend).to(dev, n2.dtype)
+        else:
+            dot = n1 = torch.zeros((), dtype=n2.dtype, device=dev)
+        # unscaled: g2 = S2·u2, g1 = S1·u1 (k = S2/S1)
+        if s2 is not None:
+            s2 = s2.to(dev, n2.dtype)
+            kk = k.to(n2.dtype)
+            dot, n2, n1 = dot / (s2 * s2 / kk), n2 / (s2 * s2), n1 / ((s2 / kk) * (s2 / kk))
+        elif k is not None:  # the second pass was unscaled, the first not: g1 = S1·u1, k = 1/S1
+            kk = k.to(n2.dtype)
+            dot, n1 = dot * kk, n1 * kk * kk
+        norm1, norm2 = n1.sqrt(), n2.sqrt()
+        cos = dot / (norm2 * norm1 + self.eps)
+        coef = 1 + self.alpha * cos * norm1 / (norm2 + self.eps)
+        torch._foreach_mul_(grads, coef)
+        if g1:
+            if k is not None:
+                torch._foreach_mul_(g1, k)
+            torch._foreach_add_(g2, g1, alpha=-self.alpha)
+        return None
+
+
+class WeightedSharpness(KeepsFirstGrad):
+    """WSAM (Yue et al., KDD 2023; official code intelligent-machine-learning/dlrover,
+    ``atorch/atorch/optimizers/wsam.py``, ``WeightedSAM.second_step``): the loss L(w) +
+    a·(L(w + e) − L(w)) with a = gamma/(1 − gamma), g1 = g(w), g2 = g(w + e).
+
+    - ``decouple=True`` (the official default): the base step takes g1, then w ← w − lr·a·(g2 − g1)
+      (each group's lr; the sharpness term bypasses the base optimizer's momentum and adaptivity);
+    - ``decouple=False``: the base step takes a·g2 + (1 − a)·g1.
+
+    Under AMP an overflowed step leaves the weights alone in both forms. Cost per SAM step: coupled
+    one or two passes over the gradients; decoupled a temporary copy of g2 − g1 and one pass over
+    the weights after the base step.
+    """
+
+    def __init__(self, gamma: float = 0.9, decouple: bool = True):
+        super().__init__()
+        self.gamma, self.decouple = gamma, decouple
+        self.a = gamma / (1 - gamma)
+        self._sharpness: Optional[tuple[list, list, Optional[torch.Tensor]]] = None
+
+    def before_descent(self, sam, params, grads, sam_step, sq_norm):
+        if not sam_step or not grads:
+            return sq_norm
+        g1, g2, k = self._pairs(sam, params, grads)
+        if k is not None and g1:
+            torch._foreach_mul_(g1, k)  # in the descent gradient's units
+        if not self.decouple:
+            torch._foreach_mul_(grads, self.a)
+            if g1:
+                torch._foreach_add_(g2, g1, alpha=1 - self.a)
+            return None
+        # s = g2 − g1 kept for after_descent; the base step takes g1 (0 where there is no g1)
+        sharp = list(torch._foreach_sub(g2, g1)) if g1 else []
+        paired = {id(g) for g in g2}
+        rest = [g for g in grads if id(g) not in paired]
+        sharp_rest = [g.clone() for g in rest]
+        if g1:
+            torch._foreach_copy_(g2, g1)
+        if rest:
+            torch._foreach_zero_(rest)
+        owners = {id(g): p for p, g in zip(params, grads)}
+        ps = [owners[id(g)] for g in g2 + rest]
+        scale = sam.loss_scale
+        self._sharpness = (ps, sharp + sharp_rest, None if scale is None else scale.detach().clone())
+        return None
+
+    def after_descent(self, sam, found_inf):
+        if self._sharpness is None:
+            return
+        ps, sharp, scale = self._sharpness
+        self._sharpness = None
+        if not ps:
+            return
+        lr_of = {id(p): g["lr"] for g in sam.param_groups for p in g["params"]}
+        layer = aliases.layers(ps, sam.step_state.aliases)  # entries over one memory: one after the other
+        by_lr: dict = {}
+        for i, p in enumerate(ps):
+            lr = lr_of[id(p)]
+            by_lr.setdefault((float(lr) if not isinstance(lr, torch.Tensor) else id(lr), layer[i] if layer else 0),
+                             (lr, []))[1].append(i)
+        for lr, idx in by_lr.values():
+            ws, ss = [ps[i] for i in idx], [sharp[i] for i in idx]
+            if scale is None and found_inf is None and not isinstance(lr, torch.Tensor):
+                torch._foreach_add_(ws, ss, alpha=-lr * self.a)
+                continue
+            coef = -lr * self.a if not isinstance(lr, torch.Tensor) else -lr.detach() * self.a
+            coef = torch.as_tensor(coef, dtype=torch.float32, device=ws[0].device)
+            if scale is not None:
+                coef = coef / scale.to(coef.device, torch.float32)
+            torch._foreach_mul_(ss, coef.to(torch.float64) if ss[0].dtype == torch.float64 else coef)
+            if found_inf is None:
+                torch._foreach_add_(ws, ss)
+            else:
+                skip = found_inf.to(ws[0].device).ne(0)
+                for w, s in zip(ws, ss):  # an overflowed step moves nothing (s may hold Inf: no 0·Inf)
+                    w.add_(torch.where(skip, torch.zeros((), dtype=s.dtype, device=s.device), s))
