@@ -150,6 +150,9 @@ def methods(sk, steps_total: int, steps_per_epoch: int, epochs: int) -> list[Met
         Method("AESAM", preset("AESAM", rho=0.05, total_steps=steps_total), note="d 0.9, l1 -1, l2 1"),
         Method("AELookSAM", preset("AELookSAM", rho=0.05, total_steps=steps_total, alpha=0.7),
                note="AE decisions + LookSAM reuse"),
+        Method("GSAM", preset("GSAM", rho=0.05, alpha=0.4), note="alpha 0.4, constant rho 0.05"),
+        Method("WSAM", preset("WSAM", rho=0.05, gamma=0.9), note="gamma 0.9, decoupled"),
+        Method("GCSAM", preset("SAM", rho=0.05, use_gc=True), note="SAM(use_gc=True)"),
     ]
 
 
