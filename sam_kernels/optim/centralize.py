@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.dtensor import is_dtensor
 from .descent import Modifier
 
 
 def centralize_(grads: list[torch.Tensor]) -> None:
-    """g ← g − mean(g over dims 1..) for each tensor of ``grads`` with ``g.dim() > 1``, in place
-    (DTensor shards of FSDP2 are split along dim 0, so each row's mean is local)."""
+    """g ← g − mean(g over dims 1..) for each tensor of ``grads`` with ``g.dim() > 1``, in place.
+
+    DTensors (FSDP2) are centralized on their local shards: with the default ``Shard(0)`` each
+    row's mean is local. Raises ``ValueError`` (before changing any gradient) for a DTensor sharded
+    along another dimension, whose rows are split across ranks."""
+    if any(is_dtensor(g) and g.dim() > 1 and any(getattr(pl, "dim", 0) != 0 for pl in g.placements if pl.is_shard())
+           for g in grads):
+        raise ValueError("use_gc: gradient centralization needs each row of a weight on one rank; a gradient is "
+                         "sharded along a dimension other than 0 (FSDP2's default Shard(0) works)")
     for g in grads:
         if g.dim() > 1:
-            g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))
+            t = g.to_local() if is_dtensor(g) else g
+            t.sub_(t.mean(dim=tuple(range(1, t.dim())), keepdim=True))
 
 
 class CentralizeAscent(Modifier):

@@ -15,10 +15,17 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..ops.dtensor import is_dtensor
 from . import aliases
 from .descent import Modifier
 
 KEY = "first_grad"
+
+
+def local(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shards of DTensors (FSDP2), views that element-wise ops write through; others as they are.
+    The global reductions come from ``sam_kernels.ops``, which all-reduce them over the mesh."""
+    return [t.to_local() if is_dtensor(t) else t for t in ts]
 
 
 def _ratio(s1: Optional[torch.Tensor], s2: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
@@ -113,11 +120,11 @@ class SurrogateGap(KeepsFirstGrad):
         norm1, norm2 = n1.sqrt(), n2.sqrt()
         cos = dot / (norm2 * norm1 + self.eps)
         coef = 1 + self.alpha * cos * norm1 / (norm2 + self.eps)
-        torch._foreach_mul_(grads, coef)
+        torch._foreach_mul_(local(grads), coef)
         if g1:
             if k is not None:
-                torch._foreach_mul_(g1, k)
-            torch._foreach_add_(g2, g1, alpha=-self.alpha)
+                torch._foreach_mul_(local(g1), k)
+            torch._foreach_add_(local(g2), local(g1), alpha=-self.alpha)
         return None
 
 
@@ -146,21 +153,21 @@ class WeightedSharpness(KeepsFirstGrad):
             return sq_norm
         g1, g2, k = self._pairs(sam, params, grads)
         if k is not None and g1:
-            torch._foreach_mul_(g1, k)  # in the descent gradient's units
+            torch._foreach_mul_(local(g1), k)  # in the descent gradient's units
         if not self.decouple:
-            torch._foreach_mul_(grads, self.a)
+            torch._foreach_mul_(local(grads), self.a)
             if g1:
-                torch._foreach_add_(g2, g1, alpha=1 - self.a)
+                torch._foreach_add_(local(g2), local(g1), alpha=1 - self.a)
             return None
-        # s = g2 − g1 kept for after_descent; the base step takes g1 (0 where there is no g1)
-        sharp = list(torch._foreach_sub(g2, g1)) if g1 else []
+        # s = g2 − g1 (local shards) kept for after_descent; the base step takes g1 (0 where there is no g1)
+        sharp = list(torch._foreach_sub(local(g2), local(g1))) if g1 else []
         paired = {id(g) for g in g2}
         rest = [g for g in grads if id(g) not in paired]
-        sharp_rest = [g.clone() for g in rest]
+        sharp_rest = [g.clone() for g in local(rest)]
         if g1:
-            torch._foreach_copy_(g2, g1)
+            torch._foreach_copy_(local(g2), local(g1))
         if rest:
-            torch._foreach_zero_(rest)
+            torch._foreach_zero_(local(rest))
         owners = {id(g): p for p, g in zip(params, grads)}
         ps = [owners[id(g)] for g in g2 + rest]
         scale = sam.loss_scale
@@ -182,7 +189,7 @@ class WeightedSharpness(KeepsFirstGrad):
             by_lr.setdefault((float(lr) if not isinstance(lr, torch.Tensor) else id(lr), layer[i] if layer else 0),
                              (lr, []))[1].append(i)
         for lr, idx in by_lr.values():
-            ws, ss = [ps[i] for i in idx], [sharp[i] for i in idx]
+            ws, ss = local([ps[i] for i in idx]), [sharp[i] for i in idx]
             if scale is None and found_inf is None and not isinstance(lr, torch.Tensor):
                 torch._foreach_add_(ws, ss, alpha=-lr * self.a)
                 continue
