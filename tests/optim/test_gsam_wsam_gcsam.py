@@ -224,3 +224,26 @@ def test_gcsam_matches_pytorch_optimizer_up_to_its_norm(backend):
         ref.second_step(zero_grad=True)
         for p, q in zip(model.parameters(), theirs.parameters()):
             torch.testing.assert_close(p.detach(), q.detach(), atol=1e-8, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- telemetry
+
+@pytest.mark.parametrize("name", ["GSAM", "WSAM", "WSAM-coupled", "GCSAM"])
+def test_telemetry_reads_the_passes_before_the_mixing(name):
+    """grad_norm, sam_grad_norm and their cosine are of g1 and g2 as the passes gave them (GCSAM: of
+    the centralized g1, which the ascent used), not of the mixed descent gradient; ‖e‖ = rho."""
+    from tests.optim.test_telemetry import NORM_RTOL, closure_step, hand, model_and_data
+    model, data = model_and_data()
+    kw = dict(rho=RHO, lr=0.1, momentum=0.9, telemetry=True)
+    opt = {"GSAM": lambda: sk.GSAM(model.parameters(), torch.optim.SGD, alpha=0.4, **kw),
+           "WSAM": lambda: sk.WSAM(model.parameters(), torch.optim.SGD, gamma=0.9, **kw),
+           "WSAM-coupled": lambda: sk.WSAM(model.parameters(), torch.optim.SGD, gamma=0.9, decouple=False, **kw),
+           "GCSAM": lambda: sk.SAM(model.parameters(), torch.optim.SGD, use_gc=True, **kw)}[name]()
+    for x, y in data[:2]:
+        seen = closure_step(model, opt, x, y)
+    if name == "GCSAM":
+        seen["g1"] = [g - g.mean(dim=1, keepdim=True) if g.dim() == 2 else g for g in seen["g1"]]
+    st, h = opt.stats(), hand(seen)
+    for key in ("grad_norm", "sam_grad_norm", "grad_cosine"):
+        assert st[key] == pytest.approx(h[key], rel=NORM_RTOL), key
+    assert st["perturbation_norm"] == pytest.approx(RHO, rel=1e-6)
