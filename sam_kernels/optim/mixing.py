@@ -62,16 +62,18 @@ class KeepsFirstGrad(Modifier):
         return [sam.state[p].get(KEY) for p in params]
 
     def _pairs(self, sam, params, grads):
-        """(copies of g(w), the descent grads they pair with, k = S2/S1 or None); the copies leave ``sam.state``."""
-        firsts, seconds = [], []
-        for p, g in zip(params, grads):
+        """(positions in ``grads`` that have a copy of g(w), those copies, the grads they pair with,
+        k = S2/S1 or None); the copies leave ``sam.state``."""
+        at, firsts, seconds = [], [], []
+        for i, (p, g) in enumerate(zip(params, grads)):
             c = sam.state[p].pop(KEY, None) if p in sam.state else None
             if c is not None and c.shape == g.shape:
+                at.append(i)
                 firsts.append(c.to(g.dtype) if c.dtype != g.dtype else c)
                 seconds.append(g)
         k = _ratio(self._scale1, sam.loss_scale, grads[0].device) if grads else None
         self._scale1 = None
-        return firsts, seconds, k
+        return at, firsts, seconds, k
 
     def state_dict(self) -> dict:
         return {"scale1": self._scale1}
@@ -99,7 +101,7 @@ class SurrogateGap(KeepsFirstGrad):
     def before_descent(self, sam, params, grads, sam_step, sq_norm):
         if not sam_step or not grads:
             return sq_norm
-        g1, g2, k = self._pairs(sam, params, grads)
+        _, g1, g2, k = self._pairs(sam, params, grads)
         n2 = sq_norm if sq_norm is not None else ops.grad_sq_norm(grads, backend=sam.backend)
         dev = grads[0].device
         n2 = n2.to(dev, torch.float64 if grads[0].dtype == torch.float64 else torch.float32)
@@ -151,7 +153,7 @@ class WeightedSharpness(KeepsFirstGrad):
     def before_descent(self, sam, params, grads, sam_step, sq_norm):
         if not sam_step or not grads:
             return sq_norm
-        g1, g2, k = self._pairs(sam, params, grads)
+        at, g1, g2, k = self._pairs(sam, params, grads)
         if k is not None and g1:
             torch._foreach_mul_(local(g1), k)  # in the descent gradient's units
         if not self.decouple:
@@ -161,15 +163,16 @@ class WeightedSharpness(KeepsFirstGrad):
             return None
         # s = g2 − g1 (local shards) kept for after_descent; the base step takes g1 (0 where there is no g1)
         sharp = list(torch._foreach_sub(local(g2), local(g1))) if g1 else []
-        paired = {id(g) for g in g2}
-        rest = [g for g in grads if id(g) not in paired]
+        # positions, not ids: an id() of a gradient would become a guard of a compiled step
+        paired = set(at)
+        others = [i for i in range(len(grads)) if i not in paired]
+        rest = [grads[i] for i in others]
         sharp_rest = [g.clone() for g in local(rest)]
         if g1:
             torch._foreach_copy_(local(g2), local(g1))
         if rest:
             torch._foreach_zero_(local(rest))
-        owners = {id(g): p for p, g in zip(params, grads)}
-        ps = [owners[id(g)] for g in g2 + rest]
+        ps = [params[i] for i in at + others]
         scale = sam.loss_scale
         self._sharpness = (ps, sharp + sharp_rest, None if scale is None else scale.detach().clone())
         return None
