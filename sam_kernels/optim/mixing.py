@@ -140,8 +140,9 @@ class WeightedSharpness(KeepsFirstGrad):
     - ``decouple=False``: the base step takes a·g2 + (1 − a)·g1.
 
     Under AMP an overflowed step leaves the weights alone in both forms. Cost per SAM step: coupled
-    one or two passes over the gradients; decoupled a temporary copy of g2 − g1 and one pass over
-    the weights after the base step.
+    one or two passes over the gradients; decoupled two passes over the gradients (g1 − g2 is formed
+    in the copy of g1, and g2 + (g1 − g2) gives the base step g1 to one rounding) and one pass over
+    the weights after the base step; no memory beyond the copy of g1.
     """
 
     def __init__(self, gamma: float = 0.9, decouple: bool = True):
@@ -161,26 +162,27 @@ class WeightedSharpness(KeepsFirstGrad):
             if g1:
                 torch._foreach_add_(local(g2), local(g1), alpha=1 - self.a)
             return None
-        # s = g2 − g1 (local shards) kept for after_descent; the base step takes g1 (0 where there is no g1)
-        sharp = list(torch._foreach_sub(local(g2), local(g1))) if g1 else []
+        # m = g1 − g2 = −(the sharpness gradient), in the copies of g1 (no new memory), kept for
+        # after_descent; the base step takes g2 + m = g1 (to one rounding; 0 where there is no g1)
+        if g1:
+            torch._foreach_sub_(local(g1), local(g2))
+            torch._foreach_add_(local(g2), local(g1))
         # positions, not ids: an id() of a gradient would become a guard of a compiled step
         paired = set(at)
         others = [i for i in range(len(grads)) if i not in paired]
         rest = [grads[i] for i in others]
-        sharp_rest = [g.clone() for g in local(rest)]
-        if g1:
-            torch._foreach_copy_(local(g2), local(g1))
+        minus_rest = list(torch._foreach_neg(local(rest))) if rest else []
         if rest:
             torch._foreach_zero_(local(rest))
         ps = [params[i] for i in at + others]
         scale = sam.loss_scale
-        self._sharpness = (ps, sharp + sharp_rest, None if scale is None else scale.detach().clone())
+        self._sharpness = (ps, local(g1) + minus_rest, None if scale is None else scale.detach().clone())
         return None
 
     def after_descent(self, sam, found_inf):
         if self._sharpness is None:
             return
-        ps, sharp, scale = self._sharpness
+        ps, minus, scale = self._sharpness
         self._sharpness = None
         if not ps:
             return
@@ -192,11 +194,11 @@ class WeightedSharpness(KeepsFirstGrad):
             by_lr.setdefault((float(lr) if not isinstance(lr, torch.Tensor) else id(lr), layer[i] if layer else 0),
                              (lr, []))[1].append(i)
         for lr, idx in by_lr.values():
-            ws, ss = local([ps[i] for i in idx]), [sharp[i] for i in idx]
+            ws, ss = local([ps[i] for i in idx]), [minus[i] for i in idx]
             if scale is None and found_inf is None and not isinstance(lr, torch.Tensor):
-                torch._foreach_add_(ws, ss, alpha=-lr * self.a)
+                torch._foreach_add_(ws, ss, alpha=lr * self.a)
                 continue
-            coef = -lr * self.a if not isinstance(lr, torch.Tensor) else -lr.detach() * self.a
+            coef = lr * self.a if not isinstance(lr, torch.Tensor) else lr.detach() * self.a
             coef = torch.as_tensor(coef, dtype=torch.float32, device=ws[0].device)
             if scale is not None:
                 coef = coef / scale.to(coef.device, torch.float32)
