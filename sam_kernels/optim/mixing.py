@@ -37,6 +37,12 @@ def _ratio(s1: Optional[torch.Tensor], s2: Optional[torch.Tensor], device) -> Op
     return num / (one if s1 is None else s1.to(device, torch.float32))
 
 
+def _unpaired(grads: list[torch.Tensor], at: list[int]) -> list[torch.Tensor]:
+    """The grads whose position is not in ``at`` (by position: an id() would guard a compiled step)."""
+    paired = set(at)
+    return [g for i, g in enumerate(grads) if i not in paired]
+
+
 class KeepsFirstGrad(Modifier):
     """Base of the mixing modifiers: the copy of g(w) and its loss scale S1."""
 
@@ -90,8 +96,9 @@ class SurrogateGap(KeepsFirstGrad):
 
     (v: the component of g1 orthogonal to g2; eps 1e-12, the code's ``perturb_eps``). The descent
     uses d. Computed as d = (1 + alpha·c)·g2 − alpha·k·g1 with c = cos·‖g1‖/(‖g2‖ + eps) in unscaled
-    units. Cost per SAM step: three reductions (dot, two norms; ‖g2‖ reused when the descent has it)
-    and one or two passes over the gradients; no extra memory beyond the copy of g1.
+    units, in one fused pass (``ops.mix_``). Cost per SAM step: the copy of g1 in ``first_step``,
+    two reductions (⟨g1, g2⟩ and ‖g1‖²; ‖g2‖² is the descent's own when it has one, else a third)
+    and the mix pass; no memory beyond the copy of g1.
     """
 
     def __init__(self, alpha: float = 0.4, eps: float = 1e-12):
@@ -101,7 +108,7 @@ class SurrogateGap(KeepsFirstGrad):
     def before_descent(self, sam, params, grads, sam_step, sq_norm):
         if not sam_step or not grads:
             return sq_norm
-        _, g1, g2, k = self._pairs(sam, params, grads)
+        at, g1, g2, k = self._pairs(sam, params, grads)
         n2 = sq_norm if sq_norm is not None else ops.grad_sq_norm(grads, backend=sam.backend)
         dev = grads[0].device
         n2 = n2.to(dev, torch.float64 if grads[0].dtype == torch.float64 else torch.float32)
@@ -122,11 +129,11 @@ class SurrogateGap(KeepsFirstGrad):
         norm1, norm2 = n1.sqrt(), n2.sqrt()
         cos = dot / (norm2 * norm1 + self.eps)
         coef = 1 + self.alpha * cos * norm1 / (norm2 + self.eps)
-        torch._foreach_mul_(local(grads), coef)
-        if g1:
-            if k is not None:
-                torch._foreach_mul_(local(g1), k)
-            torch._foreach_add_(local(g2), local(g1), alpha=-self.alpha)
+        if g1:  # one fused pass: g2 ← coef·g2 − alpha·k·g1
+            ops.mix_(g2, g1, coef, -self.alpha if k is None else -self.alpha * k, backend=sam.backend)
+        rest = _unpaired(grads, at)
+        if rest:
+            torch._foreach_mul_(local(rest), coef)
         return None
 
 
@@ -139,10 +146,10 @@ class WeightedSharpness(KeepsFirstGrad):
       (each group's lr; the sharpness term bypasses the base optimizer's momentum and adaptivity);
     - ``decouple=False``: the base step takes a·g2 + (1 − a)·g1.
 
-    Under AMP an overflowed step leaves the weights alone in both forms. Cost per SAM step: coupled
-    one or two passes over the gradients; decoupled two passes over the gradients (g1 − g2 is formed
-    in the copy of g1, and g2 + (g1 − g2) gives the base step g1 to one rounding) and one pass over
-    the weights after the base step; no memory beyond the copy of g1.
+    Under AMP an overflowed step leaves the weights alone in both forms. Cost per SAM step, beyond
+    the copy of g1 in ``first_step``: coupled one fused pass (``ops.mix_``); decoupled two (g1 − g2 is
+    formed in the copy of g1, and g2 + (g1 − g2) gives the base step g1 to one rounding) and one pass
+    over the weights after the base step; no memory beyond the copy of g1.
     """
 
     def __init__(self, gamma: float = 0.9, decouple: bool = True):
@@ -155,18 +162,19 @@ class WeightedSharpness(KeepsFirstGrad):
         if not sam_step or not grads:
             return sq_norm
         at, g1, g2, k = self._pairs(sam, params, grads)
-        if k is not None and g1:
-            torch._foreach_mul_(local(g1), k)  # in the descent gradient's units
+        k1 = 1.0 if k is None else k  # g1 in the descent gradient's units: k·g1
         if not self.decouple:
-            torch._foreach_mul_(local(grads), self.a)
-            if g1:
-                torch._foreach_add_(local(g2), local(g1), alpha=1 - self.a)
+            if g1:  # one fused pass: g2 ← a·g2 + (1 − a)·k·g1
+                ops.mix_(g2, g1, self.a, (1 - self.a) * k1, backend=sam.backend)
+            rest = _unpaired(grads, at)
+            if rest:
+                torch._foreach_mul_(local(rest), self.a)
             return None
-        # m = g1 − g2 = −(the sharpness gradient), in the copies of g1 (no new memory), kept for
-        # after_descent; the base step takes g2 + m = g1 (to one rounding; 0 where there is no g1)
+        # m = k·g1 − g2 = −(the sharpness gradient), in the copies of g1 (no new memory), kept for
+        # after_descent; the base step takes g2 + m = k·g1 (to one rounding; 0 where there is no g1)
         if g1:
-            torch._foreach_sub_(local(g1), local(g2))
-            torch._foreach_add_(local(g2), local(g1))
+            ops.mix_(g1, g2, k1, -1.0, backend=sam.backend)
+            ops.mix_(g2, g1, 1.0, 1.0, backend=sam.backend)
         # positions, not ids: an id() of a gradient would become a guard of a compiled step
         paired = set(at)
         others = [i for i in range(len(grads)) if i not in paired]
