@@ -96,36 +96,58 @@ class SurrogateGap(KeepsFirstGrad):
 
     (v: the component of g1 orthogonal to g2; eps 1e-12, the code's ``perturb_eps``). The descent
     uses d. Computed as d = (1 + alpha·c)·g2 − alpha·k·g1 with c = cos·‖g1‖/(‖g2‖ + eps) in unscaled
-    units, in one fused pass (``ops.mix_``). Cost per SAM step: the copy of g1 in ``first_step``,
-    two reductions (⟨g1, g2⟩ and ‖g1‖²; ‖g2‖² is the descent's own when it has one, else a third)
-    and the mix pass; no memory beyond the copy of g1.
+    units, in one fused pass (``ops.mix_``). Cost per SAM step: the copy of g1 in ``first_step``, one
+    reduction ⟨g1, g2⟩ (‖g1‖² is the ascent's own, except with ASAM, whose ascent norm is ‖T⊙g1‖;
+    ‖g2‖² the descent's own when the finite check or telemetry took it) and the mix pass; no memory
+    beyond the copy of g1.
     """
 
     def __init__(self, alpha: float = 0.4, eps: float = 1e-12):
         super().__init__()
         self.alpha, self.eps = alpha, eps
+        self._sq1: Optional[torch.Tensor] = None  # ‖g1‖² (unscaled) from the ascent, when it is the plain norm
+        self._count1 = 0  # the number of tensors it is over
+
+    def after_ascent(self, sam, params, grads, sq_norm):
+        super().after_ascent(sam, params, grads, sq_norm)
+        plain = sq_norm is not None and not any(g["adaptive"] for g in sam.param_groups)  # ASAM's is ‖T⊙g‖²
+        self._sq1, self._count1 = (sq_norm.detach(), len(grads)) if plain else (None, 0)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "sq1": self._sq1, "count1": self._count1}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._sq1, self._count1 = state.get("sq1"), state.get("count1", 0)
 
     def before_descent(self, sam, params, grads, sam_step, sq_norm):
         if not sam_step or not grads:
             return sq_norm
         at, g1, g2, k = self._pairs(sam, params, grads)
+        sq1, self._sq1 = (self._sq1 if len(g1) == self._count1 else None), None
         n2 = sq_norm if sq_norm is not None else ops.grad_sq_norm(grads, backend=sam.backend)
         dev = grads[0].device
         n2 = n2.to(dev, torch.float64 if grads[0].dtype == torch.float64 else torch.float32)
         s2 = sam.loss_scale
         if g1:
             dot = ops.dot(g1, g2, backend=sam.backend).to(dev, n2.dtype)
-            n1 = ops.grad_sq_norm(g1, backend=sam.backend).to(dev, n2.dtype)
+            n1 = ops.grad_sq_norm(g1, backend=sam.backend).to(dev, n2.dtype) if sq1 is None else None
         else:
             dot = n1 = torch.zeros((), dtype=n2.dtype, device=dev)
         # unscaled: g2 = S2·u2, g1 = S1·u1 (k = S2/S1)
         if s2 is not None:
             s2 = s2.to(dev, n2.dtype)
             kk = k.to(n2.dtype)
-            dot, n2, n1 = dot / (s2 * s2 / kk), n2 / (s2 * s2), n1 / ((s2 / kk) * (s2 / kk))
+            dot, n2 = dot / (s2 * s2 / kk), n2 / (s2 * s2)
+            if n1 is not None:
+                n1 = n1 / ((s2 / kk) * (s2 / kk))
         elif k is not None:  # the second pass was unscaled, the first not: g1 = S1·u1, k = 1/S1
             kk = k.to(n2.dtype)
-            dot, n1 = dot * kk, n1 * kk * kk
+            dot = dot * kk
+            if n1 is not None:
+                n1 = n1 * kk * kk
+        if n1 is None:  # the ascent's own ‖g1‖², already unscaled: no pass over g1
+            n1 = sq1.to(dev, n2.dtype)
         norm1, norm2 = n1.sqrt(), n2.sqrt()
         cos = dot / (norm2 * norm1 + self.eps)
         coef = 1 + self.alpha * cos * norm1 / (norm2 + self.eps)
