@@ -44,48 +44,60 @@ def _unpaired(grads: list[torch.Tensor], at: list[int]) -> list[torch.Tensor]:
 
 
 class KeepsFirstGrad(Modifier):
-    """Base of the mixing modifiers: the copy of g(w) and its loss scale S1."""
+    """Base of the mixing modifiers: the copy of g(w) and its loss scale S1.
+
+    The copies live in ``sam.state[p]["first_grad"]`` and are reused from step to step (a fresh
+    allocation per step costs page faults on the CPU); which of them hold this step's g(w) is kept
+    by position in the flat parameter list (``_fresh``, saved with a mid-step checkpoint)."""
 
     transient_keys = (KEY,)
 
     def __init__(self):
         self._scale1: Optional[torch.Tensor] = None
+        self._fresh: Optional[list[int]] = None
 
     def after_ascent(self, sam, params, grads, sq_norm):
-        for group in sam.param_groups:  # copies of an earlier, unfinished step are not this step's
-            for p in group["params"]:
-                sam.state.get(p, {}).pop(KEY, None)
+        self._fresh = None
         if not grads:
             return
-        copies = [torch.empty_like(g, memory_format=torch.preserve_format) for g in grads]
+        copies = []
+        for p, g in zip(params, grads):
+            c = sam.state[p].get(KEY)
+            if c is None or c.shape != g.shape or c.dtype != g.dtype or c.device != g.device or c.stride() != g.stride():
+                c = sam.state[p][KEY] = torch.empty_like(g, memory_format=torch.preserve_format)
+            copies.append(c)
         ops.restore_(copies, grads, backend=sam.backend)  # a bitwise list copy that also takes DTensors
-        for p, c in zip(params, copies):
-            sam.state[p][KEY] = c
+        position = {id(p): i for i, p in enumerate(q for group in sam.param_groups for q in group["params"])}
+        self._fresh = [position[id(p)] for p in params]
         scale = sam.loss_scale
         self._scale1 = None if scale is None else scale.detach().clone()
 
     def first_grads(self, sam, params):
-        return [sam.state[p].get(KEY) for p in params]
+        return [sam.state[p].get(KEY) for p in params] if self._fresh is not None else None
 
     def _pairs(self, sam, params, grads):
-        """(positions in ``grads`` that have a copy of g(w), those copies, the grads they pair with,
-        k = S2/S1 or None); the copies leave ``sam.state``."""
+        """(positions in ``grads`` that have this step's copy of g(w), those copies, the grads they pair
+        with, k = S2/S1 or None); the copies are this step's no longer."""
+        fresh = set(self._fresh or ())
+        position = {id(p): i for i, p in enumerate(q for group in sam.param_groups for q in group["params"])}
         at, firsts, seconds = [], [], []
         for i, (p, g) in enumerate(zip(params, grads)):
-            c = sam.state[p].pop(KEY, None) if p in sam.state else None
+            c = sam.state[p].get(KEY) if position[id(p)] in fresh else None
             if c is not None and c.shape == g.shape:
+                if c.dtype != g.dtype or c.device != g.device:  # the param was cast mid-step
+                    c = sam.state[p][KEY] = c.to(dtype=g.dtype, device=g.device)
                 at.append(i)
-                firsts.append(c.to(g.dtype) if c.dtype != g.dtype else c)
+                firsts.append(c)
                 seconds.append(g)
         k = _ratio(self._scale1, sam.loss_scale, grads[0].device) if grads else None
-        self._scale1 = None
+        self._scale1, self._fresh = None, None
         return at, firsts, seconds, k
 
     def state_dict(self) -> dict:
-        return {"scale1": self._scale1}
+        return {"scale1": self._scale1, "fresh": self._fresh}
 
     def load_state_dict(self, state: dict) -> None:
-        self._scale1 = state.get("scale1")
+        self._scale1, self._fresh = state.get("scale1"), state.get("fresh")
 
 
 class SurrogateGap(KeepsFirstGrad):

@@ -85,7 +85,7 @@ class GSAM(SAM):
 
     Args: as :class:`SAM`, plus ``alpha`` (the surrogate-gap weight, 0.4 as the official examples).
     Raises ``ValueError`` for ``distributed="m-sam"`` (g(w) would differ per replica).
-    Extra memory: one copy of the gradients from ``first_step`` to the descent.
+    Extra memory: one copy of the gradients (a buffer reused from step to step).
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, alpha: float = 0.4, adaptive: bool = False,
@@ -108,8 +108,7 @@ class WSAM(SAM):
 
     Args: as :class:`SAM`, plus ``gamma`` in [0, 1) (0.9; gamma = 0.5 is SAM) and ``decouple``.
     Raises ``ValueError`` for gamma outside [0, 1) and for ``distributed="m-sam"``.
-    Extra memory: one copy of the gradients from ``first_step`` to the descent (decoupled: one more
-    during the descent).
+    Extra memory: one copy of the gradients (a buffer reused from step to step).
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, gamma: float = 0.9, *, decouple: bool = True,
