@@ -122,7 +122,9 @@ class SurrogateGap(KeepsFirstGrad):
 
     def after_ascent(self, sam, params, grads, sq_norm):
         super().after_ascent(sam, params, grads, sq_norm)
-        plain = sq_norm is not None and not any(g["adaptive"] for g in sam.param_groups)  # ASAM's is ‖T⊙g‖²
+        # the ascent's norm is ‖g1‖² over exactly these grads unless ASAM weights it (‖T⊙g‖²) or SAM-ON
+        # groups (perturb=False) add theirs
+        plain = sq_norm is not None and not any(g["adaptive"] or not g.get("perturb", True) for g in sam.param_groups)
         self._sq1, self._count1 = (sq_norm.detach(), len(grads)) if plain else (None, 0)
 
     def state_dict(self) -> dict:
