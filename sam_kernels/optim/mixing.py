@@ -58,6 +58,11 @@ class KeepsFirstGrad(Modifier):
 
     def after_ascent(self, sam, params, grads, sq_norm):
         self._fresh = None
+        if any(not g.get("perturb", True) for g in sam.param_groups):
+            # their g(w) would count as 0 in the mix: WSAM's decoupled base step would see no gradient
+            raise ValueError(f"{type(sam).__name__}: param groups with perturb=False (SAM-ON) are not supported "
+                             f"with {type(self).__name__}: the descent mixes in g(w) of every parameter; perturb "
+                             f"all groups, or use SAM for SAM-ON")
         if not grads:
             return
         copies = []
@@ -122,9 +127,8 @@ class SurrogateGap(KeepsFirstGrad):
 
     def after_ascent(self, sam, params, grads, sq_norm):
         super().after_ascent(sam, params, grads, sq_norm)
-        # the ascent's norm is ‖g1‖² over exactly these grads unless ASAM weights it (‖T⊙g‖²) or SAM-ON
-        # groups (perturb=False) add theirs
-        plain = sq_norm is not None and not any(g["adaptive"] or not g.get("perturb", True) for g in sam.param_groups)
+        # the ascent's norm is ‖g1‖² over exactly these grads unless ASAM weights it (‖T⊙g‖²)
+        plain = sq_norm is not None and not any(g["adaptive"] for g in sam.param_groups)
         self._sq1, self._count1 = (sq_norm.detach(), len(grads)) if plain else (None, 0)
 
     def state_dict(self) -> dict:

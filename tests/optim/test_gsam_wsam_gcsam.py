@@ -271,3 +271,17 @@ def test_compiled_steps_without_recompiles_at_constant_lr(name):
             after_warmup = counter.frame_count
     run.check("compiled", tol=(1e-5, 1e-4))
     assert counter.frame_count == after_warmup <= 4
+
+
+@pytest.mark.parametrize("cls", [sk.GSAM, sk.WSAM])
+def test_sam_on_groups_refused_before_any_change(cls):
+    """perturb=False groups (SAM-ON) would enter the mix with g(w) = 0: refused at first_step, weights at w."""
+    model = make_model()
+    ps = list(model.parameters())
+    opt = cls([{"params": ps[:2]}, {"params": ps[2:], "perturb": False}], torch.optim.SGD, lr=0.1)
+    x, y = make_batches(1)[0]
+    loss_fn(model(x), y).backward()
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match="perturb=False"):
+        opt.first_step()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(ps, before))
