@@ -9,8 +9,8 @@ from .common import mlp, train
 from .harness import WORLD
 
 FSDP2_VARIANTS = ["sam", "sam_adamw", "asam", "stablesam", "stable_asam", "looksam", "sparse_random", "sparse_nm",
-                  "sparse_dynamic", "esam", "esam_element", "sssam", "aesam", "gsam", "wsam", "wsam_coupled", "gcsam"]
-                  "sparse_dynamic", "esam", "esam_element", "sssam", "aesam", "sam_on", "late_phase"]
+                  "sparse_dynamic", "esam", "esam_element", "sssam", "aesam", "sam_on", "late_phase", "gsam", "wsam",
+                  "wsam_coupled", "gcsam"]
 
 
 @pytest.mark.parametrize("variant", FSDP2_VARIANTS)
