@@ -1,5 +1,5 @@
 // Element-wise ops of the variants: Stable SAM renormalization, Fisher accumulation, LookSAM
-// store/apply. Their global norms/dots arrive as 0-dim tensors (computed by grad_sq_norm / dot).
+// store/apply, GSAM/WSAM's mix. Their global norms/dots arrive as 0-dim tensors (computed by grad_sq_norm / dot).
 #include "multi_tensor.h"
 
 #include <torch/library.h>
@@ -89,6 +89,26 @@ void looksam_apply_cpu(at::TensorList grads, at::TensorList g_v, double alpha, c
   });
 }
 
+// g ← a·g + b·o (GSAM's surrogate-gap descent, WSAM's mixes); o may alias g.
+void mix_cpu(at::TensorList grads, at::TensorList others, const at::Tensor& a, const at::Tensor& b) {
+  check_primary("mix_", "grads", grads);
+  check_list("mix_", "others", grads, others);
+  SAM_DISPATCH_FLOATS(grads[0].scalar_type(), "mix_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t ca = read_scalar<acc_t>(a, "mix_", "a");
+    const acc_t cb = read_scalar<acc_t>(b, "mix_", "b");
+    const auto chunks = make_chunks(grads);
+    for_each_chunk(chunks, [&](const Chunk& c) {
+      scalar_t* g = data<scalar_t>(grads[c.tensor]);
+      const scalar_t* o = data<scalar_t>(others[c.tensor]);
+      elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+        using T = decltype(tag);
+        store(g, i, T(ca) * load<T>(g, i) + T(cb) * load<T>(o, i));
+      });
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
@@ -96,6 +116,7 @@ TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
   m.impl("fisher_accumulate_", &fisher_accumulate_cpu);
   m.impl("looksam_store_", &looksam_store_cpu);
   m.impl("looksam_apply_", &looksam_apply_cpu);
+  m.impl("mix_", &mix_cpu);
 }
 
 }  // namespace sam_kernels::cpu

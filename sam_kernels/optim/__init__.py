@@ -8,10 +8,15 @@ from .sam_on import sam_on_param_groups
 from .sam import SAM
 from .sparse import SparseSAM
 from .variants import AELookSAM, AESAM, LookSAM, SSSAM, StableSAM
+from .variants import GSAM, WSAM
+from .centralize import CentralizeAscent
+from .mixing import SurrogateGap, WeightedSharpness
+from .rho_schedule import ProportionalRho
 
 __all__ = [
     "SAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM",
     "Policy", "ScheduledPolicy", "AdaptivePolicy", "PeriodicPolicy", "Modifier", "Renormalize", "LookSAMReuse",
     "frozen_running_stats", "SparseSAM", "ESAM",
     "LatePhasePolicy", "sam_on_param_groups", "BSAM",
+    "GSAM", "WSAM", "ProportionalRho", "CentralizeAscent", "SurrogateGap", "WeightedSharpness",
 ]

@@ -26,6 +26,7 @@ from . import aliases, amp, backups, checkpoint, follow, groups, sparse_grads
 from .base_step import restore_and_step
 from .contract import (LIGHTNING_FIX, bind_base_optimizer, check_closure, check_group, complete_groups,
                        mark_stepped, prepare_group, run_step_hooks)
+from .centralize import CentralizeAscent
 from .descent import Modifier, Renormalize
 from .dispatch_summary import DispatchSummary, had_layout_fallback, records_step
 from .first_pass import BackwardWatch
@@ -64,6 +65,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         policy: when to take SAM steps (default: always).
         renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).
         modifiers: more descent modifiers, applied in order after ``renormalize``.
+        use_gc: GCSAM (Hassan et al. 2025): gradient centralization of the ascent gradient, see
+            :class:`~sam_kernels.optim.centralize.CentralizeAscent` (applied before ``modifiers``).
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop (see :mod:`sam_kernels.optim.amp`:
             where ``scaler.unscale_`` may go; attaching it creates its scale if it has none yet).
         distributed: ``"global"`` (both backwards synchronized: DDP's default, FSDP2) or ``"m-sam"``
@@ -107,7 +110,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
                  modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None,
                  distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = "norms",
-                 telemetry_decay: float = 0.9, **kwargs):
+                 telemetry_decay: float = 0.9, use_gc: bool = False, **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
         self.step_state = StepState(Telemetry(telemetry, telemetry_decay))
@@ -124,7 +127,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.finite_check = finite_check
         self.grad_scaler = grad_scaler
         self.policy = policy if policy is not None else Policy()
-        self.modifiers: list[Modifier] = ([Renormalize()] if renormalize else []) + list(modifiers)
+        self.modifiers: list[Modifier] = (([CentralizeAscent()] if use_gc else []) + ([Renormalize()] if renormalize else [])
+                                          + list(modifiers))
         self.step_state.backward.clear(self._params())
 
     def _params(self) -> list[torch.Tensor]:
@@ -287,6 +291,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         if not every_group:  # SAM-ON: groups with perturb=False are neither perturbed nor in the norm
             skipped = [e for e in entries if not e[0]["perturb"]]
             entries = [e for e in entries if e[0]["perturb"]]
+        for m in self.modifiers:
+            m.before_ascent(self, [p for _, p in entries], [p.grad for _, p in entries])
         sq = groups.sq_norm(entries, self.backend) if entries else None
         ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None or not every_group,
                         alias_keys=now.aliases, sparse=sparse)
@@ -366,6 +372,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         restore_and_step(self, perturbed or [], now.backups, self.backend, grad_scale=scale, found_inf=now.found,
                          dense=not sparse,
                          telemetry=self.telemetry.fused_args() if sam_step else None)
+        if sam_step:
+            for m in self.modifiers:
+                m.after_descent(self, now.found)
         self.amp.report(self)
 
     @records_step(starts_step=True)

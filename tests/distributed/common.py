@@ -101,6 +101,14 @@ def build(variant: str, module: nn.Module, rank, world: int, **extra):
         return sk.SAM(ps, torch.optim.SGD, rho=0.05, policy=sk.LatePhasePolicy(STEPS, 0.5), **sgd, **extra)
     if variant == "esam_element":
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.6, swp="element", seed=7, **sgd, **extra)
+    if variant == "gsam":
+        return sk.GSAM(ps, torch.optim.SGD, rho=0.05, alpha=0.4, **sgd, **extra)
+    if variant == "wsam":
+        return sk.WSAM(ps, torch.optim.SGD, rho=0.05, gamma=0.9, **sgd, **extra)
+    if variant == "wsam_coupled":
+        return sk.WSAM(ps, torch.optim.SGD, rho=0.05, gamma=0.9, decouple=False, **sgd, **extra)
+    if variant == "gcsam":
+        return sk.SAM(ps, torch.optim.SGD, rho=0.05, use_gc=True, **sgd, **extra)
     raise KeyError(variant)
 
 

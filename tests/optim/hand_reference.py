@@ -121,6 +121,13 @@ class HandSAM:
             steps descend with g + alpha·(‖g‖/‖g_v‖)·g_v (plain g before the first SAM step).
         masked_norm: Sparse SAM (Mi et al. 2022) divides by ‖m ⊙ g‖ instead of the full ‖g‖.
         beta: ESAM's SWP (Du et al. 2022): e = rho·g/(‖g_sel‖·beta) on the selected tensors, 0 elsewhere.
+        use_gc: GCSAM (Hassan et al. 2025): g(w) centralized (each tensor of more than one dimension
+            minus its mean over dims 1..) before everything else reads it; e from the centralized norm.
+        gsam_alpha: GSAM (Zhuang et al. 2022; official gsam/gsam.py, gradient_decompose): with
+            cos = ⟨g1, g2⟩/(‖g2‖·‖g1‖ + eps), v = g1 − cos·‖g1‖·g2/(‖g2‖ + eps), descend with g2 − alpha·v.
+        wsam_gamma, wsam_decouple: WSAM (Yue et al. 2023; official atorch/optimizers/wsam.py, second_step),
+            a = gamma/(1 − gamma): coupled, descend with a·g2 + (1 − a)·g1; decoupled, the base step with
+            g1, then w −= lr·a·(g2 − g1).
         perturbed: SAM-ON (Mueller et al. 2023, ``only_norm``): per tensor, whether it is perturbed; the
             others get e = 0 and are left out of the norm (as an unselected tensor of ESAM, without 1/beta).
         base: "sgd" | "adamw" | "adagrad" and its keyword arguments.
@@ -129,12 +136,14 @@ class HandSAM:
     def __init__(self, ws: Grads, *, base: str, base_kwargs: dict, rho: float, adaptive: bool = False,
                  eta: float = 0.01, renormalize: bool = False, looksam_alpha: Optional[float] = None,
                  masked_norm: bool = False, beta: Optional[float] = None,
-                 perturbed: Optional[Sequence[bool]] = None):
+                 perturbed: Optional[Sequence[bool]] = None, use_gc: bool = False,
+                 gsam_alpha: Optional[float] = None, wsam_gamma: Optional[float] = None, wsam_decouple: bool = True):
         self.ws = [w.detach().double().clone() for w in ws]
         self.base = BASES[base](**base_kwargs)
         self.rho, self.adaptive, self.eta = rho, adaptive, eta
         self.renormalize, self.alpha, self.masked_norm, self.beta = renormalize, looksam_alpha, masked_norm, beta
         self.gv: Optional[Grads] = None
+        self.use_gc, self.gsam_alpha, self.wsam_gamma, self.wsam_decouple = use_gc, gsam_alpha, wsam_gamma, wsam_decouple
         self.perturbed = None if perturbed is None else list(perturbed)
 
     @property
@@ -173,6 +182,8 @@ class HandSAM:
                 g = [a + scale * v for a, v in zip(g1, self.gv)]
             self.base.step(self.ws, g)
             return
+        if self.use_gc:
+            g1 = [g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True) if g.dim() > 1 else g for g in g1]
         e = self.perturbation(g1, masks, selected)
         g2 = g2_at([w + ei for w, ei in zip(self.ws, e)])
         if self.renormalize:
@@ -181,6 +192,20 @@ class HandSAM:
         if self.alpha is not None:
             proj = dot(g1, g2) / (norm(g1) ** 2 + EPS)
             self.gv = [s - proj * g for g, s in zip(g1, g2)]
+        if self.gsam_alpha is not None:
+            inner, n1, n2 = dot(g1, g2), norm(g1), norm(g2)
+            cosine = inner / (n2 * n1 + EPS)
+            vertical = [a - cosine * n1 * b / (n2 + EPS) for a, b in zip(g1, g2)]
+            g2 = [b - self.gsam_alpha * v for b, v in zip(g2, vertical)]
+        if self.wsam_gamma is not None:
+            a = self.wsam_gamma / (1 - self.wsam_gamma)
+            if self.wsam_decouple:
+                lr = self.lr
+                self.base.step(self.ws, g1)
+                for w, x, y in zip(self.ws, g1, g2):
+                    w.sub_(lr * a * (y - x))
+                return
+            g2 = [a * y + (1 - a) * x for x, y in zip(g1, g2)]
         self.base.step(self.ws, g2)
 
     def skip(self) -> None:
