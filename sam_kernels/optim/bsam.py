@@ -66,6 +66,7 @@ import torch
 from .. import ops
 from ..ops.dtensor import is_dtensor
 from . import backups, groups, sparse_grads
+from .dispatch_summary import records_step
 from .distributed import agreed_seed, all_reduce_
 from .sam import SAM
 
@@ -149,10 +150,22 @@ class BSAMUpdate(torch.optim.Optimizer):
             if not params:
                 continue
             sts = [self.state[p] for p in params]
-            ops.bsam_descent_(params, [backup_of.get(p, p) for p in params], [p.grad for p in params],
-                              [st["exp_avg"] for st in sts], [st["s"] for st in sts], [st["s_next"] for st in sts],
-                              lr=group["lr"], beta1=group["beta1"], weight_decay=group["weight_decay"],
-                              grad_scale=grad_scale, found_inf=found_inf, backend=backend)
+            kept = [backup_of.get(p, p) for p in params]
+
+            def descend():
+                ops.bsam_descent_(params, kept, [p.grad for p in params], [st["exp_avg"] for st in sts],
+                                  [st["s"] for st in sts], [st["s_next"] for st in sts], lr=group["lr"],
+                                  beta1=group["beta1"], weight_decay=group["weight_decay"], grad_scale=grad_scale,
+                                  found_inf=found_inf, backend=backend)
+            try:
+                descend()
+            except (TypeError, ValueError):  # rejected before writing: a backup taken before its param was cast
+                stale = [i for i, (b, p) in enumerate(zip(kept, params)) if (b.dtype, b.device) != (p.dtype, p.device)]
+                if not stale:
+                    raise
+                for i in stale:
+                    kept[i] = kept[i].to(dtype=params[i].dtype, device=params[i].device)
+                descend()
             for st in sts:  # s <- s_next: the buffers swap
                 st["s"], st["s_next"] = st["s_next"], st["s"]
 
@@ -234,6 +247,7 @@ class BSAM(SAM):
             self.restore()
             raise
 
+    @records_step(starts_step=True)  # the noise pass begins a bSAM step (its bytes are counted in stats())
     @torch.no_grad()
     def _sample(self) -> None:
         now = self.step_state
