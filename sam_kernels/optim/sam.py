@@ -65,10 +65,12 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             where ``scaler.unscale_`` may go; attaching it creates its scale if it has none yet).
         distributed: ``"global"`` (both backwards synchronized: DDP's default, FSDP2) or ``"m-sam"``
             (first backward under DDP's ``no_sync()``); see :mod:`sam_kernels.optim.distributed`.
-        telemetry: keep ‖g(w)‖, ‖g(w+e)‖, their cosine, ‖e‖ and L(w+e) − L(w) of each SAM step on the
-            device (taken inside the step's kernels where they read the data; the cosine costs one read
-            of g(w): see :mod:`sam_kernels.optim.telemetry`); ``"norms"``: all but the cosine (no pass over
-            the parameters). The step and pass counters of :meth:`stats` are kept either way.
+        telemetry: which values of each SAM step :meth:`stats` shows, kept on the device (taken inside
+            the step's kernels where they read the data; see :mod:`sam_kernels.optim.telemetry`).
+            ``"norms"`` (the default): ‖g(w)‖, ‖g(w+e)‖, ‖e‖ and L(w+e) − L(w), at no extra memory
+            traffic for plain SAM; ``True``: these and the cosine of g(w) and g(w+e), which costs one
+            more read of g(w); ``False``: none. The step and pass counters of :meth:`stats` are kept
+            in every mode.
         telemetry_decay: the factor of their exponential moving averages (0.9).
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
@@ -101,7 +103,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                  adaptive: bool = False, *, eta: float = 0.01, backend: Optional[str] = None,
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
                  modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None,
-                 distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = False,
+                 distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = "norms",
                  telemetry_decay: float = 0.9, **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
@@ -285,10 +287,13 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None or not every_group,
                         alias_keys=now.aliases, sparse=sparse)
         whole = sq
-        if sq is not None and skipped and (self.finite_check or self.amp.active or self.modifiers):
-            # the overflow screen and Stable SAM's ‖g(w)‖ cover every first-pass gradient, as plain SAM's
-            # norm does: the skipped groups are read here only when one of them needs it
+        if sq is not None and skipped and (self.finite_check or self.amp.active or self.modifiers
+                                           or self.telemetry.enabled):
+            # the overflow screen, Stable SAM's and telemetry's ‖g(w)‖ cover every first-pass gradient,
+            # as plain SAM's norm does: the skipped groups are read here only when one of them needs it
             whole = sq + groups.sq_norm(skipped, self.backend).to(sq.device)
+            if chosen is None:
+                ascent.whole_sq = whole
         agreed = None if sq is None else self.distributed.ascent_sq_norm(self, whole)  # m-SAM: the rank mean
         if agreed is not None:
             self.amp.screen(self, agreed, "first_step")
@@ -474,8 +479,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     def stats(self, ema: bool = False) -> dict[str, float]:
         """Telemetry and cost counters as Python floats, keys exactly ``sam_kernels.optim.telemetry.KEYS``:
         ``grad_norm``, ``sam_grad_norm``, ``grad_cosine``, ``perturbation_norm``, ``sharpness`` (of the
-        last SAM step; their EMAs with ``ema=True``; NaN before the first SAM step, when
-        ``telemetry=False`` or when not known), ``steps``, ``sam_steps``, ``sam_step_fraction``,
+        last SAM step; their EMAs with ``ema=True``; ``grad_cosine`` needs ``telemetry=True``, the others
+        the default ``"norms"``; NaN before the first SAM step, with ``telemetry=False`` or when not
+        known), ``steps``, ``sam_steps``, ``sam_step_fraction``,
         ``forward_passes``, ``backward_passes`` (full-batch equivalents) and ``optimizer_bytes`` (at
         the ops' bytes floors). Units: the loss's and the gradients'; bytes. One host sync (none
         without device values). Definitions and costs: :mod:`sam_kernels.optim.telemetry`."""

@@ -146,14 +146,16 @@ def test_every_variant_leaves_skipped_groups_at_w(info, backend):
     opt.second_step(zero_grad=True)
 
 
-def test_skipped_groups_are_in_no_ascent_list(monkeypatch):
+@pytest.mark.parametrize("telemetry", [False, "norms"])
+def test_skipped_groups_are_in_no_ascent_list(monkeypatch, telemetry):
     """No extra pass: the norm and perturb_ launches of first_step get the perturbed tensors only
-    (finite_check=False: nothing screens the skipped gradients)."""
+    (finite_check=False: nothing screens the skipped gradients). Telemetry's ‖g(w)‖ (the default)
+    reads the skipped gradients once more, and nothing else: its value is the norm over every gradient."""
     model = make_model()
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() == 1]},
               {"params": [p for p in params if p.dim() != 1], "perturb": False}]
-    opt = sk.SAM(groups, torch.optim.SGD, rho=0.05, lr=0.1, finite_check=False)
+    opt = sk.SAM(groups, torch.optim.SGD, rho=0.05, lr=0.1, finite_check=False, telemetry=telemetry)
     seen = []
     for name in ("grad_sq_norm", "perturb_"):
         real = getattr(ops, name)
@@ -164,8 +166,15 @@ def test_skipped_groups_are_in_no_ascent_list(monkeypatch):
         monkeypatch.setattr(ops, name, spy)
     x, y = make_batches(1)[0]
     loss_fn(model(x), y).backward()
+    by_hand = torch.cat([p.grad.double().flatten() for p in params]).norm()
     opt.first_step()
-    assert seen == [("grad_sq_norm", 2), ("perturb_", 2)]
+    if not telemetry:
+        assert seen == [("grad_sq_norm", 2), ("perturb_", 2)]
+        return
+    assert seen == [("grad_sq_norm", 2), ("grad_sq_norm", 2), ("perturb_", 2)]
+    loss_fn(model(x), y).backward()
+    opt.second_step()
+    assert opt.stats()["grad_norm"] == pytest.approx(by_hand.item(), rel=1e-6)
 
 
 def test_stable_sam_with_sam_on_groups_in_the_matrix_loops():
