@@ -46,9 +46,10 @@ Between steps the model holds the mean w. ``first_step`` without ``ascent_pass``
 ``RuntimeError`` (the gradient would be at w, not at a sample: another algorithm), and so does
 ``step(closure)`` after a backward outside ``ascent_pass``. Every step is a bSAM step (no ``policy``,
 no ``base_step``); ``perturb=False`` groups (SAM-ON) keep their noise sample and variance update but
-get e = 0. Not supported (clear errors): ``adaptive`` groups (s already scales e per element), sparse
-gradients, parameters that share memory and FSDP2's DTensor parameters (``ValueError``), telemetry of the sharpness values (the step
-and pass counters of ``stats()`` are kept).
+get e = 0. Not supported (clear errors): ``adaptive`` groups (s already scales e per element), parameters that
+share memory and FSDP2's DTensor parameters (``ValueError``), complex parameters and sparse gradients
+(``TypeError``), telemetry of the sharpness values (the step and pass counters of ``stats()`` are
+kept).
 
 Cost per step: two forward/backward passes, as SAM; optimizer state 4 tensors per parameter (backup,
 m, s, s_next). The per-element maths runs as three fused ops of :mod:`sam_kernels.ops`, one pass each:
@@ -191,7 +192,7 @@ class BSAM(SAM):
 
     Units: lr and rho in the weights' units per gradient unit, as Adam's; state tensors in the
     parameter's dtype. Raises ``ValueError`` for bad hyperparameters, ``adaptive`` groups and
-    parameters over shared memory; ``TypeError`` for sparse gradients.
+    parameters over shared memory; ``TypeError`` for complex parameters and sparse gradients.
     """
 
     def __init__(self, params, lr: float = 0.5, *, num_data: float, rho: float = 0.01, beta1: float = 0.9,
@@ -218,6 +219,9 @@ class BSAM(SAM):
         if any(g["adaptive"] for g in self.param_groups):
             raise ValueError("BSAM: adaptive=True is not supported (bSAM's e = rho·g/s is already scaled per "
                              "element by its precision s)")
+        if any(p.is_complex() for g in self.param_groups for p in g["params"]):
+            raise TypeError("BSAM: complex parameters are not supported (its variance sqrt(s)·|g| is defined on "
+                            "real weights); split them into real and imaginary parts")
         if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
             raise ValueError("BSAM: FSDP2 (DTensor parameters) is not supported (its noise is drawn per whole "
                              "tensor); use DDP")

@@ -165,6 +165,8 @@ def test_refusals():
         sk.BSAM([{"params": model.parameters(), "adaptive": True}], **KW)
     with pytest.raises(TypeError):
         sk.BSAM(model.parameters(), policy=sk.LatePhasePolicy(10), **KW)
+    with pytest.raises(TypeError, match="complex"):
+        sk.BSAM([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))], **KW)
     for bad in (dict(lr=-1.0), dict(beta1=1.0), dict(beta2=-0.1), dict(s_init=0.0), dict(damping=-1.0)):
         with pytest.raises(ValueError, match="BSAM: keyword arguments: invalid"):
             sk.BSAM(model.parameters(), **{**KW, **bad})
