@@ -44,6 +44,15 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def("looksam_apply_(Tensor(a!)[] grads, Tensor[] g_v, float alpha, Tensor g_sq_norm, Tensor gv_sq_norm, "
         "float eps) -> ()");
   m.def("mix_(Tensor(a!)[] grads, Tensor[] others, Tensor a, Tensor b) -> ()");
+  // bSAM (noise drawn by the caller; AMP scalars as the fused descents'; bsam_descent_ restores w from the
+  // backups and, on a skipped step, sets s_next <- s so that the caller's s/s_next swap keeps s).
+  m.def("bsam_noise_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor[] s, Tensor[] noise, float num_data) -> ()");
+  m.def("bsam_ascent_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor[] s, Tensor(b!)[] s_next, "
+        "float rho, float beta2, float damping, float weight_decay, bool perturb, Tensor? grad_scale=None, "
+        "Tensor? found_inf=None) -> ()");
+  m.def("bsam_descent_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] s, "
+        "Tensor(c!)[] s_next, float lr, float beta1, float weight_decay, Tensor? grad_scale=None, "
+        "Tensor? found_inf=None) -> ()");
   m.def("topk_mask(Tensor[] scores, int k) -> Tensor[]");
   m.def("nm_mask(Tensor[] scores, int n, int m) -> Tensor[]");
 }
@@ -81,7 +90,8 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 
 TORCH_LIBRARY_IMPL(sam_kernels, ADInplaceOrView, m) {
   for (const char* op : {"perturb_", "restore_", "sgd_restore_step_", "adamw_restore_step_", "renormalize_",
-                         "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_"}) {
+                         "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_", "bsam_noise_",
+                         "bsam_ascent_", "bsam_descent_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   }
 }

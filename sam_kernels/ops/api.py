@@ -257,6 +257,65 @@ def mix_(grads: Tensors, others: Tensors, a, b, *, backend: Optional[str] = None
            grads, others=others)
 
 
+# --------------------------------------------------------------------------- bSAM
+
+def _real_only(op: str, params: Tensors) -> None:
+    """bSAM's maths (sqrt(s)·|g|, z/sqrt(N·s)) is defined on real tensors only."""
+    if any(isinstance(p, torch.Tensor) and p.is_complex() for p in params):
+        raise TypeError(f"{op}: complex tensors are not supported (bSAM's variance is defined on real weights)")
+
+
+def bsam_noise_(params: Tensors, backups: Tensors, s: Tensors, noise: Tensors, *, num_data: float,
+                backend: Optional[str] = None) -> None:
+    """backups ← params; params ← params + noise / sqrt(num_data·s), in one pass per group (bSAM's noisy
+    sample, Moellenhoff and Khan 2023, official code). ``noise``: the caller's draw z ~ N(0, 1), aligned
+    with ``params`` (same shapes and dtypes); ``s``: the precisions (> 0). Real float tensors only
+    (``TypeError`` for complex); raises TypeError/ValueError before writing anything."""
+    require_list("bsam_noise_", params)
+    _real_only("bsam_noise_", params)
+    num_data = float(num_data)
+    launch("bsam_noise_", backend, lambda fn, pick, _: fn(pick(params), pick(backups), pick(s), pick(noise), num_data),
+           params, backups=backups, s=s, noise=noise)
+
+
+def bsam_ascent_(params: Tensors, backups: Tensors, grads: Tensors, s: Tensors, s_next: Tensors, *, rho: float,
+                 beta2: float, damping: float, weight_decay: float, perturb: bool = True,
+                 grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+                 backend: Optional[str] = None) -> None:
+    """bSAM's first step and variance update in one pass per group, g = grads / grad_scale:
+    params ← backups + rho·g/s (backups when not ``perturb``, or when ``found_inf`` is non-zero: AMP's
+    overflow flag, 0-dim, read on the device); s_next ← beta2·s + (1 − beta2)·(sqrt(s)·|g| + damping +
+    weight_decay). ``grad_scale``: the loss scale the grads carry (0-dim). Formulas: Moellenhoff and
+    Khan 2023, official code. Real float tensors only; raises TypeError/ValueError before writing."""
+    require_list("bsam_ascent_", params)
+    _real_only("bsam_ascent_", params)
+    kw = dict(rho=float(rho), beta2=float(beta2), damping=float(damping), weight_decay=float(weight_decay),
+              perturb=bool(perturb))
+    amp = amp_args(grad_scale, found_inf)
+    launch("bsam_ascent_", backend,
+           lambda fn, pick, device: fn(pick(params), pick(backups), pick(grads), pick(s), pick(s_next), **kw,
+                                       **on_device(amp, device)),
+           params, backups=backups, grads=grads, s=s, s_next=s_next)
+
+
+def bsam_descent_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: Tensors, s: Tensors, s_next: Tensors,
+                  *, lr: float, beta1: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
+                  found_inf: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
+    """params ← backups, then bSAM's descent in one pass per group, g = grads / grad_scale:
+    m ← beta1·m + (1 − beta1)·(g + weight_decay·w); params ← w − lr·m/s. A non-zero ``found_inf``
+    skips it on the device (params at the backups, m unchanged, s_next ← s so that swapping the s and
+    s_next buffers keeps s). Formulas: Moellenhoff and Khan 2023, official code. Real float tensors
+    only; raises TypeError/ValueError before writing anything."""
+    require_list("bsam_descent_", params)
+    _real_only("bsam_descent_", params)
+    kw = dict(lr=float(lr), beta1=float(beta1), weight_decay=float(weight_decay))
+    amp = amp_args(grad_scale, found_inf)
+    launch("bsam_descent_", backend,
+           lambda fn, pick, device: fn(pick(params), pick(backups), pick(grads), pick(exp_avgs), pick(s),
+                                       pick(s_next), **kw, **on_device(amp, device)),
+           params, backups=backups, grads=grads, exp_avgs=exp_avgs, s=s, s_next=s_next)
+
+
 # --------------------------------------------------------------------------- masks
 
 def _single_device(op: str, scores: Tensors) -> torch.device:

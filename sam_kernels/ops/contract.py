@@ -132,6 +132,25 @@ OPS: dict[str, OpInfo] = {op.name: op for op in (
            (3, 0), "norms: read g, g_v; then read g, g_v, write g", reduction_units=2),
     OpInfo("mix_", "mix_(Tensor(a!)[] grads, Tensor[] others, Tensor a, Tensor b) -> ()",
            "update", "g ← a·g + b·o (GSAM, WSAM)", reference.mix_, (3, 0), "read g, o; write g"),
+    # bSAM: three passes, one between each pair of forward/backward passes (no fewer is possible: the
+    # noise precedes the first backward, the ascent needs its g, the descent the second pass's g).
+    OpInfo("bsam_noise_",
+           "bsam_noise_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor[] s, Tensor[] noise, float num_data) -> ()",
+           "update", "backups ← w; w ← w + z / sqrt(N·s) (bSAM's noisy sample)", reference.bsam_noise_,
+           (5, 0), "read w, s, z; write backup, w", dtypes=FLOATS),
+    OpInfo("bsam_ascent_",
+           "bsam_ascent_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor[] s, Tensor(b!)[] s_next, "
+           "float rho, float beta2, float damping, float weight_decay, bool perturb, Tensor? grad_scale=None, "
+           "Tensor? found_inf=None) -> ()",
+           "update", "w ← backup + rho·g/s; s_next ← beta2·s + (1 − beta2)·(sqrt(s)·|g| + damping + delta) (bSAM)",
+           reference.bsam_ascent_, (5, 0), "read backup, g, s; write w, s_next", dtypes=FLOATS),
+    OpInfo("bsam_descent_",
+           "bsam_descent_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] s, "
+           "Tensor(c!)[] s_next, float lr, float beta1, float weight_decay, Tensor? grad_scale=None, "
+           "Tensor? found_inf=None) -> ()",
+           "update", "w ← backups, then m ← beta1·m + (1 − beta1)·(g + delta·w); w ← w − lr·m/s (bSAM)",
+           reference.bsam_descent_, (6, 0), "read backup, g, m, s; write w, m (s_next ← s only on a skipped step)",
+           dtypes=FLOATS),
     OpInfo("topk_mask", "topk_mask(Tensor[] scores, int k) -> Tensor[]",
            "mask", "keep the k largest scores over all tensors", reference.topk_mask,
            (1, 1), "read scores, write bool masks (sort-bound)", dtypes=FLOATS),

@@ -324,6 +324,72 @@ def mix_(grads: Tensors, others: Tensors, a: torch.Tensor, b: torch.Tensor) -> N
     torch._foreach_copy_(list(grads), out)
 
 
+# --------------------------------------------------------------------------- bSAM
+
+def bsam_noise_(params: Tensors, backups: Tensors, s: Tensors, noise: Tensors, num_data: float) -> None:
+    """backups ← w; w ← w + z / sqrt(N·s), with z = ``noise`` (drawn by the caller) and N = ``num_data``
+    (bSAM's noisy sample: the official code's ``mu + sqrt(1/(Ndata*s)) * n``)."""
+    torch._foreach_copy_(list(backups), list(params))
+    sigma = torch._foreach_reciprocal(torch._foreach_sqrt(torch._foreach_mul(_up(s), num_data)))
+    torch._foreach_copy_(list(params), torch._foreach_addcmul(_up(params), _up(noise), sigma))
+
+
+def bsam_ascent_(params: Tensors, backups: Tensors, grads: Tensors, s: Tensors, s_next: Tensors, *, rho: float,
+                 beta2: float, damping: float, weight_decay: float, perturb: bool,
+                 grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
+    """With g the noisy-sample gradient (``grads / grad_scale`` when given, as :func:`sgd_restore_step_`):
+
+        w      ← backup + rho · g / s            (backup, bitwise, when not ``perturb`` or ``found_inf`` ≠ 0)
+        s_next ← beta2 · s + (1 − beta2) · (sqrt(s)·|g| + damping + weight_decay)
+
+    (bSAM's first step and variance update, the official code's). s_next is written whatever
+    ``found_inf``: a skipped step never reads it (:func:`bsam_descent_` sets it to s)."""
+    cdt = acc_dtype(params[0].dtype)
+    g = _up(grads)
+    if grad_scale is not None:
+        g = torch._foreach_mul(g, unscale_factor(grad_scale, cdt))
+    sv = _up(s)
+    spread = torch._foreach_mul(torch._foreach_sqrt(sv), torch._foreach_abs(g))
+    torch._foreach_add_(spread, damping + weight_decay)
+    s_new = torch._foreach_mul(sv, beta2)
+    torch._foreach_add_(s_new, spread, alpha=1 - beta2)
+    b = _up(backups)
+    w = b
+    if perturb:
+        e = torch._foreach_div(g, sv)
+        torch._foreach_mul_(e, rho)
+        w = _skip_where(found_inf, b, torch._foreach_add(b, e))
+    torch._foreach_copy_(list(s_next), s_new)
+    torch._foreach_copy_(list(params), w)
+
+
+def bsam_descent_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: Tensors, s: Tensors, s_next: Tensors,
+                  *, lr: float, beta1: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
+                  found_inf: Optional[torch.Tensor] = None) -> None:
+    """params ← backups, then bSAM's descent with g = ``grads / grad_scale`` (the perturbed-point gradient):
+
+        m ← beta1 · m + (1 − beta1) · (g + weight_decay · w);   w ← w − lr · m / s
+
+    (the official code's; no weight-decay term at all when ``weight_decay`` is 0). A non-zero
+    ``found_inf`` skips the step: params end bitwise at the backups, m unchanged, and s_next ← s, so
+    that the caller's swap of the s and s_next buffers keeps s; s_next is not written otherwise."""
+    cdt = acc_dtype(params[0].dtype)
+    w0 = _up(backups)
+    g = _up(grads)
+    if grad_scale is not None:
+        g = torch._foreach_mul(g, unscale_factor(grad_scale, cdt))
+    m0 = _up(exp_avgs)
+    m = torch._foreach_mul(m0, beta1)
+    torch._foreach_add_(m, g, alpha=1 - beta1)
+    if weight_decay != 0:
+        torch._foreach_add_(m, w0, alpha=(1 - beta1) * weight_decay)
+    w = torch._foreach_addcdiv(w0, m, _up(s), value=-lr)
+    if found_inf is not None:
+        torch._foreach_copy_(list(s_next), _skip_where(found_inf, _up(s), _up(s_next)))
+    torch._foreach_copy_(list(exp_avgs), _skip_where(found_inf, m0, m))
+    torch._foreach_copy_(list(params), _skip_where(found_inf, w0, w))
+
+
 # --------------------------------------------------------------------------- masks
 
 def topk_mask(scores: Tensors, k: int) -> list[torch.Tensor]:

@@ -31,7 +31,7 @@ noisy-sample g. Its first step's perturbation rho·g/s agrees (tested where that
 
 Randomness: z comes from ``self.generator``, a ``torch.Generator`` on the device of the first
 parameter, seeded with ``seed`` (rank 0's under ``torch.distributed``: every rank draws the same z);
-draws are float32, per parameter in param-group order (:func:`.bsam_math.draw_noise`), so a run is
+draws are float32, per parameter in param-group order (:func:`draw_noise`), so a run is
 reproducible from its seed and the generator's state is part of ``state_dict``.
 
 Protocol (manual loop; ``step(closure)`` does the same with the closure)::
@@ -46,13 +46,16 @@ Between steps the model holds the mean w. ``first_step`` without ``ascent_pass``
 ``RuntimeError`` (the gradient would be at w, not at a sample: another algorithm), and so does
 ``step(closure)`` after a backward outside ``ascent_pass``. Every step is a bSAM step (no ``policy``,
 no ``base_step``); ``perturb=False`` groups (SAM-ON) keep their noise sample and variance update but
-get e = 0. Not supported (clear errors): ``adaptive`` groups (s already scales e per element), sparse
-gradients, parameters that share memory and FSDP2's DTensor parameters (``ValueError``), telemetry of the sharpness values (the step
-and pass counters of ``stats()`` are kept).
+get e = 0. Not supported (clear errors): ``adaptive`` groups (s already scales e per element), parameters that
+share memory and FSDP2's DTensor parameters (``ValueError``), complex parameters and sparse gradients
+(``TypeError``), telemetry of the sharpness values (the step and pass counters of ``stats()`` are
+kept).
 
 Cost per step: two forward/backward passes, as SAM; optimizer state 4 tensors per parameter (backup,
-m, s, s_next). The per-element maths is eager multi-tensor code (:mod:`.bsam_math`), not an op of
-:mod:`sam_kernels.ops`: ``stats()["optimizer_bytes"]`` does not count it.
+m, s, s_next). The per-element maths runs as three fused ops of :mod:`sam_kernels.ops`, one pass each:
+``bsam_noise_`` (5 units of the element size per element: read w, s, z; write the backup, w),
+``bsam_ascent_`` (5: read the backup, g, s; write w, s_next) and ``bsam_descent_`` (6: read the
+backup, g, m, s; write w, m; the restore of w is part of it), counted in ``stats()["optimizer_bytes"]``.
 """
 from __future__ import annotations
 
@@ -61,12 +64,21 @@ from typing import Iterator, Optional
 
 import torch
 
+from .. import ops
 from ..ops.dtensor import is_dtensor
 from . import backups, groups, sparse_grads
-from .bsam_math import ascent_, descent_, draw_noise, noise_
+from .dispatch_summary import records_step
 from .distributed import agreed_seed, all_reduce_
 from .sam import SAM
 
+
+
+def draw_noise(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """z ~ N(0, 1) per element: ``torch.randn(p.shape, dtype=float32, generator=generator)`` for each
+    param in order, on the generator's device, then moved and cast to the param's."""
+    dev = generator.device
+    return [torch.randn(p.shape, dtype=torch.float32, generator=generator, device=dev).to(p.device, p.dtype)
+            for p in params]
 
 
 def check_hyperparameters(group: dict, where: str) -> None:
@@ -93,8 +105,9 @@ class BSAMUpdate(torch.optim.Optimizer):
     """bSAM's own descent (the ``base_optimizer`` of :class:`BSAM`; not meant to be used alone):
     m ← beta1·m + (1 − beta1)·(g + weight_decay·w); w ← w − lr·m/s; then s ← s_next, the variance
     ``BSAM.first_step`` computed from the noisy-sample gradient. State per param: ``exp_avg`` (m),
-    ``s``, ``s_next``. Under AMP the SAM step hands it ``grad_scale`` and ``found_inf``: it unscales
-    and skips on the device."""
+    ``s``, ``s_next``. In a BSAM step the restore of w and this update are one pass
+    (:meth:`restore_step_`, ``ops.bsam_descent_``). Under AMP the SAM step hands it ``grad_scale``
+    and ``found_inf``: it unscales and skips on the device."""
 
     _step_supports_amp_scaling = True  # takes grad_scale / found_inf and skips on the device (no sync)
 
@@ -116,22 +129,44 @@ class BSAMUpdate(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """The descent at the current weights (each param its own backup)."""
         if closure is not None:
             raise TypeError("BSAMUpdate.step() takes no closure: BSAM.step(closure) runs the passes")
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+        self.restore_step_([], {}, None, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+
+    def restore_step_(self, perturbed: list[torch.Tensor], backup_of: dict, backend: Optional[str],
+                      grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
+        """w ← ``backup_of[p]`` for the ``perturbed`` params, then the descent, in one pass per param group
+        (``ops.bsam_descent_``); a param without a backup is its own. Under AMP, ``grad_scale`` (the loss
+        scale the grads carry) and ``found_inf`` (non-zero: skip, keeping m and s) are read on the
+        device. The hooks of ``step()`` are the caller's (:func:`.base_step.restore_and_step`)."""
+        by_group = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        if any("s_next" not in self.state[p] for _, ps in by_group for p in ps):  # before anything is written
+            raise RuntimeError("BSAM: a descent without its first_step (no variance update from a noisy "
+                               "sample for this step): use BSAM's first_step/second_step or step(closure)")
+        rest = [p for p in perturbed if p.grad is None]
+        if rest:  # no gradient: only the restore
+            backups.copy_back(rest, [backup_of[p] for p in rest], backend)
+        for group, params in by_group:
             if not params:
                 continue
-            if any("s_next" not in self.state[p] for p in params):
-                raise RuntimeError("BSAM: a descent without its first_step (no variance update from a noisy "
-                                   "sample for this step): use BSAM's first_step/second_step or step(closure)")
             sts = [self.state[p] for p in params]
-            scale = getattr(self, "grad_scale", None)  # set by the SAM step under AMP (see base_step)
-            descent_(params, [p.grad for p in params], [st["exp_avg"] for st in sts], [st["s"] for st in sts],
-                     [st["s_next"] for st in sts], lr=group["lr"], beta1=group["beta1"],
-                     weight_decay=group["weight_decay"],
-                     inv_scale=None if scale is None else scale.double().reciprocal().float(),
-                     found_inf=getattr(self, "found_inf", None))
+            kept = [backup_of.get(p, p) for p in params]
+
+            def descend():
+                ops.bsam_descent_(params, kept, [p.grad for p in params], [st["exp_avg"] for st in sts],
+                                  [st["s"] for st in sts], [st["s_next"] for st in sts], lr=group["lr"],
+                                  beta1=group["beta1"], weight_decay=group["weight_decay"], grad_scale=grad_scale,
+                                  found_inf=found_inf, backend=backend)
+            try:
+                descend()
+            except (TypeError, ValueError):  # rejected before writing: a backup taken before its param was cast
+                stale = [i for i, (b, p) in enumerate(zip(kept, params)) if (b.dtype, b.device) != (p.dtype, p.device)]
+                if not stale:
+                    raise
+                for i in stale:
+                    kept[i] = kept[i].to(dtype=params[i].dtype, device=params[i].device)
+                descend()
             for st in sts:  # s <- s_next: the buffers swap
                 st["s"], st["s_next"] = st["s_next"], st["s"]
 
@@ -157,7 +192,7 @@ class BSAM(SAM):
 
     Units: lr and rho in the weights' units per gradient unit, as Adam's; state tensors in the
     parameter's dtype. Raises ``ValueError`` for bad hyperparameters, ``adaptive`` groups and
-    parameters over shared memory; ``TypeError`` for sparse gradients.
+    parameters over shared memory; ``TypeError`` for complex parameters and sparse gradients.
     """
 
     def __init__(self, params, lr: float = 0.5, *, num_data: float, rho: float = 0.01, beta1: float = 0.9,
@@ -184,6 +219,9 @@ class BSAM(SAM):
         if any(g["adaptive"] for g in self.param_groups):
             raise ValueError("BSAM: adaptive=True is not supported (bSAM's e = rho·g/s is already scaled per "
                              "element by its precision s)")
+        if any(p.is_complex() for g in self.param_groups for p in g["params"]):
+            raise TypeError("BSAM: complex parameters are not supported (its variance sqrt(s)·|g| is defined on "
+                            "real weights); split them into real and imaginary parts")
         if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
             raise ValueError("BSAM: FSDP2 (DTensor parameters) is not supported (its noise is drawn per whole "
                              "tensor); use DDP")
@@ -213,6 +251,7 @@ class BSAM(SAM):
             self.restore()
             raise
 
+    @records_step(starts_step=True)  # the noise pass begins a bSAM step (its bytes are counted in stats())
     @torch.no_grad()
     def _sample(self) -> None:
         now = self.step_state
@@ -234,7 +273,8 @@ class BSAM(SAM):
         noise = draw_noise(params, self.generator)
         self.sample.pending = (params, kept)
         for n, idx in by_n.items():
-            noise_([params[i] for i in idx], [kept[i] for i in idx], [s[i] for i in idx], [noise[i] for i in idx], n)
+            ops.bsam_noise_([params[i] for i in idx], [kept[i] for i in idx], [s[i] for i in idx],
+                            [noise[i] for i in idx], num_data=n, backend=self.backend)
 
     def _ascend(self) -> None:
         """w ← kept w + rho·g/s (perturb groups; the kept w for the others), s_next from g (see the module)."""
@@ -260,7 +300,6 @@ class BSAM(SAM):
             sq = groups.grads_sq_norm([p.grad for _, p in entries], self.backend)
             self.amp.screen(self, self.distributed.ascent_sq_norm(self, sq), "first_step")
         scale = self.loss_scale
-        inv = None if scale is None else scale.double().reciprocal().float()
         kept_of = dict(zip(map(id, params_all), kept_all))
         with_grad = {id(p) for _, p in entries}
         variances = []
@@ -268,10 +307,11 @@ class BSAM(SAM):
             ps = [p for p in group["params"] if id(p) in with_grad]
             if ps:
                 sts = [base.state[p] for p in ps]
-                ascent_(ps, [kept_of[id(p)] for p in ps], [p.grad for p in ps], [st["s"] for st in sts],
-                        [st["s_next"] for st in sts], rho=group["rho"], beta2=group["beta2"],
-                        damping=group["damping"], weight_decay=group["weight_decay"], perturb=group["perturb"],
-                        inv_scale=inv, found_inf=now.found)
+                ops.bsam_ascent_(ps, [kept_of[id(p)] for p in ps], [p.grad for p in ps], [st["s"] for st in sts],
+                                 [st["s_next"] for st in sts], rho=group["rho"], beta2=group["beta2"],
+                                 damping=group["damping"], weight_decay=group["weight_decay"],
+                                 perturb=group["perturb"], grad_scale=scale, found_inf=now.found,
+                                 backend=self.backend)
                 variances += [st["s_next"] for st in sts]
         if self.distributed.per_replica:
             # m-SAM: each replica's s_next is from its own g; their mean is the official code's average of

@@ -640,6 +640,79 @@ def mask_samples() -> list[Sample]:
     return out
 
 
+BSAM_AMP = ("off", "step", "skip")
+
+
+def _bsam_inputs(c: dict, b: Backend):
+    """Inputs of a bSAM op: w, backups, g (scaled by 1024 under AMP, a NaN and an Inf planted with
+    ``nonfinite``), s > 0, and the AMP keywords."""
+    x = Inputs(shapes_for(c["shapes"], b) + [(4, 6)], c["dtype"], b.device, c.get("layout", "contiguous"))
+    params, backups = x.randn(), x.randn()
+    grads = x.randn(special=planting([float("nan"), float("inf"), -float("inf")]) if c.get("nonfinite") else None)
+    s = x.randn(positive=True)
+    kw = {}
+    if c.get("amp", "off") != "off":
+        for g in grads:
+            g.mul_(1024.0)
+        kw = dict(grad_scale=x.scalar(1024.0), found_inf=x.scalar(float(c["amp"] == "skip")))
+    return x, params, backups, grads, s, kw
+
+
+def _bsam_id(c: dict, *keys: str) -> str:
+    return "-".join([_dtype_id(c["dtype"]), *(str(c[k]) for k in keys), c["shapes"], c.get("layout", "contiguous")])
+
+
+def bsam_samples() -> list[Sample]:
+    out = []
+    shapes = itertools.cycle(["odd", "many_small", "conv"])
+    for c in _cases(dtype=FLOAT_DTYPES, shapes=["odd", "many_small", "conv"]):
+        out.append(_bsam_noise_sample(c))
+    for c in _cases(dtype=FLOAT_DTYPES, perturb=[True, False], amp=BSAM_AMP, nonfinite=[False, True]):
+        out.append(_bsam_ascent_sample(dict(c, shapes=next(shapes))))
+    for c in _cases(dtype=FLOAT_DTYPES, weight_decay=[0.0, 1e-2], amp=BSAM_AMP):
+        out.append(_bsam_descent_sample(dict(c, shapes=next(shapes))))
+    for layout in LAYOUTS[1:]:
+        c = dict(dtype=torch.float32, shapes="conv", layout=layout)
+        out += [_bsam_noise_sample(c), _bsam_ascent_sample(dict(c, perturb=True, amp="step", nonfinite=False)),
+                _bsam_descent_sample(dict(c, weight_decay=1e-2, amp="step"))]
+    return out
+
+
+def _bsam_noise_sample(c: dict) -> Sample:
+    def make(b):
+        x, params, backups, _, s, _ = _bsam_inputs(c, b)
+        return (params, backups, s, x.randn()), dict(num_data=50.0)
+
+    return Sample("bsam_noise_", _bsam_id(c), c["dtype"], make, bitwise=("backups",), tol_scale=10.0, meta=c)
+
+
+def _bsam_ascent_sample(c: dict) -> Sample:
+    def make(b):
+        _, params, backups, grads, s, kw = _bsam_inputs(c, b)
+        return (params, backups, grads, s, x_like(s)), dict(rho=0.05, beta2=0.999, damping=0.1, weight_decay=0.25,
+                                                            perturb=c["perturb"], **kw)
+
+    moves = c["perturb"] and c["amp"] != "skip"
+    return Sample("bsam_ascent_", _bsam_id(c, "perturb", "amp", "nonfinite"), c["dtype"], make,
+                  bitwise=() if moves else ("params",), tol_scale=10.0, meta=c)
+
+
+def _bsam_descent_sample(c: dict) -> Sample:
+    def make(b):
+        x, params, backups, grads, s, kw = _bsam_inputs(c, b)
+        return (params, backups, grads, x.randn(), s, x.randn(positive=True)), dict(
+            lr=0.1, beta1=0.9, weight_decay=c["weight_decay"], **kw)
+
+    skip = c["amp"] == "skip"
+    return Sample("bsam_descent_", _bsam_id(c, "weight_decay", "amp"), c["dtype"], make,
+                  bitwise=("params", "exp_avgs", "s_next") if skip else ("s_next",), tol_scale=10.0, meta=c)
+
+
+def x_like(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Garbage-filled outputs in the layout of ``ts`` (an op must write every element)."""
+    return [torch.full_like(t, float("nan")) for t in ts]
+
+
 SAMPLES: dict[str, list[Sample]] = {
     "grad_sq_norm": grad_sq_norm_samples(),
     "dot": dot_samples(),
@@ -650,6 +723,7 @@ SAMPLES: dict[str, list[Sample]] = {
     **{op: [s for s in variant_samples() + mask_samples() if s.op == op]
        for op in ("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_", "topk_mask",
                   "nm_mask")},
+    **{op: [s for s in bsam_samples() if s.op == op] for op in ("bsam_noise_", "bsam_ascent_", "bsam_descent_")},
 }
 """op -> its samples; every op of the table has some (tests/ops/test_contract.py checks)."""
 

@@ -57,6 +57,8 @@ def test_writes_and_kinds_by_hand():
         "adamw_restore_step_": ("params", "exp_avgs", "exp_avg_sqs", "sums"),
         "renormalize_": ("grads",), "fisher_accumulate_": ("fisher",), "looksam_store_": ("g_v",),
         "looksam_apply_": ("grads",), "mix_": ("grads",),
+        "bsam_noise_": ("params", "backups"), "bsam_ascent_": ("params", "s_next"),
+        "bsam_descent_": ("params", "exp_avgs", "s_next"),
     }
     kinds = {name: op.kind for name, op in contract.OPS.items()}
     assert [n for n, k in kinds.items() if k == "reduction"] == ["grad_sq_norm", "dot"]
@@ -69,6 +71,14 @@ def test_fp32_floors_are_the_design_figures():
     assert (fp32["grad_sq_norm"], fp32["perturb_"], fp32["sgd_restore_step_"]) == (4, 16, 20)
     assert fp32["grad_sq_norm"] + fp32["perturb_"] + fp32["sgd_restore_step_"] == 40  # one SAM step
     assert fp32["topk_mask"] == 4 + 1  # read the scores, write one bool per element
+
+
+def test_bsam_floors_by_hand():
+    """bSAM's three passes, fp32: noise reads w, s, z and writes the backup and w (20N); the ascent reads
+    the backup, g, s and writes w, s_next (20N); the descent reads the backup, g, m, s and writes w, m
+    (24N, the restore included): 64N bytes a step."""
+    fp32 = {name: op.floor_units * 4 + op.bytes_per_element[1] for name, op in contract.OPS.items()}
+    assert (fp32["bsam_noise_"], fp32["bsam_ascent_"], fp32["bsam_descent_"]) == (20, 20, 24)
 
 
 def test_public_ops_are_the_table():

@@ -50,6 +50,13 @@ def samples(device, layout="contiguous"):
         "looksam_store_": (ops.looksam_store_.default, (s, g, b, torch.tensor(0.3, device=device), sq, 1e-12)),
         "looksam_apply_": (ops.looksam_apply_.default, (g, s, 0.7, sq, torch.tensor(1.5, device=device), 1e-12)),
         "mix_": (ops.mix_.default, (g, s, torch.tensor(1.3, device=device), torch.tensor(-0.4, device=device))),
+        "bsam_noise_": (ops.bsam_noise_.default, (p, b, [x.abs() + 0.1 for x in s], g, 50.0)),
+        "bsam_ascent_": (ops.bsam_ascent_.default, (p, b, g, [x.abs() + 0.1 for x in s], _lists(device, layout=layout),
+                                                    0.05, 0.999, 0.1, 0.01, True)),
+        "bsam_descent_": (ops.bsam_descent_.default, (p, b, g, _lists(device, layout=layout), [x.abs() + 0.1 for x in s],
+                                                      _lists(device, layout=layout), 0.1, 0.9, 0.01,
+                                                      torch.tensor(4.0, device=device),
+                                                      torch.tensor(0.0, device=device))),
         "topk_mask": (ops.topk_mask.default, (s, 4)),
         "nm_mask": (ops.nm_mask.default, (s, 2, 4)),
     }

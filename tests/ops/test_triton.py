@@ -769,7 +769,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sam_kernels.ops.backends.triton import _tables, masks, norm, optimizer_steps, perturb, variants
+from sam_kernels.ops.backends.triton import _tables, bsam, masks, norm, optimizer_steps, perturb, variants
 
 C = dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024, CHUNK=8192, ALIGNED=True)
 SGD = dict(HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,
@@ -794,6 +794,8 @@ HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full b
     (optimizer_steps._adamw_restore_step_kernel, dict(C, **ADAMW, SUMS=True, HAS_ASCENT=True)),
     (variants._renormalize_kernel, C), (variants._fisher_accumulate_kernel, C),
     (variants._looksam_store_kernel, C), (variants._looksam_apply_kernel, C), (variants._mix_kernel, C),
+    (bsam._bsam_noise_kernel, C), (bsam._bsam_ascent_kernel, dict(C, PERTURB=True, HAS_SCALE=True, HAS_FOUND=True)),
+    (bsam._bsam_descent_kernel, dict(C, HAS_WD=True, HAS_SCALE=True, HAS_FOUND=True)),
 ]
 OTHER = [
     (norm._sum_partials_kernel, dict(BLOCK=1024)),
@@ -806,6 +808,10 @@ OTHER = [
                                    PERTURBATION_SQ=True, GRAD_COPIES=False)),
     (perturb._perturb_kernel, dict(C, DT=tl.float64, CDT=tl.float64, ALIGNED=False, MASKED=True, ADAPTIVE=False,
                                    KEEP=True, PERTURBATION_SQ=False, GRAD_COPIES=True)),
+    (bsam._bsam_ascent_kernel, dict(C, DT=tl.bfloat16, PERTURB=False, HAS_SCALE=False, HAS_FOUND=False)),
+    (bsam._bsam_descent_kernel, dict(C, DT=tl.float64, CDT=tl.float64, ALIGNED=False, HAS_WD=False, HAS_SCALE=False,
+                                     HAS_FOUND=False)),
+    (bsam._bsam_noise_kernel, dict(C, DT=tl.float16)),
     (_tables.add_partials_kernel, dict(WIDTH=2, USED=2, BLOCK=1024)),
     (_tables.add_partials_kernel, dict(WIDTH=1, USED=1, BLOCK=1024)),
     (masks._order_keys_kernel, dict(DT=tl.float16, BLOCK=1024, CHUNK=8192, ALIGNED=False)),

@@ -165,6 +165,8 @@ def test_refusals():
         sk.BSAM([{"params": model.parameters(), "adaptive": True}], **KW)
     with pytest.raises(TypeError):
         sk.BSAM(model.parameters(), policy=sk.LatePhasePolicy(10), **KW)
+    with pytest.raises(TypeError, match="complex"):
+        sk.BSAM([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))], **KW)
     for bad in (dict(lr=-1.0), dict(beta1=1.0), dict(beta2=-0.1), dict(s_init=0.0), dict(damping=-1.0)):
         with pytest.raises(ValueError, match="BSAM: keyword arguments: invalid"):
             sk.BSAM(model.parameters(), **{**KW, **bad})
@@ -241,3 +243,17 @@ def test_amp_closure_without_a_prior_backward(backend):
             else:
                 run.reference_step(rec, [(x, y)])
             run.check(f"overflow in pass {pass_no}, step {t}")
+
+
+@pytest.mark.parametrize("finite_check,per_param", [(True, 72), (False, 64)])
+def test_optimizer_bytes_are_the_three_passes(finite_check, per_param):
+    """One bSAM step, fp32, N parameters (all with gradients): the noise pass reads w, s, z and writes
+    the backup and w (20N); first_step reads the backup, g, s and writes w and the next s (20N); the
+    descent reads the backup, g, m, s and writes w and m (24N, the restore included). The finite
+    check adds one read of g in each of the two steps (4N + 4N)."""
+    model = make_model(torch.float32)
+    n = sum(p.numel() for p in model.parameters())
+    opt = sk.BSAM(model.parameters(), backend="cpp", finite_check=finite_check, **KW)
+    x, y = make_batches(1, torch.float32)[0]
+    _step(opt, model, x, y)
+    assert opt.stats()["optimizer_bytes"] == per_param * n

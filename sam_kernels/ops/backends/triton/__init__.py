@@ -5,7 +5,8 @@
 - ``perturb``: perturb_, restore_;
 - ``optimizer_steps``: sgd_restore_step_, adamw_restore_step_ (restore fused with the base step);
 - ``variants``: renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_, mix_;
-- ``masks``: topk_mask, nm_mask.
+- ``masks``: topk_mask, nm_mask;
+- ``bsam``: bsam_noise_, bsam_ascent_, bsam_descent_.
 
 Runs natively on CUDA tensors. With ``TRITON_INTERPRET=1`` set before this package is imported,
 the kernels run in Triton's interpreter on CPU tensors only (how CI tests them): the interpreter
@@ -22,13 +23,13 @@ import torch
 from ...contract import OpInfo, ops_of
 
 try:
-    from . import masks, norm, optimizer_steps, perturb, variants
+    from . import bsam, masks, norm, optimizer_steps, perturb, variants
 except ImportError as exc:  # triton missing (or too old): the backend reports why
     _IMPORT_ERROR: Optional[str] = f"triton not installed ({exc})"
     _FAMILIES: tuple = ()
 else:
     _IMPORT_ERROR = None
-    _FAMILIES = (norm, perturb, optimizer_steps, variants, masks)
+    _FAMILIES = (norm, perturb, optimizer_steps, variants, masks, bsam)
 
 
 def _bumping(op: OpInfo, fn: Callable) -> Callable:
