@@ -231,7 +231,7 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor
     own = getattr(base, "restore_step_", None)
     if own is not None and dense:  # an optimizer with its own fused restore + update (BSAM's descent)
         run_step_hooks(base, "pre")
-        own(perturbed, backup_of, backend, grad_scale=grad_scale, found_inf=found_inf)
+        own(perturbed, dict(zip(perturbed, kept)), backend, grad_scale=grad_scale, found_inf=found_inf)
         mark_stepped(base)
         run_step_hooks(base, "post")
         return

@@ -720,10 +720,10 @@ SAMPLES: dict[str, list[Sample]] = {
     "restore_": restore_samples(),
     "sgd_restore_step_": sgd_samples(),
     "adamw_restore_step_": adamw_samples(),
-    **{op: [s for s in variant_samples() + mask_samples() if s.op == op]
-       for op in ("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_", "topk_mask",
-                  "nm_mask")},
+    **{op: [s for s in variant_samples() if s.op == op]
+       for op in ("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_")},
     **{op: [s for s in bsam_samples() if s.op == op] for op in ("bsam_noise_", "bsam_ascent_", "bsam_descent_")},
+    **{op: [s for s in mask_samples() if s.op == op] for op in ("topk_mask", "nm_mask")},
 }
 """op -> its samples; every op of the table has some (tests/ops/test_contract.py checks)."""
 

@@ -135,6 +135,12 @@ def test_every_variant_leaves_skipped_groups_at_w(info, backend):
     w0 = [p.detach().clone() for p in params]
     with (opt.ascent_pass() if hasattr(opt, "ascent_pass") else torch.enable_grad()):
         loss_fn(model(x), y).backward()
+    if "sam_on" in info.refuses:  # an explicit error before any weight changes
+        exc, match = info.refuses["sam_on"]
+        with pytest.raises(exc, match=match):
+            opt.first_step(zero_grad=True)
+        assert all(torch.equal(p.detach(), w) for p, w in zip(params, w0)), info.name
+        return
     opt.first_step(zero_grad=True)
     for p, w in zip(params, w0):
         if p.dim() != 1:

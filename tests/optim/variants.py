@@ -154,6 +154,7 @@ def _hand_bsam(ws):
 
 ADAMW = dict(lr=1e-2, weight_decay=1e-2)
 ADAGRAD = dict(lr=0.1)
+SAM_ON_REFUSED = (ValueError, r"perturb=False \(SAM-ON\) are not supported")  # g(w) of every param mixed in
 SPARSE_REFUSED = (TypeError, "sparse")
 ALIAS_REFUSED = (ValueError, "share their memory")
 
@@ -195,14 +196,18 @@ VARIANTS: list[VariantInfo] = [
     VariantInfo("ESAM", _sam(sk.ESAM, base_optimizer=torch.optim.SGD, rho=RHO, beta=0.6, gamma=0.5, seed=7, **SGD),
                 False, _hand(beta=0.6), per_sample_closure=True, probe=_esam_selection),
     VariantInfo("GSAM", _sam(sk.GSAM, base_optimizer=torch.optim.SGD, rho=RHO, alpha=0.4, **SGD),
-                False, _hand(gsam_alpha=0.4), refuses={"sparse_grad": SPARSE_REFUSED}),
+                False, _hand(gsam_alpha=0.4),
+                refuses={"sparse_grad": SPARSE_REFUSED, "sam_on": SAM_ON_REFUSED}),
     VariantInfo("GSAM-AdamW", _sam(sk.GSAM, base_optimizer=torch.optim.AdamW, rho=RHO, alpha=0.4, **ADAMW),
-                False, _hand("adamw", ADAMW, gsam_alpha=0.4), refuses={"sparse_grad": SPARSE_REFUSED}),
+                False, _hand("adamw", ADAMW, gsam_alpha=0.4),
+                refuses={"sparse_grad": SPARSE_REFUSED, "sam_on": SAM_ON_REFUSED}),
     VariantInfo("WSAM", _sam(sk.WSAM, base_optimizer=torch.optim.SGD, rho=RHO, gamma=0.9, **SGD),
-                False, _hand(wsam_gamma=0.9), refuses={"sparse_grad": SPARSE_REFUSED}),
+                False, _hand(wsam_gamma=0.9),
+                refuses={"sparse_grad": SPARSE_REFUSED, "sam_on": SAM_ON_REFUSED}),
     VariantInfo("WSAM-coupled", _sam(sk.WSAM, base_optimizer=torch.optim.SGD, rho=RHO, gamma=0.9, decouple=False,
                                      **SGD),
-                False, _hand(wsam_gamma=0.9, wsam_decouple=False), refuses={"sparse_grad": SPARSE_REFUSED}),
+                False, _hand(wsam_gamma=0.9, wsam_decouple=False),
+                refuses={"sparse_grad": SPARSE_REFUSED, "sam_on": SAM_ON_REFUSED}),
     VariantInfo("GCSAM", _sam(sk.SAM, base_optimizer=torch.optim.SGD, rho=RHO, use_gc=True, **SGD),
                 False, _hand(use_gc=True), refuses={"sparse_grad": SPARSE_REFUSED}),
     VariantInfo("LatePhaseSAM", _late_phase, True, _hand()),
