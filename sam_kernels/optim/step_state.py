@@ -22,6 +22,7 @@ class StepState:
         self.perturbed: Optional[list[torch.Tensor]] = None  # between first_step and the descent
         self.backup_of: dict[torch.Tensor, torch.Tensor] = {}  # perturbed param -> its backup (tensor keys: copyable)
         self.found: Optional[torch.Tensor] = None  # AMP: overflow flag of this step, on the device
+        self.ascents = 0  # ascents taken in this step (a multi-step ascent takes several)
         self.stepping = False  # inside step(): torch's wrapper runs the step hooks
         self.begun = False     # this optimizer step has run its pre hooks
         self.groups_checked = 0
@@ -42,6 +43,7 @@ class StepState:
     def end(self) -> None:
         """Forget what belongs to the step that just ended or was undone (the counters stay)."""
         self.set_perturbed(None)
+        self.ascents = 0
         self.decision = None
         self.found = None
         self.begun = False
