@@ -56,8 +56,14 @@ def ema_update_(emas: list[torch.Tensor], grads: list[torch.Tensor], new: list[b
             a = keep + (1 - keep) * (1 - w)   # the old EMA's factor (1 when the pass overflowed)
             b = (1 - keep) * w * inv          # the new gradient's
             ms = [emas[i] for i in part]
-            torch._foreach_mul_(ms, a)
-            torch._foreach_add_(ms, torch._foreach_mul([grads[i] for i in part], b))
+            if found is None:
+                torch._foreach_mul_(ms, a)
+                torch._foreach_add_(ms, torch._foreach_mul([grads[i] for i in part], b))
+            else:  # an overflowed g is Inf/NaN: 0·g would be NaN, so the old m is selected, not weighted
+                fresh = torch._foreach_add(torch._foreach_mul(ms, a), torch._foreach_mul([grads[i] for i in part], b))
+                skip = keep.bool()
+                for m, n in zip(ms, fresh):
+                    torch.where(skip, m, n, out=m)
 
 
 class FriendlySAM(SAM):

@@ -297,6 +297,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         sparse = sparse_grads.any_sparse(self.param_groups)  # every param's, chosen or not: before any write
         if sparse:
             sparse_grads.refuse_unsupported(self)
+            if self.ascent_steps > 1:
+                raise TypeError(f"{type(self).__name__}: ascent_steps > 1 with sparse gradients is not supported; "
+                                "use ascent_steps=1 or dense gradients")
         chosen = self.ascent_params()
         entries = groups.with_grads(self.param_groups, chosen)
         if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
@@ -337,7 +340,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         try:
             self._follow_casts()
             if sparse_grads.any_sparse(self.param_groups):
-                raise TypeError("SAM: ascent_steps > 1 with sparse gradients is not supported; use ascent_steps=1")
+                raise TypeError(f"{type(self).__name__}: ascent_steps > 1 with sparse gradients is not supported; "
+                                "use ascent_steps=1 or dense gradients")
             held = {id(p) for p in now.perturbed}
             entries = [(g, p) for g, p in groups.with_grads(self.param_groups) if id(p) in held]
             if entries:

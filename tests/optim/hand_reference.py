@@ -177,8 +177,9 @@ class HandSAM:
             self.gv = [s - proj * g for g, s in zip(g1, g2)]
         self.base.step(self.ws, g2)
 
-    def skip(self) -> None:
-        """An overflowed step under AMP: nothing changes (weights, base state, LookSAM's g_v)."""
+    def skip(self, g1: Optional[Grads] = None) -> None:
+        """An overflowed step under AMP: nothing changes (weights, base state, LookSAM's g_v). ``g1``: the
+        first-pass gradients when only the second pass overflowed (variants whose state observes g(w))."""
 
 
 def exp_lr(lr0: float, gamma: float, t: int) -> float:
