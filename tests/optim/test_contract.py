@@ -56,10 +56,15 @@ def build(variant, model, base="sgd", **extra):
         return sk.SparseSAM(params, cls, mask="random", sparsity=0.5, seed=0, **kw)
     if variant == "ESAM":
         return sk.ESAM(params, cls, beta=0.6, gamma=1.0, seed=2, **kw)
+    if variant == "FriendlySAM":
+        return sk.FriendlySAM(params, cls, sigma=1.0, lmbda=0.6, **kw)
+    if variant == "VaSSO":
+        return sk.VaSSO(params, cls, theta=0.4, **kw)
     raise KeyError(variant)
 
 
-VARIANTS = ["SAM", "ASAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM", "SparseSAM", "ESAM"]
+VARIANTS = ["SAM", "ASAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM", "SparseSAM", "ESAM",
+            "FriendlySAM", "VaSSO"]
 
 
 def manual_step(model, opt, x, y):
