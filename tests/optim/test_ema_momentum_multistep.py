@@ -343,15 +343,17 @@ def test_ema_state_is_saved_and_cast(name):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_friendly_sam_matches_pytorch_optimizer(backend):
     po = pytest.importorskip("pytorch_optimizer")
+    # float32: the peer library takes the ascent norm in float32 whatever the dtype (its
+    # get_global_gradient_norm), so a float64 run differs from ours by float32 rounding of ‖d‖
     kw = dict(rho=RHO, sigma=1.0, lmbda=0.6, **SGD)
-    ours_model, theirs_model = make_model(), make_model()
+    ours_model, theirs_model = make_model(torch.float32), make_model(torch.float32)
     ours = sk.FriendlySAM(ours_model.parameters(), torch.optim.SGD, backend=backend, **kw)
     theirs = po.FriendlySAM(theirs_model.parameters(), torch.optim.SGD, foreach=False, **kw)
-    for x, y in make_batches(4):
+    for x, y in make_batches(4, dtype=torch.float32):
         for model, opt in ((ours_model, ours), (theirs_model, theirs)):
             _backward(model, x, y)
             opt.first_step(zero_grad=True)
             _backward(model, x, y)
             opt.second_step(zero_grad=True)
         for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
-            torch.testing.assert_close(a.detach(), b.detach(), atol=1e-10, rtol=1e-9)  # the matrix's float64 tolerance
+            torch.testing.assert_close(a.detach(), b.detach(), atol=2e-6, rtol=2e-5)  # the matrix's float32 tolerance
