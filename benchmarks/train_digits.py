@@ -150,6 +150,10 @@ def methods(sk, steps_total: int, steps_per_epoch: int, epochs: int) -> list[Met
         Method("AESAM", preset("AESAM", rho=0.05, total_steps=steps_total), note="d 0.9, l1 -1, l2 1"),
         Method("AELookSAM", preset("AELookSAM", rho=0.05, total_steps=steps_total, alpha=0.7),
                note="AE decisions + LookSAM reuse"),
+        Method("FriendlySAM", preset("FriendlySAM", rho=0.05, sigma=1.0, lmbda=0.6), note="sigma 1, lmbda 0.6"),
+        Method("VaSSO", preset("VaSSO", rho=0.05, theta=0.4), note="theta 0.4"),
+        Method("MomentumSAM", preset("MomentumSAM", rho=0.3), note="rho 0.3, one pass per step"),
+        Method("SAM-2step", preset("SAM", rho=0.05, ascent_steps=2), note="2 ascent steps of rho/2"),
     ]
 
 
@@ -217,6 +221,8 @@ def run(method: Method, seed: int, epochs: int, record_every: int = 10) -> dict:
             steps += 1
             examples += len(xb)
     wall = time.perf_counter() - t0
+    if hasattr(opt, "move_back_from_momentum_ascent"):
+        opt.move_back_from_momentum_ascent()  # Momentum-SAM holds w - rho·v/‖v‖: evaluate at w
     fwd, bwd = counter.fwd / examples, counter.bwd / examples  # read before the evaluation forward
     out = {"seed": seed, "test_acc": evaluate(model, xte, yte), "train_noise": noise, "wall_s": wall,
            "fwd_per_step": fwd, "bwd_per_step": bwd, "steps": steps}
