@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from ..ops.dtensor import is_dtensor
 from .sam import SAM
 
 
@@ -20,6 +21,11 @@ def _refuse_sparse(name: str, grads: list[torch.Tensor]) -> None:
     if any(g.is_sparse for g in grads):
         raise TypeError(f"{name}: sparse gradients are not supported (its EMA buffer is dense); use dense "
                         "gradients (nn.Embedding(sparse=False)) or SAM")
+
+
+def _local(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shards of DTensors (FSDP2): the EMA maths is element-wise, each rank does its shard."""
+    return [t.to_local() if is_dtensor(t) else t for t in ts]
 
 
 def _scalar(x, like: torch.Tensor) -> torch.Tensor:
@@ -44,6 +50,7 @@ def ema_update_(emas: list[torch.Tensor], grads: list[torch.Tensor], new: list[b
                 scale: Optional[torch.Tensor], found: Optional[torch.Tensor]) -> None:
     """m ← (1 − weight)·m + weight·g/S for each EMA m (a new one, all zeros: m ← g/S); unchanged when
     ``found`` (0-dim, non-zero: the pass overflowed). ``scale``: the loss scale S the grads carry."""
+    emas, grads = _local(emas), _local(grads)
     for (device, _), idx in _by_device(list(range(len(emas))), emas).items():
         ref = emas[idx[0]]
         keep = _keep_flag(found, ref)
@@ -115,12 +122,13 @@ class FriendlySAM(SAM):
             emas.append(st["fsam_ema"])
             dirs.append(d)
         # d = g − sigma·S·m (S: the loss scale g carries, so d carries it too); a new m is 0: d = g
-        for (device, _), idx in _by_device(list(range(len(params))), dirs).items():
+        ld, lg, lm = _local(dirs), _local(grads), _local(emas)
+        for (device, _), idx in _by_device(list(range(len(params))), ld).items():
             old = [i for i in idx if not new[i]]
-            torch._foreach_copy_([dirs[i] for i in idx], [grads[i] for i in idx])
+            torch._foreach_copy_([ld[i] for i in idx], [lg[i] for i in idx])
             if old and self.sigma:
-                c = _scalar(-self.sigma, dirs[idx[0]]) if scale is None else scale.to(device, torch.float32) * -self.sigma
-                torch._foreach_add_([dirs[i] for i in old], torch._foreach_mul([emas[i] for i in old], c))
+                c = _scalar(-self.sigma, ld[idx[0]]) if scale is None else scale.to(device, torch.float32) * -self.sigma
+                torch._foreach_add_([ld[i] for i in old], torch._foreach_mul([lm[i] for i in old], c))
         ema_update_(emas, grads, new, 1.0 - self.lmbda, scale, self.step_state.found)
         return dirs, scale
 

@@ -9,7 +9,8 @@ from .common import mlp, train
 from .harness import WORLD
 
 FSDP2_VARIANTS = ["sam", "sam_adamw", "asam", "stablesam", "stable_asam", "looksam", "sparse_random", "sparse_nm",
-                  "sparse_dynamic", "esam", "esam_element", "sssam", "aesam"]
+                  "sparse_dynamic", "esam", "esam_element", "sssam", "aesam",
+                  "friendlysam", "vasso", "msam", "sam_2step"]
 
 
 @pytest.mark.parametrize("variant", FSDP2_VARIANTS)
