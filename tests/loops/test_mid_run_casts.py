@@ -30,6 +30,9 @@ VARIANTS = {
                                             lr=LR, momentum=MOM, backend=be),
     "ESAM": lambda p, be: sk.ESAM(p, torch.optim.SGD, rho=RHO, beta=0.6, gamma=1.0, seed=2, lr=LR, momentum=MOM,
                                   backend=be),
+    "FriendlySAM": lambda p, be: sk.FriendlySAM(p, torch.optim.SGD, rho=RHO, lmbda=0.6, lr=LR, momentum=MOM,
+                                                backend=be),
+    "VaSSO": lambda p, be: sk.VaSSO(p, torch.optim.SGD, rho=RHO, lr=LR, momentum=MOM, backend=be),
 }
 
 

@@ -38,10 +38,19 @@ def _make(name: str, params):
                             seed=5, **SGD)
     if name == "ESAM":
         return sk.ESAM(params, torch.optim.SGD, rho=0.05, beta=0.6, seed=2, **SGD)
+    if name == "FriendlySAM":
+        return sk.FriendlySAM(params, torch.optim.SGD, rho=0.05, lmbda=0.6, **SGD)
+    if name == "VaSSO":
+        return sk.VaSSO(params, torch.optim.SGD, rho=0.05, **SGD)
+    if name == "MomentumSAM":
+        return sk.MomentumSAM(params, torch.optim.SGD, rho=0.05, **SGD)
+    if name == "SAM-2-step":
+        return sk.SAM(params, torch.optim.SGD, rho=0.05, ascent_steps=2, **SGD)
     raise KeyError(name)
 
 
-VARIANTS = ("SAM", "ASAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM", "SparseSAM", "ESAM")
+VARIANTS = ("SAM", "ASAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM", "SparseSAM", "ESAM",
+            "FriendlySAM", "VaSSO", "MomentumSAM", "SAM-2-step")
 
 
 def _model():
