@@ -9,6 +9,7 @@ loss scale out and an overflowed first pass leaves the EMA as it was.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -26,10 +27,6 @@ def _refuse_sparse(name: str, grads: list[torch.Tensor]) -> None:
 def _local(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     """The local shards of DTensors (FSDP2): the EMA maths is element-wise, each rank does its shard."""
     return [t.to_local() if is_dtensor(t) else t for t in ts]
-
-
-def _scalar(x, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=torch.float32, device=like.device)
 
 
 def _keep_flag(found: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -51,10 +48,18 @@ def ema_update_(emas: list[torch.Tensor], grads: list[torch.Tensor], new: list[b
     """m ← (1 − weight)·m + weight·g/S for each EMA m (a new one, all zeros: m ← g/S); unchanged when
     ``found`` (0-dim, non-zero: the pass overflowed). ``scale``: the loss scale S the grads carry."""
     emas, grads = _local(emas), _local(grads)
+    if scale is None and found is None:  # one pass per tensor: m ← m + weight·(g − m)
+        for is_new in (False, True):
+            part = [i for i in range(len(emas)) if new[i] == is_new]
+            if part:
+                (torch._foreach_copy_ if is_new else functools.partial(torch._foreach_lerp_, weight=weight))(
+                    [emas[i] for i in part], [grads[i] for i in part])
+        return
     for (device, _), idx in _by_device(list(range(len(emas))), emas).items():
         ref = emas[idx[0]]
         keep = _keep_flag(found, ref)
-        inv = _scalar(1.0, ref) if scale is None else scale.to(device, torch.float32).reciprocal()
+        inv = torch.ones((), dtype=torch.float32, device=device) if scale is None else \
+            scale.to(device, torch.float32).reciprocal()
         for is_new in (False, True):
             part = [i for i in idx if new[i] == is_new]
             if not part:
@@ -63,7 +68,7 @@ def ema_update_(emas: list[torch.Tensor], grads: list[torch.Tensor], new: list[b
             a = keep + (1 - keep) * (1 - w)   # the old EMA's factor (1 when the pass overflowed)
             b = (1 - keep) * w * inv          # the new gradient's
             ms = [emas[i] for i in part]
-            if found is None:
+            if found is None:  # unscaled here: g/S with S the loss scale
                 torch._foreach_mul_(ms, a)
                 torch._foreach_add_(ms, torch._foreach_mul([grads[i] for i in part], b))
             else:  # an overflowed g is Inf/NaN: 0·g would be NaN, so the old m is selected, not weighted
@@ -126,8 +131,10 @@ class FriendlySAM(SAM):
         for (device, _), idx in _by_device(list(range(len(params))), ld).items():
             old = [i for i in idx if not new[i]]
             torch._foreach_copy_([ld[i] for i in idx], [lg[i] for i in idx])
-            if old and self.sigma:
-                c = _scalar(-self.sigma, ld[idx[0]]) if scale is None else scale.to(device, torch.float32) * -self.sigma
+            if old and self.sigma and scale is None:
+                torch._foreach_add_([ld[i] for i in old], [lm[i] for i in old], alpha=-self.sigma)
+            elif old and self.sigma:
+                c = scale.to(device, torch.float32) * -self.sigma
                 torch._foreach_add_([ld[i] for i in old], torch._foreach_mul([lm[i] for i in old], c))
         ema_update_(emas, grads, new, 1.0 - self.lmbda, scale, self.step_state.found)
         return dirs, scale

@@ -146,9 +146,11 @@ class MomentumSAM(SAM):
         swapped = [g for g in self.param_groups if self.decay_at == "perturbed" and g["weight_decay"]]
         for group in swapped:
             ps = [p for p in group["params"] if p.grad is not None]
-            if ps:
-                scale = self.loss_scale
-                wd = group["weight_decay"] if scale is None else scale.to(ps[0].device) * group["weight_decay"]
+            scale = self.loss_scale
+            if ps and scale is None:
+                torch._foreach_add_([p.grad for p in ps], ps, alpha=group["weight_decay"])
+            elif ps:
+                wd = scale.to(ps[0].device) * group["weight_decay"]
                 torch._foreach_add_([p.grad for p in ps], torch._foreach_mul(ps, wd))
         saved = [g["weight_decay"] for g in swapped]
         for group in swapped:
