@@ -354,6 +354,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                 k = self.ascent_steps
                 ascent.buckets = groups.bucket(entries, lambda g: (g["rho"] / k, g["adaptive"], g["eta"]))
                 ascent.perturb(self.state, self.backend)
+                self.telemetry.on_ascent_again()
         except BaseException:
             self.restore()
             raise

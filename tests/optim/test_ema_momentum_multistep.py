@@ -158,6 +158,25 @@ def test_multistep_checkpoint_between_ascents(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["FriendlySAM", "VaSSO", "SAM-3-step"])
+def test_telemetry_reads_g_of_w_and_the_applied_perturbation(name):
+    """grad_norm is ‖g(w)‖ (not of the ascent direction); perturbation_norm is ‖e‖ as applied
+    (rho for a one-step ascent along any direction; not measured, NaN, for a multi-step one)."""
+    model = make_model()
+    opt = variant(name).build(model, telemetry="norms")
+    for x, y in make_batches(2):
+        _backward(model, x, y)
+        g = norm([p.grad for p in model.parameters()])
+        opt.step(lambda: _backward(model, x, y))
+        opt.zero_grad()
+        stats = opt.stats()
+        assert stats["grad_norm"] == pytest.approx(float(g), rel=1e-6)
+        if name == "SAM-3-step":
+            assert stats["perturbation_norm"] != stats["perturbation_norm"]  # NaN: not measured
+        else:
+            assert stats["perturbation_norm"] == pytest.approx(RHO, rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- Momentum-SAM protocol
 
 def _msam_run(backend, **kw):
