@@ -271,8 +271,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         now = self.step_state
         if now.perturbed is not None:
             if now.ascents >= self.ascent_steps:
-                raise RuntimeError(f"SAM.first_step() called {now.ascents + 1} times with ascent_steps="
-                                   f"{self.ascent_steps}: call second_step() (or restore()) first")
+                times = "twice" if now.ascents == 1 else f"{now.ascents + 1} times"
+                raise RuntimeError(f"SAM.first_step() called {times} with ascent_steps={self.ascent_steps}: call "
+                                   "second_step() (or restore()) first")
             self._ascend_again(zero_grad)
             return
         self.amp.check_attached(self)

@@ -226,6 +226,30 @@ def test_momentum_sam_holds_the_perturbed_weights_and_evaluates_at_w(backend):
     assert stats["forward_passes"] == stats["backward_passes"] == stats["steps"] == 3
 
 
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_momentum_sam_hooks_and_schedulers_see_one_step_per_step(base):
+    import warnings
+    model = make_model()
+    opt = (sk.MomentumSAM(model.parameters(), torch.optim.SGD, **SGD) if base == "sgd" else
+           sk.MomentumSAM(model.parameters(), torch.optim.AdamW, lr=1e-2))
+    seen, base_seen = [], []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    opt.base_optimizer.register_step_pre_hook(lambda o, a, k: base_seen.append("pre"))
+    opt.base_optimizer.register_step_post_hook(lambda o, a, k: base_seen.append("post"))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" must not appear
+        for x, y in make_batches(3):
+            _backward(model, x, y)
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    assert seen == ["pre", "post"] * 3
+    assert base_seen == ["pre", "post"] * 3
+    assert opt.param_groups[0]["lr"] == pytest.approx((0.1 if base == "sgd" else 1e-2) * 0.5 ** 3)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_momentum_sam_error_in_step_leaves_w(backend):
     model, opt, ref = _msam_run(backend)
