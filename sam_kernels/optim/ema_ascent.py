@@ -108,8 +108,6 @@ class FriendlySAM(SAM):
             raise ValueError(f"FriendlySAM: sigma must be a finite number >= 0, got {sigma!r}")
         if not (isinstance(lmbda, (int, float)) and 0.0 <= lmbda < 1.0):
             raise ValueError(f"FriendlySAM: lmbda must be in [0, 1), got {lmbda!r}")
-        if kwargs.get("ascent_steps", 1) != 1:
-            raise ValueError("FriendlySAM: ascent_steps must be 1 (the EMA direction is of the first pass)")
         self.sigma, self.lmbda = float(sigma), float(lmbda)
         super().__init__(params, base_optimizer, rho, **kwargs)
 
@@ -165,8 +163,6 @@ class VaSSO(SAM):
             raise ValueError(f"VaSSO: theta must be in (0, 1], got {theta!r}")
         if not (isinstance(eps, (int, float)) and 0.0 <= eps < float("inf")):
             raise ValueError(f"VaSSO: eps must be a finite number >= 0, got {eps!r}")
-        if kwargs.get("ascent_steps", 1) != 1:
-            raise ValueError("VaSSO: ascent_steps must be 1 (the EMA direction is of the first pass)")
         self.theta, self.eps = float(theta), float(eps)
         super().__init__(params, base_optimizer, rho, **kwargs)
 

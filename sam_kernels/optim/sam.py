@@ -78,7 +78,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             (ASAM: T at w_i), then the base step at w with g(w_k) (optax.contrib.sam's adversarial steps,
             with ``normalize()`` and rho/k per step). The manual loop calls ``first_step`` k times, a
             backward after each; ``step(closure)`` evaluates the closure once per gradient (k + 1 times
-            with the first pass). w is kept once, at the first call.
+            with the first pass). w is kept once, at the first call. Not with variants that choose their
+            own perturbation (ESAM, SparseSAM, FriendlySAM, VaSSO: ``ValueError``).
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
     the key), at construction, ``add_param_group`` and ``load_state_dict``.
@@ -116,6 +117,11 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
         if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
             raise ValueError(f"{type(self).__name__}: ascent_steps must be an int >= 1, got {ascent_steps!r}")
+        own = [name for name in ("ascent_params", "perturbation_options", "ascent_direction")
+               if getattr(type(self), name) is not getattr(SAM, name)]
+        if ascent_steps > 1 and own:
+            raise ValueError(f"{type(self).__name__}: ascent_steps > 1 is not supported by a variant that chooses its "
+                             f"own perturbation ({', '.join(own)}); use ascent_steps=1")
         self.ascent_steps = ascent_steps
         self.step_state = StepState(Telemetry(telemetry, telemetry_decay))
         super().__init__(params, defaults)

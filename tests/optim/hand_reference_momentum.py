@@ -42,20 +42,25 @@ class HandMomentumSAM:
 
 
 class HandMultiStepSAM(HandSAM):
+    """HandSAM whose perturbation is the k-step ascent: e = w_k − w (then HandSAM's descent, with its
+    options: Stable SAM's renormalization, LookSAM's g_v from g(w) and g(w_k))."""
+
     def __init__(self, ws: Grads, *, ascent_steps: int, **kw):
         super().__init__(ws, **kw)
         self.k = ascent_steps
+        self._ascent_at: Optional[Callable[[Grads], Grads]] = None
 
     def step(self, g1: Grads, g2_at: Optional[Callable[[Grads], Grads]], *, sam: bool,
              ascent_at: Optional[Callable[[Grads], Grads]] = None, **inputs) -> None:
-        if not sam:
-            return super().step(g1, g2_at, sam=False, **inputs)
+        self._ascent_at = ascent_at
+        super().step(g1, g2_at, sam=sam, **inputs)
+
+    def perturbation(self, g, masks=None, selected=None):
         w = [x.clone() for x in self.ws]
-        g = g1
         for i in range(self.k):
             t = [x.abs() + self.eta if self.adaptive else torch.ones_like(x) for x in w]
             n = norm([ti * gi for ti, gi in zip(t, g)])
             w = [x + (self.rho / self.k) * ti * ti * gi / (n + EPS) for x, ti, gi in zip(w, t, g)]
             if i < self.k - 1:
-                g = ascent_at(w)
-        self.base.step(self.ws, g2_at(w))
+                g = self._ascent_at(w)
+        return [x - x0 for x, x0 in zip(w, self.ws)]

@@ -32,6 +32,9 @@ def params():
     (lambda: sk.FriendlySAM(params(), torch.optim.SGD, lmbda=1.0, lr=0.1), "lmbda"),
     (lambda: sk.FriendlySAM(params(), torch.optim.SGD, ascent_steps=2, lr=0.1), "ascent_steps"),
     (lambda: sk.VaSSO(params(), torch.optim.SGD, theta=0.0, lr=0.1), "theta"),
+    (lambda: sk.VaSSO(params(), torch.optim.SGD, ascent_steps=2, lr=0.1), "ascent_steps"),
+    (lambda: sk.ESAM(params(), torch.optim.SGD, beta=0.6, ascent_steps=2, lr=0.1), "ascent_steps"),
+    (lambda: sk.SparseSAM(params(), torch.optim.SGD, mask="random", ascent_steps=2, lr=0.1), "ascent_steps"),
     (lambda: sk.VaSSO(params(), torch.optim.SGD, theta=1.5, lr=0.1), "theta"),
     (lambda: sk.VaSSO(params(), torch.optim.SGD, eps=float("nan"), lr=0.1), "eps"),
     (lambda: sk.SAM(params(), torch.optim.SGD, ascent_steps=0, lr=0.1), "ascent_steps"),
@@ -339,7 +342,7 @@ def test_momentum_sam_checkpoint_between_steps(backend):
 
 # ----------------------------------------------------------------------------- forms the rows do not take
 
-ASAM_ROWS = [
+ROWS = [
     VariantInfo("FriendlySAM-ASAM", _sam(sk.FriendlySAM, base_optimizer=torch.optim.SGD, rho=0.5, adaptive=True,
                                          sigma=0.5, lmbda=0.8, **SGD), False,
                 functools.partial(HandFriendlySAM, base="sgd", base_kwargs=SGD, rho=0.5, adaptive=True, sigma=0.5,
@@ -352,13 +355,25 @@ ASAM_ROWS = [
                 functools.partial(HandMultiStepSAM, base="sgd", base_kwargs=SGD, rho=0.5, adaptive=True,
                                   ascent_steps=2),
                 ascent_steps=2),
+    VariantInfo("LookSAM-2-step", _sam(sk.LookSAM, base_optimizer=torch.optim.SGD, rho=RHO, k=2, alpha=0.7,
+                                       ascent_steps=2, **SGD), True,
+                functools.partial(HandMultiStepSAM, base="sgd", base_kwargs=SGD, rho=RHO, looksam_alpha=0.7,
+                                  ascent_steps=2),
+                ascent_steps=2),
+    VariantInfo("StableSAM-2-step", _sam(sk.StableSAM, base_optimizer=torch.optim.SGD, rho=RHO, ascent_steps=2,
+                                         **SGD), False,
+                functools.partial(HandMultiStepSAM, base="sgd", base_kwargs=SGD, rho=RHO, renormalize=True,
+                                  ascent_steps=2),
+                ascent_steps=2),
 ]
 
 
-@pytest.mark.parametrize("info", ASAM_ROWS, ids=[r.name for r in ASAM_ROWS])
+@pytest.mark.parametrize("info", ROWS, ids=[r.name for r in ROWS])
+@pytest.mark.parametrize("loop", ["manual", "closure"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_asam_forms_against_hand_reference(info, backend):
-    Run(info, backend).train("manual")
+def test_other_forms_against_hand_reference(info, loop, backend):
+    """ASAM forms, and the multi-step ascent composed with LookSAM's policy and reuse and with Stable SAM."""
+    Run(info, backend).train(loop)
 
 
 @pytest.mark.parametrize("name", ["FriendlySAM", "VaSSO"])
