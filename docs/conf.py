@@ -42,9 +42,25 @@ def _benchmark_tables() -> str:
     return "\n".join(parts) or "*No result rows are recorded yet.*\n"
 
 
-# benchmarks.md includes the tables, made from the rows at each build, never typed by hand.
+def _op_table() -> str:
+    """The op table (sam_kernels/ops/contract.py) as a Markdown table: one row per op."""
+    from sam_kernels.ops.contract import OPS
+
+    rows = ["| op | kind | writes | what it computes | bytes floor per element (fp32) | backends |",
+            "|---|---|---|---|---|---|"]
+    for op in OPS.values():
+        extra = op.bytes_per_element[1]
+        floor = f"{4 * op.floor_units + extra} B ({op.moves})"
+        writes = ", ".join(f"`{w}`" for w in op.writes) or "(returns)"
+        rows.append(f"| `{op.name}` | {op.kind} | {writes} | {op.doc.replace('|', '∣')} | {floor} | "
+                    f"{', '.join(op.backends)} |")
+    return "\n".join(rows) + "\n"
+
+
+# benchmarks.md and op-contracts.md include these, made from the code at each build, never typed by hand.
 (ROOT / "docs" / "_generated").mkdir(exist_ok=True)
 (ROOT / "docs" / "_generated" / "benchmark_tables.md").write_text(_benchmark_tables())
+(ROOT / "docs" / "_generated" / "op_table.md").write_text(_op_table())
 
 project = "sam_kernels"
 author = "sam_kernels contributors"

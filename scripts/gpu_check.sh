@@ -94,7 +94,8 @@ if [ "$ready" -eq 1 ] && [ "$MODE" != bench ]; then
   # Triton and the torch.compile traces; a test run cut by TESTS_S loses the least important part.
   phase tests "$TESTS_S" "$OUT/gpu-tests.log" $PY -m pytest -q -p no:cacheprovider --durations=15 \
     ${PYTEST_ARGS:-tests/ops/test_cuda_specific.py tests/ops/test_cuda_descent_sums.py \
-                   tests/ops/test_cuda_perturb_sq.py tests/ops/test_backends.py tests/ops/test_layouts.py \
+                   tests/ops/test_cuda_perturb_sq.py tests/ops/test_reductions.py tests/ops/test_perturb.py \
+                   tests/ops/test_descents.py tests/ops/test_variants.py tests/ops/test_masks.py tests/ops/test_layouts.py \
                    tests/ops/test_fast_path.py tests/optim/test_layouts.py tests/optim/test_sam_backends.py \
                    tests/ops/test_triton.py tests -k "cuda or test_triton" -m "not cuda_emu"}
   tail -25 "$OUT/gpu-tests.log"

@@ -47,7 +47,7 @@ def cuda_block_size(name: str) -> int:
     return 1 if name.startswith("radix_select_kernel") else 512
 
 
-TRITON_THREADS = 4 * 32  # sam_kernels/ops/triton/_tables.py: NUM_WARPS = 4
+TRITON_THREADS = 4 * 32  # sam_kernels/ops/backends/triton/_tables.py: NUM_WARPS = 4
 
 
 def occupancy(regs: int, threads: int, smem: int) -> tuple[int, float]:
@@ -134,7 +134,7 @@ def cuda_rows(torch_include: str | None, jobs: int) -> list[dict]:
 # native-compilation check): fp32 and the widest variants of each.
 def _triton_configs():
     import triton.language as tl
-    from sam_kernels.ops.triton import _tables, masks, norm, optimizer_steps, perturb, variants
+    from sam_kernels.ops.backends.triton import _tables, masks, norm, optimizer_steps, perturb, variants
 
     c = dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024, CHUNK=8192, ALIGNED=True)
     sgd = dict(HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,
@@ -189,7 +189,7 @@ def triton_rows() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sam_kernels.ops.triton._tables import FP_FUSION
+    from sam_kernels.ops.backends.triton._tables import FP_FUSION
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rows = []
@@ -243,7 +243,7 @@ def render(cuda: list[dict], triton: list[dict]) -> str:
         return "\n".join(lines)
 
     return (HEADER + "\n" + versions() + f"\n## CUDA kernels (csrc/cuda, nvcc, {len(cuda)} instantiations)\n\n" + table(cuda, True) +
-            f"\n\n## Triton kernels (sam_kernels/ops/triton, {len(triton)} configurations)\n\n" + table(triton, False)
+            f"\n\n## Triton kernels (sam_kernels/ops/backends/triton, {len(triton)} configurations)\n\n" + table(triton, False)
             + "\n")
 
 

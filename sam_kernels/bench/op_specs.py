@@ -2,22 +2,13 @@
 
 Bytes floors (N elements, s bytes per element, masks 1 byte): the bytes an implementation must
 move at the least — each input read once, each output written once; a reduction whose result
-gates an element-wise pass (renormalize, LookSAM) costs one extra read of what it reduces.
-For fp32 these are DESIGN §7's figures (grad norm 4N, perturb 16N, restore+SGD 20N, step ≈40N).
+gates an element-wise pass (renormalize, LookSAM) costs one extra read of what it reduces. The
+ops' floors are the op table's (:mod:`sam_kernels.ops.contract`: ``OpInfo.floor_units``, what is
+counted in ``OpInfo.moves``). For fp32 these are DESIGN §7's figures (grad norm 4N, perturb 16N,
+restore+SGD 20N, step ≈40N). The composite steps:
 
-| op                  | floor      | counted                                                   |
+| step                | floor      | counted                                                   |
 |---------------------|------------|-----------------------------------------------------------|
-| grad_sq_norm        | 1·sN       | read g                                                    |
-| dot                 | 2·sN       | read a, b                                                 |
-| perturb_            | 4·sN       | read w, g; write backup, w (norm given)                   |
-| restore_            | 2·sN       | read backup; write w                                      |
-| sgd_restore_step_   | 5·sN       | read backup, g, buf; write w, buf                         |
-| adamw_restore_step_ | 7·sN       | read backup, g, m, v; write w, m, v                       |
-| renormalize_        | 3·sN       | norm: read g; then read g, write g                        |
-| fisher_accumulate_  | 3·sN       | read F, g; write F                                        |
-| looksam_store_      | 5·sN       | dot+norm: read g, g_s; then read g, g_s, write g_v        |
-| looksam_apply_      | 5·sN       | norms: read g, g_v; then read g, g_v, write g             |
-| topk_mask, nm_mask  | sN + N     | read scores, write bool masks (sort-bound: no BW target)  |
 | sam_step            | 10·sN      | grad norm + perturb + restore/SGD-momentum step           |
 | sam_optimizer_step  | 10·sN      | same work through the SAM optimizer's first/second_step   |
 | sam_adamw_step      | 12·sN      | grad norm + perturb + restore/AdamW step, through SAM     |
@@ -39,7 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops
-from ..ops import reference
+from ..ops import contract, reference
 from . import baselines
 
 RHO = 0.05
@@ -229,63 +220,69 @@ def _topk_k(s: State) -> int:
     return int(sum(t.numel() for t in s["scores"]) * 0.5)
 
 
+def _op_spec(name: str, lists: tuple[str, ...], outputs: tuple[str, ...], **kw) -> OpSpec:
+    """An op's spec, with its bytes floor from the op table."""
+    op = contract.OPS[name]
+    return OpSpec(name, lists, outputs, op.floor_units, mask_bytes=op.bytes_per_element[1], **kw)
+
+
 SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (
-    OpSpec("grad_sq_norm", ("grads",), (), 1,
-           api=lambda s, b: ops.grad_sq_norm(s["grads"], backend=b),
-           reference=lambda s: reference.grad_sq_norm(s["grads"], None, None, 0.01),
-           loop=lambda s: baselines.grad_sq_norm(s["grads"])),
-    OpSpec("dot", ("grads", "sam_grads"), (), 2,
-           api=lambda s, b: ops.dot(s["grads"], s["sam_grads"], backend=b),
-           reference=lambda s: reference.dot(s["grads"], s["sam_grads"]),
-           loop=lambda s: baselines.dot(s["grads"], s["sam_grads"])),
-    OpSpec("perturb_", ("params", "grads", "backups"), ("params", "backups"), 4, needs_sq_norm=True,
-           api=lambda s, b: ops.perturb_(s["params"], s["grads"], s["backups"], RHO, sq_norm=s["sq_norm"],
-                                         backend=b),
-           reference=lambda s: _ref_perturb(s, s["sq_norm"]),
-           loop=lambda s: baselines.perturb_(s["params"], s["grads"], s["backups"], s["sq_norm"], RHO)),
-    OpSpec("restore_", ("params", "backups"), ("params",), 2, exact=True,
-           api=lambda s, b: ops.restore_(s["params"], s["backups"], backend=b),
-           reference=lambda s: reference.restore_(s["params"], s["backups"]),
-           loop=lambda s: baselines.restore_(s["params"], s["backups"])),
-    OpSpec("sgd_restore_step_", ("params", "backups", "grads", "bufs"), ("params", "bufs"), 5,
-           api=lambda s, b: ops.sgd_restore_step_(s["params"], s["backups"], s["grads"], s["bufs"], backend=b,
-                                                  **_sgd_kw()),
-           reference=_ref_sgd,
-           loop=lambda s: baselines.sgd_restore_step_(s["params"], s["backups"], s["grads"], s["bufs"],
-                                                      **_sgd_kw())),
-    OpSpec("adamw_restore_step_", ("params", "backups", "grads", "exp_avgs", "exp_avg_sqs"),
-           ("params", "exp_avgs", "exp_avg_sqs"), 7,
-           api=lambda s, b: ops.adamw_restore_step_(s["params"], s["backups"], s["grads"], s["exp_avgs"],
-                                                    s["exp_avg_sqs"], ADAM_STEP, backend=b, **ADAM),
-           reference=lambda s: reference.adamw_restore_step_(s["params"], s["backups"], s["grads"], s["exp_avgs"],
-                                                             s["exp_avg_sqs"], step=ADAM_STEP, maximize=False,
-                                                             **ADAM),
-           loop=lambda s: baselines.adamw_restore_step_(s["params"], s["backups"], s["grads"], s["exp_avgs"],
-                                                        s["exp_avg_sqs"], step=ADAM_STEP, **ADAM)),
-    OpSpec("renormalize_", ("grads",), ("grads",), 3, needs_sq_norm=True,
-           api=lambda s, b: ops.renormalize_(s["grads"], s["sq_norm"], backend=b),
-           reference=_renorm_ref,
-           loop=lambda s: baselines.renormalize_(s["grads"], s["sq_norm"])),
-    OpSpec("fisher_accumulate_", ("fisher", "grads"), ("fisher",), 3,
-           api=lambda s, b: ops.fisher_accumulate_(s["fisher"], s["grads"], scale=FISHER_SCALE, backend=b),
-           reference=lambda s: reference.fisher_accumulate_(s["fisher"], s["grads"], FISHER_SCALE),
-           loop=lambda s: baselines.fisher_accumulate_(s["fisher"], s["grads"], FISHER_SCALE)),
-    OpSpec("looksam_store_", ("g_v", "grads", "sam_grads"), ("g_v",), 5,
-           api=lambda s, b: ops.looksam_store_(s["g_v"], s["grads"], s["sam_grads"], backend=b),
-           reference=_looksam_store_ref,
-           loop=lambda s: baselines.looksam_store_(s["g_v"], s["grads"], s["sam_grads"])),
-    OpSpec("looksam_apply_", ("grads", "g_v"), ("grads",), 5,
-           api=lambda s, b: ops.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA, backend=b),
-           reference=_looksam_apply_ref,
-           loop=lambda s: baselines.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA)),
-    OpSpec("topk_mask", ("scores",), (), 1, mask_bytes=1, exact=True, bandwidth_bound=False,
-           api=lambda s, b: ops.topk_mask(s["scores"], 0.5, backend=b),
-           reference=lambda s: reference.topk_mask(s["scores"], _topk_k(s)),
-           loop=None),
-    OpSpec("nm_mask", ("scores",), (), 1, mask_bytes=1, exact=True, bandwidth_bound=False,
-           api=lambda s, b: ops.nm_mask(s["scores"], 2, 4, backend=b),
-           reference=lambda s: reference.nm_mask(s["scores"], 2, 4),
-           loop=None),
+    _op_spec("grad_sq_norm", ("grads",), (),
+             api=lambda s, b: ops.grad_sq_norm(s["grads"], backend=b),
+             reference=lambda s: reference.grad_sq_norm(s["grads"], None, None, 0.01),
+             loop=lambda s: baselines.grad_sq_norm(s["grads"])),
+    _op_spec("dot", ("grads", "sam_grads"), (),
+             api=lambda s, b: ops.dot(s["grads"], s["sam_grads"], backend=b),
+             reference=lambda s: reference.dot(s["grads"], s["sam_grads"]),
+             loop=lambda s: baselines.dot(s["grads"], s["sam_grads"])),
+    _op_spec("perturb_", ("params", "grads", "backups"), ("params", "backups"), needs_sq_norm=True,
+             api=lambda s, b: ops.perturb_(s["params"], s["grads"], s["backups"], RHO, sq_norm=s["sq_norm"],
+                                           backend=b),
+             reference=lambda s: _ref_perturb(s, s["sq_norm"]),
+             loop=lambda s: baselines.perturb_(s["params"], s["grads"], s["backups"], s["sq_norm"], RHO)),
+    _op_spec("restore_", ("params", "backups"), ("params",), exact=True,
+             api=lambda s, b: ops.restore_(s["params"], s["backups"], backend=b),
+             reference=lambda s: reference.restore_(s["params"], s["backups"]),
+             loop=lambda s: baselines.restore_(s["params"], s["backups"])),
+    _op_spec("sgd_restore_step_", ("params", "backups", "grads", "bufs"), ("params", "bufs"),
+             api=lambda s, b: ops.sgd_restore_step_(s["params"], s["backups"], s["grads"], s["bufs"], backend=b,
+                                                    **_sgd_kw()),
+             reference=_ref_sgd,
+             loop=lambda s: baselines.sgd_restore_step_(s["params"], s["backups"], s["grads"], s["bufs"],
+                                                        **_sgd_kw())),
+    _op_spec("adamw_restore_step_", ("params", "backups", "grads", "exp_avgs", "exp_avg_sqs"),
+             ("params", "exp_avgs", "exp_avg_sqs"),
+             api=lambda s, b: ops.adamw_restore_step_(s["params"], s["backups"], s["grads"], s["exp_avgs"],
+                                                      s["exp_avg_sqs"], ADAM_STEP, backend=b, **ADAM),
+             reference=lambda s: reference.adamw_restore_step_(s["params"], s["backups"], s["grads"], s["exp_avgs"],
+                                                               s["exp_avg_sqs"], step=ADAM_STEP, maximize=False,
+                                                               **ADAM),
+             loop=lambda s: baselines.adamw_restore_step_(s["params"], s["backups"], s["grads"], s["exp_avgs"],
+                                                          s["exp_avg_sqs"], step=ADAM_STEP, **ADAM)),
+    _op_spec("renormalize_", ("grads",), ("grads",), needs_sq_norm=True,
+             api=lambda s, b: ops.renormalize_(s["grads"], s["sq_norm"], backend=b),
+             reference=_renorm_ref,
+             loop=lambda s: baselines.renormalize_(s["grads"], s["sq_norm"])),
+    _op_spec("fisher_accumulate_", ("fisher", "grads"), ("fisher",),
+             api=lambda s, b: ops.fisher_accumulate_(s["fisher"], s["grads"], scale=FISHER_SCALE, backend=b),
+             reference=lambda s: reference.fisher_accumulate_(s["fisher"], s["grads"], FISHER_SCALE),
+             loop=lambda s: baselines.fisher_accumulate_(s["fisher"], s["grads"], FISHER_SCALE)),
+    _op_spec("looksam_store_", ("g_v", "grads", "sam_grads"), ("g_v",),
+             api=lambda s, b: ops.looksam_store_(s["g_v"], s["grads"], s["sam_grads"], backend=b),
+             reference=_looksam_store_ref,
+             loop=lambda s: baselines.looksam_store_(s["g_v"], s["grads"], s["sam_grads"])),
+    _op_spec("looksam_apply_", ("grads", "g_v"), ("grads",),
+             api=lambda s, b: ops.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA, backend=b),
+             reference=_looksam_apply_ref,
+             loop=lambda s: baselines.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA)),
+    _op_spec("topk_mask", ("scores",), (), exact=True, bandwidth_bound=False,
+             api=lambda s, b: ops.topk_mask(s["scores"], 0.5, backend=b),
+             reference=lambda s: reference.topk_mask(s["scores"], _topk_k(s)),
+             loop=None),
+    _op_spec("nm_mask", ("scores",), (), exact=True, bandwidth_bound=False,
+             api=lambda s, b: ops.nm_mask(s["scores"], 2, 4, backend=b),
+             reference=lambda s: reference.nm_mask(s["scores"], 2, 4),
+             loop=None),
     OpSpec("sam_step", ("params", "grads", "backups", "bufs"), ("params", "bufs"), 10,
            api=_api_sam_step, reference=_ref_sam_step, loop=_loop_sam_step,
            compile_phases=(_ref_sam_ascent, _ref_sgd)),

@@ -1,10 +1,11 @@
 """Backend registry and selection: one op name, several implementations behind it.
 
-A backend is a module exposing ``OPS`` (op name -> group-level function with the signature of
-the same function in ``reference.py``), ``DEVICES`` (device types it runs on) and
-``unavailable_reason() -> str | None``; ``CHECKS_LISTS = True`` where its functions check the
-lists completely (lengths, shapes, one device and dtype, one memory order per entry) and reject a
-call before writing anything, so the Python layer may hand it whole lists unchecked. Backends are
+A backend is a module of :mod:`.backends` exposing ``OPS`` (op name -> group-level function with
+the signature of the same function in ``reference.py``; the ops the table :mod:`.contract` lists
+for it), ``DEVICES`` (device types it runs on) and ``unavailable_reason() -> str | None``;
+``CHECKS_LISTS = True`` where its functions check the lists completely (lengths, shapes, one
+device and dtype, one memory order per entry) and reject a call before writing anything, so the
+Python layer may hand it whole lists unchecked. Backends are
 imported lazily, the first time they are asked for, so a missing toolchain never breaks
 ``import sam_kernels``.
 
@@ -29,12 +30,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Iterator, Optional
 
-BACKEND_MODULES = {
-    "eager": "sam_kernels.ops.reference_backend",
-    "cpp": "sam_kernels.ops.cpp",
-    "cuda": "sam_kernels.ops.cuda",
-    "triton": "sam_kernels.ops.triton",
-}
+from .contract import BACKENDS
+
+BACKEND_MODULES = {name: f"sam_kernels.ops.backends.{name}" for name in BACKENDS}
 AUTO_ORDER = {
     "cuda": ("cuda", "triton", "eager"),
     "cpu": ("cpp", "eager"),

@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .contract import OPS
+
 _context = threading.local()
 
 
@@ -114,7 +116,7 @@ def accepts_dtensor(fn: Callable) -> Callable:
         primary = args[0] if args else kwargs.get(first)
         if not (isinstance(primary, (list, tuple)) and primary and is_dtensor(primary[0])):
             return fn(*args, **kwargs)
-        if name in ("topk_mask", "nm_mask"):
+        if OPS[name].kind == "mask":
             return _full_like_scores(name, fn, *args, **kwargs)
         bound = sig.bind(*args, **kwargs)
         dtensors = [t for v in bound.arguments.values() if isinstance(v, (list, tuple))

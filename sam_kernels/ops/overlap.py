@@ -20,21 +20,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from .contract import OPS
 from .dtensor import is_dtensor
 
 Tensors = Sequence[torch.Tensor]
 
 WRITES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "perturb_": ("params", ("params", "backups", "grad_copies")),
-    "restore_": ("params", ("params",)),
-    "sgd_restore_step_": ("params", ("params", "momentum_buffers")),
-    "adamw_restore_step_": ("params", ("params", "exp_avgs", "exp_avg_sqs")),
-    "renormalize_": ("grads", ("grads",)),
-    "fisher_accumulate_": ("fisher", ("fisher",)),
-    "looksam_store_": ("g_v", ("g_v",)),
-    "looksam_apply_": ("grads", ("grads",)),
-}
-"""op -> (the name of its first list, the lists it writes), as in its schema."""
+    op.name: (op.arguments[0], op.writes) for op in OPS.values() if op.kind == "update"}
+"""op -> (the name of its first list, the arguments it writes), from the op table's schemas."""
 
 _data_ptr = torch.Tensor.data_ptr
 

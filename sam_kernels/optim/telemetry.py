@@ -44,7 +44,7 @@ forward and backward passes in full-batch equivalents (a SAM step 2 + 2, a plain
 SDS: the extra forward counts 1 and the second pass k/B; what the optimizer does not run itself is
 counted by the protocol: Sparse SAM's Fisher batch-1 passes are not counted), and the bytes the
 optimizer's ``sam_kernels.ops`` calls moved, at each op's bytes floor (:data:`FLOOR_UNITS`, the op
-contracts' bytes floors as in ``sam_kernels.bench.op_specs``), per backend. Eager parts move more
+table's bytes floors, :mod:`sam_kernels.ops.contract`), per backend. Eager parts move more
 than the floor; a plain step's ``base_optimizer.step()`` (torch's own) is not counted.
 
 Under DDP and FSDP2 (``distributed="global"``) the norms are the global ones (the gradients are
@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 import torch
 
 from .. import ops
-from ..ops import dtensor
+from ..ops import contract, dtensor
 from ..ops.reference import acc_dtype
 from . import groups
 from .base_step import fused_kind
@@ -76,15 +76,11 @@ KEYS = ("grad_norm", "sam_grad_norm", "grad_cosine", "perturbation_norm", "sharp
 VALUES = KEYS[:5]
 """The device values (the others are host counters)."""
 
-FLOOR_UNITS = {
-    "grad_sq_norm": (1, 0), "dot": (2, 0), "perturb_": (4, 0), "restore_": (2, 0), "sgd_restore_step_": (5, 0),
-    "adamw_restore_step_": (7, 0), "renormalize_": (2, 0), "fisher_accumulate_": (3, 0), "looksam_store_": (3, 0),
-    "looksam_apply_": (3, 0), "topk_mask": (1, 1), "nm_mask": (1, 1),
-}
-"""op -> (bytes per element in units of the element size, extra bytes per element): the op contracts'
-bytes floors (sam_kernels.bench.op_specs; ASAM's read of w and mask reads are not in the floors).
-``renormalize_`` and the LookSAM ops count their element-wise pass only: the norms and dots they
-take run as ``grad_sq_norm``/``dot`` calls with records of their own."""
+FLOOR_UNITS = {op.name: op.bytes_per_element for op in contract.OPS.values()}
+"""op -> (bytes per element in units of the element size, extra bytes per element): the op table's
+bytes floors of each op's own pass (:mod:`sam_kernels.ops.contract`; ASAM's read of w and mask
+reads are not in the floors). ``renormalize_`` and the LookSAM ops count their element-wise pass
+only: the norms and dots they take run as ``grad_sq_norm``/``dot`` calls with records of their own."""
 
 FOLD = 64
 """SAM steps whose raw values are kept (0-dim device tensors) before they are folded into the values

@@ -11,25 +11,29 @@ import pytest
 import torch
 
 import sam_kernels.ops as ops
-from tests.ops.test_backends import CASE_IDS, CASES, clone, make, shapes_for
-from tests.utils import DTYPE_IDS, DTYPES, assert_lists_close, assert_lists_equal, require_backend
+from tests.ops.opinfo import ALL, Inputs, dispatch_rows, require, shapes_for
+from tests.utils import DTYPE_IDS, DTYPES, assert_lists_close, assert_lists_equal
 
-BACKENDS = [("eager", "cpu"), *CASES]
-IDS = ["eager-cpu", *CASE_IDS]
 SCALE = 1024.0
 
 
-@pytest.fixture(params=BACKENDS, ids=IDS)
+@pytest.fixture(params=dispatch_rows(ALL), ids=[b.id for b in dispatch_rows(ALL)])
 def case(request):
-    backend, device = request.param
-    if backend != "eager":  # eager runs everywhere
-        require_backend(backend, device)
-    return backend, device
+    row = require(request.param)
+    return row.name, row.device, row
+
+
+def make(shapes, dtype, device):
+    return Inputs(shapes, dtype, device).randn()
+
+
+def clone(ts):
+    return None if ts is None else [t.clone() for t in ts]
 
 
 def amp_inputs(case, dtype, shapes_name="odd"):
-    backend, device = case
-    shapes = shapes_for(shapes_name, case if backend != "eager" else ("cpp", "cpu"))
+    backend, device, row = case
+    shapes = shapes_for(shapes_name, row)
     params = make(shapes, dtype, device)
     grads = make(shapes, dtype, device)
     scale = torch.tensor(SCALE, device=device)
@@ -40,7 +44,7 @@ def amp_inputs(case, dtype, shapes_name="odd"):
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("momentum,init", [(0.0, False), (0.9, True), (0.9, False)], ids=["plain", "init", "momentum"])
 def test_sgd_unscales_in_kernel(case, dtype, atol, rtol, momentum, init):
-    backend, device = case
+    backend, device, _ = case
     params, grads, scaled, scale = amp_inputs(case, dtype)
     backups = [p + 0.5 for p in params]
     bufs = make([p.shape for p in params], dtype, device) if momentum and not init else None
@@ -57,7 +61,7 @@ def test_sgd_unscales_in_kernel(case, dtype, atol, rtol, momentum, init):
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["plain", "momentum"])
 def test_sgd_found_inf_restores_and_keeps_state(case, dtype, atol, rtol, momentum):
-    backend, device = case
+    backend, device, _ = case
     params, _, scaled, scale = amp_inputs(case, dtype)
     scaled[0].view(-1)[0] = float("inf")  # the overflow itself; the skip must not depend on where it is
     backups = make([p.shape for p in params], dtype, device)
@@ -72,7 +76,7 @@ def test_sgd_found_inf_restores_and_keeps_state(case, dtype, atol, rtol, momentu
 
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
 def test_sgd_skipped_first_step_leaves_zero_buffers(case, dtype, atol, rtol):
-    backend, device = case
+    backend, device, _ = case
     params, _, scaled, scale = amp_inputs(case, dtype)
     backups = clone(params)
     out = ops.sgd_restore_step_(params, backups, scaled, None, lr=0.1, momentum=0.9, grad_scale=scale,
@@ -84,7 +88,7 @@ def test_sgd_skipped_first_step_leaves_zero_buffers(case, dtype, atol, rtol):
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("found", [0.0, 1.0], ids=["step", "overflow"])
 def test_adamw_amp(case, dtype, atol, rtol, found):
-    backend, device = case
+    backend, device, _ = case
     params, grads, scaled, scale = amp_inputs(case, dtype)
     backups = [p - 0.25 for p in params]
     m = make([p.shape for p in params], dtype, device)
@@ -109,7 +113,7 @@ def test_adamw_amp(case, dtype, atol, rtol, found):
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 def test_perturb_unscaled_norm(case, dtype, atol, rtol, adaptive):
     """e from scaled grads and grad_scale equals e from the unscaled grads (eps placed as if unscaled)."""
-    backend, device = case
+    backend, device, _ = case
     params, grads, scaled, scale = amp_inputs(case, dtype)
     grads = [g * 1e-9 for g in grads]  # tiny gradients: eps matters, so eps·S vs eps is visible
     scaled = [g * SCALE for g in grads]
@@ -121,7 +125,7 @@ def test_perturb_unscaled_norm(case, dtype, atol, rtol, adaptive):
 
 
 def test_perturb_found_inf_leaves_weights(case):
-    backend, device = case
+    backend, device, _ = case
     params, _, scaled, scale = amp_inputs(case, torch.float32)
     before = clone(params)
     backups = clone(params)

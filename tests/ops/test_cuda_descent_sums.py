@@ -2,16 +2,17 @@
 
 ``sgd_restore_step_`` / ``adamw_restore_step_`` with ``sums`` ADD ``[Σ g², Σ ⟨ascent_grads, g⟩]``
 (grads as given, still scaled under AMP; ``sums[1]`` untouched without ``ascent_grads``) in the pass
-that updates the params (reference.add_descent_sums). Checked through the public ops,
-``backend="cuda"`` against ``backend="eager"``, over every dtype, both kernel-argument table sizes,
-lists longer than one table, a tensor cut across launches, misaligned views, AMP (step taken and
-skipped), determinism, no host sync and CUDA-graph capture. Every test skips without a GPU.
+that updates the params (reference.add_descent_sums). Every dtype x AMP x telemetry setting against
+eager, with both kernel-argument table sizes and lists longer than one table, is in the op table's
+samples (tests/ops/test_descents.py); here, through the public ops, ``backend="cuda"`` against
+``backend="eager"``: a tensor cut across launches, misaligned views, determinism and table-size
+independence, no host sync and CUDA-graph capture. Every test skips without a GPU.
 """
 import pytest
 import torch
 
 import sam_kernels.ops as ops
-from sam_kernels.ops import extension_ops as ext
+from sam_kernels.ops.backends import extension as ext
 from tests.ops.cuda_utils import capture, need_cuda_kernel, randn
 from tests.utils import DTYPE_IDS, DTYPES, assert_close, assert_lists_close, assert_lists_equal
 
@@ -25,11 +26,7 @@ pytestmark = [
 BLOCK_CAP_ELEMENTS = 320 * 65536
 GRAD_SCALE = 1024.0  # a power of 2, as GradScaler's
 
-# (sums dtype, with ascent_grads); None: no telemetry (the kernels without the reduction).
-TELEMETRY = [None, (torch.float32, False), (torch.float32, True), (torch.float64, False), (torch.float64, True)]
-TELEMETRY_IDS = ["none", "f32", "f32-ascent", "f64", "f64-ascent"]
-
-# Group-level (extension_ops) arguments, for the calls that bypass the public wrappers.
+# Group-level (backends.extension) arguments, for the calls that bypass the public wrappers.
 SGD_ARGS = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
                 init_buffers=False)
 ADAMW_ARGS = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False)
@@ -38,8 +35,6 @@ ADAMW_ARGS = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_deca
 @pytest.fixture(autouse=True)
 def _need_kernels():
     need_cuda_kernel("sgd_restore_step_")
-
-
 
 
 def _many_sizes():
@@ -142,15 +137,6 @@ def _check_against_eager(op, p, dtype, atol, rtol):
         assert torch.signbit(sums[1]).item()
 
 
-@pytest.mark.parametrize("telemetry", TELEMETRY, ids=TELEMETRY_IDS)
-@pytest.mark.parametrize("amp", ["off", "step", "skip"])
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("op", ["sgd", "adamw"])
-def test_descent_sums_match_eager(op, dtype, atol, rtol, amp, telemetry, tables):
-    p = _problem(_many_sizes(), dtype, telemetry, amp)
-    _check_against_eager(op, p, dtype, atol, rtol)
-
-
 @pytest.mark.parametrize("op", ["sgd", "adamw"])
 def test_descent_sums_one_tensor_over_the_block_cap(op, tables):
     """A tensor cut across launches (4 KB tables): the partials of both launches are summed."""
@@ -221,9 +207,9 @@ def test_kernel_rejects_bad_telemetry_args_before_writing():
     for kw, match in bad:
         params, bufs, m, v = (_clone(p[k]) for k in ("params", "bufs", "exp_avgs", "exp_avg_sqs"))
         with pytest.raises(RuntimeError, match=match):
-            ext.sgd_restore_step_(params, p["backups"], p["grads"], bufs, **SGD_ARGS, **kw)
+            ext.wrapper("sgd_restore_step_")(params, p["backups"], p["grads"], bufs, **SGD_ARGS, **kw)
         with pytest.raises(RuntimeError, match=match):
-            ext.adamw_restore_step_(params, p["backups"], p["grads"], m, v, **ADAMW_ARGS, **kw)
+            ext.wrapper("adamw_restore_step_")(params, p["backups"], p["grads"], m, v, **ADAMW_ARGS, **kw)
         torch.cuda.synchronize()
         assert_lists_equal(params, p["params"], "params after a rejected call")
         assert_lists_equal(bufs, p["bufs"], "momentum_buffers after a rejected call")
@@ -239,9 +225,9 @@ def test_descent_sums_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ext.sgd_restore_step_(params, p["backups"], p["grads"], bufs, **SGD_ARGS, **p["amp"],
+        ext.wrapper("sgd_restore_step_")(params, p["backups"], p["grads"], bufs, **SGD_ARGS, **p["amp"],
                               ascent_grads=p["ascent_grads"], sums=sums)
-        ext.adamw_restore_step_(params, p["backups"], p["grads"], m, v, **ADAMW_ARGS, **p["amp"], sums=sums)
+        ext.wrapper("adamw_restore_step_")(params, p["backups"], p["grads"], m, v, **ADAMW_ARGS, **p["amp"], sums=sums)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()

@@ -1,13 +1,13 @@
 """Checks that only the CUDA kernels need (csrc/cuda): launch splitting, the scalar (misaligned)
 path, determinism, no host synchronization, CUDA graph capture.
 
-The ops are called at group level (``extension_ops``: same signatures as ``reference.py``) and
+The ops are called at group level (``backends.extension``: same signatures as ``reference.py``) and
 compared with the eager reference on the same device. Every test skips without a GPU.
 """
 import pytest
 import torch
 
-from sam_kernels.ops import extension_ops as ext
+from sam_kernels.ops.backends import extension as ext
 from sam_kernels.ops import reference as ref
 from tests.ops.cuda_utils import capture, need_cuda_kernel
 from tests.utils import assert_lists_close, assert_lists_equal
@@ -117,11 +117,11 @@ def test_launch_splitting_masks(tables):
     scores[3][:50] = 0.25  # ties across the threshold region are unlikely at random; force some
     total = sum(sizes)
     for k in (0, 1, total // 3, total):
-        got = ext.topk_mask(scores, k)
+        got = ext.wrapper("topk_mask")(scores, k)
         want = ref.topk_mask(scores, k)
         assert_lists_equal(got, want, f"topk k={k}")
     rows = _nonempty(scores)  # 1-D: one row each, groups of 4 run across chunk boundaries
-    got = ext.nm_mask(rows, 2, 4)
+    got = ext.wrapper("nm_mask")(rows, 2, 4)
     want = ref.nm_mask(rows, 2, 4)
     assert_lists_equal(got, want, "nm_mask")
 
@@ -132,12 +132,12 @@ def test_topk_ties_nan_signed_zero(dtype):
                      device="cuda", dtype=dtype)
     scores = [x, x.flip(0).contiguous(), torch.zeros(0, device="cuda", dtype=dtype)]
     for k in range(0, 21):
-        assert_lists_equal(ext.topk_mask(scores, k), ref.topk_mask(scores, k), f"topk {dtype} k={k}")
+        assert_lists_equal(ext.wrapper("topk_mask")(scores, k), ref.topk_mask(scores, k), f"topk {dtype} k={k}")
     w = torch.randn(7, 3, 5, device="cuda").to(dtype)
     w[0, 0, :4] = 0.5
     w[1, 1, 1] = float("nan")
     for n, m in ((1, 4), (2, 4), (3, 8), (0, 2), (5, 5), (4, 32)):
-        assert_lists_equal(ext.nm_mask([w, x], n, m), ref.nm_mask([w, x], n, m), f"nm {dtype} {n}:{m}")
+        assert_lists_equal(ext.wrapper("nm_mask")([w, x], n, m), ref.nm_mask([w, x], n, m), f"nm {dtype} {n}:{m}")
 
 
 # --------------------------------------------------------------------------- misaligned views
@@ -157,9 +157,9 @@ def test_misaligned_views_take_the_scalar_path(dtype):
     assert_lists_equal(got[2], params, "backups")
     # restore_ is a bitwise copy on the scalar path as well.
     dst = _misaligned(sizes, dtype, seed=9)
-    ext.restore_(dst, params)
+    ext.wrapper("restore_")(dst, params)
     assert_lists_equal(dst, params, "restore_")
-    assert_lists_equal(ext.topk_mask(params, 1000), ref.topk_mask(params, 1000), "topk")
+    assert_lists_equal(ext.wrapper("topk_mask")(params, 1000), ref.topk_mask(params, 1000), "topk")
 
 
 def test_mixed_aligned_and_misaligned_in_one_group():
@@ -167,9 +167,9 @@ def test_mixed_aligned_and_misaligned_in_one_group():
     a = _randn(sizes, seed=1)
     b = _misaligned(sizes, seed=2)
     grads = [a[0], b[1], a[2], b[3], a[4]]
-    torch.testing.assert_close(ext.grad_sq_norm(grads, None, None, 0.0), ref.grad_sq_norm(grads, None, None, 0.0),
+    torch.testing.assert_close(ext.wrapper("grad_sq_norm")(grads, None, None, 0.0), ref.grad_sq_norm(grads, None, None, 0.0),
                                rtol=1e-5, atol=0)
-    torch.testing.assert_close(ext.dot(grads, grads), ref.dot(grads, grads), rtol=1e-5, atol=0)
+    torch.testing.assert_close(ext.wrapper("dot")(grads, grads), ref.dot(grads, grads), rtol=1e-5, atol=0)
 
 
 # --------------------------------------------------------------------------- determinism
@@ -179,8 +179,8 @@ def test_deterministic_reductions_and_masks(tables):
     grads, params = _randn(sizes, seed=5), _randn(sizes, seed=6)
     masks = [torch.rand(n, device="cuda") < 0.3 for n in sizes]
     for _ in range(2):
-        runs = [(ext.grad_sq_norm(grads, params, masks, 0.01), ext.dot(grads, params),
-                 ext.topk_mask(grads, sum(sizes) // 7)) for _ in range(2)]
+        runs = [(ext.wrapper("grad_sq_norm")(grads, params, masks, 0.01), ext.wrapper("dot")(grads, params),
+                 ext.wrapper("topk_mask")(grads, sum(sizes) // 7)) for _ in range(2)]
         assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
         assert_lists_equal(runs[0][2], runs[1][2], "topk")
 
@@ -205,14 +205,14 @@ def test_auto_uses_the_table_that_fits(monkeypatch):
     monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", "auto")
     few, many = _randn([10] * 3), _randn([10] * 200)
     few_b, many_b = [t.clone() for t in few], [t.clone() for t in many]
-    names = _table_kernels(lambda: ext.restore_(few, few_b))
+    names = _table_kernels(lambda: ext.wrapper("restore_")(few, few_b))
     assert names and all("SmallTables" in n for n in names), names
     if _driver_version() < 12010:
         pytest.skip("driver older than CUDA 12.1: 4 KB tables only")
-    names = _table_kernels(lambda: ext.restore_(many, many_b))
+    names = _table_kernels(lambda: ext.wrapper("restore_")(many, many_b))
     assert len(names) == 1 and "LargeTables" in names[0], names  # 200 tensors: one 32 KB launch
     monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", "small")
-    assert len(_table_kernels(lambda: ext.restore_(many, many_b))) > 1
+    assert len(_table_kernels(lambda: ext.wrapper("restore_")(many, many_b))) > 1
 
 
 def test_large_tables_split_by_count_and_by_blocks(monkeypatch):
@@ -250,7 +250,7 @@ def test_table_sizes_agree_bitwise(monkeypatch):
 def test_bad_table_setting_is_rejected(monkeypatch):
     monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", "huge")
     with pytest.raises(RuntimeError, match="SAM_KERNELS_CUDA_TABLES=huge: use auto"):
-        ext.grad_sq_norm(_randn([10]), None, None, 0.0)
+        ext.wrapper("grad_sq_norm")(_randn([10]), None, None, 0.0)
 
 
 def test_deterministic_step():
@@ -274,20 +274,20 @@ def test_no_host_sync():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        sq = ext.grad_sq_norm(grads, params, masks, 0.01)
-        d = ext.dot(grads, params)
-        ext.perturb_(params, grads, backups, sq, 0.05, 1e-12, masks, True, 0.01, 0.5, keys)
-        ext.restore_(params, backups)
-        ext.sgd_restore_step_(params, backups, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+        sq = ext.wrapper("grad_sq_norm")(grads, params, masks, 0.01)
+        d = ext.wrapper("dot")(grads, params)
+        ext.wrapper("perturb_")(params, grads, backups, sq, 0.05, 1e-12, masks, True, 0.01, 0.5, keys)
+        ext.wrapper("restore_")(params, backups)
+        ext.wrapper("sgd_restore_step_")(params, backups, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
                               nesterov=False, maximize=False, init_buffers=True)
-        ext.adamw_restore_step_(params, backups, grads, m, v, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+        ext.wrapper("adamw_restore_step_")(params, backups, grads, m, v, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                                 weight_decay=0.01, maximize=False)
-        ext.renormalize_(grads, sq, d, 1e-12)
-        ext.fisher_accumulate_(v, grads, 1.0)
-        ext.looksam_store_(m, grads, params, d, sq, 1e-12)
-        ext.looksam_apply_(grads, m, 0.7, sq, d, 1e-12)
-        ext.topk_mask(grads, 1000)
-        ext.nm_mask(grads, 2, 4)
+        ext.wrapper("renormalize_")(grads, sq, d, 1e-12)
+        ext.wrapper("fisher_accumulate_")(v, grads, 1.0)
+        ext.wrapper("looksam_store_")(m, grads, params, d, sq, 1e-12)
+        ext.wrapper("looksam_apply_")(grads, m, 0.7, sq, d, 1e-12)
+        ext.wrapper("topk_mask")(grads, 1000)
+        ext.wrapper("nm_mask")(grads, 2, 4)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
@@ -305,9 +305,9 @@ def test_cuda_graph_capture_of_a_sam_step(tables):
     out = {}
 
     def step():
-        out["sq"] = ext.grad_sq_norm(grads, None, None, 0.0)
-        ext.perturb_(params, grads, backups, out["sq"], 0.05, 1e-12, None, False, 0.01, 1.0, [0] * len(params))
-        ext.sgd_restore_step_(params, backups, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+        out["sq"] = ext.wrapper("grad_sq_norm")(grads, None, None, 0.0)
+        ext.wrapper("perturb_")(params, grads, backups, out["sq"], 0.05, 1e-12, None, False, 0.01, 1.0, [0] * len(params))
+        ext.wrapper("sgd_restore_step_")(params, backups, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
                               nesterov=False, maximize=False, init_buffers=False)
 
     graph = capture(step)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import sam_kernels.ops as ops
-from sam_kernels.ops import api, dispatch
+from sam_kernels.ops import dispatch, launch
 from tests.utils import DTYPES, assert_lists_close, assert_lists_equal, require_backend
 
 CASES = [("cpp", "cpu"), ("cuda", "cuda")]
@@ -55,7 +55,7 @@ def test_valid_lists_skip_python_checks_and_match_eager(case, op, monkeypatch):
 
     def no_checks(*args, **kwargs):
         raise AssertionError("the checked path ran for a valid single-group call")
-    monkeypatch.setattr(api, "_check_lists", no_checks)
+    monkeypatch.setattr(launch, "check_lists", no_checks)
     out = CALLS[op](p, g, b, backend=backend)
     assert dispatch.last_used[op] == backend
     monkeypatch.undo()

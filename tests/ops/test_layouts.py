@@ -217,7 +217,7 @@ def test_size_one_dims_may_have_any_stride():
 
 
 def api_memory_order(t):
-    from sam_kernels.ops.api import memory_order
+    from sam_kernels.ops.layouts import memory_order
     return memory_order(t)
 
 

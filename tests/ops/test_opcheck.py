@@ -95,3 +95,11 @@ def test_sam_ascent_compiles_fullgraph(device, compiler):
         assert not torch.equal(a, 2.0 * p), "the weights were not perturbed"
     for a, b in zip(params, ref_params):
         assert torch.equal(a, b)
+
+
+def test_rejects_wrong_device_and_dtype_in_kernel():
+    require_backend("cpp", "cpu")
+    with pytest.raises(RuntimeError, match="expected"):
+        torch.ops.sam_kernels.restore_([torch.zeros(3)], [torch.zeros(4)])
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        torch.ops.sam_kernels.grad_sq_norm([torch.zeros(3, dtype=torch.int32)], None, None, 0.0)

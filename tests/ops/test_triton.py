@@ -1,4 +1,7 @@
-"""The ``triton`` backend against the eager reference, plus its multi-tensor machinery.
+"""The ``triton`` backend's own checks: its multi-tensor machinery (pointer-table cache, chunking,
+int64 offsets, one launch per group, many programs), checks before any launch, telemetry cases the
+op table's samples do not reach, and native compilation. Every op against the eager reference on
+the table's samples: tests/ops/test_{reductions,perturb,descents,variants,masks}.py.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1), so shapes stay small. The group-level functions (``triton.OPS``) are called
@@ -17,7 +20,8 @@ import pytest
 import torch
 
 import sam_kernels.ops as ops
-from sam_kernels.ops import reference, reference_backend
+from sam_kernels.ops import reference
+from tests.ops.opinfo import INT_OF
 from tests.utils import DTYPE_IDS, DTYPES, assert_close, assert_lists_close, assert_lists_equal, require_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +37,7 @@ def _triton():
 
 
 def backend():
-    from sam_kernels.ops import triton as tb
+    from sam_kernels.ops.backends import triton as tb
     return tb
 
 
@@ -50,14 +54,10 @@ def clone(ts):
     return [t.clone() for t in ts]
 
 
-def tol(dtype):
-    return next((a, r) for d, a, r in DTYPES if d == dtype)
-
-
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Tiny BLOCK/CHUNK so small tensors span several programs and loop iterations."""
-    from sam_kernels.ops.triton import _tables
+    from sam_kernels.ops.backends.triton import _tables
     monkeypatch.setattr(_tables, "BLOCK", 32)
     monkeypatch.setattr(_tables, "CHUNK", 64)
 
@@ -65,7 +65,7 @@ def small_blocks(monkeypatch):
 @pytest.fixture
 def medium_blocks(monkeypatch):
     """Several programs per ~9k-element list without the interpreter's per-program cost of small_blocks."""
-    from sam_kernels.ops.triton import _tables
+    from sam_kernels.ops.backends.triton import _tables
     monkeypatch.setattr(_tables, "BLOCK", 512)
     monkeypatch.setattr(_tables, "CHUNK", 2048)
 
@@ -73,7 +73,7 @@ def medium_blocks(monkeypatch):
 @pytest.fixture
 def launches(monkeypatch):
     """Kernel names launched, in order (wraps the single launcher)."""
-    from sam_kernels.ops.triton import _tables
+    from sam_kernels.ops.backends.triton import _tables
     names = []
     real = _tables.launch
 
@@ -90,30 +90,10 @@ def launches(monkeypatch):
 def test_module_contract():
     tb = backend()
     assert tb.unavailable_reason() is None
-    assert set(tb.OPS) == set(reference_backend.OPS)
     assert DEVICE in tb.DEVICES
 
 
 # --------------------------------------------------------------------------- reductions
-
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("adaptive,masked", [(False, False), (True, False), (False, True), (True, True)])
-def test_grad_sq_norm(dtype, atol, rtol, adaptive, masked):
-    g, p, m = make(SHAPES, dtype), make(SHAPES, dtype), masks_for(SHAPES)
-    args = (g, p if adaptive else None, m if masked else None, 0.01)
-    got = backend().OPS["grad_sq_norm"](*args)
-    assert got.dim() == 0 and got.dtype == reference.acc_dtype(dtype)
-    assert_close(got, reference.grad_sq_norm(*args), atol, rtol, "grad_sq_norm")
-    assert torch.equal(got, backend().OPS["grad_sq_norm"](*args)), "not deterministic"
-
-
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-def test_dot(dtype, atol, rtol):
-    a, b = make(SHAPES, dtype), make(SHAPES, dtype)
-    got = backend().OPS["dot"](a, b)
-    assert got.dtype == reference.acc_dtype(dtype)
-    assert_close(got, reference.dot(a, b), atol, rtol, "dot")
-
 
 def test_reductions_many_small_tensors_and_chunks(small_blocks):
     g, p = make(MANY + SHAPES, torch.float32), make(MANY + SHAPES, torch.float32)
@@ -161,21 +141,6 @@ def selection(params, masks, case, seed=1234):
     return sel
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", list(PERTURB_CASES), ids=list(PERTURB_CASES))
-def test_perturb(dtype, atol, rtol, case):
-    case = PERTURB_CASES[case]
-    w, g, m = make(SHAPES, dtype), make(SHAPES, dtype), masks_for(SHAPES)
-    sq = reference.grad_sq_norm(g, None, None, 0.0)
-    got, want = clone(w), clone(w)
-    backups = run_perturb(backend().OPS["perturb_"], got, g, sq, m, case)
-    run_perturb(reference.perturb_, want, g, sq, m, case)
-    assert_lists_equal(backups, w, "backups")
-    assert_lists_close(got, want, atol, rtol, "params")
-    for i, (a, orig, s) in enumerate(zip(got, w, selection(w, m, case))):
-        assert_lists_equal([a[~s]], [orig[~s]], f"unselected entries of tensor {i}")
-
-
 def test_perturb_many_tensors_multi_chunk(small_blocks):
     case = PERTURB_CASES["all"]
     shapes = MANY + SHAPES
@@ -205,7 +170,7 @@ def test_int64_offsets_and_keep_mask_beyond_2_32():
     """Element indices past 2^32 without allocating 16 GiB: a hand-made table points each tensor
     4·start bytes before its data and gives the program the chunk starting at element ``start``,
     so the kernel computes int64 offsets >= 2^32 and the hash's high word, on real memory."""
-    from sam_kernels.ops.triton import _tables, perturb
+    from sam_kernels.ops.backends.triton import _tables, perturb
     import triton.language as tl
     start, n, keep_prob = 5 * 2**32 + 2**31 - 40, 100, 0.5
     w, g, b = torch.zeros(n, device=DEVICE), torch.ones(n, device=DEVICE), torch.empty(n, device=DEVICE)
@@ -242,123 +207,9 @@ def test_perturb_non_finite_scale_leaves_params(bad):
     assert_lists_equal(backups, w, "backups")
 
 
-@pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES], ids=DTYPE_IDS)
-def test_restore_bitwise(dtype):
-    backups = make(SHAPES, dtype)
-    backups[1][0], backups[1][1], backups[1][2] = float("nan"), -0.0, float("-inf")
-    params = make(SHAPES, dtype)
-    backend().OPS["restore_"](params, backups)
-    assert_lists_equal(params, backups, "params")
-
-
-# --------------------------------------------------------------------------- fused restore + base step
-
-SGD_CASES = [
-    dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, init_buffers=False),
-    dict(momentum=0.9, dampening=0.0, weight_decay=5e-4, nesterov=False, maximize=False, init_buffers=True),
-    dict(momentum=0.9, dampening=0.1, weight_decay=5e-4, nesterov=False, maximize=True, init_buffers=False),
-    dict(momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False, init_buffers=False),
-]
-
-
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kw", SGD_CASES, ids=["plain", "init", "dampening_maximize", "nesterov"])
-def test_sgd_restore_step(dtype, atol, rtol, kw):
-    w, backups, g, bufs = (make(SHAPES, dtype) for _ in range(4))
-    use_bufs = kw["momentum"] != 0
-    got_w, got_b, want_w, want_b = clone(w), clone(bufs), clone(w), clone(bufs)
-    backend().OPS["sgd_restore_step_"](got_w, backups, g, got_b if use_bufs else None, lr=0.1, **kw)
-    reference.sgd_restore_step_(want_w, backups, g, want_b if use_bufs else None, lr=0.1, **kw)
-    assert_lists_close(got_w, want_w, atol, rtol, "params")
-    assert_lists_close(got_b, want_b, atol, rtol, "momentum buffers")
-
-
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("step,maximize,weight_decay", [(1, False, 1e-2), (7, True, 0.0)])
-def test_adamw_restore_step(dtype, atol, rtol, step, maximize, weight_decay):
-    w, backups, g, m = (make(SHAPES, dtype) for _ in range(4))
-    v = make(SHAPES, dtype, positive=True)
-    got = [clone(w), clone(m), clone(v)]
-    want = [clone(w), clone(m), clone(v)]
-    kw = dict(step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, maximize=maximize)
-    backend().OPS["adamw_restore_step_"](got[0], backups, g, got[1], got[2], **kw)
-    reference.adamw_restore_step_(want[0], backups, g, want[1], want[2], **kw)
-    for name, a, b in zip(("params", "exp_avgs", "exp_avg_sqs"), got, want):
-        assert_lists_close(a, b, atol, rtol, name)
-
-
-
 # --------------------------------------------------------------------------- telemetry sums of the fused descents
 
 DESCENT_SHAPES = [(7,), (3, 5), (129,), (9000,)]  # 9000 > CHUNK: one tensor spans two programs
-AMP_CASES = {"no_amp": None, "scaled": 0.0, "skipped": 1.0}  # found_inf value (None: no grad_scale/found_inf)
-
-
-def descent_inputs(dtype, amp):
-    """params, backups, grads (carrying a 1024 loss scale under AMP), ascent grads close to the grads
-    (as g(w) is to g(w + e): a dot far from 0), the two optimizers' states, the AMP kwargs."""
-    scale = 1.0 if amp is None else 1024.0
-    w, backups, m = make(DESCENT_SHAPES, dtype), make(DESCENT_SHAPES, dtype), make(DESCENT_SHAPES, dtype)
-    g = [(t.float() * scale).to(dtype) for t in make(DESCENT_SHAPES, dtype)]
-    a = [(0.5 * t.float() / scale + torch.randn(t.shape, device=DEVICE)).to(dtype) for t in g]
-    v = make(DESCENT_SHAPES, dtype, positive=True)
-    kw = {} if amp is None else dict(grad_scale=torch.tensor(scale, device=DEVICE),
-                                     found_inf=torch.tensor(amp, device=DEVICE))
-    return w, backups, g, a, m, v, kw
-
-
-def run_descent(op, backend_name, w, backups, g, m, v, amp_kw, **tele):
-    """One public fused descent on copies of the state; the resulting [params, state...]."""
-    w, m, v = clone(w), clone(m), clone(v)
-    if op == "sgd":
-        ops.sgd_restore_step_(w, backups, g, m, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2,
-                              backend=backend_name, **amp_kw, **tele)
-        return [w, m]
-    ops.adamw_restore_step_(w, backups, g, m, v, 3, lr=1e-2, weight_decay=1e-2, backend=backend_name, **amp_kw,
-                            **tele)
-    return [w, m, v]
-
-
-def sums_tol(dtype, sums_dtype):
-    """Totals are accumulated in fp32 (fp64 for fp64 tensors) and rounded to sums' dtype."""
-    return tol(torch.float64 if dtype == sums_dtype == torch.float64 else torch.float32)
-
-
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("op", ["sgd", "adamw"])
-@pytest.mark.parametrize("amp", list(AMP_CASES), ids=list(AMP_CASES))
-@pytest.mark.parametrize("with_ascent", [False, True], ids=["g_sq", "g_sq_and_dot"])
-@pytest.mark.parametrize("sums_dtype", [torch.float32, torch.float64], ids=["sums32", "sums64"])
-def test_descent_sums(dtype, atol, rtol, op, amp, with_ascent, sums_dtype):
-    """sums += [Σ g², Σ ⟨a, g⟩] over the grads as given (loss scale in them), skipped step or not;
-    params and state as without sums; everything vs backend="eager"."""
-    w, backups, g, a, m, v, amp_kw = descent_inputs(dtype, AMP_CASES[amp])
-    # Without ascent_grads sums[1] starts at -0.0, which even an added 0 would change (to +0.0).
-    start = torch.tensor([0.5, -1.25 if with_ascent else -0.0], dtype=sums_dtype, device=DEVICE)
-    runs, sums = {}, {}
-    for name in ("triton", "eager"):
-        sums[name] = start.clone()
-        tele = dict(sums=sums[name], ascent_grads=a if with_ascent else None)
-        runs[name] = run_descent(op, name, w, backups, g, m, v, amp_kw, **tele)
-        assert ops.last_used[f"{op}_restore_step_"] == name
-    for what, got, want in zip(("params", "state0", "state1"), runs["triton"], runs["eager"]):
-        assert_lists_close(got, want, atol, rtol, what)
-    for what, got, want in zip(("params", "state0", "state1"), runs["triton"],
-                               run_descent(op, "triton", w, backups, g, m, v, amp_kw)):
-        assert_lists_equal(got, want, f"{what}: with sums vs without")
-    if amp == "skipped":
-        for what, got, want in zip(("params", "state0", "state1"), runs["triton"], [backups, m, v]):
-            assert_lists_equal(got, want, f"{what} of a skipped step")
-    assert sums["triton"].dtype == sums_dtype
-    assert_close(sums["triton"], sums["eager"], *sums_tol(dtype, sums_dtype), "sums")
-    if not with_ascent:
-        assert sums["triton"][1].item() == 0.0 and torch.signbit(sums["triton"][1]), "sums[1] written"
-    # The sums are not trivially close: Σg² grows with the loss scale and the dot is far from 0.
-    want_sq = sum(float((t.double() ** 2).sum()) for t in g)
-    assert abs(sums["triton"][0].item() - 0.5 - want_sq) <= 1e-4 * want_sq
-    again = start.clone()
-    run_descent(op, "triton", w, backups, g, m, v, amp_kw, sums=again, ascent_grads=a if with_ascent else None)
-    assert torch.equal(again, sums["triton"]), "sums not deterministic"
 
 
 @pytest.mark.parametrize("op", ["sgd_restore_step_", "adamw_restore_step_"])
@@ -452,9 +303,6 @@ def test_descent_sums_rejected_before_any_write(op, launches):
 
 # --------------------------------------------------------------------------- telemetry: perturb_'s perturbation_sq
 
-SQ_OUTPUTS = {"sq32_0d": (torch.float32, ()), "sq64_1d": (torch.float64, (1,))}
-
-
 def run_perturb_sq(fn, params, grads, sq_norm, masks, case, out):
     """run_perturb with ``perturbation_sq=out`` (None: without the argument)."""
     backups = [torch.empty_like(p) for p in params]
@@ -463,36 +311,6 @@ def run_perturb_sq(fn, params, grads, sq_norm, masks, case, out):
     fn(params, grads, backups, sq_norm, 0.05, EPS, masks if case["masked"] else None, case["adaptive"], 0.01,
        case["keep_prob"], keys, **tele)
     return backups
-
-
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", list(PERTURB_CASES), ids=list(PERTURB_CASES))
-@pytest.mark.parametrize("out", list(SQ_OUTPUTS), ids=list(SQ_OUTPUTS))
-def test_perturbation_sq(dtype, atol, rtol, case, out):
-    """perturbation_sq += Σ (w_new − w)² over the stored values (9000 > CHUNK: one tensor spans two
-    programs), vs the reference, from a non-zero start; params and backups bitwise as without it."""
-    case, (sq_dtype, sq_shape) = PERTURB_CASES[case], SQ_OUTPUTS[out]
-    w, g, m = make(SHAPES, dtype), make(SHAPES, dtype), masks_for(SHAPES)
-    sq = reference.grad_sq_norm(g, None, None, 0.0)
-    start = torch.full(sq_shape, 0.75, dtype=sq_dtype, device=DEVICE)
-    got, want, plain = clone(w), clone(w), clone(w)
-    got_sq, want_sq = start.clone(), start.clone()
-    backups = run_perturb_sq(backend().OPS["perturb_"], got, g, sq, m, case, got_sq)
-    run_perturb_sq(reference.perturb_, want, g, sq, m, case, want_sq)
-    plain_backups = run_perturb_sq(backend().OPS["perturb_"], plain, g, sq, m, case, None)
-    assert_lists_equal(got, plain, "params: with perturbation_sq vs without")
-    assert_lists_equal(backups, plain_backups, "backups: with perturbation_sq vs without")
-    assert_lists_equal(backups, w, "backups")
-    assert_lists_close(got, want, atol, rtol, "params")
-    assert got_sq.dtype == sq_dtype and got_sq.shape == sq_shape
-    assert_close(got_sq, want_sq, *sums_tol(dtype, sq_dtype), "perturbation_sq")
-    # Not trivially close: the applied ‖e‖² of the stored values, in fp64, is far from 0 (rho² = 2.5e-3).
-    applied = sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(got, w))
-    assert applied > 1e-4
-    assert abs(got_sq.item() - 0.75 - applied) <= 1e-5 * applied + 1e-7  # + the rounding of 0.75 + ‖e‖² in fp32
-    again = start.clone()
-    run_perturb_sq(backend().OPS["perturb_"], clone(w), g, sq, m, case, again)
-    assert torch.equal(again, got_sq), "perturbation_sq not deterministic"
 
 
 def test_perturbation_sq_many_programs(small_blocks, launches):
@@ -537,41 +355,6 @@ def test_perturbation_sq_unselected_non_finite_weights(case):
     assert got_sq.item() > 0 and torch.equal(got_sq, zero_sq)
     for t, z, s in zip(bad, zeroed, sel):
         assert_lists_equal([t[s]], [z[s]], "selected entries")
-
-
-@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
-@pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES], ids=DTYPE_IDS)
-@pytest.mark.parametrize("why", ["nan_norm", "inf_norm", "found_inf"])
-@pytest.mark.parametrize("start", [1.5, -0.0], ids=["start_1.5", "start_-0"])
-def test_perturbation_sq_adds_zero_when_nothing_moves(dtype, why, start):
-    """Through sam_kernels.ops.perturb_ (masks, ASAM and keep_prob on): a non-finite norm, or a
-    non-zero found_inf under a loss scale, leaves every weight bitwise unchanged and adds exactly
-    +0 (so -0.0 becomes +0.0, as in eager); a zero found_inf gives the eager sum."""
-    shapes = [(7,), (3, 5), (9000,)]
-    w, g, m = make(shapes, dtype), make(shapes, dtype), masks_for(shapes)
-    kw = dict(masks=m, adaptive=True, keep_prob=0.7, seed=5)
-    if why == "found_inf":
-        kw.update(grad_scale=torch.tensor(1024.0, device=DEVICE), found_inf=torch.tensor(1.0, device=DEVICE))
-    else:
-        kw.update(sq_norm=torch.tensor(float("nan" if why == "nan_norm" else "inf"), device=DEVICE))
-    outs = {}
-    for name in ("triton", "eager"):
-        got, backups = clone(w), [torch.empty_like(t) for t in w]
-        outs[name] = torch.tensor([start], dtype=torch.float64, device=DEVICE)
-        ops.perturb_(got, g, backups, 0.05, backend=name, perturbation_sq=outs[name], **kw)
-        assert ops.last_used["perturb_"] == name
-        assert_lists_equal(got, w, f"{name}: params")
-        assert_lists_equal(backups, w, f"{name}: backups")
-    assert outs["triton"].item() == start + 0.0 and not torch.signbit(outs["triton"]).item()
-    assert torch.equal(outs["triton"], outs["eager"])
-    if why == "found_inf":  # the same call with found_inf = 0 moves the weights and adds ‖e‖²
-        kw["found_inf"] = torch.tensor(0.0, device=DEVICE)
-        for name in ("triton", "eager"):
-            outs[name] = torch.tensor([start], dtype=torch.float64, device=DEVICE)
-            ops.perturb_(clone(w), g, [torch.empty_like(t) for t in w], 0.05, backend=name, perturbation_sq=outs[name],
-                         **kw)
-        assert outs["triton"].item() > 1e-4
-        assert_close(outs["triton"], outs["eager"], *sums_tol(dtype, torch.float64), "perturbation_sq")
 
 
 def test_perturbation_sq_public_groups_and_version():
@@ -640,8 +423,6 @@ NAN_BITS = {  # (a quiet NaN with a payload, a negative signalling NaN), unsigne
     torch.float16: (0x7E01, 0xFC01),
     torch.bfloat16: (0x7FC1, 0xFF81),
 }
-INT_VIEWS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-             torch.bfloat16: torch.int16}
 
 
 def special_grads(shapes, dtype):
@@ -654,7 +435,7 @@ def special_grads(shapes, dtype):
     for t in g:
         if t.numel() >= 7:
             flat = t.view(-1)
-            ints = flat.view(INT_VIEWS[dtype])
+            ints = flat.view(INT_OF[dtype])
             ints[0], ints[1] = quiet, signalling
             flat[2], flat[3], flat[4], flat[5], flat[6] = -0.0, 0.0, float("inf"), float("-inf"), tiny
             assert torch.isnan(flat[:2]).all() and torch.signbit(flat[2]) and 0 < flat[6] < torch.finfo(dtype).tiny
@@ -832,41 +613,6 @@ def test_grad_copies_rejected_before_any_write(launches):
             assert out is None or out.item() == 0.5, what
 
 
-# --------------------------------------------------------------------------- variants
-
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-def test_renormalize_and_fisher(dtype, atol, rtol):
-    g, f = make(SHAPES, dtype), make(SHAPES, dtype, positive=True)
-    ref_sq = torch.tensor(3.0, device=DEVICE)
-    sq = reference.grad_sq_norm(g, None, None, 0.0)
-    got, want = clone(g), clone(g)
-    backend().OPS["renormalize_"](got, ref_sq, sq, EPS)
-    reference.renormalize_(want, ref_sq, sq, EPS)
-    assert_lists_close(got, want, atol, rtol, "renormalize_")
-    got, want = clone(f), clone(f)
-    backend().OPS["fisher_accumulate_"](got, g, 0.25)
-    reference.fisher_accumulate_(want, g, 0.25)
-    assert_lists_close(got, want, atol, rtol, "fisher_accumulate_")
-
-
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("alias", [False, True], ids=["separate", "g_v_is_sam_grads"])
-def test_looksam(dtype, atol, rtol, alias):
-    g, gs = make(SHAPES, dtype), make(SHAPES, dtype)
-    d, sq = reference.dot(g, gs), reference.grad_sq_norm(g, None, None, 0.0)
-    got_gs, want_gs = clone(gs), clone(gs)
-    got = got_gs if alias else [torch.empty_like(t) for t in g]
-    want = want_gs if alias else [torch.empty_like(t) for t in g]
-    backend().OPS["looksam_store_"](got, g, got_gs, d, sq, EPS)
-    reference.looksam_store_(want, g, want_gs, d, sq, EPS)
-    assert_lists_close(got, want, atol, rtol, "g_v")
-    gv_sq = reference.grad_sq_norm(want, None, None, 0.0)
-    got_g, want_g = clone(g), clone(g)
-    backend().OPS["looksam_apply_"](got_g, want, 0.7, sq, gv_sq, EPS)
-    reference.looksam_apply_(want_g, want, 0.7, sq, gv_sq, EPS)
-    assert_lists_close(got_g, want_g, atol, rtol, "grads")
-
-
 # --------------------------------------------------------------------------- masks
 
 def tricky_scores(shapes, dtype):
@@ -918,7 +664,7 @@ def test_nm_mask_exact(dtype, n, m):
 # --------------------------------------------------------------------------- multi-tensor machinery
 
 def test_table_cache_reused_and_rebuilt():
-    from sam_kernels.ops.triton import _tables
+    from sam_kernels.ops.backends.triton import _tables
     w = make(MANY, torch.float32)
     g = make(MANY, torch.float32)
     first = _tables.table([w, g])
@@ -931,7 +677,7 @@ def test_table_cache_reused_and_rebuilt():
 
 
 def test_table_chunking():
-    from sam_kernels.ops.triton import _tables
+    from sam_kernels.ops.backends.triton import _tables
     ts = [torch.empty(n, device=DEVICE) for n in (10, 0, 64, 65, 1)]
     tab = _tables.table([ts], chunk=64)
     assert tab.blocks.tolist() == [[0, 0], [2, 0], [3, 0], [3, 64], [4, 0]]
@@ -983,7 +729,6 @@ def test_public_ops_backend_triton():
     assert_lists_equal(ops.nm_mask(g, 2, 4, backend="triton"), ops.nm_mask(g, 2, 4, backend="eager"), "nm")
 
 
-
 def test_public_ops_backend_triton_remaining_ops():
     """dot, restore_, adamw_restore_step_ and the variants' ops through sam_kernels.ops, vs eager."""
     shapes, dtypes = [(7,), (0,), (3, 5), (129,)], [torch.float32, torch.float32, torch.float16, torch.float32]
@@ -1024,7 +769,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sam_kernels.ops.triton import _tables, masks, norm, optimizer_steps, perturb, variants
+from sam_kernels.ops.backends.triton import _tables, masks, norm, optimizer_steps, perturb, variants
 
 C = dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024, CHUNK=8192, ALIGNED=True)
 SGD = dict(HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,

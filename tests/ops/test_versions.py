@@ -9,80 +9,78 @@ import pytest
 import torch
 
 import sam_kernels as sk
-import sam_kernels.ops as ops
-from tests.ops.test_backends import CASE_IDS, CASES
+from tests.ops.opinfo import ALL, backend_param, require
 from tests.utils import require_backend
-
-
-@pytest.fixture(params=[("eager", "cpu"), *CASES], ids=["eager-cpu", *CASE_IDS])
-def case(request):
-    backend, device = request.param
-    if backend != "eager":
-        require_backend(backend, device)
-    return backend, device
 
 
 def lists(device, n=3, shape=(4, 5)):
     return [torch.randn(shape, device=device) for _ in range(n)]
 
 
-# op -> (call(backend, device) -> the lists it must have written)
+# op -> (call(run, device) -> the call, the lists it must write, the lists it must not; run(op, *args, **kw))
 def _perturb(b, d):
     p, g, bk = lists(d), lists(d), lists(d)
-    return lambda: ops.perturb_(p, g, bk, 0.05, backend=b), [p, bk], [g]
+    return lambda: b("perturb_", p, g, bk, 0.05), [p, bk], [g]
+
+
+def _perturb_telemetry(b, d):
+    p, g, bk, copies, sq = lists(d), lists(d), lists(d), lists(d), torch.zeros((), device=d)
+    return (lambda: b("perturb_", p, g, bk, 0.05, perturbation_sq=sq, grad_copies=copies),
+            [p, bk, copies, [sq]], [g])
 
 
 def _restore(b, d):
     p, bk = lists(d), lists(d)
-    return lambda: ops.restore_(p, bk, backend=b), [p], [bk]
+    return lambda: b("restore_", p, bk), [p], [bk]
 
 
 def _sgd(b, d):
     p, bk, g, buf = lists(d), lists(d), lists(d), lists(d)
-    return lambda: ops.sgd_restore_step_(p, bk, g, buf, lr=0.1, momentum=0.9, backend=b), [p, buf], [bk, g]
+    return lambda: b("sgd_restore_step_", p, bk, g, buf, lr=0.1, momentum=0.9), [p, buf], [bk, g]
 
 
 def _adamw(b, d):
     p, bk, g, m, v = lists(d), lists(d), lists(d), lists(d), [x.abs() for x in lists(d)]
-    return lambda: ops.adamw_restore_step_(p, bk, g, m, v, 2, lr=1e-3, backend=b), [p, m, v], [bk, g]
+    return lambda: b("adamw_restore_step_", p, bk, g, m, v, 2, lr=1e-3), [p, m, v], [bk, g]
 
 
 def _renormalize(b, d):
     g = lists(d)
-    return lambda: ops.renormalize_(g, torch.tensor(2.0, device=d), backend=b), [g], []
+    return lambda: b("renormalize_", g, torch.tensor(2.0, device=d)), [g], []
 
 
 def _fisher(b, d):
     f, g = lists(d), lists(d)
-    return lambda: ops.fisher_accumulate_(f, g, backend=b), [f], [g]
+    return lambda: b("fisher_accumulate_", f, g), [f], [g]
 
 
 def _store(b, d):
     gv, g, gs = lists(d), lists(d), lists(d)
-    return lambda: ops.looksam_store_(gv, g, gs, backend=b), [gv], [g, gs]
+    return lambda: b("looksam_store_", gv, g, gs), [gv], [g, gs]
 
 
 def _apply(b, d):
     g, gv = lists(d), lists(d)
-    return lambda: ops.looksam_apply_(g, gv, 0.7, backend=b), [g], [gv]
+    return lambda: b("looksam_apply_", g, gv, 0.7), [g], [gv]
 
 
-OPS = {"perturb_": _perturb, "restore_": _restore, "sgd_restore_step_": _sgd, "adamw_restore_step_": _adamw,
+OPS = {"perturb_": _perturb, "perturb_telemetry": _perturb_telemetry, "restore_": _restore, "sgd_restore_step_": _sgd, "adamw_restore_step_": _adamw,
        "renormalize_": _renormalize, "fisher_accumulate_": _fisher, "looksam_store_": _store,
        "looksam_apply_": _apply}
 
 
+@backend_param(ALL)
 @pytest.mark.parametrize("op", list(OPS))
-def test_written_tensors_bump_versions(case, op):
-    backend, device = case
-    call, written, read = OPS[op](backend, device)
+def test_written_tensors_bump_versions(backend, op):
+    device = require(backend).device
+    call, written, read = OPS[op](lambda name, *args, **kwargs: backend.call(name, args, kwargs), device)
     before_w = [[t._version for t in lst] for lst in written]
     before_r = [[t._version for t in lst] for lst in read]
     call()
     for lst, vs in zip(written, before_w):
-        assert all(t._version > v for t, v in zip(lst, vs)), f"{op} on {backend}: a written tensor kept its version"
+        assert all(t._version > v for t, v in zip(lst, vs)), f"{op} on {backend.id}: a written tensor kept its version"
     for lst, vs in zip(read, before_r):
-        assert [t._version for t in lst] == vs, f"{op} on {backend}: a read-only tensor was bumped"
+        assert [t._version for t in lst] == vs, f"{op} on {backend.id}: a read-only tensor was bumped"
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp", "triton"])

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from ... import reference
 from . import _tables
 from ._tables import block_offsets, chunk_bounds, tensor_ptr
 

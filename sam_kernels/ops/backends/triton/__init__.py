@@ -13,51 +13,57 @@ copies each kernel *argument* to host memory, but these kernels reach their tens
 pointer tables, so a CUDA address in a table would be dereferenced on the host.
 """
 import functools
+import inspect
 import os
 from typing import Callable, Optional
 
 import torch
 
+from ...contract import OpInfo, ops_of
+
 try:
     from . import masks, norm, optimizer_steps, perturb, variants
 except ImportError as exc:  # triton missing (or too old): the backend reports why
     _IMPORT_ERROR: Optional[str] = f"triton not installed ({exc})"
-    OPS: dict = {}
+    _FAMILIES: tuple = ()
 else:
     _IMPORT_ERROR = None
-    OPS = {
-        "grad_sq_norm": norm.grad_sq_norm,
-        "dot": norm.dot,
-        "perturb_": perturb.perturb_,
-        "restore_": perturb.restore_,
-        "sgd_restore_step_": optimizer_steps.sgd_restore_step_,
-        "adamw_restore_step_": optimizer_steps.adamw_restore_step_,
-        "renormalize_": variants.renormalize_,
-        "fisher_accumulate_": variants.fisher_accumulate_,
-        "looksam_store_": variants.looksam_store_,
-        "looksam_apply_": variants.looksam_apply_,
-        "topk_mask": masks.topk_mask,
-        "nm_mask": masks.nm_mask,
-    }
-
-# Triton writes through raw pointers, which autograd cannot see: bump the version counters of the
-# lists each op writes, by position (the compiled ops do it in the dispatcher: csrc/sam_kernels.cpp).
-WRITES = {"perturb_": (0, 2), "restore_": (0,), "sgd_restore_step_": (0, 3), "adamw_restore_step_": (0, 3, 4),
-          "renormalize_": (0,), "fisher_accumulate_": (0,), "looksam_store_": (0,), "looksam_apply_": (0,)}
+    _FAMILIES = (norm, perturb, optimizer_steps, variants, masks)
 
 
-def _bumping(fn: Callable, positions: tuple[int, ...]) -> Callable:
+def _bumping(op: OpInfo, fn: Callable) -> Callable:
+    """``fn`` followed by a version bump of every tensor it was handed in an argument the op writes.
+
+    Triton writes through raw pointers, which autograd cannot see (the compiled ops bump the same
+    arguments in the dispatcher: csrc/sam_kernels.cpp)."""
+    if not op.writes:
+        return fn
+    names = list(inspect.signature(op.reference).parameters)
+    written = [(names.index(name), name) for name in op.writes]
+
     @functools.wraps(fn)
     def run(*args, **kwargs):
         out = fn(*args, **kwargs)
-        written = [t for i in positions if args[i] is not None for t in args[i] if not t.is_inference()]
-        if written:
-            torch.autograd.graph.increment_version(written)
+        tensors = []
+        for i, name in written:
+            value = args[i] if i < len(args) else kwargs.get(name)
+            for t in (value if isinstance(value, (list, tuple)) else (value,)):
+                if isinstance(t, torch.Tensor) and not t.is_inference():
+                    tensors.append(t)
+        if tensors:
+            torch.autograd.graph.increment_version(tensors)
         return out
     return run
 
 
-OPS = {name: _bumping(fn, WRITES[name]) if name in WRITES else fn for name, fn in OPS.items()}
+def _kernel(name: str) -> Callable:
+    found = [getattr(m, name) for m in _FAMILIES if hasattr(m, name)]
+    if len(found) != 1:
+        raise LookupError(f"the op table lists a triton kernel for {name}; {len(found)} modules define one")
+    return found[0]
+
+
+OPS = {op.name: _bumping(op, _kernel(op.name)) for op in ops_of("triton")} if _FAMILIES else {}
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Read once, like Triton itself does when the kernels are defined (at import)."""

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import acc_dtype
+from ...reference import acc_dtype
 from . import _tables
 from ._tables import block_offsets, chunk_bounds, load, scalar, tensor_ptr
 

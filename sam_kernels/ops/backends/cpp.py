@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .._extension import extension_error
-from .extension_ops import ops_with_kernel
+from ..._extension import extension_error
+from .extension import ops_with_kernel
 
 DEVICES = ("cpu",)
 CHECKS_LISTS = True  # csrc/common.h check_list, before any write
-OPS = ops_with_kernel("CPU")
+OPS = ops_with_kernel("CPU", "cpp")
 
 
 def unavailable_reason() -> Optional[str]:

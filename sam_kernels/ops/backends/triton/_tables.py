@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import acc_dtype
+from ...reference import acc_dtype
 
 BLOCK = 1024
 """Elements per loop iteration of a program (a power of two)."""

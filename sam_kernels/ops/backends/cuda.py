@@ -5,12 +5,12 @@ from typing import Optional
 
 import torch
 
-from .._extension import extension_error
-from .extension_ops import ops_with_kernel
+from ..._extension import extension_error
+from .extension import ops_with_kernel
 
 DEVICES = ("cuda",)
 CHECKS_LISTS = True  # csrc/common.h check_list, before any write
-OPS = ops_with_kernel("CUDA")
+OPS = ops_with_kernel("CUDA", "cuda")
 
 
 def unavailable_reason() -> Optional[str]:
