@@ -4,17 +4,16 @@ Friendly-SAM (Li et al., CVPR 2024) and VaSSO (Li and Giannakis, NeurIPS 2023).
 Both keep one EMA buffer per parameter in ``self.state[p]`` (the parameter's dtype, layout and
 device; saved by ``state_dict``) and plug into the SAM step through ``SAM.ascent_direction``: the
 norm, the perturbation, the backups, AMP, masks, policies and the descent are SAM's own. The EMA
-update runs on the device with 0-dim coefficient tensors (no host sync); under AMP it divides the
-loss scale out and an overflowed first pass leaves the EMA as it was.
+update (and Friendly-SAM's direction) is one fused pass, ``ops.ema_update_`` (no host sync); under
+AMP it divides the loss scale out and an overflowed first pass leaves the EMA as it was.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
-from ..ops.dtensor import is_dtensor
+from .. import ops
 from .sam import SAM
 
 
@@ -24,58 +23,18 @@ def _refuse_sparse(name: str, grads: list[torch.Tensor]) -> None:
                         "gradients (nn.Embedding(sparse=False)) or SAM")
 
 
-def _local(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The local shards of DTensors (FSDP2): the EMA maths is element-wise, each rank does its shard."""
-    return [t.to_local() if is_dtensor(t) else t for t in ts]
-
-
-def _keep_flag(found: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """1.0 where this pass overflowed (AMP's ``found_inf``), else 0.0: a 0-dim device tensor."""
-    if found is None:
-        return torch.zeros((), dtype=torch.float32, device=like.device)
-    return found.to(like.device, torch.float32).clamp(0, 1)
-
-
-def _by_device(idx: list[int], tensors: list[torch.Tensor]) -> dict:
-    out: dict = {}
-    for i in idx:
-        out.setdefault((tensors[i].device, tensors[i].dtype), []).append(i)
-    return out
-
-
-def ema_update_(emas: list[torch.Tensor], grads: list[torch.Tensor], new: list[bool], weight: float,
-                scale: Optional[torch.Tensor], found: Optional[torch.Tensor]) -> None:
-    """m ← (1 − weight)·m + weight·g/S for each EMA m (a new one, all zeros: m ← g/S); unchanged when
-    ``found`` (0-dim, non-zero: the pass overflowed). ``scale``: the loss scale S the grads carry."""
-    emas, grads = _local(emas), _local(grads)
-    if scale is None and found is None:  # one pass per tensor: m ← m + weight·(g − m)
-        for is_new in (False, True):
-            part = [i for i in range(len(emas)) if new[i] == is_new]
-            if part:
-                (torch._foreach_copy_ if is_new else functools.partial(torch._foreach_lerp_, weight=weight))(
-                    [emas[i] for i in part], [grads[i] for i in part])
-        return
-    for (device, _), idx in _by_device(list(range(len(emas))), emas).items():
-        ref = emas[idx[0]]
-        keep = _keep_flag(found, ref)
-        inv = torch.ones((), dtype=torch.float32, device=device) if scale is None else \
-            scale.to(device, torch.float32).reciprocal()
-        for is_new in (False, True):
-            part = [i for i in idx if new[i] == is_new]
-            if not part:
-                continue
-            w = 1.0 if is_new else weight
-            a = keep + (1 - keep) * (1 - w)   # the old EMA's factor (1 when the pass overflowed)
-            b = (1 - keep) * w * inv          # the new gradient's
-            ms = [emas[i] for i in part]
-            if found is None:  # unscaled here: g/S with S the loss scale
-                torch._foreach_mul_(ms, a)
-                torch._foreach_add_(ms, torch._foreach_mul([grads[i] for i in part], b))
-            else:  # an overflowed g is Inf/NaN: 0·g would be NaN, so the old m is selected, not weighted
-                fresh = torch._foreach_add(torch._foreach_mul(ms, a), torch._foreach_mul([grads[i] for i in part], b))
-                skip = keep.bool()
-                for m, n in zip(ms, fresh):
-                    torch.where(skip, m, n, out=m)
+def _update(sam: SAM, emas: list[torch.Tensor], grads: list[torch.Tensor], new: list[bool], weight: float,
+            sigma: float, directions: Optional[list[torch.Tensor]], scale: Optional[torch.Tensor]) -> None:
+    """``ops.ema_update_`` over the params' EMAs: a new (zero) one takes its first observation
+    (weight 1, sigma 0: m ← g/S, d ← g), the others ``weight`` and ``sigma``."""
+    for first in (False, True):
+        idx = [i for i, n in enumerate(new) if n == first]
+        if not idx:
+            continue
+        pick = (lambda xs: xs) if len(idx) == len(new) else (lambda xs: [xs[i] for i in idx])
+        ops.ema_update_(pick(emas), pick(grads), weight=1.0 if first else weight, sigma=0.0 if first else sigma,
+                        directions=None if directions is None else pick(directions), grad_scale=scale,
+                        found_inf=sam.step_state.found, backend=sam.backend)
 
 
 class FriendlySAM(SAM):
@@ -124,17 +83,8 @@ class FriendlySAM(SAM):
                 d = st["fsam_direction"] = torch.empty_like(g, memory_format=torch.preserve_format)
             emas.append(st["fsam_ema"])
             dirs.append(d)
-        # d = g − sigma·S·m (S: the loss scale g carries, so d carries it too); a new m is 0: d = g
-        ld, lg, lm = _local(dirs), _local(grads), _local(emas)
-        for (device, _), idx in _by_device(list(range(len(params))), ld).items():
-            old = [i for i in idx if not new[i]]
-            torch._foreach_copy_([ld[i] for i in idx], [lg[i] for i in idx])
-            if old and self.sigma and scale is None:
-                torch._foreach_add_([ld[i] for i in old], [lm[i] for i in old], alpha=-self.sigma)
-            elif old and self.sigma:
-                c = scale.to(device, torch.float32) * -self.sigma
-                torch._foreach_add_([ld[i] for i in old], torch._foreach_mul([lm[i] for i in old], c))
-        ema_update_(emas, grads, new, 1.0 - self.lmbda, scale, self.step_state.found)
+        # d = g − sigma·S·m carries the loss scale S of g; m stores g/S
+        _update(self, emas, grads, new, 1.0 - self.lmbda, self.sigma, dirs, scale)
         return dirs, scale
 
 
@@ -176,5 +126,5 @@ class VaSSO(SAM):
             if is_new:
                 self.state[p]["vasso_ema"] = torch.zeros_like(g, memory_format=torch.preserve_format)
         emas = [self.state[p]["vasso_ema"] for p in params]
-        ema_update_(emas, grads, new, self.theta, scale, self.step_state.found)
+        _update(self, emas, grads, new, self.theta, 0.0, None, scale)
         return emas, None  # the EMA is unscaled

@@ -49,6 +49,9 @@ def samples(device, layout="contiguous"):
         "fisher_accumulate_": (ops.fisher_accumulate_.default, ([x.abs() for x in s], g, 0.5)),
         "looksam_store_": (ops.looksam_store_.default, (s, g, b, torch.tensor(0.3, device=device), sq, 1e-12)),
         "looksam_apply_": (ops.looksam_apply_.default, (g, s, 0.7, sq, torch.tensor(1.5, device=device), 1e-12)),
+        "ema_update_": (ops.ema_update_.default, (s, g, b, 0.4, 1.0)),
+        "ema_update_amp": (ops.ema_update_.default, (s, g, None, 0.9, 0.0, torch.tensor(1024.0, device=device),
+                                                     torch.tensor(0.0, device=device))),
         "topk_mask": (ops.topk_mask.default, (s, 4)),
         "nm_mask": (ops.nm_mask.default, (s, 2, 4)),
     }

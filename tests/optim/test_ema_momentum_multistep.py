@@ -415,3 +415,18 @@ def test_friendly_sam_matches_pytorch_optimizer(backend):
             opt.second_step(zero_grad=True)
         for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
             torch.testing.assert_close(a.detach(), b.detach(), atol=2e-6, rtol=2e-5)  # the matrix's float32 tolerance
+
+
+@pytest.mark.parametrize("name,directions", [("FriendlySAM", 1), ("VaSSO", 0)])
+def test_ema_runs_as_one_fused_op(name, directions):
+    """The EMA (and Friendly-SAM's direction) is one ema_update_ launch on the fused backend per step
+    after the first, with the direction list counted as its extra list (the bytes it moves)."""
+    model = make_model(dtype=torch.float32)
+    opt = variant(name).build(model, backend="cpp")
+    for x, y in make_batches(2, dtype=torch.float32):
+        with sk.ops.recording() as log:
+            opt.step(lambda: _backward(model, x, y))
+        opt.zero_grad()
+    calls = [r for r in log if r.op == "ema_update_"]
+    assert len(calls) == 1 and [p.backend for p in calls[0].parts] == ["cpp"]
+    assert calls[0].extra_lists == directions
