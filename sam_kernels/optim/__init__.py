@@ -1,10 +1,12 @@
 """The optimizer layer: one SAM core (``sam.py``) and the variants as presets of it."""
 from .batchnorm import frozen_running_stats
+from .bsam import BSAM
 from .descent import LookSAMReuse, Modifier, Renormalize
 from .ema_ascent import FriendlySAM, VaSSO
 from .esam import ESAM
 from .momentum_sam import MomentumSAM
-from .policy import AdaptivePolicy, PeriodicPolicy, Policy, ScheduledPolicy
+from .policy import AdaptivePolicy, LatePhasePolicy, PeriodicPolicy, Policy, ScheduledPolicy
+from .sam_on import sam_on_param_groups
 from .sam import SAM
 from .sparse import SparseSAM
 from .variants import AELookSAM, AESAM, LookSAM, SSSAM, StableSAM
@@ -13,5 +15,6 @@ __all__ = [
     "SAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM",
     "Policy", "ScheduledPolicy", "AdaptivePolicy", "PeriodicPolicy", "Modifier", "Renormalize", "LookSAMReuse",
     "frozen_running_stats", "SparseSAM", "ESAM",
+    "LatePhasePolicy", "sam_on_param_groups", "BSAM",
     "FriendlySAM", "VaSSO", "MomentumSAM",
 ]

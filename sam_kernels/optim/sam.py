@@ -46,7 +46,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     ``SAM(params, base_optimizer, rho, adaptive, **kwargs)`` class).
 
     Args:
-        params: parameters or parameter groups (groups may set ``rho``, ``adaptive``, ``eta``).
+        params: parameters or parameter groups (groups may set ``rho``, ``adaptive``, ``eta``, and
+            ``perturb=False``: SAM-ON's rule, the group is neither perturbed nor counted in the ascent
+            norm, its params still take the base step; see :func:`~sam_kernels.optim.sam_on.sam_on_param_groups`).
             Each tensor once (a duplicate raises ``ValueError``). Parameters over the same memory
             (weight tied by hand) step as ``torch.optim`` steps them, partial overlaps raise
             ``ValueError`` (:mod:`.aliases`). Sparse gradients: :mod:`.sparse_grads`.
@@ -68,10 +70,12 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             where ``scaler.unscale_`` may go; attaching it creates its scale if it has none yet).
         distributed: ``"global"`` (both backwards synchronized: DDP's default, FSDP2) or ``"m-sam"``
             (first backward under DDP's ``no_sync()``); see :mod:`sam_kernels.optim.distributed`.
-        telemetry: keep ‖g(w)‖, ‖g(w+e)‖, their cosine, ‖e‖ and L(w+e) − L(w) of each SAM step on the
-            device (taken inside the step's kernels where they read the data; the cosine costs one read
-            of g(w): see :mod:`sam_kernels.optim.telemetry`); ``"norms"``: all but the cosine (no pass over
-            the parameters). The step and pass counters of :meth:`stats` are kept either way.
+        telemetry: which values of each SAM step :meth:`stats` shows, kept on the device (taken inside
+            the step's kernels where they read the data; see :mod:`sam_kernels.optim.telemetry`).
+            ``"norms"`` (the default): ‖g(w)‖, ‖g(w+e)‖, ‖e‖ and L(w+e) − L(w), at no extra memory
+            traffic for plain SAM; ``True``: these and the cosine of g(w) and g(w+e), which costs one
+            more read of g(w); ``False``: none. The step and pass counters of :meth:`stats` are kept
+            in every mode.
         telemetry_decay: the factor of their exponential moving averages (0.9).
         ascent_steps: k >= 1 normalized ascent steps per SAM step, each of rho/k from the point the last
             one reached and along the gradient there: w_0 = w, w_{i+1} = w_i + (rho/k)·g(w_i)/(‖g(w_i)‖ + eps)
@@ -111,9 +115,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                  adaptive: bool = False, *, eta: float = 0.01, backend: Optional[str] = None,
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
                  modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None,
-                 distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = False,
+                 distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = "norms",
                  telemetry_decay: float = 0.9, ascent_steps: int = 1, **kwargs):
-        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **kwargs)
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
         if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
             raise ValueError(f"{type(self).__name__}: ascent_steps must be an int >= 1, got {ascent_steps!r}")
@@ -311,10 +315,23 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         entries = groups.with_grads(self.param_groups, chosen)
         if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
             self.policy.observe(now.step_count, self._policy_norm())
+        every_group = groups.all_perturbed(self.param_groups)
+        skipped = []
+        if not every_group:  # SAM-ON: groups with perturb=False are neither perturbed nor in the norm
+            skipped = [e for e in entries if not e[0]["perturb"]]
+            entries = [e for e in entries if e[0]["perturb"]]
         sq = groups.sq_norm(entries, self.backend) if entries else None
-        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None, alias_keys=now.aliases,
-                        sparse=sparse)
-        agreed = None if sq is None else self.distributed.ascent_sq_norm(self, sq)  # m-SAM: the rank mean
+        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None or not every_group,
+                        alias_keys=now.aliases, sparse=sparse)
+        whole = sq
+        if sq is not None and skipped and (self.finite_check or self.amp.active or self.modifiers
+                                           or self.telemetry.enabled):
+            # the overflow screen, Stable SAM's and telemetry's ‖g(w)‖ cover every first-pass gradient,
+            # as plain SAM's norm does: the skipped groups are read here only when one of them needs it
+            whole = sq + groups.sq_norm(skipped, self.backend).to(sq.device)
+            if chosen is None:
+                ascent.whole_sq = whole
+        agreed = None if sq is None else self.distributed.ascent_sq_norm(self, whole)  # m-SAM: the rank mean
         if agreed is not None:
             self.amp.screen(self, agreed, "first_step")
         params, grads = ascent.params, ascent.grads
@@ -554,8 +571,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     def stats(self, ema: bool = False) -> dict[str, float]:
         """Telemetry and cost counters as Python floats, keys exactly ``sam_kernels.optim.telemetry.KEYS``:
         ``grad_norm``, ``sam_grad_norm``, ``grad_cosine``, ``perturbation_norm``, ``sharpness`` (of the
-        last SAM step; their EMAs with ``ema=True``; NaN before the first SAM step, when
-        ``telemetry=False`` or when not known), ``steps``, ``sam_steps``, ``sam_step_fraction``,
+        last SAM step; their EMAs with ``ema=True``; ``grad_cosine`` needs ``telemetry=True``, the others
+        the default ``"norms"``; NaN before the first SAM step, with ``telemetry=False`` or when not
+        known), ``steps``, ``sam_steps``, ``sam_step_fraction``,
         ``forward_passes``, ``backward_passes`` (full-batch equivalents) and ``optimizer_bytes`` (at
         the ops' bytes floors). Units: the loss's and the gradients'; bytes. One host sync (none
         without device values). Definitions and costs: :mod:`sam_kernels.optim.telemetry`."""

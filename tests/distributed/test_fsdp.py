@@ -9,7 +9,7 @@ from .common import mlp, train
 from .harness import WORLD
 
 FSDP2_VARIANTS = ["sam", "sam_adamw", "asam", "stablesam", "stable_asam", "looksam", "sparse_random", "sparse_nm",
-                  "sparse_dynamic", "esam", "esam_element", "sssam", "aesam",
+                  "sparse_dynamic", "esam", "esam_element", "sssam", "aesam", "sam_on", "late_phase",
                   "friendlysam", "vasso", "msam", "sam_2step"]
 
 
@@ -115,6 +115,23 @@ def msam_fsdp2(rank, world):
     fully_shard(module)
     try:
         sk.SAM(module.parameters(), torch.optim.SGD, lr=0.1, distributed="m-sam")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_bsam_refuses_dtensor_parameters(pool):
+    for message in pool.run(bsam_fsdp2):
+        assert message is not None and "FSDP2" in message and "DDP" in message
+
+
+def bsam_fsdp2(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    module = mlp()
+    fully_shard(module)
+    try:
+        sk.BSAM(module.parameters(), num_data=100)
     except ValueError as exc:
         return str(exc)
     return None

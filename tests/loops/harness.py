@@ -95,17 +95,16 @@ class Run:
 
     def reference_step(self, rec: Record, micro: Micro, clip1: Optional[float] = None,
                        clip2: Optional[float] = None) -> None:
-        g1 = self.grads(self.ref.ws, micro)
-        if clip1 is not None:
-            g1 = clip(g1, clip1)
+        def g1_at(ws):
+            g1 = self.grads(ws, micro)
+            return clip(g1, clip1) if clip1 is not None else g1
 
         def g2_at(ws):
             g2 = self.grads(ws, micro, rec.indices)
             return clip(g2, clip2) if clip2 is not None else g2
-        extra = {}
-        if self.info.ascent_steps > 1:  # the later ascents' gradients, clipped as the first pass's
-            extra["ascent_at"] = lambda ws: clip(self.grads(ws, micro), clip1) if clip1 is not None else \
-                self.grads(ws, micro)
+        # bSAM's first pass is at a noisy sample the reference draws itself: it takes the function
+        g1 = g1_at if getattr(self.ref, "first_pass_at_sample", False) else g1_at(self.ref.ws)
+        extra = {"ascent_at": g1_at} if self.info.ascent_steps > 1 else {}  # later ascents, clipped as the first
         self.ref.step(g1, g2_at, sam=rec.sam, **rec.inputs, **extra)
 
     def check(self, what: str = "", tol=None) -> None:

@@ -121,17 +121,21 @@ class HandSAM:
             steps descend with g + alpha·(‖g‖/‖g_v‖)·g_v (plain g before the first SAM step).
         masked_norm: Sparse SAM (Mi et al. 2022) divides by ‖m ⊙ g‖ instead of the full ‖g‖.
         beta: ESAM's SWP (Du et al. 2022): e = rho·g/(‖g_sel‖·beta) on the selected tensors, 0 elsewhere.
+        perturbed: SAM-ON (Mueller et al. 2023, ``only_norm``): per tensor, whether it is perturbed; the
+            others get e = 0 and are left out of the norm (as an unselected tensor of ESAM, without 1/beta).
         base: "sgd" | "adamw" | "adagrad" and its keyword arguments.
     """
 
     def __init__(self, ws: Grads, *, base: str, base_kwargs: dict, rho: float, adaptive: bool = False,
                  eta: float = 0.01, renormalize: bool = False, looksam_alpha: Optional[float] = None,
-                 masked_norm: bool = False, beta: Optional[float] = None):
+                 masked_norm: bool = False, beta: Optional[float] = None,
+                 perturbed: Optional[Sequence[bool]] = None):
         self.ws = [w.detach().double().clone() for w in ws]
         self.base = BASES[base](**base_kwargs)
         self.rho, self.adaptive, self.eta = rho, adaptive, eta
         self.renormalize, self.alpha, self.masked_norm, self.beta = renormalize, looksam_alpha, masked_norm, beta
         self.gv: Optional[Grads] = None
+        self.perturbed = None if perturbed is None else list(perturbed)
 
     @property
     def lr(self) -> float:
@@ -146,6 +150,8 @@ class HandSAM:
         """e(w) for the current weights and first-pass gradients ``g``."""
         t = [w.abs() + self.eta if self.adaptive else torch.ones_like(w) for w in self.ws]
         sel = [True] * len(g) if selected is None else list(selected)
+        if self.perturbed is not None:
+            sel = [s and p for s, p in zip(sel, self.perturbed)]
         m = [torch.ones_like(w) for w in self.ws] if masks is None else [mk.double() for mk in masks]
         tg = [ti * gi for ti, gi, s in zip(t, g, sel) if s]
         if self.masked_norm:
@@ -187,3 +193,54 @@ def exp_lr(lr0: float, gamma: float, t: int) -> float:
     return lr0 * gamma ** t
 
 
+
+
+# --------------------------------------------------------------------------- bSAM
+
+class HandBSAM:
+    """bSAM (Moellenhoff and Khan 2023), transcribed from the official ``build_bsam_optimizer``
+    (github.com/team-approx-bayes/bayesian-sam, optim.py), one sub-batch (msharpness = 1):
+
+        noisy = w + sqrt(1/(N·s))·z;  g = ∇L(noisy);  e = rho·g/s;  g_e = ∇L(w + e)
+        m = beta1·m + (1 − beta1)·(g_e + wd·w);  w = w − lr·m/s;  s = beta2·s + (1 − beta2)·(sqrt(s·g²) + damping + wd)
+
+    z: the optimizer's documented draw, float32 ``torch.randn(shape, generator=...)`` per tensor in
+    param-group order from a CPU generator seeded with ``seed`` (``draw_order``: the indices of ``ws``
+    in that order, when the groups list them otherwise). ``perturbed``: SAM-ON's per-tensor flags
+    (e = 0 where False). The first pass is taken at the noisy sample: ``step`` gets ``g1_at(ws)``.
+    """
+
+    first_pass_at_sample = True  # the harness hands ``step`` a gradient function for the first pass
+
+    def __init__(self, ws: Grads, *, lr: float, num_data: float, rho: float, beta1: float = 0.9,
+                 beta2: float = 0.999, weight_decay: float, damping: float = 0.1, s_init: float = 1.0, seed: int,
+                 perturbed: Optional[Sequence[bool]] = None, draw_order: Optional[Sequence[int]] = None):
+        self.ws = [w.detach().double().clone() for w in ws]
+        self.order = list(range(len(self.ws))) if draw_order is None else list(draw_order)
+        self.lr, self.n, self.rho, self.b1, self.b2 = lr, num_data, rho, beta1, beta2
+        self.wd, self.damping = weight_decay, damping
+        self.m = [torch.zeros_like(w) for w in self.ws]
+        self.s = [torch.full_like(w, s_init) for w in self.ws]
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perturbed = [True] * len(self.ws) if perturbed is None else list(perturbed)
+
+    def noise(self) -> Grads:
+        z = [None] * len(self.ws)
+        for i in self.order:
+            z[i] = torch.randn(self.ws[i].shape, dtype=torch.float32, generator=self.gen).double()
+        return z
+
+    def step(self, g1_at: Callable[[Grads], Grads], g2_at: Callable[[Grads], Grads], *, sam: bool = True) -> None:
+        assert sam, "every bSAM step takes both passes"
+        z = self.noise()
+        g = g1_at([w + torch.sqrt(1.0 / (self.n * s)) * zi for w, s, zi in zip(self.ws, self.s, z)])
+        e = [self.rho * gi / s if p else torch.zeros_like(gi) for gi, s, p in zip(g, self.s, self.perturbed)]
+        ge = g2_at([w + ei for w, ei in zip(self.ws, e)])
+        self.m = [self.b1 * m + (1 - self.b1) * (gi + self.wd * w) for m, gi, w in zip(self.m, ge, self.ws)]
+        self.ws = [w - self.lr * m / s for w, m, s in zip(self.ws, self.m, self.s)]
+        self.s = [self.b2 * s + (1 - self.b2) * (torch.sqrt(s * gi ** 2) + self.damping + self.wd)
+                  for s, gi in zip(self.s, g)]
+
+    def skip(self) -> None:
+        """An overflowed step: nothing changes, but that step's noise was drawn."""
+        self.noise()
