@@ -402,7 +402,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                                "backward, then backward again at the perturbed weights")
         self.telemetry.on_loss("after", loss)
         try:
-            if now.ascents < self.ascent_steps:
+            if self.ascent_steps > 1 and now.ascents < self.ascent_steps:
                 raise RuntimeError(f"SAM.second_step() after {now.ascents} of ascent_steps={self.ascent_steps} "
                                    f"ascents: call first_step() (a backward before each) {self.ascent_steps} times; "
                                    "the weights were restored to w")

@@ -241,6 +241,6 @@ class HandBSAM:
         self.s = [self.b2 * s + (1 - self.b2) * (torch.sqrt(s * gi ** 2) + self.damping + self.wd)
                   for s, gi in zip(self.s, g)]
 
-    def skip(self) -> None:
-        """An overflowed step: nothing changes, but that step's noise was drawn."""
+    def skip(self, g1: Optional[Grads] = None) -> None:
+        """An overflowed step: nothing changes, but that step's noise was drawn (``g1``: not read)."""
         self.noise()
