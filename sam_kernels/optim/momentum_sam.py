@@ -56,8 +56,10 @@ class MomentumSAM(SAM):
             ``MSAM``: d = g + wd·w̃) or ``"restored"`` (torch's SGD at w). AdamW's decoupled decay is
             torch's, applied at w before the update (the official ``AdamW_MSAM`` applies it after the
             update: a difference of lr²·wd times the update).
-        Other SAM options as :class:`~sam_kernels.optim.sam.SAM`; not ``adaptive``, ``policy``,
-        ``renormalize``, ``modifiers`` or ``ascent_steps`` > 1 (``ValueError``).
+        direction_key: the base optimizer's per-parameter momentum state entry (default: by type).
+
+    Other SAM options as :class:`~sam_kernels.optim.sam.SAM`; not ``adaptive``, ``policy``,
+    ``renormalize``, ``modifiers`` or ``ascent_steps`` > 1 (``ValueError``).
 
     The official SGD version ignores ``nesterov`` and ``dampening``; here they are torch's. Raises
     ``ValueError`` for SGD without momentum or a base optimizer whose momentum entry is unknown,
