@@ -167,6 +167,10 @@ def methods(sk, steps_total: int, steps_per_epoch: int, epochs: int) -> list[Met
         Method("BSAM", lambda model, ctx: get("BSAM")(model.parameters(), lr=BSAM_LR, num_data=ctx["num_data"],
                                                       rho=0.01, seed=ctx["seed"]),
                protocol="both", note=f"lr {BSAM_LR}, rho 0.01, prior precision 25 (official defaults, untuned)"),
+        Method("FriendlySAM", preset("FriendlySAM", rho=0.05, sigma=1.0, lmbda=0.6), note="sigma 1, lmbda 0.6"),
+        Method("VaSSO", preset("VaSSO", rho=0.05, theta=0.4), note="theta 0.4"),
+        Method("MomentumSAM", preset("MomentumSAM", rho=0.3), note="rho 0.3, one pass per step"),
+        Method("SAM-2step", preset("SAM", rho=0.05, ascent_steps=2), note="2 ascent steps of rho/2"),
     ]
 
 
@@ -241,6 +245,8 @@ def run(method: Method, seed: int, epochs: int, record_every: int = 10) -> dict:
             steps += 1
             examples += len(xb)
     wall = time.perf_counter() - t0
+    if hasattr(opt, "move_back_from_momentum_ascent"):
+        opt.move_back_from_momentum_ascent()  # Momentum-SAM holds w - rho·v/‖v‖: evaluate at w
     fwd, bwd = counter.fwd / examples, counter.bwd / examples  # read before the evaluation forward
     out = {"seed": seed, "test_acc": evaluate(model, xte, yte), "train_noise": noise, "wall_s": wall,
            "fwd_per_step": fwd, "bwd_per_step": bwd, "steps": steps}

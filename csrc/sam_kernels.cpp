@@ -43,6 +43,10 @@ TORCH_LIBRARY(sam_kernels, m) {
         "float eps) -> ()");
   m.def("looksam_apply_(Tensor(a!)[] grads, Tensor[] g_v, float alpha, Tensor g_sq_norm, Tensor gv_sq_norm, "
         "float eps) -> ()");
+  // Friendly-SAM / VaSSO: directions ← g − sigma·S·m (m before its update; only when given);
+  // emas ← m + weight·(g/S − m) unless found_inf is non-zero (S = grad_scale, 1 when absent).
+  m.def("ema_update_(Tensor(a!)[] emas, Tensor[] grads, Tensor(b!)[]? directions, float weight, float sigma, "
+        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   m.def("mix_(Tensor(a!)[] grads, Tensor[] others, Tensor a, Tensor b) -> ()");
   // bSAM (noise drawn by the caller; AMP scalars as the fused descents'; bsam_descent_ restores w from the
   // backups and, on a skipped step, sets s_next <- s so that the caller's s/s_next swap keeps s).
@@ -91,7 +95,7 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 TORCH_LIBRARY_IMPL(sam_kernels, ADInplaceOrView, m) {
   for (const char* op : {"perturb_", "restore_", "sgd_restore_step_", "adamw_restore_step_", "renormalize_",
                          "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_", "bsam_noise_",
-                         "bsam_ascent_", "bsam_descent_"}) {
+                         "bsam_ascent_", "bsam_descent_", "ema_update_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   }
 }

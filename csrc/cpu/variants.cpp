@@ -109,9 +109,43 @@ void mix_cpu(at::TensorList grads, at::TensorList others, const at::Tensor& a, c
   });
 }
 
+// Friendly-SAM / VaSSO: d ← g − (sigma·S)·m (when directions are given), m ← m + weight·(g·(1/S) − m)
+// unless found_inf; one pass. The AMP scalars are CPU tensors here: read on the host.
+void ema_update_cpu(at::TensorList emas, at::TensorList grads, std::optional<at::TensorList> directions, double weight,
+                    double sigma, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  check_primary("ema_update_", "emas", emas);
+  check_list("ema_update_", "grads", emas, grads);
+  if (directions) check_list("ema_update_", "directions", emas, *directions);
+  sam_kernels::check_amp_scalar("ema_update_", "grad_scale", grad_scale, emas);
+  sam_kernels::check_amp_scalar("ema_update_", "found_inf", found_inf, emas);
+  const bool skip = found_inf && *found_inf->data_ptr<float>() != 0.0f;
+  const float scale = grad_scale ? *grad_scale->data_ptr<float>() : 1.0f;
+  const float inv_scale = 1.0f / scale;  // fp32 reciprocal, as reference.unscale_factor
+  SAM_DISPATCH_FLOATS(emas[0].scalar_type(), "ema_update_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t w = weight, c = static_cast<acc_t>(scale) * static_cast<acc_t>(sigma), inv = inv_scale;
+    const bool scaled = grad_scale.has_value();
+    const auto chunks = make_chunks(emas);
+    for_each_chunk(chunks, [&](const Chunk& ch) {
+      scalar_t* m = data<scalar_t>(emas[ch.tensor]);
+      const scalar_t* g = data<scalar_t>(grads[ch.tensor]);
+      scalar_t* d = directions ? data<scalar_t>((*directions)[ch.tensor]) : nullptr;
+      elementwise<scalar_t>(ch.begin, ch.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+        using T = decltype(tag);
+        const T gi = load<T>(g, i);
+        const T mi = load<T>(m, i);
+        if (d) store(d, i, gi - mi * T(c));
+        if (!skip) store(m, i, mi + (((scaled ? gi * T(inv) : gi) - mi) * T(w)));
+      });
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
+  m.impl("ema_update_", &ema_update_cpu);
   m.impl("renormalize_", &renormalize_cpu);
   m.impl("fisher_accumulate_", &fisher_accumulate_cpu);
   m.impl("looksam_store_", &looksam_store_cpu);

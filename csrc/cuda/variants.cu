@@ -92,6 +92,34 @@ struct MixOp {
   }
 };
 
+// Friendly-SAM / VaSSO. lists: 0 emas (rw), 1 grads (r), with kDirections: 2 directions (w).
+// d ← g − (sigma·S)·m; m ← m + weight·(g·(1/S) − m) unless found_inf (S = grad_scale, 1 when null).
+template <typename T, bool kDirections>
+struct EmaOp {
+  using A = acc_type<T>;
+  static constexpr int kLists = kDirections ? 3 : 2;
+  static constexpr unsigned kReads = 0b011, kWrites = kDirections ? 0b101 : 0b001;
+  static constexpr bool kMasked = false, kReduce = false;
+  A weight, sigma;
+  const float* grad_scale;  // null: grads are not scaled
+  const float* found_inf;   // null: never skip
+  A c, inv;                 // set by load_scalars
+  bool skip;                // set by load_scalars
+
+  __device__ void load_scalars() {
+    const float s = grad_scale != nullptr ? *grad_scale : 1.0f;
+    inv = static_cast<A>(1.0f / s);  // fp32 reciprocal, as reference.unscale_factor
+    c = static_cast<A>(s) * sigma;
+    skip = found_inf != nullptr && *found_inf != 0.0f;
+  }
+  __device__ void operator()(T (&x)[kLists], bool, int64_t, int64_t) const {
+    const A g = static_cast<A>(x[1]);
+    const A m = static_cast<A>(x[0]);
+    if constexpr (kDirections) x[2] = static_cast<T>(g - m * c);
+    if (!skip) x[0] = static_cast<T>(m + ((grad_scale != nullptr ? g * inv : g) - m) * weight);
+  }
+};
+
 void renormalize_cuda(at::TensorList grads, const at::Tensor& ref_sq_norm, const at::Tensor& sq_norm, double eps) {
   check_primary("renormalize_", "grads", grads);
   sam_kernels::check_no_shared_writes("renormalize_", {{grads, true}});
@@ -101,6 +129,29 @@ void renormalize_cuda(at::TensorList grads, const at::Tensor& ref_sq_norm, const
   dispatch_floats(grads[0].scalar_type(), "renormalize_", [&](auto tag) {
     using T = decltype(tag);
     apply_elementwise<T>({grads}, RenormalizeOp<T>{ref, sq, static_cast<acc_type<T>>(eps), {}});
+  });
+}
+
+void ema_update_cuda(at::TensorList emas, at::TensorList grads, std::optional<at::TensorList> directions,
+                     double weight, double sigma, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf) {
+  check_primary("ema_update_", "emas", emas);
+  check_list("ema_update_", "grads", emas, grads);
+  if (directions) check_list("ema_update_", "directions", emas, *directions);
+  sam_kernels::check_amp_scalar("ema_update_", "grad_scale", grad_scale, emas);
+  sam_kernels::check_amp_scalar("ema_update_", "found_inf", found_inf, emas);
+  const float* scale = grad_scale ? grad_scale->data_ptr<float>() : nullptr;
+  const float* found = found_inf ? found_inf->data_ptr<float>() : nullptr;
+  const c10::cuda::CUDAGuard guard(emas[0].device());
+  dispatch_floats(emas[0].scalar_type(), "ema_update_", [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_type<T>;
+    const A w = static_cast<A>(weight), s = static_cast<A>(sigma);
+    if (directions) {
+      apply_elementwise<T>({emas, grads, *directions}, EmaOp<T, true>{w, s, scale, found, {}, {}, false});
+    } else {
+      apply_elementwise<T>({emas, grads}, EmaOp<T, false>{w, s, scale, found, {}, {}, false});
+    }
   });
 }
 
@@ -162,6 +213,7 @@ void mix_cuda(at::TensorList grads, at::TensorList others, const at::Tensor& a, 
 
 TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
   m.impl("renormalize_", &renormalize_cuda);
+  m.impl("ema_update_", &ema_update_cuda);
   m.impl("fisher_accumulate_", &fisher_accumulate_cuda);
   m.impl("looksam_store_", &looksam_store_cuda);
   m.impl("looksam_apply_", &looksam_apply_cuda);

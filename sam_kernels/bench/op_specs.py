@@ -40,6 +40,7 @@ WEIGHT_DECAY = 5e-4
 ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
 ADAM_STEP = 10  # fixed: every repeat does the same maths (bias corrections constant)
 FISHER_SCALE = 1e-3
+EMA_WEIGHT = 0.4  # VaSSO's theta
 LOOKSAM_ALPHA = 1e-3  # small so that repeated calls do not blow g up (the speed does not depend on it)
 EPS = 1e-12
 
@@ -275,6 +276,11 @@ SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (
              reference=_looksam_store_ref,
              loop=lambda s: baselines.looksam_store_(s["g_v"], s["grads"], s["sam_grads"])),
     _op_spec("looksam_apply_", ("grads", "g_v"), ("grads",),
+    # VaSSO's form (no direction list: the table's floor); Friendly-SAM's adds one written list
+    _op_spec("ema_update_", ("g_v", "grads"), ("g_v",),
+             api=lambda s, b: ops.ema_update_(s["g_v"], s["grads"], weight=EMA_WEIGHT, backend=b),
+             reference=lambda s: reference.ema_update_(s["g_v"], s["grads"], None, EMA_WEIGHT, 0.0),
+             loop=None),
              api=lambda s, b: ops.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA, backend=b),
              reference=_looksam_apply_ref,
              loop=lambda s: baselines.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA)),

@@ -232,6 +232,26 @@ def looksam_store_(g_v: Tensors, grads: Tensors, sam_grads: Tensors, *, eps: flo
             g_v, grads=grads, sam_grads=sam_grads)
 
 
+def ema_update_(emas: Tensors, grads: Tensors, *, weight: float, sigma: float = 0.0,
+                directions: Optional[Tensors] = None, grad_scale: Optional[torch.Tensor] = None,
+                found_inf: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
+    """One pass over the EMAs m of the SAM variants that ascend along them (ours):
+    ``directions`` ← g − sigma·S·m (Friendly-SAM's d, m before its update; skipped when None) and
+    m ← m + weight·(g/S − m) (Friendly-SAM: weight = 1 − lmbda; VaSSO: weight = theta).
+
+    AMP: ``grad_scale`` is the loss scale S the grads carry (0-dim fp32 device tensor): m stores
+    g/S, the directions keep S. A non-zero ``found_inf`` (0-dim) leaves every m unchanged (an
+    overflowed gradient is never folded in); the directions are written either way. Lists aligned
+    with ``emas``, like layouts; raises TypeError/ValueError before writing anything.
+    """
+    weight, sigma = float(weight), float(sigma)
+    amp = amp_args(grad_scale, found_inf)
+    launch("ema_update_", backend,
+           lambda fn, pick, device: fn(pick(emas), pick(grads), pick(directions), weight, sigma,
+                                       **on_device(amp, device)),
+           emas, int(directions is not None), grads=grads, directions=directions)
+
+
 def looksam_apply_(grads: Tensors, g_v: Tensors, alpha: float, *, eps: float = 1e-12,
                    backend: Optional[str] = None) -> None:
     """g ← g + alpha·(‖g‖/‖g_v‖)·g_v with both norms global over all tensors (LookSAM reuse step)."""

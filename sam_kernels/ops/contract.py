@@ -130,6 +130,9 @@ OPS: dict[str, OpInfo] = {op.name: op for op in (
            "float eps) -> ()",
            "update", "g ← g + alpha·(‖g‖/‖g_v‖)·g_v (LookSAM)", reference.looksam_apply_,
            (3, 0), "norms: read g, g_v; then read g, g_v, write g", reduction_units=2),
+    OpInfo("ema_update_", "ema_update_(Tensor(a!)[] emas, Tensor[] grads, Tensor(b!)[]? directions, float weight, float sigma, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()",
+           "update", "d ← g − sigma·S·m (when given); m ← m + weight·(g/S − m) unless found_inf (Friendly-SAM, VaSSO)",
+           reference.ema_update_, (3, 0), "read m, g; write m (and d: one more list when given)"),
     OpInfo("mix_", "mix_(Tensor(a!)[] grads, Tensor[] others, Tensor a, Tensor b) -> ()",
            "update", "g ← a·g + b·o (GSAM, WSAM)", reference.mix_, (3, 0), "read g, o; write g"),
     # bSAM: three passes, one between each pair of forward/backward passes (no fewer is possible: the

@@ -390,6 +390,29 @@ def bsam_descent_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: T
     torch._foreach_copy_(list(params), _skip_where(found_inf, w0, w))
 
 
+def ema_update_(emas: Tensors, grads: Tensors, directions: Optional[Tensors], weight: float, sigma: float,
+                grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
+    """directions ← g − sigma·S·m (m before its update; only when ``directions`` is given) and
+    m ← m + weight·(g/S − m), in one pass (Friendly-SAM's d and m; VaSSO's EMA without directions).
+
+    ``grad_scale``: the loss scale S the grads carry (0-dim fp32; 1 when absent); 1/S is an fp32
+    reciprocal (:func:`unscale_factor`) and the directions keep the scale (c = sigma·S). A non-zero
+    ``found_inf`` leaves every m unchanged (an overflowed g is selected away, never multiplied by
+    0); the directions are written either way. weight = 1, sigma = 0 on a zero m gives m ← g/S, d ← g
+    (a first observation).
+    """
+    cdt = acc_dtype(emas[0].dtype)
+    m0 = _up(emas)
+    g = _up(grads)
+    if directions is not None:
+        c = sigma if grad_scale is None else grad_scale.to(cdt) * sigma
+        torch._foreach_copy_(list(directions), torch._foreach_sub(g, torch._foreach_mul(m0, c)))
+    x = g if grad_scale is None else torch._foreach_mul(g, unscale_factor(grad_scale, cdt))
+    t = torch._foreach_sub(x, m0)
+    torch._foreach_mul_(t, weight)
+    torch._foreach_copy_(list(emas), _skip_where(found_inf, m0, torch._foreach_add(m0, t)))
+
+
 # --------------------------------------------------------------------------- masks
 
 def topk_mask(scores: Tensors, k: int) -> list[torch.Tensor]:

@@ -2,7 +2,9 @@
 from .batchnorm import frozen_running_stats
 from .bsam import BSAM
 from .descent import LookSAMReuse, Modifier, Renormalize
+from .ema_ascent import FriendlySAM, VaSSO
 from .esam import ESAM
+from .momentum_sam import MomentumSAM
 from .policy import AdaptivePolicy, LatePhasePolicy, PeriodicPolicy, Policy, ScheduledPolicy
 from .sam_on import sam_on_param_groups
 from .sam import SAM
@@ -14,6 +16,7 @@ from .mixing import SurrogateGap, WeightedSharpness
 from .rho_schedule import ProportionalRho
 
 __all__ = [
+    "FriendlySAM", "VaSSO", "MomentumSAM",
     "SAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM",
     "Policy", "ScheduledPolicy", "AdaptivePolicy", "PeriodicPolicy", "Modifier", "Renormalize", "LookSAMReuse",
     "frozen_running_stats", "SparseSAM", "ESAM",

@@ -22,6 +22,7 @@ class Ascent:
     buckets: dict = field(default_factory=dict)  # (rho, adaptive, eta) -> indices into ``entries``
     alias_keys: dict = field(default_factory=dict)  # params over shared memory (:func:`.aliases.find`)
     sparse: bool = False     # some gradient is sparse (those params take the eager path, :mod:`.sparse_grads`)
+    backup_key: str = "backup"  # the state entry that receives w (a later ascent of a multi-step one: scratch)
     whole_sq: Optional[torch.Tensor] = None  # ‖g‖² over the perturbed and SAM-ON's skipped groups, when taken
     params: list = field(init=False)
     grads: list = field(init=False)
@@ -55,7 +56,7 @@ class Ascent:
             raise ValueError("SAM: ASAM (adaptive=True) on parameters that share their memory is not supported "
                              "(T = |w| + eta would be read at the perturbed weights); tie the weight by using one "
                              "Parameter in both places (b.weight = a.weight), or use adaptive=False for them")
-        kept = self.kept = backups.get(state, params)
+        kept = self.kept = backups.get(state, params, self.backup_key)
         done: list[int] = []
         try:
             for n in range(1 + max(layer or [0])):
@@ -78,7 +79,7 @@ class Ascent:
         """Entry ``i`` has a sparse gradient: the eager ascent at its stored indices."""
         p, masks = self.params[i], self.options.get("masks")
         if self.kept[i].shape != p.shape or self.kept[i].dtype != p.dtype or self.kept[i].device != p.device:
-            backups.renew_stale(state, self.params, self.kept, [i])
+            backups.renew_stale(state, self.params, self.kept, [i], self.backup_key)
         sparse_grads.perturb_(p, self.grads[i], self.kept[i], self.options.get("sq_norm", self.sq), rho, eta,
                               None if masks is None else masks[i],
                               perturbation_sq=self.options.get("perturbation_sq"))
@@ -102,5 +103,5 @@ class Ascent:
                              backend=backend, **kw)
                 return
             except (TypeError, ValueError):  # rejected before writing anything
-                if retry or not backups.renew_stale(state, params, kept, idx):
+                if retry or not backups.renew_stale(state, params, kept, idx, self.backup_key):
                     raise

@@ -10,28 +10,29 @@ from .. import ops
 from . import aliases
 
 
-def get(state: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The backup buffer of each param, created on first use. Their layouts are not compared with the
+def get(state: dict, params: list[torch.Tensor], key: str = "backup") -> list[torch.Tensor]:
+    """The backup buffer of each param (``state[p][key]``), created on first use. Their layouts are not compared with the
     params' here (three attribute pairs per param, every step): ``perturb_`` checks them and rejects a
     mismatch before writing, and the caller then renews the stale ones (:func:`renew_stale`)."""
     out = []
     for p in params:
         st = state[p]
-        b = st.get("backup")
+        b = st.get(key)
         if b is None:
-            b = st["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            b = st[key] = torch.empty_like(p, memory_format=torch.preserve_format)
         out.append(b)
     return out
 
 
-def renew_stale(state: dict, params: list[torch.Tensor], backups: list[torch.Tensor], idx: list[int]) -> bool:
+def renew_stale(state: dict, params: list[torch.Tensor], backups: list[torch.Tensor], idx: list[int],
+                key: str = "backup") -> bool:
     """Replace (in ``backups`` and ``state``) the backups of ``params[idx]`` whose shape, dtype or device
     no longer match their param (it was resized, cast or moved); whether any did."""
     renewed = False
     for i in idx:
         p, b = params[i], backups[i]
         if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-            backups[i] = state[p]["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            backups[i] = state[p][key] = torch.empty_like(p, memory_format=torch.preserve_format)
             renewed = True
     return renewed
 

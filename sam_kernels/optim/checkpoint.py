@@ -49,7 +49,8 @@ def save(opt, variant_state: dict) -> dict:
     now = opt.step_state
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     if now.perturbed is None:
-        scratch = {"backup", SCRATCH_KEY, *(k for m in opt.modifiers for k in m.transient_keys)}
+        scratch = {"backup", "ascent_scratch", SCRATCH_KEY, *opt.transient_state_keys,
+                   *(k for m in opt.modifiers for k in m.transient_keys)}
         # entries that are not a param's state dict (a hook's ``state["test"] = 1``) are kept as they are
         sd["state"] = {k: {n: v for n, v in st.items() if n not in scratch} if isinstance(st, dict) else st
                        for k, st in sd["state"].items()}
@@ -57,6 +58,7 @@ def save(opt, variant_state: dict) -> dict:
         "step_count": now.step_count,
         "decision": now.decision,
         "perturbed": None if now.perturbed is None else [index[id(p)] for p in now.perturbed],
+        "ascents": now.ascents,
         "found": now.found,  # AMP: the pending step's overflow flag (device tensor), so a resumed step skips too
         "policy_kind": type(opt.policy).__name__,
         "policy": opt.policy.state_dict(),
@@ -117,6 +119,7 @@ def load(opt, state_dict: dict, variant_keys: tuple[str, ...], load_variant: Cal
     now.decision = sam_state["decision"]
     found = sam_state.get("found")  # absent in state dicts saved before it was kept
     now.found = None if found is None or not mid else found.to(mid[0].device, copy=True)
+    now.ascents = sam_state.get("ascents", 0 if perturbed is None else 1)  # absent before multi-step ascents
     now.begun = perturbed is not None
     opt.policy.load_state_dict(sam_state["policy"])
     for m, st in zip(opt.modifiers, sam_state["modifiers"]):
@@ -134,6 +137,8 @@ class Checkpointing:
     ``_variant`` methods."""
 
     _variant_keys: tuple[str, ...] = ()
+    transient_state_keys: tuple[str, ...] = ()
+    """Per-param state entries of a variant that are scratch between steps (left out of boundary saves)."""
     """Top-level state-dict entries a variant adds beside "sam" (filled by ``_variant_state``)."""
 
     def _variant_state(self) -> dict:

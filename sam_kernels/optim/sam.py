@@ -9,6 +9,9 @@ Extension points (how the variants plug in without forking this class):
   arguments of ``ops.perturb_`` (``masks``, ``keep_prob``, ``seed``, ``sq_norm``) — Sparse SAM's
   masks, ESAM's stochastic weight perturbation.
 - ``ascent_params()``: override to restrict which parameters are perturbed (ESAM per-tensor SWP).
+- ``ascent_direction(params, grads, scale)``: override to perturb along another direction than g(w)
+  (Friendly-SAM, VaSSO: from EMAs of the gradients).
+- ``ascent_steps``: a multi-step ascent (k normalized steps of rho/k each).
 
 The loop calls ``self.amp`` (:mod:`.amp`), ``self.distributed`` (:mod:`.distributed`) and the observer
 ``self.telemetry`` (:mod:`.telemetry`) at fixed points; its mutable state is ``self.step_state``
@@ -33,6 +36,8 @@ from .first_pass import BackwardWatch
 from .distributed import GlobalSync, make_sync
 from .policy import Policy
 from .ascent import Ascent
+
+ASCENT_SCRATCH = "ascent_scratch"  # state entry: the copy a later ascent's perturb_ writes (w is in "backup")
 from .step_state import StepState
 from .telemetry import Telemetry
 
@@ -78,6 +83,13 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             more read of g(w); ``False``: none. The step and pass counters of :meth:`stats` are kept
             in every mode.
         telemetry_decay: the factor of their exponential moving averages (0.9).
+        ascent_steps: k >= 1 normalized ascent steps per SAM step, each of rho/k from the point the last
+            one reached and along the gradient there: w_0 = w, w_{i+1} = w_i + (rho/k)·g(w_i)/(‖g(w_i)‖ + eps)
+            (ASAM: T at w_i), then the base step at w with g(w_k) (optax.contrib.sam's adversarial steps,
+            with ``normalize()`` and rho/k per step). The manual loop calls ``first_step`` k times, a
+            backward after each; ``step(closure)`` evaluates the closure once per gradient (k + 1 times
+            with the first pass). w is kept once, at the first call. Not with variants that choose their
+            own perturbation (ESAM, SparseSAM, FriendlySAM, VaSSO: ``ValueError``).
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
     the key), at construction, ``add_param_group`` and ``load_state_dict``.
@@ -110,9 +122,17 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
                  modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None,
                  distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = "norms",
-                 telemetry_decay: float = 0.9, use_gc: bool = False, **kwargs):
+                 telemetry_decay: float = 0.9, use_gc: bool = False, ascent_steps: int = 1, **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
+        if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
+            raise ValueError(f"{type(self).__name__}: ascent_steps must be an int >= 1, got {ascent_steps!r}")
+        own = [name for name in ("ascent_params", "perturbation_options", "ascent_direction")
+               if getattr(type(self), name) is not getattr(SAM, name)]
+        if ascent_steps > 1 and own:
+            raise ValueError(f"{type(self).__name__}: ascent_steps > 1 is not supported by a variant that chooses its "
+                             f"own perturbation ({', '.join(own)}); use ascent_steps=1")
+        self.ascent_steps = ascent_steps
         self.step_state = StepState(Telemetry(telemetry, telemetry_decay))
         super().__init__(params, defaults)
         self.base_optimizer = bind_base_optimizer(self.param_groups, base_optimizer, defaults, kwargs,
@@ -214,6 +234,15 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         """Extra ``ops.perturb_`` keyword arguments (masks, keep_prob, seed, sq_norm). Override for variants."""
         return {}
 
+    def ascent_direction(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+                         scale: Optional[torch.Tensor]) -> Optional[tuple[list[torch.Tensor], Optional[torch.Tensor]]]:
+        """The direction d to perturb along instead of g(w) (e = rho·d/‖d‖, ASAM: T²·d/‖T⊙d‖), and the
+        loss scale d carries (None: unscaled), or None for g(w) itself. ``grads`` carry ``scale`` (the
+        loss scale, None when unscaled); under AMP ``self.step_state.found`` is this pass's overflow
+        flag (a device tensor): state updated here must not take an overflowed gradient. Called once per
+        SAM step, in the first ``first_step``, after the finite check. Override for variants."""
+        return None
+
     # ------------------------------------------------------------------ the step
 
     def wants_sam(self) -> bool:
@@ -259,7 +288,12 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         now = self.step_state
         now.finite.surface()
         if now.perturbed is not None:
-            raise RuntimeError("SAM.first_step() called twice: call second_step() (or restore()) first")
+            if now.ascents >= self.ascent_steps:
+                times = "twice" if now.ascents == 1 else f"{now.ascents + 1} times"
+                raise RuntimeError(f"SAM.first_step() called {times} with ascent_steps={self.ascent_steps}: call "
+                                   "second_step() (or restore()) first")
+            self._ascend_again(zero_grad)
+            return
         self.amp.check_attached(self)
         self._begin()
         now.found = None
@@ -282,6 +316,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         sparse = sparse_grads.any_sparse(self.param_groups)  # every param's, chosen or not: before any write
         if sparse:
             sparse_grads.refuse_unsupported(self)
+            if self.ascent_steps > 1:
+                raise TypeError(f"{type(self).__name__}: ascent_steps > 1 with sparse gradients is not supported; "
+                                "use ascent_steps=1 or dense gradients")
         chosen = self.ascent_params()
         entries = groups.with_grads(self.param_groups, chosen)
         if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
@@ -311,14 +348,54 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         for m in self.modifiers:
             m.after_ascent(self, params, grads, None if agreed is None else amp.unscaled(agreed, ascent.scale))
         ascent.options = self.perturbation_options(params, grads) if entries else {}
-        ascent.options.update(self.amp.perturb_args(self, ascent.scale))
-        ascent.buckets = groups.bucket(entries, lambda g: (g["rho"], g["adaptive"], g["eta"]))
+        direction = self.ascent_direction(params, grads, ascent.scale) if entries else None
+        direction_scale = ascent.scale
+        if direction is not None:  # perturb along d: its own norm; g(w) stays what telemetry reads
+            ascent.grads, direction_scale = direction
+            ascent.options["sq_norm"] = groups.sq_norm(entries, self.backend, grads=ascent.grads)
+        ascent.options.update(self.amp.perturb_args(self, direction_scale))
+        k = self.ascent_steps
+        ascent.buckets = groups.bucket(entries, lambda g: (g["rho"] / k, g["adaptive"], g["eta"]))
         ascent.options.update(self.telemetry.perturb_options(self, ascent))
+        if direction is not None:
+            ascent.options.pop("grad_copies", None)  # perturb_ would copy d, not g(w): telemetry copies g(w) itself
         if sparse:
             sparse_grads.refuse_unsupported(self, ascent.options)
         ascent.perturb(self.state, self.backend)
         now.set_perturbed(ascent.params, ascent.kept)
+        now.ascents = 1
         self.telemetry.on_ascent(self, ascent)
+
+    def _ascend_again(self, zero_grad: bool) -> None:
+        """A later ascent of a multi-step one: w_i += (rho/k)·g(w_i)/‖g(w_i)‖ on the params the first
+        ascent perturbed (w stays in their backups; scratch takes the copy ``perturb_`` writes). Any
+        error restores w and ends the step."""
+        now = self.step_state
+        try:
+            self._follow_casts()
+            if sparse_grads.any_sparse(self.param_groups):
+                raise TypeError(f"{type(self).__name__}: ascent_steps > 1 with sparse gradients is not supported; "
+                                "use ascent_steps=1 or dense gradients")
+            held = {id(p) for p in now.perturbed}
+            entries = [(g, p) for g, p in groups.with_grads(self.param_groups) if id(p) in held]
+            if entries:
+                sq = groups.sq_norm(entries, self.backend)
+                ascent = Ascent(entries, sq, self.loss_scale, subset=True, alias_keys=now.aliases,
+                                backup_key=ASCENT_SCRATCH)
+                self.amp.screen(self, self.distributed.ascent_sq_norm(self, sq), "first_step")
+                ascent.options = self.perturbation_options(ascent.params, ascent.grads)
+                ascent.options.update(self.amp.perturb_args(self, ascent.scale))
+                k = self.ascent_steps
+                ascent.buckets = groups.bucket(entries, lambda g: (g["rho"] / k, g["adaptive"], g["eta"]))
+                ascent.perturb(self.state, self.backend)
+                self.telemetry.on_ascent_again()
+        except BaseException:
+            self.restore()
+            raise
+        now.ascents += 1
+        self.amp.next_pass(self)
+        if zero_grad:
+            self.zero_grad()
 
     @records_step(starts_step=False)
     @torch.no_grad()
@@ -329,11 +406,18 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
 
         Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next step.
         """
-        if self.step_state.perturbed is None:
+        now = self.step_state
+        if now.perturbed is None:
             raise RuntimeError("SAM.second_step() called before first_step(): call first_step() after the first "
                                "backward, then backward again at the perturbed weights")
         self.telemetry.on_loss("after", loss)
         try:
+            if self.ascent_steps > 1 and now.ascents < self.ascent_steps:
+                raise RuntimeError(f"SAM.second_step() after {now.ascents} of ascent_steps={self.ascent_steps} "
+                                   f"ascents: call first_step() (a backward before each) {self.ascent_steps} times; "
+                                   "the weights were restored to w")
+            if self.ascent_steps > 1:
+                self.telemetry.passes = (float(self.ascent_steps + 1),) * 2
             self._follow_casts()
             self._descend(self.step_state.perturbed)
         except BaseException:
@@ -476,6 +560,14 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             self.base_step()
             return loss
         self.first_step(zero_grad=True, loss=first_loss)
+        for _ in range(self.ascent_steps - 1):  # a multi-step ascent: one closure per gradient
+            try:
+                with torch.enable_grad():
+                    closure()
+            except BaseException:
+                self.restore()
+                raise
+            self.first_step(zero_grad=True)
         try:
             with torch.enable_grad():
                 loss = closure()

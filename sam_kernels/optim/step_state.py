@@ -22,6 +22,7 @@ class StepState:
         self.decision: Optional[bool] = None    # the policy's answer for this step, once asked
         self.perturbed: Optional[list[torch.Tensor]] = None  # between first_step and the descent
         self.backups: list[torch.Tensor] = []  # the backups of ``perturbed``, aligned with it
+        self.ascents = 0  # ascents taken in this step (a multi-step ascent takes several)
         self._backup_of: Optional[dict] = None
         self.found: Optional[torch.Tensor] = None  # skip flag of this step on the device (AMP overflow, deferred finite check)
         self.finite = FiniteCheck()  # where the finite check reports (.finite)
@@ -52,6 +53,7 @@ class StepState:
     def end(self) -> None:
         """Forget what belongs to the step that just ended or was undone (the counters stay)."""
         self.set_perturbed(None)
+        self.ascents = 0
         self.decision = None
         self.found = None
         self.begun = False

@@ -432,6 +432,12 @@ class Telemetry:
         """Backward passes in full-batch equivalents (as :attr:`forward_passes`)."""
         return float(self.steps + self.sam_steps) + self.extra_passes[1]
 
+    def on_ascent_again(self) -> None:
+        """A later ascent of a multi-step one moved the weights again: ‖e‖ of the whole ascent is not
+        the first ascent's, and is not measured (NaN; the norms, cosine and sharpness stay)."""
+        if "plain_rho" in self.pending:
+            self.pending.update(plain_rho=None, e_sq=None)
+
     def on_discard(self) -> None:
         """The step was undone (``restore``): forget its pending values."""
         self.pending = {}

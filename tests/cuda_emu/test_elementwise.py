@@ -226,3 +226,39 @@ def test_variant_ops_match_reference(emu, dtype, atol, rtol, misaligned):
     want = _variants(ref, dtype, misaligned)
     for name in got:
         assert_lists_close(nonempty(got[name], SIZES), nonempty(want[name], SIZES), atol, rtol, name)
+
+
+# --------------------------------------------------------------------------- Friendly-SAM / VaSSO EMA
+
+EMA_CASES = {  # id: (weight, sigma, directions, amp: None | "step" | "skip")
+    "fsam": (0.4, 1.0, True, None), "vasso": (0.9, 0.0, False, None), "fsam-amp": (0.4, 0.5, True, "step"),
+    "vasso-amp": (0.9, 0.0, False, "step"), "fsam-skip-inf": (0.4, 1.0, True, "skip"),
+}
+
+
+def _ema(mod, dtype, case, misaligned):
+    weight, sigma, with_dirs, amp = EMA_CASES[case]
+    emas = randn(SIZES, dtype, 1, misaligned=misaligned)
+    grads = randn(SIZES, dtype, 2, misaligned=misaligned)
+    scale = found = None
+    if amp is not None:
+        grads = [g * 1024 for g in grads]
+        scale, found = torch.tensor(1024.0), torch.tensor(float(amp == "skip"))
+    if amp == "skip":
+        grads[-1].view(-1)[:2] = torch.tensor([float("inf"), float("nan")]).to(dtype)
+    dirs = [torch.full_like(g, float("nan")) for g in grads] if with_dirs else None
+    mod.ema_update_(emas, grads, dirs, weight, sigma, scale, found)
+    return emas, dirs
+
+
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("case", list(EMA_CASES))
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+def test_ema_update_matches_reference(emu, dtype, atol, rtol, case, misaligned):
+    got_m, got_d = _ema(emu, dtype, case, misaligned)
+    want_m, want_d = _ema(ref, dtype, case, misaligned)
+    if EMA_CASES[case][3] == "skip":  # an overflowed pass leaves every EMA bitwise as it was
+        assert_lists_equal(got_m, randn(SIZES, dtype, 1, misaligned=misaligned), "emas")
+    assert_lists_close(nonempty(got_m, SIZES), nonempty(want_m, SIZES), atol, rtol, "emas")
+    if got_d is not None:
+        assert_lists_close(nonempty(got_d, SIZES), nonempty(want_d, SIZES), atol, rtol, "directions")

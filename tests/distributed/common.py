@@ -101,6 +101,14 @@ def build(variant: str, module: nn.Module, rank, world: int, **extra):
         return sk.SAM(ps, torch.optim.SGD, rho=0.05, policy=sk.LatePhasePolicy(STEPS, 0.5), **sgd, **extra)
     if variant == "esam_element":
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.6, swp="element", seed=7, **sgd, **extra)
+    if variant == "friendlysam":
+        return sk.FriendlySAM(ps, torch.optim.SGD, rho=0.05, sigma=1.0, lmbda=0.6, **sgd, **extra)
+    if variant == "vasso":
+        return sk.VaSSO(ps, torch.optim.SGD, rho=0.05, theta=0.4, **sgd, **extra)
+    if variant == "msam":
+        return sk.MomentumSAM(ps, torch.optim.SGD, rho=0.05, weight_decay=1e-3, **sgd, **extra)
+    if variant == "sam_2step":
+        return sk.SAM(ps, torch.optim.SGD, rho=0.05, ascent_steps=2, **sgd, **extra)
     if variant == "gsam":
         return sk.GSAM(ps, torch.optim.SGD, rho=0.05, alpha=0.4, **sgd, **extra)
     if variant == "wsam":
@@ -153,10 +161,17 @@ def train(rank, world: int, variant: str, wrap: str = "ddp", mode: str = "global
             continue
         with first_pass(), (opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext()):
             LOSS(model(x), y).backward()
+        if isinstance(opt, sk.MomentumSAM):  # one pass per step
+            opt.step()
+            opt.zero_grad()
+            continue
         sam = opt.wants_sam()
         decisions.append(sam)
         if sam:
             opt.first_step(zero_grad=True)
+            for _ in range(opt.ascent_steps - 1):  # a multi-step ascent
+                LOSS(model(x), y).backward()
+                opt.first_step(zero_grad=True)
             LOSS(model(x), y).backward()
             opt.second_step(zero_grad=True)
         else:

@@ -10,7 +10,7 @@ from .harness import WORLD
 
 FSDP2_VARIANTS = ["sam", "sam_adamw", "asam", "stablesam", "stable_asam", "looksam", "sparse_random", "sparse_nm",
                   "sparse_dynamic", "esam", "esam_element", "sssam", "aesam", "sam_on", "late_phase", "gsam", "wsam",
-                  "wsam_coupled", "gcsam"]
+                  "wsam_coupled", "gcsam", "friendlysam", "vasso", "msam", "sam_2step"]
 
 
 @pytest.mark.parametrize("variant", FSDP2_VARIANTS)

@@ -104,7 +104,8 @@ class Run:
             return clip(g2, clip2) if clip2 is not None else g2
         # bSAM's first pass is at a noisy sample the reference draws itself: it takes the function
         g1 = g1_at if getattr(self.ref, "first_pass_at_sample", False) else g1_at(self.ref.ws)
-        self.ref.step(g1, g2_at, sam=rec.sam, **rec.inputs)
+        extra = {"ascent_at": g1_at} if self.info.ascent_steps > 1 else {}  # later ascents, clipped as the first
+        self.ref.step(g1, g2_at, sam=rec.sam, **rec.inputs, **extra)
 
     def check(self, what: str = "", tol=None) -> None:
         atol, rtol = tol or TOL[self.dtype]
@@ -131,7 +132,12 @@ class Run:
         """The README's manual loop. With a scaler: ``unscale`` in {None, "first", "second"} is where
         ``scaler.unscale_`` goes, ``overflow`` in {None, 1, 2} the pass that gets an Inf, and
         ``scaler.step(opt)`` ends the step. ``midstep(run)`` runs between first_step and the second pass
-        (it may replace ``run.model``/``run.opt``, as a checkpoint reload does)."""
+        (it may replace ``run.model``/``run.opt``, as a checkpoint reload does). A multi-step ascent
+        (``info.ascent_steps``) calls ``first_step`` once per pass, ``clip1`` on each ascent pass;
+        ``overflow=2`` is then its last (descent) pass. One-pass variants: :meth:`one_pass`."""
+        if self.info.one_pass:
+            return self.one_pass(micro, clip1=clip1, unscale=unscale, overflow=overflow, midstep=midstep,
+                                 step_with=step_with)
         rec = Record()
         with self.ascent_pass():
             self.backward(micro)
@@ -143,7 +149,14 @@ class Run:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip1)
         if self.opt.wants_sam():
             rec.sam = True
-            (step_with or {}).get("first_step", self.opt.first_step)()
+            first_step = (step_with or {}).get("first_step", self.opt.first_step)
+            first_step()
+            for _ in range(self.info.ascent_steps - 1):
+                self.opt.zero_grad()
+                self.backward(micro)
+                if clip1 is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip1)
+                first_step()
             self.opt.zero_grad()  # outside the step: torch.optim's zero_grad does not trace
             self.probe(rec)
             if midstep is not None:
@@ -167,6 +180,28 @@ class Run:
             self.scaler.update()
         self.opt.zero_grad()
         return rec
+
+    def one_pass(self, micro: Micro, *, clip1=None, unscale=None, overflow=None,
+                 midstep: Optional[Callable[["Run"], None]] = None, step_with=None) -> Record:
+        """A one-pass step (Momentum-SAM): backward at the weights the model holds, then ``step()``
+        (``scaler.step(opt)``). ``midstep`` runs before the backward, where the model holds its perturbed
+        weights; only ``overflow=1`` and ``unscale="first"`` have a pass to act on."""
+        if midstep is not None:
+            midstep(self)
+        self.backward(micro)
+        if overflow == 1:
+            inject_inf(self.model)
+        if unscale == "first":
+            self.scaler.unscale_(self.opt)
+        if clip1 is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip1)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            (step_with or {}).get("step", self.opt.step)()
+        self.opt.zero_grad()
+        return Record()
 
     def closure(self, micro: Micro, *, first_pass: bool = False, zeroed: bool = False, clip2=None,
                 unscale=None, overflow=None) -> Record:
@@ -197,11 +232,12 @@ class Run:
             loss = sum(self.loss(x, y) / len(micro) for x, y in micro)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             pass_no = len(calls) + (0 if first_pass or zeroed else 1)  # which pass this call gives
-            if pass_no == 2:
+            descent = 1 + self.info.ascent_steps  # the last pass (2 but for a multi-step ascent)
+            if pass_no == descent:
                 self.probe(rec)
-            if overflow == pass_no:
+            if overflow is not None and pass_no == (1 if overflow == 1 else descent):
                 inject_inf(self.model)
-            if clip2 is not None and pass_no == 2:
+            if clip2 is not None and pass_no == descent:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip2)
             if unscale == "closure":
                 self.scaler.unscale_(self.opt)

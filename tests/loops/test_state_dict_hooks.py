@@ -44,11 +44,19 @@ def _make(name: str, params):
         return sk.WSAM(params, torch.optim.SGD, rho=0.05, gamma=0.9, **SGD)
     if name == "GCSAM":
         return sk.SAM(params, torch.optim.SGD, rho=0.05, use_gc=True, **SGD)
+    if name == "FriendlySAM":
+        return sk.FriendlySAM(params, torch.optim.SGD, rho=0.05, lmbda=0.6, **SGD)
+    if name == "VaSSO":
+        return sk.VaSSO(params, torch.optim.SGD, rho=0.05, **SGD)
+    if name == "MomentumSAM":
+        return sk.MomentumSAM(params, torch.optim.SGD, rho=0.05, **SGD)
+    if name == "SAM-2-step":
+        return sk.SAM(params, torch.optim.SGD, rho=0.05, ascent_steps=2, **SGD)
     raise KeyError(name)
 
 
 VARIANTS = ("SAM", "ASAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM", "SparseSAM", "ESAM", "GSAM", "WSAM",
-            "GCSAM")
+            "GCSAM", "FriendlySAM", "VaSSO", "MomentumSAM", "SAM-2-step")
 
 
 def _model():

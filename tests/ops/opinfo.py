@@ -588,6 +588,42 @@ def variant_samples() -> list[Sample]:
     return out
 
 
+EMA_CONFIGS = {  # name: (weight, sigma, directions)
+    "fsam": (0.4, 1.0, True), "fsam-sigma0.5": (0.1, 0.5, True), "vasso": (0.9, 0.0, False),
+    "first": (1.0, 0.0, True),  # a first observation (the EMAs start at zero): m ← g/S, d ← g
+}
+EMA_AMP = ("off", "step", "skip", "skip-inf")  # skip-inf: an Inf/NaN gradient with found_inf set
+
+
+def _ema_sample(c: dict) -> Sample:
+    weight, sigma, with_dirs = EMA_CONFIGS[c["config"]]
+
+    def make(b):
+        x = Inputs(shapes_for(c["shapes"], b), c["dtype"], b.device, c.get("layout", "contiguous"))
+        emas = x.full(0.0) if c["config"] == "first" else x.randn()
+        special = planting([float("inf"), float("nan")]) if c["amp"] == "skip-inf" else None
+        grads = x.randn(special=special)
+        dirs = x.full(float("nan")) if with_dirs else None  # every element must be written
+        kw = dict(weight=weight, sigma=sigma, directions=dirs)
+        if c["amp"] != "off":
+            for g in grads:
+                g.mul_(1024.0)
+            kw.update(grad_scale=x.scalar(1024.0), found_inf=x.scalar(float(c["amp"].startswith("skip"))))
+        return (emas, grads), kw
+
+    return Sample("ema_update_", "-".join([_dtype_id(c["dtype"]), c["config"], c["amp"], c["shapes"],
+                                           c.get("layout", "contiguous")]), c["dtype"], make, tol_scale=10.0, meta=c)
+
+
+def ema_samples() -> list[Sample]:
+    out = [_ema_sample(c) for c in _cases(dtype=FLOAT_DTYPES, config=list(EMA_CONFIGS), amp=EMA_AMP, shapes=["odd"])]
+    out += [_ema_sample(dict(dtype=torch.float32, config=config, amp="step", shapes="many_small"))
+            for config in ("fsam", "vasso")]
+    out += [_ema_sample(dict(dtype=torch.float32, config="fsam", amp="step", shapes="conv", layout=layout))
+            for layout in LAYOUTS[1:]]
+    return out
+
+
 def _renormalize_given(x: Inputs):
     grads = x.randn()
     sq = sum(float((g.double() ** 2).sum()) for g in grads)
@@ -721,7 +757,9 @@ SAMPLES: dict[str, list[Sample]] = {
     "sgd_restore_step_": sgd_samples(),
     "adamw_restore_step_": adamw_samples(),
     **{op: [s for s in variant_samples() if s.op == op]
-       for op in ("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_")},
+       for op in ("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_")},
+    "ema_update_": ema_samples(),
+    "mix_": [s for s in variant_samples() if s.op == "mix_"],
     **{op: [s for s in bsam_samples() if s.op == op] for op in ("bsam_noise_", "bsam_ascent_", "bsam_descent_")},
     **{op: [s for s in mask_samples() if s.op == op] for op in ("topk_mask", "nm_mask")},
 }

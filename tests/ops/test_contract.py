@@ -56,7 +56,7 @@ def test_writes_and_kinds_by_hand():
         "sgd_restore_step_": ("params", "momentum_buffers", "sums"),
         "adamw_restore_step_": ("params", "exp_avgs", "exp_avg_sqs", "sums"),
         "renormalize_": ("grads",), "fisher_accumulate_": ("fisher",), "looksam_store_": ("g_v",),
-        "looksam_apply_": ("grads",), "mix_": ("grads",),
+        "looksam_apply_": ("grads",), "mix_": ("grads",), "ema_update_": ("emas", "directions"),
         "bsam_noise_": ("params", "backups"), "bsam_ascent_": ("params", "s_next"),
         "bsam_descent_": ("params", "exp_avgs", "s_next"),
     }

@@ -235,6 +235,28 @@ def test_fisher_accumulate(dtype, atol, rtol):
     assert_lists_close(fisher, [w.to(dtype) for w in want], atol, rtol, "fisher")
 
 
+@pytest.mark.parametrize("amp", [None, "step", "skip"])
+@pytest.mark.parametrize("with_dirs", [True, False], ids=["fsam", "vasso"])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+def test_ema_update(dtype, atol, rtol, with_dirs, amp):
+    """d = g − sigma·S·m (m before), m = (1 − w)·m + w·g/S; an overflow (found_inf) keeps m bitwise."""
+    emas, grads = make(SHAPES["conv"], dtype), make(SHAPES["conv"], dtype)
+    s = 1.0 if amp is None else 1024.0
+    grads = [g * s for g in grads]
+    if amp == "skip":
+        grads[0].view(-1)[0] = float("inf")
+    m0, g0 = f64(emas), f64(grads)
+    dirs = [torch.full_like(g, float("nan")) for g in grads] if with_dirs else None
+    kw = {} if amp is None else dict(grad_scale=torch.tensor(s), found_inf=torch.tensor(float(amp == "skip")))
+    ops.ema_update_(emas, grads, weight=0.3, sigma=0.7, directions=dirs, backend="eager", **kw)
+    if with_dirs:
+        assert_lists_close(dirs, [(g - 0.7 * s * m).to(dtype) for g, m in zip(g0, m0)], atol, rtol, "directions")
+    if amp == "skip":
+        assert_lists_equal(emas, [m.to(dtype) for m in m0], "emas")
+    else:
+        assert_lists_close(emas, [(0.7 * m + 0.3 * g / s).to(dtype) for g, m in zip(g0, m0)], atol, rtol, "emas")
+
+
 def test_looksam_store_and_apply_use_global_dot_and_norms():
     shapes = [(5, 3), (7,), (1,)]
     g, gs = make(shapes, torch.float64), make(shapes, torch.float64)

@@ -794,6 +794,8 @@ HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full b
     (optimizer_steps._adamw_restore_step_kernel, dict(C, **ADAMW, SUMS=True, HAS_ASCENT=True)),
     (variants._renormalize_kernel, C), (variants._fisher_accumulate_kernel, C),
     (variants._looksam_store_kernel, C), (variants._looksam_apply_kernel, C), (variants._mix_kernel, C),
+    (variants._ema_update_kernel, dict(C, HAS_DIR=True, HAS_SCALE=True, HAS_FOUND=True)),
+    (variants._ema_update_kernel, dict(C, HAS_DIR=False, HAS_SCALE=False, HAS_FOUND=False)),
     (bsam._bsam_noise_kernel, C), (bsam._bsam_ascent_kernel, dict(C, PERTURB=True, HAS_SCALE=True, HAS_FOUND=True)),
     (bsam._bsam_descent_kernel, dict(C, HAS_WD=True, HAS_SCALE=True, HAS_FOUND=True)),
 ]

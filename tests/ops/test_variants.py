@@ -1,4 +1,5 @@
-"""The variants' element-wise ops (renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_, mix_):
+"""The variants' element-wise ops (renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_, mix_,
+ema_update_):
 every backend against the eager reference on the op table's samples."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from tests.ops.opinfo import COMPILED, backend_param, check_against_eager, requi
 
 
 @backend_param(COMPILED)
-@pytest.mark.parametrize("sample", samples("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_"))
+@pytest.mark.parametrize("sample", samples("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_",
+                                           "ema_update_"))
 def test_matches_eager(backend, sample):
     check_against_eager(require(backend), sample)

@@ -208,8 +208,9 @@ class HandSAM:
             g2 = [a * y + (1 - a) * x for x, y in zip(g1, g2)]
         self.base.step(self.ws, g2)
 
-    def skip(self) -> None:
-        """An overflowed step under AMP: nothing changes (weights, base state, LookSAM's g_v)."""
+    def skip(self, g1: Optional[Grads] = None) -> None:
+        """An overflowed step under AMP: nothing changes (weights, base state, LookSAM's g_v). ``g1``: the
+        first-pass gradients when only the second pass overflowed (variants whose state observes g(w))."""
 
 
 def exp_lr(lr0: float, gamma: float, t: int) -> float:
@@ -265,6 +266,6 @@ class HandBSAM:
         self.s = [self.b2 * s + (1 - self.b2) * (torch.sqrt(s * gi ** 2) + self.damping + self.wd)
                   for s, gi in zip(self.s, g)]
 
-    def skip(self) -> None:
-        """An overflowed step: nothing changes, but that step's noise was drawn."""
+    def skip(self, g1: Optional[Grads] = None) -> None:
+        """An overflowed step: nothing changes, but that step's noise was drawn (``g1``: not read)."""
         self.noise()

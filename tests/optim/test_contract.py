@@ -62,11 +62,15 @@ def build(variant, model, base="sgd", **extra):
         return sk.WSAM(params, cls, gamma=0.9, **kw)
     if variant == "GCSAM":
         return sk.SAM(params, cls, use_gc=True, **kw)
+    if variant == "FriendlySAM":
+        return sk.FriendlySAM(params, cls, sigma=1.0, lmbda=0.6, **kw)
+    if variant == "VaSSO":
+        return sk.VaSSO(params, cls, theta=0.4, **kw)
     raise KeyError(variant)
 
 
 VARIANTS = ["SAM", "ASAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM", "SparseSAM", "ESAM", "GSAM", "WSAM",
-            "GCSAM"]
+            "GCSAM", "FriendlySAM", "VaSSO"]
 
 
 def manual_step(model, opt, x, y):

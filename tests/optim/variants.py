@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 import sam_kernels as sk
 from tests.optim.hand_reference import HandBSAM, HandSAM
+from tests.optim.hand_reference_ema import HandFriendlySAM, HandVaSSO
+from tests.optim.hand_reference_momentum import HandMomentumSAM, HandMultiStepSAM
 
 # Every loop of the loop matrix (tests/loops/). A row supports all of them but its ``refuses``.
 LOOPS = (
@@ -71,7 +73,10 @@ class VariantInfo:
     loop must raise that error before any weight changes. ``per_sample_closure``: the variant's
     ``step`` takes ESAM's closure (per-sample losses, both passes run by ``step``).
     ``probe(opt)``: the decisions of the running step the reference needs (masks, selections),
-    read from the optimizer between its two passes.
+    read from the optimizer between its two passes. ``one_pass``: the step is ``backward(); step()``
+    (the loops' "first pass" is its only pass; mid-step hooks run before that backward, where the
+    model holds its perturbed weights). ``ascent_steps``: the manual loop calls ``first_step`` that
+    many times, a backward before each.
     """
     name: str
     factory: Callable[..., sk.SAM]
@@ -80,6 +85,8 @@ class VariantInfo:
     refuses: dict = dataclasses.field(default_factory=dict)
     per_sample_closure: bool = False
     probe: Optional[Callable[[sk.SAM], dict]] = None
+    one_pass: bool = False  # one forward/backward per step, ended by ``step()`` (Momentum-SAM)
+    ascent_steps: int = 1   # first_step calls per SAM step, a backward before each (multi-step ascent)
 
     @property
     def supports(self) -> frozenset:
@@ -216,6 +223,20 @@ VARIANTS: list[VariantInfo] = [
                 refuses={"closure": BSAM_BACKWARD_AT_W, "amp_closure": BSAM_BACKWARD_AT_W,
                          "aliased": ALIAS_REFUSED,  # each alias would add its own noise to the storage
                          "sparse_grad": SPARSE_REFUSED}),  # its variance update is dense
+    VariantInfo("FriendlySAM", _sam(sk.FriendlySAM, base_optimizer=torch.optim.SGD, rho=RHO, sigma=1.0, lmbda=0.6,
+                                    **SGD),
+                False, functools.partial(HandFriendlySAM, base="sgd", base_kwargs=SGD, rho=RHO, sigma=1.0, lmbda=0.6),
+                refuses={"sparse_grad": SPARSE_REFUSED}),  # its EMA buffer is dense
+    VariantInfo("VaSSO", _sam(sk.VaSSO, base_optimizer=torch.optim.SGD, rho=RHO, theta=0.4, **SGD),
+                False, functools.partial(HandVaSSO, base="sgd", base_kwargs=SGD, rho=RHO, theta=0.4),
+                refuses={"sparse_grad": SPARSE_REFUSED}),
+    VariantInfo("SAM-3-step", _sam(sk.SAM, base_optimizer=torch.optim.SGD, rho=RHO, ascent_steps=3, **SGD),
+                False, functools.partial(HandMultiStepSAM, base="sgd", base_kwargs=SGD, rho=RHO, ascent_steps=3),
+                refuses={"sparse_grad": SPARSE_REFUSED}, ascent_steps=3),
+    VariantInfo("MomentumSAM", _sam(sk.MomentumSAM, base_optimizer=torch.optim.SGD, rho=RHO, weight_decay=1e-3,
+                                    **SGD),
+                False, functools.partial(HandMomentumSAM, rho=RHO, weight_decay=1e-3, **SGD),
+                refuses={"sparse_grad": SPARSE_REFUSED}, one_pass=True),
 ]
 
 BY_NAME = {v.name: v for v in VARIANTS}

@@ -1,9 +1,11 @@
 """Element-wise ops of the SAM variants: ``renormalize_`` (Stable SAM), ``fisher_accumulate_`` (Sparse
-SAM), ``looksam_store_`` / ``looksam_apply_`` (LookSAM), ``mix_`` (GSAM, WSAM).
+SAM), ``looksam_store_`` / ``looksam_apply_`` (LookSAM), ``mix_`` (GSAM, WSAM),
+``ema_update_`` (Friendly-SAM, VaSSO).
 
 Global norms and dots arrive as device scalars (computed by ``norm.py``); each program turns them
 into its coefficient, so nothing synchronizes with the host.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -113,6 +115,58 @@ def _mix_kernel(g_ptrs, o_ptrs, sizes, blocks, a, b, DT: tl.constexpr, CDT: tl.c
         x = load(g_ptr + offs, mask).to(CDT)
         y = load(o_ptr + offs, mask).to(CDT)
         store(g_ptr + offs, round_to(ca * x + cb * y, DT), mask)
+
+
+@triton.jit
+def _ema_block(m_ptr, g_ptr, d_ptr, offs, mask, w, c, inv, skip, DT: tl.constexpr, CDT: tl.constexpr,
+               HAS_DIR: tl.constexpr, HAS_SCALE: tl.constexpr):
+    g = load(g_ptr + offs, mask).to(CDT)
+    m = load(m_ptr + offs, mask).to(CDT)
+    if HAS_DIR:
+        store(d_ptr + offs, round_to(g - m * c, DT), mask)
+    x = g
+    if HAS_SCALE:
+        x = g * inv
+    if not skip:
+        store(m_ptr + offs, round_to(m + (x - m) * w, DT), mask)
+
+
+@triton.jit
+def _ema_update_kernel(m_ptrs, g_ptrs, d_ptrs, sizes, blocks, weight: tl.float64, sigma: tl.float64, scale_ptr,
+                       found_ptr, DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                       ALIGNED: tl.constexpr, HAS_DIR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr):
+    """d = g − m·(sigma·S) (HAS_DIR); m = m + (g·(1/S) − m)·weight unless found_inf (S = grad_scale or 1)."""
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
+    m_ptr = tensor_ptr(m_ptrs, t, DT, ALIGNED)
+    g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
+    d_ptr = tensor_ptr(d_ptrs, t, DT, ALIGNED)
+    s = tl.full((), 1.0, tl.float32)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr)
+    inv = div_ieee(tl.full((), 1.0, tl.float32), s).to(CDT)  # fp32 reciprocal, as reference.unscale_factor
+    c = s.to(CDT) * scalar(sigma, CDT)
+    skip = tl.full((), 0, tl.int1)
+    if HAS_FOUND:
+        skip = tl.load(found_ptr) != 0.0
+    w = scalar(weight, CDT)
+    for off in range(start, split, BLOCK):
+        _ema_block(m_ptr, g_ptr, d_ptr, block_offsets(off, BLOCK), None, w, c, inv, skip, DT, CDT, HAS_DIR, HAS_SCALE)
+    for off in range(split, end, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        _ema_block(m_ptr, g_ptr, d_ptr, offs, offs < end, w, c, inv, skip, DT, CDT, HAS_DIR, HAS_SCALE)
+
+
+def ema_update_(emas, grads, directions, weight, sigma, grad_scale=None, found_inf=None):
+    """d ← g − sigma·S·m (when ``directions``); m ← m + weight·(g/S − m) unless ``found_inf``."""
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != emas[0].device):
+            raise TypeError(f"ema_update_: {name} must be a 0-dim float32 tensor on {emas[0].device}, got {t.dtype} "
+                            f"{tuple(t.shape)} on {t.device}")
+    scale = emas[0] if grad_scale is None else grad_scale  # placeholders where absent: compiled out
+    found = emas[0] if found_inf is None else found_inf
+    _tables.launch_over(_ema_update_kernel, [emas, grads, directions], weight, sigma, scale, found,
+                        HAS_DIR=directions is not None, HAS_SCALE=grad_scale is not None,
+                        HAS_FOUND=found_inf is not None)
 
 
 def renormalize_(grads, ref_sq_norm, sq_norm, eps):
