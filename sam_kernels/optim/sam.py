@@ -24,6 +24,7 @@ import torch
 from .. import ops
 from . import aliases, amp, backups, checkpoint, follow, groups, sparse_grads
 from .base_step import restore_and_step
+from .compiled import HyperTensors, call, call_eagerly, compiled_refusal, eval_frame_callback, hyper
 from .contract import (LIGHTNING_FIX, bind_base_optimizer, check_closure, check_group, complete_groups,
                        mark_stepped, prepare_group, run_step_hooks)
 from .descent import Modifier, Renormalize
@@ -239,12 +240,25 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             if not now.stepping:
                 run_step_hooks(self, "pre")
 
-    @records_step(starts_step=True)
-    @torch.no_grad()
+    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
     def first_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
         """w ← w + e(w) for every param with a gradient; the backups are kept in ``self.state``.
 
-        ``loss``: the first-pass loss L(w) (telemetry's sharpness; not read in the step)."""
+        ``loss``: the first-pass loss L(w) (telemetry's sharpness; not read in the step).
+        On any error the weights are w. Under ``torch.compile``: :mod:`sam_kernels.optim.compiled`."""
+        compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
+        host = call_eagerly if compiled else call
+        host(self._host_before, "first_step", compiled)
+        try:
+            self._first_step(loss=loss)
+        except BaseException as e:
+            host(self._after_failure, e, False)
+            raise
+        host(self._host_after, "first_step", compiled, zero_grad)
+
+    @records_step(starts_step=True)
+    @torch.no_grad()
+    def _first_step(self, *, loss: Optional[torch.Tensor] = None) -> None:
         now = self.step_state
         if now.perturbed is not None:
             raise RuntimeError("SAM.first_step() called twice: call second_step() (or restore()) first")
@@ -261,8 +275,6 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             raise
         now.decision = True
         self.amp.next_pass(self)
-        if zero_grad:
-            self.zero_grad()
 
     def _ascend(self) -> None:
         """Collect, norm, agree across ranks, screen, modifiers, options, perturb per bucket."""
@@ -285,7 +297,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             m.after_ascent(self, params, grads, None if agreed is None else amp.unscaled(agreed, ascent.scale))
         ascent.options = self.perturbation_options(params, grads) if entries else {}
         ascent.options.update(self.amp.perturb_args(self, ascent.scale))
-        ascent.buckets = groups.bucket(entries, lambda g: (g["rho"], g["adaptive"], g["eta"]))
+        ascent.buckets = groups.bucket(entries, lambda g: (hyper(self, g, "rho"), g["adaptive"], g["eta"]))
         ascent.options.update(self.telemetry.perturb_options(self, ascent))
         if sparse:
             sparse_grads.refuse_unsupported(self, ascent.options)
@@ -293,15 +305,28 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         now.set_perturbed(ascent.params, ascent.kept)
         self.telemetry.on_ascent(self, ascent)
 
-    @records_step(starts_step=False)
-    @torch.no_grad()
+    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
     def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
         """w ← backup, then the base optimizer's step with the gradients taken at w + e.
 
         ``loss``: the second-pass loss L(w + e) (telemetry's sharpness; not read in the step).
 
-        Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next step.
+        Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next
+        step; under ``torch.compile`` too (a body that fails to compile runs nothing, then w is restored).
         """
+        compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
+        host = call_eagerly if compiled else call
+        host(self._host_before, "second_step", compiled)
+        try:
+            self._second_step(loss=loss)
+        except BaseException as e:
+            host(self._after_failure, e, True)
+            raise
+        host(self._host_after, "second_step", compiled, zero_grad)
+
+    @records_step(starts_step=False)
+    @torch.no_grad()
+    def _second_step(self, *, loss: Optional[torch.Tensor] = None) -> None:
         if self.step_state.perturbed is None:
             raise RuntimeError("SAM.second_step() called before first_step(): call first_step() after the first "
                                "backward, then backward again at the perturbed weights")
@@ -312,7 +337,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         except BaseException:
             self.restore()
             raise
-        self._finish(zero_grad)
+        self._finish()
 
     def _descend(self, perturbed: Optional[list[torch.Tensor]]) -> None:
         """Screen, telemetry, agree, modifiers, then the restore and base step (fused where possible)."""
@@ -346,10 +371,22 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                          telemetry=self.telemetry.fused_args() if sam_step else None)
         self.amp.report(self)
 
-    @records_step(starts_step=True)
-    @torch.no_grad()
+    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
     def base_step(self, zero_grad: bool = False) -> None:
         """A step without the ascent: descent modifiers (e.g. LookSAM reuse), then the base step."""
+        compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
+        host = call_eagerly if compiled else call
+        host(self._host_before, "base_step", compiled)
+        try:
+            self._base_step()
+        except BaseException as e:
+            host(self._after_failure, e, False)
+            raise
+        host(self._host_after, "base_step", compiled, zero_grad)
+
+    @records_step(starts_step=True)
+    @torch.no_grad()
+    def _base_step(self) -> None:
         now = self.step_state
         if now.perturbed is not None:
             raise RuntimeError("SAM.base_step() called between first_step() and second_step()")
@@ -362,9 +399,41 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             now.begun = False
             now.decision = None
             raise
-        self._finish(zero_grad)
+        self._finish()
 
-    def _finish(self, zero_grad: bool) -> None:
+    # ------------------------------------------------------------------ host work around the step bodies
+
+    # The shells (first_step, second_step, base_step) call these eagerly, also under torch.compile.
+
+    def _host_before(self, method: str, compiled: bool) -> None:
+        """Host work before a step body that a graph must not hold (variants extend it; see
+        :mod:`.compiled`): under compile, the hyperparameter tensors are filled."""
+        if compiled:
+            now = self.step_state
+            if now.hypers is None:
+                now.hypers = HyperTensors()
+            now.hypers.sync(self.param_groups)
+
+    def _host_after(self, method: str, compiled: bool, zero_grad: bool) -> None:
+        """Host work after a step body succeeded (variants extend it): under compile, what a graph
+        drops (``Optimizer.step``'s marks for LR schedulers); then ``zero_grad``."""
+        if compiled and method != "first_step":
+            mark_stepped(self)
+            mark_stepped(self.base_optimizer)
+        if zero_grad:
+            self.zero_grad()
+
+    def _after_failure(self, error: BaseException, descent: bool) -> None:
+        """A step body raised. An eager descent has restored w itself; a compiled one that failed to
+        compile ran nothing, so its pending ascent is undone here (``descent``). A graph break of a
+        base optimizer without a fused descent under fullgraph is explained (:func:`.compiled.compiled_refusal`)."""
+        if descent and self.step_state.perturbed is not None:
+            self.restore()
+        refusal = compiled_refusal(self, error)
+        if refusal is not None:
+            raise refusal from error
+
+    def _finish(self) -> None:
         now = self.step_state
         self.telemetry.on_finish(self, sam_step=now.perturbed is not None)
         now.end()
@@ -373,8 +442,6 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         if not now.stepping:  # inside step() torch's wrapper does both
             mark_stepped(self)
             run_step_hooks(self, "post")
-        if zero_grad:
-            self.zero_grad()
 
     @records_step(starts_step=False)
     @torch.no_grad()
