@@ -42,9 +42,12 @@ def fused_kind(base: torch.optim.Optimizer) -> Optional[str]:
         return None
     if type(base) is torch.optim.SGD:
         return "sgd"
-    # fused/capturable AdamW keep `step` on the device: reading it would sync, so they stay generic.
-    if type(base) is torch.optim.AdamW and not any(g.get("amsgrad") or g.get("capturable") or g.get("fused")
-                                                   for g in groups):
+    # Eagerly, fused/capturable AdamW keep `step` on the device: reading it would sync, so they stay
+    # generic. A compiled step reads the counts as tensors; Dynamo shows every traced AdamW group as
+    # capturable (its optimizer handling), so capturable is no reason to leave the fused descent there.
+    capturable_ok = torch.compiler.is_compiling()
+    if type(base) is torch.optim.AdamW and not any(g.get("amsgrad") or (g.get("capturable") and not capturable_ok)
+                                                   or g.get("fused") for g in groups):
         return "adamw"
     return None
 
