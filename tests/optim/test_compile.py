@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import sam_kernels as sk
 from sam_kernels.optim.descent import Modifier
+from torch._dynamo.testing import CompileCounterWithBackend
 
 
 def setup(variant="SAM", seed=0):
@@ -218,4 +219,31 @@ def test_compiled_zero_grad_runs_in_the_shell():
     second(zero_grad=True)
     assert all(p.grad is None for p in model.parameters())
     for p, want in zip(model.parameters(), _hand_sam_sgd(w, x, y, lr=0.1, rho=0.05)):
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_lr_in_a_group_compiles_once_per_method():
+    """torch's recipe for compiled optimizers with schedulers, lr=torch.tensor(...): a scheduler fills
+    the tensor in place, the compiled steps read it as data (and equal the hand computation)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=torch.tensor(0.1), finite_check=False)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    counters = {k: CompileCounterWithBackend("aot_eager") for k in ("first", "second")}
+    first = torch.compile(opt.first_step, fullgraph=True, backend=counters["first"])
+    second = torch.compile(opt.second_step, fullgraph=True, backend=counters["second"])
+    g = torch.Generator().manual_seed(1)
+    w = [p.detach().clone() for p in model.parameters()]
+    for t in range(6):
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        loss_of(model, x, y).backward()
+        first(zero_grad=True)
+        loss_of(model, x, y).backward()
+        second(zero_grad=True)
+        w = _hand_sam_sgd(w, x, y, lr=0.1 * 0.9 ** t, rho=0.05)
+        sched.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert all(c.frame_count <= 2 for c in counters.values()), {k: c.frame_count for k, c in counters.items()}
+    for p, want in zip(model.parameters(), w):
         torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)
