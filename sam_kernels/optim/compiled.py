@@ -2,15 +2,15 @@
 
 Each public step method (``first_step``, ``second_step``, ``base_step``) is an eager shell around
 a body: ``torch.compile(opt.first_step, fullgraph=True)`` skips the shell's frame and compiles the
-body's. The shell does the host work a graph must not hold, without Dynamo (:func:`host`):
+body's. The shell does the host work a graph must not hold, without Dynamo (:data:`call_eagerly`):
 
 - **Hyperparameters as graph inputs.** A Python float read in a graph is a constant guarded by
   value, so an lr or rho schedule would recompile every step (torch.optim's own SGD does, unless
   its ``lr`` is a tensor). Under compile the shell keeps a float64 tensor per param group
   for each float ``lr`` and ``rho``, on the group's device, and fills it from the group's value
   before each call (:class:`HyperTensors`); the body reads those tensors (:func:`hyper`), so a new
-  value is new data, not a new graph. A tensor ``lr``/``rho`` a user put in a group (torch's
-  recipe for compiled optimizers with schedulers) is read as it is. The other hyperparameters
+  value is new data, not a new graph. A tensor ``lr`` a user put in a group (torch's recipe for
+  compiled optimizers with schedulers) is read as it is. The other hyperparameters
   (momentum, betas, weight decay, eps, eta) stay constants: changing one recompiles once.
 - **Work that cannot be traced**: Sparse SAM's mask refresh (Fisher passes, random generators),
   ``zero_grad`` (torch.optim's does not trace).
@@ -20,12 +20,10 @@ body's. The shell does the host work a graph must not hold, without Dynamo (:fun
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Optional
 
-import sys
-
 import torch
-import torch._C
 
 HYPERPARAMETERS = ("lr", "rho")  # the ones schedules change
 
@@ -34,7 +32,7 @@ eval_frame_callback = getattr(getattr(getattr(torch._C, "_dynamo", None), "eval_
                               "get_eval_frame_callback", None) or (lambda: True)
 """Dynamo's current frame callback (private; a C function: calling it in a shell adds no frame to
 trace): not None/False when the shell runs under torch.compile. Where torch lacks it, every call
-counts as compiled, which only costs the shells' host work a disabled region each."""
+counts as compiled, which only costs the shells' host work a disabled region and the tensor upkeep."""
 
 
 def call(fn: Callable[..., Any], *args) -> Any:
@@ -52,7 +50,7 @@ class HyperTensors:
 
     def __init__(self):
         self.groups: list[dict] = []      # the param groups mirrored, in order
-        self.tensors: list[dict] = []     # per group: key -> 0-dim tensor
+        self.tensors: list[dict] = []     # per group: key -> tensor of shape (1,)
         self.values: list[dict] = []      # per group: key -> the float last written
 
     def sync(self, param_groups: list[dict]) -> None:
