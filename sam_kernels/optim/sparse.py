@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dtensor import is_dtensor
-from . import follow, groups
+from . import follow, groups, sparse_grads
 from .masks import PATTERNS, UNITS, DynamicMask, FisherMask, MaskProvider, RandomMask, RefreshCadence
 from .sam import SAM
 
@@ -360,6 +360,8 @@ class SparseSAM(SAM):
                 raise RuntimeError("SparseSAM(implicit=True): run the first forward/backward inside "
                                    "`with opt.ascent_pass():` so that it uses the masked input gradients")
             if not self.implicit and self.step_state.perturbed is None:
+                if sparse_grads.any_sparse(self.param_groups):  # refused before a refresh runs the model
+                    sparse_grads.refuse_unsupported(self)
                 self._current_masks()
         self._ascent_done = False
 
