@@ -1,4 +1,4 @@
-"""Real-data benchmark (issue #6): SGD, SAM and every SAM variant of sam_kernels on noisy digits.
+"""Real-data benchmark: SGD, SAM and every SAM variant of sam_kernels on noisy digits.
 
 Data: scikit-learn's ``load_digits`` (1,797 8×8 images, 10 classes; shipped with the package, no
 download), pixels scaled to [0, 1], a stratified 70/30 train/test split, and 20 % SYMMETRIC label
@@ -13,7 +13,7 @@ model in examples / batch size, so ESAM's partial second pass and the Fisher bat
 for what they are), and training wall time (s, mean over seeds). What pass counts do not see:
 ESAM's per-tensor SWP skips weight-gradient compute of unselected tensors inside a backward.
 
-Telemetry (issue #14): every SAM-family optimizer runs with ``telemetry=True`` and gets the first-pass
+Telemetry: every SAM-family optimizer runs with ``telemetry=True`` and gets the first-pass
 loss (``step(closure, loss=...)``), so it knows L(w + e) − L(w); ``sam_kernels.optim.telemetry.every``
 records ``opt.stats()`` every ``--record-every`` steps (one host sync each time). The table adds the
 optimizer's own pass counts (``forward_passes / steps``) beside the hook counts, and ``--figure``
@@ -23,7 +23,9 @@ in ``--figure-methods`` (matplotlib needed for the figure only).
     python benchmarks/train_digits.py [--seeds 0 1 2 3 4] [--epochs 30] [--only SAM ESAM] [--out benchmarks/results/digits]
         [--figure benchmarks/results/digits_telemetry.png] [--figure-methods SAM SSSAM AESAM ESAM]
 
-A variant that does not import (or is not exported yet) is skipped with the reason printed.
+A variant that does not import (or is not exported yet) is skipped with the reason printed. BSAM is
+its own optimizer (no SGD base, no telemetry of the sharpness values) and its ``step(closure)`` runs
+both passes; SAM-ON needs normalization layers, which this MLP does not have (skipped, reason printed).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ LR = 0.05
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 NOISE = 0.2
+BSAM_LR = 0.5  # bSAM is Adam-like (its own update, not SGD's): the official CIFAR runs' lr
 
 
 # --------------------------------------------------------------------------- data and model
@@ -97,7 +100,8 @@ class PassCounter:
 class Method:
     name: str
     build: Callable  # (model, params, ctx) -> optimizer
-    protocol: str = "sam"  # "sgd": plain step; "sam": step(closure) with a mean-loss closure; "esam": per-sample
+    protocol: str = "sam"  # "sgd": plain step; "sam": step(closure) with a mean-loss closure; "esam": per-sample;
+    # "both": step(closure) runs both passes (bSAM's first pass is at a noisy sample)
     note: str = ""
 
 
@@ -150,6 +154,19 @@ def methods(sk, steps_total: int, steps_per_epoch: int, epochs: int) -> list[Met
         Method("AESAM", preset("AESAM", rho=0.05, total_steps=steps_total), note="d 0.9, l1 -1, l2 1"),
         Method("AELookSAM", preset("AELookSAM", rho=0.05, total_steps=steps_total, alpha=0.7),
                note="AE decisions + LookSAM reuse"),
+        Method("GSAM", preset("GSAM", rho=0.05, alpha=0.4), note="alpha 0.4, constant rho 0.05"),
+        Method("WSAM", preset("WSAM", rho=0.05, gamma=0.9), note="gamma 0.9, decoupled"),
+        Method("GCSAM", preset("SAM", rho=0.05, use_gc=True), note="SAM(use_gc=True)"),
+        Method("LatePhaseSAM", lambda model, ctx: get("SAM")(model.parameters(), sgd, rho=0.05,
+                                                             policy=get("LatePhasePolicy")(steps_total, 0.3),
+                                                             **sam_kwargs()),
+               note="SAM in the last 30 % of the steps"),
+        Method("SAM-ON", lambda model, ctx: get("SAM")(get("sam_on_param_groups")(model), sgd, rho=0.05,
+                                                       **sam_kwargs()),
+               note="normalization layers only (this MLP has none: skipped with the reason)"),
+        Method("BSAM", lambda model, ctx: get("BSAM")(model.parameters(), lr=BSAM_LR, num_data=ctx["num_data"],
+                                                      rho=0.01, seed=ctx["seed"]),
+               protocol="both", note=f"lr {BSAM_LR}, rho 0.01, prior precision 25 (official defaults, untuned)"),
     ]
 
 
@@ -174,7 +191,7 @@ def run(method: Method, seed: int, epochs: int, record_every: int = 10) -> dict:
         return [(xtr[idx[i:i + BATCH]], ytr[idx[i:i + BATCH]]) for i in range(0, len(xtr), BATCH)]
 
     g_fisher = torch.Generator().manual_seed(2000 + seed)
-    ctx = {"seed": seed, "fisher_batches": fisher_batches}
+    ctx = {"seed": seed, "fisher_batches": fisher_batches, "num_data": len(xtr)}
     opt = method.build(model, ctx)
     counter = PassCounter(model)
     trace: dict[str, list] = {}  # column -> values, one per record
@@ -202,6 +219,13 @@ def run(method: Method, seed: int, epochs: int, record_every: int = 10) -> dict:
                 def closure(indices: Optional[torch.Tensor] = None):
                     xs, ys = (xb, yb) if indices is None else (xb[indices], yb[indices])
                     return F.cross_entropy(model(xs), ys, reduction="none")
+                opt.zero_grad(set_to_none=True)
+                opt.step(closure)
+            elif method.protocol == "both":
+                def closure():
+                    loss = F.cross_entropy(model(xb), yb)
+                    loss.backward()
+                    return loss
                 opt.zero_grad(set_to_none=True)
                 opt.step(closure)
             else:  # the core's protocol: first backward here, step(closure) does the rest
@@ -248,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.only and method.name not in args.only:
             continue
         try:
-            method.build(make_model(0), {"seed": 0, "fisher_batches": lambda: []})
+            method.build(make_model(0), {"seed": 0, "fisher_batches": lambda: [], "num_data": len(xtr)})
         except Exception as exc:  # a variant not available in this checkout: say why, go on
             skipped[method.name] = f"{type(exc).__name__}: {exc}"
             print(f"skip {method.name}: {skipped[method.name]}", flush=True)
@@ -310,7 +334,7 @@ def write(args, results: dict, skipped: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "skipped": skipped}, indent=1))
     lines = [
-        "# Digits with 20 % symmetric label noise (issue #6)", "",
+        "# Digits with 20 % symmetric label noise", "",
         f"Generated by `python benchmarks/train_digits.py` on {meta['date']} at commit {commit}.", "",
         f"- Machine: {machine} (CPU only).",
         f"- Data: scikit-learn `load_digits`, stratified 70/30 split, {int(NOISE * 100)} % symmetric noise on "
@@ -321,7 +345,7 @@ def write(args, results: dict, skipped: dict) -> None:
         f"- Kernel backend(s) used: {backend or 'none'}.",
         f"- Noise level: the test set has {len(make_data(args.seeds[0])[3])} images (one image = "
         f"{100 / len(make_data(args.seeds[0])[3]):.2f} points); gaps smaller than the std are seed noise.", "",
-        "- own fwd/bwd: the optimizer's count, `opt.stats()` forward/backward passes per step (telemetry, #14); "
+        "- own fwd/bwd: the optimizer's count, `opt.stats()` forward/backward passes per step (telemetry); "
         "SAM steps: `sam_step_fraction`; MB/step: bytes its kernels moved at the ops' floors.",
         "",
         "| method | test acc % (mean ± std) | fwd / step | bwd / step | own fwd / bwd | SAM steps | MB / step "

@@ -6,9 +6,12 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <vector>
 
 #ifdef __CUDACC__
 #define SAM_HOST_DEVICE __host__ __device__ __forceinline__
@@ -73,6 +76,65 @@ inline void check_primary(const char* op, const char* name, at::TensorList prima
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": unsupported dtype ", dtype, "; supported: float32, float64, float16, bfloat16");
   check_list(op, name, primary, primary);
+}
+
+// One list of an op call for check_no_shared_writes: its tensors (none: not given) and whether the op
+// writes them.
+struct Listed {
+  at::TensorList tensors;
+  bool written;
+};
+
+// Rejects (ValueError) a call in which a tensor the op writes starts at the same address as a tensor
+// of another entry, or as a tensor of its own entry with other strides or another dtype: the result
+// would depend on the order of the writes. Within one entry the lists may hold the same tensor or the
+// same view (a parameter that is its own backup): every kernel reads an element's inputs before it
+// writes it. Start addresses, as sam_kernels/ops/overlap.py, which the Python layer runs after a
+// rejection to name the entries; zero-size tensors are skipped. A sort of the start addresses, a
+// closer look only when two are equal.
+inline void check_no_shared_writes(const char* op, std::initializer_list<Listed> lists) {
+  std::vector<uintptr_t> starts;
+  size_t total = 0;
+  for (const auto& l : lists) total += l.tensors.size();
+  starts.reserve(total);
+  for (const auto& l : lists) {
+    for (const auto& t : l.tensors) {
+      if (t.numel() > 0) starts.push_back(reinterpret_cast<uintptr_t>(t.data_ptr()));
+    }
+  }
+  std::sort(starts.begin(), starts.end());
+  if (std::adjacent_find(starts.begin(), starts.end()) == starts.end()) return;
+  struct Item {
+    uintptr_t start;
+    size_t entry;
+    bool written;
+    const at::Tensor* tensor;
+  };
+  std::vector<Item> items;
+  items.reserve(starts.size());
+  for (const auto& l : lists) {
+    for (size_t i = 0; i < l.tensors.size(); ++i) {
+      const auto& t = l.tensors[i];
+      if (t.numel() > 0) items.push_back({reinterpret_cast<uintptr_t>(t.data_ptr()), i, l.written, &t});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.start < b.start; });
+  for (size_t lo = 0; lo < items.size();) {
+    size_t hi = lo + 1;
+    bool written = items[lo].written;
+    while (hi < items.size() && items[hi].start == items[lo].start) written |= items[hi++].written;
+    if (written) {
+      const Item& first = items[lo];
+      for (size_t k = lo + 1; k < hi; ++k) {
+        const Item& other = items[k];
+        TORCH_CHECK_VALUE(other.entry == first.entry && other.tensor->strides() == first.tensor->strides() &&
+                              other.tensor->scalar_type() == first.tensor->scalar_type(),
+                          op, ": entries ", first.entry, " and ", other.entry, " share memory and ", op,
+                          " writes one of them: the result would depend on the order of the writes");
+      }
+    }
+    lo = hi;
+  }
 }
 
 // perturb_'s lists and keep-mask arguments; returns the keep threshold int(keep_prob·2^24)

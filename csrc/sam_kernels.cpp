@@ -43,6 +43,7 @@ TORCH_LIBRARY(sam_kernels, m) {
         "float eps) -> ()");
   m.def("looksam_apply_(Tensor(a!)[] grads, Tensor[] g_v, float alpha, Tensor g_sq_norm, Tensor gv_sq_norm, "
         "float eps) -> ()");
+  m.def("mix_(Tensor(a!)[] grads, Tensor[] others, Tensor a, Tensor b) -> ()");
   m.def("topk_mask(Tensor[] scores, int k) -> Tensor[]");
   m.def("nm_mask(Tensor[] scores, int n, int m) -> Tensor[]");
 }
@@ -80,7 +81,7 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 
 TORCH_LIBRARY_IMPL(sam_kernels, ADInplaceOrView, m) {
   for (const char* op : {"perturb_", "restore_", "sgd_restore_step_", "adamw_restore_step_", "renormalize_",
-                         "fisher_accumulate_", "looksam_store_", "looksam_apply_"}) {
+                         "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in ONE command that fits a short rental (9 minutes on an H100/H200),
-# for a machine with a GPU but no network (the lent boxes: python3 with torch 2.11, triton 3.6,
-# pytest, hypothesis, matplotlib, ninja). No pip, no venv.
+# Everything that needs a GPU, in ONE command that fits a short time slot (9 minutes on an H100/H200),
+# for a machine with a GPU but no network (python3 with torch, triton, pytest, hypothesis,
+# matplotlib and ninja already installed). No pip, no venv.
 #
 #   1. build   the extension in place for the GPU found (its architecture only: nvidia-smi's
 #              compute_cap, else torch's), all cores

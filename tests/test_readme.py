@@ -53,6 +53,19 @@ def test_no_raw_roles_or_process_words(page):
     assert not words, words
 
 
+USER_FACING = sorted({*ROOT.glob("sam_kernels/**/*.py"), *ROOT.glob("scripts/*"), *ROOT.glob("examples/**/*.py"),
+                      *ROOT.glob("benchmarks/**/*.py"), *ROOT.glob("benchmarks/**/*.md"), ROOT / "setup.py"})
+
+
+def test_no_process_words_in_code_scripts_and_reports():
+    """Docstrings, messages, script output and benchmark reports name no issue numbers and no
+    work-process words (``session`` is left out here: the benchmark has a measuring session)."""
+    assert len(USER_FACING) >= 50
+    process = re.compile(r"issue #\d+|\bissues? \d+\b|(?<![&\w])#\d{1,2}\b|\blent\b|\bhelper agents?\b", flags=re.I)
+    found = {str(p.relative_to(ROOT)): process.findall(p.read_text(errors="replace")) for p in USER_FACING if p.is_file()}
+    assert not {k: v for k, v in found.items() if v}
+
+
 def test_versions_and_sizes_have_one_source():
     """Release numbers of torch and sizes in GB are stated on docs/versions.md only (the changelog's
     dated records aside); versions.md reads install.sh's torch releases when the site is built."""

@@ -53,6 +53,10 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
   sam_kernels::check_amp_scalar("sgd_restore_step_", "grad_scale", grad_scale, params);
   sam_kernels::check_amp_scalar("sgd_restore_step_", "found_inf", found_inf, params);
   sam_kernels::check_telemetry_args("sgd_restore_step_", ascent_grads, sums, params);
+  sam_kernels::check_no_shared_writes("sgd_restore_step_",
+                                      {{params, true}, {backups, false}, {grads, false},
+                                       {has_momentum ? momentum_buffers : at::TensorList{}, true},
+                                       {ascent_grads.value_or(at::TensorList{}), false}});
   const auto chunks = make_chunks(params);
   if (skipped(found_inf)) return skip_step(chunks, params, backups, grads, ascent_grads, sums);  // state untouched
   const float inv_scale = unscale_factor(grad_scale);
@@ -96,6 +100,9 @@ void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::T
   sam_kernels::check_amp_scalar("adamw_restore_step_", "grad_scale", grad_scale, params);
   sam_kernels::check_amp_scalar("adamw_restore_step_", "found_inf", found_inf, params);
   sam_kernels::check_telemetry_args("adamw_restore_step_", ascent_grads, sums, params);
+  sam_kernels::check_no_shared_writes("adamw_restore_step_",
+                                      {{params, true}, {backups, false}, {grads, false}, {exp_avgs, true},
+                                       {exp_avg_sqs, true}, {ascent_grads.value_or(at::TensorList{}), false}});
   const auto chunks = make_chunks(params);
   if (skipped(found_inf)) return skip_step(chunks, params, backups, grads, ascent_grads, sums);  // state untouched
   const float inv_scale = unscale_factor(grad_scale);

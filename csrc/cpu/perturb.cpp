@@ -15,6 +15,9 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
       sam_kernels::check_perturb_args(params, grads, backups, masks, keep_prob, keys, c10::DeviceType::CPU);
   if (perturbation_sq) sam_kernels::check_sums_tensor("perturb_", "perturbation_sq", *perturbation_sq, 1, params);
   if (grad_copies) check_list("perturb_", "grad_copies", params, *grad_copies);
+  sam_kernels::check_no_shared_writes("perturb_", {{params, true}, {grads, false}, {backups, true},
+                                                   {masks.value_or(at::TensorList{}), false},
+                                                   {grad_copies.value_or(at::TensorList{}), true}});
   const bool keep = keep_prob < 1.0;
   const auto chunks = make_chunks(params);
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "perturb_", [&] {
@@ -67,6 +70,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
 void restore_cpu(at::TensorList params, at::TensorList backups) {
   check_primary("restore_", "params", params);
   check_list("restore_", "backups", params, backups);
+  sam_kernels::check_no_shared_writes("restore_", {{params, true}, {backups, false}});
   copy_chunks(make_chunks(params), params, backups);
 }
 

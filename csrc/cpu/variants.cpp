@@ -1,5 +1,5 @@
 // Element-wise ops of the variants: Stable SAM renormalization, Fisher accumulation, LookSAM
-// store/apply. Their global norms/dots arrive as 0-dim tensors (computed by grad_sq_norm / dot).
+// store/apply, GSAM/WSAM's mix. Their global norms/dots arrive as 0-dim tensors (computed by grad_sq_norm / dot).
 #include "multi_tensor.h"
 
 #include <torch/library.h>
@@ -24,6 +24,7 @@ void axpy(at::TensorList out, at::TensorList a, at::TensorList x, acc_t coef) {
 
 void renormalize_cpu(at::TensorList grads, const at::Tensor& ref_sq_norm, const at::Tensor& sq_norm, double eps) {
   check_primary("renormalize_", "grads", grads);
+  sam_kernels::check_no_shared_writes("renormalize_", {{grads, true}});
   SAM_DISPATCH_FLOATS(grads[0].scalar_type(), "renormalize_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t ratio = std::sqrt(read_scalar<acc_t>(ref_sq_norm, "renormalize_", "ref_sq_norm")) /
@@ -42,6 +43,7 @@ void renormalize_cpu(at::TensorList grads, const at::Tensor& ref_sq_norm, const 
 void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double scale) {
   check_primary("fisher_accumulate_", "fisher", fisher);
   check_list("fisher_accumulate_", "grads", fisher, grads);
+  sam_kernels::check_no_shared_writes("fisher_accumulate_", {{fisher, true}, {grads, false}});
   SAM_DISPATCH_FLOATS(fisher[0].scalar_type(), "fisher_accumulate_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t s = scale;
@@ -63,6 +65,7 @@ void looksam_store_cpu(at::TensorList g_v, at::TensorList grads, at::TensorList 
   check_primary("looksam_store_", "g_v", g_v);
   check_list("looksam_store_", "grads", g_v, grads);
   check_list("looksam_store_", "sam_grads", g_v, sam_grads);
+  sam_kernels::check_no_shared_writes("looksam_store_", {{g_v, true}, {grads, false}, {sam_grads, false}});
   SAM_DISPATCH_FLOATS(g_v[0].scalar_type(), "looksam_store_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t coef = read_scalar<acc_t>(gs_dot_g, "looksam_store_", "gs_dot_g") /
@@ -75,6 +78,7 @@ void looksam_apply_cpu(at::TensorList grads, at::TensorList g_v, double alpha, c
                        const at::Tensor& gv_sq_norm, double eps) {
   check_primary("looksam_apply_", "grads", grads);
   check_list("looksam_apply_", "g_v", grads, g_v);
+  sam_kernels::check_no_shared_writes("looksam_apply_", {{grads, true}, {g_v, false}});
   SAM_DISPATCH_FLOATS(grads[0].scalar_type(), "looksam_apply_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t coef = static_cast<acc_t>(alpha) *
@@ -85,6 +89,26 @@ void looksam_apply_cpu(at::TensorList grads, at::TensorList g_v, double alpha, c
   });
 }
 
+// g ← a·g + b·o (GSAM's surrogate-gap descent, WSAM's mixes); o may alias g.
+void mix_cpu(at::TensorList grads, at::TensorList others, const at::Tensor& a, const at::Tensor& b) {
+  check_primary("mix_", "grads", grads);
+  check_list("mix_", "others", grads, others);
+  SAM_DISPATCH_FLOATS(grads[0].scalar_type(), "mix_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t ca = read_scalar<acc_t>(a, "mix_", "a");
+    const acc_t cb = read_scalar<acc_t>(b, "mix_", "b");
+    const auto chunks = make_chunks(grads);
+    for_each_chunk(chunks, [&](const Chunk& c) {
+      scalar_t* g = data<scalar_t>(grads[c.tensor]);
+      const scalar_t* o = data<scalar_t>(others[c.tensor]);
+      elementwise<scalar_t>(c.begin, c.end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+        using T = decltype(tag);
+        store(g, i, T(ca) * load<T>(g, i) + T(cb) * load<T>(o, i));
+      });
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
@@ -92,6 +116,7 @@ TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
   m.impl("fisher_accumulate_", &fisher_accumulate_cpu);
   m.impl("looksam_store_", &looksam_store_cpu);
   m.impl("looksam_apply_", &looksam_apply_cpu);
+  m.impl("mix_", &mix_cpu);
 }
 
 }  // namespace sam_kernels::cpu

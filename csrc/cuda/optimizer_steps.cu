@@ -155,6 +155,10 @@ void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::Te
   sam_kernels::check_sgd_args(params, backups, grads, momentum_buffers, has_momentum, c10::DeviceType::CUDA);
   const AmpScalars amp = amp_scalars("sgd_restore_step_", grad_scale, found_inf, params);
   sam_kernels::check_telemetry_args("sgd_restore_step_", ascent_grads, sums, params);
+  sam_kernels::check_no_shared_writes("sgd_restore_step_",
+                                      {{params, true}, {backups, false}, {grads, false},
+                                       {has_momentum ? momentum_buffers : at::TensorList{}, true},
+                                       {ascent_grads.value_or(at::TensorList{}), false}});
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "sgd_restore_step_", [&](auto tag) {
     using T = decltype(tag);
@@ -195,6 +199,9 @@ void adamw_restore_step_cuda(at::TensorList params, at::TensorList backups, at::
       params, backups, grads, exp_avgs, exp_avg_sqs, step, beta1, beta2, c10::DeviceType::CUDA);
   const AmpScalars amp = amp_scalars("adamw_restore_step_", grad_scale, found_inf, params);
   sam_kernels::check_telemetry_args("adamw_restore_step_", ascent_grads, sums, params);
+  sam_kernels::check_no_shared_writes("adamw_restore_step_",
+                                      {{params, true}, {backups, false}, {grads, false}, {exp_avgs, true},
+                                       {exp_avg_sqs, true}, {ascent_grads.value_or(at::TensorList{}), false}});
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "adamw_restore_step_", [&](auto tag) {
     using T = decltype(tag);

@@ -81,6 +81,9 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
       sam_kernels::check_perturb_args(params, grads, backups, masks, keep_prob, keys, c10::DeviceType::CUDA);
   if (perturbation_sq) sam_kernels::check_sums_tensor("perturb_", "perturbation_sq", *perturbation_sq, 1, params);
   if (grad_copies) check_list("perturb_", "grad_copies", params, *grad_copies);
+  sam_kernels::check_no_shared_writes("perturb_", {{params, true}, {grads, false}, {backups, true},
+                                                   {masks.value_or(at::TensorList{}), false},
+                                                   {grad_copies.value_or(at::TensorList{}), true}});
   const bool keep = keep_prob < 1.0;
   const DeviceScalar sq = device_scalar(sq_norm, params[0], "perturb_", "sq_norm");
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -127,6 +130,7 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
 void restore_cuda(at::TensorList params, at::TensorList backups) {
   check_primary("restore_", "params", params);
   check_list("restore_", "backups", params, backups);
+  sam_kernels::check_no_shared_writes("restore_", {{params, true}, {backups, false}});
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "restore_", [&](auto tag) {
     using T = decltype(tag);

@@ -1,5 +1,5 @@
 // Element-wise ops of the variants: Stable SAM renormalization, Fisher accumulation, LookSAM
-// store/apply. Their global norms/dots arrive as 0-dim device tensors (grad_sq_norm / dot) and are
+// store/apply, GSAM/WSAM's mix. Their global norms/dots arrive as 0-dim device tensors (grad_sq_norm / dot) and are
 // read inside the kernel: one launch per group (per table fill), no host synchronization.
 #include <torch/library.h>
 
@@ -73,8 +73,28 @@ struct LookSamApplyOp {
   }
 };
 
+// lists: 0 grads (rw), 1 others (r). g ← a·g + b·o (GSAM, WSAM).
+template <typename T>
+struct MixOp {
+  using A = acc_type<T>;
+  static constexpr int kLists = 2;
+  static constexpr unsigned kReads = 0b11, kWrites = 0b01;
+  static constexpr bool kMasked = false, kReduce = false;
+  DeviceScalar a, b;
+  A ca, cb;  // set by load_scalars
+
+  __device__ void load_scalars() {
+    ca = a.get<A>();
+    cb = b.get<A>();
+  }
+  __device__ void operator()(T (&x)[2], bool, int64_t, int64_t) const {
+    x[0] = static_cast<T>(ca * static_cast<A>(x[0]) + cb * static_cast<A>(x[1]));
+  }
+};
+
 void renormalize_cuda(at::TensorList grads, const at::Tensor& ref_sq_norm, const at::Tensor& sq_norm, double eps) {
   check_primary("renormalize_", "grads", grads);
+  sam_kernels::check_no_shared_writes("renormalize_", {{grads, true}});
   const DeviceScalar ref = device_scalar(ref_sq_norm, grads[0], "renormalize_", "ref_sq_norm");
   const DeviceScalar sq = device_scalar(sq_norm, grads[0], "renormalize_", "sq_norm");
   const c10::cuda::CUDAGuard guard(grads[0].device());
@@ -87,6 +107,7 @@ void renormalize_cuda(at::TensorList grads, const at::Tensor& ref_sq_norm, const
 void fisher_accumulate_cuda(at::TensorList fisher, at::TensorList grads, double scale) {
   check_primary("fisher_accumulate_", "fisher", fisher);
   check_list("fisher_accumulate_", "grads", fisher, grads);
+  sam_kernels::check_no_shared_writes("fisher_accumulate_", {{fisher, true}, {grads, false}});
   const c10::cuda::CUDAGuard guard(fisher[0].device());
   dispatch_floats(fisher[0].scalar_type(), "fisher_accumulate_", [&](auto tag) {
     using T = decltype(tag);
@@ -99,6 +120,7 @@ void looksam_store_cuda(at::TensorList g_v, at::TensorList grads, at::TensorList
   check_primary("looksam_store_", "g_v", g_v);
   check_list("looksam_store_", "grads", g_v, grads);
   check_list("looksam_store_", "sam_grads", g_v, sam_grads);
+  sam_kernels::check_no_shared_writes("looksam_store_", {{g_v, true}, {grads, false}, {sam_grads, false}});
   const DeviceScalar dot = device_scalar(gs_dot_g, g_v[0], "looksam_store_", "gs_dot_g");
   const DeviceScalar sq = device_scalar(g_sq_norm, g_v[0], "looksam_store_", "g_sq_norm");
   const c10::cuda::CUDAGuard guard(g_v[0].device());
@@ -112,6 +134,7 @@ void looksam_apply_cuda(at::TensorList grads, at::TensorList g_v, double alpha, 
                         const at::Tensor& gv_sq_norm, double eps) {
   check_primary("looksam_apply_", "grads", grads);
   check_list("looksam_apply_", "g_v", grads, g_v);
+  sam_kernels::check_no_shared_writes("looksam_apply_", {{grads, true}, {g_v, false}});
   const DeviceScalar g_sq = device_scalar(g_sq_norm, grads[0], "looksam_apply_", "g_sq_norm");
   const DeviceScalar gv_sq = device_scalar(gv_sq_norm, grads[0], "looksam_apply_", "gv_sq_norm");
   const c10::cuda::CUDAGuard guard(grads[0].device());
@@ -123,6 +146,18 @@ void looksam_apply_cuda(at::TensorList grads, at::TensorList g_v, double alpha, 
   });
 }
 
+void mix_cuda(at::TensorList grads, at::TensorList others, const at::Tensor& a, const at::Tensor& b) {
+  check_primary("mix_", "grads", grads);
+  check_list("mix_", "others", grads, others);
+  const DeviceScalar da = device_scalar(a, grads[0], "mix_", "a");
+  const DeviceScalar db = device_scalar(b, grads[0], "mix_", "b");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  dispatch_floats(grads[0].scalar_type(), "mix_", [&](auto tag) {
+    using T = decltype(tag);
+    apply_elementwise<T>({grads, others}, MixOp<T>{da, db, {}, {}});
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
@@ -130,6 +165,7 @@ TORCH_LIBRARY_IMPL(sam_kernels, CUDA, m) {
   m.impl("fisher_accumulate_", &fisher_accumulate_cuda);
   m.impl("looksam_store_", &looksam_store_cuda);
   m.impl("looksam_apply_", &looksam_apply_cuda);
+  m.impl("mix_", &mix_cuda);
 }
 
 }  // namespace sam_kernels::cuda

@@ -157,3 +157,8 @@ def looksam_apply_(grads: Tensors, g_v: Tensors, alpha: float, eps: float = 1e-1
     coef = alpha * grad_norm(grads) / (grad_norm(g_v) + eps)
     for g, v in zip(grads, g_v):
         g.add_(coef * v)
+
+
+def mix_(grads: Tensors, others: Tensors, a: float, b: float) -> None:
+    for g, o in zip(grads, others):
+        g.mul_(a).add_(o, alpha=b)

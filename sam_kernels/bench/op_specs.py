@@ -216,6 +216,9 @@ def _looksam_apply_ref(s: State) -> None:
     reference.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA, g_sq, gv_sq, EPS)
 
 
+MIX_A, MIX_B = 1.2, -0.4  # GSAM's (1 + alpha·c, −alpha) shape of factors
+
+
 def _topk_k(s: State) -> int:
     return int(sum(t.numel() for t in s["scores"]) * 0.5)
 
@@ -275,6 +278,10 @@ SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (
              api=lambda s, b: ops.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA, backend=b),
              reference=_looksam_apply_ref,
              loop=lambda s: baselines.looksam_apply_(s["grads"], s["g_v"], LOOKSAM_ALPHA)),
+    _op_spec("mix_", ("grads", "sam_grads"), ("grads",),
+             api=lambda s, b: ops.mix_(s["grads"], s["sam_grads"], MIX_A, MIX_B, backend=b),
+             reference=lambda s: reference.mix_(s["grads"], s["sam_grads"], torch.tensor(MIX_A), torch.tensor(MIX_B)),
+             loop=lambda s: baselines.mix_(s["grads"], s["sam_grads"], MIX_A, MIX_B)),
     _op_spec("topk_mask", ("scores",), (), exact=True, bandwidth_bound=False,
              api=lambda s, b: ops.topk_mask(s["scores"], 0.5, backend=b),
              reference=lambda s: reference.topk_mask(s["scores"], _topk_k(s)),

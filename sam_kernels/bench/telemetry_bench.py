@@ -1,7 +1,7 @@
 """Telemetry overhead: one SAM optimizer step with telemetry off, "norms", on and on-with-a-copy, side by side.
 
 The step is first_step + second_step, SGD momentum, fused backend, on the same parameter list with
-``telemetry=False``, ``"norms"`` and ``True``; ``True`` twice: as in a loop whose ``zero_grad``
+``telemetry=False``, ``"norms"`` (the optimizers' default) and ``True``; ``True`` twice: as in a loop whose ``zero_grad``
 sets p.grad to None (``on``: g(w) is held, the default) and as in one that zeroes p.grad in place
 (``copy``: g(w) is copied in first_step).
 
@@ -94,7 +94,7 @@ def markdown(rows: list[dict], env: dict) -> str:
                      + f" | {b['off'] / 1e6:.0f} | "
                      + " | ".join(f"{b[k] / 1e6:.0f} ({x[k]:+.0f} %)" for k in others) + " |")
     lines.append("")
-    lines.append("on: telemetry=True in a loop whose zero_grad sets p.grad to None (g(w) held); copy: the same in a "
+    lines.append("norms: telemetry=\"norms\", the optimizers' default; on: telemetry=True in a loop whose zero_grad sets p.grad to None (g(w) held); copy: the same in a "
                  "loop that zeroes p.grad in place (g(w) copied in first_step). ms: median over the interleaved "
                  "rounds; overhead: median of the per-round ratios to off, bootstrap interval; "
                  "MB: bytes per step at the ops' floors (exact).")

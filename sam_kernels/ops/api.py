@@ -263,6 +263,20 @@ def looksam_apply_(grads: Tensors, g_v: Tensors, alpha: float, *, eps: float = 1
             grads, g_v=g_v)
 
 
+def mix_(grads: Tensors, others: Tensors, a, b, *, backend: Optional[str] = None) -> None:
+    """g ← a·g + b·o, element-wise, in the compute dtype (fp32, fp64 for fp64), rounded once.
+
+    ``a``, ``b``: floats or 0-dim tensors (device scalars such as norms and dots: read in the
+    kernel, no host sync). ``others`` aligned with ``grads`` (same shapes and dtypes); ``others``
+    may be ``grads`` itself. Used by GSAM's surrogate-gap descent and WSAM's mixes (ours: one
+    pass instead of a scaling pass and an add pass)."""
+    def scalar(x) -> torch.Tensor:
+        return x.detach() if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float64)
+    a, b = scalar(a), scalar(b)
+    launch("mix_", backend, lambda fn, pick, device: fn(pick(grads), pick(others), a.to(device), b.to(device)),
+           grads, others=others)
+
+
 # --------------------------------------------------------------------------- masks
 
 def _single_device(op: str, scores: Tensors) -> torch.device:

@@ -130,6 +130,8 @@ OPS: dict[str, OpInfo] = {op.name: op for op in (
            "float eps) -> ()",
            "update", "g ← g + alpha·(‖g‖/‖g_v‖)·g_v (LookSAM)", reference.looksam_apply_,
            (3, 0), "norms: read g, g_v; then read g, g_v, write g", reduction_units=2),
+    OpInfo("mix_", "mix_(Tensor(a!)[] grads, Tensor[] others, Tensor a, Tensor b) -> ()",
+           "update", "g ← a·g + b·o (GSAM, WSAM)", reference.mix_, (3, 0), "read g, o; write g"),
     OpInfo("topk_mask", "topk_mask(Tensor[] scores, int k) -> Tensor[]",
            "mask", "keep the k largest scores over all tensors", reference.topk_mask,
            (1, 1), "read scores, write bool masks (sort-bound)", dtypes=FLOATS),

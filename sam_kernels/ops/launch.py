@@ -18,6 +18,7 @@ from .layouts import groups
 from .lists import check_lists, pick
 
 Tensors = Sequence[torch.Tensor]
+_numel = torch.Tensor.numel
 
 
 def _whole(lst: Optional[Tensors]) -> Optional[Tensors]:
@@ -48,9 +49,10 @@ def launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable, 
     ``pick(lst)`` selects the group's entries of any list aligned with ``primary`` (None stays None;
     complex entries of the tensor lists given here come as real views); ``device`` is the group's,
     where the op's device scalars (norms, dots) must be.
-    The fast path and the checked path: see the module docstring.
+    The fast path and the checked path: see the module docstring. Memory shared between entries
+    (:mod:`.overlap`) is refused by the compiled ops themselves; the checked path looks for it before
+    any backend writes, and names the entries.
     """
-    overlap.check(op, primary, lists)  # before any backend writes
     fast = _unchecked_fn(op, primary, backend)
     if fast is not None:
         name, fn = fast
@@ -62,8 +64,9 @@ def launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable, 
             pass
         else:
             dispatch.record(op, [dispatch.Part(name, primary[0].device.type, str(primary[0].dtype)[6:], len(primary),
-                                               sum(t.numel() for t in primary))], extra_lists)
+                                               sum(map(_numel, primary)))], extra_lists)
             return out
+    overlap.check(op, primary, lists)  # before any backend writes
     primary, lists, converted = as_real(primary, lists)
     check_lists(op, primary, **lists)
     results, parts = [], []

@@ -10,7 +10,10 @@ every kernel reads an element's inputs before it writes that element.
 
 The check compares data pointers, one set per call of an op that writes: tensors that start at the
 same address. Views of one storage that overlap from different start addresses are not seen here
-(the optimizer rejects such parameters when it is built, see ``sam_kernels.optim.aliases``).
+(the optimizer rejects such parameters when it is built, see ``sam_kernels.optim.aliases``). The
+compiled ops make the same check in C++ before writing (``check_no_shared_writes`` in
+csrc/common.h, where the lists are already unpacked); a call they refuse comes here, for the message
+that names the entries.
 """
 from __future__ import annotations
 

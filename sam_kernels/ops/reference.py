@@ -341,6 +341,14 @@ def looksam_apply_(grads: Tensors, g_v: Tensors, alpha: float, g_sq_norm: torch.
     _store_(grads, g)
 
 
+def mix_(grads: Tensors, others: Tensors, a: torch.Tensor, b: torch.Tensor) -> None:
+    """g ← a·g + b·o with the 0-dim factors given (GSAM's surrogate-gap descent, WSAM's mixes)."""
+    cdt = acc_dtype(grads[0].dtype)
+    out = torch._foreach_mul(_up(grads), a.to(cdt))
+    torch._foreach_add_(out, torch._foreach_mul(_up(others), b.to(cdt)))
+    torch._foreach_copy_(list(grads), out)
+
+
 # --------------------------------------------------------------------------- masks
 
 def topk_mask(scores: Tensors, k: int) -> list[torch.Tensor]:

@@ -173,11 +173,9 @@ class Unscaled:
         return None
 
     def screen(self, opt, sq_norm: torch.Tensor, where: str) -> None:
-        """``finite_check``: ``FloatingPointError`` (one host sync) if ``sq_norm`` is not finite."""
-        if opt.finite_check and not bool(torch.isfinite(sq_norm)):  # the documented host sync
-            raise FloatingPointError(f"SAM.{where}: the gradients contain NaN or Inf (squared norm {float(sq_norm)}); "
-                                     f"the weights were left unperturbed. Skip this batch (zero_grad) or lower the "
-                                     f"learning rate; finite_check=False disables this check")
+        """``finite_check``: ``FloatingPointError`` now, or the device-side skip and a deferred error (:mod:`.finite`)."""
+        if opt.finite_check:
+            opt.step_state.finite.screen(opt.step_state, sq_norm, where)
 
     def perturb_args(self, opt, scale: Optional[torch.Tensor]) -> dict:
         return {}
@@ -186,7 +184,7 @@ class Unscaled:
         pass
 
     def report(self, opt) -> None:
-        pass
+        opt.step_state.finite.finish(opt.step_state)  # a deferred finite check's flag on its way to the host
 
 
 class Scaled(Unscaled):

@@ -22,6 +22,7 @@ class Ascent:
     buckets: dict = field(default_factory=dict)  # (rho, adaptive, eta) -> indices into ``entries``
     alias_keys: dict = field(default_factory=dict)  # params over shared memory (:func:`.aliases.find`)
     sparse: bool = False     # some gradient is sparse (those params take the eager path, :mod:`.sparse_grads`)
+    whole_sq: Optional[torch.Tensor] = None  # ‖g‖² over the perturbed and SAM-ON's skipped groups, when taken
     params: list = field(init=False)
     grads: list = field(init=False)
     kept: Optional[list] = field(init=False, default=None)  # the params' backups (their w), once perturbed
@@ -81,7 +82,8 @@ class Ascent:
         if self.kept[i].shape != p.shape or self.kept[i].dtype != p.dtype or self.kept[i].device != p.device:
             backups.renew_stale(state, self.params, self.kept, [i])
         sparse_grads.perturb_(p, self.grads[i], self.kept[i], self.options.get("sq_norm", self.sq), rho, eta,
-                              None if masks is None else masks[i])
+                              None if masks is None else masks[i],
+                              perturbation_sq=self.options.get("perturbation_sq"))
 
     def _perturb_bucket(self, state: dict, backend: Optional[str], idx: list[int], rho, adaptive: bool,
                         eta: float, b: int) -> None:

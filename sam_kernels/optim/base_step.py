@@ -19,6 +19,7 @@ is stepped only when ``found_inf`` is zero, read on the host (one sync, as GradS
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -214,10 +215,25 @@ def _generic_step(base: torch.optim.Optimizer, grad_scale: Optional[torch.Tensor
             base.step()
 
 
-def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.Tensor, torch.Tensor],
+def _entries(param_groups: list[dict], perturbed: list[torch.Tensor], kept: list[torch.Tensor]):
+    """(group, param, backup, grad) of every param with a gradient, in group order (a param that was
+    not perturbed is its own backup: the fused op then just updates it), and the (param, backup) of
+    perturbed params that have no gradient now."""
+    with_grad = [(group, p, p.grad) for group in param_groups for p in group["params"] if p.grad is not None]
+    if len(perturbed) == len(with_grad) and all(map(operator.is_, perturbed, [e[1] for e in with_grad])):
+        return [(group, p, b, g) for (group, p, g), b in zip(with_grad, kept)], []  # the usual step: every one
+    backup_of = {id(p): (p, b) for p, b in zip(perturbed, kept)}
+    entries = []
+    for group, p, g in with_grad:
+        hit = backup_of.pop(id(p), None)
+        entries.append((group, p, p if hit is None else hit[1], g))
+    return entries, list(backup_of.values())
+
+
+def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor],
                      backend: Optional[str], grad_scale: Optional[torch.Tensor] = None,
                      found_inf: Optional[torch.Tensor] = None, telemetry=None, dense: bool = True) -> None:
-    """Restore every perturbed param from its backup (``backup_of[p]``, in ``perturbed`` order) and
+    """Restore every perturbed param from its backup (``kept``, aligned with ``perturbed``) and
     take the base step, fused when possible: not with sparse gradients (``dense=False``), which the
     base optimizer's own ``step()`` takes (:mod:`.sparse_grads`).
 
@@ -231,27 +247,18 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], backup_of: dict[torch.T
     alias_keys = sam.step_state.aliases
     if kind is None:
         if perturbed:
-            copy_back(perturbed, list(backup_of.values()), backend, alias_keys)
+            copy_back(perturbed, kept, backend, alias_keys)
         _generic_step(base, grad_scale, found_inf)
         return
     amp = {k: v for k, v in (("grad_scale", grad_scale), ("found_inf", found_inf)) if v is not None}
     if alias_keys and perturbed:
         # Aliased params: restore them first (layer by layer, see .aliases); each is then its own backup,
         # and the fused updates below add up on the shared memory in layer order, as torch.optim's do.
-        shared = [p for p in perturbed if id(p) in alias_keys]
-        copy_back(shared, [backup_of[p] for p in shared], backend, alias_keys)
-        backup_of = {p: b for p, b in backup_of.items() if id(p) not in alias_keys}
-    entries, restore_only = [], []
-    for group in base.param_groups:
-        for p in group["params"]:
-            b = backup_of.get(p)
-            g = p.grad
-            if g is None:
-                if b is not None:
-                    restore_only.append((p, b))
-                continue
-            # A param that was not perturbed is its own backup: the fused op then just updates it.
-            entries.append((group, p, p if b is None else b, g))
+        shared = [i for i, p in enumerate(perturbed) if id(p) in alias_keys]
+        copy_back([perturbed[i] for i in shared], [kept[i] for i in shared], backend, alias_keys)
+        own = [i for i, p in enumerate(perturbed) if id(p) not in alias_keys]
+        perturbed, kept = [perturbed[i] for i in own], [kept[i] for i in own]
+    entries, restore_only = _entries(base.param_groups, perturbed, kept)
     if restore_only:
         copy_back([p for p, _ in restore_only], [b for _, b in restore_only], backend)
     run_step_hooks(base, "pre")  # what base.step() would have run

@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 from torch.optim import optimizer as _torch_optimizer
 
-SAM_KEYS = ("rho", "adaptive", "eta")
+SAM_KEYS = ("rho", "adaptive", "eta", "perturb")
 
 
 def _global_hooks(kind: str) -> Iterable:
@@ -51,7 +51,7 @@ def check_group(group: dict, index: int, owner: str = "SAM") -> None:
     """Reject bad SAM hyperparameters of one param group, naming the group and the key.
 
     rho and eta: real numbers, finite, >= 0 (rho < 0 would ascend downhill; NaN/Inf would silently
-    turn every step into a plain one); adaptive: a bool.
+    turn every step into a plain one); adaptive and perturb: bools.
     """
     for key in ("rho", "eta"):
         value = group[key]
@@ -60,9 +60,10 @@ def check_group(group: dict, index: int, owner: str = "SAM") -> None:
                             f"{type(value).__name__} {value!r}")
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{owner}: param group {index}: {key} must be finite and >= 0, got {value!r}")
-    if not isinstance(group["adaptive"], bool):
-        raise TypeError(f"{owner}: param group {index}: adaptive must be a bool, got "
-                        f"{type(group['adaptive']).__name__} {group['adaptive']!r}")
+    for key in ("adaptive", "perturb"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"{owner}: param group {index}: {key} must be a bool, got "
+                            f"{type(group[key]).__name__} {group[key]!r}")
 
 
 def check_no_duplicates(groups: list[dict], owner: str = "SAM") -> None:

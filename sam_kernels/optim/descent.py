@@ -1,8 +1,9 @@
 """Descent modifiers: change the gradients after the restore and before the base step.
 
-A modifier sees the first-pass gradients of a SAM step (``after_ascent``), then the gradients
-the base step will use (``before_descent``, on SAM and on plain steps). Modifiers run on
-device tensors through ``sam_kernels.ops``: no host sync.
+A modifier may change the first-pass gradients before the ascent reads them (``before_ascent``),
+sees them once the ascent norm is known (``after_ascent``), then the gradients the base step will
+use (``before_descent``, on SAM and on plain steps), and may move the weights after the base step
+of a SAM step (``after_descent``). Modifiers run on device tensors: no host sync.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ class Modifier:
 
     transient_keys: tuple[str, ...] = ()
 
+    def before_ascent(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Called in ``first_step`` before the ascent norm: may change the first-pass ``grads`` in place."""
+
     def after_ascent(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor], sq_norm: torch.Tensor) -> None:
         """Called in ``first_step`` with the first-pass grads and their (ASAM-weighted) squared norm."""
 
@@ -30,6 +34,10 @@ class Modifier:
                        sq_norm: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Modify ``grads`` in place before the base step; may return the new squared norm."""
         return sq_norm
+
+    def after_descent(self, sam, found_inf: Optional[torch.Tensor]) -> None:
+        """Called after the base step of a SAM step (weights at w, updated); ``found_inf``: the AMP
+        overflow flag of the step (non-zero: the step was skipped), None without AMP."""
 
     def first_grads(self, sam, params: list[torch.Tensor]) -> Optional[list[torch.Tensor]]:
         """A copy of g(w) this modifier keeps for ``params`` until the descent (telemetry's cosine

@@ -45,6 +45,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from . import groups
+
 MODES = ("global", "m-sam")
 
 
@@ -233,7 +235,7 @@ class PerReplica(GlobalSync):
             return sq
         cached, self._policy_mean = self._policy_mean, None
         if (cached is not None and cached[0] == sam.step_count and sam.ascent_params() is None
-                and not any(g["adaptive"] for g in sam.param_groups)):
+                and groups.all_perturbed(sam.param_groups) and not any(g["adaptive"] for g in sam.param_groups)):
             # The ascent norm is then the policy's ‖g‖² of the same gradients (the same op on the same
             # list, bitwise): reuse its rank mean, so AE-SAM costs one scalar all-reduce per step, not two.
             return cached[1]

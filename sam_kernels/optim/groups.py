@@ -37,6 +37,11 @@ def bucket(entries: list[Entry], key: Callable[[dict], Hashable]) -> dict[Hashab
     return out
 
 
+def all_perturbed(param_groups: list[dict]) -> bool:
+    """Whether every group takes part in the ascent (none sets SAM-ON's ``perturb=False``)."""
+    return all(g["perturb"] for g in param_groups)
+
+
 def asam_eta(group: dict) -> Optional[float]:
     """The group's ASAM offset, or None for a group without ASAM."""
     return group["eta"] if group["adaptive"] else None

@@ -156,3 +156,29 @@ class PeriodicPolicy(Policy):
 
     def decide(self, step: int, grad_sq_norm=None) -> bool:
         return step % self.k == 0
+
+
+class LatePhasePolicy(Policy):
+    """Late-phase SAM: plain base-optimizer steps first, SAM steps in the last ``fraction`` of training
+    (Zhou et al., "Sharpness-Aware Minimization Efficiently Selects Flatter Minima Late in Training",
+    arXiv 2410.10373: switching from SGD to SAM late reaches the flat minima of full SAM).
+
+    Step t (0-based, ``SAM.step_count``) is a SAM step iff t >= T − n_sam, with T = ``total_steps``
+    and n_sam = floor(fraction·T + 1/2) (ours: the nearest whole number of steps); steps past T stay
+    SAM steps. Cost: 1 + n_sam/T forward/backward passes per step. The base optimizer is the same
+    object on both sides of the switch, so its state (momentum, Adam moments) carries over; the
+    policy has no state of its own (the position is the optimizer's step count, which its
+    ``state_dict`` keeps). No host sync: the decision reads only the step count.
+    """
+
+    def __init__(self, total_steps: int, fraction: float = 0.3):
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ValueError(f"total_steps must be an int > 0, got {total_steps!r}")
+        if not (isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0):
+            raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+        self.total_steps, self.fraction = total_steps, float(fraction)
+        self.switch_step = total_steps - math.floor(self.fraction * total_steps + 0.5)
+        """The first SAM step (0-based)."""
+
+    def decide(self, step: int, grad_sq_norm=None) -> bool:
+        return step >= self.switch_step

@@ -27,6 +27,7 @@ from .base_step import restore_and_step
 from .compiled import HyperTensors, call, call_eagerly, compiled_refusal, eval_frame_callback, hyper
 from .contract import (LIGHTNING_FIX, bind_base_optimizer, check_closure, check_group, complete_groups,
                        mark_stepped, prepare_group, run_step_hooks)
+from .centralize import CentralizeAscent
 from .descent import Modifier, Renormalize
 from .dispatch_summary import DispatchSummary, had_layout_fallback, records_step
 from .first_pass import BackwardWatch
@@ -42,7 +43,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     ``SAM(params, base_optimizer, rho, adaptive, **kwargs)`` class).
 
     Args:
-        params: parameters or parameter groups (groups may set ``rho``, ``adaptive``, ``eta``).
+        params: parameters or parameter groups (groups may set ``rho``, ``adaptive``, ``eta``, and
+            ``perturb=False``: SAM-ON's rule, the group is neither perturbed nor counted in the ascent
+            norm, its params still take the base step; see :func:`~sam_kernels.optim.sam_on.sam_on_param_groups`).
             Each tensor once (a duplicate raises ``ValueError``). Parameters over the same memory
             (weight tied by hand) step as ``torch.optim`` steps them, partial overlaps raise
             ``ValueError`` (:mod:`.aliases`). Sparse gradients: :mod:`.sparse_grads`.
@@ -52,22 +55,29 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         adaptive: ASAM, e = rho·T²·g/‖T⊙g‖ with T = |w| + eta.
         eta: ASAM's offset (0.01; the popular class uses 0); finite, >= 0.
         backend: kernel backend for every op ("auto", "eager", "cpp", "cuda", "triton"; None = global choice).
-        finite_check: raise ``FloatingPointError`` on NaN/Inf gradients. Each check is one host sync
-            (one in ``first_step``, one in ``second_step``, one in ``base_step``); with False there is none, a non-finite
-            first-pass norm still leaves the weights unperturbed, and non-finite gradients reach the
-            base optimizer as they would in plain torch. Under AMP (``grad_scaler``) an overflow is
-            expected and skips the step on the device instead: no check, no sync.
+        finite_check: raise ``FloatingPointError`` on NaN/Inf gradients, with the weights at w and the
+            optimizer state unchanged. On CPU parameters it is raised in the call that finds them
+            (``first_step``, ``second_step``, ``base_step``); on a GPU the step is skipped on the device
+            and the error raised at the start of the next step, or by :meth:`stats` or
+            :meth:`check_finite` (no host sync in the step; :mod:`sam_kernels.optim.finite`). With
+            False there is no check: a non-finite first-pass norm still leaves the weights unperturbed,
+            and non-finite gradients reach the base optimizer as they would in plain torch. Under AMP
+            (``grad_scaler``) an overflow is expected and skips the step on the device instead: no error.
         policy: when to take SAM steps (default: always).
         renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).
         modifiers: more descent modifiers, applied in order after ``renormalize``.
+        use_gc: GCSAM (Hassan et al. 2025): gradient centralization of the ascent gradient, see
+            :class:`~sam_kernels.optim.centralize.CentralizeAscent` (applied before ``modifiers``).
         grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop (see :mod:`sam_kernels.optim.amp`:
             where ``scaler.unscale_`` may go; attaching it creates its scale if it has none yet).
         distributed: ``"global"`` (both backwards synchronized: DDP's default, FSDP2) or ``"m-sam"``
             (first backward under DDP's ``no_sync()``); see :mod:`sam_kernels.optim.distributed`.
-        telemetry: keep ‖g(w)‖, ‖g(w+e)‖, their cosine, ‖e‖ and L(w+e) − L(w) of each SAM step on the
-            device (taken inside the step's kernels where they read the data; the cosine costs one read
-            of g(w): see :mod:`sam_kernels.optim.telemetry`); ``"norms"``: all but the cosine (no pass over
-            the parameters). The step and pass counters of :meth:`stats` are kept either way.
+        telemetry: which values of each SAM step :meth:`stats` shows, kept on the device (taken inside
+            the step's kernels where they read the data; see :mod:`sam_kernels.optim.telemetry`).
+            ``"norms"`` (the default): ‖g(w)‖, ‖g(w+e)‖, ‖e‖ and L(w+e) − L(w), at no extra memory
+            traffic for plain SAM; ``True``: these and the cosine of g(w) and g(w+e), which costs one
+            more read of g(w); ``False``: none. The step and pass counters of :meth:`stats` are kept
+            in every mode.
         telemetry_decay: the factor of their exponential moving averages (0.9).
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
@@ -100,9 +110,9 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                  adaptive: bool = False, *, eta: float = 0.01, backend: Optional[str] = None,
                  finite_check: bool = True, policy: Optional[Policy] = None, renormalize: bool = False,
                  modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None,
-                 distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = False,
-                 telemetry_decay: float = 0.9, **kwargs):
-        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **kwargs)
+                 distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = "norms",
+                 telemetry_decay: float = 0.9, use_gc: bool = False, **kwargs):
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
         self.step_state = StepState(Telemetry(telemetry, telemetry_decay))
         super().__init__(params, defaults)
@@ -118,7 +128,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.finite_check = finite_check
         self.grad_scaler = grad_scaler
         self.policy = policy if policy is not None else Policy()
-        self.modifiers: list[Modifier] = ([Renormalize()] if renormalize else []) + list(modifiers)
+        self.modifiers: list[Modifier] = (([CentralizeAscent()] if use_gc else []) + ([Renormalize()] if renormalize else [])
+                                          + list(modifiers))
         self.step_state.backward.clear(self._params())
 
     def _params(self) -> list[torch.Tensor]:
@@ -260,6 +271,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     @torch.no_grad()
     def _first_step(self, *, loss: Optional[torch.Tensor] = None) -> None:
         now = self.step_state
+        now.finite.surface()
         if now.perturbed is not None:
             raise RuntimeError("SAM.first_step() called twice: call second_step() (or restore()) first")
         self.amp.check_attached(self)
@@ -286,10 +298,25 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         entries = groups.with_grads(self.param_groups, chosen)
         if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
             self.policy.observe(now.step_count, self._policy_norm())
+        every_group = groups.all_perturbed(self.param_groups)
+        skipped = []
+        if not every_group:  # SAM-ON: groups with perturb=False are neither perturbed nor in the norm
+            skipped = [e for e in entries if not e[0]["perturb"]]
+            entries = [e for e in entries if e[0]["perturb"]]
+        for m in self.modifiers:
+            m.before_ascent(self, [p for _, p in entries], [p.grad for _, p in entries])
         sq = groups.sq_norm(entries, self.backend) if entries else None
-        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None, alias_keys=now.aliases,
-                        sparse=sparse)
-        agreed = None if sq is None else self.distributed.ascent_sq_norm(self, sq)  # m-SAM: the rank mean
+        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None or not every_group,
+                        alias_keys=now.aliases, sparse=sparse)
+        whole = sq
+        if sq is not None and skipped and (self.finite_check or self.amp.active or self.modifiers
+                                           or self.telemetry.enabled):
+            # the overflow screen, Stable SAM's and telemetry's ‖g(w)‖ cover every first-pass gradient,
+            # as plain SAM's norm does: the skipped groups are read here only when one of them needs it
+            whole = sq + groups.sq_norm(skipped, self.backend).to(sq.device)
+            if chosen is None:
+                ascent.whole_sq = whole
+        agreed = None if sq is None else self.distributed.ascent_sq_norm(self, whole)  # m-SAM: the rank mean
         if agreed is not None:
             self.amp.screen(self, agreed, "first_step")
         params, grads = ascent.params, ascent.grads
@@ -361,14 +388,18 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             self.distributed.before_sam_descent(self)
         for m in self.modifiers:
             sq = m.before_descent(self, params, grads, sam_step, sq)
-        if not sam_step and not self.amp.active and not torch.compiler.is_compiling():
+        if not sam_step and not self.amp.active and now.found is None and not torch.compiler.is_compiling():
             self.base_optimizer.step()  # a plain step is exactly the base optimizer's own step
             return
-        # Under AMP (in-kernel unscale) and under torch.compile (torch.optim's step graph-breaks), plain
-        # steps of SGD/AdamW also run the fused descent, each param its own backup.
-        restore_and_step(self, perturbed or [], now.backup_of, self.backend, grad_scale=scale, found_inf=now.found,
+        # Under AMP (in-kernel unscale), with a device-side skip flag (the deferred finite check) and under
+        # torch.compile (torch.optim's step graph-breaks), plain steps of SGD/AdamW also run the fused
+        # descent, each param its own backup.
+        restore_and_step(self, perturbed or [], now.backups, self.backend, grad_scale=scale, found_inf=now.found,
                          dense=not sparse,
                          telemetry=self.telemetry.fused_args() if sam_step else None)
+        if sam_step:
+            for m in self.modifiers:
+                m.after_descent(self, now.found)
         self.amp.report(self)
 
     @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
@@ -388,6 +419,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     @torch.no_grad()
     def _base_step(self) -> None:
         now = self.step_state
+        now.finite.surface()
         if now.perturbed is not None:
             raise RuntimeError("SAM.base_step() called between first_step() and second_step()")
         self.amp.check_attached(self)
@@ -449,7 +481,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         """Undo a first_step without a base step (bitwise), e.g. to skip a bad batch."""
         now = self.step_state
         if now.perturbed:
-            backups.copy_back(now.perturbed, list(now.backup_of.values()), self.backend, now.aliases)
+            backups.copy_back(now.perturbed, now.backups, self.backend, now.aliases)
         self.telemetry.on_discard()
         now.end()
 
@@ -479,6 +511,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         """
         self.amp.check_attached(self)
         check_closure(closure, type(self).__name__)
+        self.step_state.finite.surface()
         self.step_state.stepping = True
         try:
             return self._step(closure, loss)
@@ -529,9 +562,18 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
     def stats(self, ema: bool = False) -> dict[str, float]:
         """Telemetry and cost counters as Python floats, keys exactly ``sam_kernels.optim.telemetry.KEYS``:
         ``grad_norm``, ``sam_grad_norm``, ``grad_cosine``, ``perturbation_norm``, ``sharpness`` (of the
-        last SAM step; their EMAs with ``ema=True``; NaN before the first SAM step, when
-        ``telemetry=False`` or when not known), ``steps``, ``sam_steps``, ``sam_step_fraction``,
+        last SAM step; their EMAs with ``ema=True``; ``grad_cosine`` needs ``telemetry=True``, the others
+        the default ``"norms"``; NaN before the first SAM step, with ``telemetry=False`` or when not
+        known), ``steps``, ``sam_steps``, ``sam_step_fraction``,
         ``forward_passes``, ``backward_passes`` (full-batch equivalents) and ``optimizer_bytes`` (at
         the ops' bytes floors). Units: the loss's and the gradients'; bytes. One host sync (none
-        without device values). Definitions and costs: :mod:`sam_kernels.optim.telemetry`."""
+        without device values). Definitions and costs: :mod:`sam_kernels.optim.telemetry`.
+        Raises the finite check's deferred ``FloatingPointError`` first (see :meth:`check_finite`)."""
+        self.step_state.finite.surface(wait=True)
         return self.telemetry.stats(ema)
+
+    def check_finite(self) -> None:
+        """Raise the ``FloatingPointError`` of the last step if the finite check skipped it on the
+        device (gradients on a GPU; :mod:`sam_kernels.optim.finite`), waiting for that step (one host
+        sync). Otherwise that error is raised at the start of the next step. Once per skipped step."""
+        self.step_state.finite.surface(wait=True)

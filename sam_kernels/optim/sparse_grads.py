@@ -12,7 +12,9 @@ Supported around the base optimizers that take sparse gradients: ``torch.optim.S
 without momentum), ``Adagrad`` and ``SparseAdam``; with SAM, ASAM, SS-SAM, AE-SAM, Sparse SAM and
 ESAM (per-tensor selection). Everything that reads gradients through the fused ops is refused with a
 ``TypeError`` before any weight changes: descent modifiers (Stable SAM, LookSAM), element-wise
-SWP (``ESAM(swp="element")``), telemetry device values, AMP (``grad_scaler``) and ``torch.compile``.
+SWP (``ESAM(swp="element")``), telemetry's cosine (``telemetry=True``), AMP (``grad_scaler``) and
+``torch.compile``. Telemetry's default ``"norms"`` works: ‖g(w)‖ and ‖g(w + e)‖ count the stored
+values as the ascent norm does, ‖e‖ is what was added at the stored indices.
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ def refuse_unsupported(opt, options: Optional[dict] = None) -> None:
         why = f"descent modifiers ({', '.join(type(m).__name__ for m in opt.modifiers)})"
     elif opt.amp.active:
         why = "AMP (grad_scaler)"
-    elif opt.telemetry.enabled:
-        why = "telemetry"
+    elif opt.telemetry.cosine:
+        why = "telemetry=True (the cosine of g(w) and g(w + e); telemetry=\"norms\", the default, works)"
     elif torch.compiler.is_compiling():
         why = "torch.compile"
     elif options and options.get("keep_prob") is not None:
@@ -83,9 +85,11 @@ def sq_norm(p: torch.Tensor, g: torch.Tensor, eta: Optional[float], mask: Option
 
 
 def perturb_(p: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, sq: torch.Tensor, rho: float,
-             eta: Optional[float], mask: Optional[torch.Tensor], eps: float = 1e-12) -> None:
+             eta: Optional[float], mask: Optional[torch.Tensor], eps: float = 1e-12,
+             perturbation_sq: Optional[torch.Tensor] = None) -> None:
     """backup ← p; p += rho·(m ⊙ T² ⊙ v)/(sqrt(sq) + eps) at the stored indices of ``g``; a non-finite
-    ``sq`` leaves ``p`` bitwise unchanged (as ``ops.perturb_``)."""
+    ``sq`` leaves ``p`` bitwise unchanged (as ``ops.perturb_``). ``perturbation_sq`` (0-dim): gets
+    ‖e‖² as applied added, the written weights minus w (as ``ops.perturb_``'s argument of that name)."""
     backup.copy_(p)
     at, v, t = _weighted(p, g, eta, mask)
     cdt = v.dtype
@@ -94,4 +98,8 @@ def perturb_(p: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, sq: torch.T
     e = v * scale.to(p.device) if t is None else t * t * v * scale.to(p.device)
     w = p[at]
     keep = finite if mask is None else finite & mask[at]
-    p.index_put_(at, torch.where(keep, (w.to(cdt) + e).to(p.dtype), w))
+    new = torch.where(keep, (w.to(cdt) + e).to(p.dtype), w)
+    if perturbation_sq is not None:
+        applied = (new.to(cdt) - w.to(cdt)).square().sum()
+        perturbation_sq.add_(applied.to(device=perturbation_sq.device, dtype=perturbation_sq.dtype))
+    p.index_put_(at, new)

@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .finite import FiniteCheck
 from .first_pass import BackwardWatch
 
 
@@ -20,8 +21,10 @@ class StepState:
         self.step_count = 0
         self.decision: Optional[bool] = None    # the policy's answer for this step, once asked
         self.perturbed: Optional[list[torch.Tensor]] = None  # between first_step and the descent
-        self.backup_of: dict[torch.Tensor, torch.Tensor] = {}  # perturbed param -> its backup (tensor keys: copyable)
-        self.found: Optional[torch.Tensor] = None  # AMP: overflow flag of this step, on the device
+        self.backups: list[torch.Tensor] = []  # the backups of ``perturbed``, aligned with it
+        self._backup_of: Optional[dict] = None
+        self.found: Optional[torch.Tensor] = None  # skip flag of this step on the device (AMP overflow, deferred finite check)
+        self.finite = FiniteCheck()  # where the finite check reports (.finite)
         self.stepping = False  # inside step(): torch's wrapper runs the step hooks
         self.begun = False     # this optimizer step has run its pre hooks
         self.groups_checked = 0
@@ -34,7 +37,14 @@ class StepState:
 
     def set_perturbed(self, params: Optional[list[torch.Tensor]], backups: Sequence[torch.Tensor] = ()) -> None:
         """``params`` are at w + e now, their w in ``backups``; None: no param is perturbed."""
-        self.perturbed, self.backup_of = params, ({} if params is None else dict(zip(params, backups)))
+        self.perturbed, self.backups, self._backup_of = params, ([] if params is None else list(backups)), None
+
+    @property
+    def backup_of(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Perturbed param -> its backup (tensor keys: copyable), built when first asked for in a step."""
+        if self._backup_of is None:
+            self._backup_of = {} if self.perturbed is None else dict(zip(self.perturbed, self.backups))
+        return self._backup_of
 
     def restored(self, p: torch.Tensor) -> torch.Tensor:
         """The weight ``p`` will have after the restore: its backup while it is perturbed."""

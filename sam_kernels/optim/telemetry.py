@@ -1,7 +1,8 @@
 """Sharpness telemetry and cost accounting of a SAM optimizer, with no host sync in the step.
 
-Per SAM step (``telemetry=True``; ``telemetry="norms"``: all but the cosine, see the costs below), as
-0-dim fp32 device tensors, never read back in the step:
+Per SAM step (``telemetry="norms"``, the optimizers' default: all but the cosine; ``telemetry=True``:
+all; ``telemetry=False``: none; see the costs below), as 0-dim fp32 device tensors, never read back
+in the step:
 
 - ``grad_norm``: ‖g(w)‖, global L2 over every parameter with a first-pass gradient, unscaled (AMP).
 - ``sam_grad_norm``: ‖g(w + e)‖ of the descent gradient before any descent modifier, unscaled.
@@ -33,11 +34,15 @@ of the cosine, since g(w) and g(w + e) never exist in one pass otherwise (+10 % 
 SAM-SGD step). A loop that writes p.grad in place pays the copy too, written by ``perturb_``
 (``grad_copies``) in the pass that reads g(w): one write of N. Other base
 optimizers, Stable SAM and LookSAM: ‖g(w + e)‖ reuses the descent's finite check (else a
-``grad_sq_norm``, read N) and the dot is its own op (read 2N). ``telemetry="norms"`` leaves the
-cosine out: plain SAM then pays no pass over the parameters at all. ``grad_norm`` reuses the ascent
-norm except under ASAM or a per-tensor ESAM selection (one more ``grad_sq_norm``, read N);
-``perturbation_norm`` outside plain SAM: one subtraction and one ``grad_sq_norm`` (read 2N, write
-N, read N). ``sam_kernels.bench.telemetry_bench`` measures it.
+``grad_sq_norm``, read N, which Stable SAM's renormalization then reuses) and the dot is its own op
+(read 2N). ``telemetry="norms"`` (the default) leaves the cosine out: SAM, SS-SAM, AE-SAM, Stable
+SAM, Sparse SAM and ESAM around SGD or AdamW then pay no pass over the parameters at all.
+``grad_norm`` reuses the ascent norm except under ASAM (its ascent norm is ‖T ⊙ g‖) and when
+gradients exist beyond the ascent's params (an ESAM selection whose first backward ran outside
+``ascent_pass``): one more ``grad_sq_norm``, read N. ``perturbation_norm`` outside plain SAM is
+summed by ``perturb_`` as it writes w + e (``perturbation_sq``): no pass. Under FSDP2 every global
+value the step does not compute anyway is one more scalar all-reduce.
+``sam_kernels.bench.telemetry_bench`` measures it.
 
 Cost accounting (host integers and floats, always on, no device work): optimizer steps, SAM steps,
 forward and backward passes in full-batch equivalents (a SAM step 2 + 2, a plain step 1 + 1, ESAM's
@@ -155,11 +160,11 @@ class FusedSums:
 class Telemetry:
     """The telemetry and counters of one optimizer (``SAM.telemetry``); see the module docstring.
 
-    ``mode``: False (counters only), True (every value) or ``"norms"`` (every value but the cosine);
-    ``decay``: EMA factor in [0, 1).
+    ``mode``: ``"norms"`` (every value but the cosine; the optimizers' default), True (every value)
+    or False (counters only); ``decay``: EMA factor in [0, 1).
     """
 
-    def __init__(self, mode: Union[bool, str] = False, decay: float = 0.9):
+    def __init__(self, mode: Union[bool, str] = "norms", decay: float = 0.9):
         if not (mode is False or mode is True or mode == "norms"):
             raise ValueError(f"telemetry must be False, True or 'norms', got {mode!r}")
         if not 0.0 <= decay < 1.0:
@@ -222,10 +227,14 @@ class Telemetry:
         if not everyone or sq is None:
             return
         whole = len(everyone) == len(ascent.entries)
-        if whole and "sq_norm" not in ascent.options and not any(g["adaptive"] for g in sam.param_groups):
-            g1_sq = sq  # the ascent norm is the plain ‖g‖² of the same list
+        if whole and not any(g["adaptive"] for g in sam.param_groups):
+            # the ascent norm is the plain ‖g‖² of the same list (an ascent's own ``sq_norm`` option,
+            # ESAM's or Sparse SAM's, changes what perturb_ divides by, not ``ascent.sq``)
+            g1_sq = sq
+        elif ascent.whole_sq is not None and not any(g["adaptive"] for g in sam.param_groups):
+            g1_sq = ascent.whole_sq  # SAM-ON: the ascent norm plus the skipped groups' (read once, in the step)
         else:
-            g1_sq = ops.grad_sq_norm([p.grad for _, p in everyone], backend=sam.backend)
+            g1_sq = groups.grads_sq_norm([p.grad for _, p in everyone], sam.backend)
         firsts = None  # (params, their g(w)), aligned: what the cosine's dot reads at the descent
         if self.cosine:
             params = [p for _, p in everyone]
@@ -274,7 +283,8 @@ class Telemetry:
         firsts = self.pending.get("firsts")
         ascent = self._ascent_grads(firsts, params, grads) if firsts is not None else None
         every = ascent is not None and len(firsts[0]) == len(params) and all(a is not None for a in ascent)
-        if not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (
+        dense = not any(g.is_sparse for g in grads)  # sparse gradients: the base optimizer's own step, not fused
+        if dense and not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (
                 every or (sq is None and (ascent is None or not any(a is not None for a in ascent)))):
             # the descent's own pass reads g(w + e): it adds ‖g(w + e)‖² (and the dot with g(w)) to sums.
             # (A g(w) whose dtype or device no longer matches is rejected by the kernel: see FusedSums.)
@@ -283,7 +293,7 @@ class Telemetry:
             if sq is not None:
                 self.pending["g2_sq"] = sq
             return sq
-        g2_sq = sq if sq is not None else ops.grad_sq_norm(grads, backend=sam.backend)
+        g2_sq = sq if sq is not None else groups.grads_sq_norm(grads, sam.backend)
         self.pending["g2_sq"] = g2_sq
         # the pairs whose g(w) still matches g(w + e) (a param cast or moved between the passes has none)
         both = [] if ascent is None else [(a, g) for a, g in zip(ascent, grads) if a is not None and

@@ -195,7 +195,7 @@ def test_descents_misaligned_views(emu, dtype, atol, rtol, op):
 # --------------------------------------------------------------------------- variants
 
 def _variants(mod, dtype, misaligned):
-    """renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_ on fixed inputs."""
+    """renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_, mix_ on fixed inputs."""
     g = randn(SIZES, dtype, 1, misaligned=misaligned)
     gs = randn(SIZES, dtype, 2, misaligned=misaligned)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -213,6 +213,9 @@ def _variants(mod, dtype, misaligned):
     y = clone(g)
     mod.looksam_apply_(y, gs, 0.7, sq, torch.tensor(2.5, dtype=torch.float64), 1e-12)
     out["looksam_apply"] = y
+    z = clone(g)
+    mod.mix_(z, gs, torch.tensor(1.3, dtype=acc), torch.tensor(-0.4, dtype=torch.float64))
+    out["mix"] = z
     return out
 
 

@@ -91,8 +91,24 @@ def build(variant: str, module: nn.Module, rank, world: int, **extra):
     if variant in ("esam_swp", "esam_swp_freeze"):  # SWP only (the manual protocol: m-SAM)
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.5, seed=7, freeze=variant.endswith("freeze"), **sgd,
                        **extra)
+    if variant == "bsam":
+        return sk.BSAM(ps, lr=0.05, num_data=100, rho=0.05, weight_decay=1e-2, seed=3, **extra)
+    if variant == "sam_on":  # SAM-ON's groups on a model without norm layers: the 1-D tensors perturbed
+        groups = [{"params": [p for p in ps if p.dim() == 1]}, {"params": [p for p in ps if p.dim() != 1],
+                                                                 "perturb": False}]
+        return sk.SAM(groups, torch.optim.SGD, rho=0.05, **sgd, **extra)
+    if variant == "late_phase":
+        return sk.SAM(ps, torch.optim.SGD, rho=0.05, policy=sk.LatePhasePolicy(STEPS, 0.5), **sgd, **extra)
     if variant == "esam_element":
         return sk.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.6, swp="element", seed=7, **sgd, **extra)
+    if variant == "gsam":
+        return sk.GSAM(ps, torch.optim.SGD, rho=0.05, alpha=0.4, **sgd, **extra)
+    if variant == "wsam":
+        return sk.WSAM(ps, torch.optim.SGD, rho=0.05, gamma=0.9, **sgd, **extra)
+    if variant == "wsam_coupled":
+        return sk.WSAM(ps, torch.optim.SGD, rho=0.05, gamma=0.9, decouple=False, **sgd, **extra)
+    if variant == "gcsam":
+        return sk.SAM(ps, torch.optim.SGD, rho=0.05, use_gc=True, **sgd, **extra)
     raise KeyError(variant)
 
 

@@ -20,8 +20,9 @@ COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor"
 METHODS = ("wants_sam", "first_step", "second_step", "base_step", "step")
 
 
-def counted(rank, world, variant, wrap, mode, finite_check=True, steps=6):
-    """(collectives during construction, per step: (SAM step?, {collective: count}))."""
+def counted(rank, world, variant, wrap, mode, finite_check=True, telemetry="default", steps=6):
+    """(collectives during construction, per step: (SAM step?, {collective: count})); ``telemetry``:
+    the optimizer's ``telemetry=`` argument ("default": none given)."""
     counts: dict = {}
     active = [True]
     originals = {name: getattr(dist, name) for name in COLLECTIVES}
@@ -44,6 +45,8 @@ def counted(rank, world, variant, wrap, mode, finite_check=True, steps=6):
             model = module
         active[0] = True
         extra = {"finite_check": finite_check} | ({"distributed": mode} if mode != "global" else {})
+        if telemetry != "default":
+            extra["telemetry"] = telemetry
         opt = build(variant, module, rank, world, **extra)
         construction = dict(counts)
         active[0] = False
@@ -85,7 +88,9 @@ def counted(rank, world, variant, wrap, mode, finite_check=True, steps=6):
             setattr(dist, name, fn)
 
 
-# (variant, wrap, mode, finite_check) -> (construction, collectives on SAM steps, on plain steps)
+# (variant, wrap, mode, finite_check) -> (construction, collectives on SAM steps, on plain steps), with the
+# default telemetry ("norms"): under FSDP2 without the finite check its ‖g(w + e)‖ is one more scalar, and
+# ASAM's ‖g(w)‖ and ‖e‖ two more (its ascent norm is ‖T ⊙ g‖; ‖e‖ is summed on each rank's shards)
 EXPECTED = {
     ("sam", "ddp", "global", True): ({}, {}, None),
     ("sssam", "ddp", "global", True): ({"broadcast": 1}, {}, {}),
@@ -101,17 +106,28 @@ EXPECTED = {
     ("looksam", "ddp", "m-sam", True): ({}, {"all_reduce": 2}, {"all_reduce": 1}),
     ("stablesam", "ddp", "m-sam", False): ({}, {"all_reduce": 1}, None),
     ("sam", "fsdp2", "global", True): ({}, {"all_reduce": 2}, None),
-    ("sam", "fsdp2", "global", False): ({}, {"all_reduce": 1}, None),
+    ("sam", "fsdp2", "global", False): ({}, {"all_reduce": 2}, None),
     ("stablesam", "fsdp2", "global", False): ({}, {"all_reduce": 2}, None),
+    ("looksam", "fsdp2", "global", False): ({}, {"all_reduce": 4}, {"all_reduce": 2}),
+    ("asam", "fsdp2", "global", False): ({}, {"all_reduce": 4}, None),
+}
+# the same with telemetry=False, where the default's counts differ
+EXPECTED_TELEMETRY_OFF = {
+    ("sam", "fsdp2", "global", False): ({}, {"all_reduce": 1}, None),
     ("looksam", "fsdp2", "global", False): ({}, {"all_reduce": 3}, {"all_reduce": 2}),
     ("asam", "fsdp2", "global", False): ({}, {"all_reduce": 1}, None),
 }
 
 
-@pytest.mark.parametrize("case", list(EXPECTED), ids=lambda c: "-".join(map(str, c)))
-def test_collectives_per_step(pool, case):
-    construction, sam_steps, plain_steps = EXPECTED[case]
-    for got_construction, per_step in pool.run(counted, *case):
+CASES = [(case, "default") for case in EXPECTED] + [(case, False) for case in EXPECTED_TELEMETRY_OFF]
+
+
+@pytest.mark.parametrize("case, telemetry", CASES, ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else
+                         f"telemetry={c}")
+def test_collectives_per_step(pool, case, telemetry):
+    table = EXPECTED if telemetry == "default" else EXPECTED_TELEMETRY_OFF
+    construction, sam_steps, plain_steps = table[case]
+    for got_construction, per_step in pool.run(counted, *case, telemetry):
         assert got_construction == construction
         kinds = {sam for sam, _ in per_step}
         if plain_steps is None:

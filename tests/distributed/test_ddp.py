@@ -9,7 +9,8 @@ from .common import BATCH, batches, mlp, train
 from .harness import WORLD
 
 VARIANTS = ["sam", "sam_adamw", "asam", "sssam", "stablesam", "stable_asam", "looksam", "aesam", "aelooksam",
-            "sparse_fisher", "sparse_dynamic", "sparse_nm", "esam", "esam_element", "esam_sds"]
+            "sparse_fisher", "sparse_dynamic", "sparse_nm", "esam", "esam_element", "esam_sds", "bsam", "sam_on",
+            "late_phase", "gsam", "wsam", "wsam_coupled", "gcsam"]
 
 
 def assert_params_close(got, want, what):

@@ -9,7 +9,8 @@ from .common import mlp, train
 from .harness import WORLD
 
 FSDP2_VARIANTS = ["sam", "sam_adamw", "asam", "stablesam", "stable_asam", "looksam", "sparse_random", "sparse_nm",
-                  "sparse_dynamic", "esam", "esam_element", "sssam", "aesam"]
+                  "sparse_dynamic", "esam", "esam_element", "sssam", "aesam", "sam_on", "late_phase", "gsam", "wsam",
+                  "wsam_coupled", "gcsam"]
 
 
 @pytest.mark.parametrize("variant", FSDP2_VARIANTS)
@@ -119,6 +120,23 @@ def msam_fsdp2(rank, world):
     return None
 
 
+def test_bsam_refuses_dtensor_parameters(pool):
+    for message in pool.run(bsam_fsdp2):
+        assert message is not None and "FSDP2" in message and "DDP" in message
+
+
+def bsam_fsdp2(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    module = mlp()
+    fully_shard(module)
+    try:
+        sk.BSAM(module.parameters(), num_data=100)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def test_unknown_distributed_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="distributed must be one of"):
         sk.SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, distributed="msam")
@@ -186,3 +204,31 @@ def fsdp2_nan_on_one_shard(rank, world):
 
 def test_fsdp2_nan_on_one_shard_raises_on_every_rank(pool):
     assert pool.run(fsdp2_nan_on_one_shard) == [(True, True), (True, True)]
+
+
+def gc_shard1(rank, world):
+    """use_gc with weights sharded along dim 1 (rows split across ranks): refused before any change."""
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3).double()  # FSDP2 shards dim 1 only evenly: 4 columns over 2 ranks
+    fully_shard(module, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0))
+    opt = sk.SAM(module.parameters(), torch.optim.SGD, lr=0.1, use_gc=True)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    F.cross_entropy(module(x), y).backward()
+    before = [p.full_tensor().clone() for p in module.parameters()]
+    try:
+        opt.first_step()
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        message = None
+    return message, all(torch.equal(a, p.full_tensor()) for a, p in zip(before, module.parameters()))
+
+
+def test_gc_refuses_gradients_sharded_along_rows(pool):
+    for message, unchanged in pool.run(gc_shard1):
+        assert message is not None and "Shard(0)" in message
+        assert unchanged

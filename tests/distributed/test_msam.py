@@ -68,6 +68,51 @@ def msam_reference(variant: str, world: int = WORLD, steps: int = AE["total_step
     return [p.detach().clone() for p in params], decisions
 
 
+def bsam_msam_reference(world: int = WORLD, steps: int = AE["total_steps"]):
+    """BSAM (lr 0.05, N 100, rho 0.05, weight decay 0.01, seed 3; official betas, damping, s_init) under
+    m-SAM as the official code's msharpness = world sub-batches (optim.py, build_bsam_optimizer): the
+    noisy-sample g_r and the perturbation e_r = rho·g_r/s per replica, then the replica means of
+    g_r(w + e_r) and of sqrt(s·g_r²). The noise z: the optimizer's documented draw, the same on every
+    replica (float32 randn per tensor from a generator seeded 3)."""
+    lr, n, rho, wd, b1, b2, damping = 0.05, 100, 0.05, 1e-2, 0.9, 0.999, 0.1
+    module = mlp()
+    params = list(module.parameters())
+    gen = torch.Generator().manual_seed(3)
+    m = [torch.zeros_like(p) for p in params]
+    s = [torch.ones_like(p) for p in params]
+    for x, y in batches(steps):
+        shards = [(shard(x, r, world), shard(y, r, world)) for r in range(world)]
+        w = [p.detach().clone() for p in params]
+        z = [torch.randn(p.shape, dtype=torch.float32, generator=gen).double() for p in params]
+        first, second = [], []
+        for xr, yr in shards:
+            with torch.no_grad():
+                for p, w0, zi, si in zip(params, w, z, s):
+                    p.copy_(w0 + torch.sqrt(1.0 / (n * si)) * zi)
+            gs = replica_grads(module, xr, yr)
+            first.append(gs)
+            with torch.no_grad():
+                for p, w0, g, si in zip(params, w, gs, s):
+                    p.copy_(w0 + rho * g / si)
+            second.append(replica_grads(module, xr, yr))
+        ge = [sum(g[i] for g in second) / world for i in range(len(params))]
+        spread = [sum(torch.sqrt(s[i] * g[i] ** 2) for g in first) / world for i in range(len(params))]
+        m = [b1 * mi + (1 - b1) * (gi + wd * w0) for mi, gi, w0 in zip(m, ge, w)]
+        with torch.no_grad():
+            for p, w0, mi, si in zip(params, w, m, s):
+                p.copy_(w0 - lr * mi / si)
+        s = [b2 * si + (1 - b2) * (sp + damping + wd) for si, sp in zip(s, spread)]
+    return [p.detach().clone() for p in params]
+
+
+def test_bsam_msam_equals_the_official_msharpness(pool):
+    want = bsam_msam_reference()
+    for rank, (params, _) in enumerate(pool.run(train, "bsam", "ddp", "m-sam")):
+        for i, (a, b) in enumerate(zip(params, want)):
+            err = (a - b).abs().max().item()
+            assert err <= 1e-12, f"bsam rank {rank} param {i}: {err:.3e}"
+
+
 @pytest.mark.parametrize("variant", ["sam", "sssam", "aesam", "esam_swp", "esam_swp_freeze"])
 def test_msam_equals_per_replica_reference(pool, variant):
     want, want_decisions = msam_reference(variant.replace("_freeze", ""))

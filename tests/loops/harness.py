@@ -95,13 +95,15 @@ class Run:
 
     def reference_step(self, rec: Record, micro: Micro, clip1: Optional[float] = None,
                        clip2: Optional[float] = None) -> None:
-        g1 = self.grads(self.ref.ws, micro)
-        if clip1 is not None:
-            g1 = clip(g1, clip1)
+        def g1_at(ws):
+            g1 = self.grads(ws, micro)
+            return clip(g1, clip1) if clip1 is not None else g1
 
         def g2_at(ws):
             g2 = self.grads(ws, micro, rec.indices)
             return clip(g2, clip2) if clip2 is not None else g2
+        # bSAM's first pass is at a noisy sample the reference draws itself: it takes the function
+        g1 = g1_at if getattr(self.ref, "first_pass_at_sample", False) else g1_at(self.ref.ws)
         self.ref.step(g1, g2_at, sam=rec.sam, **rec.inputs)
 
     def check(self, what: str = "", tol=None) -> None:

@@ -24,6 +24,10 @@ KNOWN_FAILURES: dict[tuple, str] = {
         "ESAM's per-tensor selection perturbs a different subset of the params each step: each subset is "
         "another graph (guards on the number of backups), until the recompile limit fails fullgraph (the "
         "failed call leaves the weights at w)",
+    ("compile", ("WSAM", "BSAM"), None):
+        "WSAM's descent mixing and BSAM's update read the group's lr as a Python float (a compiled step needs "
+        "the tensor sam_kernels.optim.compiled.hyper gives): the lr schedule recompiles every step until the "
+        "recompile limit fails fullgraph (the failed call leaves the weights at w)",
 }
 
 

@@ -30,6 +30,9 @@ VARIANTS = {
                                             lr=LR, momentum=MOM, backend=be),
     "ESAM": lambda p, be: sk.ESAM(p, torch.optim.SGD, rho=RHO, beta=0.6, gamma=1.0, seed=2, lr=LR, momentum=MOM,
                                   backend=be),
+    "GSAM": lambda p, be: sk.GSAM(p, torch.optim.SGD, rho=RHO, alpha=0.4, lr=LR, momentum=MOM, backend=be),
+    "WSAM": lambda p, be: sk.WSAM(p, torch.optim.SGD, rho=RHO, gamma=0.9, lr=LR, momentum=MOM, backend=be),
+    "GCSAM": lambda p, be: sk.SAM(p, torch.optim.SGD, rho=RHO, use_gc=True, lr=LR, momentum=MOM, backend=be),
 }
 
 

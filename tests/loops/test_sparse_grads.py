@@ -224,3 +224,45 @@ def test_input_08_sparse_under_amp_refused_before_any_weight_changes():
         opt.first_step()
     for p, w in zip(params, w0):
         assert torch.equal(p.detach(), w)
+
+
+def _dense_grads(emb, lin):
+    """The gradients at the model's current weights, dense, in float64 (by hand: _loss on copies)."""
+    return _grads([emb.weight.detach().double(), lin.weight.detach().double(), lin.bias.detach().double()])
+
+
+@pytest.mark.parametrize("finite_check", [True, False])
+@pytest.mark.parametrize("name", ["SAM", "ASAM", "SparseSAM"])
+def test_input_08_sparse_gradients_with_default_telemetry(name, finite_check):
+    """The default telemetry ("norms") with a sparse embedding gradient: ‖g(w)‖, ‖g(w + e)‖ over the
+    dense equivalent, ‖e‖ as written, the sharpness, all by hand in float64; the cosine stays NaN."""
+    emb, lin = _model()
+    params = [*emb.parameters(), *lin.parameters()]
+    kw = dict(rho=RHO, lr=LR, momentum=MOM, finite_check=finite_check)
+    opt = {"SAM": lambda: sk.SAM(params, torch.optim.SGD, **kw),
+           "ASAM": lambda: sk.SAM(params, torch.optim.SGD, adaptive=True, eta=ETA, **kw),
+           "SparseSAM": lambda: sk.SparseSAM(params, torch.optim.SGD, mask="random", sparsity=0.5, seed=0,
+                                             update_freq=100, update_unit="step", **kw)}[name]()
+    for _ in range(2):
+        w = [p.detach().double().clone() for p in params]
+        g1 = _dense_grads(emb, lin)
+        loss1 = _loss(emb, lin)
+        loss1.backward()
+        assert emb.weight.grad.is_sparse
+        opt.first_step(zero_grad=True, loss=loss1)
+        wp = [p.detach().double().clone() for p in params]
+        g2 = _dense_grads(emb, lin)
+        loss2 = _loss(emb, lin)
+        loss2.backward()
+        opt.second_step(zero_grad=True, loss=loss2)
+    st = opt.stats()
+    norm = lambda ts: float(sum(t.square().sum() for t in ts).sqrt())  # noqa: E731
+    assert st["sam_steps"] == 2
+    assert st["grad_norm"] == pytest.approx(norm(g1), rel=1e-5)
+    assert st["sam_grad_norm"] == pytest.approx(norm(g2), rel=1e-5)
+    applied = norm([b - a for a, b in zip(w, wp)])
+    assert applied > 0 and st["perturbation_norm"] == pytest.approx(applied, rel=1e-5)
+    if name == "SAM":
+        assert st["perturbation_norm"] == pytest.approx(RHO, rel=1e-6)
+    assert st["sharpness"] == float(loss2.detach() - loss1.detach())
+    assert st["grad_cosine"] != st["grad_cosine"]  # NaN: the cosine needs telemetry=True

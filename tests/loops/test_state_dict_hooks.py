@@ -38,10 +38,17 @@ def _make(name: str, params):
                             seed=5, **SGD)
     if name == "ESAM":
         return sk.ESAM(params, torch.optim.SGD, rho=0.05, beta=0.6, seed=2, **SGD)
+    if name == "GSAM":
+        return sk.GSAM(params, torch.optim.SGD, rho=0.05, alpha=0.4, **SGD)
+    if name == "WSAM":
+        return sk.WSAM(params, torch.optim.SGD, rho=0.05, gamma=0.9, **SGD)
+    if name == "GCSAM":
+        return sk.SAM(params, torch.optim.SGD, rho=0.05, use_gc=True, **SGD)
     raise KeyError(name)
 
 
-VARIANTS = ("SAM", "ASAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM", "SparseSAM", "ESAM")
+VARIANTS = ("SAM", "ASAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM", "SparseSAM", "ESAM", "GSAM", "WSAM",
+            "GCSAM")
 
 
 def _model():

@@ -12,7 +12,7 @@ from tests.loops.matrix import cases
 from tests.optim.variants import variant
 from tests.utils import require_backend
 
-ROWS = [variant(n) for n in ("SAM", "ASAM", "StableSAM", "LookSAM", "SparseSAM-nm")]
+ROWS = [variant(n) for n in ("SAM", "ASAM", "StableSAM", "LookSAM", "SparseSAM-nm", "GSAM", "WSAM", "GCSAM")]
 
 
 def triton_cases(loop):

@@ -559,14 +559,23 @@ def variant_samples() -> list[Sample]:
                 (lambda x: ((x.full(float("nan")), x.randn(), x.randn()), {}))(inputs(b))), tol_scale=10.0),
             Sample("looksam_apply_", name, c["dtype"], lambda b, inputs=inputs: (
                 (lambda x: ((x.randn(), x.randn(), 0.7), {}))(inputs(b))), tol_scale=10.0),
+            Sample("mix_", name, c["dtype"], lambda b, inputs=inputs: (
+                (lambda x: ((x.randn(), x.randn(), 1.3, -0.4), {}))(inputs(b)))),
+            Sample("mix_", name + "-device-factors", c["dtype"], lambda b, inputs=inputs: (
+                (lambda x: ((x.randn(), x.randn(), torch.tensor(0.75, device=b.device),
+                             torch.tensor(-2.5, dtype=torch.float64, device=b.device)), {}))(inputs(b)))),
         ]
     out.append(Sample("looksam_store_", "float32-g_v-is-sam_grads", torch.float32, lambda b: (
         lambda x, gs: ((gs, x.randn(), gs), {}))(*(lambda x: (x, x.randn()))(Inputs(SHAPES["conv"], torch.float32,
                                                                                      b.device))), tol_scale=10.0))
+    out.append(Sample("mix_", "float32-others-is-grads", torch.float32, lambda b: (
+        lambda g: ((g, g, 1.5, -0.25), {}))(Inputs(SHAPES["conv"], torch.float32, b.device).randn())))
     for layout in LAYOUTS[1:]:
         def x_of(b, layout=layout):
             return Inputs(shapes_for("conv", b) + [(5, 7)], torch.float32, b.device, layout)
         out += [
+            Sample("mix_", f"float32-{layout}", torch.float32,
+                   lambda b, x_of=x_of: (lambda x: ((x.randn(), x.randn(), 1.3, -0.4), {}))(x_of(b))),
             Sample("fisher_accumulate_", f"float32-{layout}", torch.float32,
                    lambda b, x_of=x_of: (lambda x: ((x.randn(positive=True), x.randn()), dict(scale=0.5)))(x_of(b))),
             Sample("looksam_store_", f"float32-{layout}", torch.float32,
@@ -639,7 +648,8 @@ SAMPLES: dict[str, list[Sample]] = {
     "sgd_restore_step_": sgd_samples(),
     "adamw_restore_step_": adamw_samples(),
     **{op: [s for s in variant_samples() + mask_samples() if s.op == op]
-       for op in ("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_", "topk_mask", "nm_mask")},
+       for op in ("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_", "topk_mask",
+                  "nm_mask")},
 }
 """op -> its samples; every op of the table has some (tests/ops/test_contract.py checks)."""
 

@@ -56,7 +56,7 @@ def test_writes_and_kinds_by_hand():
         "sgd_restore_step_": ("params", "momentum_buffers", "sums"),
         "adamw_restore_step_": ("params", "exp_avgs", "exp_avg_sqs", "sums"),
         "renormalize_": ("grads",), "fisher_accumulate_": ("fisher",), "looksam_store_": ("g_v",),
-        "looksam_apply_": ("grads",),
+        "looksam_apply_": ("grads",), "mix_": ("grads",),
     }
     kinds = {name: op.kind for name, op in contract.OPS.items()}
     assert [n for n, k in kinds.items() if k == "reduction"] == ["grad_sq_norm", "dot"]

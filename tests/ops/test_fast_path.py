@@ -44,6 +44,7 @@ CALLS = {
     "fisher_accumulate_": lambda p, g, b, **kw: ops.fisher_accumulate_(b, g, scale=0.5, **kw),
     "looksam_store_": lambda p, g, b, **kw: ops.looksam_store_(b, g, p, **kw),
     "looksam_apply_": lambda p, g, b, **kw: ops.looksam_apply_(g, b, 0.7, **kw),
+    "mix_": lambda p, g, b, **kw: ops.mix_(g, b, 1.3, -0.4, **kw),
 }
 
 

@@ -94,6 +94,7 @@ OPS = {
     "fisher_accumulate_": (2, (0,), lambda L, be: ops.fisher_accumulate_(L[0], L[1], scale=0.5, backend=be)),
     "looksam_store_": (3, (), lambda L, be: ops.looksam_store_(L[0], L[1], L[2], backend=be)),
     "looksam_apply_": (2, (), lambda L, be: ops.looksam_apply_(L[0], L[1], 0.7, backend=be)),
+    "mix_": (2, (), lambda L, be: ops.mix_(L[0], L[1], 1.3, -0.4, backend=be)),
 }
 RECORDED = {"grad_sq_norm_adaptive_masked": "grad_sq_norm", "perturb_adaptive_masked_keep": "perturb_",
             "sgd_restore_step_new_buffers": "sgd_restore_step_"}

@@ -49,6 +49,7 @@ def samples(device, layout="contiguous"):
         "fisher_accumulate_": (ops.fisher_accumulate_.default, ([x.abs() for x in s], g, 0.5)),
         "looksam_store_": (ops.looksam_store_.default, (s, g, b, torch.tensor(0.3, device=device), sq, 1e-12)),
         "looksam_apply_": (ops.looksam_apply_.default, (g, s, 0.7, sq, torch.tensor(1.5, device=device), 1e-12)),
+        "mix_": (ops.mix_.default, (g, s, torch.tensor(1.3, device=device), torch.tensor(-0.4, device=device))),
         "topk_mask": (ops.topk_mask.default, (s, 4)),
         "nm_mask": (ops.nm_mask.default, (s, 2, 4)),
     }

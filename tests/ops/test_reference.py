@@ -254,6 +254,18 @@ def test_looksam_store_and_apply_use_global_dot_and_norms():
         assert_close(fresh[i], orig[i] + coef * gv[i], 1e-12, 1e-10, f"grad[{i}]")
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+def test_mix(dtype, atol, rtol):
+    """g ← a·g + b·o in float64 by hand; the factors as floats or 0-dim tensors; o may be g itself."""
+    grads, others = make(SHAPES["conv"], dtype), make(SHAPES["conv"], dtype)
+    want = [1.3 * g.double() - 0.4 * o.double() for g, o in zip(grads, others)]
+    ops.mix_(grads, others, 1.3, torch.tensor(-0.4, dtype=torch.float64), backend="eager")
+    assert_lists_close(grads, [w.to(dtype) for w in want], atol, rtol, "grads")
+    want = [0.5 * g.double() for g in grads]
+    ops.mix_(grads, grads, torch.tensor(2.0), -1.5, backend="eager")
+    assert_lists_close(grads, [w.to(dtype) for w in want], atol, rtol, "grads (others is grads)")
+
+
 def test_topk_mask_exact_count_and_ties():
     scores = [torch.tensor([1.0, 3.0, 3.0]), torch.tensor([[3.0, 0.5], [2.0, float("nan")]]), torch.empty(0)]
     masks = ops.topk_mask(scores, 3 / 7, backend="eager")  # k = 3 of 7

@@ -793,7 +793,7 @@ HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full b
     (optimizer_steps._adamw_restore_step_kernel, dict(C, **ADAMW, SUMS=False, HAS_ASCENT=False)),
     (optimizer_steps._adamw_restore_step_kernel, dict(C, **ADAMW, SUMS=True, HAS_ASCENT=True)),
     (variants._renormalize_kernel, C), (variants._fisher_accumulate_kernel, C),
-    (variants._looksam_store_kernel, C), (variants._looksam_apply_kernel, C),
+    (variants._looksam_store_kernel, C), (variants._looksam_apply_kernel, C), (variants._mix_kernel, C),
 ]
 OTHER = [
     (norm._sum_partials_kernel, dict(BLOCK=1024)),

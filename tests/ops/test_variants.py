@@ -1,4 +1,4 @@
-"""The variants' element-wise ops (renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_):
+"""The variants' element-wise ops (renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_, mix_):
 every backend against the eager reference on the op table's samples."""
 from __future__ import annotations
 
@@ -8,6 +8,6 @@ from tests.ops.opinfo import COMPILED, backend_param, check_against_eager, requi
 
 
 @backend_param(COMPILED)
-@pytest.mark.parametrize("sample", samples("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_"))
+@pytest.mark.parametrize("sample", samples("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_"))
 def test_matches_eager(backend, sample):
     check_against_eager(require(backend), sample)

@@ -64,9 +64,14 @@ def _apply(b, d):
     return lambda: b("looksam_apply_", g, gv, 0.7), [g], [gv]
 
 
+def _mix(b, d):
+    g, o = lists(d), lists(d)
+    return lambda: b("mix_", g, o, 1.3, -0.4), [g], [o]
+
+
 OPS = {"perturb_": _perturb, "perturb_telemetry": _perturb_telemetry, "restore_": _restore, "sgd_restore_step_": _sgd, "adamw_restore_step_": _adamw,
        "renormalize_": _renormalize, "fisher_accumulate_": _fisher, "looksam_store_": _store,
-       "looksam_apply_": _apply}
+       "looksam_apply_": _apply, "mix_": _mix}
 
 
 @backend_param(ALL)

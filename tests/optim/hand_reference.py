@@ -121,17 +121,30 @@ class HandSAM:
             steps descend with g + alpha·(‖g‖/‖g_v‖)·g_v (plain g before the first SAM step).
         masked_norm: Sparse SAM (Mi et al. 2022) divides by ‖m ⊙ g‖ instead of the full ‖g‖.
         beta: ESAM's SWP (Du et al. 2022): e = rho·g/(‖g_sel‖·beta) on the selected tensors, 0 elsewhere.
+        use_gc: GCSAM (Hassan et al. 2025): g(w) centralized (each tensor of more than one dimension
+            minus its mean over dims 1..) before everything else reads it; e from the centralized norm.
+        gsam_alpha: GSAM (Zhuang et al. 2022; official gsam/gsam.py, gradient_decompose): with
+            cos = ⟨g1, g2⟩/(‖g2‖·‖g1‖ + eps), v = g1 − cos·‖g1‖·g2/(‖g2‖ + eps), descend with g2 − alpha·v.
+        wsam_gamma, wsam_decouple: WSAM (Yue et al. 2023; official atorch/optimizers/wsam.py, second_step),
+            a = gamma/(1 − gamma): coupled, descend with a·g2 + (1 − a)·g1; decoupled, the base step with
+            g1, then w −= lr·a·(g2 − g1).
+        perturbed: SAM-ON (Mueller et al. 2023, ``only_norm``): per tensor, whether it is perturbed; the
+            others get e = 0 and are left out of the norm (as an unselected tensor of ESAM, without 1/beta).
         base: "sgd" | "adamw" | "adagrad" and its keyword arguments.
     """
 
     def __init__(self, ws: Grads, *, base: str, base_kwargs: dict, rho: float, adaptive: bool = False,
                  eta: float = 0.01, renormalize: bool = False, looksam_alpha: Optional[float] = None,
-                 masked_norm: bool = False, beta: Optional[float] = None):
+                 masked_norm: bool = False, beta: Optional[float] = None,
+                 perturbed: Optional[Sequence[bool]] = None, use_gc: bool = False,
+                 gsam_alpha: Optional[float] = None, wsam_gamma: Optional[float] = None, wsam_decouple: bool = True):
         self.ws = [w.detach().double().clone() for w in ws]
         self.base = BASES[base](**base_kwargs)
         self.rho, self.adaptive, self.eta = rho, adaptive, eta
         self.renormalize, self.alpha, self.masked_norm, self.beta = renormalize, looksam_alpha, masked_norm, beta
         self.gv: Optional[Grads] = None
+        self.use_gc, self.gsam_alpha, self.wsam_gamma, self.wsam_decouple = use_gc, gsam_alpha, wsam_gamma, wsam_decouple
+        self.perturbed = None if perturbed is None else list(perturbed)
 
     @property
     def lr(self) -> float:
@@ -146,6 +159,8 @@ class HandSAM:
         """e(w) for the current weights and first-pass gradients ``g``."""
         t = [w.abs() + self.eta if self.adaptive else torch.ones_like(w) for w in self.ws]
         sel = [True] * len(g) if selected is None else list(selected)
+        if self.perturbed is not None:
+            sel = [s and p for s, p in zip(sel, self.perturbed)]
         m = [torch.ones_like(w) for w in self.ws] if masks is None else [mk.double() for mk in masks]
         tg = [ti * gi for ti, gi, s in zip(t, g, sel) if s]
         if self.masked_norm:
@@ -167,6 +182,8 @@ class HandSAM:
                 g = [a + scale * v for a, v in zip(g1, self.gv)]
             self.base.step(self.ws, g)
             return
+        if self.use_gc:
+            g1 = [g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True) if g.dim() > 1 else g for g in g1]
         e = self.perturbation(g1, masks, selected)
         g2 = g2_at([w + ei for w, ei in zip(self.ws, e)])
         if self.renormalize:
@@ -175,6 +192,20 @@ class HandSAM:
         if self.alpha is not None:
             proj = dot(g1, g2) / (norm(g1) ** 2 + EPS)
             self.gv = [s - proj * g for g, s in zip(g1, g2)]
+        if self.gsam_alpha is not None:
+            inner, n1, n2 = dot(g1, g2), norm(g1), norm(g2)
+            cosine = inner / (n2 * n1 + EPS)
+            vertical = [a - cosine * n1 * b / (n2 + EPS) for a, b in zip(g1, g2)]
+            g2 = [b - self.gsam_alpha * v for b, v in zip(g2, vertical)]
+        if self.wsam_gamma is not None:
+            a = self.wsam_gamma / (1 - self.wsam_gamma)
+            if self.wsam_decouple:
+                lr = self.lr
+                self.base.step(self.ws, g1)
+                for w, x, y in zip(self.ws, g1, g2):
+                    w.sub_(lr * a * (y - x))
+                return
+            g2 = [a * y + (1 - a) * x for x, y in zip(g1, g2)]
         self.base.step(self.ws, g2)
 
     def skip(self) -> None:
@@ -186,3 +217,54 @@ def exp_lr(lr0: float, gamma: float, t: int) -> float:
     return lr0 * gamma ** t
 
 
+
+
+# --------------------------------------------------------------------------- bSAM
+
+class HandBSAM:
+    """bSAM (Moellenhoff and Khan 2023), transcribed from the official ``build_bsam_optimizer``
+    (github.com/team-approx-bayes/bayesian-sam, optim.py), one sub-batch (msharpness = 1):
+
+        noisy = w + sqrt(1/(N·s))·z;  g = ∇L(noisy);  e = rho·g/s;  g_e = ∇L(w + e)
+        m = beta1·m + (1 − beta1)·(g_e + wd·w);  w = w − lr·m/s;  s = beta2·s + (1 − beta2)·(sqrt(s·g²) + damping + wd)
+
+    z: the optimizer's documented draw, float32 ``torch.randn(shape, generator=...)`` per tensor in
+    param-group order from a CPU generator seeded with ``seed`` (``draw_order``: the indices of ``ws``
+    in that order, when the groups list them otherwise). ``perturbed``: SAM-ON's per-tensor flags
+    (e = 0 where False). The first pass is taken at the noisy sample: ``step`` gets ``g1_at(ws)``.
+    """
+
+    first_pass_at_sample = True  # the harness hands ``step`` a gradient function for the first pass
+
+    def __init__(self, ws: Grads, *, lr: float, num_data: float, rho: float, beta1: float = 0.9,
+                 beta2: float = 0.999, weight_decay: float, damping: float = 0.1, s_init: float = 1.0, seed: int,
+                 perturbed: Optional[Sequence[bool]] = None, draw_order: Optional[Sequence[int]] = None):
+        self.ws = [w.detach().double().clone() for w in ws]
+        self.order = list(range(len(self.ws))) if draw_order is None else list(draw_order)
+        self.lr, self.n, self.rho, self.b1, self.b2 = lr, num_data, rho, beta1, beta2
+        self.wd, self.damping = weight_decay, damping
+        self.m = [torch.zeros_like(w) for w in self.ws]
+        self.s = [torch.full_like(w, s_init) for w in self.ws]
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perturbed = [True] * len(self.ws) if perturbed is None else list(perturbed)
+
+    def noise(self) -> Grads:
+        z = [None] * len(self.ws)
+        for i in self.order:
+            z[i] = torch.randn(self.ws[i].shape, dtype=torch.float32, generator=self.gen).double()
+        return z
+
+    def step(self, g1_at: Callable[[Grads], Grads], g2_at: Callable[[Grads], Grads], *, sam: bool = True) -> None:
+        assert sam, "every bSAM step takes both passes"
+        z = self.noise()
+        g = g1_at([w + torch.sqrt(1.0 / (self.n * s)) * zi for w, s, zi in zip(self.ws, self.s, z)])
+        e = [self.rho * gi / s if p else torch.zeros_like(gi) for gi, s, p in zip(g, self.s, self.perturbed)]
+        ge = g2_at([w + ei for w, ei in zip(self.ws, e)])
+        self.m = [self.b1 * m + (1 - self.b1) * (gi + self.wd * w) for m, gi, w in zip(self.m, ge, self.ws)]
+        self.ws = [w - self.lr * m / s for w, m, s in zip(self.ws, self.m, self.s)]
+        self.s = [self.b2 * s + (1 - self.b2) * (torch.sqrt(s * gi ** 2) + self.damping + self.wd)
+                  for s, gi in zip(self.s, g)]
+
+    def skip(self) -> None:
+        """An overflowed step: nothing changes, but that step's noise was drawn."""
+        self.noise()

@@ -56,10 +56,17 @@ def build(variant, model, base="sgd", **extra):
         return sk.SparseSAM(params, cls, mask="random", sparsity=0.5, seed=0, **kw)
     if variant == "ESAM":
         return sk.ESAM(params, cls, beta=0.6, gamma=1.0, seed=2, **kw)
+    if variant == "GSAM":
+        return sk.GSAM(params, cls, alpha=0.4, **kw)
+    if variant == "WSAM":
+        return sk.WSAM(params, cls, gamma=0.9, **kw)
+    if variant == "GCSAM":
+        return sk.SAM(params, cls, use_gc=True, **kw)
     raise KeyError(variant)
 
 
-VARIANTS = ["SAM", "ASAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM", "SparseSAM", "ESAM"]
+VARIANTS = ["SAM", "ASAM", "SSSAM", "StableSAM", "LookSAM", "AESAM", "AELookSAM", "SparseSAM", "ESAM", "GSAM", "WSAM",
+            "GCSAM"]
 
 
 def manual_step(model, opt, x, y):

@@ -6,6 +6,7 @@ Norm tolerance: the ops accumulate ~130 fp32 products; n·2^-24 ≈ 1e-5 bounds 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -322,7 +323,7 @@ def test_every_optimizer_class_reports_stats(name):
 
 def test_stats_before_any_step_and_without_telemetry():
     model, data = model_and_data()
-    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, telemetry=False)
     st = opt.stats()
     assert tuple(st) == telemetry_stats.KEYS
     assert all(math.isnan(st[k]) for k in telemetry_stats.VALUES + ("sam_step_fraction",))
@@ -331,6 +332,39 @@ def test_stats_before_any_step_and_without_telemetry():
     st = opt.stats()
     assert all(math.isnan(st[k]) for k in telemetry_stats.VALUES)  # telemetry off: counters only
     assert (st["steps"], st["sam_steps"], st["forward_passes"], st["backward_passes"]) == (1, 1, 2, 2)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_default_optimizer_reports_norms_after_one_sam_step(name):
+    """No telemetry= argument: the default ("norms") fills ‖g(w)‖, ‖g(w + e)‖, ‖e‖ and the sharpness
+    after one SAM step, equal to a hand computation; the cosine (telemetry=True) stays NaN."""
+    model, data = model_and_data()
+    params = list(model.parameters())
+    opt = build(name, model)
+    assert opt.telemetry.enabled and not opt.telemetry.cosine
+    x, y = data[0]
+    loss1 = loss_of(model, x, y)
+    loss1.backward()
+    seen = {"g1": snapshot([p.grad for p in params]), "w": snapshot(params)}
+    assert opt.wants_sam()  # the first step is a SAM step for every class here
+    opt.first_step(zero_grad=True, loss=loss1)
+    seen["wp"] = snapshot(params)
+    loss2 = loss_of(model, x, y)
+    loss2.backward()
+    seen.update(g2=snapshot([p.grad for p in params]), loss1=loss1.detach(), loss2=loss2.detach())
+    opt.second_step(zero_grad=True, loss=loss2)
+    st, h = opt.stats(), hand(seen)
+    assert (st["steps"], st["sam_steps"]) == (1, 1)
+    for key in ("grad_norm", "sam_grad_norm"):
+        assert math.isfinite(st[key]) and st[key] == pytest.approx(h[key], rel=NORM_RTOL), key
+    assert math.isfinite(st["perturbation_norm"])
+    assert abs(st["perturbation_norm"] - h["applied"]) <= h["spacing"] + NORM_RTOL * RHO  # what was added
+    if name != "SparseSAM":  # every element perturbed: ‖e‖ = rho·‖g‖/(‖g‖ + 1e-12)
+        assert st["perturbation_norm"] == pytest.approx(RHO * h["grad_norm"] / (h["grad_norm"] + 1e-12), rel=1e-6)
+    else:  # half the elements masked: less than rho
+        assert st["perturbation_norm"] < 0.9 * RHO
+    assert st["sharpness"] == h["sharpness"] != 0.0
+    assert math.isnan(st["grad_cosine"])
 
 
 def test_sssam_counts_the_seeded_draws():
@@ -394,6 +428,50 @@ def test_optimizer_bytes_are_the_op_floors():
         closure_step(model, opt, *data[0])
         assert opt.stats()["optimizer_bytes"] == per_param * n, telemetry
         assert set(opt.telemetry.bytes_by_backend) == {"cpp"}
+
+
+def _bytes_per_sam_step(make, telemetry, finite_check):
+    """optimizer_bytes of one SAM step (manual loop; ESAM's first backward inside ascent_pass, so
+    only the selected tensors get g(w)), and N."""
+    model, data = model_and_data()
+    kw = {} if telemetry == "default" else dict(telemetry=telemetry)
+    opt = make(model.parameters(), finite_check=finite_check, **kw)
+    x, y = data[0]
+    with opt.ascent_pass() if isinstance(opt, sk.ESAM) else contextlib.nullcontext():
+        loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    assert opt.stats()["sam_steps"] == 1
+    return opt.stats()["optimizer_bytes"], sum(p.numel() for p in model.parameters())
+
+
+DEFAULT_COST = {  # extra fp32 element reads per parameter that the default ("norms") adds to a SAM step
+    "SAM": (lambda ps, **kw: sk.SAM(ps, torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, **kw), 0, 0),
+    "SAM-AdamW": (lambda ps, **kw: sk.SAM(ps, torch.optim.AdamW, rho=RHO, lr=0.01, **kw), 0, 0),
+    "SSSAM": (lambda ps, **kw: sk.SSSAM(ps, torch.optim.SGD, rho=RHO, p=1.0, seed=0, lr=0.1, **kw), 0, 0),
+    "AESAM": (lambda ps, **kw: sk.AESAM(ps, torch.optim.SGD, rho=RHO, total_steps=10, lr=0.1, **kw), 0, 0),
+    "StableSAM": (lambda ps, **kw: sk.StableSAM(ps, torch.optim.SGD, rho=RHO, lr=0.1, **kw), 0, 0),
+    "SparseSAM": (lambda ps, **kw: sk.SparseSAM(ps, torch.optim.SGD, rho=RHO, mask="random", seed=0, update_freq=100,
+                                                update_unit="step", lr=0.1, **kw), 0, 0),
+    "ESAM": (lambda ps, **kw: sk.ESAM(ps, torch.optim.SGD, rho=RHO, beta=0.5, seed=1, lr=0.1, **kw), 0, 0),
+    # ASAM's ascent norm is ‖T ⊙ g‖: ‖g(w)‖ is one more read of g
+    "ASAM": (lambda ps, **kw: sk.SAM(ps, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1, **kw), 1, 1),
+    # a descent not fused with SGD/AdamW: ‖g(w + e)‖ is the finite check's norm, else one more read
+    "LookSAM": (lambda ps, **kw: sk.LookSAM(ps, torch.optim.SGD, rho=RHO, k=2, lr=0.1, **kw), 0, 1),
+    "SAM-Adam": (lambda ps, **kw: sk.SAM(ps, torch.optim.Adam, rho=RHO, lr=0.01, **kw), 0, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(DEFAULT_COST))
+def test_what_the_default_telemetry_costs_in_bytes(name):
+    """The default adds no bytes to a SAM step but where the docs say (the telemetry guide's table):
+    ASAM (one read of g for ‖g(w)‖) and, without the finite check, descents that are not fused."""
+    make, with_check, without_check = DEFAULT_COST[name]
+    for finite_check, extra in ((True, with_check), (False, without_check)):
+        off, n = _bytes_per_sam_step(make, False, finite_check)
+        default, _ = _bytes_per_sam_step(make, "default", finite_check)
+        assert default - off == extra * 4 * n, (finite_check, off, default)
 
 
 def test_norms_mode_reports_everything_but_the_cosine():
@@ -575,12 +653,15 @@ def count_reads(monkeypatch, calls):
         monkeypatch.setattr(torch.Tensor, name, counted)
 
 
+@pytest.mark.parametrize("telemetry", [True, "default"])
 @pytest.mark.parametrize("name", CLASSES)
-def test_a_step_with_telemetry_has_no_host_sync(monkeypatch, name):
+def test_a_step_with_telemetry_has_no_host_sync(monkeypatch, name, telemetry):
     """The step itself (first_step, the second backward, second_step): the policy's decision is taken
-    before (SS-SAM's draw and AE-SAM's threshold are host reads by design), ESAM's tensor draw too."""
+    before (SS-SAM's draw and AE-SAM's threshold are host reads by design), ESAM's tensor draw too.
+    ``"default"``: no telemetry= argument (the "norms" mode)."""
     model, data = model_and_data()
-    opt = build(name, model, telemetry=True, finite_check=False)
+    kw = {} if telemetry == "default" else dict(telemetry=telemetry)
+    opt = build(name, model, finite_check=False, **kw)
     for i in range(2):  # warm-up: state, masks
         x, y = data[i]
         loss1 = loss_of(model, x, y)

@@ -273,7 +273,8 @@ def test_ema_over_a_long_run_equals_the_recurrence():
 
 def test_telemetry_adds_at_most_one_device_op_to_a_step():
     """Between folds a SAM step with telemetry=True runs the same kernels as without (one reading
-    g(w) as an extra list) plus one fill (the zeroed sums): the per-step scalar maths is batched."""
+    g(w) as an extra list) plus one fill (the zeroed sums): the per-step scalar maths is batched.
+    The default ("norms") with the default finite check adds nothing: the check's norm is ‖g(w + e)‖."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -286,11 +287,13 @@ def test_telemetry_adds_at_most_one_device_op_to_a_step():
                 self.ops.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    counts = {}
-    for mode in (False, True, "norms"):
+    def step_ops(mode, **kw):
+        """The ops the second of two SAM steps dispatches; ``mode="default"``: no telemetry= argument."""
         torch.manual_seed(0)
         params = [torch.randn(50) for _ in range(4)]
-        opt = sk.SAM(params, torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, telemetry=mode, finite_check=False)
+        if mode != "default":
+            kw["telemetry"] = mode
+        opt = sk.SAM(params, torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9, **kw)
         for _ in range(2):
             for p in params:
                 p.grad = torch.randn(50)
@@ -299,13 +302,19 @@ def test_telemetry_adds_at_most_one_device_op_to_a_step():
                 for p in params:
                     p.grad = torch.randn(50)
                 opt.second_step()
-        counts[mode] = c.ops
+        assert opt.stats()["sam_steps"] == 2
+        return c.ops
+
+    counts = {mode: step_ops(mode, finite_check=False) for mode in (False, True, "norms", "default")}
     assert counts[False] == ["sam_kernels.grad_sq_norm", "sam_kernels.perturb_", "sam_kernels.sgd_restore_step_"]
-    for mode in (True, "norms"):
+    for mode in (True, "norms", "default"):
         extra = list(counts[mode])
         for op in counts[False]:
             extra.remove(op)
         assert extra == ["aten.zeros"], (mode, counts[mode])
+    checked = step_ops(False)
+    assert checked.count("sam_kernels.grad_sq_norm") == 2 and "sam_kernels.sgd_restore_step_" in checked
+    assert step_ops("default") == checked
 
 
 def test_values_of_a_loaded_state_dict_are_not_shown_while_telemetry_is_off():

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import sam_kernels as sk
-from tests.optim.hand_reference import HandSAM
+from tests.optim.hand_reference import HandBSAM, HandSAM
 
 # Every loop of the loop matrix (tests/loops/). A row supports all of them but its ``refuses``.
 LOOPS = (
@@ -120,6 +120,38 @@ def _fisher(params, model=None, backend=None, **extra):
                         update_freq=2, backend=backend, **{**SGD, **extra})
 
 
+def _late_phase(params, model=None, backend=None, **extra):
+    return sk.SAM(params, torch.optim.SGD, rho=RHO, policy=sk.LatePhasePolicy(STEPS, fraction=0.5), backend=backend,
+                  **{**SGD, **extra})
+
+
+def _sam_on(params, model=None, backend=None, **extra):
+    """SAM-ON's groups on a model without normalization layers: the 1-D tensors (biases, as a norm
+    layer's scale and shift) perturbed, the others not."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.dim() == 1]},
+              {"params": [p for p in params if p.dim() != 1], "perturb": False}]
+    return sk.SAM(groups, torch.optim.SGD, rho=RHO, backend=backend, **{**SGD, **extra})
+
+
+def _hand_sam_on(ws):
+    return HandSAM(ws, base="sgd", base_kwargs=dict(SGD), rho=RHO, perturbed=[w.dim() == 1 for w in ws])
+
+
+BSAM_KW = dict(lr=0.05, num_data=100, rho=0.05, weight_decay=1e-2, seed=11)
+
+
+BSAM_BACKWARD_AT_W = (RuntimeError, "noisy sample")  # a backward before step() took its gradient at w
+
+
+def _bsam(params, model=None, backend=None, **extra):
+    return sk.BSAM(params, backend=backend, **{**BSAM_KW, **extra})
+
+
+def _hand_bsam(ws):
+    return HandBSAM(ws, **BSAM_KW)
+
+
 ADAMW = dict(lr=1e-2, weight_decay=1e-2)
 ADAGRAD = dict(lr=0.1)
 SPARSE_REFUSED = (TypeError, "sparse")
@@ -163,6 +195,23 @@ VARIANTS: list[VariantInfo] = [
                 False, _hand(), probe=_masks),
     VariantInfo("ESAM", _sam(sk.ESAM, base_optimizer=torch.optim.SGD, rho=RHO, beta=0.6, gamma=0.5, seed=7, **SGD),
                 False, _hand(beta=0.6), per_sample_closure=True, probe=_esam_selection),
+    VariantInfo("GSAM", _sam(sk.GSAM, base_optimizer=torch.optim.SGD, rho=RHO, alpha=0.4, **SGD),
+                False, _hand(gsam_alpha=0.4), refuses={"sparse_grad": SPARSE_REFUSED}),
+    VariantInfo("GSAM-AdamW", _sam(sk.GSAM, base_optimizer=torch.optim.AdamW, rho=RHO, alpha=0.4, **ADAMW),
+                False, _hand("adamw", ADAMW, gsam_alpha=0.4), refuses={"sparse_grad": SPARSE_REFUSED}),
+    VariantInfo("WSAM", _sam(sk.WSAM, base_optimizer=torch.optim.SGD, rho=RHO, gamma=0.9, **SGD),
+                False, _hand(wsam_gamma=0.9), refuses={"sparse_grad": SPARSE_REFUSED}),
+    VariantInfo("WSAM-coupled", _sam(sk.WSAM, base_optimizer=torch.optim.SGD, rho=RHO, gamma=0.9, decouple=False,
+                                     **SGD),
+                False, _hand(wsam_gamma=0.9, wsam_decouple=False), refuses={"sparse_grad": SPARSE_REFUSED}),
+    VariantInfo("GCSAM", _sam(sk.SAM, base_optimizer=torch.optim.SGD, rho=RHO, use_gc=True, **SGD),
+                False, _hand(use_gc=True), refuses={"sparse_grad": SPARSE_REFUSED}),
+    VariantInfo("LatePhaseSAM", _late_phase, True, _hand()),
+    VariantInfo("SAM-ON", _sam_on, False, _hand_sam_on),
+    VariantInfo("BSAM", _bsam, False, _hand_bsam,
+                refuses={"closure": BSAM_BACKWARD_AT_W, "amp_closure": BSAM_BACKWARD_AT_W,
+                         "aliased": ALIAS_REFUSED,  # each alias would add its own noise to the storage
+                         "sparse_grad": SPARSE_REFUSED}),  # its variance update is dense
 ]
 
 BY_NAME = {v.name: v for v in VARIANTS}

@@ -4,7 +4,7 @@
 - ``norm``: grad_sq_norm, dot (deterministic two-pass reductions);
 - ``perturb``: perturb_, restore_;
 - ``optimizer_steps``: sgd_restore_step_, adamw_restore_step_ (restore fused with the base step);
-- ``variants``: renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_;
+- ``variants``: renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_, mix_;
 - ``masks``: topk_mask, nm_mask.
 
 Runs natively on CUDA tensors. With ``TRITON_INTERPRET=1`` set before this package is imported,

@@ -1,5 +1,5 @@
 """Element-wise ops of the SAM variants: ``renormalize_`` (Stable SAM), ``fisher_accumulate_`` (Sparse
-SAM), ``looksam_store_`` / ``looksam_apply_`` (LookSAM).
+SAM), ``looksam_store_`` / ``looksam_apply_`` (LookSAM), ``mix_`` (GSAM, WSAM).
 
 Global norms and dots arrive as device scalars (computed by ``norm.py``); each program turns them
 into its coefficient, so nothing synchronizes with the host.
@@ -93,6 +93,28 @@ def _looksam_apply_kernel(g_ptrs, v_ptrs, sizes, blocks, alpha: tl.float64, g_sq
         _axpy_block(g_ptr, g_ptr, v_ptr, offs, offs < end, c, DT, CDT)
 
 
+@triton.jit
+def _mix_kernel(g_ptrs, o_ptrs, sizes, blocks, a, b, DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr,
+                CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
+    """g = a·g + b·o (``o`` may alias ``g``)."""
+    t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
+    g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
+    o_ptr = tensor_ptr(o_ptrs, t, DT, ALIGNED)
+    ca = tl.load(a).to(CDT)
+    cb = tl.load(b).to(CDT)
+    for off in range(start, split, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        x = load(g_ptr + offs, None).to(CDT)
+        y = load(o_ptr + offs, None).to(CDT)
+        store(g_ptr + offs, round_to(ca * x + cb * y, DT), None)
+    for off in range(split, end, BLOCK):
+        offs = block_offsets(off, BLOCK)
+        mask = offs < end
+        x = load(g_ptr + offs, mask).to(CDT)
+        y = load(o_ptr + offs, mask).to(CDT)
+        store(g_ptr + offs, round_to(ca * x + cb * y, DT), mask)
+
+
 def renormalize_(grads, ref_sq_norm, sq_norm, eps):
     """g ← g·sqrt(ref)/(sqrt(sq_norm)+eps) (Stable SAM); both norms global, given."""
     _tables.launch_over(_renormalize_kernel, [grads], ref_sq_norm, sq_norm, eps)
@@ -111,3 +133,8 @@ def looksam_store_(g_v, grads, sam_grads, gs_dot_g, g_sq_norm, eps):
 def looksam_apply_(grads, g_v, alpha, g_sq_norm, gv_sq_norm, eps):
     """g ← g + alpha·(‖g‖/(‖g_v‖ + eps))·g_v, with both global norms given."""
     _tables.launch_over(_looksam_apply_kernel, [grads, g_v], alpha, g_sq_norm, gv_sq_norm, eps)
+
+
+def mix_(grads, others, a, b):
+    """g ← a·g + b·o with the 0-dim factors given."""
+    _tables.launch_over(_mix_kernel, [grads, others], a, b)
