@@ -9,7 +9,7 @@ skipped. Nothing here reads tensor data on the host. The op table is :mod:`.cont
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -21,6 +21,17 @@ from .reference import tensor_key
 from .telemetry_outputs import AddInto, DescentSums
 
 Tensors = Sequence[torch.Tensor]
+Scalar = Union[float, torch.Tensor]
+"""A hyperparameter: a Python number, or a 0-dim tensor on the params' device or the CPU (a compiled
+step's lr or rho, read as graph data: see ``sam_kernels.optim.compiled``). A tensor runs the eager
+reference, whose element-wise maths torch.compile fuses; numbers run the chosen backend."""
+
+
+def _scalar(x: Scalar, backend: Optional[str]) -> tuple[Scalar, Optional[str]]:
+    """(x as the kernels take it, the backend for it): a tensor hyperparameter goes to the eager reference."""
+    if isinstance(x, torch.Tensor):
+        return x, "eager"
+    return float(x), backend
 
 
 # --------------------------------------------------------------------------- reductions
@@ -45,7 +56,7 @@ def dot(a: Tensors, b: Tensors, *, backend: Optional[str] = None) -> torch.Tenso
 
 # --------------------------------------------------------------------------- perturb / restore
 
-def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, sq_norm: Optional[torch.Tensor] = None,
+def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: Scalar, *, sq_norm: Optional[torch.Tensor] = None,
              masks: Optional[Tensors] = None, adaptive: bool = False, eta: float = 0.01, eps: float = 1e-12,
              keep_prob: Optional[float] = None, seed: Optional[int] = None, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None, perturbation_sq: Optional[torch.Tensor] = None,
@@ -86,7 +97,7 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: float, *, s
         sq_norm = grad_sq_norm(grads, params=params if adaptive else None, eta=eta, backend=backend)
     if grad_scale is not None or found_inf is not None:
         sq_norm = amp_sq_norm(sq_norm, grad_scale, found_inf, eps)
-    rho, eps, adaptive, eta = float(rho), float(eps), bool(adaptive), float(eta)
+    (rho, backend), eps, adaptive, eta = _scalar(rho, backend), float(eps), bool(adaptive), float(eta)
 
     if grad_copies is not None:
         require_list("perturb_", grad_copies)
@@ -113,7 +124,7 @@ def restore_(params: Tensors, backups: Tensors, *, backend: Optional[str] = None
 # --------------------------------------------------------------------------- fused restore + base step
 
 def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
-                      momentum_buffers: Optional[Sequence[Optional[torch.Tensor]]] = None, *, lr: float,
+                      momentum_buffers: Optional[Sequence[Optional[torch.Tensor]]] = None, *, lr: Scalar,
                       momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
                       nesterov: bool = False, maximize: bool = False, grad_scale: Optional[torch.Tensor] = None,
                       found_inf: Optional[torch.Tensor] = None, ascent_grads: Optional[Tensors] = None,
@@ -149,7 +160,8 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
         new = torch.zeros_like if found_inf is not None else torch.empty_like
         for i in fresh:
             bufs[i] = new(params[i], memory_format=torch.preserve_format)
-    kw = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening), weight_decay=float(weight_decay),
+    lr, backend = _scalar(lr, backend)
+    kw = dict(lr=lr, momentum=float(momentum), dampening=float(dampening), weight_decay=float(weight_decay),
               nesterov=bool(nesterov), maximize=bool(maximize))
     amp = amp_args(grad_scale, found_inf)
     has_buffers = momentum != 0
@@ -173,7 +185,7 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
 
 
 def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
-                        step: int, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                        step: Union[int, Sequence[torch.Tensor]], *, lr: Scalar, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
                         weight_decay: float = 1e-2, maximize: bool = False, grad_scale: Optional[torch.Tensor] = None,
                         found_inf: Optional[torch.Tensor] = None, ascent_grads: Optional[Tensors] = None,
                         sums: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
@@ -181,18 +193,26 @@ def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_a
 
     ``grad_scale`` / ``found_inf``: as :func:`sgd_restore_step_`; a skipped step leaves both moments
     unchanged (the caller must not count it in ``step``). ``sums`` / ``ascent_grads``: telemetry, as
-    :func:`sgd_restore_step_`.
+    :func:`sgd_restore_step_`. ``step`` may be a list of 0-dim tensors aligned with ``params`` (torch's
+    per-param ``state["step"]``, read as graph data in a compiled step): the eager reference runs.
     """
     require_list("adamw_restore_step_", params)
     tele = DescentSums("adamw_restore_step_", sums, ascent_grads, len(params))
-    if step < 1:
+    steps = None
+    if isinstance(step, (list, tuple)):
+        steps, step, backend = list(step), 0, "eager"
+        if len(steps) != len(params):
+            raise ValueError(f"adamw_restore_step_: {len(steps)} step counts for {len(params)} params")
+    elif step < 1:
         raise ValueError(f"adamw_restore_step_: step must be >= 1 (count after increment), got {step}")
-    kw = dict(step=int(step), lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+    lr, backend = _scalar(lr, backend)
+    kw = dict(lr=lr, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
               weight_decay=float(weight_decay), maximize=bool(maximize))
     amp = amp_args(grad_scale, found_inf)
     launch("adamw_restore_step_", backend,
             lambda fn, pick, device: fn(pick(params), pick(backups), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-                                        **kw, **on_device(amp, device), **tele.kwargs(pick, device, ascent_grads)),
+                                        step=step if steps is None else pick(steps), **kw, **on_device(amp, device),
+                                        **tele.kwargs(pick, device, ascent_grads)),
             params, int(ascent_grads is not None), backups=backups, grads=grads, exp_avgs=exp_avgs,
             exp_avg_sqs=exp_avg_sqs, ascent_grads=ascent_grads)
     tele.finish()

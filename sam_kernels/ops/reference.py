@@ -32,6 +32,12 @@ def _up(ts: Tensors) -> list[torch.Tensor]:
     return [t.float() if t.dtype in _LOW_PRECISION else t for t in ts]
 
 
+def _as_scalar(x, like: torch.Tensor, dtype: torch.dtype):
+    """A hyperparameter as the maths takes it: a Python number as it is; a 0-dim tensor (a compiled
+    step's lr or rho) in ``dtype`` on ``like``'s device, i.e. rounded as a number would be."""
+    return x.to(device=like.device, dtype=dtype) if isinstance(x, torch.Tensor) else x
+
+
 def _store_(dst: Tensors, src: Tensors) -> None:
     """Write compute-dtype results back, rounding once."""
     if dst[0].dtype in _LOW_PRECISION:
@@ -142,7 +148,7 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.T
     if grad_copies is not None:
         torch._foreach_copy_(list(grad_copies), list(grads))
     cdt = acc_dtype(params[0].dtype)
-    scale = rho / (sq_norm.to(cdt).sqrt() + eps)
+    scale = _as_scalar(rho, sq_norm, cdt) / (sq_norm.to(cdt).sqrt() + eps)
     if keep_prob < 1.0:
         scale = scale / keep_prob
     # An Inf gradient gives sq_norm = inf and scale = 0, but 0·inf = NaN: test the norm too.
@@ -236,7 +242,10 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentu
             torch._foreach_add_(d, stored, alpha=momentum)
         else:
             d = stored
-    w = torch._foreach_add(w0, d, alpha=-lr)
+    if isinstance(lr, torch.Tensor):  # a compiled step's lr: data, not a constant (torch's SGD does the same)
+        w = torch._foreach_add(w0, torch._foreach_mul(d, _as_scalar(lr, w0[0], cdt).neg()))
+    else:
+        w = torch._foreach_add(w0, d, alpha=-lr)
     torch._foreach_copy_(list(params), _skip_where(found_inf, w0, w))
 
 
@@ -246,6 +255,9 @@ def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_a
                         found_inf: Optional[torch.Tensor] = None, ascent_grads: Optional[Tensors] = None,
                         sums: Optional[torch.Tensor] = None) -> None:
     """params ← backups, then exactly torch.optim.AdamW's update; ``step`` is the count after increment.
+
+    ``lr`` may be a 0-dim tensor and ``step`` a list of 0-dim tensors, one per param (a compiled step
+    reads them as data): then the bias corrections are per param, computed in float64.
 
     ``grad_scale`` / ``found_inf``: as :func:`sgd_restore_step_` (a skipped step leaves params at
     the backups and both moments unchanged; the caller keeps the step count). ``sums`` /
@@ -260,20 +272,33 @@ def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_a
     g = [x.neg() if maximize else x for x in g]
     m0 = [x.clone() for x in _up(exp_avgs)]
     v0 = [x.clone() for x in _up(exp_avg_sqs)]
+    lr = _as_scalar(lr, w0[0], cdt)
     w = torch._foreach_mul(w0, 1 - lr * weight_decay)
     m = [x.clone() for x in m0]
     v = torch._foreach_mul(v0, beta2)
     torch._foreach_lerp_(m, g, 1 - beta1)
     torch._foreach_addcmul_(v, g, g, 1 - beta2)
+    if isinstance(lr, torch.Tensor) or isinstance(step, (list, tuple)):
+        steps = step if isinstance(step, (list, tuple)) else [torch.tensor(float(step))] * len(w)
+        for wi, mi, vi, si in zip(w, m, v, steps):
+            si = si.to(device=wi.device, dtype=torch.float64)
+            bc1, bc2_sqrt = (1 - beta1 ** si).to(cdt), (1 - beta2 ** si).sqrt().to(cdt)
+            wi.add_(mi / (vi.sqrt() / bc2_sqrt + eps) * (-lr / bc1))
+    else:
+        _adamw_update_(w, m, v, step, lr, beta1, beta2, eps)
+    torch._foreach_copy_(list(exp_avgs), _skip_where(found_inf, m0, m))
+    torch._foreach_copy_(list(exp_avg_sqs), _skip_where(found_inf, v0, v))
+    torch._foreach_copy_(list(params), _skip_where(found_inf, w0, w))
+
+
+def _adamw_update_(w: list, m: list, v: list, step: int, lr: float, beta1: float, beta2: float, eps: float) -> None:
+    """w += −lr/(1 − beta1^step) · m/(sqrt(v)/sqrt(1 − beta2^step) + eps), as torch.optim.AdamW (foreach)."""
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
     denom = torch._foreach_sqrt(v)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(w, m, denom, -lr / bias_correction1)
-    torch._foreach_copy_(list(exp_avgs), _skip_where(found_inf, m0, m))
-    torch._foreach_copy_(list(exp_avg_sqs), _skip_where(found_inf, v0, v))
-    torch._foreach_copy_(list(params), _skip_where(found_inf, w0, w))
 
 
 # --------------------------------------------------------------------------- variants' element-wise ops

@@ -34,11 +34,13 @@ class Ascent:
 
     @property
     def plain_rho(self) -> Optional[float]:
-        """rho when this is plain SAM (one bucket without ASAM; no masks, keep mask or variant norm),
-        so ‖e‖ follows from the norm by scalar maths; else None."""
+        """rho when this is plain SAM (one bucket without ASAM; no masks, keep mask or variant norm)
+        and a float, so ‖e‖ follows from the norm by scalar maths; else None."""
         if len(self.buckets) != 1:
             return None
         rho, adaptive, _ = next(iter(self.buckets))
+        if isinstance(rho, torch.Tensor):  # a compiled step's rho (.compiled): the kernel measures ‖e‖
+            return None
         plain = not adaptive and not any(k in self.options for k in ("masks", "keep_prob", "sq_norm"))
         return rho if plain else None
 
@@ -84,7 +86,7 @@ class Ascent:
                               None if masks is None else masks[i],
                               perturbation_sq=self.options.get("perturbation_sq"))
 
-    def _perturb_bucket(self, state: dict, backend: Optional[str], idx: list[int], rho: float, adaptive: bool,
+    def _perturb_bucket(self, state: dict, backend: Optional[str], idx: list[int], rho, adaptive: bool,
                         eta: float, b: int) -> None:
         """``ops.perturb_`` on the entries ``idx`` (none of them aliases another); ``b`` numbers the launch."""
         params, grads, kept = self.params, self.grads, self.kept

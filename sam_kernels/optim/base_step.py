@@ -28,6 +28,7 @@ import torch
 from .. import ops
 from . import aliases
 from .backups import copy_back
+from .compiled import hyper
 from .contract import mark_stepped, run_step_hooks
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
@@ -37,13 +38,18 @@ _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize")
 def fused_kind(base: torch.optim.Optimizer) -> Optional[str]:
     """'sgd' / 'adamw' when the fused restore+update reproduces ``base.step()``, else None."""
     groups = base.param_groups
-    if any(isinstance(g.get("lr"), torch.Tensor) or g.get("differentiable") for g in groups):
+    # A tensor lr: eagerly base.step() (torch's own maths for it); compiled, the fused descent reads it.
+    tensor_lr = not torch.compiler.is_compiling() and any(isinstance(g.get("lr"), torch.Tensor) for g in groups)
+    if tensor_lr or any(g.get("differentiable") for g in groups):
         return None
     if type(base) is torch.optim.SGD:
         return "sgd"
-    # fused/capturable AdamW keep `step` on the device: reading it would sync, so they stay generic.
-    if type(base) is torch.optim.AdamW and not any(g.get("amsgrad") or g.get("capturable") or g.get("fused")
-                                                   for g in groups):
+    # Eagerly, fused/capturable AdamW keep `step` on the device: reading it would sync, so they stay
+    # generic. A compiled step reads the counts as tensors; Dynamo shows every traced AdamW group as
+    # capturable (its optimizer handling), so capturable is no reason to leave the fused descent there.
+    capturable_ok = torch.compiler.is_compiling()
+    if type(base) is torch.optim.AdamW and not any(g.get("amsgrad") or (g.get("capturable") and not capturable_ok)
+                                                   or g.get("fused") for g in groups):
         return "adamw"
     return None
 
@@ -53,14 +59,15 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _by_hyperparams(entries, keys):
-    """Group (group, param, backup, grad) entries by the hyperparameters that reach the kernel."""
+def _by_hyperparams(entries, keys, read):
+    """Group (group, param, backup, grad) entries by the hyperparameters that reach the kernel
+    (``read(group, key)``: a compiled step's lr is a tensor, keyed by identity)."""
     buckets: dict = {}
     last_group, bucket = None, []
     for entry in entries:  # entries come in group order: one key per param group, not per param
         if entry[0] is not last_group:
             last_group = entry[0]
-            bucket = buckets.setdefault(tuple(last_group[k] for k in keys), [])
+            bucket = buckets.setdefault(tuple(read(last_group, k) for k in keys), [])
         bucket.append(entry)
     return buckets.values()
 
@@ -114,8 +121,8 @@ def _with_telemetry(call, telemetry, params: list[torch.Tensor]):
     return call(sums=telemetry.sums)
 
 
-def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry) -> None:
-    for bucket in _by_hyperparams(entries, _SGD_KEYS):
+def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry, read) -> None:
+    for bucket in _by_hyperparams(entries, _SGD_KEYS, read):
         group = bucket[0][0]
         _, params, backups, grads = map(list, zip(*bucket))
         momentum = group["momentum"]
@@ -123,7 +130,7 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry) -> None:
         def call():
             old = [st.get("momentum_buffer") for st in states] if momentum else None
             return old, _with_telemetry(
-                lambda **tele: ops.sgd_restore_step_(params, backups, grads, old, lr=group["lr"], momentum=momentum,
+                lambda **tele: ops.sgd_restore_step_(params, backups, grads, old, lr=read(group, "lr"), momentum=momentum,
                                                      dampening=group["dampening"], weight_decay=group["weight_decay"],
                                                      nesterov=group["nesterov"], maximize=group["maximize"],
                                                      backend=backend, **amp, **tele), telemetry, params)
@@ -134,7 +141,7 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry) -> None:
                     st["momentum_buffer"] = buf
 
 
-def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry) -> None:
+def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry, read) -> None:
     states = [base.state[p] for _, p, _, _ in entries]
     for (_, p, _, _), st in zip(entries, states):
         if len(st) == 0:  # the layout torch.optim.AdamW creates on its first step
@@ -142,12 +149,17 @@ def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry) -> N
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     # The steps are CPU tensors (torch's layout for non-capturable AdamW): reading them is no device sync.
+    # A compiled step does not read them (a graph would be specialized on them): the kernel takes them
+    # as tensors, one per param (the eager reference's maths, which the compiler fuses).
     steps = [st["step"] for st in states]
     torch._foreach_add_(steps, 1)
-    counts = torch.stack(steps).tolist() if len({s.dtype for s in steps}) == 1 else [s.item() for s in steps]
-    step_of = {id(e[1]): (int(c), st) for e, c, st in zip(entries, counts, states)}
+    if torch.compiler.is_compiling():
+        step_of = {id(e[1]): (i, st) for i, (e, st) in enumerate(zip(entries, states))}
+    else:
+        counts = torch.stack(steps).tolist() if len({s.dtype for s in steps}) == 1 else [s.item() for s in steps]
+        step_of = {id(e[1]): (int(c), st) for e, c, st in zip(entries, counts, states)}
     try:
-        _adamw_launches(entries, step_of, backend, amp, telemetry)
+        _adamw_launches(entries, step_of, backend, amp, telemetry, read)
     except BaseException:  # nothing was stepped for good (the caller restores w): the counts go back too
         torch._foreach_add_(steps, -1)
         raise
@@ -155,21 +167,25 @@ def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry) -> N
         torch._foreach_add_(steps, amp["found_inf"].to(steps[0].device, steps[0].dtype), alpha=-1)
 
 
-def _adamw_launches(entries, step_of: dict, backend, amp: dict, telemetry) -> None:
-    """One launch per (hyperparameters, step count): usually one for the whole model."""
-    for bucket in _by_hyperparams(entries, _ADAMW_KEYS):
+def _adamw_launches(entries, step_of: dict, backend, amp: dict, telemetry, read) -> None:
+    """One launch per (hyperparameters, step count): usually one for the whole model. Compiled: one
+    per hyperparameters, the step counts a list of tensors."""
+    compiling = torch.compiler.is_compiling()
+    for bucket in _by_hyperparams(entries, _ADAMW_KEYS, read):
         by_step: dict = {}
         for e in bucket:
             step, st = step_of[id(e[1])]
-            by_step.setdefault(step, []).append((*e, st))
+            by_step.setdefault(None if compiling else step, []).append((*e, st))
         for step, items in by_step.items():
             group = items[0][0]
             _, params, backups, grads, sts = map(list, zip(*items))
+            if step is None:
+                step = [st["step"] for st in sts]
             beta1, beta2 = group["betas"]
             _with_state_following(
                 lambda: _with_telemetry(
                     lambda **tele: ops.adamw_restore_step_(params, backups, grads, [st["exp_avg"] for st in sts],
-                                                           [st["exp_avg_sq"] for st in sts], step, lr=group["lr"],
+                                                           [st["exp_avg_sq"] for st in sts], step, lr=read(group, "lr"),
                                                            beta1=beta1, beta2=beta2, eps=group["eps"],
                                                            weight_decay=group["weight_decay"],
                                                            maximize=group["maximize"], backend=backend, **amp, **tele),
@@ -255,7 +271,8 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor
         copy_back([p for p, _ in restore_only], [b for _, b in restore_only], backend)
     run_step_hooks(base, "pre")  # what base.step() would have run
     layer = aliases.layers([e[1] for e in entries], alias_keys)
+    read = lambda group, key: hyper(sam, group, key)  # noqa: E731
     for idx in aliases.split(list(range(len(entries))), layer):
-        (_sgd if kind == "sgd" else _adamw)(base, [entries[i] for i in idx], backend, amp, telemetry)
+        (_sgd if kind == "sgd" else _adamw)(base, [entries[i] for i in idx], backend, amp, telemetry, read)
     mark_stepped(base)
     run_step_hooks(base, "post")

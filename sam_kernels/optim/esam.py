@@ -263,15 +263,10 @@ class ESAM(SAM):
     def _clear(self) -> None:
         self._selection = None
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
-        super().second_step(zero_grad, loss=loss)
-        self._clear()
-
-    @torch.no_grad()
-    def base_step(self, zero_grad: bool = False) -> None:
-        super().base_step(zero_grad)
-        self._clear()
+    def _host_after(self, method: str, compiled: bool, zero_grad: bool) -> None:
+        super()._host_after(method, compiled, zero_grad)
+        if method != "first_step":
+            self._clear()
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -27,6 +27,7 @@ import torch
 from .. import ops
 from . import aliases, amp, backups, checkpoint, follow, groups, sparse_grads
 from .base_step import restore_and_step
+from .compiled import HyperTensors, call, call_eagerly, compiled_refusal, eval_frame_callback, hyper
 from .contract import (LIGHTNING_FIX, bind_base_optimizer, check_closure, check_group, complete_groups,
                        mark_stepped, prepare_group, run_step_hooks)
 from .centralize import CentralizeAscent
@@ -40,6 +41,12 @@ from .ascent import Ascent
 ASCENT_SCRATCH = "ascent_scratch"  # state entry: the copy a later ascent's perturb_ writes (w is in "backup")
 from .step_state import StepState
 from .telemetry import Telemetry
+
+
+def _step_rho(sam, group: dict, k: int):
+    """The rho of one ascent of ``k`` (rho/k), read as a compiled step must (:func:`.compiled.hyper`)."""
+    rho = hyper(sam, group, "rho")
+    return rho if k == 1 else rho / k
 
 
 class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
@@ -279,12 +286,25 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             if not now.stepping:
                 run_step_hooks(self, "pre")
 
-    @records_step(starts_step=True)
-    @torch.no_grad()
+    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
     def first_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
         """w ← w + e(w) for every param with a gradient; the backups are kept in ``self.state``.
 
-        ``loss``: the first-pass loss L(w) (telemetry's sharpness; not read in the step)."""
+        ``loss``: the first-pass loss L(w) (telemetry's sharpness; not read in the step).
+        On any error the weights are w. Under ``torch.compile``: :mod:`sam_kernels.optim.compiled`."""
+        compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
+        host = call_eagerly if compiled else call
+        host(self._host_before, "first_step", compiled)
+        try:
+            self._first_step(loss=loss)
+        except BaseException as e:
+            host(self._after_failure, e, False)
+            raise
+        host(self._host_after, "first_step", compiled, zero_grad)
+
+    @records_step(starts_step=True)
+    @torch.no_grad()
+    def _first_step(self, *, loss: Optional[torch.Tensor] = None) -> None:
         now = self.step_state
         now.finite.surface()
         if now.perturbed is not None:
@@ -292,7 +312,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                 times = "twice" if now.ascents == 1 else f"{now.ascents + 1} times"
                 raise RuntimeError(f"SAM.first_step() called {times} with ascent_steps={self.ascent_steps}: call "
                                    "second_step() (or restore()) first")
-            self._ascend_again(zero_grad)
+            self._ascend_again()  # the shell zeroes the grads
             return
         self.amp.check_attached(self)
         self._begin()
@@ -307,8 +327,6 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             raise
         now.decision = True
         self.amp.next_pass(self)
-        if zero_grad:
-            self.zero_grad()
 
     def _ascend(self) -> None:
         """Collect, norm, agree across ranks, screen, modifiers, options, perturb per bucket."""
@@ -355,7 +373,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             ascent.options["sq_norm"] = groups.sq_norm(entries, self.backend, grads=ascent.grads)
         ascent.options.update(self.amp.perturb_args(self, direction_scale))
         k = self.ascent_steps
-        ascent.buckets = groups.bucket(entries, lambda g: (g["rho"] / k, g["adaptive"], g["eta"]))
+        ascent.buckets = groups.bucket(entries, lambda g: (_step_rho(self, g, k), g["adaptive"], g["eta"]))
         ascent.options.update(self.telemetry.perturb_options(self, ascent))
         if direction is not None:
             ascent.options.pop("grad_copies", None)  # perturb_ would copy d, not g(w): telemetry copies g(w) itself
@@ -366,7 +384,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         now.ascents = 1
         self.telemetry.on_ascent(self, ascent)
 
-    def _ascend_again(self, zero_grad: bool) -> None:
+    def _ascend_again(self) -> None:
         """A later ascent of a multi-step one: w_i += (rho/k)·g(w_i)/‖g(w_i)‖ on the params the first
         ascent perturbed (w stays in their backups; scratch takes the copy ``perturb_`` writes). Any
         error restores w and ends the step."""
@@ -386,7 +404,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                 ascent.options = self.perturbation_options(ascent.params, ascent.grads)
                 ascent.options.update(self.amp.perturb_args(self, ascent.scale))
                 k = self.ascent_steps
-                ascent.buckets = groups.bucket(entries, lambda g: (g["rho"] / k, g["adaptive"], g["eta"]))
+                ascent.buckets = groups.bucket(entries, lambda g: (_step_rho(self, g, k), g["adaptive"], g["eta"]))
                 ascent.perturb(self.state, self.backend)
                 self.telemetry.on_ascent_again()
         except BaseException:
@@ -394,18 +412,29 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             raise
         now.ascents += 1
         self.amp.next_pass(self)
-        if zero_grad:
-            self.zero_grad()
 
-    @records_step(starts_step=False)
-    @torch.no_grad()
+    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
     def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
         """w ← backup, then the base optimizer's step with the gradients taken at w + e.
 
         ``loss``: the second-pass loss L(w + e) (telemetry's sharpness; not read in the step).
 
-        Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next step.
+        Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next
+        step; under ``torch.compile`` too (a body that fails to compile runs nothing, then w is restored).
         """
+        compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
+        host = call_eagerly if compiled else call
+        host(self._host_before, "second_step", compiled)
+        try:
+            self._second_step(loss=loss)
+        except BaseException as e:
+            host(self._after_failure, e, True)
+            raise
+        host(self._host_after, "second_step", compiled, zero_grad)
+
+    @records_step(starts_step=False)
+    @torch.no_grad()
+    def _second_step(self, *, loss: Optional[torch.Tensor] = None) -> None:
         now = self.step_state
         if now.perturbed is None:
             raise RuntimeError("SAM.second_step() called before first_step(): call first_step() after the first "
@@ -419,11 +448,11 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             if self.ascent_steps > 1:
                 self.telemetry.passes = (float(self.ascent_steps + 1),) * 2
             self._follow_casts()
-            self._descend(self.step_state.perturbed)
+            self._descend(now.perturbed)
         except BaseException:
             self.restore()
             raise
-        self._finish(zero_grad)
+        self._finish()
 
     def _descend(self, perturbed: Optional[list[torch.Tensor]]) -> None:
         """Screen, telemetry, agree, modifiers, then the restore and base step (fused where possible)."""
@@ -461,10 +490,22 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                 m.after_descent(self, now.found)
         self.amp.report(self)
 
-    @records_step(starts_step=True)
-    @torch.no_grad()
+    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
     def base_step(self, zero_grad: bool = False) -> None:
         """A step without the ascent: descent modifiers (e.g. LookSAM reuse), then the base step."""
+        compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
+        host = call_eagerly if compiled else call
+        host(self._host_before, "base_step", compiled)
+        try:
+            self._base_step()
+        except BaseException as e:
+            host(self._after_failure, e, False)
+            raise
+        host(self._host_after, "base_step", compiled, zero_grad)
+
+    @records_step(starts_step=True)
+    @torch.no_grad()
+    def _base_step(self) -> None:
         now = self.step_state
         now.finite.surface()
         if now.perturbed is not None:
@@ -478,9 +519,41 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             now.begun = False
             now.decision = None
             raise
-        self._finish(zero_grad)
+        self._finish()
 
-    def _finish(self, zero_grad: bool) -> None:
+    # ------------------------------------------------------------------ host work around the step bodies
+
+    # The shells (first_step, second_step, base_step) call these eagerly, also under torch.compile.
+
+    def _host_before(self, method: str, compiled: bool) -> None:
+        """Host work before a step body that a graph must not hold (variants extend it; see
+        :mod:`.compiled`): under compile, the hyperparameter tensors are filled."""
+        if compiled:
+            now = self.step_state
+            if now.hypers is None:
+                now.hypers = HyperTensors()
+            now.hypers.sync(self.param_groups)
+
+    def _host_after(self, method: str, compiled: bool, zero_grad: bool) -> None:
+        """Host work after a step body succeeded (variants extend it): under compile, what a graph
+        drops (``Optimizer.step``'s marks for LR schedulers); then ``zero_grad``."""
+        if compiled and method != "first_step":
+            mark_stepped(self)
+            mark_stepped(self.base_optimizer)
+        if zero_grad:
+            self.zero_grad()
+
+    def _after_failure(self, error: BaseException, descent: bool) -> None:
+        """A step body raised. An eager descent has restored w itself; a compiled one that failed to
+        compile ran nothing, so its pending ascent is undone here (``descent``). A graph break of a
+        base optimizer without a fused descent under fullgraph is explained (:func:`.compiled.compiled_refusal`)."""
+        if descent and self.step_state.perturbed is not None:
+            self.restore()
+        refusal = compiled_refusal(self, error)
+        if refusal is not None:
+            raise refusal from error
+
+    def _finish(self) -> None:
         now = self.step_state
         self.telemetry.on_finish(self, sam_step=now.perturbed is not None)
         now.end()
@@ -489,8 +562,6 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         if not now.stepping:  # inside step() torch's wrapper does both
             mark_stepped(self)
             run_step_hooks(self, "post")
-        if zero_grad:
-            self.zero_grad()
 
     @records_step(starts_step=False)
     @torch.no_grad()

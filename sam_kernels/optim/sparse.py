@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dtensor import is_dtensor
-from . import follow, groups
+from . import follow, groups, sparse_grads
 from .masks import PATTERNS, UNITS, DynamicMask, FisherMask, MaskProvider, RandomMask, RefreshCadence
 from .sam import SAM
 
@@ -326,7 +326,8 @@ class SparseSAM(SAM):
         """Explicit form: masks (and the masked norm if asked). Implicit form: dense SAM perturbation."""
         if self.implicit:
             return {}
-        masks_all = self._current_masks()
+        # refreshed before the body (_host_before): a compiled step only reads them
+        masks_all = self.mask_provider.masks if torch.compiler.is_compiling() else self._current_masks()
         index = {id(p): i for i, p in enumerate(self._all_params())}
         masks = [masks_all[index[id(p)]] for p in params]
         out: dict = {"masks": masks}
@@ -349,24 +350,25 @@ class SparseSAM(SAM):
             yield
         self._ascent_done = True
 
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
-        if self.implicit and not self._ascent_done:
-            raise RuntimeError("SparseSAM(implicit=True): run the first forward/backward inside "
-                               "`with opt.ascent_pass():` so that it uses the masked input gradients")
+    def _host_before(self, method: str, compiled: bool) -> None:
+        """Before ``first_step``: the implicit form's check, then the mask refresh when due, here on the
+        host: a compiled ``first_step`` reads the masks, it never refreshes them (a refresh runs
+        Fisher passes or draws from a CPU generator, which a graph cannot hold)."""
+        super()._host_before(method, compiled)
+        if method == "first_step":
+            if self.implicit and not self._ascent_done:
+                raise RuntimeError("SparseSAM(implicit=True): run the first forward/backward inside "
+                                   "`with opt.ascent_pass():` so that it uses the masked input gradients")
+            if not self.implicit and self.step_state.perturbed is None:
+                if sparse_grads.any_sparse(self.param_groups):  # refused before a refresh runs the model
+                    sparse_grads.refuse_unsupported(self)
+                self._current_masks()
         self._ascent_done = False
-        super().first_step(zero_grad, loss=loss)
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
-        super().second_step(zero_grad, loss=loss)
-        self.mask_provider.cadence.tick()
-
-    @torch.no_grad()
-    def base_step(self, zero_grad: bool = False) -> None:
-        self._ascent_done = False
-        super().base_step(zero_grad)
-        self.mask_provider.cadence.tick()
+    def _host_after(self, method: str, compiled: bool, zero_grad: bool) -> None:
+        super()._host_after(method, compiled, zero_grad)
+        if method != "first_step":
+            self.mask_provider.cadence.tick()
 
     # ------------------------------------------------------------------ state
 

@@ -20,18 +20,14 @@ def all_but(*names: str) -> tuple:
 
 
 KNOWN_FAILURES: dict[tuple, str] = {
-    ("compile", all_but("SAM-AdamW", "SAM-Adagrad", "SparseSAM-fisher", "SparseSAM-dynamic", "SparseSAM-structured",
-                        "SparseSAM-nm", "MomentumSAM"), None):
-        "the lr schedule recompiles every step: the kernels take lr and rho as Python floats, which a compiled "
-        "graph holds as constants, until the recompile limit fails fullgraph (tensor hyperparameters in the ops needed)",
-    ("compile/inductor", None, None):
-        "the lr schedule recompiles every step (lr and rho are float arguments of the kernels: graph constants)",
-    ("compile", ("SAM-AdamW", "SAM-Adagrad"), None):
-        "base_step.restore_and_step calls torch._dynamo.graph_break() for AdamW's host step counts and for bases "
-        "without a fused descent: fullgraph=True fails in second_step",
-    ("compile", ("SparseSAM-fisher", "SparseSAM-dynamic", "SparseSAM-structured", "SparseSAM-nm"), None):
-        "the mask refresh inside first_step does not trace (Fisher: an opaque object created in the graph; "
-        "random/dynamic: a CPU generator argument Dynamo cannot proxy)",
+    ("compile", ("ESAM",), None):
+        "ESAM's per-tensor selection perturbs a different subset of the params each step: each subset is "
+        "another graph (guards on the number of backups), until the recompile limit fails fullgraph (the "
+        "failed call leaves the weights at w)",
+    ("compile", ("WSAM", "BSAM"), None):
+        "WSAM's descent mixing and BSAM's update read the group's lr as a Python float (a compiled step needs "
+        "the tensor sam_kernels.optim.compiled.hyper gives): the lr schedule recompiles every step until the "
+        "recompile limit fails fullgraph (the failed call leaves the weights at w)",
     ("compile", ("MomentumSAM",), None):
         "Momentum-SAM's one-pass step is opt.step, which an LR scheduler wraps in a function Dynamo does not "
         "trace: fullgraph=True fails at the first call",

@@ -1,47 +1,79 @@
 """torch.compile of the step functions, as the README shows, over 50 steps with the learning rate
-changed every step by a scheduler: the reference in lockstep, and compiles counted.
+changed every step by a scheduler (and rho by hand): the reference in lockstep, and compiles counted.
 
 ``finite_check=False`` (its checks are host syncs). Backend ``aot_eager`` (traces the same graphs as
-inductor, compiles fast); one case runs inductor. After the warm-up steps (state created, first SAM
-and plain steps seen), no function may compile again: a hyperparameter changed by a scheduler and
-the optimizer's own counters must not be guards.
+inductor, compiles fast); one case runs inductor. Each step function compiles at most twice, both
+in its first two calls (state created at the first, counters dynamic at the second), and never
+again: a hyperparameter changed by a scheduler and the optimizer's own counters must not be guards.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from tests.loops.harness import Run
-from tests.loops.matrix import cases
+from tests.loops.matrix import cases, refusal
 from tests.optim.hand_reference import exp_lr
 
-STEPS, WARMUP, GAMMA = 50, 4, 0.97
+STEPS, GAMMA = 50, 0.97
+WARMUP = 2  # calls of a step function after which it may not compile again
 RECOMPILE_LIMIT = 4  # above the 2 compiles per function allowed: a run that recompiles every step fails fast
 
 
-def compiled_run(info, backend, compiler, steps=STEPS):
+class Counted:
+    """A step method compiled with ``fullgraph=True``; ``graphs()`` counts the graphs torch.compile
+    keeps for it (the cache entries of the method's compiled body), ``warm`` their number at the end of
+    its ``WARMUP``-th call. (A compile counter would also count the analyses Dynamo restarts within
+    one compile.)"""
+
+    def __init__(self, opt, name, compiler):
+        self.fn = torch.compile(getattr(opt, name), fullgraph=True, backend=compiler)
+        # the body the shell calls (sam_kernels.optim.compiled); a one-pass step has no shell
+        self.code = getattr(type(opt), f"_{name}", getattr(type(opt), name)).__code__
+        self.calls, self.warm = 0, None
+
+    def graphs(self) -> int:
+        return len(_debug_get_cache_entry_list(self.code))
+
+    def __call__(self, *args, **kwargs):
+        self.fn(*args, **kwargs)
+        self.calls += 1
+        if self.calls == WARMUP:
+            self.warm = self.graphs()
+
+
+def compiled_run(info, backend, compiler, steps=STEPS, rho_gamma=None):
+    """``steps`` compiled steps with ExponentialLR (and, with ``rho_gamma``, rho scaled by it every
+    step), the reference in lockstep; each step function compiles at most twice, in its first two
+    calls. Returns the run and the compiles per function."""
     torch._dynamo.reset()
     run = Run(info, backend, dtype=torch.float32, steps=steps, finite_check=False)
-    lr0 = run.opt.param_groups[0]["lr"]
+    lr0, rho0 = run.opt.param_groups[0]["lr"], run.opt.param_groups[0]["rho"]
     sched = torch.optim.lr_scheduler.ExponentialLR(run.opt, gamma=GAMMA)
-    counter = CompileCounterWithBackend(compiler)
     names = ("step",) if info.one_pass else ("first_step", "second_step", "base_step")
-    step_with = {name: torch.compile(getattr(run.opt, name), fullgraph=True, backend=counter) for name in names}
-    after_warmup = None
+    step_with = {name: Counted(run.opt, name, compiler) for name in names}
     for t, (x, y) in enumerate(run.data):
         micro = [(x, y)]
+        if rho_gamma is not None:
+            for group in run.opt.param_groups:
+                group["rho"] = rho0 * rho_gamma ** t
+            run.ref.rho = rho0 * rho_gamma ** t
         rec = run.manual(micro, step_with=step_with)
         run.ref.lr = exp_lr(lr0, GAMMA, t)
         run.reference_step(rec, micro)
         sched.step()
-        if t == WARMUP - 1:
-            after_warmup = counter.frame_count
     run.check(f"after {steps} compiled steps", tol=(1e-5, 1e-4))
-    assert counter.frame_count == after_warmup, \
-        f"{counter.frame_count - after_warmup} compiles after the warm-up (of {counter.frame_count})"
-    assert counter.frame_count <= 2 * len(step_with)
-    return run
+    compiles = {name: f.graphs() for name, f in step_with.items()}
+    for name, f in step_with.items():
+        if f.calls:
+            assert f.warm is None or compiles[name] == f.warm, \
+                f"{name}: {compiles[name] - f.warm} compiles after its first {WARMUP} calls ({compiles})"
+            assert 1 <= compiles[name] <= 2, compiles
+        else:
+            assert compiles[name] == 0, compiles
+    assert step_with["first_step"].calls > 0
+    return run, compiles
 
 
 # Every row on cpp (the fused ops with their fake kernels); the eager backend's ops trace the same way:
@@ -63,3 +95,31 @@ def test_compiled_steps_with_lr_schedule(info, backend):
 @pytest.mark.parametrize("info,backend", [c for c in cases("compile/inductor") if c.id == "SAM-cpp"])
 def test_compiled_steps_inductor(info, backend):
     compiled_run(info, backend, "inductor", steps=12)
+
+
+@pytest.mark.parametrize("info,backend", [c for c in COMPILE_CASES if c.id in (
+    "SAM-cpp", "ASAM-cpp", "StableSAM-cpp", "SparseSAM-structured-cpp", "SAM-AdamW-cpp", "SAM-eager")])
+def test_compiled_steps_with_rho_schedule(info, backend):
+    """rho changed by hand every step (as a rho schedule does) on top of the lr schedule: no recompile."""
+    compiled_run(info, backend, "aot_eager", steps=20, rho_gamma=0.95)
+
+
+@pytest.mark.parametrize("info,backend", cases("compile", backends=("cpp",), refused=True))
+def test_compiled_steps_refused(info, backend):
+    """A row that refuses fullgraph compiled steps raises its error at the compiled descent, with the
+    weights at w (the compiled ascent ran; the failed descent restored them bitwise)."""
+    torch._dynamo.reset()
+    run = Run(info, backend, dtype=torch.float32, steps=1, finite_check=False)
+    w = [p.detach().clone() for p in run.model.parameters()]
+    first = torch.compile(run.opt.first_step, fullgraph=True, backend="aot_eager")
+    second = torch.compile(run.opt.second_step, fullgraph=True, backend="aot_eager")
+    (x, y), = run.data
+    run.backward([(x, y)])
+    first(zero_grad=True)
+    assert any(not torch.equal(p, v) for p, v in zip(run.model.parameters(), w))  # at w + e
+    run.backward([(x, y)])
+    with refusal(info, "compile"):
+        second()
+    for p, v in zip(run.model.parameters(), w):
+        assert torch.equal(p, v)
+    assert run.opt.step_state.perturbed is None and run.opt.step_count == 0

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import sam_kernels as sk
+from sam_kernels.optim.descent import Modifier
+from torch._dynamo.testing import CompileCounterWithBackend
 
 
 def setup(variant="SAM", seed=0):
@@ -121,3 +123,127 @@ def test_compiled_step_in_a_fresh_process():
         "print('ok')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+class _GraphBreak(Modifier):
+    """A descent modifier that breaks the graph (what any untraceable descent code does)."""
+
+    def before_descent(self, sam, params, grads, sam_step, sq_norm):
+        torch._dynamo.graph_break()
+        return sq_norm
+
+
+def _hand_sam_sgd(ws, x, y, lr, rho, eps=1e-12):
+    """One SAM step around plain SGD on the Linear-Tanh-Linear model, by hand in float64."""
+    def grads(v):
+        v = [t.detach().double().clone().requires_grad_(True) for t in v]
+        w1, b1, w2, b2 = v
+        F.cross_entropy(torch.tanh(x.double() @ w1.T + b1) @ w2.T + b2, y).backward()
+        return [t.grad for t in v]
+    ws = [w.double() for w in ws]
+    g1 = grads(ws)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g1))
+    g2 = grads([w + rho * g / (norm + eps) for w, g in zip(ws, g1)])
+    return [w - lr * g for w, g in zip(ws, g2)]
+
+
+def _sgd_sam(modifiers=()):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, finite_check=False, modifiers=modifiers)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    return model, opt, x, y
+
+
+def test_second_step_that_fails_to_compile_leaves_w():
+    """A graph break in a fullgraph second_step: the compiled call runs nothing, its shell restores w
+    (bitwise) before the error propagates, and the next (eager) step is the right SAM step."""
+    from torch._dynamo.exc import Unsupported
+    torch._dynamo.reset()
+    model, opt, x, y = _sgd_sam([_GraphBreak()])
+    w = [p.detach().clone() for p in model.parameters()]
+    first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+    second = torch.compile(opt.second_step, fullgraph=True, backend="aot_eager")
+    loss_of(model, x, y).backward()
+    first(zero_grad=True)
+    assert not all(torch.equal(p, v) for p, v in zip(model.parameters(), w))
+    loss_of(model, x, y).backward()
+    with pytest.raises(Unsupported, match="graph_break"):
+        second()
+    assert all(torch.equal(p, v) for p, v in zip(model.parameters(), w))
+    assert opt.step_state.perturbed is None and opt.step_count == 0
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    for p, want in zip(model.parameters(), _hand_sam_sgd(w, x, y, lr=0.1, rho=0.05)):
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_second_step_at_the_recompile_limit_leaves_w(monkeypatch):
+    """The recompile limit hit by a fullgraph second_step (here 1: its second call recompiles, the
+    step counters becoming dynamic) fails the call before it runs; the weights are w again."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model, opt, x, y = _sgd_sam()
+    second = torch.compile(opt.second_step, fullgraph=True, backend="aot_eager")
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    second(zero_grad=True)
+    w = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    with pytest.raises(FailOnRecompileLimitHit):
+        second()
+    assert all(torch.equal(p, v) for p, v in zip(model.parameters(), w))
+    assert opt.step_state.perturbed is None and opt.step_count == 1
+
+
+def test_compiled_zero_grad_runs_in_the_shell():
+    """first_step(zero_grad=True) / second_step(zero_grad=True) compiled with fullgraph: the gradients
+    are cleared (eagerly, by the shell) and the step is the hand computation's."""
+    torch._dynamo.reset()
+    model, opt, x, y = _sgd_sam()
+    w = [p.detach().clone() for p in model.parameters()]
+    first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+    second = torch.compile(opt.second_step, fullgraph=True, backend="aot_eager")
+    loss_of(model, x, y).backward()
+    first(zero_grad=True)
+    assert all(p.grad is None for p in model.parameters())
+    loss_of(model, x, y).backward()
+    second(zero_grad=True)
+    assert all(p.grad is None for p in model.parameters())
+    for p, want in zip(model.parameters(), _hand_sam_sgd(w, x, y, lr=0.1, rho=0.05)):
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_lr_in_a_group_compiles_once_per_method():
+    """torch's recipe for compiled optimizers with schedulers, lr=torch.tensor(...): a scheduler fills
+    the tensor in place, the compiled steps read it as data (and equal the hand computation)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=torch.tensor(0.1), finite_check=False)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    counters = {k: CompileCounterWithBackend("aot_eager") for k in ("first", "second")}
+    first = torch.compile(opt.first_step, fullgraph=True, backend=counters["first"])
+    second = torch.compile(opt.second_step, fullgraph=True, backend=counters["second"])
+    g = torch.Generator().manual_seed(1)
+    w = [p.detach().clone() for p in model.parameters()]
+    for t in range(6):
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        loss_of(model, x, y).backward()
+        first(zero_grad=True)
+        loss_of(model, x, y).backward()
+        second(zero_grad=True)
+        w = _hand_sam_sgd(w, x, y, lr=0.1 * 0.9 ** t, rho=0.05)
+        sched.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert all(c.frame_count <= 2 for c in counters.values()), {k: c.frame_count for k, c in counters.items()}
+    for p, want in zip(model.parameters(), w):
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)

@@ -173,7 +173,8 @@ VARIANTS: list[VariantInfo] = [
                 False, _hand("adamw", ADAMW),
                 refuses={"sparse_grad": SPARSE_REFUSED}),  # torch's AdamW has no sparse form
     VariantInfo("SAM-Adagrad", _sam(sk.SAM, base_optimizer=torch.optim.Adagrad, rho=RHO, **ADAGRAD),
-                False, _hand("adagrad", ADAGRAD)),  # a base without a fused descent (generic path)
+                False, _hand("adagrad", ADAGRAD),  # a base without a fused descent (generic path)
+                refuses={"compile": (TypeError, "needs a fused descent")}),  # its step() breaks the graph
     VariantInfo("ASAM", _sam(sk.SAM, base_optimizer=torch.optim.SGD, rho=0.5, adaptive=True, **SGD),
                 False, _hand(rho=0.5, adaptive=True),
                 refuses={"aliased": ALIAS_REFUSED}),  # T = |w| + eta would be read at perturbed weights
