@@ -25,6 +25,7 @@ void bsam_noise_cpu(at::TensorList params, at::TensorList backups, at::TensorLis
   check_list("bsam_noise_", "backups", params, backups);
   check_list("bsam_noise_", "s", params, s);
   check_list("bsam_noise_", "noise", params, noise);
+  sam_kernels::check_no_shared_writes("bsam_noise_", {{params, true}, {backups, true}, {s, false}, {noise, false}});
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "bsam_noise_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t n = num_data;
@@ -53,6 +54,8 @@ void bsam_ascent_cpu(at::TensorList params, at::TensorList backups, at::TensorLi
   check_list("bsam_ascent_", "grads", params, grads);
   check_list("bsam_ascent_", "s", params, s);
   check_list("bsam_ascent_", "s_next", params, s_next);
+  sam_kernels::check_no_shared_writes(
+      "bsam_ascent_", {{params, true}, {backups, false}, {grads, false}, {s, false}, {s_next, true}});
   sam_kernels::check_amp_scalar("bsam_ascent_", "grad_scale", grad_scale, params);
   sam_kernels::check_amp_scalar("bsam_ascent_", "found_inf", found_inf, params);
   // An overflowed pass leaves w at the backup (no NaN reaches a forward); s_next is then unused.
@@ -90,6 +93,8 @@ void bsam_descent_cpu(at::TensorList params, at::TensorList backups, at::TensorL
   check_list("bsam_descent_", "exp_avgs", params, exp_avgs);
   check_list("bsam_descent_", "s", params, s);
   check_list("bsam_descent_", "s_next", params, s_next);
+  sam_kernels::check_no_shared_writes("bsam_descent_", {{params, true}, {backups, false}, {grads, false},
+                                                        {exp_avgs, true}, {s, false}, {s_next, true}});
   sam_kernels::check_amp_scalar("bsam_descent_", "grad_scale", grad_scale, params);
   sam_kernels::check_amp_scalar("bsam_descent_", "found_inf", found_inf, params);
   const auto chunks = make_chunks(params);

@@ -93,6 +93,7 @@ void looksam_apply_cpu(at::TensorList grads, at::TensorList g_v, double alpha, c
 void mix_cpu(at::TensorList grads, at::TensorList others, const at::Tensor& a, const at::Tensor& b) {
   check_primary("mix_", "grads", grads);
   check_list("mix_", "others", grads, others);
+  sam_kernels::check_no_shared_writes("mix_", {{grads, true}, {others, false}});
   SAM_DISPATCH_FLOATS(grads[0].scalar_type(), "mix_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t ca = read_scalar<acc_t>(a, "mix_", "a");
@@ -117,6 +118,8 @@ void ema_update_cpu(at::TensorList emas, at::TensorList grads, std::optional<at:
   check_primary("ema_update_", "emas", emas);
   check_list("ema_update_", "grads", emas, grads);
   if (directions) check_list("ema_update_", "directions", emas, *directions);
+  sam_kernels::check_no_shared_writes("ema_update_", {{emas, true}, {grads, false},
+                                                      {directions ? *directions : at::TensorList(), true}});
   sam_kernels::check_amp_scalar("ema_update_", "grad_scale", grad_scale, emas);
   sam_kernels::check_amp_scalar("ema_update_", "found_inf", found_inf, emas);
   const bool skip = found_inf && *found_inf->data_ptr<float>() != 0.0f;

@@ -87,6 +87,7 @@ void bsam_noise_cuda(at::TensorList params, at::TensorList backups, at::TensorLi
   check_list("bsam_noise_", "backups", params, backups);
   check_list("bsam_noise_", "s", params, s);
   check_list("bsam_noise_", "noise", params, noise);
+  sam_kernels::check_no_shared_writes("bsam_noise_", {{params, true}, {backups, true}, {s, false}, {noise, false}});
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "bsam_noise_", [&](auto tag) {
     using T = decltype(tag);
@@ -103,6 +104,8 @@ void bsam_ascent_cuda(at::TensorList params, at::TensorList backups, at::TensorL
   check_list("bsam_ascent_", "grads", params, grads);
   check_list("bsam_ascent_", "s", params, s);
   check_list("bsam_ascent_", "s_next", params, s_next);
+  sam_kernels::check_no_shared_writes(
+      "bsam_ascent_", {{params, true}, {backups, false}, {grads, false}, {s, false}, {s_next, true}});
   const AmpScalars amp = amp_scalars("bsam_ascent_", grad_scale, found_inf, params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "bsam_ascent_", [&](auto tag) {
@@ -123,6 +126,8 @@ void bsam_descent_cuda(at::TensorList params, at::TensorList backups, at::Tensor
   check_list("bsam_descent_", "exp_avgs", params, exp_avgs);
   check_list("bsam_descent_", "s", params, s);
   check_list("bsam_descent_", "s_next", params, s_next);
+  sam_kernels::check_no_shared_writes("bsam_descent_", {{params, true}, {backups, false}, {grads, false},
+                                                        {exp_avgs, true}, {s, false}, {s_next, true}});
   const AmpScalars amp = amp_scalars("bsam_descent_", grad_scale, found_inf, params);
   const c10::cuda::CUDAGuard guard(params[0].device());
   dispatch_floats(params[0].scalar_type(), "bsam_descent_", [&](auto tag) {

@@ -138,6 +138,8 @@ void ema_update_cuda(at::TensorList emas, at::TensorList grads, std::optional<at
   check_primary("ema_update_", "emas", emas);
   check_list("ema_update_", "grads", emas, grads);
   if (directions) check_list("ema_update_", "directions", emas, *directions);
+  sam_kernels::check_no_shared_writes("ema_update_", {{emas, true}, {grads, false},
+                                                      {directions ? *directions : at::TensorList(), true}});
   sam_kernels::check_amp_scalar("ema_update_", "grad_scale", grad_scale, emas);
   sam_kernels::check_amp_scalar("ema_update_", "found_inf", found_inf, emas);
   const float* scale = grad_scale ? grad_scale->data_ptr<float>() : nullptr;
@@ -200,6 +202,7 @@ void looksam_apply_cuda(at::TensorList grads, at::TensorList g_v, double alpha, 
 void mix_cuda(at::TensorList grads, at::TensorList others, const at::Tensor& a, const at::Tensor& b) {
   check_primary("mix_", "grads", grads);
   check_list("mix_", "others", grads, others);
+  sam_kernels::check_no_shared_writes("mix_", {{grads, true}, {others, false}});
   const DeviceScalar da = device_scalar(a, grads[0], "mix_", "a");
   const DeviceScalar db = device_scalar(b, grads[0], "mix_", "b");
   const c10::cuda::CUDAGuard guard(grads[0].device());

@@ -34,6 +34,14 @@ def refused(mod) -> dict:
             lambda: mod.restore_([big[:70], big[:70].view(7, 10)], [g[0], g[1].view(7, 10)]), [[big]]),
         "renormalize_: a grad twice": (
             lambda: mod.renormalize_([g[0], g[0]], torch.tensor(1.0), torch.tensor(4.0), 1e-12), [g]),
+        "mix_: a grad twice": (
+            lambda: mod.mix_([g[0], g[0]], b, torch.tensor(1.0), torch.tensor(0.5)), [g, b]),
+        "ema_update_: one EMA buffer for two params": (
+            lambda: mod.ema_update_([b[0], b[0]], g, None, 0.1, 0.0, None, None), [b, g]),
+        "ema_update_: a direction over another EMA": (
+            lambda: mod.ema_update_(b, g, [other, b[0]], 0.1, 1.0, None, None), [b, g, [other]]),
+        "bsam_noise_: a backup over another param": (
+            lambda: mod.bsam_noise_([w, other], [b[0], w], [s_ + 1.0 for s_ in b], g, 50.0), [[w, other], b]),
     }
 
 
