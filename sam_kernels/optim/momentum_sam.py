@@ -138,7 +138,7 @@ class MomentumSAM(SAM):
             now.begun = False
             raise
         now.set_perturbed(None)  # a one-pass step for the counters
-        self._finish(False)
+        self._finish()
         self._momentum_ascent(with_grads=True)
 
     @contextlib.contextmanager
@@ -165,10 +165,11 @@ class MomentumSAM(SAM):
 
     def _momentum_ascent(self, with_grads: bool) -> None:
         """w̃ ← w − rho·v/(‖v‖ + 1e-12) over the params with a momentum buffer (and a gradient this
-        step when ``with_grads``, as the official code), w kept in the backups."""
+        step when ``with_grads``, as the official code) in the groups that take part in the ascent
+        (SAM-ON's ``perturb=False`` groups do not, nor are they in ‖v‖), w kept in the backups."""
         now = self.step_state
         key, state = self.direction_key, self.base_optimizer.state
-        entries = [(g, p) for g in self.param_groups for p in g["params"]
+        entries = [(g, p) for g in self.param_groups if g["perturb"] for p in g["params"]  # SAM-ON: perturb=False
                    if isinstance(state.get(p, {}).get(key), torch.Tensor) and (p.grad is not None or not with_grads)]
         if not entries:
             return

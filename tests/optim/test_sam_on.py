@@ -12,7 +12,7 @@ import torch
 import sam_kernels as sk
 from sam_kernels import ops
 from tests.optim.hand_reference import EPS, norm
-from tests.optim.variants import VARIANTS, loss_fn, make_batches, make_model
+from tests.optim.variants import LR, VARIANTS, loss_fn, make_batches, make_model
 
 
 class WRNBlock(torch.nn.Module):
@@ -141,6 +141,17 @@ def test_every_variant_leaves_skipped_groups_at_w(info, backend):
             opt.first_step(zero_grad=True)
         assert all(torch.equal(p.detach(), w) for p, w in zip(params, w0)), info.name
         return
+    if info.one_pass:  # Momentum-SAM: after step() the model holds w̃; the skipped tensors took a plain step
+        wd = opt.param_groups[0]["weight_decay"]  # SGD's first step: buf = g + wd·w (no momentum yet, w̃ = w)
+        want = [w - LR * (p.grad.detach() + wd * w) for p, w in zip(params, w0)]
+        opt.step()
+        for p, w, new in zip(params, w0, want):
+            if p.dim() != 1:
+                torch.testing.assert_close(p.detach(), new, atol=1e-12, rtol=1e-10, msg=info.name)
+        return
+    for _ in range(info.ascent_steps - 1):  # a multi-step ascent: the earlier ascents, a backward after each
+        opt.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
     opt.first_step(zero_grad=True)
     for p, w in zip(params, w0):
         if p.dim() != 1:
