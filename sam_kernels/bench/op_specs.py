@@ -41,6 +41,9 @@ ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
 ADAM_STEP = 10  # fixed: every repeat does the same maths (bias corrections constant)
 FISHER_SCALE = 1e-3
 EMA_WEIGHT = 0.4  # VaSSO's theta
+BSAM_N = 50000.0  # bSAM's num_data (a CIFAR-sized training set)
+BSAM_ASCENT = dict(rho=0.01, beta2=0.999, damping=0.1, weight_decay=5e-4, perturb=True)  # the official defaults
+BSAM_DESCENT = dict(lr=0.5, beta1=0.9, weight_decay=5e-4)
 LOOKSAM_ALPHA = 1e-3  # small so that repeated calls do not blow g up (the speed does not depend on it)
 EPS = 1e-12
 
@@ -288,6 +291,25 @@ SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (
              api=lambda s, b: ops.mix_(s["grads"], s["sam_grads"], MIX_A, MIX_B, backend=b),
              reference=lambda s: reference.mix_(s["grads"], s["sam_grads"], torch.tensor(MIX_A), torch.tensor(MIX_B)),
              loop=lambda s: baselines.mix_(s["grads"], s["sam_grads"], MIX_A, MIX_B)),
+    _op_spec("bsam_noise_", ("params", "backups", "precisions", "noise"), ("params", "backups"),
+             api=lambda s, b: ops.bsam_noise_(s["params"], s["backups"], s["precisions"], s["noise"],
+                                              num_data=BSAM_N, backend=b),
+             reference=lambda s: reference.bsam_noise_(s["params"], s["backups"], s["precisions"], s["noise"], BSAM_N),
+             loop=None),
+    _op_spec("bsam_ascent_", ("params", "backups", "grads", "precisions", "precisions_next"),
+             ("params", "precisions_next"),
+             api=lambda s, b: ops.bsam_ascent_(s["params"], s["backups"], s["grads"], s["precisions"],
+                                               s["precisions_next"], **BSAM_ASCENT, backend=b),
+             reference=lambda s: reference.bsam_ascent_(s["params"], s["backups"], s["grads"], s["precisions"],
+                                                        s["precisions_next"], **BSAM_ASCENT),
+             loop=None),
+    _op_spec("bsam_descent_", ("params", "backups", "grads", "exp_avgs", "precisions", "precisions_next"),
+             ("params", "exp_avgs"),
+             api=lambda s, b: ops.bsam_descent_(s["params"], s["backups"], s["grads"], s["exp_avgs"], s["precisions"],
+                                                s["precisions_next"], **BSAM_DESCENT, backend=b),
+             reference=lambda s: reference.bsam_descent_(s["params"], s["backups"], s["grads"], s["exp_avgs"],
+                                                         s["precisions"], s["precisions_next"], **BSAM_DESCENT),
+             loop=None),
     _op_spec("topk_mask", ("scores",), (), exact=True, bandwidth_bound=False,
              api=lambda s, b: ops.topk_mask(s["scores"], 0.5, backend=b),
              reference=lambda s: reference.topk_mask(s["scores"], _topk_k(s)),

@@ -20,6 +20,9 @@ _FILLS = {
     "exp_avg_sqs": ("uniform", 1e-4, 1e-5),
     "fisher": ("uniform", 1e-4, 0.0),
     "scores": ("uniform", 1.0, 0.0),
+    "precisions": ("uniform", 1.0, 0.5),       # bSAM's s > 0
+    "precisions_next": ("uniform", 1.0, 0.5),
+    "noise": ("normal", 1.0, 0.0),             # bSAM's z ~ N(0, 1)
 }
 
 

@@ -9,11 +9,8 @@ REPO = Path(__file__).resolve().parents[2]
 # Runs the given code with matplotlib (and other optional packages) unimportable, as in an environment without them.
 BLOCK = """
 import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("tqdm", "matplotlib", "pytorch_optimizer"):
-            raise ImportError(f"No module named {name!r}")
-sys.meta_path.insert(0, _Block())
+for _name in ("tqdm", "matplotlib", "pytorch_optimizer"):
+    sys.modules[_name] = None  # import raises ModuleNotFoundError, importlib.util.find_spec returns None
 """
 
 

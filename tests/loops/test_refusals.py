@@ -1,5 +1,5 @@
 """Loops a variant refuses (``VariantInfo.refuses``): the loop raises the row's error before any
-weight changes. (Sparse gradients: ``test_sparse_grad_loops``; SAM-ON groups: ``tests/optim/test_sam_on.py``.)"""
+weight changes. (Sparse gradients: ``test_sparse_grad_loops``; SAM-ON groups: ``test_sam_on_loops``.)"""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +16,7 @@ TESTED_HERE = ("closure", "amp_closure", "aliased")
 
 def test_every_refusal_has_a_test():
     for info in VARIANTS:
-        # sparse_grad: test_sparse_grad_loops; sam_on: tests/optim/test_sam_on.py; compile: test_compile_loops
+        # sparse_grad: test_sparse_grad_loops; sam_on: test_sam_on_loops; compile: test_compile_loops
         assert set(info.refuses) <= {*TESTED_HERE, "sparse_grad", "sam_on", "compile"}, info.name
 
 

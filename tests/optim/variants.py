@@ -36,6 +36,7 @@ LOOPS = (
     "cast",                # model.double() between steps and between first_step and second_step
     "aliased",             # two Parameters over one storage (b.weight.data = a.weight.data)
     "sparse_grad",         # nn.Embedding(sparse=True)
+    "sam_on",              # param groups with perturb=False (SAM-ON)
 )
 
 RHO, LR, MOMENTUM = 0.05, 0.1, 0.9
