@@ -24,10 +24,6 @@ KNOWN_FAILURES: dict[tuple, str] = {
         "ESAM's per-tensor selection perturbs a different subset of the params each step: each subset is "
         "another graph (guards on the number of backups), until the recompile limit fails fullgraph (the "
         "failed call leaves the weights at w)",
-    ("compile", ("WSAM", "BSAM"), None):
-        "WSAM's descent mixing and BSAM's update read the group's lr as a Python float (a compiled step needs "
-        "the tensor sam_kernels.optim.compiled.hyper gives): the lr schedule recompiles every step until the "
-        "recompile limit fails fullgraph (the failed call leaves the weights at w)",
     ("compile", ("SAM-3-step",), None):
         "each ascent of a multi-step ascent runs the same compiled first_step body with another ascent count "
         "(guards on it): k ascents keep k + 1 graphs, over the limit of 2 this test holds every row to",

@@ -98,7 +98,8 @@ def test_compiled_steps_inductor(info, backend):
 
 
 @pytest.mark.parametrize("info,backend", [c for c in COMPILE_CASES if c.id in (
-    "SAM-cpp", "ASAM-cpp", "StableSAM-cpp", "SparseSAM-structured-cpp", "SAM-AdamW-cpp", "SAM-eager")])
+    "SAM-cpp", "ASAM-cpp", "StableSAM-cpp", "SparseSAM-structured-cpp", "SAM-AdamW-cpp", "SAM-eager", "WSAM-cpp",
+    "BSAM-cpp")])
 def test_compiled_steps_with_rho_schedule(info, backend):
     """rho changed by hand every step (as a rho schedule does) on top of the lr schedule: no recompile."""
     compiled_run(info, backend, "aot_eager", steps=20, rho_gamma=0.95)
