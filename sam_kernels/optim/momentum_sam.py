@@ -167,7 +167,7 @@ class MomentumSAM(SAM):
         if self.step_state.perturbed is not None:
             self.restore()
         self.step_state.begun = False
-        refusal = compiled_refusal(self, error)
+        refusal = compiled_refusal(self, error, "step")
         if refusal is not None:
             raise refusal from error
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+import sam_kernels as sk
 from tests.loops.harness import Run
 from tests.loops.matrix import cases, refusal
 from tests.optim.hand_reference import exp_lr
@@ -182,3 +183,26 @@ def test_compiled_momentum_sam_step_with_scheduler_hooks(compile_first):
     assert calls == ["pre", "post"] * len(run.data)
     assert step.graphs() == step.warm <= 2  # the first step holds no perturbation yet, the later ones do
     assert run.opt.param_groups[0]["lr"] == pytest.approx(lr0 * GAMMA ** len(run.data))
+
+
+def test_compiled_momentum_sam_refusal_leaves_w():
+    """Momentum-SAM around a base optimizer without a fused descent (Adam): the compiled step breaks the
+    graph; with fullgraph=True it raises TypeError naming the fix, and the model holds w (the weights the
+    eager step before it kept as backups), not w̃."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = sk.MomentumSAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=0.1, finite_check=False)
+    x = torch.randn(8, 4)
+    model(x).square().mean().backward()
+    opt.step()  # eager: the model now holds w̃ = w − rho·v/‖v‖
+    opt.zero_grad()
+    w = [opt.state[p]["backup"].clone() for p in model.parameters()]
+    assert not any(torch.equal(p, v) for p, v in zip(model.parameters(), w))
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    model(x).square().mean().backward()
+    with pytest.raises(TypeError, match="compiled step with fullgraph=True needs a fused descent"):
+        step()
+    for p, v in zip(model.parameters(), w):
+        assert torch.equal(p, v)
+    assert opt.step_state.perturbed is None
