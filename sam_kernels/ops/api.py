@@ -318,7 +318,7 @@ def bsam_noise_(params: Tensors, backups: Tensors, s: Tensors, noise: Tensors, *
            params, backups=backups, s=s, noise=noise)
 
 
-def bsam_ascent_(params: Tensors, backups: Tensors, grads: Tensors, s: Tensors, s_next: Tensors, *, rho: float,
+def bsam_ascent_(params: Tensors, backups: Tensors, grads: Tensors, s: Tensors, s_next: Tensors, *, rho: Scalar,
                  beta2: float, damping: float, weight_decay: float, perturb: bool = True,
                  grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
                  backend: Optional[str] = None) -> None:
@@ -326,10 +326,12 @@ def bsam_ascent_(params: Tensors, backups: Tensors, grads: Tensors, s: Tensors, 
     params ← backups + rho·g/s (backups when not ``perturb``, or when ``found_inf`` is non-zero: AMP's
     overflow flag, 0-dim, read on the device); s_next ← beta2·s + (1 − beta2)·(sqrt(s)·|g| + damping +
     weight_decay). ``grad_scale``: the loss scale the grads carry (0-dim). Formulas: Moellenhoff and
-    Khan 2023, official code. Real float tensors only; raises TypeError/ValueError before writing."""
+    Khan 2023, official code. ``rho`` may be a 0-dim tensor (see :data:`Scalar`). Real float tensors
+    only; raises TypeError/ValueError before writing."""
     require_list("bsam_ascent_", params)
     _real_only("bsam_ascent_", params)
-    kw = dict(rho=float(rho), beta2=float(beta2), damping=float(damping), weight_decay=float(weight_decay),
+    rho, backend = _scalar(rho, backend)
+    kw = dict(rho=rho, beta2=float(beta2), damping=float(damping), weight_decay=float(weight_decay),
               perturb=bool(perturb))
     amp = amp_args(grad_scale, found_inf)
     launch("bsam_ascent_", backend,
@@ -339,16 +341,17 @@ def bsam_ascent_(params: Tensors, backups: Tensors, grads: Tensors, s: Tensors, 
 
 
 def bsam_descent_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: Tensors, s: Tensors, s_next: Tensors,
-                  *, lr: float, beta1: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
+                  *, lr: Scalar, beta1: float, weight_decay: float, grad_scale: Optional[torch.Tensor] = None,
                   found_inf: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
     """params ← backups, then bSAM's descent in one pass per group, g = grads / grad_scale:
     m ← beta1·m + (1 − beta1)·(g + weight_decay·w); params ← w − lr·m/s. A non-zero ``found_inf``
     skips it on the device (params at the backups, m unchanged, s_next ← s so that swapping the s and
-    s_next buffers keeps s). Formulas: Moellenhoff and Khan 2023, official code. Real float tensors
-    only; raises TypeError/ValueError before writing anything."""
+    s_next buffers keeps s). Formulas: Moellenhoff and Khan 2023, official code. ``lr`` may be a 0-dim
+    tensor (see :data:`Scalar`). Real float tensors only; raises TypeError/ValueError before writing anything."""
     require_list("bsam_descent_", params)
     _real_only("bsam_descent_", params)
-    kw = dict(lr=float(lr), beta1=float(beta1), weight_decay=float(weight_decay))
+    lr, backend = _scalar(lr, backend)
+    kw = dict(lr=lr, beta1=float(beta1), weight_decay=float(weight_decay))
     amp = amp_args(grad_scale, found_inf)
     launch("bsam_descent_", backend,
            lambda fn, pick, device: fn(pick(params), pick(backups), pick(grads), pick(exp_avgs), pick(s),

@@ -382,7 +382,7 @@ def bsam_ascent_(params: Tensors, backups: Tensors, grads: Tensors, s: Tensors, 
     w = b
     if perturb:
         e = torch._foreach_div(g, sv)
-        torch._foreach_mul_(e, rho)
+        torch._foreach_mul_(e, _as_scalar(rho, b[0], cdt))
         w = _skip_where(found_inf, b, torch._foreach_add(b, e))
     torch._foreach_copy_(list(s_next), s_new)
     torch._foreach_copy_(list(params), w)
@@ -408,7 +408,10 @@ def bsam_descent_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: T
     torch._foreach_add_(m, g, alpha=1 - beta1)
     if weight_decay != 0:
         torch._foreach_add_(m, w0, alpha=(1 - beta1) * weight_decay)
-    w = torch._foreach_addcdiv(w0, m, _up(s), value=-lr)
+    if isinstance(lr, torch.Tensor):  # a compiled step's lr: data, not a constant
+        w = torch._foreach_add(w0, torch._foreach_mul(torch._foreach_div(m, _up(s)), _as_scalar(lr, w0[0], cdt).neg()))
+    else:
+        w = torch._foreach_addcdiv(w0, m, _up(s), value=-lr)
     if found_inf is not None:
         torch._foreach_copy_(list(s_next), _skip_where(found_inf, _up(s), _up(s_next)))
     torch._foreach_copy_(list(exp_avgs), _skip_where(found_inf, m0, m))

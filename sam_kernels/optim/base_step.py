@@ -4,8 +4,9 @@ For ``torch.optim.SGD`` and ``torch.optim.AdamW`` both happen in one fused op pe
 (``ops.sgd_restore_step_`` / ``ops.adamw_restore_step_``), writing the base optimizer's own state
 entries (SGD ``momentum_buffer``; AdamW ``step``, ``exp_avg``, ``exp_avg_sq``) exactly as torch
 lays them out, so its ``state_dict`` is the same as a plain torch run and either path can take
-over mid-run. An optimizer with a ``restore_step_(perturbed, backup_of, backend, grad_scale, found_inf)``
-method fuses both itself (BSAM's). Every other optimizer: ``ops.restore_`` then ``base_optimizer.step()``.
+over mid-run. An optimizer with a ``restore_step_(perturbed, backup_of, backend, grad_scale, found_inf, read)``
+method fuses both itself (BSAM's; ``read(group, key)`` gives a hyperparameter as a compiled step
+must read it, :func:`.compiled.hyper`). Every other optimizer: ``ops.restore_`` then ``base_optimizer.step()``.
 
 The fused path replaces ``base_optimizer.step()``, so it runs the base optimizer's step hooks and
 scheduler accounting itself (:mod:`.contract`). State tensors follow their parameter's dtype and
@@ -247,7 +248,8 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor
     own = getattr(base, "restore_step_", None)
     if own is not None and dense:  # an optimizer with its own fused restore + update (BSAM's descent)
         run_step_hooks(base, "pre")
-        own(perturbed, dict(zip(perturbed, kept)), backend, grad_scale=grad_scale, found_inf=found_inf)
+        own(perturbed, dict(zip(perturbed, kept)), backend, grad_scale=grad_scale, found_inf=found_inf,
+            read=lambda group, key: hyper(sam, group, key))
         mark_stepped(base)
         run_step_hooks(base, "post")
         return

@@ -60,13 +60,15 @@ backup, g, m, s; write w, m; the restore of w is part of it), counted in ``stats
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import operator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from .. import ops
 from ..ops.dtensor import is_dtensor
 from . import backups, groups, sparse_grads
+from .compiled import hyper
 from .dispatch_summary import records_step
 from .distributed import agreed_seed, all_reduce_
 from .sam import SAM
@@ -135,11 +137,13 @@ class BSAMUpdate(torch.optim.Optimizer):
         self.restore_step_([], {}, None, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
 
     def restore_step_(self, perturbed: list[torch.Tensor], backup_of: dict, backend: Optional[str],
-                      grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
+                      grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
+                      read: Callable[[dict, str], Any] = operator.getitem) -> None:
         """w ← ``backup_of[p]`` for the ``perturbed`` params, then the descent, in one pass per param group
         (``ops.bsam_descent_``); a param without a backup is its own. Under AMP, ``grad_scale`` (the loss
         scale the grads carry) and ``found_inf`` (non-zero: skip, keeping m and s) are read on the
-        device. The hooks of ``step()`` are the caller's (:func:`.base_step.restore_and_step`)."""
+        device. ``read(group, "lr")`` gives the group's lr (a compiled step's: a tensor, see
+        :func:`.compiled.hyper`). The hooks of ``step()`` are the caller's (:func:`.base_step.restore_and_step`)."""
         by_group = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
         if any("s_next" not in self.state[p] for _, ps in by_group for p in ps):  # before anything is written
             raise RuntimeError("BSAM: a descent without its first_step (no variance update from a noisy "
@@ -155,7 +159,7 @@ class BSAMUpdate(torch.optim.Optimizer):
 
             def descend():
                 ops.bsam_descent_(params, kept, [p.grad for p in params], [st["exp_avg"] for st in sts],
-                                  [st["s"] for st in sts], [st["s_next"] for st in sts], lr=group["lr"],
+                                  [st["s"] for st in sts], [st["s_next"] for st in sts], lr=read(group, "lr"),
                                   beta1=group["beta1"], weight_decay=group["weight_decay"], grad_scale=grad_scale,
                                   found_inf=found_inf, backend=backend)
             try:
@@ -308,7 +312,7 @@ class BSAM(SAM):
             if ps:
                 sts = [base.state[p] for p in ps]
                 ops.bsam_ascent_(ps, [kept_of[id(p)] for p in ps], [p.grad for p in ps], [st["s"] for st in sts],
-                                 [st["s_next"] for st in sts], rho=group["rho"], beta2=group["beta2"],
+                                 [st["s_next"] for st in sts], rho=hyper(self, group, "rho"), beta2=group["beta2"],
                                  damping=group["damping"], weight_decay=group["weight_decay"],
                                  perturb=group["perturb"], grad_scale=scale, found_inf=now.found,
                                  backend=self.backend)

@@ -93,7 +93,7 @@ def hyper(sam, group: dict, key: str) -> Any:
     return group[key]
 
 
-def compiled_refusal(sam, error: BaseException) -> Optional[TypeError]:
+def compiled_refusal(sam, error: BaseException, methods: str = "second_step/base_step") -> Optional[TypeError]:
     """The error to raise instead of Dynamo's when a compiled descent broke the graph because the base
     optimizer has no fused SAM descent (torch.optim's ``step()`` breaks the graph on purpose); else None."""
     from .base_step import fused_kind
@@ -105,7 +105,7 @@ def compiled_refusal(sam, error: BaseException) -> Optional[TypeError]:
     if fused_kind(base) is not None:
         return None
     return TypeError(
-        f"{type(sam).__name__}: a compiled second_step/base_step with fullgraph=True needs a fused descent, and "
+        f"{type(sam).__name__}: a compiled {methods} with fullgraph=True needs a fused descent, and "
         f"{type(base).__name__} (with these settings) has none: its own step() runs, which breaks the graph on "
         "purpose (torch.optim). The weights are at w. Compile the step methods without fullgraph=True, or use "
         "torch.optim.SGD or torch.optim.AdamW (not fused, capturable, amsgrad or differentiable) as the base optimizer")

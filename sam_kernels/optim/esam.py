@@ -242,7 +242,9 @@ class ESAM(SAM):
     # ------------------------------------------------------------------ core hooks
 
     def ascent_params(self) -> Optional[list[torch.Tensor]]:
-        if not self._tensor_swp:
+        if not self._tensor_swp or torch.compiler.is_compiling():
+            # compiled: every param with a gradient, the unselected ones' zeroed by the shell
+            # (:meth:`_host_before`), so the graph does not depend on the selection
             return None
         self._draw()
         return self.selected()
@@ -262,6 +264,28 @@ class ESAM(SAM):
 
     def _clear(self) -> None:
         self._selection = None
+
+    def _host_before(self, method: str, compiled: bool) -> None:
+        """Under torch.compile, before an ascent: per-tensor SWP's selection is applied here, eagerly, so
+        that the compiled body sees one list of tensors whatever the draw. Each unselected tensor's
+        first-pass gradient becomes zeros (a zero-filled one where it was frozen): its e is then 0 and it
+        adds 0 to the norm, so the step equals the eager one, which leaves it out (its w is restored
+        bitwise from its backup). Element SWP's seed is a new number every step, which a graph holds as a
+        constant: refused here, before any weight changes."""
+        super()._host_before(method, compiled)
+        if not compiled or method != "first_step" or self.beta >= 1.0:
+            return
+        if self.swp == "element":
+            raise TypeError("ESAM: swp='element' cannot run under torch.compile (its per-step random seed would "
+                            "be a new graph every step); the weights are unchanged. Use swp='tensor', or call "
+                            "first_step/second_step without torch.compile")
+        for p, chosen in zip(self._all_params(), self._draw()):
+            if chosen:
+                continue
+            if p.grad is not None:
+                p.grad.zero_()
+            elif p.requires_grad:
+                p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _host_after(self, method: str, compiled: bool, zero_grad: bool) -> None:
         super()._host_after(method, compiled, zero_grad)

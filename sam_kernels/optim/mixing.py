@@ -17,6 +17,7 @@ import torch
 from .. import ops
 from ..ops.dtensor import is_dtensor
 from . import aliases
+from .compiled import hyper
 from .descent import Modifier
 
 KEY = "first_grad"
@@ -234,13 +235,14 @@ class WeightedSharpness(KeepsFirstGrad):
         self._sharpness = None
         if not ps:
             return
-        lr_of = {id(p): g["lr"] for g in sam.param_groups for p in g["params"]}
+        # by param group (its lr) and alias layer; positions, not lr values: a compiled step reads each
+        # lr as a tensor (:func:`.compiled.hyper`), and a float compared here would become a guard
+        group_of = {id(p): i for i, g in enumerate(sam.param_groups) for p in g["params"]}
         layer = aliases.layers(ps, sam.step_state.aliases)  # entries over one memory: one after the other
         by_lr: dict = {}
         for i, p in enumerate(ps):
-            lr = lr_of[id(p)]
-            by_lr.setdefault((float(lr) if not isinstance(lr, torch.Tensor) else id(lr), layer[i] if layer else 0),
-                             (lr, []))[1].append(i)
+            gi = group_of[id(p)]
+            by_lr.setdefault((gi, layer[i] if layer else 0), (hyper(sam, sam.param_groups[gi], "lr"), []))[1].append(i)
         for lr, idx in by_lr.values():
             ws, ss = local([ps[i] for i in idx]), [minus[i] for i in idx]
             if scale is None and found_inf is None and not isinstance(lr, torch.Tensor):

@@ -22,6 +22,8 @@ import torch
 
 from . import groups, sparse_grads
 from .ascent import Ascent
+from .compiled import call, call_eagerly, compiled_refusal, eval_frame_callback, hyper
+from .contract import check_closure, mark_stepped, run_step_hooks
 from .dispatch_summary import records_step
 from .sam import SAM
 
@@ -105,23 +107,80 @@ class MomentumSAM(SAM):
 
     # ------------------------------------------------------------------ the step
 
-    def _step(self, closure: Optional[Callable[[], torch.Tensor]], first_loss=None):
-        """The closure gives the step's one pass unless a backward already wrote the gradients since the
-        last step or ``zero_grad`` (the rule of ``SAM.step``); returns its loss, or None."""
-        loss = None
-        params = self._params()
-        if closure is not None and not self.step_state.backward.ran(params):
-            if any(p.grad is not None for p in params):
-                self.zero_grad(set_to_none=False)
-            self.amp.next_pass(self)
-            with torch.enable_grad():
-                loss = closure()
-        self._momentum_step()
+    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None, *, loss: Optional[torch.Tensor] = None):
+        """One Momentum-SAM step (restore w, base step with g(w̃), perturb along the new momentum).
+
+        ``closure`` (re-evaluates the loss and calls ``backward``) gives the step's one pass unless a
+        backward already wrote the gradients since the last step or ``zero_grad`` (the rule of
+        ``SAM.step``); returns its loss, or None. ``loss`` is unused (no second pass to compare with).
+
+        Under ``torch.compile`` (``torch.compile(opt.step, fullgraph=True)``, also after an LR scheduler
+        was built on this optimizer): this method is an eager shell that runs the closure, the step hooks
+        and the scheduler's bookkeeping without tracing, and torch.compile compiles the body
+        (:mod:`sam_kernels.optim.compiled`). A body that fails to compile leaves w in the model."""
+        compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
+        host = call_eagerly if compiled else call
+        first = host(self._host_step_before, closure, compiled)
+        try:
+            self._step()
+        except BaseException as e:
+            host(self._host_step_failed, e)
+            raise
+        host(self._host_step_after, compiled)
+        return first
+
+    # The shell runs the step hooks itself (Optimizer would wrap ``step`` in its hook runner, a frame
+    # torch.compile would trace) and marks the step for LR schedulers itself (a scheduler would wrap
+    # ``step`` in a function torch.compile does not trace): both leave it as it is.
+    step.hooked = True
+    step._wrapped_by_lr_sched = True
+
+    def _host_step_before(self, closure, compiled: bool):
+        """Pre hooks (first, as torch.optim runs them), checks, the closure's pass (when it gives the
+        step's one pass), the hyperparameter mirrors."""
+        now = self.step_state
+        now.stepping = True  # the hooks are the shell's
+        try:
+            run_step_hooks(self, "pre")
+            self.amp.check_attached(self)
+            check_closure(closure, type(self).__name__)
+            now.finite.surface()
+            loss = None
+            params = self._params()
+            if closure is not None and not now.backward.ran(params):
+                if any(p.grad is not None for p in params):
+                    self.zero_grad(set_to_none=False)
+                self.amp.next_pass(self)
+                with torch.enable_grad():
+                    loss = closure()
+            self._host_before("step", compiled)
+        except BaseException:
+            now.stepping = False
+            raise
         return loss
+
+    def _host_step_failed(self, error: BaseException) -> None:
+        """A compiled body that failed to compile ran nothing: the model holds w̃ of the last step; w, as
+        after an eager failure. A graph break of a base optimizer without a fused descent is explained."""
+        self.step_state.stepping = False
+        if self.step_state.perturbed is not None:
+            self.restore()
+        self.step_state.begun = False
+        refusal = compiled_refusal(self, error, "step")
+        if refusal is not None:
+            raise refusal from error
+
+    def _host_step_after(self, compiled: bool) -> None:
+        self.step_state.stepping = False
+        mark_stepped(self)
+        if compiled:
+            mark_stepped(self.base_optimizer)
+        run_step_hooks(self, "post")
 
     @records_step(starts_step=True)
     @torch.no_grad()
-    def _momentum_step(self) -> None:
+    def _step(self) -> None:
         now = self.step_state
         self.amp.check_attached(self)
         self._begin()
@@ -177,7 +236,7 @@ class MomentumSAM(SAM):
         ascent = Ascent(entries, groups.sq_norm(entries, self.backend, grads=bufs), None, subset=False,
                         alias_keys=now.aliases)
         ascent.grads = bufs
-        ascent.buckets = groups.bucket(entries, lambda g: (-g["rho"], False, g["eta"]))
+        ascent.buckets = groups.bucket(entries, lambda g: (-hyper(self, g, "rho"), False, g["eta"]))
         ascent.perturb(self.state, self.backend)
         now.set_perturbed(ascent.params, ascent.kept)
 

@@ -8,13 +8,18 @@ again: a hyperparameter changed by a scheduler and the optimizer's own counters 
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import pytest
 import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+import sam_kernels as sk
 from tests.loops.harness import Run
 from tests.loops.matrix import cases, refusal
 from tests.optim.hand_reference import exp_lr
+from tests.optim.variants import variant
 
 STEPS, GAMMA = 50, 0.97
 WARMUP = 2  # calls of a step function after which it may not compile again
@@ -72,7 +77,7 @@ def compiled_run(info, backend, compiler, steps=STEPS, rho_gamma=None):
             assert 1 <= compiles[name] <= 2, compiles
         else:
             assert compiles[name] == 0, compiles
-    assert step_with["first_step"].calls > 0
+    assert step_with[names[0]].calls > 0
     return run, compiles
 
 
@@ -98,7 +103,8 @@ def test_compiled_steps_inductor(info, backend):
 
 
 @pytest.mark.parametrize("info,backend", [c for c in COMPILE_CASES if c.id in (
-    "SAM-cpp", "ASAM-cpp", "StableSAM-cpp", "SparseSAM-structured-cpp", "SAM-AdamW-cpp", "SAM-eager")])
+    "SAM-cpp", "ASAM-cpp", "StableSAM-cpp", "SparseSAM-structured-cpp", "SAM-AdamW-cpp", "SAM-eager", "WSAM-cpp",
+    "BSAM-cpp", "ESAM-cpp", "FriendlySAM-cpp", "VaSSO-cpp")])
 def test_compiled_steps_with_rho_schedule(info, backend):
     """rho changed by hand every step (as a rho schedule does) on top of the lr schedule: no recompile."""
     compiled_run(info, backend, "aot_eager", steps=20, rho_gamma=0.95)
@@ -123,3 +129,80 @@ def test_compiled_steps_refused(info, backend):
     for p, v in zip(run.model.parameters(), w):
         assert torch.equal(p, v)
     assert run.opt.step_state.perturbed is None and run.opt.step_count == 0
+
+
+def test_compiled_esam_unfrozen_selection():
+    """ESAM with ``freeze=False`` (the default under torch.distributed): every tensor gets its first-pass
+    gradient and the unselected ones must still get e = 0 and stay out of the norm, compiled."""
+    esam = variant("ESAM")
+    compiled_run(dataclasses.replace(esam, factory=functools.partial(esam.factory, freeze=False)), "cpp", "aot_eager")
+
+
+def test_compiled_esam_element_swp_is_refused_before_any_write():
+    """Element SWP's seed changes every step (a new graph each): refused at the compiled first_step, the
+    weights and gradients untouched."""
+    torch._dynamo.reset()
+    esam = variant("ESAM")
+    run = Run(dataclasses.replace(esam, factory=functools.partial(esam.factory, swp="element")), "cpp",
+              dtype=torch.float32, steps=1, finite_check=False)
+    first = torch.compile(run.opt.first_step, fullgraph=True, backend="aot_eager")
+    (x, y), = run.data
+    run.backward([(x, y)])
+    w = [p.detach().clone() for p in run.model.parameters()]
+    g = [p.grad.clone() for p in run.model.parameters()]
+    with pytest.raises(TypeError, match="swp='element' cannot run under torch.compile"):
+        first(zero_grad=True)
+    for p, v, gv in zip(run.model.parameters(), w, g):
+        assert torch.equal(p, v) and torch.equal(p.grad, gv)
+    assert run.opt.step_state.perturbed is None
+
+
+@pytest.mark.parametrize("compile_first", [False, True])
+def test_compiled_momentum_sam_step_with_scheduler_hooks(compile_first):
+    """Momentum-SAM's recipe, ``torch.compile(opt.step, fullgraph=True)``, with the scheduler built
+    before or after it: compiles only in its first two calls, no scheduler warning (the step marks itself stepped), each step's
+    pre and post hooks run once, and lr follows the schedule (w checked against the hand reference by
+    the matrix row above)."""
+    import warnings
+    torch._dynamo.reset()
+    run = Run(variant("MomentumSAM"), "cpp", dtype=torch.float32, steps=6, finite_check=False)
+    calls = []
+    run.opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    run.opt.register_step_post_hook(lambda *_: calls.append("post"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step = Counted(run.opt, "step", "aot_eager") if compile_first else None
+        sched = torch.optim.lr_scheduler.ExponentialLR(run.opt, gamma=GAMMA)
+        step = step or Counted(run.opt, "step", "aot_eager")
+        lr0 = run.opt.param_groups[0]["lr"]
+        for x, y in run.data:
+            run.backward([(x, y)])
+            step()
+            run.opt.zero_grad()
+            sched.step()
+    assert calls == ["pre", "post"] * len(run.data)
+    assert step.graphs() == step.warm <= 2  # the first step holds no perturbation yet, the later ones do
+    assert run.opt.param_groups[0]["lr"] == pytest.approx(lr0 * GAMMA ** len(run.data))
+
+
+def test_compiled_momentum_sam_refusal_leaves_w():
+    """Momentum-SAM around a base optimizer without a fused descent (Adam): the compiled step breaks the
+    graph; with fullgraph=True it raises TypeError naming the fix, and the model holds w (the weights the
+    eager step before it kept as backups), not w̃."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = sk.MomentumSAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=0.1, finite_check=False)
+    x = torch.randn(8, 4)
+    model(x).square().mean().backward()
+    opt.step()  # eager: the model now holds w̃ = w − rho·v/‖v‖
+    opt.zero_grad()
+    w = [opt.state[p]["backup"].clone() for p in model.parameters()]
+    assert not any(torch.equal(p, v) for p, v in zip(model.parameters(), w))
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    model(x).square().mean().backward()
+    with pytest.raises(TypeError, match="compiled step with fullgraph=True needs a fused descent"):
+        step()
+    for p, v in zip(model.parameters(), w):
+        assert torch.equal(p, v)
+    assert opt.step_state.perturbed is None

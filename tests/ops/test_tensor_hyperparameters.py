@@ -57,3 +57,36 @@ def test_adamw_step_with_per_param_step_tensors_is_the_hand_step():
         torch.testing.assert_close(mi.double(), a, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(vi.double(), s, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(p.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_bsam_ascent_with_a_tensor_rho_is_the_hand_ascent():
+    params, grads = _lists(3)
+    backups = [p + 0.25 for p in params]
+    s = [torch.rand_like(p) + 0.5 for p in params]
+    s_next = [torch.empty_like(p) for p in params]
+    rho, b2, damping, wd = 0.07, 0.999, 0.1, 1e-2
+    ops.bsam_ascent_(params, backups, grads, s, s_next, rho=torch.tensor(rho, dtype=torch.float64), beta2=b2,
+                     damping=damping, weight_decay=wd, backend="cpp")
+    for p, w, g, si, sn in zip(params, backups, grads, s, s_next):
+        g, w, si = g.double(), w.double(), si.double()
+        torch.testing.assert_close(p.double(), w + rho * g / si, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(sn.double(), b2 * si + (1 - b2) * (si.sqrt() * g.abs() + damping + wd),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_bsam_descent_with_a_tensor_lr_is_the_hand_descent():
+    params, grads = _lists(4)
+    backups = [p - 0.25 for p in params]
+    m = [torch.randn_like(p) * 0.1 for p in params]
+    s = [torch.rand_like(p) + 0.5 for p in params]
+    s_next = [torch.rand_like(p) + 0.5 for p in params]
+    m0, sn0 = [x.double().clone() for x in m], [x.clone() for x in s_next]
+    lr, b1, wd = 0.05, 0.9, 1e-2
+    ops.bsam_descent_(params, backups, grads, m, s, s_next, lr=torch.tensor(lr, dtype=torch.float64), beta1=b1,
+                      weight_decay=wd, backend="cpp")
+    for p, w, g, mi, a, si, sn, sn_before in zip(params, backups, grads, m, m0, s, s_next, sn0):
+        g, w = g.double(), w.double()
+        a = b1 * a + (1 - b1) * (g + wd * w)
+        torch.testing.assert_close(mi.double(), a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.double(), w - lr * a / si.double(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(sn, sn_before)  # written on a skipped step only

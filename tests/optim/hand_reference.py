@@ -20,8 +20,8 @@ Grads = list[torch.Tensor]
 
 
 def norm(ts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One global L2 norm over all tensors."""
-    return torch.sqrt(sum((t.double() ** 2).sum() for t in ts))
+    """One global L2 norm over all tensors (0 over none: ESAM's step that selects no tensor)."""
+    return torch.sqrt(sum(((t.double() ** 2).sum() for t in ts), torch.zeros((), dtype=torch.float64)))
 
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
