@@ -279,7 +279,15 @@ class ESAM(SAM):
             raise TypeError("ESAM: swp='element' cannot run under torch.compile (its per-step random seed would "
                             "be a new graph every step); the weights are unchanged. Use swp='tensor', or call "
                             "first_step/second_step without torch.compile")
-        for p, chosen in zip(self._all_params(), self._draw()):
+        drawn = list(zip(self._all_params(), self._draw()))
+        unused = [i for i, (p, chosen) in enumerate(drawn) if chosen and p.requires_grad and p.grad is None]
+        if unused:  # each would add a graph per draw, until the recompile limit
+            raise ValueError(f"ESAM under torch.compile: the parameters at positions {unused} (in param_groups "
+                             "order) got no gradient in the first pass although selected; each such parameter "
+                             "would add a graph per draw until the recompile limit. Keep unused parameters out of "
+                             "the optimizer, or call first_step/second_step without torch.compile. The weights "
+                             "are unchanged")
+        for p, chosen in drawn:
             if chosen:
                 continue
             if p.grad is not None:

@@ -206,3 +206,26 @@ def test_compiled_momentum_sam_refusal_leaves_w():
     for p, v in zip(model.parameters(), w):
         assert torch.equal(p, v)
     assert opt.step_state.perturbed is None
+
+
+def test_compiled_esam_refuses_a_selected_parameter_without_gradient():
+    """An unused parameter would add a graph per draw (it has a gradient only when left out): the compiled
+    first_step refuses it as soon as the draw selects it, before any weight or gradient changes."""
+    import sam_kernels as sk
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    unused = torch.nn.Parameter(torch.randn(5))
+    opt = sk.ESAM([*lin.parameters(), unused], torch.optim.SGD, rho=0.1, beta=0.999, seed=0, lr=0.1,
+                  finite_check=False)
+    first = torch.compile(opt.first_step, fullgraph=True, backend="aot_eager")
+    lin(torch.randn(8, 4)).square().mean().backward()
+    w = [p.detach().clone() for p in (*lin.parameters(), unused)]
+    g = [p.grad.clone() for p in lin.parameters()]
+    with pytest.raises(ValueError, match=r"positions \[2\].*got no gradient"):
+        first()
+    for p, v in zip((*lin.parameters(), unused), w):
+        assert torch.equal(p, v)
+    for p, gv in zip(lin.parameters(), g):
+        assert torch.equal(p.grad, gv)
+    assert unused.grad is None and opt.step_state.perturbed is None
