@@ -21,7 +21,10 @@ against passes per step, seed mean ± std) are generated from the rows by :func:
 
 SAM-family optimizers run with ``telemetry=True`` and get the first-pass loss
 (``step(closure, loss=...)``); the row records the optimizer's own pass counts and its SAM-step
-fraction from ``opt.stats()`` (read once, at the end).
+fraction from ``opt.stats()`` (read once, at the end). ``--telemetry-figure PNG`` also records
+``opt.stats()`` every ``--record-every`` steps through ``sam_kernels.optim.telemetry.every`` (one
+host sync each time) for ``--telemetry-methods`` and draws sharpness (EMA) and the running SAM-step
+fraction over training (seed mean).
 
     python benchmarks/train_digits.py [--seeds 0 1 2 3 4] [--only SGD SAM] [--out benchmarks/results/fidelity]
         [--noise 0.4] [--epochs 60] [--width 128] [--weight-decay 0] [--rho 0.3] [--train-size 1257]
@@ -204,8 +207,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def run(method: Method, seed: int, s: Setting) -> dict:
-    """One training run; returns its result row (without the run-wide fields)."""
+TRACE = ("steps", "sam_step_fraction")
+TRACE_EMA = ("sharpness",)
+
+
+def run(method: Method, seed: int, s: Setting, record_every: int = 0) -> tuple[dict, dict]:
+    """One training run; returns its result row (without the run-wide fields) and, with
+    ``record_every`` > 0, the telemetry trace: ``opt.stats()`` every ``record_every`` steps (one host
+    sync each time; column -> values)."""
     xtr, ytr, xte, yte = make_data(seed, s)
     model = make_model(seed, s)
     g = torch.Generator().manual_seed(1000 + seed)
@@ -218,6 +227,16 @@ def run(method: Method, seed: int, s: Setting) -> dict:
 
     opt = method.build(model, {"seed": seed, "fisher_batches": fisher_batches, "num_data": len(xtr)})
     counter = PassCounter(model)
+    trace: dict[str, list] = {}
+
+    def record(st: dict) -> None:
+        ema = opt.stats(ema=True)  # a second sync: the EMAs of the same values
+        for key, value in (*((k, st[k]) for k in TRACE), *((f"{k}_ema", ema[k]) for k in TRACE_EMA)):
+            trace.setdefault(key, []).append(round(value, 6))
+
+    if record_every and hasattr(opt, "stats"):
+        from sam_kernels.optim.telemetry import every
+        every(opt, record_every, record)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs * steps_per_epoch)
     steps = examples = 0
     t0 = time.perf_counter()
@@ -258,7 +277,7 @@ def run(method: Method, seed: int, s: Setting) -> dict:
         st = opt.stats()
         row.update(own_fwd_per_step=st["forward_passes"] / st["steps"],
                    own_bwd_per_step=st["backward_passes"] / st["steps"], sam_step_fraction=st["sam_step_fraction"])
-    return row
+    return row, trace
 
 
 # --------------------------------------------------------------------------- the run's context
@@ -381,6 +400,39 @@ def figure(rows: list[dict], path: Path, highlight: Optional[str] = None) -> Non
     plt.close(fig)
 
 
+def telemetry_figure(traces: dict[str, list[dict]], path: Path, record_every: int) -> None:
+    """Seed-mean sharpness EMA (L(w + e) - L(w) at the SAM steps) and running SAM-step fraction
+    against the optimizer step, one line per method of ``traces`` (method -> one trace per seed)."""
+    import itertools
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = itertools.cycle(["-", "--", "-.", ":"])
+    for name, runs in traces.items():
+        runs = [t for t in runs if t]
+        if not runs:
+            continue
+        n = min(len(t["steps"]) for t in runs)
+        style = dict(label=name, linestyle=next(styles))
+        ax1.plot(runs[0]["steps"][:n], [statistics.mean(t["sharpness_ema"][i] for t in runs) for i in range(n)], **style)
+        ax2.plot(runs[0]["steps"][:n], [statistics.mean(t["sam_step_fraction"][i] for t in runs) for i in range(n)],
+                 **style)
+    ax1.set(xlabel="optimizer step", ylabel="L(w + e) − L(w)  (EMA over SAM steps, decay 0.9)",
+            title="sharpness at the SAM steps")
+    ax2.set(xlabel="optimizer step", ylabel="SAM steps / steps", title="running SAM-step fraction", ylim=(0, 1.05))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Noisy digits, MLP, seed mean; opt.stats() every {record_every} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def report(rows_file: Path) -> None:
     """table.md, accuracy_vs_passes.png and one figure per family (accuracy_vs_passes_<family>.png)
     beside the rows file, from the rows alone."""
@@ -393,7 +445,7 @@ def report(rows_file: Path) -> None:
         print("no matplotlib: figures skipped (pip install matplotlib)")
         return
     figure(rows, out / "accuracy_vs_passes.png")
-    for family in sorted({r["family"] for r in rows} - {"variants"}):
+    for family in sorted({r["family"] for r in rows}):
         figure(rows, out / f"accuracy_vs_passes_{family}.png", highlight=family)
     print(f"wrote {out / 'table.md'} and the figures in {out}")
 
@@ -404,6 +456,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--only", nargs="*", default=None, help="run only these method names")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"))
     ap.add_argument("--report-only", action="store_true", help="regenerate the table and figures from OUT/rows.jsonl")
+    ap.add_argument("--telemetry-figure", type=Path, default=None,
+                    help="also draw sharpness and the SAM-step fraction over training (PNG) for --telemetry-methods")
+    ap.add_argument("--telemetry-methods", nargs="+", default=["SAM", "SSSAM", "AESAM", "ESAM"])
+    ap.add_argument("--record-every", type=int, default=10, help="optimizer steps between two opt.stats() records")
     for field, value in asdict(SETTING).items():
         if isinstance(value, bool):
             ap.add_argument(f"--{field.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
@@ -423,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     spe = math.ceil(len(xtr) / s.batch)
     common = {"setting": asdict(s), "commit": commit(), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows_file": str(rows_file)}
-    rows, skipped = [], []
+    rows, skipped, traces = [], [], {}
     t_all = time.perf_counter()
     for method in methods(sk, s, spe * s.epochs, spe):
         if args.only and method.name not in args.only:
@@ -434,7 +490,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             skipped.append((method.name, f"{type(exc).__name__}: {exc}"))
             print(f"skip {method.name}: {skipped[-1][1]}", flush=True)
             continue
-        runs = [dict(run(method, seed, s), **common) for seed in args.seeds]
+        every = args.record_every if args.telemetry_figure and method.name in args.telemetry_methods else 0
+        done = [run(method, seed, s, every) for seed in args.seeds]
+        runs = [dict(row, **common) for row, _ in done]
+        if every:
+            traces[method.name] = [trace for _, trace in done]
         rows += runs
         accs = [r["acc"] for r in runs]
         print(f"{method.name:13s} acc {statistics.mean(accs):6.2f} ± {statistics.pstdev(accs):.2f}  "
@@ -446,6 +506,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} runs in {time.perf_counter() - t_all:.0f} s; wrote {rows_file}")
     report(rows_file)
+    if args.telemetry_figure:
+        telemetry_figure(traces, args.telemetry_figure, args.record_every)
 
 
 if __name__ == "__main__":
