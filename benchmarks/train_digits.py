@@ -373,28 +373,42 @@ def table(rows: list[dict]) -> str:
 
 def figure(rows: list[dict], path: Path, highlight: Optional[str] = None) -> None:
     """Test accuracy (seed mean ± std) against forward + backward passes per step, one point per
-    method; ``highlight``: a family whose methods are drawn in colour, the others in grey."""
+    method (methods at the same pass count spread a little sideways, in accuracy order, so their
+    error bars stay apart); ``highlight``: a family whose methods (with SGD and SAM) are drawn in
+    colour and named in the legend, the others in grey."""
+    import itertools
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summ = summarize(rows)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    same_x: dict[float, list[str]] = {}
     for name, m in summ.items():
-        x = m["fwd"] + m["bwd"]
+        same_x.setdefault(round(m["fwd"] + m["bwd"], 1), []).append(name)
+    shift = {}
+    for names in same_x.values():
+        names.sort(key=lambda n: summ[n]["acc"])
+        for i, name in enumerate(names):
+            shift[name] = 0.06 * (i - (len(names) - 1) / 2)
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    colours = itertools.cycle(c for c in plt.get_cmap("tab20").colors if c[0] != c[1])  # no greys
+    markers = itertools.cycle("osD^vP*Xh<>")
+    for name, m in summ.items():
         on = highlight is None or m["family"] == highlight or name in ("SGD", "SAM")
-        style = dict(fmt="o", capsize=3, color=None if on else "0.75", zorder=3 if on else 2)
-        ax.errorbar(x, m["acc"], yerr=m["std"], **style)
-        ax.annotate(name, (x, m["acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8,
-                    color="black" if on else "0.6")
+        colour = {"SGD": "black", "SAM": "firebrick"}.get(name) or (next(colours) if on else "0.8")
+        style = dict(fmt=next(markers), capsize=2, markersize=5, color=colour,
+                     zorder=3 if on else 2, label=name if on else None)
+        ax.errorbar(m["fwd"] + m["bwd"] + shift[name], m["acc"], yerr=m["std"], **style)
     for name, ls in (("SGD", ":"), ("SAM", "--")):
         if name in summ:
             ax.axhline(summ[name]["acc"], linestyle=ls, color="0.4", linewidth=0.8)
     s = rows[0]["setting"]
     ax.set(xlabel="forward + backward passes per optimizer step (full batch)", ylabel="test accuracy % (clean labels)",
            title=f"Digits, {s['noise']:.0%} label noise, MLP {s['width']} wide: seed mean ± std "
-                 f"({len({r['seed'] for r in rows})} seeds)")
+                 f"({len({r['seed'] for r in rows})} seeds); dotted: SGD, dashed: SAM")
     ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
