@@ -11,8 +11,8 @@ suffers more from memory pressure than a fused step): measured on a 2-core machi
 average of 7, per-round log-ratios of the loop to ours had a lag-1 autocorrelation of 0.28 and
 medians of 15 consecutive rounds ranged 1.51-2.33. Rounds are then not independent, and an
 interval that treats them as independent (the sign test over rounds, or a bootstrap of rounds) is
-too narrow: a session that stopped after a few rounds inside a dip gave a "missed" that the next
-run contradicted. Here the rounds are split into ``n_blocks(n)`` consecutive blocks (6 to
+too narrow: a session that stops after a few rounds inside a dip can give a "missed" that the
+next run contradicts (tests/bench/test_measure.py shows it on synthetic timings drifting this way). Here the rounds are split into ``n_blocks(n)`` consecutive blocks (6 to
 ``BLOCKS``, at least ``MIN_BLOCK_ROUNDS`` rounds each once there are enough rounds; blocks grow
 with the rounds, so the blocks' medians become nearly independent as a session goes on: the
 batch-means idea), and the interval is the distribution-free interval of the median from the
