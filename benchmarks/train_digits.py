@@ -14,8 +14,8 @@ the same seeds; a seed fixes the split, the noise, the initialisation and the ba
 Per run, one result row (JSON lines, ``--out``/rows.jsonl): method, seed, test accuracy (%),
 forward and backward passes per optimizer step (full-batch passes counted by hooks on the model,
 in examples / batch size, so ESAM's partial second pass and the Fisher batch-1 passes count for
-what they are), training wall time (s), the method's own settings, the shared setting, commit and
-machine. The markdown table (``table.md``) and the figure (``accuracy_vs_passes.png``: accuracy
+what they are), training wall time (s), the method's own settings, the shared setting, commit,
+machine and versions (Python, torch, sam_kernels). The markdown table (``table.md``) and the figure (``accuracy_vs_passes.png``: accuracy
 against passes per step, seed mean ± std) are generated from the rows by :func:`report`
 (``--report-only`` regenerates them from an existing rows file).
 
@@ -294,8 +294,12 @@ def cpu_name() -> str:
 
 
 def machine() -> str:
-    return (f"{cpu_name()} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch thread), "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
+    return f"{cpu_name()} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch thread), {platform.system()}"
+
+
+def versions() -> dict:
+    import sam_kernels
+    return {"python": platform.python_version(), "torch": torch.__version__, "sam_kernels": sam_kernels.__version__}
 
 
 def commit() -> str:
@@ -491,7 +495,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     s = replace(SETTING, **{f: getattr(args, f) for f in asdict(SETTING)})
     xtr = make_data(args.seeds[0], s)[0]
     spe = math.ceil(len(xtr) / s.batch)
-    common = {"setting": asdict(s), "commit": commit(), "machine": machine(),
+    common = {"setting": asdict(s), "commit": commit(), "machine": machine(), "versions": versions(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows_file": str(rows_file)}
     rows, skipped, traces = [], [], {}
     t_all = time.perf_counter()
