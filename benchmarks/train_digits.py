@@ -15,8 +15,9 @@ Per run, one result row (JSON lines, ``--out``/rows.jsonl): method, seed, test a
 forward and backward passes per optimizer step (full-batch passes counted by hooks on the model,
 in examples / batch size, so ESAM's partial second pass and the Fisher batch-1 passes count for
 what they are), training wall time (s), the method's own settings, the shared setting, commit,
-machine and versions (Python, torch, sam_kernels). The markdown table (``table.md``) and the figure (``accuracy_vs_passes.png``: accuracy
-against passes per step, seed mean ± std) are generated from the rows by :func:`report`
+machine and versions (Python, torch, sam_kernels). The markdown table (``table.md``) and the
+figures (``accuracy_vs_passes.png``: accuracy against passes per step, seed mean ± std; one per
+family with its methods highlighted) are generated from the rows by :func:`report`
 (``--report-only`` regenerates them from an existing rows file).
 
 SAM-family optimizers run with ``telemetry=True`` and get the first-pass loss
@@ -344,12 +345,13 @@ def table(rows: list[dict]) -> str:
     sam = summ.get("SAM")
     head = rows[0]
     s = head["setting"]
+    norm = "a LayerNorm after each hidden layer" if s["layer_norm"] else "no normalization"
     lines = [
         f"Generated from `{head['rows_file']}` ({len(rows)} runs, commit `{head['commit']}`, {head['date']}); "
         f"machine: {head['machine']}.", "",
         f"Setting: digits, {s['noise']:.0%} symmetric label noise on the training labels, {s['train_size']} training "
-        f"images, MLP 64-{s['width']}-{s['width']}-10 with {'a LayerNorm after each hidden layer' if s['layer_norm'] else 'no normalization'}, "
-        f"SGD lr {s['lr']:g} momentum {s['momentum']:g} weight decay {s['weight_decay']:g}, cosine lr, batch {s['batch']}, "
+        f"images, MLP 64-{s['width']}-{s['width']}-10 with {norm}, SGD lr {s['lr']:g} momentum {s['momentum']:g} "
+        f"weight decay {s['weight_decay']:g}, cosine lr, batch {s['batch']}, "
         f"{s['epochs']} epochs; SAM's rho {s['rho']:g}; seeds {sorted({r['seed'] for r in rows})}.", "",
         "- gain: accuracy minus SGD's on the same seed (same split, noise, initialisation and batches), mean ± std "
         "over seeds; a gain below its std is seed noise.",
@@ -362,7 +364,8 @@ def table(rows: list[dict]) -> str:
     ]
     sam_passes = sam["fwd"] + sam["bwd"] if sam else None
     for name, m in summ.items():
-        gain = "–" if m["gain"] is None or name == "SGD" else f"{m['gain']:+.2f} ± {m['gain_std']:.2f}"
+        gain = "–" if m["gain"] is None or name == "SGD" else f"{m['gain']:+.2f}" + (
+            "" if m["gain_std"] is None else f" ± {m['gain_std']:.2f}")  # no spread from one seed
         kept = (f"{m['gain'] / sam['gain']:.0%}" if sam and sam["gain"] and m["gain"] is not None
                 and name not in ("SGD", "SAM") else "–")
         share = f"{(m['fwd'] + m['bwd']) / sam_passes:.0%}" if sam_passes else "–"
@@ -435,9 +438,9 @@ def telemetry_figure(traces: dict[str, list[dict]], path: Path, record_every: in
             continue
         n = min(len(t["steps"]) for t in runs)
         style = dict(label=name, linestyle=next(styles))
-        ax1.plot(runs[0]["steps"][:n], [statistics.mean(t["sharpness_ema"][i] for t in runs) for i in range(n)], **style)
-        ax2.plot(runs[0]["steps"][:n], [statistics.mean(t["sam_step_fraction"][i] for t in runs) for i in range(n)],
-                 **style)
+        steps = runs[0]["steps"][:n]
+        ax1.plot(steps, [statistics.mean(t["sharpness_ema"][i] for t in runs) for i in range(n)], **style)
+        ax2.plot(steps, [statistics.mean(t["sam_step_fraction"][i] for t in runs) for i in range(n)], **style)
     ax1.set(xlabel="optimizer step", ylabel="L(w + e) − L(w)  (EMA over SAM steps, decay 0.9)",
             title="sharpness at the SAM steps")
     ax2.set(xlabel="optimizer step", ylabel="SAM steps / steps", title="running SAM-step fraction", ylim=(0, 1.05))

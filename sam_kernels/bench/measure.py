@@ -12,11 +12,12 @@ average of 7, per-round log-ratios of the loop to ours had a lag-1 autocorrelati
 medians of 15 consecutive rounds ranged 1.51-2.33. Rounds are then not independent, and an
 interval that treats them as independent (the sign test over rounds, or a bootstrap of rounds) is
 too narrow: a session that stops after a few rounds inside a dip can give a "missed" that the
-next run contradicts (tests/bench/test_measure.py shows it on synthetic timings drifting this way). Here the rounds are split into ``n_blocks(n)`` consecutive blocks (6 to
-``BLOCKS``, at least ``MIN_BLOCK_ROUNDS`` rounds each once there are enough rounds; blocks grow
-with the rounds, so the blocks' medians become nearly independent as a session goes on: the
-batch-means idea), and the interval is the distribution-free interval of the median from the
-order statistics of the block medians (the sign test's: [m_(k), m_(b+1-k)] of the sorted block
+next run contradicts (tests/bench/test_measure.py shows it on synthetic timings drifting this
+way). Here the rounds are split into ``n_blocks(n)`` consecutive blocks (6 to ``BLOCKS``, at
+least ``MIN_BLOCK_ROUNDS`` rounds each once there are enough rounds; blocks grow with the rounds,
+so the blocks' medians become nearly independent as a session goes on: the batch-means idea),
+and the interval is the distribution-free interval of the median from the order statistics of
+the block medians (the sign test's: [m_(k), m_(b+1-k)] of the sorted block
 medians, k the largest with P(Binomial(b, 1/2) < k) <= (1 - level)/2). It assumes nothing about
 the shape of the noise (bursts, skew) and is exact, so the same samples give the same interval.
 ``Interval.coverage`` is the level the order statistics reach; an interval whose coverage is

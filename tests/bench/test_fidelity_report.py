@@ -48,3 +48,9 @@ def test_table_shows_the_share_of_sams_gain_and_passes(digits):
     sgd = next(line for line in lines if line.startswith("| SGD |")).split(" | ")
     assert sgd[2] == "–" and sgd[4] == "–" and sgd[5] == "50%"
     assert "- Y: why" in lines
+
+
+def test_one_seed_has_no_spread(digits):
+    lines = digits.table([r for r in _rows() if r["seed"] == 0]).splitlines()
+    x = next(line for line in lines if line.startswith("| X |")).split(" | ")
+    assert x[1] == "80.00 ± 0.00" and x[2] == "+10.00" and x[4] == "50%"  # 10 / 20

@@ -186,7 +186,8 @@ class DriftingRatio:
         if self.rng.random() < 0.02:
             self.load = self.rng.uniform(1.0, 4.0)
         if name == "ours":
-            self.x = [phi * x + math.sqrt(1 - phi ** 2) * self.rng.gauss(0.0, sd) for x, (phi, sd) in zip(self.x, self.ar)]
+            self.x = [phi * x + math.sqrt(1 - phi ** 2) * self.rng.gauss(0.0, sd)
+                      for x, (phi, sd) in zip(self.x, self.ar)]
             t = 0.010
         else:
             t = 0.010 * self.true * math.exp(-sum(self.x))
