@@ -337,7 +337,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], source: str = "rows.jsonl") -> str:
     """The fidelity table (Markdown) of the rows: one line per method, with the paired gain over SGD
     (per seed, then mean ± std), and for every method the share of SAM's gain it keeps at what share
     of SAM's forward + backward passes per step."""
@@ -347,7 +347,7 @@ def table(rows: list[dict]) -> str:
     s = head["setting"]
     norm = "a LayerNorm after each hidden layer" if s["layer_norm"] else "no normalization"
     lines = [
-        f"Generated from `{head['rows_file']}` ({len(rows)} runs, commit `{head['commit']}`, {head['date']}); "
+        f"Generated from `{source}` ({len(rows)} runs, commit `{head['commit']}`, {head['date']}); "
         f"machine: {head['machine']}.", "",
         f"Setting: digits, {s['noise']:.0%} symmetric label noise on the training labels, {s['train_size']} training "
         f"images, MLP 64-{s['width']}-{s['width']}-10 with {norm}, SGD lr {s['lr']:g} momentum {s['momentum']:g} "
@@ -459,7 +459,7 @@ def report(rows_file: Path) -> None:
     beside the rows file, from the rows alone."""
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
     out = rows_file.parent
-    (out / "table.md").write_text(table(rows))
+    (out / "table.md").write_text(table(rows, str(rows_file)))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -499,7 +499,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     xtr = make_data(args.seeds[0], s)[0]
     spe = math.ceil(len(xtr) / s.batch)
     common = {"setting": asdict(s), "commit": commit(), "machine": machine(), "versions": versions(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows_file": str(rows_file)}
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     rows, skipped, traces = [], [], {}
     t_all = time.perf_counter()
     for method in methods(sk, s, spe * s.epochs, spe):

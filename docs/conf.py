@@ -55,7 +55,8 @@ def _fidelity_table() -> str:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module.table([json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()])
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    return module.table(rows, str(rows_file.relative_to(ROOT)))
 
 
 def _op_table() -> str:

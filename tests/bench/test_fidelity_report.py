@@ -22,7 +22,7 @@ def digits():
 def _rows():
     common = {"setting": {"noise": 0.4, "train_size": 1257, "width": 128, "layer_norm": True, "epochs": 60,
                           "batch": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "rho": 0.3},
-              "commit": "abc", "machine": "m", "date": "d", "rows_file": "rows.jsonl", "skipped": [["Y", "why"]]}
+              "commit": "abc", "machine": "m", "date": "d", "skipped": [["Y", "why"]]}
 
     def row(method, seed, acc, passes):
         return {"method": method, "family": "variants", "seed": seed, "acc": acc, "fwd_per_step": passes,
