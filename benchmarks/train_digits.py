@@ -1,31 +1,36 @@
-"""Real-data benchmark: SGD, SAM and every SAM variant of sam_kernels on noisy digits.
+"""Real-data fidelity benchmark: SGD, SAM and every SAM variant of sam_kernels on noisy digits.
 
 Data: scikit-learn's ``load_digits`` (1,797 8×8 images, 10 classes; shipped with the package, no
-download), pixels scaled to [0, 1], a stratified 70/30 train/test split, and 20 % SYMMETRIC label
-noise on the training labels only (a noisy label is drawn uniformly among the 9 other classes).
-Model: MLP 64-128-64-10 (ReLU). Base optimizer: SGD(lr 0.05, momentum 0.9, weight decay 5e-4),
-batch 64, 30 epochs, cosine learning rate. Every method runs over the same seeds; each seed fixes
-the split, the noise, the initialisation and the batch order (identical across methods).
+download), pixels scaled to [0, 1], a stratified 70/30 train/test split, and SYMMETRIC label noise
+on the training labels only (a noisy label is drawn uniformly among the 9 other classes); the test
+labels are clean. Model: an MLP 64-W-W-10 with ReLU and a LayerNorm after each hidden Linear (the
+normalization layers SAM-ON perturbs; every method trains the same model). Base optimizer: SGD
+with momentum, a cosine learning rate, batch 64. The defaults of :data:`SETTING` are the shared
+setting of the fidelity table: heavy label noise, no weight decay and long training, where SGD
+memorizes the noisy labels and SAM's gain over it is several times the seed-to-seed spread
+(``docs/fidelity.md`` says which settings were tried and why this one). Every method runs over
+the same seeds; a seed fixes the split, the noise, the initialisation and the batch order.
 
-Reported per method: test accuracy mean ± std over seeds (clean test labels), gradient
-evaluations per optimizer step as full-batch FORWARD and BACKWARD passes (counted by hooks on the
-model in examples / batch size, so ESAM's partial second pass and the Fisher batch-1 passes count
-for what they are), and training wall time (s, mean over seeds). What pass counts do not see:
-ESAM's per-tensor SWP skips weight-gradient compute of unselected tensors inside a backward.
+Per run, one result row (JSON lines, ``--out``/rows.jsonl): method, seed, test accuracy (%),
+forward and backward passes per optimizer step (full-batch passes counted by hooks on the model,
+in examples / batch size, so ESAM's partial second pass and the Fisher batch-1 passes count for
+what they are), training wall time (s), the method's own settings, the shared setting, commit,
+machine and versions (Python, torch, sam_kernels). The markdown table (``table.md``) and the
+figures (``accuracy_vs_passes.png``: accuracy against passes per step, seed mean ± std; one per
+family with its methods highlighted) are generated from the rows by :func:`report`
+(``--report-only`` regenerates them from an existing rows file).
 
-Telemetry: every SAM-family optimizer runs with ``telemetry=True`` and gets the first-pass
-loss (``step(closure, loss=...)``), so it knows L(w + e) − L(w); ``sam_kernels.optim.telemetry.every``
-records ``opt.stats()`` every ``--record-every`` steps (one host sync each time). The table adds the
-optimizer's own pass counts (``forward_passes / steps``) beside the hook counts, and ``--figure``
-draws sharpness (EMA) and the running SAM-step fraction over training (seed-mean) for the methods
-in ``--figure-methods`` (matplotlib needed for the figure only).
+SAM-family optimizers run with ``telemetry=True`` and get the first-pass loss
+(``step(closure, loss=...)``); the row records the optimizer's own pass counts and its SAM-step
+fraction from ``opt.stats()`` (read once, at the end). ``--telemetry-figure PNG`` also records
+``opt.stats()`` every ``--record-every`` steps through ``sam_kernels.optim.telemetry.every`` (one
+host sync each time) for ``--telemetry-methods`` and draws sharpness (EMA) and the running SAM-step
+fraction over training (seed mean).
 
-    python benchmarks/train_digits.py [--seeds 0 1 2 3 4] [--epochs 30] [--only SAM ESAM] [--out benchmarks/results/digits]
-        [--figure benchmarks/results/digits_telemetry.png] [--figure-methods SAM SSSAM AESAM ESAM]
+    python benchmarks/train_digits.py [--seeds 0 1 2 3 4] [--only SGD SAM] [--out benchmarks/results/fidelity]
+        [--noise 0.4] [--epochs 60] [--width 128] [--weight-decay 0] [--rho 0.3] [--train-size 1257]
 
-A variant that does not import (or is not exported yet) is skipped with the reason printed. BSAM is
-its own optimizer (no SGD base, no telemetry of the sharpness values) and its ``step(closure)`` runs
-both passes; SAM-ON needs normalization layers, which this MLP does not have (skipped, reason printed).
+A method that cannot be built in this checkout is skipped with the reason printed and recorded.
 """
 from __future__ import annotations
 
@@ -35,8 +40,10 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -44,17 +51,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BATCH = 64
-LR = 0.05
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4
-NOISE = 0.2
-BSAM_LR = 0.5  # bSAM is Adam-like (its own update, not SGD's): the official CIFAR runs' lr
+
+@dataclass(frozen=True)
+class Setting:
+    """The shared setting of every method (the fidelity table's, unless overridden on the command line)."""
+    noise: float = 0.4  # share of training labels replaced by one of the 9 other classes
+    train_size: int = 1257  # training images kept of the 70 % split (1,257 = all)
+    width: int = 128  # hidden width W of the MLP 64-W-W-10
+    layer_norm: bool = True  # a LayerNorm after each hidden Linear
+    epochs: int = 60
+    batch: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    rho: float = 0.3  # SAM's radius, tuned once for SAM; the variants' radii are derived from it
+    bsam_lr: float = 0.5  # bSAM is Adam-like (its own update, not SGD's): the official CIFAR runs' lr
+
+
+SETTING = Setting()
 
 
 # --------------------------------------------------------------------------- data and model
 
-def make_data(seed: int, noise: float = NOISE):
+def make_data(seed: int, s: Setting):
     """Stratified split of digits with symmetric label noise on the training labels."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -63,17 +82,21 @@ def make_data(seed: int, noise: float = NOISE):
     x = d.data.astype(np.float32) / 16.0
     y = d.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, stratify=y, random_state=seed)
+    if s.train_size < len(xtr):
+        xtr, _, ytr, _ = train_test_split(xtr, ytr, train_size=s.train_size, stratify=ytr, random_state=seed)
     rng = np.random.default_rng(seed)
-    flip = rng.random(len(ytr)) < noise
+    flip = rng.random(len(ytr)) < s.noise
     shift = rng.integers(1, 10, size=len(ytr))  # uniform over the 9 other classes
     noisy = np.where(flip, (ytr + shift) % 10, ytr)
     t = torch.from_numpy
-    return t(xtr), t(noisy), t(xte), t(yte), float(flip.mean())
+    return t(xtr), t(noisy), t(xte), t(yte)
 
 
-def make_model(seed: int) -> nn.Module:
+def make_model(seed: int, s: Setting) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    norm = (lambda: nn.LayerNorm(s.width)) if s.layer_norm else nn.Identity
+    return nn.Sequential(nn.Linear(64, s.width), norm(), nn.ReLU(), nn.Linear(s.width, s.width), norm(), nn.ReLU(),
+                         nn.Linear(s.width, 10))
 
 
 class PassCounter:
@@ -99,28 +122,23 @@ class PassCounter:
 @dataclass
 class Method:
     name: str
-    build: Callable  # (model, params, ctx) -> optimizer
-    protocol: str = "sam"  # "sgd": plain step; "sam": step(closure) with a mean-loss closure; "esam": per-sample;
-    # "both": step(closure) runs both passes (bSAM's first pass is at a noisy sample)
+    family: str  # the docs page (docs/guides/<family>.md) whose figure highlights it
+    build: Callable  # (model, ctx) -> optimizer
+    protocol: str = "sam"  # "sgd": plain step; "sam": first backward here, then step(closure, loss=...);
+    # "esam": per-sample losses; "both": step(closure) runs both passes (bSAM's first pass is at a noisy sample)
     note: str = ""
 
 
-def base_kwargs():
-    return dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-
-
-TRACE = ("steps", "sam_step_fraction", "sharpness", "grad_cosine", "grad_norm", "sam_grad_norm", "perturbation_norm")
-TRACE_EMA = ("sharpness", "grad_cosine", "grad_norm")
-
-
-def sam_kwargs():
-    """The SAM-family optimizers: base optimizer settings plus telemetry on."""
-    return dict(base_kwargs(), telemetry=True)
-
-
-def methods(sk, steps_total: int, steps_per_epoch: int, epochs: int) -> list[Method]:
-    """Every method to compare; built lazily so a missing variant only skips itself."""
+def methods(sk, s: Setting, steps_total: int, steps_per_epoch: int) -> list[Method]:
+    """Every method to compare; built lazily so a missing variant only skips itself. Radii: SAM's
+    ``s.rho`` for every variant that perturbs by a gradient-norm ball, the paper's multiple of it
+    where the variant's radius has another scale (ASAM's is relative to |w|; SAM-ON perturbs a small
+    part of the weights, its paper uses about 10x SAM's rho; Momentum-SAM's direction is the
+    momentum, its paper uses about 1.5-3x SAM's rho)."""
     sgd = torch.optim.SGD
+    rho = s.rho
+    base = dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    sam_kw = dict(base, telemetry=True)
 
     def get(name):
         if not hasattr(sk, name):
@@ -128,49 +146,55 @@ def methods(sk, steps_total: int, steps_per_epoch: int, epochs: int) -> list[Met
         return getattr(sk, name)
 
     def preset(name, **kw):
-        return lambda model, ctx: get(name)(model.parameters(), sgd, **kw, **sam_kwargs())
+        return lambda model, ctx: get(name)(model.parameters(), sgd, **kw, **sam_kw)
 
+    r = f"rho {rho:g}"
     return [
-        Method("SGD", lambda model, ctx: sgd(model.parameters(), **base_kwargs()), protocol="sgd"),
-        Method("SAM", preset("SAM", rho=0.05), note="rho 0.05"),
-        Method("ASAM", preset("SAM", rho=0.5, adaptive=True), note="rho 0.5, eta 0.01"),
-        Method("SSSAM", lambda model, ctx: get("SSSAM")(model.parameters(), sgd, rho=0.05, schedule="constant",
-                                                        p=0.6, seed=ctx["seed"], **sam_kwargs()),
-               note="constant p 0.6"),
-        Method("SparseSAM-F", lambda model, ctx: get("SparseSAM")(
-            model.parameters(), sgd, rho=0.05, sparsity=0.5, mask="fisher", num_samples=32, update_freq=1,
+        Method("SGD", "variants", lambda model, ctx: sgd(model.parameters(), **base), protocol="sgd"),
+        Method("SAM", "variants", preset("SAM", rho=rho), note=r),
+        Method("ASAM", "variants", preset("SAM", rho=10 * rho, adaptive=True),
+               note=f"rho {10 * rho:g} (10x, relative radius), eta 0.01"),
+        Method("SAM-2step", "ascent-directions", preset("SAM", rho=rho, ascent_steps=2),
+               note=f"{r}, 2 ascent steps of rho/2"),
+        Method("LatePhaseSAM", "bayes-norm-late", lambda model, ctx: get("SAM")(
+            model.parameters(), sgd, rho=rho, policy=get("LatePhasePolicy")(steps_total, 0.3), **sam_kw),
+            note=f"{r}, SAM in the last 30 % of the steps"),
+        Method("SSSAM", "variants", lambda model, ctx: get("SSSAM")(model.parameters(), sgd, rho=rho,
+                                                                    schedule="constant", p=0.6, seed=ctx["seed"],
+                                                                    **sam_kw),
+               note=f"{r}, constant p 0.6"),
+        Method("LookSAM", "variants", preset("LookSAM", rho=rho, k=5, alpha=0.7), note=f"{r}, k 5, alpha 0.7"),
+        Method("AESAM", "variants", preset("AESAM", rho=rho, total_steps=steps_total), note=f"{r}, d 0.9, l1 -1, l2 1"),
+        Method("AELookSAM", "variants", preset("AELookSAM", rho=rho, total_steps=steps_total, alpha=0.7),
+               note=f"{r}, AE decisions + LookSAM reuse"),
+        Method("ESAM", "esam", lambda model, ctx: get("ESAM")(model.parameters(), sgd, rho=rho, beta=0.6, gamma=0.5,
+                                                              seed=ctx["seed"], **sam_kw),
+               protocol="esam", note=f"{r}, beta 0.6 per tensor, gamma 0.5"),
+        Method("SparseSAM-F", "sparse-sam", lambda model, ctx: get("SparseSAM")(
+            model.parameters(), sgd, rho=rho, sparsity=0.5, mask="fisher", num_samples=32, update_freq=1,
             update_unit="epoch", steps_per_epoch=steps_per_epoch, model=model, loss_fn=F.cross_entropy,
-            fisher_data=ctx["fisher_batches"], fisher_method="loop", **sam_kwargs()),
-            note="Fisher, 50 % sparse, 32 batch-1 samples each epoch"),
-        Method("SparseSAM-D", lambda model, ctx: get("SparseSAM")(
-            model.parameters(), sgd, rho=0.05, sparsity=0.5, mask="dynamic", update_freq=1, update_unit="epoch",
-            steps_per_epoch=steps_per_epoch, horizon=epochs, seed=ctx["seed"], **sam_kwargs()),
-            note="dynamic, 50 % sparse, drop 0.5 cosine, each epoch"),
-        Method("ESAM", lambda model, ctx: get("ESAM")(model.parameters(), sgd, rho=0.05, beta=0.6, gamma=0.5,
-                                                      seed=ctx["seed"], **sam_kwargs()),
-               protocol="esam", note="beta 0.6 per tensor, gamma 0.5"),
-        Method("StableSAM", preset("StableSAM", rho=0.05), note="renormalized descent"),
-        Method("LookSAM", preset("LookSAM", rho=0.05, k=5, alpha=0.7), note="k 5, alpha 0.7"),
-        Method("AESAM", preset("AESAM", rho=0.05, total_steps=steps_total), note="d 0.9, l1 -1, l2 1"),
-        Method("AELookSAM", preset("AELookSAM", rho=0.05, total_steps=steps_total, alpha=0.7),
-               note="AE decisions + LookSAM reuse"),
-        Method("GSAM", preset("GSAM", rho=0.05, alpha=0.4), note="alpha 0.4, constant rho 0.05"),
-        Method("WSAM", preset("WSAM", rho=0.05, gamma=0.9), note="gamma 0.9, decoupled"),
-        Method("GCSAM", preset("SAM", rho=0.05, use_gc=True), note="SAM(use_gc=True)"),
-        Method("LatePhaseSAM", lambda model, ctx: get("SAM")(model.parameters(), sgd, rho=0.05,
-                                                             policy=get("LatePhasePolicy")(steps_total, 0.3),
-                                                             **sam_kwargs()),
-               note="SAM in the last 30 % of the steps"),
-        Method("SAM-ON", lambda model, ctx: get("SAM")(get("sam_on_param_groups")(model), sgd, rho=0.05,
-                                                       **sam_kwargs()),
-               note="normalization layers only (this MLP has none: skipped with the reason)"),
-        Method("BSAM", lambda model, ctx: get("BSAM")(model.parameters(), lr=BSAM_LR, num_data=ctx["num_data"],
-                                                      rho=0.01, seed=ctx["seed"]),
-               protocol="both", note=f"lr {BSAM_LR}, rho 0.01, prior precision 25 (official defaults, untuned)"),
-        Method("FriendlySAM", preset("FriendlySAM", rho=0.05, sigma=1.0, lmbda=0.6), note="sigma 1, lmbda 0.6"),
-        Method("VaSSO", preset("VaSSO", rho=0.05, theta=0.4), note="theta 0.4"),
-        Method("MomentumSAM", preset("MomentumSAM", rho=0.3), note="rho 0.3, one pass per step"),
-        Method("SAM-2step", preset("SAM", rho=0.05, ascent_steps=2), note="2 ascent steps of rho/2"),
+            fisher_data=ctx["fisher_batches"], fisher_method="loop", **sam_kw),
+            note=f"{r}, Fisher, 50 % sparse, 32 batch-1 samples each epoch"),
+        Method("SparseSAM-D", "sparse-sam", lambda model, ctx: get("SparseSAM")(
+            model.parameters(), sgd, rho=rho, sparsity=0.5, mask="dynamic", update_freq=1, update_unit="epoch",
+            steps_per_epoch=steps_per_epoch, horizon=s.epochs, seed=ctx["seed"], **sam_kw),
+            note=f"{r}, dynamic, 50 % sparse, drop 0.5 cosine, each epoch"),
+        Method("StableSAM", "variants", preset("StableSAM", rho=rho), note=f"{r}, renormalized descent"),
+        Method("GSAM", "gsam-wsam-gcsam", preset("GSAM", rho=rho, alpha=0.4), note=f"{r}, alpha 0.4, constant rho"),
+        Method("WSAM", "gsam-wsam-gcsam", preset("WSAM", rho=rho, gamma=0.9), note=f"{r}, gamma 0.9, decoupled"),
+        Method("GCSAM", "gsam-wsam-gcsam", preset("SAM", rho=rho, use_gc=True), note=f"{r}, SAM(use_gc=True)"),
+        Method("FriendlySAM", "ascent-directions", preset("FriendlySAM", rho=rho, sigma=1.0, lmbda=0.6),
+               note=f"{r}, sigma 1, lmbda 0.6"),
+        Method("VaSSO", "ascent-directions", preset("VaSSO", rho=rho, theta=0.4), note=f"{r}, theta 0.4"),
+        Method("MomentumSAM", "ascent-directions", preset("MomentumSAM", rho=1.5 * rho),
+               note=f"rho {1.5 * rho:g} (1.5x), one pass per step"),
+        Method("SAM-ON", "bayes-norm-late", lambda model, ctx: get("SAM")(get("sam_on_param_groups")(model), sgd,
+                                                                          rho=10 * rho, **sam_kw),
+               note=f"rho {10 * rho:g} (10x), LayerNorm weights and biases only"),
+        Method("BSAM", "bayes-norm-late", lambda model, ctx: get("BSAM")(model.parameters(), lr=s.bsam_lr,
+                                                                         num_data=ctx["num_data"], rho=0.01,
+                                                                         seed=ctx["seed"]),
+               protocol="both", note=f"lr {s.bsam_lr:g}, rho 0.01, prior precision 25 (official defaults, untuned)"),
     ]
 
 
@@ -184,128 +208,80 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
-def run(method: Method, seed: int, epochs: int, record_every: int = 10) -> dict:
-    xtr, ytr, xte, yte, noise = make_data(seed)
-    model = make_model(seed)
+TRACE = ("steps", "sam_step_fraction")
+TRACE_EMA = ("sharpness",)
+
+
+def run(method: Method, seed: int, s: Setting, record_every: int = 0) -> tuple[dict, dict]:
+    """One training run; returns its result row (without the run-wide fields) and, with
+    ``record_every`` > 0, the telemetry trace: ``opt.stats()`` every ``record_every`` steps (one host
+    sync each time; column -> values)."""
+    xtr, ytr, xte, yte = make_data(seed, s)
+    model = make_model(seed, s)
     g = torch.Generator().manual_seed(1000 + seed)
-    steps_per_epoch = math.ceil(len(xtr) / BATCH)
+    g_fisher = torch.Generator().manual_seed(2000 + seed)
+    steps_per_epoch = math.ceil(len(xtr) / s.batch)
 
     def fisher_batches():
         idx = torch.randperm(len(xtr), generator=g_fisher)
-        return [(xtr[idx[i:i + BATCH]], ytr[idx[i:i + BATCH]]) for i in range(0, len(xtr), BATCH)]
+        return [(xtr[idx[i:i + s.batch]], ytr[idx[i:i + s.batch]]) for i in range(0, len(xtr), s.batch)]
 
-    g_fisher = torch.Generator().manual_seed(2000 + seed)
-    ctx = {"seed": seed, "fisher_batches": fisher_batches, "num_data": len(xtr)}
-    opt = method.build(model, ctx)
+    opt = method.build(model, {"seed": seed, "fisher_batches": fisher_batches, "num_data": len(xtr)})
     counter = PassCounter(model)
-    trace: dict[str, list] = {}  # column -> values, one per record
+    trace: dict[str, list] = {}
 
     def record(st: dict) -> None:
         ema = opt.stats(ema=True)  # a second sync: the EMAs of the same values
         for key, value in (*((k, st[k]) for k in TRACE), *((f"{k}_ema", ema[k]) for k in TRACE_EMA)):
             trace.setdefault(key, []).append(round(value, 6))
 
-    if hasattr(opt, "stats"):
+    if record_every and hasattr(opt, "stats"):
         from sam_kernels.optim.telemetry import every
         every(opt, record_every, record)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs * steps_per_epoch)
     steps = examples = 0
     t0 = time.perf_counter()
-    for epoch in range(epochs):
+    for _ in range(s.epochs):
         perm = torch.randperm(len(xtr), generator=g)
-        for i in range(0, len(xtr), BATCH):
-            xb, yb = xtr[perm[i:i + BATCH]], ytr[perm[i:i + BATCH]]
+        for i in range(0, len(xtr), s.batch):
+            xb, yb = xtr[perm[i:i + s.batch]], ytr[perm[i:i + s.batch]]
+            opt.zero_grad(set_to_none=True)
             if method.protocol == "sgd":
-                opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(xb), yb).backward()
                 opt.step()
             elif method.protocol == "esam":
                 def closure(indices: Optional[torch.Tensor] = None):
                     xs, ys = (xb, yb) if indices is None else (xb[indices], yb[indices])
                     return F.cross_entropy(model(xs), ys, reduction="none")
-                opt.zero_grad(set_to_none=True)
                 opt.step(closure)
-            elif method.protocol == "both":
+            else:
                 def closure():
                     loss = F.cross_entropy(model(xb), yb)
                     loss.backward()
                     return loss
-                opt.zero_grad(set_to_none=True)
-                opt.step(closure)
-            else:  # the core's protocol: first backward here, step(closure) does the rest
-                def closure():
-                    loss = F.cross_entropy(model(xb), yb)
-                    loss.backward()
-                    return loss
-                opt.zero_grad(set_to_none=True)
-                first = F.cross_entropy(model(xb), yb)
-                first.backward()
-                opt.step(closure, loss=first)  # L(w): the optimizer then knows the sharpness
+                if method.protocol == "both":
+                    opt.step(closure)
+                else:  # the core's protocol: first backward here, step(closure) does the rest
+                    first = F.cross_entropy(model(xb), yb)
+                    first.backward()
+                    opt.step(closure, loss=first)  # L(w): the optimizer then knows the sharpness
             sched.step()
             steps += 1
             examples += len(xb)
     wall = time.perf_counter() - t0
     if hasattr(opt, "move_back_from_momentum_ascent"):
         opt.move_back_from_momentum_ascent()  # Momentum-SAM holds w - rho·v/‖v‖: evaluate at w
-    fwd, bwd = counter.fwd / examples, counter.bwd / examples  # read before the evaluation forward
-    out = {"seed": seed, "test_acc": evaluate(model, xte, yte), "train_noise": noise, "wall_s": wall,
-           "fwd_per_step": fwd, "bwd_per_step": bwd, "steps": steps}
+    row = {"method": method.name, "family": method.family, "seed": seed,
+           "fwd_per_step": counter.fwd / examples, "bwd_per_step": counter.bwd / examples,  # before evaluating
+           "acc": 100 * evaluate(model, xte, yte), "wall_s": wall, "steps": steps, "method_settings": method.note}
     if hasattr(opt, "stats"):
         st = opt.stats()
-        out.update(stats=st, trace=trace, own_fwd_per_step=st["forward_passes"] / st["steps"],
-                   own_bwd_per_step=st["backward_passes"] / st["steps"])
-    return out
+        row.update(own_fwd_per_step=st["forward_passes"] / st["steps"],
+                   own_bwd_per_step=st["backward_passes"] / st["steps"], sam_step_fraction=st["sam_step_fraction"])
+    return row, trace
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--only", nargs="*", default=None, help="run only these method names")
-    ap.add_argument("--out", default="benchmarks/results/digits")
-    ap.add_argument("--record-every", type=int, default=10, help="optimizer steps between two opt.stats() records")
-    ap.add_argument("--figure", default=None, help="draw sharpness and SAM-step fraction over training (PNG)")
-    ap.add_argument("--figure-methods", nargs="+", default=["SAM", "SSSAM", "AESAM", "ESAM"])
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared 2-core box
-
-    import sam_kernels as sk
-
-    xtr = make_data(args.seeds[0])[0]
-    spe = math.ceil(len(xtr) / BATCH)
-    results, skipped = {}, {}
-    for method in methods(sk, spe * args.epochs, spe, args.epochs):
-        if args.only and method.name not in args.only:
-            continue
-        try:
-            method.build(make_model(0), {"seed": 0, "fisher_batches": lambda: [], "num_data": len(xtr)})
-        except Exception as exc:  # a variant not available in this checkout: say why, go on
-            skipped[method.name] = f"{type(exc).__name__}: {exc}"
-            print(f"skip {method.name}: {skipped[method.name]}", flush=True)
-            continue
-        runs = [run(method, s, args.epochs, args.record_every) for s in args.seeds]
-        accs = [r["test_acc"] * 100 for r in runs]
-        results[method.name] = {
-            "note": method.note, "runs": runs,
-            "acc_mean": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "fwd_per_step": statistics.mean(r["fwd_per_step"] for r in runs),
-            "bwd_per_step": statistics.mean(r["bwd_per_step"] for r in runs),
-            "wall_s": statistics.mean(r["wall_s"] for r in runs),
-        }
-        if "stats" in runs[0]:
-            results[method.name].update(
-                own_fwd_per_step=statistics.mean(r["own_fwd_per_step"] for r in runs),
-                own_bwd_per_step=statistics.mean(r["own_bwd_per_step"] for r in runs),
-                sam_step_fraction=statistics.mean(r["stats"]["sam_step_fraction"] for r in runs),
-                optimizer_mb_per_step=statistics.mean(r["stats"]["optimizer_bytes"] / r["stats"]["steps"] / 1e6
-                                                      for r in runs))
-        r = results[method.name]
-        print(f"{method.name:14s} acc {r['acc_mean']:.2f} ± {r['acc_std']:.2f}  fwd {r['fwd_per_step']:.2f}  "
-              f"bwd {r['bwd_per_step']:.2f}  {r['wall_s']:.2f}s", flush=True)
-    write(args, results, skipped)
-    if args.figure:
-        figure(results, args.figure_methods, args.figure, args.record_every)
-
+# --------------------------------------------------------------------------- the run's context
 
 def cpu_name() -> str:
     try:
@@ -318,82 +294,153 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def write(args, results: dict, skipped: dict) -> None:
-    import pathlib
+def machine() -> str:
+    return f"{cpu_name()} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch thread), {platform.system()}"
 
-    import sam_kernels as sk
 
-    machine = f"{cpu_name()} ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch thread, load average "
-    machine += f"{os.getloadavg()[0]:.1f} at the end: shared box, wall times are noisy), {platform.system()} "
-    machine += f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}"
-    backend = sk.ops.last_used.copy()
+def versions() -> dict:
+    import sam_kernels
+    return {"python": platform.python_version(), "torch": torch.__version__, "sam_kernels": sam_kernels.__version__}
+
+
+def commit() -> str:
     try:
-        import subprocess
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    meta = {"machine": machine, "seeds": args.seeds, "epochs": args.epochs, "batch": BATCH, "label_noise": NOISE,
-            "base": f"SGD lr {LR} momentum {MOMENTUM} wd {WEIGHT_DECAY}, cosine lr", "model": "MLP 64-128-64-10",
-            "backends_used": backend, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "skipped": skipped}, indent=1))
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- report (from the rows only)
+
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    """method -> seed-mean accuracy, std, paired gain over SGD, passes, wall; methods in row order."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    sgd = {r["seed"]: r["acc"] for r in by.get("SGD", [])}
+    out = {}
+    for name, rs in by.items():
+        accs = [r["acc"] for r in rs]
+        gains = [r["acc"] - sgd[r["seed"]] for r in rs if r["seed"] in sgd]
+        out[name] = {"family": rs[0]["family"], "note": rs[0]["method_settings"], "seeds": len(rs),
+                     "acc": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "gain": statistics.mean(gains) if gains else None,
+                     "gain_std": statistics.stdev(gains) if len(gains) > 1 else None,
+                     "fwd": statistics.mean(r["fwd_per_step"] for r in rs),
+                     "bwd": statistics.mean(r["bwd_per_step"] for r in rs),
+                     "wall": statistics.mean(r["wall_s"] for r in rs),
+                     "sam_steps": (statistics.mean(r["sam_step_fraction"] for r in rs)
+                                   if "sam_step_fraction" in rs[0] else None)}
+    return out
+
+
+def table(rows: list[dict], source: str = "rows.jsonl") -> str:
+    """The fidelity table (Markdown) of the rows: one line per method, with the paired gain over SGD
+    (per seed, then mean ± std), and for every method the share of SAM's gain it keeps at what share
+    of SAM's forward + backward passes per step."""
+    summ = summarize(rows)
+    sam = summ.get("SAM")
+    head = rows[0]
+    s = head["setting"]
+    norm = "a LayerNorm after each hidden layer" if s["layer_norm"] else "no normalization"
     lines = [
-        "# Digits with 20 % symmetric label noise", "",
-        f"Generated by `python benchmarks/train_digits.py` on {meta['date']} at commit {commit}.", "",
-        f"- Machine: {machine} (CPU only).",
-        f"- Data: scikit-learn `load_digits`, stratified 70/30 split, {int(NOISE * 100)} % symmetric noise on "
-        f"train labels; clean test labels.",
-        f"- Model {meta['model']}, batch {BATCH}, {args.epochs} epochs, {meta['base']}; seeds {args.seeds}.",
-        "- fwd/bwd: full-batch forward/backward passes per step, counted in examples through the model "
-        "(ESAM's partial second pass and Fisher batch-1 passes included).",
-        f"- Kernel backend(s) used: {backend or 'none'}.",
-        f"- Noise level: the test set has {len(make_data(args.seeds[0])[3])} images (one image = "
-        f"{100 / len(make_data(args.seeds[0])[3]):.2f} points); gaps smaller than the std are seed noise.", "",
-        "- own fwd/bwd: the optimizer's count, `opt.stats()` forward/backward passes per step (telemetry); "
-        "SAM steps: `sam_step_fraction`; MB/step: bytes its kernels moved at the ops' floors.",
-        "",
-        "| method | test acc % (mean ± std) | fwd / step | bwd / step | own fwd / bwd | SAM steps | MB / step "
-        "| wall s / run | settings |",
+        f"Generated from `{source}` ({len(rows)} runs, commit `{head['commit']}`, {head['date']}); "
+        f"machine: {head['machine']}.", "",
+        f"Setting: digits, {s['noise']:.0%} symmetric label noise on the training labels, {s['train_size']} training "
+        f"images, MLP 64-{s['width']}-{s['width']}-10 with {norm}, SGD lr {s['lr']:g} momentum {s['momentum']:g} "
+        f"weight decay {s['weight_decay']:g}, cosine lr, batch {s['batch']}, "
+        f"{s['epochs']} epochs; SAM's rho {s['rho']:g}; seeds {sorted({r['seed'] for r in rows})}.", "",
+        "- gain: accuracy minus SGD's on the same seed (same split, noise, initialisation and batches), mean ± std "
+        "over seeds; a gain below its std is seed noise.",
+        "- passes: full-batch forward / backward passes per optimizer step (counted in examples through the "
+        "model); SAM share: (forward + backward) passes as a share of SAM's.",
+        "- SAM's gain kept: the method's gain as a share of SAM's gain.", "",
+        "| method | test acc % | gain over SGD (points) | fwd / bwd per step | SAM's gain kept | share of SAM's passes "
+        "| SAM steps | wall s / run | settings |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
-        own = (f"{r['own_fwd_per_step']:.2f} / {r['own_bwd_per_step']:.2f} | {r['sam_step_fraction']:.2f} | "
-               f"{r['optimizer_mb_per_step']:.2f}") if "own_fwd_per_step" in r else "– | – | –"
-        lines.append(f"| {name} | {r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {r['fwd_per_step']:.2f} | "
-                     f"{r['bwd_per_step']:.2f} | {own} | {r['wall_s']:.2f} | {r['note']} |")
+    sam_passes = sam["fwd"] + sam["bwd"] if sam else None
+    for name, m in summ.items():
+        gain = "–" if m["gain"] is None or name == "SGD" else f"{m['gain']:+.2f}" + (
+            "" if m["gain_std"] is None else f" ± {m['gain_std']:.2f}")  # no spread from one seed
+        kept = (f"{m['gain'] / sam['gain']:.0%}" if sam and sam["gain"] and m["gain"] is not None
+                and name not in ("SGD", "SAM") else "–")
+        share = f"{(m['fwd'] + m['bwd']) / sam_passes:.0%}" if sam_passes else "–"
+        sam_steps = "–" if m["sam_steps"] is None else f"{m['sam_steps']:.2f}"
+        lines.append(f"| {name} | {m['acc']:.2f} ± {m['std']:.2f} | {gain} | {m['fwd']:.2f} / {m['bwd']:.2f} | {kept} "
+                     f"| {share} | {sam_steps} | {m['wall']:.2f} | {m['note']} |")
+    skipped = [r for r in head.get("skipped", [])]
     if skipped:
-        lines += ["", "Skipped:"] + [f"- {k}: {v}" for k, v in skipped.items()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+        lines += ["", "Not run:"] + [f"- {k}: {v}" for k, v in skipped]
+    return "\n".join(lines) + "\n"
 
 
-def figure(results: dict, names: list[str], path: str, record_every: int) -> None:
-    """Seed-mean sharpness EMA and running SAM-step fraction against the optimizer step."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no matplotlib: figure skipped (pip install matplotlib)")
-        return
+def figure(rows: list[dict], path: Path, highlight: Optional[str] = None) -> None:
+    """Test accuracy (seed mean ± std) against forward + backward passes per step, one point per
+    method (methods at the same pass count spread a little sideways, in accuracy order, so their
+    error bars stay apart); ``highlight``: a family whose methods (with SGD and SAM) are drawn in
+    colour and named in the legend, the others in grey."""
     import itertools
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = summarize(rows)
+    same_x: dict[float, list[str]] = {}
+    for name, m in summ.items():
+        same_x.setdefault(round(m["fwd"] + m["bwd"], 1), []).append(name)
+    shift = {}
+    for names in same_x.values():
+        names.sort(key=lambda n: summ[n]["acc"])
+        for i, name in enumerate(names):
+            shift[name] = 0.06 * (i - (len(names) - 1) / 2)
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    colours = itertools.cycle(c for c in plt.get_cmap("tab20").colors if c[0] != c[1])  # no greys
+    markers = itertools.cycle("osD^vP*Xh<>")
+    for name, m in summ.items():
+        on = highlight is None or m["family"] == highlight or name in ("SGD", "SAM")
+        colour = {"SGD": "black", "SAM": "firebrick"}.get(name) or (next(colours) if on else "0.8")
+        style = dict(fmt=next(markers), capsize=2, markersize=5, color=colour,
+                     zorder=3 if on else 2, label=name if on else None)
+        ax.errorbar(m["fwd"] + m["bwd"] + shift[name], m["acc"], yerr=m["std"], **style)
+    for name, ls in (("SGD", ":"), ("SAM", "--")):
+        if name in summ:
+            ax.axhline(summ[name]["acc"], linestyle=ls, color="0.4", linewidth=0.8)
+    s = rows[0]["setting"]
+    ax.set(xlabel="forward + backward passes per optimizer step (full batch)", ylabel="test accuracy % (clean labels)",
+           title=f"Digits, {s['noise']:.0%} label noise, MLP {s['width']} wide: seed mean ± std "
+                 f"({len({r['seed'] for r in rows})} seeds); dotted: SGD, dashed: SAM")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def telemetry_figure(traces: dict[str, list[dict]], path: Path, record_every: int) -> None:
+    """Seed-mean sharpness EMA (L(w + e) - L(w) at the SAM steps) and running SAM-step fraction
+    against the optimizer step, one line per method of ``traces`` (method -> one trace per seed)."""
+    import itertools
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     styles = itertools.cycle(["-", "--", "-.", ":"])
-    for name in names:
-        runs = results.get(name, {}).get("runs", [])
-        traces = [r["trace"] for r in runs if r.get("trace")]
-        if not traces:
+    for name, runs in traces.items():
+        runs = [t for t in runs if t]
+        if not runs:
             continue
-        n = min(len(t["steps"]) for t in traces)
-        steps = traces[0]["steps"][:n]
-        sharp = [statistics.mean(t["sharpness_ema"][i] for t in traces) for i in range(n)]
-        frac = [statistics.mean(t["sam_step_fraction"][i] for t in traces) for i in range(n)]
+        n = min(len(t["steps"]) for t in runs)
         style = dict(label=name, linestyle=next(styles))
-        ax1.plot(steps, sharp, **style)
-        ax2.plot(steps, frac, **style)
+        steps = runs[0]["steps"][:n]
+        ax1.plot(steps, [statistics.mean(t["sharpness_ema"][i] for t in runs) for i in range(n)], **style)
+        ax2.plot(steps, [statistics.mean(t["sam_step_fraction"][i] for t in runs) for i in range(n)], **style)
     ax1.set(xlabel="optimizer step", ylabel="L(w + e) − L(w)  (EMA over SAM steps, decay 0.9)",
             title="sharpness at the SAM steps")
     ax2.set(xlabel="optimizer step", ylabel="SAM steps / steps", title="running SAM-step fraction", ylim=(0, 1.05))
@@ -403,7 +450,85 @@ def figure(results: dict, names: list[str], path: str, record_every: int) -> Non
     fig.suptitle(f"Noisy digits, MLP, seed mean; opt.stats() every {record_every} steps")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     print(f"wrote {path}")
+
+
+def report(rows_file: Path) -> None:
+    """table.md, accuracy_vs_passes.png and one figure per family (accuracy_vs_passes_<family>.png)
+    beside the rows file, from the rows alone."""
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    out = rows_file.parent
+    (out / "table.md").write_text(table(rows, str(rows_file)))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("no matplotlib: figures skipped (pip install matplotlib)")
+        return
+    figure(rows, out / "accuracy_vs_passes.png")
+    for family in sorted({r["family"] for r in rows}):
+        figure(rows, out / f"accuracy_vs_passes_{family}.png", highlight=family)
+    print(f"wrote {out / 'table.md'} and the figures in {out}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--only", nargs="*", default=None, help="run only these method names")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"))
+    ap.add_argument("--report-only", action="store_true", help="regenerate the table and figures from OUT/rows.jsonl")
+    ap.add_argument("--telemetry-figure", type=Path, default=None,
+                    help="also draw sharpness and the SAM-step fraction over training (PNG) for --telemetry-methods")
+    ap.add_argument("--telemetry-methods", nargs="+", default=["SAM", "SSSAM", "AESAM", "ESAM"])
+    ap.add_argument("--record-every", type=int, default=10, help="optimizer steps between two opt.stats() records")
+    for field, value in asdict(SETTING).items():
+        if isinstance(value, bool):
+            ap.add_argument(f"--{field.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
+                            default=value, metavar="BOOL")
+        else:
+            ap.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = ap.parse_args(argv)
+    rows_file = args.out / "rows.jsonl"
+    if args.report_only:
+        report(rows_file)
+        return
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared 2-core box
+    import sam_kernels as sk
+
+    s = replace(SETTING, **{f: getattr(args, f) for f in asdict(SETTING)})
+    xtr = make_data(args.seeds[0], s)[0]
+    spe = math.ceil(len(xtr) / s.batch)
+    common = {"setting": asdict(s), "commit": commit(), "machine": machine(), "versions": versions(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    rows, skipped, traces = [], [], {}
+    t_all = time.perf_counter()
+    for method in methods(sk, s, spe * s.epochs, spe):
+        if args.only and method.name not in args.only:
+            continue
+        try:
+            method.build(make_model(0, s), {"seed": 0, "fisher_batches": lambda: [], "num_data": len(xtr)})
+        except Exception as exc:  # a variant not available in this checkout: say why, go on
+            skipped.append((method.name, f"{type(exc).__name__}: {exc}"))
+            print(f"skip {method.name}: {skipped[-1][1]}", flush=True)
+            continue
+        every = args.record_every if args.telemetry_figure and method.name in args.telemetry_methods else 0
+        done = [run(method, seed, s, every) for seed in args.seeds]
+        runs = [dict(row, **common) for row, _ in done]
+        if every:
+            traces[method.name] = [trace for _, trace in done]
+        rows += runs
+        accs = [r["acc"] for r in runs]
+        print(f"{method.name:13s} acc {statistics.mean(accs):6.2f} ± {statistics.pstdev(accs):.2f}  "
+              f"fwd {runs[0]['fwd_per_step']:.2f} bwd {runs[0]['bwd_per_step']:.2f}  "
+              f"{statistics.mean(r['wall_s'] for r in runs):.2f} s/run", flush=True)
+    for r in rows:
+        r["skipped"] = skipped
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{len(rows)} runs in {time.perf_counter() - t_all:.0f} s; wrote {rows_file}")
+    report(rows_file)
+    if args.telemetry_figure:
+        telemetry_figure(traces, args.telemetry_figure, args.record_every)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,23 @@ def _benchmark_tables() -> str:
     return "\n".join(parts) or "*No result rows are recorded yet.*\n"
 
 
+def _fidelity_table() -> str:
+    """The fidelity table from the recorded rows (benchmarks/results/fidelity/rows.jsonl), by the
+    script that wrote them (benchmarks/train_digits.py)."""
+    import importlib.util
+    import json
+
+    rows_file = ROOT / "benchmarks" / "results" / "fidelity" / "rows.jsonl"
+    if not rows_file.exists():
+        return "*No fidelity rows are recorded yet.*\n"
+    spec = importlib.util.spec_from_file_location("train_digits", ROOT / "benchmarks" / "train_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    return module.table(rows, str(rows_file.relative_to(ROOT)))
+
+
 def _op_table() -> str:
     """The op table (sam_kernels/ops/contract.py) as a Markdown table: one row per op."""
     from sam_kernels.ops.contract import OPS
@@ -57,10 +74,11 @@ def _op_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-# benchmarks.md and op-contracts.md include these, made from the code at each build, never typed by hand.
+# benchmarks.md, fidelity.md and op-contracts.md include these, made from the code at each build, never typed by hand.
 (ROOT / "docs" / "_generated").mkdir(exist_ok=True)
 (ROOT / "docs" / "_generated" / "benchmark_tables.md").write_text(_benchmark_tables())
 (ROOT / "docs" / "_generated" / "op_table.md").write_text(_op_table())
+(ROOT / "docs" / "_generated" / "fidelity_table.md").write_text(_fidelity_table())
 
 project = "sam_kernels"
 author = "sam_kernels contributors"

@@ -22,6 +22,11 @@ def test_docs_build_without_warnings(tmp_path):
     for rows_file in (ROOT / "benchmarks" / "results").glob("*.jsonl"):
         device = json.loads(rows_file.read_text().splitlines()[0])["device"]
         assert device in benchmarks and rows_file.name in benchmarks
+    fidelity = (tmp_path / "fidelity.html").read_text()  # the fidelity table made from its rows: every method
+    rows = (ROOT / "benchmarks" / "results" / "fidelity" / "rows.jsonl").read_text().splitlines()
+    methods = {json.loads(line)["method"] for line in rows if line.strip()}
+    assert methods and not [m for m in methods if f'<tr class="row-odd"><td><p>{m}</p>' not in fidelity
+                            and f'<tr class="row-even"><td><p>{m}</p>' not in fidelity]
     documented = "".join(p.read_text() for p in (tmp_path / "reference").glob("*.html"))
     public = [f"sam_kernels.{n}" for n in sam_kernels.__all__ if n != "ops"]
     public += [f"sam_kernels.ops.{n}" for n in ops.__all__ if n not in ("reference", *sam_kernels.__all__)]

@@ -20,7 +20,8 @@ device         device name with cores and threads; ``device_slug`` (file name); 
 median_ms      median time of one call; ``p20_ms``, ``p80_ms``; ``rounds`` (interleaved rounds)
 vs             the reference provider (sam_kernels at default settings on the device)
 ratio          median over rounds of (this call's time / the reference's in the same round)
-ratio_low/high interval of ``ratio`` at confidence ``level`` (sign-test order statistics)
+ratio_low/high interval of ``ratio`` at confidence ``level`` (sign-test order statistics of the
+               medians of ``blocks`` blocks of consecutive rounds)
 target         the ratio this row must reach (``verdict``; null: none); ``verdict``: met, missed,
                unresolved or null
 floor_bytes    bytes the work must move at the least (``op_specs``); ``copy_gbps``: bandwidth of

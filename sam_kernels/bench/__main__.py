@@ -42,8 +42,10 @@ how it measures
   Every implementation is first checked against one SAM step computed in float64, then all are timed
   in one process, one call each per round, interleaved (A, B, C, A, B, C, ...), with a copy of a
   fixed buffer in every round (the bandwidth the memory floor is taken of). A row's ratio is the
-  median of its per-round ratios to sam_kernels' time, with a {LEVEL:.0%} bootstrap interval. Rounds
-  go on until every target has a verdict or the case's share of --budget is spent.
+  median of its per-round ratios to sam_kernels' time, with a {LEVEL:.0%} interval taken over blocks of
+  consecutive rounds (the ratio drifts with the load, so single rounds are not independent: see
+  sam_kernels/bench/measure.py). Rounds go on until every target has a verdict or the case's share
+  of --budget is spent.
 
 targets and verdicts
   time of torch.compile's step / ours >= {VS_COMPILE_LARGE:.2f} on the large lists (ours at most

@@ -140,6 +140,7 @@ def measure(suite: str, op: str, case: Case, built: Built, ours: Optional[str], 
         rows.append({**base, "provider": p, **q, "rounds": len(samples[p]), "setup_s": built.setup_s[p],
                      "ratio": iv.ratio if iv else None, "ratio_low": iv.low if iv else None,
                      "ratio_high": iv.high if iv else None, "level": iv.level if iv else None,
+                     "blocks": iv.blocks if iv else None,
                      "target": goal, "verdict": judge(iv, goal),
                      "floor_fraction": floor / (copy_gbps * 1e9) / (q["median_ms"] * 1e-3) if floor else None,
                      "skipped": None, "mismatch": None})

@@ -12,7 +12,7 @@ sets p.grad to None (``on``: g(w) is held, the default) and as in one that zeroe
 Each optimizer gets its own copy of the list (same values); the modes are timed interleaved
 (``sam_kernels.bench.measure``: one step of each mode per round, ``--rounds`` rounds), so slow
 drifts of a shared machine hit all of them; the time is the median, the overhead of a mode the
-median of its per-round ratios to ``off`` with a 95 % bootstrap interval. Each step hands the optimizer the same two
+median of its per-round ratios to ``off`` with a 95 % interval over blocks of rounds. Each step hands the optimizer the same two
 gradient sets, as the two backwards of a real loop do (new p.grad tensors for the second pass):
 every step does the same work and nothing is allocated. Also reported: the bytes per step at the
 ops' floors (``stats()["optimizer_bytes"]``): the extra traffic each mode adds, exact whatever
@@ -96,7 +96,7 @@ def markdown(rows: list[dict], env: dict) -> str:
     lines.append("")
     lines.append("norms: telemetry=\"norms\", the optimizers' default; on: telemetry=True in a loop whose zero_grad sets p.grad to None (g(w) held); copy: the same in a "
                  "loop that zeroes p.grad in place (g(w) copied in first_step). ms: median over the interleaved "
-                 "rounds; overhead: median of the per-round ratios to off, bootstrap interval; "
+                 "rounds; overhead: median of the per-round ratios to off, 95 % interval over blocks of rounds; "
                  "MB: bytes per step at the ops' floors (exact).")
     for r in rows:
         if r["load"]:

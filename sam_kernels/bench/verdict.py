@@ -9,8 +9,8 @@ fixed by the project for the SAM optimizer step, SGD momentum, fp32):
 - ``loop`` (the popular SAM class's per-parameter loop): ratio >= 1.6 on every list.
 
 Verdict: ``met`` when the whole interval is at or above the target, ``missed`` when it is wholly
-below, ``unresolved`` when it contains the target (then more rounds, or a quieter machine, would
-decide). Rows without a target get no verdict.
+below, ``unresolved`` when it contains the target or has too few blocks of rounds to reach its
+level (then more rounds, or a quieter machine, would decide). Rows without a target get no verdict.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def judge(interval: Optional[Interval], goal: Optional[float]) -> Optional[str]:
     """"met" / "missed" / "unresolved", or None without a target or an interval."""
     if goal is None or interval is None:
         return None
+    if interval.coverage < interval.level:
+        return "unresolved"
     if interval.low >= goal:
         return "met"
     if interval.high < goal:
@@ -45,6 +47,6 @@ def judge(interval: Optional[Interval], goal: Optional[float]) -> Optional[str]:
 
 def all_judged(samples: Samples, ours: str, goals: dict[str, float]) -> bool:
     """Whether every row in ``goals`` (provider -> target) already has a verdict: the stopping rule
-    of a session. It looks after every round, so it asks for the wider ``STOP_LEVEL`` interval:
-    a verdict reached by chance at one of many looks must not end the session."""
+    of a session. It looks after every round, so it asks for the wider ``STOP_LEVEL`` interval
+    (8 blocks at least): a verdict reached by chance at one of many looks must not end the session."""
     return all(ratio_interval(samples[p], samples[ours], level=STOP_LEVEL).excludes(g) for p, g in goals.items())

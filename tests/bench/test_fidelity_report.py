@@ -1,0 +1,56 @@
+"""The fidelity table of benchmarks/train_digits.py is computed from its rows as documented: gains
+paired by seed against SGD, the share of SAM's gain kept and of SAM's passes (hand-computed rows)."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    spec = importlib.util.spec_from_file_location("train_digits", ROOT / "benchmarks" / "train_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows():
+    common = {"setting": {"noise": 0.4, "train_size": 1257, "width": 128, "layer_norm": True, "epochs": 60,
+                          "batch": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "rho": 0.3},
+              "commit": "abc", "machine": "m", "date": "d", "skipped": [["Y", "why"]]}
+
+    def row(method, seed, acc, passes):
+        return {"method": method, "family": "variants", "seed": seed, "acc": acc, "fwd_per_step": passes,
+                "bwd_per_step": passes, "wall_s": 1.0, "method_settings": "", **common}
+
+    # SAM's gains over SGD: 20 and 22 (mean 21); X's: 10 and 11.5 (mean 10.75), in the other seed order
+    return [row("SGD", 0, 70.0, 1.0), row("SGD", 1, 72.0, 1.0), row("SAM", 0, 90.0, 2.0), row("SAM", 1, 94.0, 2.0),
+            row("X", 1, 83.5, 1.5), row("X", 0, 80.0, 1.5)]
+
+
+def test_gains_are_paired_by_seed(digits):
+    s = digits.summarize(_rows())
+    assert s["SAM"]["gain"] == 21.0 and s["SAM"]["gain_std"] == pytest.approx(math.sqrt(2))
+    assert s["X"]["gain"] == 10.75 and s["X"]["gain_std"] == pytest.approx(math.sqrt(1.125))
+    assert s["X"]["acc"] == 81.75 and s["X"]["std"] == pytest.approx(math.sqrt(6.125))
+
+
+def test_table_shows_the_share_of_sams_gain_and_passes(digits):
+    lines = digits.table(_rows()).splitlines()
+    x = next(line for line in lines if line.startswith("| X |")).split(" | ")
+    assert x[2] == "+10.75 ± 1.06" and x[3] == "1.50 / 1.50"
+    assert x[4] == "51%" and x[5] == "75%"  # 10.75 / 21 and (1.5 + 1.5) / (2 + 2)
+    sgd = next(line for line in lines if line.startswith("| SGD |")).split(" | ")
+    assert sgd[2] == "–" and sgd[4] == "–" and sgd[5] == "50%"
+    assert "- Y: why" in lines
+
+
+def test_one_seed_has_no_spread(digits):
+    lines = digits.table([r for r in _rows() if r["seed"] == 0]).splitlines()
+    x = next(line for line in lines if line.startswith("| X |")).split(" | ")
+    assert x[1] == "80.00 ± 0.00" and x[2] == "+10.00" and x[4] == "50%"  # 10 / 20
