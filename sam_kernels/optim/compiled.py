@@ -20,7 +20,6 @@ body's. The shell does the host work a graph must not hold, without Dynamo (:dat
 """
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -91,21 +90,3 @@ def hyper(sam, group: dict, key: str) -> Any:
         if t is not None:
             return t
     return group[key]
-
-
-def compiled_refusal(sam, error: BaseException) -> Optional[TypeError]:
-    """The error to raise instead of Dynamo's when a compiled descent broke the graph because the base
-    optimizer has no fused SAM descent (torch.optim's ``step()`` breaks the graph on purpose); else None."""
-    from .base_step import fused_kind
-
-    exc = sys.modules.get("torch._dynamo.exc")
-    if exc is None or not isinstance(error, exc.Unsupported) or "graph_break()" not in str(error):
-        return None
-    base = sam.base_optimizer
-    if fused_kind(base) is not None:
-        return None
-    return TypeError(
-        f"{type(sam).__name__}: a compiled second_step/base_step with fullgraph=True needs a fused descent, and "
-        f"{type(base).__name__} (with these settings) has none: its own step() runs, which breaks the graph on "
-        "purpose (torch.optim). The weights are at w. Compile the step methods without fullgraph=True, or use "
-        "torch.optim.SGD or torch.optim.AdamW (not fused, capturable, amsgrad or differentiable) as the base optimizer")

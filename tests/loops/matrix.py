@@ -28,9 +28,6 @@ KNOWN_FAILURES: dict[tuple, str] = {
         "WSAM's descent mixing and BSAM's update read the group's lr as a Python float (a compiled step needs "
         "the tensor sam_kernels.optim.compiled.hyper gives): the lr schedule recompiles every step until the "
         "recompile limit fails fullgraph (the failed call leaves the weights at w)",
-    ("compile", ("SAM-3-step",), None):
-        "each ascent of a multi-step ascent runs the same compiled first_step body with another ascent count "
-        "(guards on it): k ascents keep k + 1 graphs, over the limit of 2 this test holds every row to",
     ("compile", ("MomentumSAM",), None):
         "Momentum-SAM's one-pass step is opt.step, which an LR scheduler wraps in a function Dynamo does not "
         "trace: fullgraph=True fails at the first call",
