@@ -1,9 +1,12 @@
 """The closure protocol of ``SAM.step(closure)`` (ours, after torch.optim's): which pass the closure
 gives, and the step it runs through the public step methods.
 
-The first pass is the gradients a backward wrote since the last optimizer step or ``zero_grad``
-(post-accumulate-gradient hooks tell, :mod:`.first_pass`: no host sync); when none did, the
-gradients are zeroed in place and the closure gives the first pass. Then a SAM step (``first_step``
+The first pass is the gradients a backward wrote since the last optimizer step or ``zero_grad``;
+when none did, the gradients are zeroed in place and the closure gives the first pass. Whether a
+backward ran is known from post-accumulate-gradient hooks (FSDP2: the gradients' versions;
+:mod:`.first_pass`), never from their values (no host sync), so gradients zeroed in place by other
+code after a backward (``model.zero_grad(set_to_none=False)``, ``p.grad.zero_()``) still count as a
+first pass. Then a SAM step (``first_step``
 once per ascent, the closure after each, ``second_step``) or a plain one, as the policy decides.
 Without a closure, ``step()`` ends a step begun by hand (how ``GradScaler.step(opt)`` ends the
 manual loop).

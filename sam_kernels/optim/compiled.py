@@ -2,7 +2,8 @@
 
 Each public step method (``first_step``, ``second_step``, ``base_step``) is an eager shell around
 a body: ``torch.compile(opt.first_step, fullgraph=True)`` skips the shell's frame and compiles the
-body's. The shell does the host work a graph must not hold, without Dynamo (:data:`call_eagerly`):
+body's. The shell does the host work a graph must not hold, without Dynamo (:data:`call_eagerly`;
+the work itself: :mod:`.shells`):
 
 - **Hyperparameters as graph inputs.** A Python float read in a graph is a constant guarded by
   value, so an lr or rho schedule would recompile every step (torch.optim's own SGD does, unless

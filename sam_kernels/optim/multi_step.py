@@ -2,7 +2,7 @@
 the last one reached, w_{i+1} = w_i + (rho/k)·g(w_i)/(‖g(w_i)‖ + eps) (ASAM: T at w_i), then the
 base step at w with g(w_k) (optax.contrib.sam's adversarial steps, with ``normalize()``).
 
-The first ascent is SAM's own (it keeps w in the backups); each later one is :func:`ascend_again`,
+The first ascent is SAM's own (w is kept once, in its backups); each later one is :func:`ascend_again`,
 which ``first_step`` runs as a body of its own, so a compiled ``first_step`` keeps one graph per
 kind of ascent, whatever k is.
 """

@@ -25,13 +25,12 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .. import ops
-from . import aliases, amp, backups, follow, groups, multi_step
+from . import amp, backups, multi_step
 from .ascent import first_ascent
 from .base_step import descend
 from .checkpoint import Checkpointing
 from .closure import run as run_closure
-from .contract import bind_base_optimizer, check_closure, check_group, complete_groups, mark_stepped, \
-    prepare_group, run_step_hooks
+from .contract import bind_base_optimizer, check_closure, check_group, mark_stepped, run_step_hooks
 from .centralize import CentralizeAscent
 from .descent import Modifier, Renormalize
 from .dispatch_summary import DispatchSummary, had_layout_fallback, records_step
@@ -40,9 +39,10 @@ from .policy import Policy, grad_norm_for
 from .shells import StepShells
 from .step_state import StepState
 from .telemetry import Telemetry
+from .upkeep import ParamUpkeep
 
 
-class SAM(StepShells, Checkpointing, torch.optim.Optimizer):
+class SAM(StepShells, ParamUpkeep, Checkpointing, torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any ``torch.optim`` optimizer (drop-in for the popular
     ``SAM(params, base_optimizer, rho, adaptive, **kwargs)`` class).
 
@@ -84,12 +84,10 @@ class SAM(StepShells, Checkpointing, torch.optim.Optimizer):
             in every mode.
         telemetry_decay: the factor of their exponential moving averages (0.9).
         ascent_steps: k >= 1 normalized ascent steps per SAM step, each of rho/k from the point the last
-            one reached and along the gradient there: w_0 = w, w_{i+1} = w_i + (rho/k)·g(w_i)/(‖g(w_i)‖ + eps)
-            (ASAM: T at w_i), then the base step at w with g(w_k) (optax.contrib.sam's adversarial steps,
-            with ``normalize()`` and rho/k per step). The manual loop calls ``first_step`` k times, a
-            backward after each; ``step(closure)`` evaluates the closure once per gradient (k + 1 times
-            with the first pass). w is kept once, at the first call. Not with variants that choose their
-            own perturbation (ESAM, SparseSAM, FriendlySAM, VaSSO: ``ValueError``).
+            one reached, then the base step at w with g(w_k) (:mod:`.multi_step`). The manual loop calls
+            ``first_step`` k times, a backward after each; ``step(closure)`` evaluates the closure once per
+            gradient (k + 1 times with the first pass). Not with variants that choose their own
+            perturbation (ESAM, SparseSAM, FriendlySAM, VaSSO: ``ValueError``).
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
     the key), at construction, ``add_param_group`` and ``load_state_dict``.
@@ -138,16 +136,13 @@ class SAM(StepShells, Checkpointing, torch.optim.Optimizer):
         self.distributed = make_sync(distributed, [p for g in self.param_groups for p in g["params"]])
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
-        ops.dispatch.preload({p.device.type for g in self.param_groups for p in g["params"]}, backend)
+        ops.dispatch.preload({p.device.type for p in self._params()}, backend)
         self.finite_check = finite_check
         self.grad_scaler = grad_scaler
         self.policy = policy if policy is not None else Policy()
         self.modifiers: list[Modifier] = (([CentralizeAscent()] if use_gc else []) + ([Renormalize()] if renormalize else [])
                                           + list(modifiers))
         self.step_state.backward.clear(self._params())
-
-    def _params(self) -> list[torch.Tensor]:
-        return groups.all_params(self.param_groups)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``; it also marks the gradients as no first pass (see :meth:`step`)."""
@@ -175,7 +170,7 @@ class SAM(StepShells, Checkpointing, torch.optim.Optimizer):
 
     @grad_scaler.setter
     def grad_scaler(self, scaler: Optional[torch.amp.GradScaler]) -> None:
-        first = next((p for g in self.param_groups for p in g["params"]), None)
+        first = next(iter(self._params()), None)
         self.amp = amp.make(scaler, None if first is None else first.device)
 
     @property
@@ -183,43 +178,6 @@ class SAM(StepShells, Checkpointing, torch.optim.Optimizer):
         """The loss scale the gradients carry now (the scaler's own 0-dim fp32 device tensor, changed in
         place by ``scaler.update()``; None when ``scaler.unscale_(opt)`` unscaled this pass, or without AMP)."""
         return self.amp.loss_scale(self)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """As ``torch.optim``, plus SAM's keys (defaults filled, checked) and a duplicate check;
-        the group is shared with the base optimizer."""
-        prepare_group(param_group, self.param_groups, self.defaults, type(self).__name__)
-        base = self.__dict__.get("base_optimizer")
-        if base is None:  # during __init__: the base optimizer is built on these groups afterwards
-            super().add_param_group(param_group)
-        else:
-            base.add_param_group(param_group)  # appends to the list both optimizers share
-            self.step_state.groups_checked = len(self.param_groups)
-            self.find_aliases()
-
-    def find_aliases(self) -> None:
-        """Find the params that share memory (exact aliases are stepped as ``torch.optim`` steps them,
-        see :mod:`.aliases`; a partial overlap raises ``ValueError``). Runs at construction,
-        ``add_param_group`` and ``load_state_dict``; call it after re-tying parameters' storage
-        (``p.data = q.data``) on a built optimizer."""
-        self.step_state.aliases = aliases.find((p for g in self.param_groups for p in g["params"]),
-                                               type(self).__name__)
-
-    def _follow_casts(self) -> None:
-        """After ``model.double()`` / ``model.to(device)`` (between steps or mid-step) every state tensor
-        follows its param's dtype and device as after a ``load_state_dict`` onto the cast model (see
-        :mod:`.follow`); one host-side comparison of dtypes and devices per call otherwise."""
-        now = self.step_state
-        params = self._params()
-        sig = follow.signature(params)
-        if follow.changed(now.param_signature, sig):
-            self._cast_state(params)
-        now.param_signature = sig
-
-    def _cast_state(self, params: list[torch.Tensor]) -> None:
-        """Cast this optimizer's and the base optimizer's per-param state to the params (variants with
-        state of their own extend this)."""
-        follow.cast_state(self.state, params)
-        follow.cast_state(self.base_optimizer.state, params)
 
     def ascent_params(self) -> Optional[list[torch.Tensor]]:
         """Params to perturb this step (None: every param with a gradient). Override for ESAM."""
@@ -250,10 +208,7 @@ class SAM(StepShells, Checkpointing, torch.optim.Optimizer):
     def _begin(self) -> None:
         """Start of an optimizer step: groups added behind SAM's back get their keys; pre hooks."""
         now = self.step_state
-        checked = now.groups_checked
-        now.groups_checked = complete_groups(self.param_groups, self.defaults, checked, type(self).__name__)
-        if now.groups_checked != checked:
-            self.find_aliases()
+        self._complete_new_groups()
         self._follow_casts()
         if had_layout_fallback(now.dispatch_log):  # e.g. the model went channels_last after its state was made
             backups.relayout((self, self.base_optimizer))
@@ -309,13 +264,13 @@ class SAM(StepShells, Checkpointing, torch.optim.Optimizer):
             self.telemetry.on_discard()
             raise
         now.decision = True
+        now.ascents = 1
         self.amp.next_pass(self)
 
     def _ascend(self) -> None:
         """The first ascent (:func:`.ascent.first_ascent`); variants with their own ascent override it."""
         ascent = first_ascent(self)
         self.step_state.set_perturbed(ascent.params, ascent.kept)
-        self.step_state.ascents = 1
         if self.ascent_steps > 1:
             multi_step.keep_scratch(self, ascent.params)
         self.telemetry.on_ascent(self, ascent)
@@ -343,7 +298,7 @@ class SAM(StepShells, Checkpointing, torch.optim.Optimizer):
                                "backward, then backward again at the perturbed weights")
         self.telemetry.on_loss("after", loss)
         try:
-            if now.ascents < self.ascent_steps:
+            if self.ascent_steps > 1 and now.ascents < self.ascent_steps:
                 raise RuntimeError(f"SAM.second_step() after {now.ascents} of ascent_steps={self.ascent_steps} "
                                    f"ascents: call first_step() (a backward before each) {self.ascent_steps} times; "
                                    "the weights were restored to w")
@@ -407,11 +362,8 @@ class SAM(StepShells, Checkpointing, torch.optim.Optimizer):
         second pass on SAM steps; on plain steps the first pass's loss when this call evaluated it,
         else None.
 
-        Where to zero: through this optimizer's ``zero_grad`` or inside the closure. Whether a
-        backward ran is known from post-accumulate-gradient hooks (FSDP2: the gradients' versions),
-        never from their values (no host sync), so gradients zeroed in place by other code after a
-        backward (``model.zero_grad(set_to_none=False)``, ``p.grad.zero_()``) still count as a first
-        pass.
+        Where to zero: through this optimizer's ``zero_grad`` or inside the closure; gradients zeroed
+        in place by other code after a backward still count as a first pass (:mod:`.closure`).
 
         ``loss``: the loss L(w) of a first pass run before this call (telemetry's sharpness, with the
         closure's L(w + e); not read in the step).
