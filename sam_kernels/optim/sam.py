@@ -15,8 +15,10 @@ Extension points (how the variants plug in without forking this class):
 
 The loop calls ``self.amp`` (:mod:`.amp`), ``self.distributed`` (:mod:`.distributed`) and the observer
 ``self.telemetry`` (:mod:`.telemetry`) at fixed points; its mutable state is ``self.step_state``
-(:mod:`.step_state`). Elsewhere: backups (:mod:`.backups`), checkpoints (:mod:`.checkpoint`), the
-``torch.optim`` contract (:mod:`.contract`), the fused descent (:mod:`.base_step`).
+(:mod:`.step_state`). Each phase is a module: the first ascent (:mod:`.ascent`), later ascents
+(:mod:`.multi_step`), the descent (:mod:`.base_step`), ``step(closure)`` (:mod:`.closure`); around
+them the shells' host work (:mod:`.shells`), the params' upkeep (:mod:`.upkeep`), backups
+(:mod:`.backups`), checkpoints (:mod:`.checkpoint`) and the ``torch.optim`` contract (:mod:`.contract`).
 """
 from __future__ import annotations
 
@@ -228,9 +230,9 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, torch.optim.Optimizer):
         ``loss``: the first-pass loss L(w) (telemetry's sharpness; not read in the step).
         On any error the weights are w. Under ``torch.compile``: :mod:`sam_kernels.optim.compiled`."""
         if self.step_state.perturbed is None:  # decided on the host: each kind of ascent is one graph
-            self._run_body("first_step", self._first_step, zero_grad, False, loss=loss)
+            self._run_body("first_step", self._first_step, zero_grad, descent=False, loss=loss)
         else:
-            self._run_body("first_step", self._later_ascent, zero_grad, False, count=multi_step.count)
+            self._run_body("first_step", self._later_ascent, zero_grad, descent=False, count=multi_step.count)
 
     @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .shells)
     def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
@@ -240,12 +242,12 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, torch.optim.Optimizer):
         Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next
         step; under ``torch.compile`` too (a body that fails to compile runs nothing, then w is restored).
         """
-        self._run_body("second_step", self._second_step, zero_grad, True, loss=loss)
+        self._run_body("second_step", self._second_step, zero_grad, descent=True, loss=loss)
 
     @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .shells)
     def base_step(self, zero_grad: bool = False) -> None:
         """A step without the ascent: descent modifiers (e.g. LookSAM reuse), then the base step."""
-        self._run_body("base_step", self._base_step, zero_grad, False)
+        self._run_body("base_step", self._base_step, zero_grad, descent=False)
 
     @records_step(starts_step=True)
     @torch.no_grad()
