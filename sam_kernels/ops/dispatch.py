@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Iterator, Optional
 
+import torch
+
 from .contract import BACKENDS
 
 BACKEND_MODULES = {name: f"sam_kernels.ops.backends.{name}" for name in BACKENDS}
@@ -85,7 +87,9 @@ class Record:
 
 
 last_call: dict[str, Record] = {}
-"""op name -> :class:`Record` of its last call."""
+"""op name -> :class:`Record` of its last eager call (a call inside a ``torch.compile`` graph is
+recorded in the :func:`recording` blocks only: a graph that stored an op under a new name here would
+be specialized on this dict's size, and compiled again once the next op is first used)."""
 last_used: dict[str, str] = {}
 """op name -> backend(s) of its last call, "+"-joined in launch order (e.g. ``"cpp+eager"``); kept
 for scripts that predate :data:`last_call`."""
@@ -114,10 +118,12 @@ def record(op: str, parts: list[Part], extra_lists: int = 0) -> None:
     """Store an op call's parts (:data:`last_call`, :data:`last_used`, active :func:`recording` blocks)."""
     global _warned_cuda
     rec = Record(op, tuple(parts), extra_lists)
-    last_call[op] = rec
-    last_used[op] = "+".join(dict.fromkeys(p.backend for p in parts))
     for log in _recorders:
         log.append(rec)
+    if torch.compiler.is_compiling():  # see last_call
+        return
+    last_call[op] = rec
+    last_used[op] = "+".join(dict.fromkeys(p.backend for p in parts))
     for p in parts:
         if p.fallback:
             fallback_tensors[(op, p.device, p.fallback)] += p.tensors

@@ -1,4 +1,5 @@
-"""One ascent of a SAM step (w ← w + e) as the step loop runs it (ours)."""
+"""One ascent of a SAM step (w ← w + e) as the step loop runs it (ours): what it perturbs, by
+how much, with which options (:func:`first_ascent`), and the perturbation itself (:class:`Ascent`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,7 +8,9 @@ from typing import Optional
 import torch
 
 from .. import ops
-from . import aliases, backups, sparse_grads
+from . import aliases, amp, backups, groups, sparse_grads
+from .compiled import hyper
+from .policy import grad_norm_for
 
 
 @dataclass
@@ -107,3 +110,69 @@ class Ascent:
             except (TypeError, ValueError):  # rejected before writing anything
                 if retry or not backups.renew_stale(state, params, kept, idx, self.backup_key):
                     raise
+
+
+def ascent_rho(sam, group: dict):
+    """The rho of one ascent (rho/k of a k-step ascent, :mod:`.multi_step`), read as a compiled step
+    must (:func:`.compiled.hyper`)."""
+    rho = hyper(sam, group, "rho")
+    return rho if sam.ascent_steps == 1 else rho / sam.ascent_steps
+
+
+def bucket_key(sam):
+    """The key of :func:`.groups.bucket` for an ascent: (rho of one ascent, adaptive, eta)."""
+    return lambda g: (ascent_rho(sam, g), g["adaptive"], g["eta"])
+
+
+def first_ascent(sam) -> Ascent:
+    """The ascent of a SAM step (its first, for a multi-step one): collect, norm, agree across ranks,
+    screen, modifiers, options, then perturb per bucket (the weights are w again on any error)."""
+    now = sam.step_state
+    sparse = sparse_grads.any_sparse(sam.param_groups)  # every param's, chosen or not: before any write
+    if sparse:
+        sparse_grads.refuse_unsupported(sam)
+        if sam.ascent_steps > 1:
+            sparse_grads.refuse_multi_step(sam)
+    chosen = sam.ascent_params()
+    entries = groups.with_grads(sam.param_groups, chosen)
+    if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
+        sam.policy.observe(now.step_count, grad_norm_for(sam.policy, sam))
+    every_group = groups.all_perturbed(sam.param_groups)
+    skipped = []
+    if not every_group:  # SAM-ON: groups with perturb=False are neither perturbed nor in the norm
+        skipped = [e for e in entries if not e[0]["perturb"]]
+        entries = [e for e in entries if e[0]["perturb"]]
+    for m in sam.modifiers:
+        m.before_ascent(sam, [p for _, p in entries], [p.grad for _, p in entries])
+    sq = groups.sq_norm(entries, sam.backend) if entries else None
+    ascent = Ascent(entries, sq, sam.loss_scale, subset=chosen is not None or not every_group,
+                    alias_keys=now.aliases, sparse=sparse)
+    whole = sq
+    if sq is not None and skipped and (sam.finite_check or sam.amp.active or sam.modifiers
+                                       or sam.telemetry.enabled):
+        # the overflow screen, Stable SAM's and telemetry's ‖g(w)‖ cover every first-pass gradient,
+        # as plain SAM's norm does: the skipped groups are read here only when one of them needs it
+        whole = sq + groups.sq_norm(skipped, sam.backend).to(sq.device)
+        if chosen is None:
+            ascent.whole_sq = whole
+    agreed = None if sq is None else sam.distributed.ascent_sq_norm(sam, whole)  # m-SAM: the rank mean
+    if agreed is not None:
+        sam.amp.screen(sam, agreed, "first_step")
+    params, grads = ascent.params, ascent.grads
+    for m in sam.modifiers:
+        m.after_ascent(sam, params, grads, None if agreed is None else amp.unscaled(agreed, ascent.scale))
+    ascent.options = sam.perturbation_options(params, grads) if entries else {}
+    direction = sam.ascent_direction(params, grads, ascent.scale) if entries else None
+    direction_scale = ascent.scale
+    if direction is not None:  # perturb along d: its own norm; g(w) stays what telemetry reads
+        ascent.grads, direction_scale = direction
+        ascent.options["sq_norm"] = groups.sq_norm(entries, sam.backend, grads=ascent.grads)
+    ascent.options.update(sam.amp.perturb_args(sam, direction_scale))
+    ascent.buckets = groups.bucket(entries, bucket_key(sam))
+    ascent.options.update(sam.telemetry.perturb_options(sam, ascent))
+    if direction is not None:
+        ascent.options.pop("grad_copies", None)  # perturb_ would copy d, not g(w): telemetry copies g(w) itself
+    if sparse:
+        sparse_grads.refuse_unsupported(sam, ascent.options)
+    ascent.perturb(sam.state, sam.backend)
+    return ascent

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from . import aliases
+from . import aliases, groups, sparse_grads
 from .backups import copy_back
 from .compiled import hyper
 from .contract import mark_stepped, run_step_hooks
@@ -278,3 +278,41 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor
         (_sgd if kind == "sgd" else _adamw)(base, [entries[i] for i in idx], backend, amp, telemetry, read)
     mark_stepped(base)
     run_step_hooks(base, "post")
+
+
+def descend(sam, perturbed: Optional[list[torch.Tensor]]) -> None:
+    """The descent of an optimizer step (``perturbed``: the params at w + e of a SAM step, None for a
+    plain step): screen, telemetry, agree, modifiers, then the restore and base step (fused where
+    possible). Errors propagate; the caller restores."""
+    now = sam.step_state
+    sam_step = perturbed is not None
+    params = [p for _, p in groups.with_grads(sam.param_groups)]
+    grads = [p.grad for p in params]
+    sparse = any(g.is_sparse for g in grads)
+    if sparse:
+        sparse_grads.refuse_unsupported(sam)
+    if not sam_step:
+        sam.distributed.before_plain_descent(grads)  # m-SAM: the first backward left them unsynchronized
+    scale = sam.loss_scale
+    sq = None
+    if grads and (sam.finite_check or sam.amp.active):
+        # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
+        sq = groups.grads_sq_norm(grads, sam.backend)
+        sam.amp.screen(sam, sq, "second_step" if sam_step else "base_step")
+    if sam_step:
+        sq = sam.telemetry.on_descent(sam, params, grads, sq, scale)
+        sam.distributed.before_sam_descent(sam)
+    for m in sam.modifiers:
+        sq = m.before_descent(sam, params, grads, sam_step, sq)
+    if not sam_step and not sam.amp.active and now.found is None and not torch.compiler.is_compiling():
+        sam.base_optimizer.step()  # a plain step is exactly the base optimizer's own step
+        return
+    # Under AMP (in-kernel unscale), with a device-side skip flag (the deferred finite check) and under
+    # torch.compile (torch.optim's step graph-breaks), plain steps of SGD/AdamW also run the fused
+    # descent, each param its own backup.
+    restore_and_step(sam, perturbed or [], now.backups, sam.backend, grad_scale=scale, found_inf=now.found,
+                     dense=not sparse, telemetry=sam.telemetry.fused_args() if sam_step else None)
+    if sam_step:
+        for m in sam.modifiers:
+            m.after_descent(sam, now.found)
+    sam.amp.report(sam)

@@ -2,7 +2,8 @@
 
 Each public step method (``first_step``, ``second_step``, ``base_step``) is an eager shell around
 a body: ``torch.compile(opt.first_step, fullgraph=True)`` skips the shell's frame and compiles the
-body's. The shell does the host work a graph must not hold, without Dynamo (:data:`call_eagerly`):
+body's. The shell does the host work a graph must not hold, without Dynamo (:data:`call_eagerly`;
+the work itself: :mod:`.shells`):
 
 - **Hyperparameters as graph inputs.** A Python float read in a graph is a constant guarded by
   value, so an lr or rho schedule would recompile every step (torch.optim's own SGD does, unless
@@ -20,7 +21,6 @@ body's. The shell does the host work a graph must not hold, without Dynamo (:dat
 """
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -91,21 +91,3 @@ def hyper(sam, group: dict, key: str) -> Any:
         if t is not None:
             return t
     return group[key]
-
-
-def compiled_refusal(sam, error: BaseException, methods: str = "second_step/base_step") -> Optional[TypeError]:
-    """The error to raise instead of Dynamo's when a compiled descent broke the graph because the base
-    optimizer has no fused SAM descent (torch.optim's ``step()`` breaks the graph on purpose); else None."""
-    from .base_step import fused_kind
-
-    exc = sys.modules.get("torch._dynamo.exc")
-    if exc is None or not isinstance(error, exc.Unsupported) or "graph_break()" not in str(error):
-        return None
-    base = sam.base_optimizer
-    if fused_kind(base) is not None:
-        return None
-    return TypeError(
-        f"{type(sam).__name__}: a compiled {methods} with fullgraph=True needs a fused descent, and "
-        f"{type(base).__name__} (with these settings) has none: its own step() runs, which breaks the graph on "
-        "purpose (torch.optim). The weights are at w. Compile the step methods without fullgraph=True, or use "
-        "torch.optim.SGD or torch.optim.AdamW (not fused, capturable, amsgrad or differentiable) as the base optimizer")

@@ -12,6 +12,11 @@ Entry = tuple[dict, torch.Tensor]
 """(param group, param)."""
 
 
+def all_params(param_groups: list[dict]) -> list[torch.Tensor]:
+    """Every param of ``param_groups``, in group order."""
+    return [p for group in param_groups for p in group["params"]]
+
+
 def with_grads(param_groups: list[dict], params: Optional[Iterable[torch.Tensor]] = None) -> list[Entry]:
     """(group, param) for every param with a gradient (of ``params`` only, if given), in group order.
     Sparse gradients included (:mod:`.sparse_grads` says where they may go)."""

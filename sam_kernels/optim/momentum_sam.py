@@ -22,7 +22,8 @@ import torch
 
 from . import groups, sparse_grads
 from .ascent import Ascent
-from .compiled import call, call_eagerly, compiled_refusal, eval_frame_callback, hyper
+from .compiled import call, call_eagerly, eval_frame_callback, hyper
+from .shells import compiled_refusal
 from .contract import check_closure, mark_stepped, run_step_hooks
 from .dispatch_summary import records_step
 from .sam import SAM

@@ -13,7 +13,23 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from . import amp, groups
 from .distributed import agreed_seed
+
+
+def grad_norm_for(policy: "Policy", sam) -> Optional[Callable[[], torch.Tensor]]:
+    """What ``policy`` reads of ``sam``'s first-pass gradients (None when it reads none): a function
+    giving their ‖g‖², unscaled and agreed across ranks (:mod:`.distributed`), as a 0-dim device tensor."""
+    if not policy.needs_grad_norm:
+        return None
+
+    def sq_norm() -> torch.Tensor:
+        grads = [p.grad for _, p in groups.with_grads(sam.param_groups)]
+        if not grads:  # a step without gradients is a no-op; NaN: the policy learns nothing from it
+            return torch.tensor(float("nan"))
+        sq = sam.distributed.policy_sq_norm(sam, groups.grads_sq_norm(grads, sam.backend))
+        return amp.unscaled(sq, sam.loss_scale)
+    return sq_norm
 
 
 class Policy:

@@ -15,8 +15,10 @@ Extension points (how the variants plug in without forking this class):
 
 The loop calls ``self.amp`` (:mod:`.amp`), ``self.distributed`` (:mod:`.distributed`) and the observer
 ``self.telemetry`` (:mod:`.telemetry`) at fixed points; its mutable state is ``self.step_state``
-(:mod:`.step_state`). Elsewhere: backups (:mod:`.backups`), checkpoints (:mod:`.checkpoint`), the
-``torch.optim`` contract (:mod:`.contract`), the fused descent (:mod:`.base_step`).
+(:mod:`.step_state`). Each phase is a module: the first ascent (:mod:`.ascent`), later ascents
+(:mod:`.multi_step`), the descent (:mod:`.base_step`), ``step(closure)`` (:mod:`.closure`); around
+them the shells' host work (:mod:`.shells`), the params' upkeep (:mod:`.upkeep`), backups
+(:mod:`.backups`), checkpoints (:mod:`.checkpoint`) and the ``torch.optim`` contract (:mod:`.contract`).
 """
 from __future__ import annotations
 
@@ -25,31 +27,24 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .. import ops
-from . import aliases, amp, backups, checkpoint, follow, groups, sparse_grads
-from .base_step import restore_and_step
-from .compiled import HyperTensors, call, call_eagerly, compiled_refusal, eval_frame_callback, hyper
-from .contract import (LIGHTNING_FIX, bind_base_optimizer, check_closure, check_group, complete_groups,
-                       mark_stepped, prepare_group, run_step_hooks)
+from . import amp, backups, multi_step
+from .ascent import first_ascent
+from .base_step import descend
+from .checkpoint import Checkpointing
+from .closure import run as run_closure
+from .contract import bind_base_optimizer, check_closure, check_group, mark_stepped, run_step_hooks
 from .centralize import CentralizeAscent
 from .descent import Modifier, Renormalize
 from .dispatch_summary import DispatchSummary, had_layout_fallback, records_step
-from .first_pass import BackwardWatch
 from .distributed import GlobalSync, make_sync
-from .policy import Policy
-from .ascent import Ascent
-
-ASCENT_SCRATCH = "ascent_scratch"  # state entry: the copy a later ascent's perturb_ writes (w is in "backup")
+from .policy import Policy, grad_norm_for
+from .shells import StepShells
 from .step_state import StepState
 from .telemetry import Telemetry
+from .upkeep import ParamUpkeep
 
 
-def _step_rho(sam, group: dict, k: int):
-    """The rho of one ascent of ``k`` (rho/k), read as a compiled step must (:func:`.compiled.hyper`)."""
-    rho = hyper(sam, group, "rho")
-    return rho if k == 1 else rho / k
-
-
-class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
+class SAM(StepShells, ParamUpkeep, Checkpointing, torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any ``torch.optim`` optimizer (drop-in for the popular
     ``SAM(params, base_optimizer, rho, adaptive, **kwargs)`` class).
 
@@ -91,12 +86,10 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             in every mode.
         telemetry_decay: the factor of their exponential moving averages (0.9).
         ascent_steps: k >= 1 normalized ascent steps per SAM step, each of rho/k from the point the last
-            one reached and along the gradient there: w_0 = w, w_{i+1} = w_i + (rho/k)·g(w_i)/(‖g(w_i)‖ + eps)
-            (ASAM: T at w_i), then the base step at w with g(w_k) (optax.contrib.sam's adversarial steps,
-            with ``normalize()`` and rho/k per step). The manual loop calls ``first_step`` k times, a
-            backward after each; ``step(closure)`` evaluates the closure once per gradient (k + 1 times
-            with the first pass). w is kept once, at the first call. Not with variants that choose their
-            own perturbation (ESAM, SparseSAM, FriendlySAM, VaSSO: ``ValueError``).
+            one reached, then the base step at w with g(w_k) (:mod:`.multi_step`). The manual loop calls
+            ``first_step`` k times, a backward after each; ``step(closure)`` evaluates the closure once per
+            gradient (k + 1 times with the first pass). Not with variants that choose their own
+            perturbation (ESAM, SparseSAM, FriendlySAM, VaSSO: ``ValueError``).
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
     the key), at construction, ``add_param_group`` and ``load_state_dict``.
@@ -132,15 +125,10 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                  telemetry_decay: float = 0.9, use_gc: bool = False, ascent_steps: int = 1, **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
-        if isinstance(ascent_steps, bool) or not isinstance(ascent_steps, int) or ascent_steps < 1:
-            raise ValueError(f"{type(self).__name__}: ascent_steps must be an int >= 1, got {ascent_steps!r}")
-        own = [name for name in ("ascent_params", "perturbation_options", "ascent_direction")
-               if getattr(type(self), name) is not getattr(SAM, name)]
-        if ascent_steps > 1 and own:
-            raise ValueError(f"{type(self).__name__}: ascent_steps > 1 is not supported by a variant that chooses its "
-                             f"own perturbation ({', '.join(own)}); use ascent_steps=1")
+        own = [name for name in multi_step.OWN_PERTURBATION if getattr(type(self), name) is not getattr(SAM, name)]
+        multi_step.check(type(self).__name__, ascent_steps, own)
         self.ascent_steps = ascent_steps
-        self.step_state = StepState(Telemetry(telemetry, telemetry_decay))
+        self.step_state = StepState(Telemetry(telemetry, telemetry_decay, ascent_steps))
         super().__init__(params, defaults)
         self.base_optimizer = bind_base_optimizer(self.param_groups, base_optimizer, defaults, kwargs,
                                                   type(self).__name__)
@@ -150,16 +138,13 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         self.distributed = make_sync(distributed, [p for g in self.param_groups for p in g["params"]])
         self.defaults.update(self.base_optimizer.defaults)
         self.backend = backend
-        ops.dispatch.preload({p.device.type for g in self.param_groups for p in g["params"]}, backend)
+        ops.dispatch.preload({p.device.type for p in self._params()}, backend)
         self.finite_check = finite_check
         self.grad_scaler = grad_scaler
         self.policy = policy if policy is not None else Policy()
         self.modifiers: list[Modifier] = (([CentralizeAscent()] if use_gc else []) + ([Renormalize()] if renormalize else [])
                                           + list(modifiers))
         self.step_state.backward.clear(self._params())
-
-    def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``; it also marks the gradients as no first pass (see :meth:`step`)."""
@@ -187,7 +172,7 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
 
     @grad_scaler.setter
     def grad_scaler(self, scaler: Optional[torch.amp.GradScaler]) -> None:
-        first = next((p for g in self.param_groups for p in g["params"]), None)
+        first = next(iter(self._params()), None)
         self.amp = amp.make(scaler, None if first is None else first.device)
 
     @property
@@ -195,43 +180,6 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         """The loss scale the gradients carry now (the scaler's own 0-dim fp32 device tensor, changed in
         place by ``scaler.update()``; None when ``scaler.unscale_(opt)`` unscaled this pass, or without AMP)."""
         return self.amp.loss_scale(self)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """As ``torch.optim``, plus SAM's keys (defaults filled, checked) and a duplicate check;
-        the group is shared with the base optimizer."""
-        prepare_group(param_group, self.param_groups, self.defaults, type(self).__name__)
-        base = self.__dict__.get("base_optimizer")
-        if base is None:  # during __init__: the base optimizer is built on these groups afterwards
-            super().add_param_group(param_group)
-        else:
-            base.add_param_group(param_group)  # appends to the list both optimizers share
-            self.step_state.groups_checked = len(self.param_groups)
-            self.find_aliases()
-
-    def find_aliases(self) -> None:
-        """Find the params that share memory (exact aliases are stepped as ``torch.optim`` steps them,
-        see :mod:`.aliases`; a partial overlap raises ``ValueError``). Runs at construction,
-        ``add_param_group`` and ``load_state_dict``; call it after re-tying parameters' storage
-        (``p.data = q.data``) on a built optimizer."""
-        self.step_state.aliases = aliases.find((p for g in self.param_groups for p in g["params"]),
-                                               type(self).__name__)
-
-    def _follow_casts(self) -> None:
-        """After ``model.double()`` / ``model.to(device)`` (between steps or mid-step) every state tensor
-        follows its param's dtype and device as after a ``load_state_dict`` onto the cast model (see
-        :mod:`.follow`); one host-side comparison of dtypes and devices per call otherwise."""
-        now = self.step_state
-        params = [p for g in self.param_groups for p in g["params"]]
-        sig = follow.signature(params)
-        if follow.changed(now.param_signature, sig):
-            self._cast_state(params)
-        now.param_signature = sig
-
-    def _cast_state(self, params: list[torch.Tensor]) -> None:
-        """Cast this optimizer's and the base optimizer's per-param state to the params (variants with
-        state of their own extend this)."""
-        follow.cast_state(self.state, params)
-        follow.cast_state(self.base_optimizer.state, params)
 
     def ascent_params(self) -> Optional[list[torch.Tensor]]:
         """Params to perturb this step (None: every param with a gradient). Override for ESAM."""
@@ -256,28 +204,13 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         """Whether this step is a SAM step (asks the policy once per step, after the first backward)."""
         now = self.step_state
         if now.decision is None:
-            now.decision = bool(self.policy.decide(now.step_count, self._policy_norm()))
+            now.decision = bool(self.policy.decide(now.step_count, grad_norm_for(self.policy, self)))
         return now.decision
-
-    def _policy_norm(self) -> Optional[Callable[[], torch.Tensor]]:
-        """‖g‖² of the current (first-pass) gradients, unscaled, as a device tensor, for policies that read it."""
-        if not self.policy.needs_grad_norm:
-            return None
-        def sq_norm() -> torch.Tensor:
-            grads = [p.grad for _, p in groups.with_grads(self.param_groups)]
-            if not grads:  # a step without gradients is a no-op; NaN: the policy learns nothing from it
-                return torch.tensor(float("nan"))
-            sq = self.distributed.policy_sq_norm(self, groups.grads_sq_norm(grads, self.backend))
-            return amp.unscaled(sq, self.loss_scale)
-        return sq_norm
 
     def _begin(self) -> None:
         """Start of an optimizer step: groups added behind SAM's back get their keys; pre hooks."""
         now = self.step_state
-        checked = now.groups_checked
-        now.groups_checked = complete_groups(self.param_groups, self.defaults, checked, type(self).__name__)
-        if now.groups_checked != checked:
-            self.find_aliases()
+        self._complete_new_groups()
         self._follow_casts()
         if had_layout_fallback(now.dispatch_log):  # e.g. the model went channels_last after its state was made
             backups.relayout((self, self.base_optimizer))
@@ -286,151 +219,77 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             if not now.stepping:
                 run_step_hooks(self, "pre")
 
-    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
+    # The public step methods are eager shells that torch.compile skips; each runs a body (its own
+    # code object: its own compiled graphs and recompile budget) through .shells.StepShells._run_body.
+
+    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .shells)
     def first_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
         """w ← w + e(w) for every param with a gradient; the backups are kept in ``self.state``.
+        With ``ascent_steps`` = k > 1, the 2nd to k-th calls of a step each take a later ascent.
 
         ``loss``: the first-pass loss L(w) (telemetry's sharpness; not read in the step).
         On any error the weights are w. Under ``torch.compile``: :mod:`sam_kernels.optim.compiled`."""
-        compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
-        host = call_eagerly if compiled else call
-        host(self._host_before, "first_step", compiled)
-        try:
-            self._first_step(loss=loss)
-        except BaseException as e:
-            host(self._after_failure, e, False)
-            raise
-        host(self._host_after, "first_step", compiled, zero_grad)
+        if self.step_state.perturbed is None:  # decided on the host: each kind of ascent is one graph
+            self._run_body("first_step", self._first_step, zero_grad, descent=False, loss=loss)
+        else:
+            self._run_body("first_step", self._later_ascent, zero_grad, descent=False, count=multi_step.count)
+
+    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .shells)
+    def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
+        """w ← backup, then the base optimizer's step with the gradients taken at w + e.
+
+        ``loss``: the second-pass loss L(w + e) (telemetry's sharpness; not read in the step).
+        Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next
+        step; under ``torch.compile`` too (a body that fails to compile runs nothing, then w is restored).
+        """
+        self._run_body("second_step", self._second_step, zero_grad, descent=True, loss=loss)
+
+    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .shells)
+    def base_step(self, zero_grad: bool = False) -> None:
+        """A step without the ascent: descent modifiers (e.g. LookSAM reuse), then the base step."""
+        self._run_body("base_step", self._base_step, zero_grad, descent=False)
 
     @records_step(starts_step=True)
     @torch.no_grad()
     def _first_step(self, *, loss: Optional[torch.Tensor] = None) -> None:
         now = self.step_state
         now.finite.surface()
-        if now.perturbed is not None:
-            if now.ascents >= self.ascent_steps:
-                times = "twice" if now.ascents == 1 else f"{now.ascents + 1} times"
-                raise RuntimeError(f"SAM.first_step() called {times} with ascent_steps={self.ascent_steps}: call "
-                                   "second_step() (or restore()) first")
-            self._ascend_again()  # the shell zeroes the grads
-            return
         self.amp.check_attached(self)
         self._begin()
         now.found = None
         self.telemetry.on_loss("before", loss)
         try:
             self._ascend()
-        except BaseException:  # the weights are at w (_ascend undoes what it wrote): the step did not begin
+        except BaseException:  # the weights are at w (the ascent undoes what it wrote): the step did not begin
             now.begun = False
             now.found = None
             self.telemetry.on_discard()
             raise
         now.decision = True
+        now.ascents = 1
         self.amp.next_pass(self)
 
     def _ascend(self) -> None:
-        """Collect, norm, agree across ranks, screen, modifiers, options, perturb per bucket."""
-        now = self.step_state
-        sparse = sparse_grads.any_sparse(self.param_groups)  # every param's, chosen or not: before any write
-        if sparse:
-            sparse_grads.refuse_unsupported(self)
-            if self.ascent_steps > 1:
-                raise TypeError(f"{type(self).__name__}: ascent_steps > 1 with sparse gradients is not supported; "
-                                "use ascent_steps=1 or dense gradients")
-        chosen = self.ascent_params()
-        entries = groups.with_grads(self.param_groups, chosen)
-        if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
-            self.policy.observe(now.step_count, self._policy_norm())
-        every_group = groups.all_perturbed(self.param_groups)
-        skipped = []
-        if not every_group:  # SAM-ON: groups with perturb=False are neither perturbed nor in the norm
-            skipped = [e for e in entries if not e[0]["perturb"]]
-            entries = [e for e in entries if e[0]["perturb"]]
-        for m in self.modifiers:
-            m.before_ascent(self, [p for _, p in entries], [p.grad for _, p in entries])
-        sq = groups.sq_norm(entries, self.backend) if entries else None
-        ascent = Ascent(entries, sq, self.loss_scale, subset=chosen is not None or not every_group,
-                        alias_keys=now.aliases, sparse=sparse)
-        whole = sq
-        if sq is not None and skipped and (self.finite_check or self.amp.active or self.modifiers
-                                           or self.telemetry.enabled):
-            # the overflow screen, Stable SAM's and telemetry's ‖g(w)‖ cover every first-pass gradient,
-            # as plain SAM's norm does: the skipped groups are read here only when one of them needs it
-            whole = sq + groups.sq_norm(skipped, self.backend).to(sq.device)
-            if chosen is None:
-                ascent.whole_sq = whole
-        agreed = None if sq is None else self.distributed.ascent_sq_norm(self, whole)  # m-SAM: the rank mean
-        if agreed is not None:
-            self.amp.screen(self, agreed, "first_step")
-        params, grads = ascent.params, ascent.grads
-        for m in self.modifiers:
-            m.after_ascent(self, params, grads, None if agreed is None else amp.unscaled(agreed, ascent.scale))
-        ascent.options = self.perturbation_options(params, grads) if entries else {}
-        direction = self.ascent_direction(params, grads, ascent.scale) if entries else None
-        direction_scale = ascent.scale
-        if direction is not None:  # perturb along d: its own norm; g(w) stays what telemetry reads
-            ascent.grads, direction_scale = direction
-            ascent.options["sq_norm"] = groups.sq_norm(entries, self.backend, grads=ascent.grads)
-        ascent.options.update(self.amp.perturb_args(self, direction_scale))
-        k = self.ascent_steps
-        ascent.buckets = groups.bucket(entries, lambda g: (_step_rho(self, g, k), g["adaptive"], g["eta"]))
-        ascent.options.update(self.telemetry.perturb_options(self, ascent))
-        if direction is not None:
-            ascent.options.pop("grad_copies", None)  # perturb_ would copy d, not g(w): telemetry copies g(w) itself
-        if sparse:
-            sparse_grads.refuse_unsupported(self, ascent.options)
-        ascent.perturb(self.state, self.backend)
-        now.set_perturbed(ascent.params, ascent.kept)
-        now.ascents = 1
+        """The first ascent (:func:`.ascent.first_ascent`); variants with their own ascent override it."""
+        ascent = first_ascent(self)
+        self.step_state.set_perturbed(ascent.params, ascent.kept)
+        if self.ascent_steps > 1:
+            multi_step.keep_scratch(self, ascent.params)
         self.telemetry.on_ascent(self, ascent)
 
-    def _ascend_again(self) -> None:
-        """A later ascent of a multi-step one: w_i += (rho/k)·g(w_i)/‖g(w_i)‖ on the params the first
-        ascent perturbed (w stays in their backups; scratch takes the copy ``perturb_`` writes). Any
-        error restores w and ends the step."""
-        now = self.step_state
+    @records_step(starts_step=False)
+    @torch.no_grad()
+    def _later_ascent(self) -> None:
+        """A later ascent of a multi-step one (:mod:`.multi_step`, counted by the shell); any error
+        restores w and ends the step."""
+        self.step_state.finite.surface()
         try:
             self._follow_casts()
-            if sparse_grads.any_sparse(self.param_groups):
-                raise TypeError(f"{type(self).__name__}: ascent_steps > 1 with sparse gradients is not supported; "
-                                "use ascent_steps=1 or dense gradients")
-            held = {id(p) for p in now.perturbed}
-            entries = [(g, p) for g, p in groups.with_grads(self.param_groups) if id(p) in held]
-            if entries:
-                sq = groups.sq_norm(entries, self.backend)
-                ascent = Ascent(entries, sq, self.loss_scale, subset=True, alias_keys=now.aliases,
-                                backup_key=ASCENT_SCRATCH)
-                self.amp.screen(self, self.distributed.ascent_sq_norm(self, sq), "first_step")
-                ascent.options = self.perturbation_options(ascent.params, ascent.grads)
-                ascent.options.update(self.amp.perturb_args(self, ascent.scale))
-                k = self.ascent_steps
-                ascent.buckets = groups.bucket(entries, lambda g: (_step_rho(self, g, k), g["adaptive"], g["eta"]))
-                ascent.perturb(self.state, self.backend)
-                self.telemetry.on_ascent_again()
+            multi_step.ascend_again(self)
         except BaseException:
             self.restore()
             raise
-        now.ascents += 1
         self.amp.next_pass(self)
-
-    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
-    def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
-        """w ← backup, then the base optimizer's step with the gradients taken at w + e.
-
-        ``loss``: the second-pass loss L(w + e) (telemetry's sharpness; not read in the step).
-
-        Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next
-        step; under ``torch.compile`` too (a body that fails to compile runs nothing, then w is restored).
-        """
-        compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
-        host = call_eagerly if compiled else call
-        host(self._host_before, "second_step", compiled)
-        try:
-            self._second_step(loss=loss)
-        except BaseException as e:
-            host(self._after_failure, e, True)
-            raise
-        host(self._host_after, "second_step", compiled, zero_grad)
 
     @records_step(starts_step=False)
     @torch.no_grad()
@@ -445,63 +304,12 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
                 raise RuntimeError(f"SAM.second_step() after {now.ascents} of ascent_steps={self.ascent_steps} "
                                    f"ascents: call first_step() (a backward before each) {self.ascent_steps} times; "
                                    "the weights were restored to w")
-            if self.ascent_steps > 1:
-                self.telemetry.passes = (float(self.ascent_steps + 1),) * 2
             self._follow_casts()
             self._descend(now.perturbed)
         except BaseException:
             self.restore()
             raise
         self._finish()
-
-    def _descend(self, perturbed: Optional[list[torch.Tensor]]) -> None:
-        """Screen, telemetry, agree, modifiers, then the restore and base step (fused where possible)."""
-        now = self.step_state
-        sam_step = perturbed is not None
-        params = [p for _, p in groups.with_grads(self.param_groups)]
-        grads = [p.grad for p in params]
-        sparse = any(g.is_sparse for g in grads)
-        if sparse:
-            sparse_grads.refuse_unsupported(self)
-        if not sam_step:
-            self.distributed.before_plain_descent(grads)  # m-SAM: the first backward left them unsynchronized
-        scale = self.loss_scale
-        sq = None
-        if grads and (self.finite_check or self.amp.active):
-            # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
-            sq = groups.grads_sq_norm(grads, self.backend)
-            self.amp.screen(self, sq, "second_step" if sam_step else "base_step")
-        if sam_step:
-            sq = self.telemetry.on_descent(self, params, grads, sq, scale)
-            self.distributed.before_sam_descent(self)
-        for m in self.modifiers:
-            sq = m.before_descent(self, params, grads, sam_step, sq)
-        if not sam_step and not self.amp.active and now.found is None and not torch.compiler.is_compiling():
-            self.base_optimizer.step()  # a plain step is exactly the base optimizer's own step
-            return
-        # Under AMP (in-kernel unscale), with a device-side skip flag (the deferred finite check) and under
-        # torch.compile (torch.optim's step graph-breaks), plain steps of SGD/AdamW also run the fused
-        # descent, each param its own backup.
-        restore_and_step(self, perturbed or [], now.backups, self.backend, grad_scale=scale, found_inf=now.found,
-                         dense=not sparse,
-                         telemetry=self.telemetry.fused_args() if sam_step else None)
-        if sam_step:
-            for m in self.modifiers:
-                m.after_descent(self, now.found)
-        self.amp.report(self)
-
-    @torch.compiler.disable(recursive=False)  # an eager shell: torch.compile compiles the body (see .compiled)
-    def base_step(self, zero_grad: bool = False) -> None:
-        """A step without the ascent: descent modifiers (e.g. LookSAM reuse), then the base step."""
-        compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
-        host = call_eagerly if compiled else call
-        host(self._host_before, "base_step", compiled)
-        try:
-            self._base_step()
-        except BaseException as e:
-            host(self._after_failure, e, False)
-            raise
-        host(self._host_after, "base_step", compiled, zero_grad)
 
     @records_step(starts_step=True)
     @torch.no_grad()
@@ -521,37 +329,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             raise
         self._finish()
 
-    # ------------------------------------------------------------------ host work around the step bodies
-
-    # The shells (first_step, second_step, base_step) call these eagerly, also under torch.compile.
-
-    def _host_before(self, method: str, compiled: bool) -> None:
-        """Host work before a step body that a graph must not hold (variants extend it; see
-        :mod:`.compiled`): under compile, the hyperparameter tensors are filled."""
-        if compiled:
-            now = self.step_state
-            if now.hypers is None:
-                now.hypers = HyperTensors()
-            now.hypers.sync(self.param_groups)
-
-    def _host_after(self, method: str, compiled: bool, zero_grad: bool) -> None:
-        """Host work after a step body succeeded (variants extend it): under compile, what a graph
-        drops (``Optimizer.step``'s marks for LR schedulers); then ``zero_grad``."""
-        if compiled and method != "first_step":
-            mark_stepped(self)
-            mark_stepped(self.base_optimizer)
-        if zero_grad:
-            self.zero_grad()
-
-    def _after_failure(self, error: BaseException, descent: bool) -> None:
-        """A step body raised. An eager descent has restored w itself; a compiled one that failed to
-        compile ran nothing, so its pending ascent is undone here (``descent``). A graph break of a
-        base optimizer without a fused descent under fullgraph is explained (:func:`.compiled.compiled_refusal`)."""
-        if descent and self.step_state.perturbed is not None:
-            self.restore()
-        refusal = compiled_refusal(self, error)
-        if refusal is not None:
-            raise refusal from error
+    def _descend(self, perturbed: Optional[list[torch.Tensor]]) -> None:
+        descend(self, perturbed)  # :func:`.base_step.descend`
 
     def _finish(self) -> None:
         now = self.step_state
@@ -585,11 +364,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
         second pass on SAM steps; on plain steps the first pass's loss when this call evaluated it,
         else None.
 
-        Where to zero: through this optimizer's ``zero_grad`` or inside the closure. Whether a
-        backward ran is known from post-accumulate-gradient hooks (FSDP2: the gradients' versions),
-        never from their values (no host sync), so gradients zeroed in place by other code after a
-        backward (``model.zero_grad(set_to_none=False)``, ``p.grad.zero_()``) still count as a first
-        pass.
+        Where to zero: through this optimizer's ``zero_grad`` or inside the closure; gradients zeroed
+        in place by other code after a backward still count as a first pass (:mod:`.closure`).
 
         ``loss``: the loss L(w) of a first pass run before this call (telemetry's sharpness, with the
         closure's L(w + e); not read in the step).
@@ -607,46 +383,8 @@ class SAM(checkpoint.Checkpointing, torch.optim.Optimizer):
             self.step_state.stepping = False
 
     def _step(self, closure, first_loss=None):
-        now = self.step_state
-        if closure is None:
-            if now.perturbed is not None:
-                self.second_step()
-            elif now.decision is False:
-                self.base_step()
-            else:
-                raise ValueError("SAM.step() without a closure can only end a step begun by hand (after first_step(), "
-                                 "or after wants_sam() returned False). Pass a closure that re-evaluates the loss and "
-                                 f"calls backward, or use first_step()/second_step(). {LIGHTNING_FIX}. With a "
-                                 f"GradScaler:\n{amp.LOOP}")
-            return None
-        loss = None
-        params = self._params()
-        if not now.backward.ran(params):  # no first pass: no gradient, or only zeros or last step's
-            if any(p.grad is not None for p in params):
-                self.zero_grad(set_to_none=False)  # the first pass is the closure's alone (buffers kept)
-            self.amp.next_pass(self)  # an unscale_ before this call was of no gradient of this step
-            with torch.enable_grad():
-                loss = first_loss = closure()
-        if not self.wants_sam():
-            self.base_step()
-            return loss
-        self.first_step(zero_grad=True, loss=first_loss)
-        for _ in range(self.ascent_steps - 1):  # a multi-step ascent: one closure per gradient
-            try:
-                with torch.enable_grad():
-                    closure()
-            except BaseException:
-                self.restore()
-                raise
-            self.first_step(zero_grad=True)
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            self.restore()
-            raise
-        self.second_step(loss=loss)
-        return loss
+        """The closure protocol (:mod:`.closure`); variants with their own protocol override it."""
+        return run_closure(self, closure, first_loss)
 
     # ------------------------------------------------------------------ reading
 

@@ -60,6 +60,12 @@ def refuse_unsupported(opt, options: Optional[dict] = None) -> None:
                         f"{_HINT}")
 
 
+def refuse_multi_step(opt) -> None:
+    """``TypeError`` for a multi-step ascent (``ascent_steps > 1``) over sparse gradients, before any write."""
+    raise TypeError(f"{type(opt).__name__}: ascent_steps > 1 with sparse gradients is not supported; "
+                    "use ascent_steps=1 or dense gradients")
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 

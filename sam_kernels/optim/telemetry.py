@@ -45,8 +45,9 @@ value the step does not compute anyway is one more scalar all-reduce.
 ``sam_kernels.bench.telemetry_bench`` measures it.
 
 Cost accounting (host integers and floats, always on, no device work): optimizer steps, SAM steps,
-forward and backward passes in full-batch equivalents (a SAM step 2 + 2, a plain step 1 + 1, ESAM's
-SDS: the extra forward counts 1 and the second pass k/B; what the optimizer does not run itself is
+forward and backward passes in full-batch equivalents (a SAM step 2 + 2, k + 1 each with a k-step
+ascent, a plain step 1 + 1, ESAM's SDS: the extra forward counts 1 and the second pass k/B; what the
+optimizer does not run itself is
 counted by the protocol: Sparse SAM's Fisher batch-1 passes are not counted), and the bytes the
 optimizer's ``sam_kernels.ops`` calls moved, at each op's bytes floor (:data:`FLOOR_UNITS`, the op
 table's bytes floors, :mod:`sam_kernels.ops.contract`), per backend. Eager parts move more
@@ -161,10 +162,11 @@ class Telemetry:
     """The telemetry and counters of one optimizer (``SAM.telemetry``); see the module docstring.
 
     ``mode``: ``"norms"`` (every value but the cosine; the optimizers' default), True (every value)
-    or False (counters only); ``decay``: EMA factor in [0, 1).
+    or False (counters only); ``decay``: EMA factor in [0, 1); ``ascent_steps``: the ascents of a SAM
+    step (one pass each, then the descent's: 1 + ``ascent_steps`` passes).
     """
 
-    def __init__(self, mode: Union[bool, str] = "norms", decay: float = 0.9):
+    def __init__(self, mode: Union[bool, str] = "norms", decay: float = 0.9, ascent_steps: int = 1):
         if not (mode is False or mode is True or mode == "norms"):
             raise ValueError(f"telemetry must be False, True or 'norms', got {mode!r}")
         if not 0.0 <= decay < 1.0:
@@ -175,7 +177,8 @@ class Telemetry:
         self.seen: Optional[torch.Tensor] = None  # [5] count of finite values folded into the EMAs
         self.steps = 0
         self.sam_steps = 0
-        # passes beyond a SAM step's 2 + 2 and a plain step's 1 + 1 (ESAM's SDS): host floats changed only
+        self.ascent_steps = ascent_steps  # a SAM step's passes follow from sam_steps: no float grows in a graph
+        # passes beyond a SAM step's (1 + ascent_steps) x 2 and a plain step's 1 + 1 (ESAM's SDS): host floats changed only
         # by a variant's count, so a compiled step never reads and rewrites a float that grows every step
         self.extra_passes = (0.0, 0.0)
         self.bytes_by_backend: dict[str, int] = {}
@@ -348,7 +351,7 @@ class Telemetry:
         ``state_dict()``; every step inside a compiled step)."""
         self.steps += 1
         if self.passes is not None:
-            usual = 2.0 if sam_step else 1.0
+            usual = 1.0 + self.ascent_steps if sam_step else 1.0
             self.extra_passes = (self.extra_passes[0] + self.passes[0] - usual,
                                  self.extra_passes[1] + self.passes[1] - usual)
             self.passes = None
@@ -424,13 +427,14 @@ class Telemetry:
 
     @property
     def forward_passes(self) -> float:
-        """Forward passes in full-batch equivalents (a SAM step 2, a plain step 1, plus a variant's extra)."""
-        return float(self.steps + self.sam_steps) + self.extra_passes[0]
+        """Forward passes in full-batch equivalents (a SAM step 1 + ascent_steps, a plain step 1, plus a
+        variant's extra)."""
+        return float(self.steps + self.sam_steps * self.ascent_steps) + self.extra_passes[0]
 
     @property
     def backward_passes(self) -> float:
         """Backward passes in full-batch equivalents (as :attr:`forward_passes`)."""
-        return float(self.steps + self.sam_steps) + self.extra_passes[1]
+        return float(self.steps + self.sam_steps * self.ascent_steps) + self.extra_passes[1]
 
     def on_ascent_again(self) -> None:
         """A later ascent of a multi-step one moved the weights again: ‖e‖ of the whole ascent is not
@@ -484,7 +488,7 @@ class Telemetry:
         self.last, self.ema, self.seen = (None if state.get(k) is None else state[k].clone()
                                           for k in ("last", "ema", "seen"))
         self.steps, self.sam_steps = int(state.get("steps", 0)), int(state.get("sam_steps", 0))
-        usual = float(self.steps + self.sam_steps)
+        usual = float(self.steps + self.sam_steps * self.ascent_steps)
         self.extra_passes = (float(state.get("forward_passes", usual)) - usual,
                              float(state.get("backward_passes", usual)) - usual)
         self.bytes_by_backend = dict(state.get("bytes_by_backend", {}))

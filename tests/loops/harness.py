@@ -127,6 +127,17 @@ class Run:
 
     # ------------------------------------------------------------------ the loops
 
+    def gradient_pass(self, micro: Micro, overflow: bool, unscale: bool, clip: Optional[float]) -> None:
+        """One pass of a loop's step as a user writes it: backward (scaled under AMP), then, where the
+        loop asks, an Inf in a gradient (``overflow``), ``scaler.unscale_`` and gradient clipping."""
+        self.backward(micro)
+        if overflow:
+            inject_inf(self.model)
+        if unscale:
+            self.scaler.unscale_(self.opt)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+
     def manual(self, micro: Micro, *, clip1=None, clip2=None, unscale=None, overflow=None,
                midstep: Optional[Callable[["Run"], None]] = None, step_with=None) -> Record:
         """The README's manual loop. With a scaler: ``unscale`` in {None, "first", "second"} is where
@@ -140,34 +151,20 @@ class Run:
                                  step_with=step_with)
         rec = Record()
         with self.ascent_pass():
-            self.backward(micro)
-        if overflow == 1:
-            inject_inf(self.model)
-        if unscale == "first":
-            self.scaler.unscale_(self.opt)
-        if clip1 is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip1)
+            self.gradient_pass(micro, overflow == 1, unscale == "first", clip1)
         if self.opt.wants_sam():
             rec.sam = True
             first_step = (step_with or {}).get("first_step", self.opt.first_step)
             first_step()
             for _ in range(self.info.ascent_steps - 1):
                 self.opt.zero_grad()
-                self.backward(micro)
-                if clip1 is not None:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip1)
+                self.gradient_pass(micro, False, False, clip1)
                 first_step()
             self.opt.zero_grad()  # outside the step: torch.optim's zero_grad does not trace
             self.probe(rec)
             if midstep is not None:
                 midstep(self)
-            self.backward(micro)
-            if overflow == 2:
-                inject_inf(self.model)
-            if unscale == "second":
-                self.scaler.unscale_(self.opt)
-            if clip2 is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip2)
+            self.gradient_pass(micro, overflow == 2, unscale == "second", clip2)
             if self.scaler is not None:
                 self.scaler.step(self.opt)
             else:
@@ -188,13 +185,7 @@ class Run:
         weights; only ``overflow=1`` and ``unscale="first"`` have a pass to act on."""
         if midstep is not None:
             midstep(self)
-        self.backward(micro)
-        if overflow == 1:
-            inject_inf(self.model)
-        if unscale == "first":
-            self.scaler.unscale_(self.opt)
-        if clip1 is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip1)
+        self.gradient_pass(micro, overflow == 1, unscale == "first", clip1)
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()

@@ -20,9 +20,6 @@ def all_but(*names: str) -> tuple:
 
 
 KNOWN_FAILURES: dict[tuple, str] = {
-    ("compile", ("SAM-3-step",), None):
-        "each ascent of a multi-step ascent runs the same compiled first_step body with another ascent count "
-        "(guards on it): k ascents keep k + 1 graphs, over the limit of 2 this test holds every row to",
 }
 
 

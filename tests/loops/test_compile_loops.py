@@ -2,9 +2,10 @@
 changed every step by a scheduler (and rho by hand): the reference in lockstep, and compiles counted.
 
 ``finite_check=False`` (its checks are host syncs). Backend ``aot_eager`` (traces the same graphs as
-inductor, compiles fast); one case runs inductor. Each step function compiles at most twice, both
-in its first two calls (state created at the first, counters dynamic at the second), and never
-again: a hyperparameter changed by a scheduler and the optimizer's own counters must not be guards.
+inductor, compiles fast); one case runs inductor. Each body of a step function compiles at most
+twice, both in the function's first two steps (state created at the first, counters dynamic at the
+second), and never again: a hyperparameter changed by a scheduler, the optimizer's own counters and
+the number of ascents of a multi-step ascent must not be guards.
 """
 from __future__ import annotations
 
@@ -22,42 +23,46 @@ from tests.optim.hand_reference import exp_lr
 from tests.optim.variants import variant
 
 STEPS, GAMMA = 50, 0.97
-WARMUP = 2  # calls of a step function after which it may not compile again
+WARMUP = 2  # steps after which a step function may not compile again
+# the bodies each public step method runs (sam_kernels.optim.shells): the first ascent of a step and each
+# later one of a multi-step ascent have their own; a one-pass step has no shell
+BODIES = {"first_step": ("_first_step", "_later_ascent"), "second_step": ("_second_step",),
+          "base_step": ("_base_step",), "step": ("_step",)}
 RECOMPILE_LIMIT = 4  # above the 2 compiles per function allowed: a run that recompiles every step fails fast
 
 
 class Counted:
     """A step method compiled with ``fullgraph=True``; ``graphs()`` counts the graphs torch.compile
-    keeps for it (the cache entries of the method's compiled body), ``warm`` their number at the end of
-    its ``WARMUP``-th call. (A compile counter would also count the analyses Dynamo restarts within
-    one compile.)"""
+    keeps for each of its bodies (their cache entries), ``warm`` them at the end of its ``WARMUP``-th
+    step (``calls_per_step`` calls a step). (A compile counter would also count the analyses Dynamo
+    restarts within one compile.)"""
 
-    def __init__(self, opt, name, compiler):
+    def __init__(self, opt, name, compiler, calls_per_step=1):
         self.fn = torch.compile(getattr(opt, name), fullgraph=True, backend=compiler)
-        # the body the shell calls (sam_kernels.optim.compiled); a one-pass step has no shell
-        self.code = getattr(type(opt), f"_{name}", getattr(type(opt), name)).__code__
-        self.calls, self.warm = 0, None
+        self.codes = [getattr(type(opt), body).__code__ for body in BODIES[name]]
+        self.calls, self.warm, self.warm_calls = 0, None, WARMUP * calls_per_step
 
-    def graphs(self) -> int:
-        return len(_debug_get_cache_entry_list(self.code))
+    def graphs(self) -> list[int]:
+        return [len(_debug_get_cache_entry_list(code)) for code in self.codes]
 
     def __call__(self, *args, **kwargs):
         self.fn(*args, **kwargs)
         self.calls += 1
-        if self.calls == WARMUP:
+        if self.calls == self.warm_calls:
             self.warm = self.graphs()
 
 
 def compiled_run(info, backend, compiler, steps=STEPS, rho_gamma=None):
     """``steps`` compiled steps with ExponentialLR (and, with ``rho_gamma``, rho scaled by it every
-    step), the reference in lockstep; each step function compiles at most twice, in its first two
-    calls. Returns the run and the compiles per function."""
+    step), the reference in lockstep; each body of a step function compiles at most twice, in the
+    function's first two steps. Returns the run and the compiles per function and body."""
     torch._dynamo.reset()
     run = Run(info, backend, dtype=torch.float32, steps=steps, finite_check=False)
     lr0, rho0 = run.opt.param_groups[0]["lr"], run.opt.param_groups[0]["rho"]
     sched = torch.optim.lr_scheduler.ExponentialLR(run.opt, gamma=GAMMA)
     names = ("step",) if info.one_pass else ("first_step", "second_step", "base_step")
-    step_with = {name: Counted(run.opt, name, compiler) for name in names}
+    step_with = {name: Counted(run.opt, name, compiler, info.ascent_steps if name == "first_step" else 1)
+                 for name in names}
     for t, (x, y) in enumerate(run.data):
         micro = [(x, y)]
         if rho_gamma is not None:
@@ -73,10 +78,10 @@ def compiled_run(info, backend, compiler, steps=STEPS, rho_gamma=None):
     for name, f in step_with.items():
         if f.calls:
             assert f.warm is None or compiles[name] == f.warm, \
-                f"{name}: {compiles[name] - f.warm} compiles after its first {WARMUP} calls ({compiles})"
-            assert 1 <= compiles[name] <= 2, compiles
+                f"{name}: compiles after its first {WARMUP} steps ({f.warm} -> {compiles})"
+            assert 1 <= sum(compiles[name]) and max(compiles[name]) <= 2, compiles
         else:
-            assert compiles[name] == 0, compiles
+            assert sum(compiles[name]) == 0, compiles
     assert step_with[names[0]].calls > 0
     return run, compiles
 
@@ -181,7 +186,7 @@ def test_compiled_momentum_sam_step_with_scheduler_hooks(compile_first):
             run.opt.zero_grad()
             sched.step()
     assert calls == ["pre", "post"] * len(run.data)
-    assert step.graphs() == step.warm <= 2  # the first step holds no perturbation yet, the later ones do
+    assert step.graphs() == step.warm and max(step.warm) <= 2  # the first step holds no perturbation yet, the later ones do
     assert run.opt.param_groups[0]["lr"] == pytest.approx(lr0 * GAMMA ** len(run.data))
 
 

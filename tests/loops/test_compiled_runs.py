@@ -143,7 +143,8 @@ def test_input_01_step_functions_have_their_own_compile_caches():
     """The body each public step method's shell calls (what torch.compile compiles) has a code object
     of its own (torch.compile's cache and recompile budget are per code object), named after it."""
     opt = _make("SAM", _model(torch.float32).parameters())
-    codes = {name: getattr(type(opt), name).__code__ for name in ("_first_step", "_second_step", "_base_step", "restore")}
+    codes = {name: getattr(type(opt), name).__code__
+             for name in ("_first_step", "_later_ascent", "_second_step", "_base_step", "restore")}
     assert len({id(c) for c in codes.values()}) == len(codes)
     assert all(c.co_name == name for name, c in codes.items())
 
