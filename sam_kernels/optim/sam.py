@@ -17,8 +17,8 @@ The loop calls ``self.amp`` (:mod:`.amp`), ``self.distributed`` (:mod:`.distribu
 ``self.telemetry`` (:mod:`.telemetry`) at fixed points; its mutable state is ``self.step_state``
 (:mod:`.step_state`). Each phase is a module: the first ascent (:mod:`.ascent`), later ascents
 (:mod:`.multi_step`), the descent (:mod:`.base_step`), ``step(closure)`` (:mod:`.closure`); around
-them the shells' host work (:mod:`.shells`), the params' upkeep (:mod:`.upkeep`), backups
-(:mod:`.backups`), checkpoints (:mod:`.checkpoint`) and the ``torch.optim`` contract (:mod:`.contract`).
+them the shells' host work (:mod:`.shells`), the params' upkeep (:mod:`.upkeep`), what a user reads
+(:mod:`.readouts`), backups (:mod:`.backups`), checkpoints (:mod:`.checkpoint`) and the ``torch.optim`` contract (:mod:`.contract`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from .. import ops
-from . import amp, backups, multi_step
+from . import backups, multi_step
 from .ascent import first_ascent
 from .base_step import descend
 from .checkpoint import Checkpointing
@@ -35,16 +35,17 @@ from .closure import run as run_closure
 from .contract import bind_base_optimizer, check_closure, check_group, mark_stepped, run_step_hooks
 from .centralize import CentralizeAscent
 from .descent import Modifier, Renormalize
-from .dispatch_summary import DispatchSummary, had_layout_fallback, records_step
+from .dispatch_summary import had_layout_fallback, records_step
 from .distributed import GlobalSync, make_sync
 from .policy import Policy, grad_norm_for
+from .readouts import Readouts
 from .shells import StepShells
 from .step_state import StepState
 from .telemetry import Telemetry
 from .upkeep import ParamUpkeep
 
 
-class SAM(StepShells, ParamUpkeep, Checkpointing, torch.optim.Optimizer):
+class SAM(StepShells, ParamUpkeep, Checkpointing, Readouts, torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any ``torch.optim`` optimizer (drop-in for the popular
     ``SAM(params, base_optimizer, rho, adaptive, **kwargs)`` class).
 
@@ -150,36 +151,6 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, torch.optim.Optimizer):
         """As ``torch.optim``; it also marks the gradients as no first pass (see :meth:`step`)."""
         super().zero_grad(set_to_none)
         self.step_state.backward.clear(self._params())
-
-    @property
-    def step_count(self) -> int:
-        """Optimizer steps taken (SAM and plain)."""
-        return self.step_state.step_count
-
-    @step_count.setter
-    def step_count(self, value: int) -> None:
-        self.step_state.step_count = value
-
-    @property
-    def telemetry(self) -> Telemetry:
-        """The telemetry and cost counters (:class:`~sam_kernels.optim.telemetry.Telemetry`)."""
-        return self.step_state.telemetry
-
-    @property
-    def grad_scaler(self) -> Optional[torch.amp.GradScaler]:
-        """The attached ``GradScaler`` (None: no AMP); setting it rebuilds ``self.amp``."""
-        return self.amp.scaler
-
-    @grad_scaler.setter
-    def grad_scaler(self, scaler: Optional[torch.amp.GradScaler]) -> None:
-        first = next(iter(self._params()), None)
-        self.amp = amp.make(scaler, None if first is None else first.device)
-
-    @property
-    def loss_scale(self) -> Optional[torch.Tensor]:
-        """The loss scale the gradients carry now (the scaler's own 0-dim fp32 device tensor, changed in
-        place by ``scaler.update()``; None when ``scaler.unscale_(opt)`` unscaled this pass, or without AMP)."""
-        return self.amp.loss_scale(self)
 
     def ascent_params(self) -> Optional[list[torch.Tensor]]:
         """Params to perturb this step (None: every param with a gradient). Override for ESAM."""
@@ -385,29 +356,3 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, torch.optim.Optimizer):
     def _step(self, closure, first_loss=None):
         """The closure protocol (:mod:`.closure`); variants with their own protocol override it."""
         return run_closure(self, closure, first_loss)
-
-    # ------------------------------------------------------------------ reading
-
-    def dispatch_summary(self) -> DispatchSummary:
-        """Which backend ran how many elements of each op in the last step (``print`` it for a table);
-        ``fused_share < 1`` means some tensors ran on the slow eager path (see ``ops.dispatch``)."""
-        return DispatchSummary(tuple(self.step_state.dispatch_log or ()))
-
-    def stats(self, ema: bool = False) -> dict[str, float]:
-        """Telemetry and cost counters as Python floats, keys exactly ``sam_kernels.optim.telemetry.KEYS``:
-        ``grad_norm``, ``sam_grad_norm``, ``grad_cosine``, ``perturbation_norm``, ``sharpness`` (of the
-        last SAM step; their EMAs with ``ema=True``; ``grad_cosine`` needs ``telemetry=True``, the others
-        the default ``"norms"``; NaN before the first SAM step, with ``telemetry=False`` or when not
-        known), ``steps``, ``sam_steps``, ``sam_step_fraction``,
-        ``forward_passes``, ``backward_passes`` (full-batch equivalents) and ``optimizer_bytes`` (at
-        the ops' bytes floors). Units: the loss's and the gradients'; bytes. One host sync (none
-        without device values). Definitions and costs: :mod:`sam_kernels.optim.telemetry`.
-        Raises the finite check's deferred ``FloatingPointError`` first (see :meth:`check_finite`)."""
-        self.step_state.finite.surface(wait=True)
-        return self.telemetry.stats(ema)
-
-    def check_finite(self) -> None:
-        """Raise the ``FloatingPointError`` of the last step if the finite check skipped it on the
-        device (gradients on a GPU; :mod:`sam_kernels.optim.finite`), waiting for that step (one host
-        sync). Otherwise that error is raised at the start of the next step. Once per skipped step."""
-        self.step_state.finite.surface(wait=True)
