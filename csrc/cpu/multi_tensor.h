@@ -33,15 +33,14 @@
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
-#if defined(__linux__)
-#include <unistd.h>
-#endif
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -166,17 +165,29 @@ void store(scalar_t* p, int64_t i, const T& v) {
 // element less traffic each, the same values bitwise. Smaller lists keep ordinary stores: they
 // may be read back from cache.
 
-// Bytes of the last-level cache (Linux: sysconf; elsewhere, or unknown: 32 MiB). The
-// environment variable SAM_KERNELS_STREAM_BYTES overrides the threshold (0: always stream).
+// Bytes of the last-level cache: on Linux the largest cache sysfs lists for CPU 0 (glibc's
+// sysconf reads cpuid, which a VM can report as the host's whole L3); elsewhere, or unknown,
+// 32 MiB. The environment variable SAM_KERNELS_STREAM_BYTES overrides it (0: always stream).
+inline int64_t last_level_cache_bytes() {
+  int64_t largest = 0;
+#if defined(__linux__)
+  for (int index = 0; index < 8; ++index) {
+    std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
+    int64_t size = 0;
+    char unit = 0;
+    if (!(file >> size)) continue;
+    file >> unit;  // "32768K": sizes are in KiB (or MiB)
+    size *= unit == 'M' ? int64_t{1} << 20 : unit == 'K' ? int64_t{1} << 10 : 1;
+    largest = std::max(largest, size);
+  }
+#endif
+  return largest > 0 ? largest : int64_t{32} << 20;
+}
+
 inline int64_t stream_threshold_bytes() {
   static const int64_t bytes = [] {
     if (const char* env = std::getenv("SAM_KERNELS_STREAM_BYTES")) return static_cast<int64_t>(std::atoll(env));
-    int64_t llc = 0;
-#if defined(__linux__) && defined(_SC_LEVEL3_CACHE_SIZE)
-    llc = static_cast<int64_t>(sysconf(_SC_LEVEL3_CACHE_SIZE));
-    if (llc <= 0) llc = static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE));
-#endif
-    return llc > 0 ? llc : int64_t{32} << 20;
+    return last_level_cache_bytes();
   }();
   return bytes;
 }
