@@ -63,6 +63,7 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "sgd_restore_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
+    const bool stream = stream_writes(params);  // w is written, not read (the loop reads the backup)
     for_each_chunk_summing<scalar_t>(chunks, sums, ascent_grads.has_value(),
                                      [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);
@@ -84,8 +85,13 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
           const T vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
           d = nesterov ? d + T(mom) * vs : vs;
         }
-        store(w, i, wi - T(lr_c) * d);
+        if (stream) {
+          store_stream(w, i, wi - T(lr_c) * d);
+        } else {
+          store(w, i, wi - T(lr_c) * d);
+        }
       });
+      if (stream) stream_fence();
     });
   });
 }
@@ -110,6 +116,7 @@ void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::T
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t decay = 1.0 - lr * weight_decay, b1 = 1.0 - beta1, b2 = beta2, one_minus_b2 = 1.0 - beta2;
     const acc_t step_size = lr / bc1, bc2 = bc2_sqrt, eps_c = eps;
+    const bool stream = stream_writes(params);  // w is written, not read (the loop reads the backup)
     for_each_chunk_summing<scalar_t>(chunks, sums, ascent_grads.has_value(),
                                      [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);
@@ -128,10 +135,16 @@ void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::T
         const T mn = mi + T(b1) * (gi - mi);
         const T vn = T(b2) * load<T>(v, i) + T(one_minus_b2) * gi * gi;
         const T denom = vsqrt(vn) / T(bc2) + T(eps_c);
-        store(w, i, load<T>(b, i) * T(decay) - T(step_size) * mn / denom);
+        const T wn = load<T>(b, i) * T(decay) - T(step_size) * mn / denom;
+        if (stream) {
+          store_stream(w, i, wn);
+        } else {
+          store(w, i, wn);
+        }
         store(m, i, mn);
         store(v, i, vn);
       });
+      if (stream) stream_fence();
     });
   });
 }

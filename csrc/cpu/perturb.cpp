@@ -30,6 +30,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
     // gives scale 0, and 0·inf = NaN: the norm itself is tested too, as stored (like the reference).
     const bool finite = std::isfinite(scale) && std::isfinite(stored);
     const bool select = masks || keep;
+    const bool stream = stream_writes(backups);
     // perturbation_sq: Σ (w_new − w)² of the stored values, summed while they are in cache.
     for_each_chunk_summing<scalar_t>(chunks, perturbation_sq, /*both=*/false,
                                      [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
@@ -38,20 +39,30 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
       scalar_t* b = data<scalar_t>(backups[c.tensor]);
       const bool* m = masks ? data<bool>((*masks)[c.tensor]) : nullptr;
       const uint32_t key = keep ? static_cast<uint32_t>(keys[c.tensor]) : 0u;
-      std::copy(w + lo, w + hi, b + lo);
       if (grad_copies) {  // g(w) for telemetry, from the piece the loop below reads (in cache)
         scalar_t* copy = data<scalar_t>((*grad_copies)[c.tensor]);
         std::copy(g + lo, g + hi, copy + lo);
       }
-      if (!finite) return;
+      if (!finite) {
+        std::copy(w + lo, w + hi, b + lo);
+        return;
+      }
+      // The backup is taken in the same loop as the ascent: one read of w for both.
       // Selections are per element (bool mask, hash): the scalar path, which skips unselected
       // entries instead of adding zero, so they stay bitwise unchanged (-0.0 included).
       elementwise<scalar_t>(lo, hi, /*vectorize=*/!select, [&](auto tag, int64_t i) {
         using T = decltype(tag);
-        if constexpr (!is_vec<T>::value) {
+        const T wi = load<T>(w, i);
+        if constexpr (is_vec<T>::value) {
+          if (stream) {
+            store_stream(b, i, wi);
+          } else {
+            store(b, i, wi);
+          }
+        } else {
+          b[i] = w[i];  // bitwise, whatever the dtype
           if ((m && !m[i]) || (keep && !keep_element(key, i, threshold))) return;
         }
-        const T wi = load<T>(w, i);
         T e = load<T>(g, i);
         if (adaptive) {
           const T t = vabs(wi) + T(eta);
@@ -63,6 +74,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
           acc[0].add(applied * applied);
         }
       });
+      if (stream) stream_fence();
     });
   });
 }

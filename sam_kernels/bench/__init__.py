@@ -25,7 +25,8 @@ ratio_low/high interval of ``ratio`` at confidence ``level`` (sign-test order st
 target         the ratio this row must reach (``verdict``; null: none); ``verdict``: met, missed,
                unresolved or null
 floor_bytes    bytes the work must move at the least (``op_specs``); ``copy_gbps``: bandwidth of
-               a fp32 copy timed in the same rounds; ``floor_fraction``: floor bytes / copy
+               a fp32 copy timed in the same rounds (on a CPU counting its write-allocate read:
+               three passes); ``floor_fraction``: floor bytes / copy
                bandwidth / median time (1.0 = at the memory floor)
 load           ``others_cores``, ``steal_cores`` (CPU time others took, /proc/stat), ``window_s``,
                ``loadavg_1min``, while the case was timed

@@ -54,6 +54,13 @@ def _copy_call(plan: Plan) -> Callable[[], object]:
     return lambda: dst.copy_(src)
 
 
+def copy_passes(device: torch.device) -> int:
+    """Passes over memory of the timed copy: on a CPU the store to each line not in cache reads it
+    first (write-allocate; torch's copy uses ordinary stores), so src is read, dst read and written;
+    a GPU writes whole lines without reading them."""
+    return 3 if device.type == "cpu" else 2
+
+
 def build_steps(case: Case, providers: list[str], plan: Plan, compile_limit_s: float) -> Built:
     """Every provider's step on ``case``, checked; ``compile_limit_s``: the time torch.compile's
     first compile of this list may take (``warm``)."""
@@ -128,7 +135,7 @@ def measure(suite: str, op: str, case: Case, built: Built, ours: Optional[str], 
                          resolved=lambda s: all_judged(s, ours, goals),
                          min_rounds=plan.min_rounds, max_rounds=plan.max_rounds, deadline=deadline)
     copy_s = quantiles_ms(samples[COPY])["median_ms"] * 1e-3
-    copy_gbps = 2 * plan.copy_numel * 4 / copy_s / 1e9
+    copy_gbps = copy_passes(plan.device) * plan.copy_numel * 4 / copy_s / 1e9
     base = {"suite": suite, "op": op, "case": case.name, "tensors": case.tensors, "numel": case.numel,
             "dtype": str(plan.dtype).replace("torch.", ""), "vs": ours, "floor_bytes": floor,
             "copy_gbps": copy_gbps, **meta}
