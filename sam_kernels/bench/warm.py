@@ -62,8 +62,9 @@ class Warming:
         limit_s = deadline - time.perf_counter()
         if self.child is None:
             if self.reuse_s is not None and self.reuse_s > limit_s:
-                return (f"compiling this list from the cache took {self.reuse_s:.0f} s in this process last time, "
-                        f"more than the {max(limit_s, 0):.0f} s left for it here (--budget)")
+                return (f"torch.compile's tracing of this list took {self.reuse_s:.0f} s the last time a benchmark "
+                        f"ran it on this machine (recorded beside Inductor's cache, {self.done.parent}), more than "
+                        f"the {max(limit_s, 0):.0f} s left for it here (--budget, or --full)")
             return None
         try:
             out, err = self.child.communicate(timeout=max(limit_s, 0.0))
