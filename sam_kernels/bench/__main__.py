@@ -15,7 +15,7 @@ from . import noise, results, session, steps
 from .environment import environment
 from .measure import LEVEL, MIN_ROUNDS
 from .op_specs import QUICK, SPECS
-from .verdict import VS_COMPILE_LARGE, VS_COMPILE_SMALL, VS_LOOP
+from .verdict import BETWEEN_RUNS, VS_COMPILE_LARGE, VS_COMPILE_SMALL, VS_LOOP
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 BACKENDS = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
@@ -50,7 +50,8 @@ how it measures
 targets and verdicts
   time of torch.compile's step / ours >= {VS_COMPILE_LARGE:.2f} on the large lists (ours at most
   0.9x its time), >= {VS_COMPILE_SMALL:.0f} on the small-tensor list; per-parameter loop / ours >= {VS_LOOP} everywhere.
-  met / missed when the interval lies wholly on one side of the target; unresolved when it contains it.
+  met / missed when the interval clears the target by {BETWEEN_RUNS:.0%} (a ratio also moves between
+  processes: sam_kernels/bench/verdict.py); unresolved otherwise.
 
 threads
   On CPU the default is one torch thread: with more threads than idle cores, every parallel region
