@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import sam_kernels as sk
 from tests.loops.harness import Run
 from tests.optim.hand_reference import HandSAM, norm
-from tests.optim.variants import RHO, SGD, VariantInfo, loss_fn, make_batches, make_model
+from tests.optim.variants import RHO, SGD, VariantInfo, closure_of, loss_fn, make_batches, make_model
 
 BACKENDS = ("eager", "cpp")
 
@@ -153,14 +153,6 @@ def _po():
     return pytest.importorskip("pytorch_optimizer")
 
 
-def _closure(model, x, y):
-    def closure():
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gsam_matches_pytorch_optimizer(backend):
     po = _po()
@@ -193,9 +185,9 @@ def test_wsam_matches_pytorch_optimizer(decouple, backend):
     ref = po.WSAM(theirs, theirs.parameters(), torch.optim.SGD, rho=RHO, gamma=0.9, decouple=decouple, **SGD)
     for x, y in make_batches(4):
         ours.zero_grad()
-        ours.step(_closure(model, x, y))
+        ours.step(closure_of(model, x, y))
         ref.zero_grad()
-        ref.step(_closure(theirs, x, y))
+        ref.step(closure_of(theirs, x, y))
         for p, q in zip(model.parameters(), theirs.parameters()):
             torch.testing.assert_close(p.detach(), q.detach(), atol=1e-8, rtol=1e-6)
 

@@ -11,7 +11,7 @@ import torch
 
 import sam_kernels as sk
 from tests.optim.hand_reference import HandSAM
-from tests.optim.variants import loss_fn, make_batches, make_model
+from tests.optim.variants import closure_of, loss_fn, make_batches, make_model
 
 
 @pytest.mark.parametrize("total,fraction,switch", [(10, 0.3, 7), (10, 0.0, 10), (10, 1.0, 0), (4, 0.5, 2),
@@ -27,14 +27,6 @@ def test_switch_step(total, fraction, switch):
 def test_bad_arguments_raise(kw):
     with pytest.raises(ValueError):
         sk.LatePhasePolicy(**kw)
-
-
-def _closure(model, x, y):
-    def closure():
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss
-    return closure
 
 
 def test_plain_then_sam_with_momentum_carried_over_by_hand():
@@ -56,7 +48,7 @@ def test_plain_then_sam_with_momentum_carried_over_by_hand():
     for t, (x, y) in enumerate(make_batches(10)):
         before = opt.stats()["sam_steps"]
         opt.zero_grad()
-        opt.step(_closure(model, x, y))
+        opt.step(closure_of(model, x, y))
         sam_steps.append(opt.stats()["sam_steps"] > before)
         ref.step(grads_at(ref.ws, x, y), lambda ws: grads_at(ws, x, y), sam=t >= 7)
         for p, w in zip(model.parameters(), ref.ws):
@@ -77,7 +69,7 @@ def test_checkpoint_before_the_switch_resumes_bitwise():
     def run(model, opt, batches):
         for x, y in batches:
             opt.zero_grad()
-            opt.step(_closure(model, x, y))
+            opt.step(closure_of(model, x, y))
 
     model = make_model()
     opt = build(model)

@@ -48,6 +48,15 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torc
     return F.cross_entropy(out, y, reduction=reduction)
 
 
+def closure_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """torch's closure convention: ``loss_fn`` of ``model`` on (x, y), backward, the loss returned."""
+    def closure():
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
 def make_model(dtype=torch.float64, seed: int = 0) -> torch.nn.Module:
     """The shared tiny model: Linear(4, 6) · tanh · Linear(6, 3)."""
     torch.manual_seed(seed)
