@@ -18,7 +18,8 @@ what they are), training wall time (s), the method's own settings, the shared se
 machine and versions (Python, torch, sam_kernels). The markdown table (``table.md``) and the
 figures (``accuracy_vs_passes.png``: accuracy against passes per step, seed mean ± std; one per
 family with its methods highlighted) are generated from the rows by :func:`report`
-(``--report-only`` regenerates them from an existing rows file).
+(``--report-only`` regenerates them from an existing rows file; ``--only A B --merge`` runs again the
+methods A and B alone and replaces only their rows).
 
 SAM-family optimizers run with ``telemetry=True`` and get the first-pass loss
 (``step(closure, loss=...)``); the row records the optimizer's own pass counts and its SAM-step
@@ -170,6 +171,13 @@ def methods(sk, s: Setting, steps_total: int, steps_per_epoch: int) -> list[Meth
         Method("ESAM", "esam", lambda model, ctx: get("ESAM")(model.parameters(), sgd, rho=rho, beta=0.6, gamma=0.5,
                                                               seed=ctx["seed"], **sam_kw),
                protocol="esam", note=f"{r}, beta 0.6 per tensor, gamma 0.5"),
+        # ESAM's two halves, each alone: which one the full method's result comes from
+        Method("ESAM-SWP", "esam", lambda model, ctx: get("ESAM")(model.parameters(), sgd, rho=rho, beta=0.6,
+                                                                  gamma=1.0, seed=ctx["seed"], **sam_kw),
+               protocol="esam", note=f"{r}, beta 0.6 per tensor, gamma 1 (weight selection alone)"),
+        Method("ESAM-SDS", "esam", lambda model, ctx: get("ESAM")(model.parameters(), sgd, rho=rho, beta=1.0,
+                                                                  gamma=0.5, seed=ctx["seed"], **sam_kw),
+               protocol="esam", note=f"{r}, beta 1, gamma 0.5 (data selection alone)"),
         Method("SparseSAM-F", "sparse-sam", lambda model, ctx: get("SparseSAM")(
             model.parameters(), sgd, rho=rho, sparsity=0.5, mask="fisher", num_samples=32, update_freq=1,
             update_unit="epoch", steps_per_epoch=steps_per_epoch, model=model, loss_fn=F.cross_entropy,
@@ -346,9 +354,10 @@ def table(rows: list[dict], source: str = "rows.jsonl") -> str:
     head = rows[0]
     s = head["setting"]
     norm = "a LayerNorm after each hidden layer" if s["layer_norm"] else "no normalization"
+    runs = ", ".join(f"commit `{c}`, {d}" for c, d in dict.fromkeys((r["commit"], r["date"]) for r in rows))
+    machines = "; ".join(dict.fromkeys(r["machine"] for r in rows))
     lines = [
-        f"Generated from `{source}` ({len(rows)} runs, commit `{head['commit']}`, {head['date']}); "
-        f"machine: {head['machine']}.", "",
+        f"Generated from `{source}` ({len(rows)} runs; {runs}); machine: {machines}.", "",
         f"Setting: digits, {s['noise']:.0%} symmetric label noise on the training labels, {s['train_size']} training "
         f"images, MLP 64-{s['width']}-{s['width']}-10 with {norm}, SGD lr {s['lr']:g} momentum {s['momentum']:g} "
         f"weight decay {s['weight_decay']:g}, cosine lr, batch {s['batch']}, "
@@ -372,7 +381,8 @@ def table(rows: list[dict], source: str = "rows.jsonl") -> str:
         sam_steps = "–" if m["sam_steps"] is None else f"{m['sam_steps']:.2f}"
         lines.append(f"| {name} | {m['acc']:.2f} ± {m['std']:.2f} | {gain} | {m['fwd']:.2f} / {m['bwd']:.2f} | {kept} "
                      f"| {share} | {sam_steps} | {m['wall']:.2f} | {m['note']} |")
-    skipped = [r for r in head.get("skipped", [])]
+    ran = {r["method"] for r in rows}
+    skipped = [k for k in dict.fromkeys(tuple(k) for r in rows for k in r.get("skipped", [])) if k[0] not in ran]
     if skipped:
         lines += ["", "Not run:"] + [f"- {k}: {v}" for k, v in skipped]
     return "\n".join(lines) + "\n"
@@ -471,12 +481,33 @@ def report(rows_file: Path) -> None:
     print(f"wrote {out / 'table.md'} and the figures in {out}")
 
 
+def merge_rows(rows_file: Path, fresh: list[dict], order: list[str]) -> list[dict]:
+    """The rows of ``rows_file`` with those of the methods in ``fresh`` replaced by ``fresh``, methods in
+    ``order`` (unknown names last). Raises ``ValueError`` if the recorded rows have another shared
+    setting or other seeds than ``fresh``: a table mixes runs of one setting only."""
+    old = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()] if rows_file.exists() else []
+    if old and fresh:
+        if old[0]["setting"] != fresh[0]["setting"]:
+            raise ValueError(f"--merge: {rows_file} was recorded in another setting ({old[0]['setting']}); "
+                             f"this run's is {fresh[0]['setting']}")
+        seeds_old, seeds_new = sorted({r["seed"] for r in old}), sorted({r["seed"] for r in fresh})
+        if seeds_old != seeds_new:
+            raise ValueError(f"--merge: {rows_file} has seeds {seeds_old}, this run {seeds_new}")
+    rerun = {r["method"] for r in fresh}
+    rows = [r for r in old if r["method"] not in rerun] + fresh
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(rows, key=lambda r: rank.get(r["method"], len(order)))  # stable: seed order kept
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--only", nargs="*", default=None, help="run only these method names")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fidelity"))
     ap.add_argument("--report-only", action="store_true", help="regenerate the table and figures from OUT/rows.jsonl")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the rows of the methods run in OUT/rows.jsonl and keep the others (same setting "
+                         "and seeds required); without it the rows file is rewritten with this run's rows alone")
     ap.add_argument("--telemetry-figure", type=Path, default=None,
                     help="also draw sharpness and the SAM-step fraction over training (PNG) for --telemetry-methods")
     ap.add_argument("--telemetry-methods", nargs="+", default=["SAM", "SSSAM", "AESAM", "ESAM"])
@@ -524,6 +555,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for r in rows:
         r["skipped"] = skipped
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        rows = merge_rows(rows_file, rows, [m.name for m in methods(sk, s, spe * s.epochs, spe)])
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{len(rows)} runs in {time.perf_counter() - t_all:.0f} s; wrote {rows_file}")
     report(rows_file)

@@ -54,3 +54,28 @@ def test_one_seed_has_no_spread(digits):
     lines = digits.table([r for r in _rows() if r["seed"] == 0]).splitlines()
     x = next(line for line in lines if line.startswith("| X |")).split(" | ")
     assert x[1] == "80.00 ± 0.00" and x[2] == "+10.00" and x[4] == "50%"  # 10 / 20
+
+
+def test_merge_replaces_only_the_methods_run_again(digits, tmp_path):
+    import json
+    rows_file = tmp_path / "rows.jsonl"
+    old = _rows()
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in old))
+    fresh = [dict(r, acc=r["acc"] + 1.0, commit="def") for r in old if r["method"] == "SAM"]
+    merged = digits.merge_rows(rows_file, fresh, ["SGD", "SAM", "X"])
+    assert [(r["method"], r["seed"]) for r in merged] == [("SGD", 0), ("SGD", 1), ("SAM", 0), ("SAM", 1),
+                                                         ("X", 1), ("X", 0)]
+    assert [r["acc"] for r in merged if r["method"] == "SAM"] == [91.0, 95.0]
+    assert [r["acc"] for r in merged if r["method"] != "SAM"] == [70.0, 72.0, 83.5, 80.0]
+    assert "commit `abc`, d, commit `def`, d" in digits.table(merged)
+
+
+def test_merge_refuses_another_setting_or_other_seeds(digits, tmp_path):
+    import json
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    other = [dict(r, setting=dict(r["setting"], noise=0.2)) for r in _rows() if r["method"] == "SAM"]
+    with pytest.raises(ValueError, match="another setting"):
+        digits.merge_rows(rows_file, other, ["SGD", "SAM", "X"])
+    with pytest.raises(ValueError, match="seeds"):
+        digits.merge_rows(rows_file, [r for r in _rows() if r["method"] == "SAM" and r["seed"] == 0], ["SAM"])
