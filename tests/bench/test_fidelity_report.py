@@ -79,3 +79,32 @@ def test_merge_refuses_another_setting_or_other_seeds(digits, tmp_path):
         digits.merge_rows(rows_file, other, ["SGD", "SAM", "X"])
     with pytest.raises(ValueError, match="seeds"):
         digits.merge_rows(rows_file, [r for r in _rows() if r["method"] == "SAM" and r["seed"] == 0], ["SAM"])
+
+
+@pytest.fixture(scope="module")
+def diagnose(digits):
+    spec = importlib.util.spec_from_file_location("diagnose_digits", ROOT / "benchmarks" / "diagnose_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dead_units_are_the_units_silent_on_every_image(diagnose):
+    import torch
+    from torch import nn
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.copy_(torch.tensor([1.0, -1.0, 0.0, 2.0]))  # units 1 and 2 never fire
+        model[2].weight.fill_(1.0)
+        model[2].bias.copy_(torch.tensor([0.0, -10.0]))  # hidden sum is 3: unit 1 of layer 2 never fires
+    assert diagnose.dead_units(model, torch.randn(5, 3)) == [0.5, 0.5]
+
+
+def test_esam_trace_counts_the_flipped_labels_its_selection_keeps(diagnose, digits):
+    from dataclasses import replace
+    rows = diagnose.trace("ESAM", 0, replace(digits.SETTING, epochs=1), {"gamma": 0.5})
+    (row,) = rows
+    assert row["epoch"] == 1 and 0.0 <= row["selected_flipped_share"] <= 1.0
+    assert row["batch_flipped_share"] == pytest.approx(0.4, abs=0.03)  # the setting's 40 % noise
+    assert len(row["dead_units"]) == 2
