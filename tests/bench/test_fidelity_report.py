@@ -107,4 +107,4 @@ def test_esam_trace_counts_the_flipped_labels_its_selection_keeps(diagnose, digi
     (row,) = rows
     assert row["epoch"] == 1 and 0.0 <= row["selected_flipped_share"] <= 1.0
     assert row["batch_flipped_share"] == pytest.approx(0.4, abs=0.03)  # the setting's 40 % noise
-    assert len(row["dead_units"]) == 2
+    assert len(row["dead_units"]) == 2 and row["kept_to_batch_grad_norm"] > 0
