@@ -298,3 +298,21 @@ def test_runs_and_buckets_of_entries_with_gaps():
         assert len(asked) == len(want_runs)
         assert buckets == {k: [i for i, (g, _) in enumerate(entries) if g["k"] == k]
                            for k in dict.fromkeys(g["k"] for g, _ in entries)}
+
+
+def test_param_signature_sees_every_cast_and_move():
+    """The per-step look at the params' dtypes and devices tells every cast and move (a param on
+    another device, same dtype) from no change, with every param on the CPU or not."""
+    from sam_kernels.optim import follow
+    ps = [torch.zeros(2), torch.zeros(3, dtype=torch.float64)]
+    last = follow.signature(ps)
+    assert not follow.changed(last, follow.signature(ps))
+    assert not follow.changed(None, last)
+    ps[0].data = ps[0].data.double()
+    now = follow.signature(ps)
+    assert follow.changed(last, now)
+    ps[1] = torch.empty(3, dtype=torch.float64, device="meta")  # off the CPU, same dtype
+    moved = follow.signature(ps)
+    assert follow.changed(now, moved) and not follow.changed(moved, follow.signature(ps))
+    ps[0] = torch.empty(2, dtype=torch.float64, device="meta")
+    assert follow.changed(moved, follow.signature(ps))
