@@ -34,7 +34,7 @@ class Ascent:
 
     def __post_init__(self, read_grads: Optional[list]):
         self.params = groups.params_of(self.entries)
-        self.grads = list(map(groups.grad_of, self.params)) if read_grads is None else read_grads
+        self.grads = [p.grad for p in self.params] if read_grads is None else read_grads
 
     @property
     def plain_rho(self) -> Optional[float]:
@@ -130,8 +130,8 @@ def first_ascent(sam) -> Ascent:
     screen, modifiers, options, then perturb per bucket (the weights are w again on any error)."""
     now = sam.step_state
     entries = groups.with_grads(sam.param_groups)
-    grads = list(map(groups.grad_of, groups.params_of(entries)))
-    sparse = any(map(groups.is_sparse, grads))
+    grads = [p.grad for _, p in entries]
+    sparse = any(g.is_sparse for g in grads)
     if sparse:  # every param's, chosen or not: before any write
         sparse_grads.refuse_unsupported(sam)
         if sam.ascent_steps > 1:

@@ -13,15 +13,11 @@ no device work unless something changed.
 """
 from __future__ import annotations
 
-from operator import attrgetter
 from typing import Optional
 
 import torch
 
 _KEEP = ("step", "backup")
-
-
-_is_cpu, _is_cuda = attrgetter("is_cpu"), attrgetter("is_cuda")
 
 
 def signature(params: list[torch.Tensor]) -> tuple:
@@ -30,9 +26,9 @@ def signature(params: list[torch.Tensor]) -> tuple:
     CUDA device). Reading ``p.device`` builds a device object per param, several times the cost of
     ``p.dtype`` or ``p.is_cpu``: this runs twice per step over every param."""
     dtypes = [p.dtype for p in params]
-    if all(map(_is_cpu, params)):
+    if all(p.is_cpu for p in params):
         return dtypes, "cpu"
-    if all(map(_is_cuda, params)):
+    if all(p.is_cuda for p in params):
         return dtypes, "cuda", [p.get_device() for p in params]
     return dtypes, [p.device for p in params]
 

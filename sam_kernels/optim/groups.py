@@ -8,7 +8,6 @@ be, and work per group replaces work per parameter wherever one group's params a
 from __future__ import annotations
 
 from itertools import chain
-from operator import attrgetter, itemgetter
 from typing import Callable, Hashable, Iterable, Optional
 
 import torch
@@ -18,11 +17,6 @@ from . import sparse_grads
 
 Entry = tuple[dict, torch.Tensor]
 """(param group, param)."""
-
-
-grad_of = attrgetter("grad")
-is_sparse = attrgetter("is_sparse")
-_param = itemgetter(1)
 
 
 def all_params(param_groups: list[dict]) -> list[torch.Tensor]:
@@ -42,7 +36,7 @@ def with_grads(param_groups: list[dict], params: Optional[Iterable[torch.Tensor]
 
 def params_of(entries: list[Entry]) -> list[torch.Tensor]:
     """The params of ``entries``, in order."""
-    return list(map(_param, entries))
+    return [p for _, p in entries]
 
 
 def runs(entries: list[Entry]) -> list[tuple[dict, int, int]]:
@@ -90,10 +84,10 @@ def sq_norm(entries: list[Entry], backend: Optional[str], *, grads: Optional[lis
     ASAM groups (ASAM, Kwon et al. 2021), 1 otherwise; m = ``masks`` (aligned with ``entries``), 1 if
     None. ``grads``: the gradients (default ``p.grad``); ``weights(p)``: the w of T (default ``p``).
     Sparse gradients add their stored values, coalesced (:func:`.sparse_grads.sq_norm`)."""
-    grads = list(map(grad_of, params_of(entries))) if grads is None else grads
+    grads = [p.grad for _, p in entries] if grads is None else grads
     weights = weights or (lambda p: p)
     parts = []
-    if any(map(is_sparse, grads)):
+    if any(g.is_sparse for g in grads):
         for i in [i for i, g in enumerate(grads) if g.is_sparse]:
             group, p = entries[i]
             parts.append(sparse_grads.sq_norm(p, grads[i], asam_eta(group), None if masks is None else masks[i],
@@ -112,7 +106,7 @@ def sq_norm(entries: list[Entry], backend: Optional[str], *, grads: Optional[lis
 
 def grads_sq_norm(grads: list[torch.Tensor], backend: Optional[str]) -> torch.Tensor:
     """‖g‖² over ``grads`` (0-dim), sparse ones by their coalesced stored values."""
-    if not any(map(is_sparse, grads)):
+    if not any(g.is_sparse for g in grads):
         return ops.grad_sq_norm(grads, backend=backend)
     dense = [g for g in grads if not g.is_sparse]
     parts = [g.coalesce().values().float().square().sum() if g.dtype in (torch.float16, torch.bfloat16)

@@ -286,7 +286,7 @@ class Telemetry:
         firsts = self.pending.get("firsts")
         ascent = self._ascent_grads(firsts, params, grads) if firsts is not None else None
         every = ascent is not None and len(firsts[0]) == len(params) and all(a is not None for a in ascent)
-        dense = not any(map(groups.is_sparse, grads))  # sparse gradients: the base optimizer's own step, not fused
+        dense = not any(g.is_sparse for g in grads)  # sparse gradients: the base optimizer's own step, not fused
         if dense and not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (
                 every or (sq is None and (ascent is None or not any(a is not None for a in ascent)))):
             # the descent's own pass reads g(w + e): it adds ‖g(w + e)‖² (and the dot with g(w)) to sums.
