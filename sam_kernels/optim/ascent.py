@@ -150,7 +150,7 @@ def first_ascent(sam) -> Ascent:
         m.before_ascent(sam, [p for _, p in entries], [p.grad for _, p in entries])
     if chosen is not None or not every_group or sam.modifiers:  # other entries, or gradients a modifier replaced
         grads = None
-    sq = groups.sq_norm(entries, sam.backend, grads=grads) if entries else None
+    sq = groups.sq_norm(entries, sam.backend, grads=grads, dense=grads is not None and not sparse) if entries else None
     ascent = Ascent(entries, sq, sam.loss_scale, subset=chosen is not None or not every_group,
                     alias_keys=now.aliases, sparse=sparse, read_grads=grads)
     whole = sq

@@ -79,15 +79,16 @@ def asam_eta(group: dict) -> Optional[float]:
 
 def sq_norm(entries: list[Entry], backend: Optional[str], *, grads: Optional[list[torch.Tensor]] = None,
             weights: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-            masks: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+            masks: Optional[list[torch.Tensor]] = None, dense: bool = False) -> torch.Tensor:
     """One global ‖m ⊙ T ⊙ g‖² over ``entries`` (0-dim, on the first part's device): T = |w| + eta for
     ASAM groups (ASAM, Kwon et al. 2021), 1 otherwise; m = ``masks`` (aligned with ``entries``), 1 if
     None. ``grads``: the gradients (default ``p.grad``); ``weights(p)``: the w of T (default ``p``).
-    Sparse gradients add their stored values, coalesced (:func:`.sparse_grads.sq_norm`)."""
+    Sparse gradients add their stored values, coalesced (:func:`.sparse_grads.sq_norm`); ``dense``:
+    the caller has checked that none of ``grads`` is sparse (a read per tensor less)."""
     grads = [p.grad for _, p in entries] if grads is None else grads
     weights = weights or (lambda p: p)
     parts = []
-    if any(g.is_sparse for g in grads):
+    if not dense and any(g.is_sparse for g in grads):
         for i in [i for i, g in enumerate(grads) if g.is_sparse]:
             group, p = entries[i]
             parts.append(sparse_grads.sq_norm(p, grads[i], asam_eta(group), None if masks is None else masks[i],
