@@ -8,7 +8,9 @@ skipped. Nothing here reads tensor data on the host. The op table is :mod:`.cont
 """
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -153,7 +155,8 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     bufs: list[Optional[torch.Tensor]] = list(momentum_buffers) if momentum_buffers is not None else [None] * n
     if len(bufs) != n:
         raise ValueError(f"sgd_restore_step_: {len(bufs)} momentum buffers for {n} params")
-    fresh = [i for i, b in enumerate(bufs) if b is None] if momentum != 0 else []
+    fresh = ([i for i, b in enumerate(bufs) if b is None]
+             if momentum != 0 and not all(map(operator.is_not, bufs, itertools.repeat(None))) else [])
     if momentum == 0:
         bufs = [None] * n
     elif fresh:

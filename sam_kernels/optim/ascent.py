@@ -2,7 +2,7 @@
 how much, with which options (:func:`first_ascent`), and the perturbation itself (:class:`Ascent`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Optional
 
 import torch
@@ -27,13 +27,14 @@ class Ascent:
     sparse: bool = False     # some gradient is sparse (those params take the eager path, :mod:`.sparse_grads`)
     backup_key: str = "backup"  # the state entry that receives w (a later ascent of a multi-step one: scratch)
     whole_sq: Optional[torch.Tensor] = None  # ‖g‖² over the perturbed and SAM-ON's skipped groups, when taken
+    read_grads: InitVar[Optional[list]] = None  # the params' gradients when the caller has just read them
     params: list = field(init=False)
     grads: list = field(init=False)
     kept: Optional[list] = field(init=False, default=None)  # the params' backups (their w), once perturbed
 
-    def __post_init__(self):
-        self.params = [p for _, p in self.entries]
-        self.grads = [p.grad for p in self.params]
+    def __post_init__(self, read_grads: Optional[list]):
+        self.params = groups.params_of(self.entries)
+        self.grads = [p.grad for p in self.params] if read_grads is None else read_grads
 
     @property
     def plain_rho(self) -> Optional[float]:
@@ -128,13 +129,16 @@ def first_ascent(sam) -> Ascent:
     """The ascent of a SAM step (its first, for a multi-step one): collect, norm, agree across ranks,
     screen, modifiers, options, then perturb per bucket (the weights are w again on any error)."""
     now = sam.step_state
-    sparse = sparse_grads.any_sparse(sam.param_groups)  # every param's, chosen or not: before any write
-    if sparse:
+    entries = groups.with_grads(sam.param_groups)
+    grads = [p.grad for _, p in entries]
+    sparse = any(g.is_sparse for g in grads)
+    if sparse:  # every param's, chosen or not: before any write
         sparse_grads.refuse_unsupported(sam)
         if sam.ascent_steps > 1:
             sparse_grads.refuse_multi_step(sam)
     chosen = sam.ascent_params()
-    entries = groups.with_grads(sam.param_groups, chosen)
+    if chosen is not None:
+        entries = groups.with_grads(sam.param_groups, chosen)
     if now.decision is None and entries:  # SAM forced without wants_sam(): stateful policies still learn
         sam.policy.observe(now.step_count, grad_norm_for(sam.policy, sam))
     every_group = groups.all_perturbed(sam.param_groups)
@@ -144,9 +148,11 @@ def first_ascent(sam) -> Ascent:
         entries = [e for e in entries if e[0]["perturb"]]
     for m in sam.modifiers:
         m.before_ascent(sam, [p for _, p in entries], [p.grad for _, p in entries])
-    sq = groups.sq_norm(entries, sam.backend) if entries else None
+    if chosen is not None or not every_group or sam.modifiers:  # other entries, or gradients a modifier replaced
+        grads = None
+    sq = groups.sq_norm(entries, sam.backend, grads=grads, dense=grads is not None and not sparse) if entries else None
     ascent = Ascent(entries, sq, sam.loss_scale, subset=chosen is not None or not every_group,
-                    alias_keys=now.aliases, sparse=sparse)
+                    alias_keys=now.aliases, sparse=sparse, read_grads=grads)
     whole = sq
     if sq is not None and skipped and (sam.finite_check or sam.amp.active or sam.modifiers
                                        or sam.telemetry.enabled):

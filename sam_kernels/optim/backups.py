@@ -2,6 +2,8 @@
 restore, so an error or a ``restore()`` gives w back bitwise (ours)."""
 from __future__ import annotations
 
+from itertools import repeat
+from operator import is_not
 from typing import Optional
 
 import torch
@@ -14,13 +16,10 @@ def get(state: dict, params: list[torch.Tensor], key: str = "backup") -> list[to
     """The backup buffer of each param (``state[p][key]``), created on first use. Their layouts are not compared with the
     params' here (three attribute pairs per param, every step): ``perturb_`` checks them and rejects a
     mismatch before writing, and the caller then renews the stale ones (:func:`renew_stale`)."""
-    out = []
-    for p in params:
-        st = state[p]
-        b = st.get(key)
-        if b is None:
-            b = st[key] = torch.empty_like(p, memory_format=torch.preserve_format)
-        out.append(b)
+    out = [state[p].get(key) for p in params]
+    if not all(map(is_not, out, repeat(None))):  # the first step of some params
+        for i in [i for i, b in enumerate(out) if b is None]:
+            out[i] = state[params[i]][key] = torch.empty_like(params[i], memory_format=torch.preserve_format)
     return out
 
 

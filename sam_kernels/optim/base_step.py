@@ -64,12 +64,8 @@ def _by_hyperparams(entries, keys, read):
     """Group (group, param, backup, grad) entries by the hyperparameters that reach the kernel
     (``read(group, key)``: a compiled step's lr is a tensor, keyed by identity)."""
     buckets: dict = {}
-    last_group, bucket = None, []
-    for entry in entries:  # entries come in group order: one key per param group, not per param
-        if entry[0] is not last_group:
-            last_group = entry[0]
-            bucket = buckets.setdefault(tuple(read(last_group, k) for k in keys), [])
-        bucket.append(entry)
+    for group, start, stop in groups.runs(entries):  # entries come in group order: one key per group, not per param
+        buckets.setdefault(tuple(read(group, k) for k in keys), []).extend(entries[start:stop])
     return buckets.values()
 
 

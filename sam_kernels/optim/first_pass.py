@@ -12,6 +12,7 @@ instead.
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import weakref
 from typing import Iterable, Optional
@@ -27,8 +28,7 @@ def _note(watch_ref: "weakref.ref[BackwardWatch]", param: torch.Tensor) -> None:
         watch.seen = True
 
 
-def _newly_hookable(p: torch.Tensor, needed: bool) -> bool:
-    return p.requires_grad and not needed
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 def _grad_mark(p: torch.Tensor) -> Optional[tuple[int, int]]:
@@ -47,8 +47,7 @@ class BackwardWatch:
         self._marks: dict[int, Optional[tuple[int, int]]] = {}  # id(DTensor param) -> its grad's mark
         self._params: list[torch.Tensor] = []  # the params of the last clear (unchanged: nothing to hook)
         self._dtensors: list[torch.Tensor] = []
-        self._needs: list[bool] = []  # requires_grad of each param at the last scan
-        self._unhooked = False  # some param did not require grad then (frozen): look again for unfrozen ones
+        self._unhooked: list[torch.Tensor] = []  # the params that did not require grad at the last scan (frozen)
         weakref.finalize(self, _remove, self._handles)  # a dropped optimizer leaves no live hooks
 
     def clear(self, params: Iterable[torch.Tensor]) -> None:
@@ -58,7 +57,7 @@ class BackwardWatch:
             return
         params = list(params)
         if (len(params) != len(self._params) or not all(map(operator.is_, params, self._params))
-                or (self._unhooked and any(map(_newly_hookable, params, self._needs)))):
+                or any(map(_requires_grad, self._unhooked))):  # unfrozen since: hook them
             self._watch(params)
         self._marks = {id(p): _grad_mark(p) for p in self._dtensors}
 
@@ -66,8 +65,7 @@ class BackwardWatch:
         """Hook the params not hooked yet; note the DTensor ones (their hooks would never fire)."""
         self._params = params
         self._dtensors = [p for p in params if dtensor.is_dtensor(p)]
-        self._needs = [p.requires_grad for p in params]
-        self._unhooked = not all(self._needs)
+        self._unhooked = list(itertools.filterfalse(_requires_grad, params))
         for p in params:
             if (p.requires_grad and not dtensor.is_dtensor(p)
                     and (id(p) not in self._hooked or self._hooked[id(p)]() is not p)):

@@ -29,7 +29,7 @@ class StepState:
         self.stepping = False  # inside step(): torch's wrapper runs the step hooks
         self.begun = False     # this optimizer step has run its pre hooks
         self.groups_checked = 0
-        self.param_signature: Optional[list] = None  # (dtype, device) per param at the last look (.follow)
+        self.param_signature: Optional[tuple] = None  # the params' dtypes and devices at the last look (.follow)
         self.aliases: dict = {}  # params over shared memory, per param set (.aliases.find)
         self.dispatch_log: Optional[list] = None  # the dispatch records of the last step
         self.telemetry = telemetry  # sharpness values and cost counters (a .telemetry.Telemetry)
