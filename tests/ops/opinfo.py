@@ -779,8 +779,8 @@ SAMPLES: dict[str, list[Sample]] = {
        for op in ("renormalize_", "fisher_accumulate_", "looksam_store_", "looksam_apply_")},
     "ema_update_": ema_samples(),
     "mix_": [s for s in variant_samples() if s.op == "mix_"],
-    "centralize_": centralize_samples(),
     **{op: [s for s in bsam_samples() if s.op == op] for op in ("bsam_noise_", "bsam_ascent_", "bsam_descent_")},
+    "centralize_": centralize_samples(),
     **{op: [s for s in mask_samples() if s.op == op] for op in ("topk_mask", "nm_mask")},
 }
 """op -> its samples; every op of the table has some (tests/ops/test_contract.py checks)."""
