@@ -1,5 +1,6 @@
 // Element-wise ops of the variants: Stable SAM renormalization, Fisher accumulation, LookSAM
-// store/apply, GSAM/WSAM's mix; GCSAM's per-row centralization. Their global norms/dots arrive as 0-dim tensors (computed by grad_sq_norm / dot).
+// store/apply, GSAM/WSAM's mix; GCSAM's per-row centralization. Their global norms/dots arrive as
+// 0-dim tensors (computed by grad_sq_norm / dot).
 #include "multi_tensor.h"
 
 #include <torch/library.h>

@@ -309,8 +309,9 @@ def centralize_(grads: Tensors, *, backend: Optional[str] = None) -> None:
     tensor whose dim 0 is not outermost (a transposed matrix) runs the eager reference. Complex
     tensors run the eager reference on their complex values (centring the rows of their real view
     would mix real and imaginary parts). DTensors: on the local shards; each row must be whole on
-    one rank (``Shard(0)``), else ValueError before any gradient changes. Costs one read for the
-    means and one read and write (rows that fit in cache are read from there the second time).
+    one rank (``Shard(0)``), else ValueError before any gradient changes. Memory traffic: one read
+    and one write of every element (each row is read twice, the second time from cache; rows larger
+    than the cache are read twice from memory). Raises TypeError/ValueError before writing anything.
     """
     require_list("centralize_", grads)
     try:

@@ -160,7 +160,7 @@ OPS: dict[str, OpInfo] = {op.name: op for op in (
            dtypes=FLOATS),
     OpInfo("centralize_", "centralize_(Tensor(a!)[] grads) -> ()",
            "update", "g ← g − mean(g over dims 1..) per row of dim 0, tensors of more than one dimension (GCSAM)",
-           reference.centralize_, (3, 0), "read g for the row means; then read g, write g",
+           reference.centralize_, (2, 0), "read g, write g (each row read twice, the second time from cache)",
            per_row=True),
     OpInfo("topk_mask", "topk_mask(Tensor[] scores, int k) -> Tensor[]",
            "mask", "keep the k largest scores over all tensors", reference.topk_mask,

@@ -24,9 +24,10 @@ class CentralizeAscent(Modifier):
     (FSDP2's default ``Shard(0)``); a gradient sharded along another dimension raises ``ValueError``
     before any gradient or weight changes.
 
-    Cost: one fused pass per first step on the compiled backends: a read of the gradients for the row
-    means, then a read and write (3 units of the element size per element; on the CPU a row read
-    back from cache the second time). ``SAM(..., use_gc=True)`` adds this modifier.
+    Cost: one fused pass per first step on the compiled backends (:func:`sam_kernels.ops.centralize_`):
+    each row is read for its mean and then read again and rewritten, the second read from cache, so
+    2 units of the element size per element of the tensors of more than one dimension move to and
+    from memory (3 for rows larger than the cache). ``SAM(..., use_gc=True)`` adds this modifier.
     """
 
     def before_ascent(self, sam, params, grads):
