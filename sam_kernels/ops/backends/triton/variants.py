@@ -195,7 +195,8 @@ def mix_(grads, others, a, b):
 
 
 @triton.jit
-def _centralize_kernel(g_ptrs, sizes, blocks, lengths, rows, DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+def _centralize_kernel(g_ptrs, sizes, blocks, lengths, rows: tl.int64, DT: tl.constexpr, CDT: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """Rows [start, start + rows) of tensor t: each row (``lengths[t]`` contiguous elements) minus its
     mean, summed in BLOCK lanes of CDT then ``tl.sum`` (a fixed order), then rewritten."""
     b = tl.program_id(0).to(tl.int64)
