@@ -355,9 +355,14 @@ def centralize_(grads: Tensors) -> None:
     dimension (and zero-size ones) unchanged. Mean and difference in the compute dtype, rounded once.
     Complex tensors are centred on their complex mean (real and imaginary parts each on theirs)."""
     for g in grads:
-        if g.dim() > 1 and g.numel() > 0:
-            x = g.float() if g.dtype in _LOW_PRECISION else g
-            g.copy_(x - x.mean(dim=tuple(range(1, g.dim())), keepdim=True))
+        if g.dim() < 2 or g.numel() == 0:
+            continue
+        dims = tuple(range(1, g.dim()))
+        if g.dtype in _LOW_PRECISION:
+            x = g.float()
+            g.copy_(x - x.mean(dim=dims, keepdim=True))
+        else:
+            g.sub_(g.mean(dim=dims, keepdim=True))
 
 
 # --------------------------------------------------------------------------- bSAM
