@@ -27,7 +27,8 @@ class CentralizeAscent(Modifier):
     Cost: one fused pass per first step on the compiled backends (:func:`sam_kernels.ops.centralize_`):
     each row is read for its mean and then read again and rewritten, the second read from cache, so
     2 units of the element size per element of the tensors of more than one dimension move to and
-    from memory (3 for rows larger than the cache). ``SAM(..., use_gc=True)`` adds this modifier.
+    from memory (3 for rows larger than the cache). The ascent norm ‖Φ(g)‖² is then one more read
+    (not yet taken in the centralization's write pass). ``SAM(..., use_gc=True)`` adds this modifier.
     """
 
     def before_ascent(self, sam, params, grads):
