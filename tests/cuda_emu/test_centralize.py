@@ -60,3 +60,48 @@ def test_centralize_refuses_rows_that_are_not_contiguous_runs(emu):
     with pytest.raises(RuntimeError, match="contiguous runs"):
         emu.centralize_([ok, bad])
     assert_lists_equal([ok, bad], before, "unchanged")
+
+
+def _many(seed):
+    """300 tensors of 2 to 4 dims (rows of 1 to 3,000 elements) and a few 1-dim ones: more than a
+    4 KB table holds."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [((i % 7) + 1, (i * 7919) % 3000 + 1) if i % 3 else ((i % 5) + 2, 3, (i % 4) + 1) for i in range(300)]
+    shapes += [(13,), (0, 4)]
+    return [torch.randn(s, dtype=torch.float64, generator=gen).float() for s in shapes]
+
+
+def test_centralize_table_sizes_agree_bitwise(emu, monkeypatch):
+    grads = _many(7)
+    runs = {}
+    for setting in ("small", "auto"):
+        monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", setting)
+        runs[setting] = clone(grads)
+        emu.centralize_(runs[setting])
+    assert_lists_equal(runs["small"], runs["auto"], "small vs auto tables")
+    for g, g0 in zip(runs["auto"], grads):
+        assert_close(g, by_hand(g0).float(), 1e-6, 1e-5, str(tuple(g0.shape)))
+
+
+def test_centralize_rows_starting_in_a_later_launch(emu, probes, monkeypatch):
+    """4 KB tables: a tensor of more chunks than one launch has blocks; the rows that start in the
+    chunks of the second launch are centralized there, each once."""
+    monkeypatch.setenv("SAM_KERNELS_CUDA_TABLES", "small")
+    g0 = torch.randn(323, CHUNK, generator=torch.Generator().manual_seed(2))
+    g = g0.clone()
+    probes.take_launch_stats()
+    emu.centralize_([g])
+    assert probes.take_launch_stats()[0] == 2
+    assert_close(g, by_hand(g0).float(), 1e-6, 1e-5, "rows")
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffle:1", "shuffle:2"])
+def test_centralize_thread_orders_agree_bitwise(emu, monkeypatch, order):
+    """Threads run in another order between barriers: the shared-memory sums give the same bits."""
+    grads = _grads(torch.float32)
+    runs = {}
+    for setting in ("forward", order):
+        monkeypatch.setenv("CUDA_EMU_THREAD_ORDER", setting)
+        runs[setting] = clone(grads)
+        emu.centralize_(runs[setting])
+    assert_lists_equal(runs["forward"], runs[order], f"forward vs {order}")
