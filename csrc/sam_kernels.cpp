@@ -57,6 +57,8 @@ TORCH_LIBRARY(sam_kernels, m) {
   m.def("bsam_descent_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] s, "
         "Tensor(c!)[] s_next, float lr, float beta1, float weight_decay, Tensor? grad_scale=None, "
         "Tensor? found_inf=None) -> ()");
+  // GCSAM: g ← g − mean(g over dims 1..) per row of dim 0 (tensors of more than one dimension).
+  m.def("centralize_(Tensor(a!)[] grads) -> ()");
   m.def("topk_mask(Tensor[] scores, int k) -> Tensor[]");
   m.def("nm_mask(Tensor[] scores, int n, int m) -> Tensor[]");
 }
@@ -95,7 +97,7 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 TORCH_LIBRARY_IMPL(sam_kernels, ADInplaceOrView, m) {
   for (const char* op : {"perturb_", "restore_", "sgd_restore_step_", "adamw_restore_step_", "renormalize_",
                          "fisher_accumulate_", "looksam_store_", "looksam_apply_", "mix_", "bsam_noise_",
-                         "bsam_ascent_", "bsam_descent_", "ema_update_"}) {
+                         "bsam_ascent_", "bsam_descent_", "ema_update_", "centralize_"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   }
 }

@@ -168,6 +168,8 @@ def _triton_configs():
         ("looksam_store fp32", variants._looksam_store_kernel, c),
         ("looksam_apply fp32", variants._looksam_apply_kernel, c),
         ("mix fp32", variants._mix_kernel, c),
+        ("centralize fp32", variants._centralize_kernel, dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024)),
+        ("centralize fp64", variants._centralize_kernel, dict(DT=tl.float64, CDT=tl.float64, BLOCK=1024)),
         ("add_partials width 2", _tables.add_partials_kernel, dict(WIDTH=2, USED=2, BLOCK=1024)),
         ("order_keys fp16", masks._order_keys_kernel, dict(DT=tl.float16, BLOCK=1024, CHUNK=8192, ALIGNED=False)),
         ("nm_mask bf16 4", masks._nm_mask_kernel, dict(DT=tl.bfloat16, M=4, MP=4, GROUPS=256, ALIGNED=True)),

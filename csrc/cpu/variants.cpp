@@ -1,5 +1,6 @@
 // Element-wise ops of the variants: Stable SAM renormalization, Fisher accumulation, LookSAM
-// store/apply, GSAM/WSAM's mix. Their global norms/dots arrive as 0-dim tensors (computed by grad_sq_norm / dot).
+// store/apply, GSAM/WSAM's mix; GCSAM's per-row centralization. Their global norms/dots arrive as
+// 0-dim tensors (computed by grad_sq_norm / dot).
 #include "multi_tensor.h"
 
 #include <torch/library.h>
@@ -145,9 +146,57 @@ void ema_update_cpu(at::TensorList emas, at::TensorList grads, std::optional<at:
   });
 }
 
+// Gradient centralization (GCSAM): g ← g − mean(g over dims 1..) per row of dim 0, for the tensors of
+// more than one dimension. A row is a contiguous run of numel/size(0) elements (dim 0 outermost:
+// checked). Work items are runs of whole rows of about kChunk elements, so each row is summed and
+// then rewritten while it is still in cache: one read from memory for the means, the second from
+// cache unless a row is larger than the cache.
+void centralize_cpu(at::TensorList grads) {
+  check_primary("centralize_", "grads", grads);
+  sam_kernels::check_no_shared_writes("centralize_", {{grads, true}});
+  struct Rows {
+    int64_t tensor;
+    int64_t first;
+    int64_t last;  // rows [first, last)
+    int64_t length;
+  };
+  std::vector<Rows> items;
+  for (int64_t t = 0; t < static_cast<int64_t>(grads.size()); ++t) {
+    const auto& g = grads[t];
+    if (g.dim() < 2 || g.numel() == 0) continue;
+    const int64_t rows = g.size(0);
+    const int64_t length = g.numel() / rows;
+    TORCH_CHECK(rows == 1 || g.stride(0) == length, "centralize_: grads[", t, "] has strides ", g.strides(),
+                "; its rows of dim 0 are not contiguous runs of storage (the Python layer routes such tensors to "
+                "the eager backend)");
+    const int64_t per_item = std::max<int64_t>(1, kChunk / length);
+    for (int64_t r = 0; r < rows; r += per_item) items.push_back({t, r, std::min(rows, r + per_item), length});
+  }
+  SAM_DISPATCH_FLOATS(grads[0].scalar_type(), "centralize_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const Rows& it = items[k];
+        scalar_t* g = data<scalar_t>(grads[it.tensor]);
+        for (int64_t r = it.first; r < it.last; ++r) {
+          const int64_t begin = r * it.length, end = begin + it.length;
+          const double sum = chunk_sum<scalar_t>(begin, end, /*vectorize=*/true,
+                                                 [&](auto tag, int64_t i) { return load<decltype(tag)>(g, i); });
+          const acc_t mean = static_cast<acc_t>(sum / static_cast<double>(it.length));
+          elementwise<scalar_t>(begin, end, /*vectorize=*/true, [&](auto tag, int64_t i) {
+            using T = decltype(tag);
+            store(g, i, load<T>(g, i) - T(mean));
+          });
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sam_kernels, CPU, m) {
+  m.impl("centralize_", &centralize_cpu);
   m.impl("ema_update_", &ema_update_cpu);
   m.impl("renormalize_", &renormalize_cpu);
   m.impl("fisher_accumulate_", &fisher_accumulate_cpu);

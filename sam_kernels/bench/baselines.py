@@ -162,3 +162,10 @@ def looksam_apply_(grads: Tensors, g_v: Tensors, alpha: float, eps: float = 1e-1
 def mix_(grads: Tensors, others: Tensors, a: float, b: float) -> None:
     for g, o in zip(grads, others):
         g.mul_(a).add_(o, alpha=b)
+
+
+def centralize_(grads: Tensors) -> None:
+    """Gradient centralization as GCSAM's official code and pytorch-optimizer write it: per tensor."""
+    for g in grads:
+        if g.dim() > 1:
+            g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))

@@ -19,7 +19,7 @@ from .amp_args import amp_args, amp_sq_norm, on_device
 from .cross_group import total
 from .launch import launch, run_masks
 from .lists import check_lists, pick, require_list
-from .reference import tensor_key
+from .reference import centralize_ as centralize_reference, tensor_key
 from .telemetry_outputs import AddInto, DescentSums
 
 Tensors = Sequence[torch.Tensor]
@@ -298,6 +298,38 @@ def mix_(grads: Tensors, others: Tensors, a, b, *, backend: Optional[str] = None
     a, b = scalar(a), scalar(b)
     launch("mix_", backend, lambda fn, pick, device: fn(pick(grads), pick(others), a.to(device), b.to(device)),
            grads, others=others)
+
+
+def centralize_(grads: Tensors, *, backend: Optional[str] = None) -> None:
+    """g ← g − mean(g over dims 1..) for each tensor of ``grads`` with more than one dimension, in
+    place: every row of dim 0 (an output row of a linear weight, a filter of a convolution) centred on
+    its own mean; tensors of one dimension (biases, norm scales) and zero-size ones unchanged.
+    Gradient centralization: Yong et al., "Gradient Centralization", ECCV 2020, eq. (1), as GCSAM
+    (Hassan et al., arXiv 2501.11584) applies it to the ascent gradient.
+
+    Any float dtype (the means in fp32, fp64 for fp64; fp16/bf16 rounded once). The kernels take
+    every row as a contiguous run of storage: contiguous and channels_last tensors run fused, a
+    tensor whose dim 0 is not outermost (a transposed matrix) runs the eager reference. Complex
+    tensors run the eager reference on their complex values (centring the rows of their real view
+    would mix real and imaginary parts). DTensors: on the local shards; each row must be whole on
+    one rank (``Shard(0)``), else ValueError before any gradient changes. Memory traffic: one read
+    and one write of every element (each row is read twice, the second time from cache; rows larger
+    than the cache are read twice from memory). Raises TypeError/ValueError before writing anything.
+    """
+    require_list("centralize_", grads)
+    try:
+        rows = [g for g in grads if g.dim() > 1]  # the others are unchanged (and not counted as moved)
+        cplx = [g for g in rows if g.is_complex()]
+    except AttributeError:  # an entry that is not a tensor: the list check names it
+        check_lists("centralize_", grads)
+        raise
+    if cplx:  # checked whole before anything is written
+        check_lists("centralize_", [torch.view_as_real(g) if g.is_complex() else g for g in rows])
+        rows = [g for g in rows if not g.is_complex()]
+    if rows:
+        launch("centralize_", backend, lambda fn, pick, _: fn(pick(rows)), rows)
+    if cplx:
+        centralize_reference(cplx)
 
 
 # --------------------------------------------------------------------------- bSAM

@@ -60,6 +60,10 @@ class OpInfo:
     dtypes: tuple[torch.dtype, ...] = FLOATS + COMPLEX
     layouts: tuple[str, ...] = LAYOUTS
     backends: tuple[str, ...] = BACKENDS
+    per_row: bool = False
+    """The op works on each row of dim 0 of its tensors (those of more than one dimension): the
+    kernels take an entry only where every row is one contiguous run of storage (dim 0 outermost:
+    contiguous, channels_last), the others run eagerly; a DTensor must be sharded along dim 0 only."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -154,6 +158,10 @@ OPS: dict[str, OpInfo] = {op.name: op for op in (
            "update", "w ← backups, then m ← beta1·m + (1 − beta1)·(g + delta·w); w ← w − lr·m/s (bSAM)",
            reference.bsam_descent_, (6, 0), "read backup, g, m, s; write w, m (s_next ← s only on a skipped step)",
            dtypes=FLOATS),
+    OpInfo("centralize_", "centralize_(Tensor(a!)[] grads) -> ()",
+           "update", "g ← g − mean(g over dims 1..) per row of dim 0, tensors of more than one dimension (GCSAM)",
+           reference.centralize_, (2, 0), "read g, write g (each row read twice, the second time from cache)",
+           per_row=True),
     OpInfo("topk_mask", "topk_mask(Tensor[] scores, int k) -> Tensor[]",
            "mask", "keep the k largest scores over all tensors", reference.topk_mask,
            (1, 1), "read scores, write bool masks (sort-bound)", dtypes=FLOATS),

@@ -85,6 +85,16 @@ def _layout(op: str, tensors: list[torch.Tensor]):
     return mesh, dims
 
 
+def _whole_rows(op: str, tensors: list) -> None:
+    """An op on rows of dim 0 needs each row on one rank: tensors of more than one dimension may be
+    sharded along dim 0 only (FSDP2's default ``Shard(0)``)."""
+    for t in tensors:
+        if t.dim() > 1 and any(pl.is_shard() and pl.dim != 0 for pl in t.placements):
+            raise ValueError(f"{op}: a tensor of shape {tuple(t.shape)} is sharded as {t.placements}: its rows are "
+                             f"split across ranks; the rows of dim 0 must each be whole on one rank "
+                             f"(FSDP2's default Shard(0))")
+
+
 def _local(x: Any) -> Any:
     if is_dtensor(x):
         return x.to_local()
@@ -122,6 +132,8 @@ def accepts_dtensor(fn: Callable) -> Callable:
         dtensors = [t for v in bound.arguments.values() if isinstance(v, (list, tuple))
                     for t in v if isinstance(t, torch.Tensor)]
         mesh, dims = _layout(name, dtensors)
+        if OPS[name].per_row:
+            _whole_rows(name, dtensors)
         local = {k: _local(v) for k, v in bound.arguments.items()}
         if name == "perturb_" and local.get("keep_prob") is not None and local["keep_prob"] < 1.0:
             _global_keep_masks(bound.arguments, local)

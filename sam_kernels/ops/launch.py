@@ -14,6 +14,7 @@ import torch
 
 from . import dispatch, overlap
 from .complex_views import as_real
+from .contract import OPS
 from .layouts import groups
 from .lists import check_lists, pick
 
@@ -70,7 +71,8 @@ def launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable, 
     primary, lists, converted = as_real(primary, lists)
     check_lists(op, primary, **lists)
     results, parts = [], []
-    for device, dtype, fusable, idx in groups(primary, [lst for lst in lists.values() if lst is not None]):
+    per_row = OPS[op].per_row
+    for device, dtype, fusable, idx in groups(primary, [lst for lst in lists.values() if lst is not None], per_row):
         if fusable:
             name, fn, fallback = dispatch.resolve(op, device.type, backend)
         else:

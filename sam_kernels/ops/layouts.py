@@ -29,10 +29,18 @@ def memory_order(t: torch.Tensor) -> Optional[tuple]:
     return tuple(st for st, _ in kept)
 
 
-def groups(primary: Tensors, lists: list[Tensors]):
+def rows_contiguous(t: torch.Tensor) -> bool:
+    """Whether each row of dim 0 of the dense tensor ``t`` is one contiguous run of ``numel/size(0)``
+    storage slots (dim 0 outermost: contiguous, channels_last; not a transposed matrix). Tensors of
+    fewer than two dimensions have no rows to walk and qualify."""
+    return t.dim() < 2 or t.shape[0] <= 1 or t.numel() == 0 or t.stride(0) * t.shape[0] == t.numel()
+
+
+def groups(primary: Tensors, lists: list[Tensors], per_row: bool = False):
     """Yield (device, dtype, fusable, index list) per (device, dtype, layout agreement); skip empty tensors.
 
-    ``fusable``: every list's entry has the primary entry's dense memory order (:func:`memory_order`).
+    ``fusable``: every list's entry has the primary entry's dense memory order (:func:`memory_order`)
+    and, for an op on rows (``per_row``), its rows are contiguous runs (:func:`rows_contiguous`).
     """
     present = [primary, *lists]
     contig = [all(c) for c in zip(*([t.is_contiguous() for t in lst] for lst in present))]
@@ -40,7 +48,8 @@ def groups(primary: Tensors, lists: list[Tensors]):
     if all(contig):
         fusable = contig
     else:  # per entry, only where some list is not contiguous
-        fusable = [c or _agree([lst[i] for lst in present]) for i, c in enumerate(contig)]
+        fusable = [c or (_agree([lst[i] for lst in present]) and (not per_row or rows_contiguous(primary[i])))
+                   for i, c in enumerate(contig)]
     keys = list(zip([t.device for t in primary], [t.dtype for t in primary], fusable))
     if len(set(keys)) == 1 and all(sizes):  # the usual case: one group, nothing to skip
         yield (*keys[0], list(range(len(primary))))

@@ -349,6 +349,22 @@ def mix_(grads: Tensors, others: Tensors, a: torch.Tensor, b: torch.Tensor) -> N
     torch._foreach_copy_(list(grads), out)
 
 
+def centralize_(grads: Tensors) -> None:
+    """g ← g − mean(g over dims 1..) for every tensor with more than one dimension: each row of dim 0
+    centred on its own mean (gradient centralization, Yong et al., ECCV 2020); tensors of one
+    dimension (and zero-size ones) unchanged. Mean and difference in the compute dtype, rounded once.
+    Complex tensors are centred on their complex mean (real and imaginary parts each on theirs)."""
+    for g in grads:
+        if g.dim() < 2 or g.numel() == 0:
+            continue
+        dims = tuple(range(1, g.dim()))
+        if g.dtype in _LOW_PRECISION:
+            x = g.float()
+            g.copy_(x - x.mean(dim=dims, keepdim=True))
+        else:
+            g.sub_(g.mean(dim=dims, keepdim=True))
+
+
 # --------------------------------------------------------------------------- bSAM
 
 def bsam_noise_(params: Tensors, backups: Tensors, s: Tensors, noise: Tensors, num_data: float) -> None:

@@ -65,6 +65,10 @@ def sharded_ops(rank, world):
         out[f"topk{density}"] = (local_count, sum(int(w.sum()) for w in want), same)
     nm = ops.nm_mask(scores, 2, 4)
     out["nm"] = all(torch.equal(m.full_tensor(), w) for m, w in zip(nm, ops.nm_mask(full_scores, 2, 4)))
+    centred = [s.clone() for s in scores]  # Shard(0): each row whole on one rank
+    ops.centralize_(centred)
+    by_hand = [f - f.sum(dim=1, keepdim=True) / f.shape[1] if f.dim() == 2 else f for f in full_scores]
+    out["gc"] = max(float((c.full_tensor() - h).abs().max()) for c, h in zip(centred, by_hand))
     return out
 
 
@@ -75,6 +79,7 @@ def test_fsdp2_ops_reduce_over_the_mesh_and_masks_keep_the_exact_global_count(po
         assert kind == "Tensor" and abs(got - want) <= 1e-12 * want
         assert abs(out["dot"][0] - out["dot"][1]) <= 1e-12 * abs(out["dot"][1])
         assert out["nm"]
+        assert out["gc"] <= 1e-12
     for density in (0.3, 0.5, 0.77):
         counts = [out[f"topk{density}"][0] for out in ranks]
         assert sum(counts) == ranks[0][f"topk{density}"][1]  # the shards' counts add up to the exact global k

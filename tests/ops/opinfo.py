@@ -121,6 +121,7 @@ SHAPES = {
     "many_small": [(3,)] * 200 + [(2, 5)] * 100,
     "conv": [(16, 8, 3, 3), (16,), (10, 144)],
     "empty": [(0,), (0, 3)],
+    "rows": [(1, 5), (3, 0), (0, 4), (5,), (), (4, 70001), (2, 3, 5), (6, 1), (7, 13)],
 }
 LAYOUTS = ("contiguous", "dense", "misaligned", "mixed")
 """How every list of a sample is laid out: contiguous; ``dense``: channels_last 4-d, permuted 2-d
@@ -588,6 +589,24 @@ def variant_samples() -> list[Sample]:
     return out
 
 
+def centralize_samples() -> list[Sample]:
+    """Every dtype on conv-like, many small and row-edge shapes (one row, empty rows, zero rows, 0-dim
+    and 1-dim tensors, rows longer than a chunk, rows of one element); the layouts (channels_last runs
+    fused, a transposed matrix eagerly); a NaN and an Inf in one row."""
+    out = []
+    for c in _cases(dtype=FLOAT_DTYPES, shapes=["conv", "many_small", "rows", "empty"]):
+        out.append(Sample("centralize_", f"{_dtype_id(c['dtype'])}-{c['shapes']}", c["dtype"], lambda b, c=c: (
+            (Inputs(shapes_for(c["shapes"], b), c["dtype"], b.device).randn(),), {}), tol_scale=10.0))
+    for layout in LAYOUTS[1:]:
+        out.append(Sample("centralize_", f"float32-{layout}", torch.float32, lambda b, layout=layout: (
+            (Inputs(shapes_for("conv", b) + [(5, 7)], torch.float32, b.device, layout).randn(),), {}),
+            tol_scale=10.0))
+    out.append(Sample("centralize_", "float32-nonfinite", torch.float32, lambda b: (
+        (Inputs(shapes_for("rows", b), torch.float32, b.device).randn(special=planting([float("nan"), float("inf")])),),
+        {})))
+    return out
+
+
 EMA_CONFIGS = {  # name: (weight, sigma, directions)
     "fsam": (0.4, 1.0, True), "fsam-sigma0.5": (0.1, 0.5, True), "vasso": (0.9, 0.0, False),
     "first": (1.0, 0.0, True),  # a first observation (the EMAs start at zero): m ← g/S, d ← g
@@ -761,6 +780,7 @@ SAMPLES: dict[str, list[Sample]] = {
     "ema_update_": ema_samples(),
     "mix_": [s for s in variant_samples() if s.op == "mix_"],
     **{op: [s for s in bsam_samples() if s.op == op] for op in ("bsam_noise_", "bsam_ascent_", "bsam_descent_")},
+    "centralize_": centralize_samples(),
     **{op: [s for s in mask_samples() if s.op == op] for op in ("topk_mask", "nm_mask")},
 }
 """op -> its samples; every op of the table has some (tests/ops/test_contract.py checks)."""

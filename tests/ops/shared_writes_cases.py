@@ -40,6 +40,8 @@ def refused(mod) -> dict:
             lambda: mod.ema_update_([b[0], b[0]], g, None, 0.1, 0.0, None, None), [b, g]),
         "ema_update_: a direction over another EMA": (
             lambda: mod.ema_update_(b, g, [other, b[0]], 0.1, 1.0, None, None), [b, g, [other]]),
+        "centralize_: a grad twice (another view)": (
+            lambda: mod.centralize_([big.view(14, 10), big.view(10, 14)]), [[big]]),
         "bsam_noise_: a backup over another param": (
             lambda: mod.bsam_noise_([w, other], [b[0], w], [s_ + 1.0 for s_ in b], g, 50.0), [[w, other], b]),
     }

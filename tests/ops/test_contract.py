@@ -58,7 +58,7 @@ def test_writes_and_kinds_by_hand():
         "renormalize_": ("grads",), "fisher_accumulate_": ("fisher",), "looksam_store_": ("g_v",),
         "looksam_apply_": ("grads",), "mix_": ("grads",), "ema_update_": ("emas", "directions"),
         "bsam_noise_": ("params", "backups"), "bsam_ascent_": ("params", "s_next"),
-        "bsam_descent_": ("params", "exp_avgs", "s_next"),
+        "bsam_descent_": ("params", "exp_avgs", "s_next"), "centralize_": ("grads",),
     }
     kinds = {name: op.kind for name, op in contract.OPS.items()}
     assert [n for n, k in kinds.items() if k == "reduction"] == ["grad_sq_norm", "dot"]

@@ -60,6 +60,8 @@ def samples(device, layout="contiguous"):
                                                       _lists(device, layout=layout), 0.1, 0.9, 0.01,
                                                       torch.tensor(4.0, device=device),
                                                       torch.tensor(0.0, device=device))),
+        # dims 1.. of every entry after dim 0 in memory (dense: channels_last, channels_last_3d)
+        "centralize_": (ops.centralize_.default, (_lists(device, n=2, layout=layout),)),
         "topk_mask": (ops.topk_mask.default, (s, 4)),
         "nm_mask": (ops.nm_mask.default, (s, 2, 4)),
     }

@@ -822,6 +822,9 @@ OTHER = [
     (masks._radix_select_kernel, {}),
     (masks._tie_count_kernel, dict(BLOCK=1024, CHUNK=8192)),
     (masks._topk_keep_kernel, dict(BLOCK=1024, CHUNK=8192)),
+    (variants._centralize_kernel, dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024)),
+    (variants._centralize_kernel, dict(DT=tl.bfloat16, CDT=tl.float32, BLOCK=32)),
+    (variants._centralize_kernel, dict(DT=tl.float64, CDT=tl.float64, BLOCK=256)),
 ]
 SCALARS = {"partials": "*fp32", "out": "*fp32", "sq_norm": "*fp32", "ref_sq_norm": "*fp32", "gs_dot_g": "*fp32",
            "g_sq_norm": "*fp32", "gv_sq_norm": "*fp32", "n": "i32", "keep_threshold": "i32", "hist": "*i32",

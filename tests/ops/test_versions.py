@@ -74,7 +74,12 @@ def _ema(b, d):
     return lambda: b("ema_update_", m, g, weight=0.4, sigma=1.0, directions=dirs), [m, dirs], [g]
 
 
-OPS = {"ema_update_": _ema, "perturb_": _perturb, "perturb_telemetry": _perturb_telemetry, "restore_": _restore, "sgd_restore_step_": _sgd, "adamw_restore_step_": _adamw,
+def _centralize(b, d):
+    g = lists(d)
+    return lambda: b("centralize_", g), [g], []
+
+
+OPS = {"centralize_": _centralize, "ema_update_": _ema, "perturb_": _perturb, "perturb_telemetry": _perturb_telemetry, "restore_": _restore, "sgd_restore_step_": _sgd, "adamw_restore_step_": _adamw,
        "renormalize_": _renormalize, "fisher_accumulate_": _fisher, "looksam_store_": _store,
        "looksam_apply_": _apply, "mix_": _mix}
 

@@ -4,7 +4,8 @@
 - ``norm``: grad_sq_norm, dot (deterministic two-pass reductions);
 - ``perturb``: perturb_, restore_;
 - ``optimizer_steps``: sgd_restore_step_, adamw_restore_step_ (restore fused with the base step);
-- ``variants``: renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_, mix_, ema_update_;
+- ``variants``: renormalize_, fisher_accumulate_, looksam_store_, looksam_apply_, mix_, ema_update_,
+  centralize_;
 - ``masks``: topk_mask, nm_mask;
 - ``bsam``: bsam_noise_, bsam_ascent_, bsam_descent_.
 

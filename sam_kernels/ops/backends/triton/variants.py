@@ -1,6 +1,6 @@
 """Element-wise ops of the SAM variants: ``renormalize_`` (Stable SAM), ``fisher_accumulate_`` (Sparse
 SAM), ``looksam_store_`` / ``looksam_apply_`` (LookSAM), ``mix_`` (GSAM, WSAM),
-``ema_update_`` (Friendly-SAM, VaSSO).
+``ema_update_`` (Friendly-SAM, VaSSO), ``centralize_`` (GCSAM; per row of dim 0).
 
 Global norms and dots arrive as device scalars (computed by ``norm.py``); each program turns them
 into its coefficient, so nothing synchronizes with the host.
@@ -192,3 +192,52 @@ def looksam_apply_(grads, g_v, alpha, g_sq_norm, gv_sq_norm, eps):
 def mix_(grads, others, a, b):
     """g ← a·g + b·o with the 0-dim factors given."""
     _tables.launch_over(_mix_kernel, [grads, others], a, b)
+
+
+@triton.jit
+def _centralize_kernel(g_ptrs, sizes, blocks, lengths, rows: tl.int64, DT: tl.constexpr, CDT: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Rows [start, start + rows) of tensor t: each row (``lengths[t]`` contiguous elements) minus its
+    mean, summed in BLOCK lanes of CDT then ``tl.sum`` (a fixed order), then rewritten."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.load(blocks + 2 * b)
+    start = tl.load(blocks + 2 * b + 1)
+    end = tl.minimum(start + rows, tl.load(sizes + t))
+    length = tl.load(lengths + t)
+    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(DT))
+    for r in range(start, end):
+        row = r * length
+        acc = tl.zeros((BLOCK,), CDT)
+        for off in range(0, length, BLOCK):
+            offs = off + tl.arange(0, BLOCK).to(tl.int64)
+            acc += tl.load(g_ptr + row + offs, mask=offs < length, other=0).to(CDT)
+        mean = div_ieee(tl.sum(acc, 0), length.to(CDT))
+        for off in range(0, length, BLOCK):
+            offs = off + tl.arange(0, BLOCK).to(tl.int64)
+            mask = offs < length
+            x = tl.load(g_ptr + row + offs, mask=mask, other=0).to(CDT)
+            tl.store(g_ptr + row + offs, round_to(x - mean, DT), mask=mask)
+
+
+def centralize_(grads):
+    """g ← g − mean(g over dims 1..) per row of dim 0, for the tensors of more than one dimension.
+
+    One program per run of whole rows (about CHUNK elements; one row at least). Every row must be a
+    contiguous run of storage (dim 0 outermost); ValueError otherwise, before anything is written.
+    """
+    picked = [g for g in grads if g.dim() > 1 and g.numel() > 0]
+    for g in picked:
+        if g.shape[0] > 1 and g.stride(0) * g.shape[0] != g.numel():
+            raise ValueError(f"centralize_: a tensor of shape {tuple(g.shape)} with strides {g.stride()} has rows of "
+                             f"dim 0 that are not contiguous runs of storage; run it on the eager backend")
+    if not picked:
+        return
+    lengths = [g.numel() // g.shape[0] for g in picked]
+    longest = max(lengths)
+    rows = max(1, _tables.CHUNK // longest)
+    tab = _tables.table([picked], sizes=[g.shape[0] for g in picked], chunk=rows)
+    block = min(_tables.BLOCK, max(16, triton.next_power_of_2(longest)))
+    dtype = picked[0].dtype
+    _tables.launch(_centralize_kernel, tab.n_blocks, tab.ptrs[0], tab.sizes, tab.blocks,
+                   _tables.int_column(lengths, picked[0].device), rows, DT=_tables.tl_dtype(dtype),
+                   CDT=_tables.compute_dtype(dtype), BLOCK=block)
