@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from sam_kernels.ops import dispatch
+from sam_kernels.ops import dispatch, fake
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +25,7 @@ def _cuda_emu_module():
 
     torch.ops.load_library(str(build(os.environ.get("CUDA_EMU_VARIANT", "default"))))
     from tests.loops import cuda_emu_backend as module  # its OPS are read from the library just loaded
+    fake.register(module.NAMESPACE)  # torch.compile traces the emulated ops as it does the real ones
     return module
 
 
