@@ -18,6 +18,10 @@ Every op call leaves a :class:`Record` (which backend ran which part, with eleme
 :data:`last_call`; :func:`recording` collects the records of every call in a block (the
 optimizer's per-step summary). Elements of CUDA tensors that run eagerly although the caller did
 not ask for eager warn once per process.
+
+:func:`register_backend` adds a backend module outside the package under a new name (an
+implementation of the ops to check through the optimizers, e.g. kernels built for another
+device); it is then selected by name like the built-in ones, never by ``auto``.
 """
 from __future__ import annotations
 
@@ -140,8 +144,32 @@ def record(op: str, parts: list[Part], extra_lists: int = 0) -> None:
 
 def _check_name(name: str) -> str:
     if name != "auto" and name not in BACKEND_MODULES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKEND_NAMES}")
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + tuple(BACKEND_MODULES)}")
     return name
+
+
+def register_backend(name: str, module: str) -> None:
+    """Add backend ``name``, served by the module at import path ``module`` (the interface in this
+    module's docstring), imported on first use. ``auto`` never picks it.
+
+    Raises ValueError if ``name`` is taken or is ``"auto"``."""
+    if name == "auto" or name in BACKEND_MODULES:
+        raise ValueError(f"backend name {name!r} is already taken")
+    BACKEND_MODULES[name] = module
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend added by :func:`register_backend` (and a global choice of it).
+
+    Raises ValueError for a built-in or unknown name."""
+    if name in BACKENDS or name not in BACKEND_MODULES:
+        raise ValueError(f"{name!r} is not a registered backend")
+    global _global_backend
+    del BACKEND_MODULES[name]
+    _modules.pop(name, None)
+    _import_errors.pop(name, None)
+    if _global_backend == name:
+        _global_backend = None
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -188,7 +216,7 @@ def preload(device_types, backend: Optional[str] = None) -> None:
 def backends() -> dict[str, dict]:
     """Every backend with ``available``, the device types it serves, its ops and, if missing, why."""
     out = {}
-    for name in BACKEND_NAMES:
+    for name in BACKEND_MODULES:
         module = _load(name)
         out[name] = {
             "available": module is not None,

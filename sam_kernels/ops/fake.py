@@ -26,7 +26,9 @@ def _nothing(*args, **kwargs) -> None:
 _BY_KIND = {"reduction": _reduction_result, "mask": _masks_like, "update": _nothing}
 
 
-def register() -> None:
-    """Attach the fake kernels (idempotent per process: called once when _C is imported)."""
+def register(namespace: str = "sam_kernels") -> None:
+    """Attach the fake kernels to the ops of ``namespace`` (another build of the same sources
+    registers the op table's schemas under its own). Once per process and namespace: called when
+    _C is imported."""
     for op in OPS.values():
-        torch.library.register_fake("sam_kernels::" + op.name)(_BY_KIND[op.kind])
+        torch.library.register_fake(f"{namespace}::{op.name}")(_BY_KIND[op.kind])

@@ -62,8 +62,9 @@ def keep_count(numel: int, density: float) -> int:
     return max(0, min(numel, int(math.floor(numel * density + 1e-9))))
 
 
-def topk_exact(scores: Tensors, k: int) -> list[torch.Tensor]:
-    """Masks keeping exactly the ``k`` largest scores over all tensors (ties: earlier entry first).
+def topk_exact(scores: Tensors, k: int, backend: Optional[str] = None) -> list[torch.Tensor]:
+    """Masks keeping exactly the ``k`` largest scores over all tensors (ties: earlier entry first);
+    ``backend``: of ``ops.topk_mask`` (None: the global choice).
 
     ``ops.topk_mask`` takes a density; asking for (k + 0.5)/N makes its floor land on k whatever
     the rounding of the division.
@@ -73,7 +74,7 @@ def topk_exact(scores: Tensors, k: int) -> list[torch.Tensor]:
         return [torch.ones_like(s, dtype=torch.bool) for s in scores]
     if k <= 0:
         return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
-    return ops.topk_mask(list(scores), (k + 0.5) / total)
+    return ops.topk_mask(list(scores), (k + 0.5) / total, backend=backend)
 
 
 def mask_density(masks: Tensors) -> float:
@@ -84,9 +85,9 @@ def mask_density(masks: Tensors) -> float:
 
 # --------------------------------------------------------------------------- patterns
 
-def unstructured_mask(scores: Tensors, density: float) -> list[torch.Tensor]:
+def unstructured_mask(scores: Tensors, density: float, backend: Optional[str] = None) -> list[torch.Tensor]:
     """Global top-k: exactly int(N·density) entries, the largest scores over all tensors."""
-    return topk_exact(scores, keep_count(sum(s.numel() for s in scores), density))
+    return topk_exact(scores, keep_count(sum(s.numel() for s in scores), density), backend)
 
 
 def _rows(s: torch.Tensor) -> torch.Tensor:
@@ -122,14 +123,16 @@ def structured_mask(scores: Tensors, density: float) -> list[torch.Tensor]:
     return out
 
 
-def pattern_mask(scores: Tensors, pattern: str, density: float, n: int = 2, m: int = 4) -> list[torch.Tensor]:
-    """Dispatch to the pattern: ``"unstructured"`` | ``"structured"`` | ``"nm"`` (density ignored: n/m)."""
+def pattern_mask(scores: Tensors, pattern: str, density: float, n: int = 2, m: int = 4,
+                 backend: Optional[str] = None) -> list[torch.Tensor]:
+    """Dispatch to the pattern: ``"unstructured"`` | ``"structured"`` | ``"nm"`` (density ignored: n/m);
+    ``backend``: of the mask ops (None: the global choice)."""
     if pattern == "unstructured":
-        return unstructured_mask(scores, density)
+        return unstructured_mask(scores, density, backend)
     if pattern == "structured":
         return structured_mask(scores, density)
     if pattern == "nm":
-        return ops.nm_mask(list(scores), n, m)
+        return ops.nm_mask(list(scores), n, m, backend=backend)
     raise ValueError(f"unknown mask pattern {pattern!r}; choose one of {PATTERNS}")
 
 
@@ -181,7 +184,7 @@ def _vmap_grads(model: nn.Module, loss_fn: Callable, names: list[str], params: T
 
 def fisher_scores(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], data: Iterable,
                   params: Optional[Tensors] = None, *, num_samples: int = 128, method: str = "auto",
-                  train: Optional[bool] = None) -> list[torch.Tensor]:
+                  train: Optional[bool] = None, backend: Optional[str] = None) -> list[torch.Tensor]:
     """Empirical Fisher F = Σ_i g_i² over the first ``num_samples`` examples of ``data``, at batch size 1.
 
     Args:
@@ -197,6 +200,7 @@ def fisher_scores(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tenso
             the model, in which case that chunk and the rest use the loop.
         train: ``None`` keeps every module's mode; True/False sets ``model.train(train)`` for the pass.
             Batch-1 BatchNorm1d cannot run in training mode; pass ``train=False`` for such models.
+        backend: of ``ops.fisher_accumulate_`` (None: the global choice).
 
     Side effects: none that survive. Every buffer (BatchNorm running stats, num_batches_tracked)
     is saved and restored and every module's train/eval flag is restored; ``.grad`` is never
@@ -221,11 +225,12 @@ def fisher_scores(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tenso
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     # enable_grad: refreshes run inside optimizer steps, which are decorated with no_grad.
     with torch.enable_grad():
-        _fisher_pass(model, loss_fn, data, params, names, fisher, num_samples, method, train, modes, saved)
+        _fisher_pass(model, loss_fn, data, params, names, fisher, num_samples, method, train, modes, saved, backend)
     return fisher
 
 
-def _fisher_pass(model, loss_fn, data, params, names, fisher, num_samples, method, train, modes, saved) -> None:
+def _fisher_pass(model, loss_fn, data, params, names, fisher, num_samples, method, train, modes, saved,
+                 backend) -> None:
     """The batch-1 passes of :func:`fisher_scores`; restores buffers and modes whatever happens."""
     try:
         if train is not None:
@@ -243,13 +248,14 @@ def _fisher_pass(model, loss_fn, data, params, names, fisher, num_samples, metho
                     use_vmap = False  # the model is not vmap-able (data-dependent control flow, ...)
             if chunk is not None:
                 for i in range(x.shape[0]):
-                    ops.fisher_accumulate_(fisher, [g[i].to(f.dtype) for g, f in zip(chunk, fisher)])
+                    ops.fisher_accumulate_(fisher, [g[i].to(f.dtype) for g, f in zip(chunk, fisher)],
+                                           backend=backend)
             else:
                 for i in range(x.shape[0]):
                     loss = loss_fn(model(x[i:i + 1]), y[i:i + 1])
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
                     ops.fisher_accumulate_(fisher, [torch.zeros_like(f) if g is None else g.to(f.dtype)
-                                                    for g, f in zip(grads, fisher)])
+                                                    for g, f in zip(grads, fisher)], backend=backend)
             seen += x.shape[0]
         if seen == 0:
             raise ValueError("fisher_scores: the data yielded no samples")
@@ -272,25 +278,25 @@ def cosine_drop_rate(t: float, horizon: float, drop_rate: float = 0.5) -> float:
 
 
 def dynamic_update(masks: Tensors, grads: Sequence[Optional[torch.Tensor]], density: float, drop_rate: float,
-                   generator: torch.Generator) -> list[torch.Tensor]:
+                   generator: torch.Generator, backend: Optional[str] = None) -> list[torch.Tensor]:
     """One drop/grow update of a dynamic sparse mask; the live count ends at exactly K = int(N·density).
 
     Drop: keep the top int(N·density·(1 − drop_rate)) live entries by |g| (ties: earlier entry).
     Grow: the remaining K − keep entries are drawn uniformly at random, from the previously DEAD
     entries first (only if there are too few of them, from the ones just dropped), with the CPU
-    ``generator``. ``grads[i] is None`` counts as a zero gradient.
+    ``generator``. ``grads[i] is None`` counts as a zero gradient. ``backend``: of ``ops.topk_mask``.
     """
     total = sum(m.numel() for m in masks)
     k = keep_count(total, density)
     keep = min(k, keep_count(total, density * (1.0 - drop_rate)))
     live_scores = [torch.where(m, (torch.zeros_like(m, dtype=torch.float32) if g is None else g.detach().abs().float()),
                                torch.tensor(-math.inf, device=m.device)) for m, g in zip(masks, grads)]
-    kept = topk_exact(live_scores, keep)
+    kept = topk_exact(live_scores, keep, backend)
     u = random_scores(list(masks), generator)
     # priority: previously dead in [1, 2), just dropped in [0, 1), kept entries never regrow.
     priority = [torch.where(kp, torch.tensor(-math.inf, device=kp.device), ui + (~m).float())
                 for kp, ui, m in zip(kept, u, masks)]
-    grown = topk_exact(priority, k - keep)
+    grown = topk_exact(priority, k - keep, backend)
     return [a | b for a, b in zip(kept, grown)]
 
 
@@ -380,6 +386,7 @@ class MaskProvider:
         self.generator.manual_seed(agreed_seed(seed))  # distributed: rank 0's seed, same masks everywhere
         self.masks: Optional[list[torch.Tensor]] = None
         self.process_group = None  # the data-parallel group Fisher scores are summed over (None: default group)
+        self.backend: Optional[str] = None  # of the mask ops (the optimizer's; None: the global choice)
 
     @property
     def density(self) -> float:
@@ -428,7 +435,8 @@ class RandomMask(MaskProvider):
     kind = "random"
 
     def _build(self, params, grads, **kwargs):
-        return pattern_mask(random_scores(params, self.generator), self.pattern, self.density, self.n, self.m)
+        return pattern_mask(random_scores(params, self.generator), self.pattern, self.density, self.n, self.m,
+                            self.backend)
 
 
 class FisherMask(MaskProvider):
@@ -453,8 +461,9 @@ class FisherMask(MaskProvider):
             raise ValueError("a Fisher mask needs data: refresh(params, model=..., loss_fn=..., data=...)")
         # Summed over the ranks (each saw its own data), so every rank ranks the same scores.
         self.last_scores = sum_over_ranks(fisher_scores(model, loss_fn, data, params, num_samples=self.num_samples,
-                                                        method=self.method, train=self.train), self.process_group)
-        return pattern_mask(self.last_scores, self.pattern, self.density, self.n, self.m)
+                                                        method=self.method, train=self.train, backend=self.backend),
+                                         self.process_group)
+        return pattern_mask(self.last_scores, self.pattern, self.density, self.n, self.m, self.backend)
 
 
 class DynamicMask(MaskProvider):
@@ -479,6 +488,6 @@ class DynamicMask(MaskProvider):
     def _build(self, params, grads, **kwargs):
         if self.masks is None or [mk.shape for mk in self.masks] != [p.shape for p in params]:
             self.last_drop_rate = None
-            return unstructured_mask(random_scores(params, self.generator), self.density)
+            return unstructured_mask(random_scores(params, self.generator), self.density, self.backend)
         self.last_drop_rate = cosine_drop_rate(self.cadence.now(), self.horizon, self.drop_rate)
-        return dynamic_update(self.masks, grads, self.density, self.last_drop_rate, self.generator)
+        return dynamic_update(self.masks, grads, self.density, self.last_drop_rate, self.generator, self.backend)

@@ -256,6 +256,7 @@ class SparseSAM(SAM):
             provider = RandomMask(**common)
         self.mask_provider = provider
         provider.process_group = self.distributed.process_group
+        provider.backend = self.backend  # the masks run on the optimizer's backend, as its other ops
         self._ascent_done = False
 
     # ------------------------------------------------------------------ masks

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.loops.harness import Run
-from tests.loops.matrix import cases
+from tests.loops.matrix import BACKENDS, cases
 
 SCALE = 1024.0
 
@@ -25,11 +25,11 @@ def amp_run(info, backend, **kw):
     return Run(info, backend, dtype=torch.float32, scaler=scaler(), **kw)
 
 
-def amp_cases(loop, places):
+def amp_cases(loop, places, backends=BACKENDS):
     """(info, backend, place): ESAM's closure has no user-visible pass to unscale, so only None there."""
     out = []
     for place in places:
-        for c in cases(f"{loop}/unscale={place}" if place else loop):
+        for c in cases(f"{loop}/unscale={place}" if place else loop, backends=backends):
             info = c.values[0]
             if loop in info.refuses:  # tested as a refusal (test_refusals)
                 continue
@@ -53,11 +53,11 @@ def test_amp_closure(info, backend, unscale):
     assert run.scaler.get_scale() == SCALE
 
 
-def overflow_cases():
+def overflow_cases(backends=BACKENDS):
     out = []
     for loop in ("amp_manual", "amp_closure"):
         for pass_no in (1, 2):
-            for c in cases(f"{loop}/overflow={pass_no}"):
+            for c in cases(f"{loop}/overflow={pass_no}", backends=backends):
                 if loop in c.values[0].refuses:  # tested as a refusal (test_refusals)
                     continue
                 out.append(pytest.param(*c.values, loop, pass_no, id=f"{c.id}-{loop}-pass{pass_no}", marks=c.marks))

@@ -1,5 +1,10 @@
-"""The Triton backend in the main loops, under the Triton interpreter on CPU (slow: a small subset of
-rows, the kernels' other cases are covered by tests/ops). Each against the hand reference.
+"""The Triton backend in the main loops, every row of the variant table, each against the hand
+reference, with the same loop bodies as the CPU backends' tests: manual, step(closure), AMP in
+the manual loop (grad_scale, found_inf: a step taken after ``unscale_``, one skipped by an
+overflow in either pass) and a checkpoint between the two passes. Under the Triton interpreter on
+CPU (about 2 minutes on two shared cores), so AMP's closure loop is left to the other backends:
+``scaler.step(opt, closure)`` hands the kernels the same grad_scale/found_inf as the manual loop's
+``scaler.step(opt)`` (the optimizer's routing is the same Python on every backend).
 
 tests/conftest.py sets TRITON_INTERPRET=1 when there is no CUDA device; with one, Triton runs on the
 GPU and these CPU runs are skipped by ``require_backend`` (as in tests/ops)."""
@@ -7,25 +12,48 @@ from __future__ import annotations
 
 import pytest
 
+from sam_kernels.ops import dispatch
+from tests.loops import test_amp_loops as amp
+from tests.loops import test_checkpoint_loops as checkpoint
 from tests.loops.harness import Run
 from tests.loops.matrix import cases
-from tests.optim.variants import variant
 from tests.utils import require_backend
 
-ROWS = [variant(n) for n in ("SAM", "ASAM", "StableSAM", "LookSAM", "SparseSAM-nm", "GSAM", "WSAM", "GCSAM")]
+BACKENDS = ("triton",)
 
 
-def triton_cases(loop):
-    return cases(loop, variants=ROWS, backends=("triton",))
+@pytest.fixture(autouse=True)
+def _only_the_kernels():
+    """Every op call of the test ran on the Triton kernels (none fell back to eager)."""
+    require_backend("triton", "cpu")
+    with dispatch.recording() as log:
+        yield
+    assert log, "no op call was made"
+    others = sorted({(r.op, p.backend) for r in log for p in r.parts if p.backend != "triton"})
+    assert not others, f"op calls that did not run the Triton kernels: {others}"
 
 
-@pytest.mark.parametrize("info,backend", triton_cases("manual"))
+@pytest.mark.parametrize("info,backend", cases("manual", backends=BACKENDS))
 def test_triton_manual(info, backend):
-    require_backend("triton", "cpu")
-    Run(info, backend).train("manual", steps=3)
+    Run(info, backend).train("manual")
 
 
-@pytest.mark.parametrize("info,backend", triton_cases("closure"))
+@pytest.mark.parametrize("info,backend", cases("closure", backends=BACKENDS))
 def test_triton_closure(info, backend):
-    require_backend("triton", "cpu")
-    Run(info, backend).train("closure", steps=3)
+    Run(info, backend).train("closure")
+
+
+@pytest.mark.parametrize("info,backend,unscale", amp.amp_cases("amp_manual", ("second",), backends=BACKENDS))
+def test_triton_amp_manual_unscaled(info, backend, unscale):
+    amp.test_amp_manual(info, backend, unscale)
+
+
+@pytest.mark.parametrize("info,backend,loop,pass_no",
+                         [c for c in amp.overflow_cases(backends=BACKENDS) if c.values[2] == "amp_manual"])
+def test_triton_amp_overflow_skips_the_step(info, backend, loop, pass_no):
+    amp.test_amp_overflow_skips_the_step(info, backend, loop, pass_no)
+
+
+@pytest.mark.parametrize("info,backend", cases("checkpoint/midstep", backends=BACKENDS))
+def test_triton_checkpoint_between_first_and_second_step(info, backend):
+    checkpoint.test_checkpoint_between_first_and_second_step(info, backend)

@@ -82,3 +82,35 @@ def test_recording_collects_every_call_of_a_block():
     assert [r.op for r in inner] == ["restore_"]
     assert outer[1] is dispatch.last_call["restore_"]
     assert dispatch._recorders == []
+
+
+def test_registered_backend_is_chosen_by_name_only():
+    """A backend added by register_backend serves calls that name it, never auto's; removed, its
+    name is unknown again and a global choice of it is dropped."""
+    dispatch.register_backend("eager_again", "sam_kernels.ops.backends.eager")
+    try:
+        with pytest.raises(ValueError, match="already taken"):
+            dispatch.register_backend("eager_again", "sam_kernels.ops.backends.eager")
+        assert _restore_once(backend="eager_again") == "eager_again"
+        assert _restore_once() != "eager_again"
+        assert sam_kernels.backends()["eager_again"]["available"]
+        sam_kernels.set_backend("eager_again")
+        assert _restore_once() == "eager_again"
+    finally:
+        dispatch.unregister_backend("eager_again")
+    assert sam_kernels.get_backend() == "auto"
+    assert set(sam_kernels.backends()) == set(dispatch.BACKEND_NAMES)
+    with pytest.raises(ValueError, match="unknown backend"):
+        _restore_once(backend="eager_again")
+
+
+@pytest.mark.parametrize("name", ["auto", "eager", "cpp"])
+def test_register_backend_refuses_a_taken_name(name):
+    with pytest.raises(ValueError, match="already taken"):
+        dispatch.register_backend(name, "sam_kernels.ops.backends.eager")
+
+
+@pytest.mark.parametrize("name", ["eager", "never_registered"])
+def test_unregister_backend_refuses_builtin_and_unknown_names(name):
+    with pytest.raises(ValueError, match="not a registered backend"):
+        dispatch.unregister_backend(name)

@@ -14,11 +14,11 @@ from ..._extension import has_kernel
 from ..contract import OPS, OpInfo, ops_of
 
 
-def _wrapper(op: OpInfo) -> Callable:
-    """Calls ``torch.ops.sam_kernels.<op>`` with the reference's arguments. Where the reference
+def _wrapper(op: OpInfo, namespace: str = "sam_kernels") -> Callable:
+    """Calls ``torch.ops.<namespace>.<op>`` with the reference's arguments. Where the reference
     takes None for a list the schema requires (SGD's buffers without momentum), it passes []; a
     mask op's results come back as a list."""
-    compiled = getattr(torch.ops.sam_kernels, op.name).default
+    compiled = getattr(getattr(torch.ops, namespace), op.name).default
     params = inspect.signature(op.reference).parameters
     required_lists = [a.name for a in op.parsed.arguments if str(a.type) == "List[Tensor]"]
     nullable = [(op.arguments.index(n), n) for n in required_lists if "Optional" in str(params[n].annotation)]
@@ -35,7 +35,7 @@ def _wrapper(op: OpInfo) -> Callable:
         return list(out) if op.kind == "mask" else out
 
     run.__name__ = run.__qualname__ = op.name
-    run.__doc__ = f"torch.ops.sam_kernels.{op.name}: {op.doc}"
+    run.__doc__ = f"torch.ops.{namespace}.{op.name}: {op.doc}"
     return run
 
 
@@ -44,6 +44,8 @@ def ops_with_kernel(dispatch_key: str, backend: str) -> dict[str, Callable]:
     return {op.name: _wrapper(op) for op in ops_of(backend) if has_kernel(op.name, dispatch_key)}
 
 
-def wrapper(name: str) -> Callable:
-    """The group-level wrapper of the compiled op ``name`` (whatever devices it has kernels for)."""
-    return _wrapper(OPS[name])
+def wrapper(name: str, namespace: str = "sam_kernels") -> Callable:
+    """The group-level wrapper of the compiled op ``name`` (whatever devices it has kernels for);
+    ``namespace``: the ``torch.ops`` namespace holding it (another build of the same sources
+    registers the op table's schemas under its own)."""
+    return _wrapper(OPS[name], namespace)
