@@ -33,6 +33,18 @@ from typing import Optional
 import torch
 
 
+SPARE_KEY = "momentum_spare"
+"""``sam.state[p]`` entry: the spare momentum buffer the finite check in the update's pass writes into."""
+MODES = (True, False, "pass", "fused")
+
+
+def check_mode(value) -> object:
+    """``value`` if it is one of :data:`MODES`, else ValueError."""
+    if isinstance(value, bool) or (isinstance(value, str) and value in ("pass", "fused")):
+        return value
+    raise ValueError(f"finite_check must be True, False, 'pass' or 'fused', got {value!r}")
+
+
 def message(where: str, detail: str) -> str:
     return (f"SAM.{where}: the gradients contain NaN or Inf ({detail}); the weights were left at w (unperturbed, "
             f"not updated) and the optimizer state unchanged. Skip this batch (zero_grad) or lower the learning "
