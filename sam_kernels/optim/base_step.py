@@ -123,6 +123,10 @@ def _with_telemetry(call, telemetry, params: list[torch.Tensor]):
     return call(sums=telemetry.sums)
 
 
+IN_PASS_BACKENDS = ("eager", "cpp")
+"""The backends whose ``sgd_restore_step_`` takes ``momentum_out`` and ``nonfinite``."""
+
+
 class InPassCheck:
     """The finite check of a SAM step taken by the fused SGD descent in its own pass (ours).
 
@@ -171,7 +175,8 @@ class InPassCheck:
 def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor], sparse: bool) -> bool:
     """Whether this SAM step's finite check is taken by the fused descent in its own pass (no read of
     its own): ``finite_check`` True or "fused", a fused SGD descent, parameters in host memory (the
-    flag is then read without synchronization), every param with a gradient perturbed and its own
+    flag is then read without synchronization) and a backend of :data:`IN_PASS_BACKENDS`, every
+    param with a gradient perturbed and its own
     backup (the weights can be put back), and nothing that must see the check before the update:
     no AMP, descent modifiers, sparse gradients, compiled step, deferred check, aliased params or
     process group (every rank must take the same decision)."""
@@ -186,7 +191,12 @@ def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor]
         return False
     if len(perturbed) != len(params) or not all(map(operator.is_, perturbed, params)):
         return False
-    return {p.device.type for p in params} == {"cpu"}
+    if {p.device.type for p in params} != {"cpu"}:
+        return False
+    try:
+        return ops.dispatch.resolve("sgd_restore_step_", "cpu", sam.backend)[0] in IN_PASS_BACKENDS
+    except RuntimeError:  # a backend that cannot run here: the descent raises it
+        return False
 
 
 def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry, read,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import sam_kernels as sk
 from sam_kernels import ops
 from sam_kernels.optim.finite import SPARE_KEY
+from tests.utils import backend_available
 
 BACKENDS = ["eager", "cpp"]
 SGD = {
@@ -217,22 +218,29 @@ def test_unknown_mode_rejected(value):
         sk.SAM(make_model().parameters(), torch.optim.SGD, lr=0.1, finite_check=value)
 
 
+PASS_KEPT = {
+    "adamw": lambda ps, mode: sk.SAM(ps, torch.optim.AdamW, lr=0.01, finite_check=mode),
+    "renormalize": lambda ps, mode: sk.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, finite_check=mode,
+                                           renormalize=True),
+    "triton": lambda ps, mode: sk.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, finite_check=mode,
+                                      backend="triton"),
+}
+
+
 @pytest.mark.parametrize("mode", [True, "fused"])
-def test_where_the_pass_stays(mode):
-    """AdamW, a deferred check and descent modifiers keep the separate read (and still raise with the
-    state kept)."""
-    cases = [
-        lambda ps: sk.SAM(ps, torch.optim.AdamW, lr=0.01, finite_check=mode),
-        lambda ps: sk.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, finite_check=mode, renormalize=True),
-    ]
-    for make in cases:
-        model = make_model()
-        opt = make(model.parameters())
-        assert descent_ops(opt, model, 0)[0] == "grad_sq_norm"
-        weights = [p.detach().clone() for p in model.parameters()]
-        state = base_states(opt)
-        with pytest.raises(FloatingPointError):
-            step(model, opt, 1, bad=(1, float("nan")))
-        for p, w in zip(model.parameters(), weights):
-            assert torch.equal(p, w)
-        assert_same_states(base_states(opt), state)
+@pytest.mark.parametrize("case", list(PASS_KEPT))
+def test_where_the_pass_stays(mode, case):
+    """AdamW, descent modifiers and a backend without the in-pass check keep the separate read (and
+    still raise with the weights and state kept)."""
+    if case == "triton" and not backend_available("triton", "cpu"):
+        pytest.skip("triton unavailable on cpu")
+    model = make_model()
+    opt = PASS_KEPT[case](model.parameters(), mode)
+    assert descent_ops(opt, model, 0)[0] == "grad_sq_norm"
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = base_states(opt)
+    with pytest.raises(FloatingPointError):
+        step(model, opt, 1, bad=(1, float("nan")))
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p, w)
+    assert_same_states(base_states(opt), state)
