@@ -41,26 +41,20 @@ void skip_step(const std::vector<Chunk>& chunks, at::TensorList params, at::Tens
   });
 }
 
-// Whether some value given to add() was NaN or Inf: x - x is 0 for a finite x and NaN otherwise,
-// so the running sum of x - x stays 0 exactly when every x was finite (two vector ops an element,
-// no branch in the loop).
-template <typename scalar_t>
+// Whether some value given to add() was NaN or Inf: x - x is 0 for a finite x and NaN otherwise.
+// A compare and a branch that is never taken on finite data: no dependency from one element to the
+// next (a running sum through memory would chain every vector of the loop on the last one).
 struct NonFinite {
-  using acc_t = at::opmath_type<scalar_t>;
-  LaneSum<scalar_t> acc;
-  acc_t rest = 0;
+  bool found = false;
 
   template <typename T>
   void add(const T& x) {
     if constexpr (is_vec<T>::value) {
-      acc.add(x - x);
+      constexpr int all_zero = (1 << T::size()) - 1;
+      if (C10_UNLIKELY((x - x).zero_mask() != all_zero)) found = true;
     } else {
-      rest += x - x;
+      if (C10_UNLIKELY(!(x - x == 0))) found = true;
     }
-  }
-  bool any() {
-    const double total = acc.take();
-    return total != total || rest != rest;
   }
 };
 
@@ -116,6 +110,7 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
     const bool stream = stream_writes(params);  // w is written, not read (the loop reads the backup)
+    const bool stream_out = stream && momentum_out.has_value();  // so is momentum_out (the loop reads the old)
     for_each_chunk_summing<scalar_t>(chunks, sums, ascent_grads.has_value(),
                                      [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);
@@ -124,7 +119,7 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
       const scalar_t* a = ascent_grads ? data<scalar_t>((*ascent_grads)[c.tensor]) : nullptr;
       const scalar_t* old = has_momentum ? data<scalar_t>(momentum_buffers[c.tensor]) : nullptr;
       scalar_t* buf = has_momentum ? data<scalar_t>(new_bufs[c.tensor]) : nullptr;
-      NonFinite<scalar_t> seen;
+      NonFinite seen;
       elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
         using T = decltype(tag);
         if (acc) add_sums<scalar_t, T>(acc, g, a, i);
@@ -136,8 +131,17 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
         if (weight_decay != 0.0) d = d + T(wd) * wi;
         if (has_momentum) {
           const T v = init_buffers ? d : T(mom) * load<T>(old, i) + T(damp) * d;
-          store(buf, i, v);
-          const T vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
+          T vs = v;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {  // stored as computed
+            if (stream_out) {
+              store_stream(buf, i, v);
+            } else {
+              store(buf, i, v);
+            }
+          } else {
+            store(buf, i, v);
+            vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
+          }
           d = nesterov ? d + T(mom) * vs : vs;
         }
         if (stream) {
@@ -147,7 +151,7 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
         }
       });
       if (stream) stream_fence();
-      if (nonfinite && seen.any()) found_nonfinite.store(true, std::memory_order_relaxed);
+      if (seen.found) found_nonfinite.store(true, std::memory_order_relaxed);
     });
   });
   if (!nonfinite) return;

@@ -142,24 +142,28 @@ class InPassCheck:
         self.flag = torch.zeros(())
         self._installs: list[tuple[dict, dict, Optional[torch.Tensor], torch.Tensor]] = []
 
-    def spares(self, params: list[torch.Tensor], old: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
-        """A spare buffer like each existing buffer in ``old`` (None for a first step)."""
-        out = []
+    def spares(self, params: list[torch.Tensor], old: list[Optional[torch.Tensor]],
+               strict: bool = False) -> list[Optional[torch.Tensor]]:
+        """A spare buffer for each existing buffer in ``old`` (None for a first step). The kernel rejects
+        a spare unlike its buffer before writing anything; ``strict`` (the retry) compares them here."""
+        state, out = self.sam.state, []
         for p, buf in zip(params, old):
             if buf is None:
                 out.append(None)
                 continue
-            own = self.sam.state[p]
+            own = state[p]
             spare = own.get(SPARE_KEY)
-            if (spare is None or spare.shape != buf.shape or spare.dtype != buf.dtype or spare.device != buf.device
-                    or spare.stride() != buf.stride() or spare.data_ptr() == buf.data_ptr()):
+            if spare is None or spare is buf or (strict and (
+                    spare.shape != buf.shape or spare.dtype != buf.dtype or spare.device != buf.device
+                    or spare.stride() != buf.stride() or spare.data_ptr() == buf.data_ptr())):
                 spare = own[SPARE_KEY] = torch.empty_like(buf, memory_format=torch.preserve_format)
             out.append(spare)
         return out
 
     def later(self, params, states, old, new) -> None:
+        state = self.sam.state
         for p, st, before, buf in zip(params, states, old, new):
-            self._installs.append((st, self.sam.state[p], before, buf))
+            self._installs.append((st, state[p], before, buf))
 
     def commit(self) -> None:
         """Swap in the new buffers, or raise (weights at w, state untouched) when the flag is set."""
@@ -176,10 +180,11 @@ def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor]
     """Whether this SAM step's finite check is taken by the fused descent in its own pass (no read of
     its own): ``finite_check`` True or "fused", a fused SGD descent, parameters in host memory (the
     flag is then read without synchronization) and a backend of :data:`IN_PASS_BACKENDS`, every
-    param with a gradient perturbed and its own
-    backup (the weights can be put back), and nothing that must see the check before the update:
-    no AMP, descent modifiers, sparse gradients, compiled step, deferred check, aliased params or
-    process group (every rank must take the same decision)."""
+    param with a gradient perturbed and its own backup (the weights can be put back), and nothing
+    that must see the check before the update: no AMP, descent modifiers, sparse gradients,
+    compiled step, deferred check, aliased params or process group (every rank must take the same
+    decision). The base optimizer's ``momentum_buffer`` entries are then new tensors each step
+    (the previous ones become the spares), not updated in place."""
     if sam.finite_check not in (True, "fused") or sparse or sam.amp.active or sam.modifiers:
         return False
     now = sam.step_state
@@ -207,17 +212,24 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry, read,
         momentum = group["momentum"]
         states = [base.state[p] for p in params] if momentum else []
         in_pass = {} if check is None else {"nonfinite": check.flag}
+        tries = []
 
         def call():
             old = [st.get("momentum_buffer") for st in states] if momentum else None
             if check is not None and momentum:
-                in_pass["momentum_out"] = check.spares(params, old)
+                in_pass["momentum_out"] = check.spares(params, old, strict=bool(tries))
+                tries.append(1)
             return old, _with_telemetry(
                 lambda **tele: ops.sgd_restore_step_(params, backups, grads, old, lr=read(group, "lr"), momentum=momentum,
                                                      dampening=group["dampening"], weight_decay=group["weight_decay"],
                                                      nesterov=group["nesterov"], maximize=group["maximize"],
                                                      backend=backend, **amp, **tele, **in_pass), telemetry, params)
-        old, bufs = _with_state_following(call, states, params, ("momentum_buffer",), backups)
+        try:
+            old, bufs = _with_state_following(call, states, params, ("momentum_buffer",), backups)
+        except (TypeError, ValueError):  # rejected before writing: perhaps a spare unlike its buffer
+            if not tries:
+                raise
+            old, bufs = call()  # spares compared and remade (strict)
         if momentum and check is not None:
             check.later(params, states, old, bufs)
         elif momentum:

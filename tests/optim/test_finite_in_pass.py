@@ -244,3 +244,23 @@ def test_where_the_pass_stays(mode, case):
     for p, w in zip(model.parameters(), weights):
         assert torch.equal(p, w)
     assert_same_states(base_states(opt), state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spares_follow_a_cast_of_the_state(backend):
+    """A spare unlike its buffer (the model cast to float64 and the base optimizer's state reloaded)
+    is made again, not an error."""
+    model = make_model()
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+    for s in range(2):
+        step(model, opt, s)
+    model.double()
+    opt.base_optimizer.load_state_dict(opt.base_optimizer.state_dict())  # casts the buffers to float64
+    x, y = batch(5)
+    F.cross_entropy(model(x.double()), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x.double()), y).backward()
+    opt.second_step(zero_grad=True)
+    for p in model.parameters():
+        assert opt.state[p][SPARE_KEY].dtype == torch.float64
+        assert opt.base_optimizer.state[p]["momentum_buffer"].dtype == torch.float64
