@@ -120,9 +120,12 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
       const scalar_t* old = has_momentum ? data<scalar_t>(momentum_buffers[c.tensor]) : nullptr;
       scalar_t* buf = has_momentum ? data<scalar_t>(new_bufs[c.tensor]) : nullptr;
       NonFinite seen;
+      // The sums of this block in locals (kept in registers: stores to w or buf cannot reach them),
+      // added to acc at its end: acc is zero here, so the bits are those of adding into acc.
+      LaneSum<scalar_t> local[2];
       elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
         using T = decltype(tag);
-        if (acc) add_sums<scalar_t, T>(acc, g, a, i);
+        if (acc) add_sums<scalar_t, T>(local, g, a, i);
         const T wi = load<T>(b, i);
         T d = load<T>(g, i);
         if (grad_scale) d = d * T(inv_scale);
@@ -150,7 +153,14 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
           store(w, i, wi - T(lr_c) * d);
         }
       });
-      if (stream) stream_fence();
+      // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
+      if (stream && hi == c.end) stream_fence();
+      if (acc) {
+        for (int k = 0; k < 2; ++k) {
+          acc[k].lanes = acc[k].lanes + local[k].lanes;
+          acc[k].rest += local[k].rest;
+        }
+      }
       if (seen.found) found_nonfinite.store(true, std::memory_order_relaxed);
     });
   });
@@ -208,7 +218,8 @@ void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::T
         store(m, i, mn);
         store(v, i, vn);
       });
-      if (stream) stream_fence();
+      // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
+      if (stream && hi == c.end) stream_fence();
     });
   });
 }
