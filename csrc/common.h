@@ -161,6 +161,20 @@ inline void check_sgd_args(at::TensorList params, at::TensorList backups, at::Te
   if (has_momentum) check_list("sgd_restore_step_", "momentum_buffers", params, momentum_buffers);
 }
 
+// sgd_restore_step_'s finite check in its pass: momentum_out (the new buffers, aligned with params)
+// needs momentum and old buffers to read (not init_buffers); nonfinite over buffers updated in place
+// could not restore them (only new ones, init_buffers, which a fault zero-fills).
+inline void check_sgd_out_args(at::TensorList params, const std::optional<at::TensorList>& momentum_out,
+                               const std::optional<at::Tensor>& nonfinite, bool has_momentum, bool init_buffers) {
+  if (momentum_out) {
+    TORCH_CHECK_VALUE(has_momentum && !init_buffers, "sgd_restore_step_: momentum_out needs momentum != 0 and the ",
+                      "old buffers (not init_buffers)");
+    check_list("sgd_restore_step_", "momentum_out", params, *momentum_out);
+  }
+  TORCH_CHECK_VALUE(!nonfinite || !has_momentum || init_buffers || momentum_out, "sgd_restore_step_: nonfinite ",
+                    "with momentum needs momentum_out (buffers updated in place could not be restored)");
+}
+
 // AMP scalars of the fused descents: 0-dim float32 tensors on the params' device (read by the
 // kernel: reading them elsewhere would synchronize).
 inline void check_amp_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,

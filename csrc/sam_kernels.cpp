@@ -29,10 +29,13 @@ TORCH_LIBRARY(sam_kernels, m) {
   // `found_inf` skips the update on the device (params <- backups, state untouched).
   // Telemetry: `sums` (2 elements, fp32/fp64) += [Σ g², Σ ⟨ascent_grads, g⟩] over the grads as given
   // (scaled), read in the same pass; sums[1] unchanged without ascent_grads.
+  // Finite check (SGD): `nonfinite` (0-dim fp32) <- 1 when an unscaled grad is NaN/Inf, in the same
+  // pass; the new buffers go to `momentum_out` (the old ones only read); a non-zero flag at the end
+  // of the call restores params <- backups and momentum_out <- momentum_buffers, bitwise.
   m.def("sgd_restore_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
         "bool init_buffers, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? ascent_grads=None, "
-        "Tensor(c!)? sums=None) -> ()");
+        "Tensor(c!)? sums=None, Tensor(d!)[]? momentum_out=None, Tensor(e!)? nonfinite=None) -> ()");
   m.def("adamw_restore_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] exp_avgs, "
         "Tensor(c!)[] exp_avg_sqs, int step, float lr, float beta1, float beta2, float eps, float weight_decay, "
         "bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? ascent_grads=None, "

@@ -5,6 +5,9 @@
 
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstring>
+
 namespace sam_kernels::cpu {
 namespace {
 
@@ -38,6 +41,23 @@ void skip_step(const std::vector<Chunk>& chunks, at::TensorList params, at::Tens
   });
 }
 
+// Whether some value given to add() was NaN or Inf: x - x is 0 for a finite x and NaN otherwise.
+// A compare and a branch that is never taken on finite data: no dependency from one element to the
+// next (a running sum through memory would chain every vector of the loop on the last one).
+struct NonFinite {
+  bool found = false;
+
+  template <typename T>
+  void add(const T& x) {
+    if constexpr (is_vec<T>::value) {
+      constexpr int all_zero = (1 << T::size()) - 1;
+      if (C10_UNLIKELY((x - x).zero_mask() != all_zero)) found = true;
+    } else {
+      if (C10_UNLIKELY(!(x - x == 0))) found = true;
+    }
+  }
+};
+
 // 1/grad_scale rounded to fp32, as reference.unscale_factor (exact for GradScaler's powers of 2).
 float unscale_factor(const std::optional<at::Tensor>& grad_scale) {
   return grad_scale ? 1.0f / *grad_scale->data_ptr<float>() : 1.0f;
@@ -47,42 +67,84 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
                           at::TensorList momentum_buffers, double lr, double momentum, double dampening,
                           double weight_decay, bool nesterov, bool maximize, bool init_buffers,
                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                          std::optional<at::TensorList> ascent_grads, const std::optional<at::Tensor>& sums) {
+                          std::optional<at::TensorList> ascent_grads, const std::optional<at::Tensor>& sums,
+                          std::optional<at::TensorList> momentum_out, const std::optional<at::Tensor>& nonfinite) {
   const bool has_momentum = momentum != 0.0;
   sam_kernels::check_sgd_args(params, backups, grads, momentum_buffers, has_momentum, c10::DeviceType::CPU);
+  sam_kernels::check_sgd_out_args(params, momentum_out, nonfinite, has_momentum, init_buffers);
   sam_kernels::check_amp_scalar("sgd_restore_step_", "grad_scale", grad_scale, params);
   sam_kernels::check_amp_scalar("sgd_restore_step_", "found_inf", found_inf, params);
+  sam_kernels::check_amp_scalar("sgd_restore_step_", "nonfinite", nonfinite, params);
   sam_kernels::check_telemetry_args("sgd_restore_step_", ascent_grads, sums, params);
+  // With momentum_out the old buffers are only read (kept for a restore).
   sam_kernels::check_no_shared_writes("sgd_restore_step_",
                                       {{params, true}, {backups, false}, {grads, false},
-                                       {has_momentum ? momentum_buffers : at::TensorList{}, true},
+                                       {has_momentum ? momentum_buffers : at::TensorList{}, !momentum_out},
+                                       {momentum_out.value_or(at::TensorList{}), true},
                                        {ascent_grads.value_or(at::TensorList{}), false}});
   const auto chunks = make_chunks(params);
-  if (skipped(found_inf)) return skip_step(chunks, params, backups, grads, ascent_grads, sums);  // state untouched
+  // The new buffers: momentum_out, else the buffers in place.
+  const at::TensorList new_bufs = momentum_out ? *momentum_out : momentum_buffers;
+  // Undo a step whose gradients were not finite (or that AMP skips): params <- backups, new buffers
+  // <- old ones (0 for a first step's), bitwise.
+  auto undo = [&] {
+    copy_chunks(chunks, params, backups);
+    if (!has_momentum) return;
+    if (init_buffers) {
+      const int64_t item = params[0].element_size();
+      for_each_chunk(chunks, [&](const Chunk& c) {
+        std::memset(static_cast<char*>(new_bufs[c.tensor].data_ptr()) + c.begin * item, 0, (c.end - c.begin) * item);
+      });
+    } else if (momentum_out) {
+      copy_chunks(chunks, *momentum_out, momentum_buffers);
+    }
+  };
+  if (skipped(found_inf)) {
+    skip_step(chunks, params, backups, grads, ascent_grads, sums);
+    if (momentum_out) undo();  // the caller keeps momentum_out as the state: it must equal the old buffers
+    return;
+  }
   const float inv_scale = unscale_factor(grad_scale);
+  std::atomic<bool> found_nonfinite{false};
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "sgd_restore_step_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
     const bool stream = stream_writes(params);  // w is written, not read (the loop reads the backup)
+    const bool stream_out = stream && momentum_out.has_value();  // so is momentum_out (the loop reads the old)
     for_each_chunk_summing<scalar_t>(chunks, sums, ascent_grads.has_value(),
                                      [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
       scalar_t* w = data<scalar_t>(params[c.tensor]);
       const scalar_t* b = data<scalar_t>(backups[c.tensor]);
       const scalar_t* g = data<scalar_t>(grads[c.tensor]);
       const scalar_t* a = ascent_grads ? data<scalar_t>((*ascent_grads)[c.tensor]) : nullptr;
-      scalar_t* buf = has_momentum ? data<scalar_t>(momentum_buffers[c.tensor]) : nullptr;
+      const scalar_t* old = has_momentum ? data<scalar_t>(momentum_buffers[c.tensor]) : nullptr;
+      scalar_t* buf = has_momentum ? data<scalar_t>(new_bufs[c.tensor]) : nullptr;
+      NonFinite seen;
+      // The sums of this block in locals (kept in registers: stores to w or buf cannot reach them),
+      // added to acc at its end: acc is zero here, so the bits are those of adding into acc.
+      LaneSum<scalar_t> local[2];
       elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
         using T = decltype(tag);
-        if (acc) add_sums<scalar_t, T>(acc, g, a, i);
+        if (acc) add_sums<scalar_t, T>(local, g, a, i);
         const T wi = load<T>(b, i);
         T d = load<T>(g, i);
         if (grad_scale) d = d * T(inv_scale);
+        if (nonfinite) seen.add(d);
         if (maximize) d = -d;
         if (weight_decay != 0.0) d = d + T(wd) * wi;
         if (has_momentum) {
-          const T v = init_buffers ? d : T(mom) * load<T>(buf, i) + T(damp) * d;
-          store(buf, i, v);
-          const T vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
+          const T v = init_buffers ? d : T(mom) * load<T>(old, i) + T(damp) * d;
+          T vs = v;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {  // stored as computed
+            if (stream_out) {
+              store_stream(buf, i, v);
+            } else {
+              store(buf, i, v);
+            }
+          } else {
+            store(buf, i, v);
+            vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
+          }
           d = nesterov ? d + T(mom) * vs : vs;
         }
         if (stream) {
@@ -91,9 +153,21 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
           store(w, i, wi - T(lr_c) * d);
         }
       });
-      if (stream) stream_fence();
+      // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
+      if (stream && hi == c.end) stream_fence();
+      if (acc) {
+        for (int k = 0; k < 2; ++k) {
+          acc[k].lanes = acc[k].lanes + local[k].lanes;
+          acc[k].rest += local[k].rest;
+        }
+      }
+      if (seen.found) found_nonfinite.store(true, std::memory_order_relaxed);
     });
   });
+  if (!nonfinite) return;
+  float* flag = nonfinite->data_ptr<float>();  // host memory: the decision costs no synchronization
+  if (found_nonfinite.load()) *flag = 1.0f;
+  if (*flag != 0.0f) undo();
 }
 
 void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
@@ -144,7 +218,8 @@ void adamw_restore_step_cpu(at::TensorList params, at::TensorList backups, at::T
         store(m, i, mn);
         store(v, i, vn);
       });
-      if (stream) stream_fence();
+      // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
+      if (stream && hi == c.end) stream_fence();
     });
   });
 }

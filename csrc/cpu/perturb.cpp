@@ -74,7 +74,8 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
           acc[0].add(applied * applied);
         }
       });
-      if (stream) stream_fence();
+      // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
+      if (stream && hi == c.end) stream_fence();
     });
   });
 }

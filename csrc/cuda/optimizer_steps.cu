@@ -127,9 +127,13 @@ void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::Te
                            at::TensorList momentum_buffers, double lr, double momentum, double dampening,
                            double weight_decay, bool nesterov, bool maximize, bool init_buffers,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                           std::optional<at::TensorList> ascent_grads, const std::optional<at::Tensor>& sums) {
+                           std::optional<at::TensorList> ascent_grads, const std::optional<at::Tensor>& sums,
+                           std::optional<at::TensorList> momentum_out, const std::optional<at::Tensor>& nonfinite) {
   const bool has_momentum = momentum != 0.0;
   sam_kernels::check_sgd_args(params, backups, grads, momentum_buffers, has_momentum, c10::DeviceType::CUDA);
+  TORCH_CHECK_NOT_IMPLEMENTED(!momentum_out && !nonfinite, "sgd_restore_step_: momentum_out and nonfinite (the ",
+                              "finite check in the update's pass) are not implemented by the CUDA kernels; use ",
+                              "backend='eager' on CUDA tensors");
   const AmpScalars amp = amp_scalars("sgd_restore_step_", grad_scale, found_inf, params);
   sam_kernels::check_telemetry_args("sgd_restore_step_", ascent_grads, sums, params);
   sam_kernels::check_no_shared_writes("sgd_restore_step_",

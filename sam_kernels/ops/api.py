@@ -131,6 +131,8 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
                       nesterov: bool = False, maximize: bool = False, grad_scale: Optional[torch.Tensor] = None,
                       found_inf: Optional[torch.Tensor] = None, ascent_grads: Optional[Tensors] = None,
                       sums: Optional[torch.Tensor] = None,
+                      momentum_out: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                      nonfinite: Optional[torch.Tensor] = None,
                       backend: Optional[str] = None) -> list[Optional[torch.Tensor]]:
     """params ← backups, then torch.optim.SGD's update with ``grads``, in one pass per group.
 
@@ -142,6 +144,18 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     the update on the device: params end bitwise at the backups, buffers unchanged. New buffers
     are then zero-filled (ours: a skipped first step leaves buf = 0, so the next step's
     buf = momentum·0 + (1 − dampening)·d equals torch's first-step buf = d when dampening = 0).
+
+    Finite check in the update's pass (ours): ``nonfinite`` (0-dim float32 on the params' device)
+    is set to 1 when some gradient element, divided by ``grad_scale``, is NaN or Inf; it is read
+    in the pass that reads g for the update (no extra read) and never cleared (a step ``found_inf``
+    skips is not looked at). With momentum the
+    new buffers must then go to ``momentum_out`` (aligned with params, same shapes and dtypes;
+    an entry whose ``momentum_buffers`` entry is None may be None) and ``momentum_buffers`` are
+    only read: that costs one more buffer per param and lets a fault be undone. When the flag is
+    non-zero at the end of the call (set here or before), params end bitwise at the backups,
+    ``momentum_out`` bitwise equal to ``momentum_buffers`` and first-step buffers zero, so a caller
+    may keep the returned buffers as its state whatever the flag. CPU: decided on the host at the
+    end of the call. Returns the new buffers: ``momentum_out``'s entries, new ones for first steps.
 
     Telemetry (ours): ``sums`` (float32/float64, shape (2,), on the params' device) gets
     ``[Σ g², Σ ⟨ascent_grads, g⟩]`` ADDED, over the grads as given (an AMP loss scale still in
@@ -157,10 +171,13 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
         raise ValueError(f"sgd_restore_step_: {len(bufs)} momentum buffers for {n} params")
     fresh = ([i for i, b in enumerate(bufs) if b is None]
              if momentum != 0 and not all(map(operator.is_not, bufs, itertools.repeat(None))) else [])
+    outs = _momentum_out(momentum_out, nonfinite, momentum, bufs, fresh, params)
+    olds = bufs
     if momentum == 0:
         bufs = [None] * n
     elif fresh:
-        new = torch.zeros_like if found_inf is not None else torch.empty_like
+        new = torch.zeros_like if found_inf is not None or nonfinite is not None else torch.empty_like
+        bufs = list(bufs)
         for i in fresh:
             bufs[i] = new(params[i], memory_format=torch.preserve_format)
     lr, backend = _scalar(lr, backend)
@@ -172,19 +189,74 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
         subsets = [(bool(fresh), None)]
     else:  # two launches: check everything before the first one writes
         check_lists("sgd_restore_step_", params, backups=backups, grads=grads, momentum_buffers=bufs,
+                     momentum_out=[b if o is None else o for b, o in zip(bufs, outs)] if outs else None,
                      ascent_grads=ascent_grads)
         new = set(fresh)
         subsets = [(False, [i for i in range(n) if i not in new]), (True, fresh)]
+    calls = 0
     for init, sel in subsets:
         ps, bs, gs, ms, asc = (params, backups, grads, bufs, ascent_grads) if sel is None else (
             pick(params, sel), pick(backups, sel), pick(grads, sel), pick(bufs, sel), pick(ascent_grads, sel))
         ms = ms if has_buffers else None
-        launch("sgd_restore_step_", backend,
-                lambda fn, pick, device: fn(pick(ps), pick(bs), pick(gs), pick(ms), init_buffers=init, **kw,
-                                            **on_device(amp, device), **tele.kwargs(pick, device, asc)),
-                ps, int(asc is not None), backups=bs, grads=gs, momentum_buffers=ms, ascent_grads=asc)
+        out_sel = None if init or outs is None else (outs if sel is None else pick(outs, sel))
+        check = {} if nonfinite is None else {"nonfinite": nonfinite}
+        calls += len(launch("sgd_restore_step_", backend,
+                            lambda fn, pick, device: fn(pick(ps), pick(bs), pick(gs), pick(ms), init_buffers=init,
+                                                        **kw, **on_device(amp, device),
+                                                        **tele.kwargs(pick, device, asc),
+                                                        **({} if out_sel is None else {"momentum_out": pick(out_sel)}), **check),
+                            ps, int(asc is not None), backups=bs, grads=gs, momentum_buffers=ms, momentum_out=out_sel,
+                            ascent_grads=asc))
+    if nonfinite is not None and calls > 1:
+        # Each launch undid only its own entries: a later one may have found what an earlier one had written.
+        _undo_if(nonfinite, list(params), list(backups))
+        if outs is not None:
+            kept = [i for i in range(n) if i not in set(fresh)]
+            _undo_if(nonfinite, pick(outs, kept), pick(olds, kept))
+        if fresh:
+            _undo_if(nonfinite, pick(bufs, fresh), [torch.zeros_like(bufs[i]) for i in fresh])
     tele.finish()
-    return bufs
+    if outs is None:
+        return bufs
+    return [bufs[i] if o is None else o for i, o in enumerate(outs)]
+
+
+def _momentum_out(momentum_out, nonfinite, momentum: float, bufs: list, fresh: list[int],
+                  params: Tensors) -> Optional[list]:
+    """``momentum_out`` as a list after the checks of :func:`sgd_restore_step_`'s finite-check arguments."""
+    if nonfinite is not None:
+        if not isinstance(nonfinite, torch.Tensor) or nonfinite.dim() != 0 or nonfinite.dtype != torch.float32:
+            raise TypeError(f"sgd_restore_step_: nonfinite must be a 0-dim float32 tensor, got {nonfinite!r}")
+        if params and nonfinite.device != params[0].device:
+            raise ValueError(f"sgd_restore_step_: nonfinite is on {nonfinite.device} but the params are on "
+                             f"{params[0].device}")
+    if momentum_out is None:
+        if nonfinite is not None and momentum != 0 and len(fresh) < len(bufs):
+            raise ValueError("sgd_restore_step_: nonfinite with momentum needs momentum_out (buffers updated in "
+                             "place could not be restored)")
+        return None
+    if momentum == 0:
+        raise ValueError("sgd_restore_step_: momentum_out needs momentum != 0")
+    outs = list(momentum_out)
+    if len(outs) != len(bufs):
+        raise ValueError(f"sgd_restore_step_: {len(outs)} momentum_out tensors for {len(bufs)} params")
+    new = set(fresh)
+    missing = [i for i, o in enumerate(outs) if o is None and i not in new]
+    if missing:
+        raise ValueError(f"sgd_restore_step_: momentum_out[{missing[0]}] is None but its momentum buffer exists")
+    return outs
+
+
+def _undo_if(flag: torch.Tensor, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst ← src bitwise where ``flag`` is non-zero: read on the host for host memory, else on the device."""
+    if not dst:
+        return
+    if flag.device.type == "cpu":
+        if bool(flag):  # host memory: no synchronization
+            torch._foreach_copy_(dst, src)
+        return
+    skip = flag.ne(0)
+    torch._foreach_copy_(dst, [torch.where(skip, s, d) for d, s in zip(dst, src)])
 
 
 def adamw_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,

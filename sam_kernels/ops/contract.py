@@ -109,7 +109,7 @@ OPS: dict[str, OpInfo] = {op.name: op for op in (
            "sgd_restore_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
            "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
            "bool init_buffers, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor[]? ascent_grads=None, "
-           "Tensor(c!)? sums=None) -> ()",
+           "Tensor(c!)? sums=None, Tensor(d!)[]? momentum_out=None, Tensor(e!)? nonfinite=None) -> ()",
            "update", "w ← backups, then torch.optim.SGD's update", reference.sgd_restore_step_,
            (5, 0), "read backup, g, buf; write w, buf"),
     OpInfo("adamw_restore_step_",

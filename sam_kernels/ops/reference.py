@@ -211,7 +211,8 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentu
                       lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                       maximize: bool, init_buffers: bool, grad_scale: Optional[torch.Tensor] = None,
                       found_inf: Optional[torch.Tensor] = None, ascent_grads: Optional[Tensors] = None,
-                      sums: Optional[torch.Tensor] = None) -> None:
+                      sums: Optional[torch.Tensor] = None, momentum_out: Optional[Tensors] = None,
+                      nonfinite: Optional[torch.Tensor] = None) -> None:
     """params ← backups, then exactly torch.optim.SGD's update with ``grads / grad_scale``.
 
     ``init_buffers``: the buffers hold garbage and this is their first step (torch sets buf = d_p).
@@ -219,6 +220,14 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentu
     grads carry) is divided out element by element; a non-zero ``found_inf`` (0-dim fp32) skips the
     update on the device: params end bitwise at the backups and the buffers are left as they were.
     ``sums`` / ``ascent_grads``: telemetry, see :func:`add_descent_sums`.
+
+    Finite check in the update's pass (ours): ``momentum_out`` (aligned with params; not with
+    ``init_buffers``) receives the new buffers, ``momentum_buffers`` are only read. ``nonfinite``
+    (0-dim fp32) is set to 1 when some unscaled gradient element is NaN/Inf (it is never cleared;
+    a step ``found_inf`` skips is not looked at).
+    When it is non-zero at the end of the call (or ``found_inf`` is): params ← backups bitwise and
+    the new buffers ← the old ones bitwise (``momentum_out`` ← ``momentum_buffers``; buffers of a
+    first step, ``init_buffers``, ← 0).
     """
     add_descent_sums(sums, grads, ascent_grads)
     cdt = acc_dtype(params[0].dtype)
@@ -226,16 +235,26 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentu
     d = _up(grads)
     if grad_scale is not None:
         d = torch._foreach_mul(d, unscale_factor(grad_scale, cdt))
+    if nonfinite is not None:
+        bad = torch.stack([~torch.isfinite(x).all() for x in d]).any() if d else torch.tensor(False)
+        bad = bad.to(nonfinite.device)
+        if found_inf is not None:  # a step AMP skips is not looked at
+            bad = bad & found_inf.eq(0)
+        nonfinite.copy_(torch.maximum(nonfinite, bad.to(nonfinite)))
+        found_inf = nonfinite if found_inf is None else torch.maximum(found_inf.float(), nonfinite)
     d = [g.neg() if maximize else g.clone() for g in d]
     if weight_decay != 0:
         torch._foreach_add_(d, w0, alpha=weight_decay)
     if momentum != 0:
         if init_buffers:
             bufs = [x.clone() for x in d]
+            old = [torch.zeros_like(x) for x in d]
         else:
-            bufs = torch._foreach_mul(_up(momentum_buffers), momentum)
+            old = _up(momentum_buffers)
+            bufs = torch._foreach_mul(old, momentum)
             torch._foreach_add_(bufs, d, alpha=1 - dampening)
-        torch._foreach_copy_(list(momentum_buffers), _skip_where(found_inf, _up(momentum_buffers), bufs))
+        out = momentum_buffers if momentum_out is None else momentum_out
+        torch._foreach_copy_(list(out), _skip_where(found_inf, old, bufs))
         # torch continues from the stored (rounded) buffer
         stored = [x.to(momentum_buffers[0].dtype).to(cdt) for x in bufs]
         if nesterov:

@@ -31,6 +31,7 @@ from . import aliases, groups, sparse_grads
 from .backups import copy_back
 from .compiled import hyper
 from .contract import mark_stepped, run_step_hooks
+from .finite import SPARE_KEY, message
 
 _SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize")
@@ -118,21 +119,120 @@ def _with_telemetry(call, telemetry, params: list[torch.Tensor]):
     return call(sums=telemetry.sums)
 
 
-def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry, read) -> None:
+IN_PASS_BACKENDS = ("eager", "cpp")
+"""The backends whose ``sgd_restore_step_`` takes ``momentum_out`` and ``nonfinite``."""
+
+
+class InPassCheck:
+    """The finite check of a SAM step taken by the fused SGD descent in its own pass (ours).
+
+    The descent reads the old momentum buffers and writes the new ones into spare buffers kept in
+    ``sam.state[p][SPARE_KEY]`` (allocated once; not saved), and sets ``flag`` (0-dim fp32, host
+    memory) on a NaN/Inf gradient, in which case the kernel has put the weights back at w. The new
+    buffers replace the old ones in the base optimizer's state (the old ones become the spares)
+    only when every launch of the step saw finite gradients: :meth:`commit` swaps them, or raises
+    ``FloatingPointError`` with the state as it was."""
+
+    def __init__(self, sam):
+        self.sam = sam
+        self.flag = torch.zeros(())
+        self._installs: list[tuple[dict, dict, Optional[torch.Tensor], torch.Tensor]] = []
+
+    def spares(self, params: list[torch.Tensor], old: list[Optional[torch.Tensor]],
+               strict: bool = False) -> list[Optional[torch.Tensor]]:
+        """A spare buffer for each existing buffer in ``old`` (None for a first step). The kernel rejects
+        a spare unlike its buffer before writing anything; ``strict`` (the retry) compares them here."""
+        state, out = self.sam.state, []
+        for p, buf in zip(params, old):
+            if buf is None:
+                out.append(None)
+                continue
+            own = state[p]
+            spare = own.get(SPARE_KEY)
+            if spare is None or spare is buf or (strict and (
+                    spare.shape != buf.shape or spare.dtype != buf.dtype or spare.device != buf.device
+                    or spare.stride() != buf.stride() or spare.data_ptr() == buf.data_ptr())):
+                spare = own[SPARE_KEY] = torch.empty_like(buf, memory_format=torch.preserve_format)
+            out.append(spare)
+        return out
+
+    def later(self, params, states, old, new) -> None:
+        state = self.sam.state
+        for p, st, before, buf in zip(params, states, old, new):
+            self._installs.append((st, state[p], before, buf))
+
+    def commit(self) -> None:
+        """Swap in the new buffers, or raise (weights at w, state untouched) when the flag is set."""
+        installs, self._installs = self._installs, []
+        if bool(self.flag):  # host memory: no synchronization
+            raise FloatingPointError(message("second_step", "found in the update's pass"))
+        for st, own, before, buf in installs:
+            st["momentum_buffer"] = buf
+            if before is not None:
+                own[SPARE_KEY] = before
+
+
+def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor], sparse: bool) -> bool:
+    """Whether this SAM step's finite check is taken by the fused descent in its own pass (no read of
+    its own): ``finite_check`` "fused", or True without telemetry, a fused SGD descent, parameters in host memory (the
+    flag is then read without synchronization) and a backend of :data:`IN_PASS_BACKENDS`, every
+    param with a gradient perturbed and its own backup (the weights can be put back), and nothing
+    that must see the check before the update: no AMP, descent modifiers, sparse gradients,
+    compiled step, deferred check, aliased params or process group (every rank must take the same
+    decision). The base optimizer's ``momentum_buffer`` entries are then new tensors each step
+    (the previous ones become the spares), not updated in place."""
+    if sam.finite_check not in (True, "fused") or sparse or sam.amp.active or sam.modifiers:
+        return False
+    if sam.finite_check is True and sam.telemetry.enabled:
+        # telemetry wants ‖g(w + e)‖: the check's read gives it, and measured faster on one CPU thread
+        # than the fused descent adding it up in its pass (already the busier loop)
+        return False
+    now = sam.step_state
+    if now.finite.deferred or now.aliases or torch.compiler.is_compiling() or fused_kind(sam.base_optimizer) != "sgd":
+        return False
+    if getattr(sam.base_optimizer, "restore_step_", None) is not None:
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False
+    if len(perturbed) != len(params) or not all(map(operator.is_, perturbed, params)):
+        return False
+    if {p.device.type for p in params} != {"cpu"}:
+        return False
+    try:
+        return ops.dispatch.resolve("sgd_restore_step_", "cpu", sam.backend)[0] in IN_PASS_BACKENDS
+    except RuntimeError:  # a backend that cannot run here: the descent raises it
+        return False
+
+
+def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry, read,
+         check: Optional[InPassCheck] = None) -> None:
     for bucket in _by_hyperparams(entries, _SGD_KEYS, read):
         group = bucket[0][0]
         _, params, backups, grads = map(list, zip(*bucket))
         momentum = group["momentum"]
         states = [base.state[p] for p in params] if momentum else []
+        in_pass = {} if check is None else {"nonfinite": check.flag}
+        tries = []
+
         def call():
             old = [st.get("momentum_buffer") for st in states] if momentum else None
+            if check is not None and momentum:
+                in_pass["momentum_out"] = check.spares(params, old, strict=bool(tries))
+                tries.append(1)
             return old, _with_telemetry(
                 lambda **tele: ops.sgd_restore_step_(params, backups, grads, old, lr=read(group, "lr"), momentum=momentum,
                                                      dampening=group["dampening"], weight_decay=group["weight_decay"],
                                                      nesterov=group["nesterov"], maximize=group["maximize"],
-                                                     backend=backend, **amp, **tele), telemetry, params)
-        old, bufs = _with_state_following(call, states, params, ("momentum_buffer",), backups)
-        if momentum:
+                                                     backend=backend, **amp, **tele, **in_pass), telemetry, params)
+        try:
+            old, bufs = _with_state_following(call, states, params, ("momentum_buffer",), backups)
+        except (TypeError, ValueError):  # rejected before writing: perhaps a spare unlike its buffer
+            if not tries:
+                raise
+            old, bufs = call()  # spares compared and remade (strict)
+        if momentum and check is not None:
+            check.later(params, states, old, bufs)
+        elif momentum:
             for st, before, buf in zip(states, old, bufs):
                 if buf is not before:  # a new buffer (first step of this param); the others were updated in place
                     st["momentum_buffer"] = buf
@@ -230,7 +330,8 @@ def _entries(param_groups: list[dict], perturbed: list[torch.Tensor], kept: list
 
 def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor],
                      backend: Optional[str], grad_scale: Optional[torch.Tensor] = None,
-                     found_inf: Optional[torch.Tensor] = None, telemetry=None, dense: bool = True) -> None:
+                     found_inf: Optional[torch.Tensor] = None, telemetry=None, dense: bool = True,
+                     check: Optional[InPassCheck] = None) -> None:
     """Restore every perturbed param from its backup (``kept``, aligned with ``perturbed``) and
     take the base step, fused when possible: not with sparse gradients (``dense=False``), which the
     base optimizer's own ``step()`` takes (:mod:`.sparse_grads`).
@@ -238,7 +339,9 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor
     AMP: ``grad_scale`` is the loss scale the grads carry, a non-zero ``found_inf`` skips the update
     (weights end at the backups, state untouched). ``telemetry``: the fused descent's sums
     (:class:`.telemetry.FusedSums`); only used on the fused path, whose entries are then exactly the
-    params with a gradient. Errors propagate; the caller restores.
+    params with a gradient. ``check``: the finite check in the SGD descent's pass (:func:`in_pass_check`
+    said it applies); raises ``FloatingPointError`` before the step is marked taken. Errors propagate;
+    the caller restores.
     """
     base = sam.base_optimizer
     own = getattr(base, "restore_step_", None)
@@ -271,7 +374,12 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor
     layer = aliases.layers([e[1] for e in entries], alias_keys)
     read = lambda group, key: hyper(sam, group, key)  # noqa: E731
     for idx in aliases.split(list(range(len(entries))), layer):
-        (_sgd if kind == "sgd" else _adamw)(base, [entries[i] for i in idx], backend, amp, telemetry, read)
+        if check is not None:
+            _sgd(base, [entries[i] for i in idx], backend, amp, telemetry, read, check)
+        else:
+            (_sgd if kind == "sgd" else _adamw)(base, [entries[i] for i in idx], backend, amp, telemetry, read)
+    if check is not None:
+        check.commit()
     mark_stepped(base)
     run_step_hooks(base, "post")
 
@@ -291,7 +399,8 @@ def descend(sam, perturbed: Optional[list[torch.Tensor]]) -> None:
         sam.distributed.before_plain_descent(grads)  # m-SAM: the first backward left them unsynchronized
     scale = sam.loss_scale
     sq = None
-    if grads and (sam.finite_check or sam.amp.active):
+    check = InPassCheck(sam) if sam_step and grads and in_pass_check(sam, perturbed, params, sparse) else None
+    if grads and (sam.finite_check or sam.amp.active) and check is None:
         # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
         sq = groups.grads_sq_norm(grads, sam.backend)
         sam.amp.screen(sam, sq, "second_step" if sam_step else "base_step")
@@ -307,7 +416,7 @@ def descend(sam, perturbed: Optional[list[torch.Tensor]]) -> None:
     # torch.compile (torch.optim's step graph-breaks), plain steps of SGD/AdamW also run the fused
     # descent, each param its own backup.
     restore_and_step(sam, perturbed or [], now.backups, sam.backend, grad_scale=scale, found_inf=now.found,
-                     dense=not sparse, telemetry=sam.telemetry.fused_args() if sam_step else None)
+                     dense=not sparse, telemetry=sam.telemetry.fused_args() if sam_step else None, check=check)
     if sam_step:
         for m in sam.modifiers:
             m.after_descent(sam, now.found)

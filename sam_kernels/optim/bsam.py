@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
@@ -202,7 +202,7 @@ class BSAM(SAM):
     def __init__(self, params, lr: float = 0.5, *, num_data: float, rho: float = 0.01, beta1: float = 0.9,
                  beta2: float = 0.999, prior_precision: float = 25.0, weight_decay: Optional[float] = None,
                  damping: float = 0.1, s_init: float = 1.0, seed: Optional[int] = None,
-                 backend: Optional[str] = None, finite_check: bool = True,
+                 backend: Optional[str] = None, finite_check: Union[bool, str] = True,
                  grad_scaler: Optional[torch.amp.GradScaler] = None, distributed: str = "global"):
         if weight_decay is None:
             weight_decay = prior_precision / num_data if num_data > 0 else 0.0

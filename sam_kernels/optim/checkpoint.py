@@ -10,6 +10,7 @@ import torch
 
 from . import amp
 from .contract import check_group
+from .finite import SPARE_KEY
 from .telemetry import SCRATCH_KEY
 
 _Optimizer = torch.optim.Optimizer
@@ -48,12 +49,13 @@ def save(opt, variant_state: dict) -> dict:
         sd = _Optimizer.state_dict(opt)
     now = opt.step_state
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    scratch = {SPARE_KEY}  # the finite check's spare momentum buffers: recreated when needed
     if now.perturbed is None:
-        scratch = {"backup", "ascent_scratch", SCRATCH_KEY, *opt.transient_state_keys,
-                   *(k for m in opt.modifiers for k in m.transient_keys)}
-        # entries that are not a param's state dict (a hook's ``state["test"] = 1``) are kept as they are
-        sd["state"] = {k: {n: v for n, v in st.items() if n not in scratch} if isinstance(st, dict) else st
-                       for k, st in sd["state"].items()}
+        scratch |= {"backup", "ascent_scratch", SCRATCH_KEY, *opt.transient_state_keys,
+                    *(k for m in opt.modifiers for k in m.transient_keys)}
+    # entries that are not a param's state dict (a hook's ``state["test"] = 1``) are kept as they are
+    sd["state"] = {k: {n: v for n, v in st.items() if n not in scratch} if isinstance(st, dict) else st
+                   for k, st in sd["state"].items()}
     sd["sam"] = {
         "step_count": now.step_count,
         "decision": now.decision,

@@ -25,12 +25,30 @@ happens with a non-finite norm depends on where the gradients live:
 
 Under ``torch.compile`` the check stays in the call (the read graph-breaks). With an active
 ``GradScaler`` an overflow is expected and handled by :mod:`.amp` instead (no error).
+
+``finite_check="fused"`` (what True means where it applies: ``torch.optim.SGD`` on CPU parameters;
+see :func:`.base_step.in_pass_check`) drops the read of g(w + e): the fused SGD descent checks each
+gradient element in the pass that reads it for the update and writes the new momentum into a spare
+buffer, so a fault is undone bitwise at the end of the call (:class:`.base_step.InPassCheck`);
+``second_step`` then raises as above. ``"pass"`` keeps the read (no spare buffers).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+
+SPARE_KEY = "momentum_spare"
+"""``sam.state[p]`` entry: the spare momentum buffer the finite check in the update's pass writes into."""
+MODES = (True, False, "pass", "fused")
+
+
+def check_mode(value) -> object:
+    """``value`` if it is one of :data:`MODES`, else ValueError."""
+    if isinstance(value, bool) or (isinstance(value, str) and value in ("pass", "fused")):
+        return value
+    raise ValueError(f"finite_check must be True, False, 'pass' or 'fused', got {value!r}")
 
 
 def message(where: str, detail: str) -> str:

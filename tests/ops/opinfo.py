@@ -209,6 +209,8 @@ class Sample:
     """The sample's settings (variant, condition, telemetry...), for the tests that check it by hand."""
     extended: bool = False
     """Part of a full product of flags: run against eager on the rows that are not interpreted."""
+    unsupported: tuple[str, ...] = ()
+    """Dispatch backends (row names) that refuse this call with NotImplementedError before writing anything."""
 
     def param(self):
         return pytest.param(self, id=f"{self.op}-{self.id}")
@@ -276,6 +278,15 @@ def check_against_eager(backend: Backend, sample: Sample) -> None:
         pytest.skip("the full product of flags runs on the compiled rows (the interpreter is slow)")
     torch.manual_seed(0)
     args, kwargs = sample.make(backend)
+    if backend.name in sample.unsupported:
+        mine_args, mine_kwargs = _clone_call(args, kwargs)
+        with pytest.raises(NotImplementedError, match=sample.op):
+            backend.call(sample.op, mine_args, mine_kwargs)
+        before, after = _bound(sample.op, args, kwargs), _bound(sample.op, mine_args, mine_kwargs)
+        for name, value in before.items():
+            if _tensors(value) is not None:
+                assert_lists_equal(_tensors(after[name]), _tensors(value), f"{sample.op}: {name} written before refusing")
+        return
     mine_args, mine_kwargs = _clone_call(args, kwargs)
     ref_args, ref_kwargs = _clone_call(args, kwargs)
     before = _bound(sample.op, args, kwargs)
@@ -483,7 +494,34 @@ def sgd_samples() -> list[Sample]:
     for c in _cases(dtype=FLOAT_DTYPES, amp=DESCENT_AMP, telemetry=DESCENT_TELEMETRY):
         shapes = "many_small" if c["dtype"] == torch.float32 else "odd"  # lists longer than a 4 KB table
         out.append(_sgd_sample(dict(c, config="momentum", buffers="kept", shapes=shapes, layout="contiguous")))
+    out += _sgd_check_samples()
     return _unique(out)
+
+
+SGD_FAULTS = {
+    "finite": None,
+    "nan-last": (-1, 5, float("nan")),  # earlier tensors are written when it is seen
+    "inf-first": (0, 0, float("inf")),
+    "neginf-large": (3, 200_000, float("-inf")),  # inside the 278,011-element tensor, past its first chunks
+}
+"""The finite-check samples' planted gradient (entry, flat index, value) in the "odd" shapes + (4, 6)."""
+CHECK_ONLY_BACKENDS = ("cuda", "triton")
+"""Backends without the finite check in the update's pass (momentum_out / nonfinite)."""
+
+
+def _sgd_check_samples() -> list[Sample]:
+    out = []
+    for c in _cases(dtype=FLOAT_DTYPES, check=list(SGD_FAULTS), config=list(SGD_CONFIGS)):
+        out.append(_sgd_sample(dict(c, buffers="kept", amp="off", telemetry="none", shapes="odd")))
+    for c in _cases(check=["finite", "nan-last"], buffers=["fresh", "some"], amp=["off", "step"]):
+        tele = "sums32" if c["check"] == "finite" else "none"
+        out.append(_sgd_sample(dict(c, dtype=torch.float32, config="momentum", telemetry=tele, shapes="odd")))
+    for layout in ("mixed", "dense"):  # "mixed": an entry runs eagerly, the undo spans two launches
+        out.append(_sgd_sample(dict(dtype=torch.float32, check="nan-last", config="nesterov", buffers="kept",
+                                    amp="off", telemetry="none", shapes="odd", layout=layout)))
+    out.append(_sgd_sample(dict(dtype=torch.float32, check="neginf-large", config="momentum", buffers="kept",
+                                amp="skip", telemetry="none", shapes="odd")))
+    return out
 
 
 def _sgd_sample(c: dict) -> Sample:
@@ -495,11 +533,21 @@ def _sgd_sample(c: dict) -> Sample:
             bufs = x.randn()
         elif cfg["momentum"] and c["buffers"] == "some":  # first step of some params only
             bufs = [t if i % 2 else None for i, t in enumerate(x.randn())]
+        if "check" in c:
+            fault = SGD_FAULTS[c["check"]]
+            if fault is not None:
+                at, index, value = fault
+                g = grads[at]
+                g[torch.unravel_index(torch.tensor(index), g.shape)] = value  # any layout
+            kw["nonfinite"] = x.scalar(0.0)
+            if bufs is not None:
+                kw["momentum_out"] = [None if b is None else o for b, o in zip(bufs, x.randn())]
         return (params, backups, grads, bufs), dict(lr=0.1, **cfg, **kw)
 
+    check = [f"check-{c['check']}"] if "check" in c else []
     return Sample("sgd_restore_step_", "-".join([_dtype_id(c["dtype"]), c["config"], c["buffers"], c["amp"],
-                                                 c["telemetry"], c["shapes"], c.get("layout", "contiguous")]),
-                  c["dtype"], make, tol_scale=10.0, meta=c)
+                                                 c["telemetry"], c["shapes"], c.get("layout", "contiguous"), *check]),
+                  c["dtype"], make, tol_scale=10.0, meta=c, unsupported=CHECK_ONLY_BACKENDS if check else ())
 
 
 def adamw_samples() -> list[Sample]:

@@ -53,7 +53,7 @@ def test_writes_and_kinds_by_hand():
     assert written == {
         "perturb_": ("params", "backups", "perturbation_sq", "grad_copies"),
         "restore_": ("params",),
-        "sgd_restore_step_": ("params", "momentum_buffers", "sums"),
+        "sgd_restore_step_": ("params", "momentum_buffers", "sums", "momentum_out", "nonfinite"),
         "adamw_restore_step_": ("params", "exp_avgs", "exp_avg_sqs", "sums"),
         "renormalize_": ("grads",), "fisher_accumulate_": ("fisher",), "looksam_store_": ("g_v",),
         "looksam_apply_": ("grads",), "mix_": ("grads",), "ema_update_": ("emas", "directions"),

@@ -232,9 +232,13 @@ def _adamw_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, m_ptrs, v_ptrs, a_ptrs, s
 
 
 def sgd_restore_step_(params, backups, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
-                      maximize, init_buffers, grad_scale=None, found_inf=None, ascent_grads=None, sums=None):
+                      maximize, init_buffers, grad_scale=None, found_inf=None, ascent_grads=None, sums=None,
+                      momentum_out=None, nonfinite=None):
     """params ← backups, then torch.optim.SGD's update (see reference.sgd_restore_step_); with
     ``sums``, adds [Σ g², Σ ⟨ascent_grads, g⟩] into it (reference.add_descent_sums)."""
+    if momentum_out is not None or nonfinite is not None:
+        raise NotImplementedError("sgd_restore_step_: momentum_out and nonfinite (the finite check in the update's "
+                                  "pass) are not implemented by the Triton kernels; use backend='eager' or 'cpp'")
     has_momentum = momentum != 0
     amp = _amp_pointers(grad_scale, found_inf, params)
     _check_telemetry("sgd_restore_step_", params, grads, ascent_grads, sums)

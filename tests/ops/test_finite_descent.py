@@ -1,0 +1,185 @@
+"""The finite check in the fused SGD descent's own pass (``nonfinite`` / ``momentum_out``), by hand:
+a finite step equals torch.optim.SGD's; a NaN/Inf gradient anywhere (first tensor, last tensor, deep
+inside a large one) leaves params at the backups and momentum_out at the old buffers, bitwise, and
+sets the flag; backends without it refuse before writing. (The op-table samples compare every
+backend with the eager reference: tests/ops/test_descents.py.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sam_kernels.ops as ops
+from tests.ops.opinfo import ALL, CHECK_ONLY_BACKENDS, backend_param, require
+from tests.utils import DTYPES, assert_close, assert_lists_equal
+
+ROWS = [b for b in ALL if b.name in ("eager", "cpp")]
+REFUSING = [b for b in ALL if b not in ROWS]  # CHECK_ONLY_BACKENDS' rows
+TOL = {dtype: (atol, rtol) for dtype, atol, rtol in DTYPES}
+SHAPES = [(1,), (7,), (100_001,), (13, 17), (4, 6)]  # 100,001: four chunks of the CPU kernel
+CONFIGS = {
+    "momentum": dict(momentum=0.9, weight_decay=5e-4),
+    "nesterov": dict(momentum=0.9, weight_decay=1e-2, nesterov=True),
+    "dampening-maximize": dict(momentum=0.8, dampening=0.1, weight_decay=1e-2, maximize=True),
+    "plain": dict(momentum=0.0, weight_decay=1e-2),
+}
+FAULTS = {"first": (0, 0), "last": (4, 23), "large": (2, 70_000)}
+
+
+def _inputs(device: str, dtype: torch.dtype, scale: float = 1.0):
+    torch.manual_seed(0)
+    make = lambda: [torch.randn(s, device=device).to(dtype) for s in SHAPES]  # noqa: E731
+    params, backups, grads, old, out = make(), make(), make(), make(), make()
+    for g in grads:
+        g.mul_(scale)
+    return params, backups, grads, old, out
+
+
+def _torch_sgd(backups, grads, old, cfg, lr, first: bool):
+    """torch.optim.SGD's step from w = backups with ``grads`` (unscaled) and ``old`` buffers."""
+    ps = [torch.nn.Parameter(b.clone()) for b in backups]
+    opt = torch.optim.SGD(ps, lr=lr, **cfg)
+    for p, g, o in zip(ps, grads, old):
+        p.grad = g.clone()
+        if cfg["momentum"] and not first:
+            opt.state[p]["momentum_buffer"] = o.clone()
+    opt.step()
+    bufs = [opt.state[p].get("momentum_buffer") for p in ps]
+    return [p.detach() for p in ps], bufs
+
+
+def _call(backend, params, backups, grads, old, out, cfg, flag, **kw):
+    has = cfg["momentum"] != 0
+    return backend.call("sgd_restore_step_", (params, backups, grads, old if has else None),
+                        dict(lr=0.1, **cfg, nonfinite=flag, momentum_out=out if has and old is not None else None,
+                             **kw))
+
+
+@backend_param(ROWS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale"])
+def test_finite_step_is_torch_sgd(backend, config, dtype, scaled):
+    require(backend)
+    cfg = CONFIGS[config]
+    scale = 1024.0 if scaled else 1.0
+    params, backups, grads, old, out = _inputs(backend.device, dtype, scale)
+    flag = torch.zeros((), device=backend.device)
+    amp = dict(grad_scale=torch.tensor(scale, device=backend.device)) if scaled else {}
+    old_before = [o.clone() for o in old]
+    result = _call(backend, params, backups, grads, old, out, cfg, flag, **amp)
+    want_w, want_bufs = _torch_sgd(backups, [g / scale for g in grads], old, cfg, 0.1, first=False)
+    atol, rtol = TOL[dtype]
+    for i, (p, w) in enumerate(zip(params, want_w)):
+        assert_close(p, w, 10 * atol, 10 * rtol, f"params[{i}]")
+    assert float(flag) == 0.0
+    assert_lists_equal(old, old_before, "old buffers (only read)")
+    if cfg["momentum"]:
+        assert all(r is o for r, o in zip(result, out)), "the new buffers are momentum_out"
+        for i, (o, b) in enumerate(zip(out, want_bufs)):
+            assert_close(o, b, 10 * atol, 10 * rtol, f"momentum_out[{i}]")
+
+
+@backend_param(ROWS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fault_restores_everything(backend, config, fault, value, dtype):
+    require(backend)
+    cfg = CONFIGS[config]
+    params, backups, grads, old, out = _inputs(backend.device, dtype)
+    at, index = FAULTS[fault]
+    grads[at].view(-1)[index] = value
+    flag = torch.zeros((), device=backend.device)
+    before = [[t.clone() for t in lst] for lst in (backups, grads, old)]
+    _call(backend, params, backups, grads, old, out, cfg, flag)
+    assert float(flag) == 1.0
+    assert_lists_equal(params, before[0], "params (at the backups)")
+    assert_lists_equal(grads, before[1], "grads")
+    assert_lists_equal(old, before[2], "old buffers")
+    if cfg["momentum"]:
+        assert_lists_equal(out, before[2], "momentum_out (the old buffers)")
+
+
+@backend_param(ROWS)
+def test_scaled_overflow_and_flag_set_before(backend):
+    """An element finite as given but Inf once divided by a loss scale < 1 counts; a flag already set
+    restores a finite step too (the flag is never cleared)."""
+    require(backend)
+    cfg = CONFIGS["momentum"]
+    params, backups, grads, old, out = _inputs(backend.device, torch.float32)
+    grads[1][3] = 3e38
+    flag = torch.zeros((), device=backend.device)
+    _call(backend, params, backups, grads, old, out, cfg, flag, grad_scale=torch.tensor(0.25, device=backend.device))
+    assert float(flag) == 1.0
+    assert_lists_equal(params, backups, "params")
+    assert_lists_equal(out, old, "momentum_out")
+    params, backups, grads, old, out = _inputs(backend.device, torch.float32)
+    flag = torch.ones((), device=backend.device)
+    _call(backend, params, backups, grads, old, out, cfg, flag)
+    assert float(flag) == 1.0
+    assert_lists_equal(params, backups, "params")
+    assert_lists_equal(out, old, "momentum_out")
+
+
+@backend_param(ROWS)
+@pytest.mark.parametrize("fault", [False, True], ids=["finite", "nan"])
+@pytest.mark.parametrize("some", [False, True], ids=["all-first", "some-first"])
+def test_first_step_buffers(backend, fault, some):
+    """First step (no buffer yet): new buffers are torch's buf = d, or zero on a fault; with some
+    buffers existing the call takes two launches and a fault in the second undoes the first."""
+    require(backend)
+    cfg = CONFIGS["nesterov"]
+    params, backups, grads, old, out = _inputs(backend.device, torch.float32)
+    if fault:
+        grads[-1][2, 3] = float("nan")
+    olds = [o if some and i % 2 == 0 else None for i, o in enumerate(old)]
+    outs = [o if b is not None else None for o, b in zip(out, olds)]
+    flag = torch.zeros((), device=backend.device)
+    before_old = [o.clone() for o in old]
+    bufs = backend.call("sgd_restore_step_", (params, backups, grads, olds),
+                        dict(lr=0.1, **cfg, nonfinite=flag, momentum_out=outs if some else None))
+    assert float(flag) == float(fault)
+    if fault:
+        assert_lists_equal(params, backups, "params")
+        for i, b in enumerate(bufs):
+            want = before_old[i] if olds[i] is not None else torch.zeros_like(b)
+            assert_lists_equal([b], [want], f"buffer {i}")
+        return
+    d = [g + 1e-2 * w for g, w in zip(grads, backups)]
+    for i, (b, di) in enumerate(zip(bufs, d)):
+        want = di if olds[i] is None else 0.9 * before_old[i] + di
+        assert_close(b, want, 1e-6, 1e-5, f"buffer {i}")
+        assert_close(params[i], backups[i] - 0.1 * (di + 0.9 * want), 1e-6, 1e-5, f"params[{i}]")
+
+
+@backend_param(ROWS)
+def test_bad_arguments_rejected_before_writing(backend):
+    require(backend)
+    params, backups, grads, old, out = _inputs(backend.device, torch.float32)
+    before = [p.clone() for p in params]
+    flag = torch.zeros((), device=backend.device)
+    cases = [
+        (ValueError, "needs momentum_out", dict(momentum=0.9, nonfinite=flag)),
+        (ValueError, "momentum_out needs momentum", dict(momentum=0.0, nonfinite=flag, momentum_out=out)),
+        (TypeError, "nonfinite must be a 0-dim float32", dict(momentum=0.9, nonfinite=flag.double(),
+                                                              momentum_out=out)),
+        (ValueError, "momentum_out", dict(momentum=0.9, nonfinite=flag, momentum_out=out[:-1])),
+    ]
+    for error, match, kw in cases:
+        with pytest.raises(error, match=match):
+            backend.call("sgd_restore_step_", (params, backups, grads, old), dict(lr=0.1, **kw))
+        assert_lists_equal(params, before, "params after a rejected call")
+        assert float(flag) == 0.0
+
+
+@backend_param(REFUSING)
+def test_backends_without_it_refuse(backend):
+    require(backend)
+    params, backups, grads, old, out = _inputs(backend.device, torch.float32)
+    before = [p.clone() for p in params]
+    flag = torch.zeros((), device=backend.device)
+    with pytest.raises(NotImplementedError, match="sgd_restore_step_"):
+        backend.call("sgd_restore_step_", (params, backups, grads, old),
+                     dict(lr=0.1, momentum=0.9, nonfinite=flag, momentum_out=out))
+    assert_lists_equal(params, before, "params")
