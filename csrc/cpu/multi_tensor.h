@@ -58,6 +58,7 @@ struct Chunk {
 
 inline std::vector<Chunk> make_chunks(at::TensorList primary) {
   std::vector<Chunk> chunks;
+  chunks.reserve(primary.size());  // one chunk per tensor in the common case: no regrowth
   for (int64_t t = 0; t < static_cast<int64_t>(primary.size()); ++t) {
     const int64_t n = primary[t].numel();
     for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
