@@ -46,12 +46,15 @@ inline void check_list(const char* op, const char* name, at::TensorList primary,
               primary.size());
   const auto device = primary[0].device();
   const auto dtype = primary[0].scalar_type();
+  // The primary list checked against itself (check_primary): its shapes and memory order agree
+  // with themselves; skipping those comparisons halves the per-tensor cost of that pass.
+  const bool itself = lst.data() == primary.data();
   for (size_t i = 0; i < lst.size(); ++i) {
     const auto& t = lst[i];
     TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), ", expected ", device);
     TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] is not a dense (strided) tensor");
-    TORCH_CHECK(t.sizes() == primary[i].sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), ", expected ",
-                primary[i].sizes());
+    TORCH_CHECK(itself || t.sizes() == primary[i].sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(),
+                ", expected ", primary[i].sizes());
     if (is_mask) {
       TORCH_CHECK(t.scalar_type() == at::kBool, op, ": ", name, "[", i, "] must be torch.bool, got ", t.scalar_type());
     } else {
@@ -61,8 +64,8 @@ inline void check_list(const char* op, const char* name, at::TensorList primary,
     if (t.numel() == 0) continue;
     TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", name, "[", i, "] overlaps or has gaps (strides ",
                 t.strides(), "); the Python layer routes such tensors to the eager backend");
-    TORCH_CHECK(same_memory_order(t, primary[i]), op, ": ", name, "[", i, "] has strides ", t.strides(), " but ",
-                "entry ", i, " of the first list has ", primary[i].strides(), "; the Python layer routes tensors ",
+    TORCH_CHECK(itself || same_memory_order(t, primary[i]), op, ": ", name, "[", i, "] has strides ", t.strides(),
+                " but entry ", i, " of the first list has ", primary[i].strides(), "; the Python layer routes tensors ",
                 "whose layouts differ to the eager backend");
   }
 }
@@ -85,25 +88,43 @@ struct Listed {
   bool written;
 };
 
+// Whether two tensors of `lists` that hold elements start at one address. An open-addressing hash
+// set of the start addresses, at most half full, so an insert is about one probe: a sort of the
+// thousands of addresses of a long parameter list cost more than the rest of an op's checks.
+inline bool any_shared_start(std::initializer_list<Listed> lists) {
+  size_t total = 0;
+  for (const auto& l : lists) total += l.tensors.size();
+  int bits = 4;
+  while ((size_t{1} << bits) < 2 * total) ++bits;
+  const size_t mask = (size_t{1} << bits) - 1;
+  std::vector<uint64_t> table(mask + 1, 0);  // 0: an empty slot
+  for (const auto& l : lists) {
+    for (const auto& t : l.tensors) {
+      if (t.numel() == 0) continue;
+      const auto start = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
+      if (start == 0) return true;  // cannot be stored here: the exact check decides
+      // Fibonacci hashing: the top bits of the product mix every bit of the address.
+      size_t slot = static_cast<size_t>((start * 0x9E3779B97F4A7C15ull) >> (64 - bits));
+      for (; table[slot] != 0; slot = (slot + 1) & mask) {
+        if (table[slot] == start) return true;
+      }
+      table[slot] = start;
+    }
+  }
+  return false;
+}
+
 // Rejects (ValueError) a call in which a tensor the op writes starts at the same address as a tensor
 // of another entry, or as a tensor of its own entry with other strides or another dtype: the result
 // would depend on the order of the writes. Within one entry the lists may hold the same tensor or the
 // same view (a parameter that is its own backup): every kernel reads an element's inputs before it
 // writes it. Start addresses, as sam_kernels/ops/overlap.py, which the Python layer runs after a
-// rejection to name the entries; zero-size tensors are skipped. A sort of the start addresses, a
-// closer look only when two are equal.
+// rejection to name the entries; zero-size tensors are skipped. A hash set of the start addresses
+// (any_shared_start), a closer look (a sort) only when two are equal.
 inline void check_no_shared_writes(const char* op, std::initializer_list<Listed> lists) {
-  std::vector<uintptr_t> starts;
+  if (!any_shared_start(lists)) return;
   size_t total = 0;
   for (const auto& l : lists) total += l.tensors.size();
-  starts.reserve(total);
-  for (const auto& l : lists) {
-    for (const auto& t : l.tensors) {
-      if (t.numel() > 0) starts.push_back(reinterpret_cast<uintptr_t>(t.data_ptr()));
-    }
-  }
-  std::sort(starts.begin(), starts.end());
-  if (std::adjacent_find(starts.begin(), starts.end()) == starts.end()) return;
   struct Item {
     uintptr_t start;
     size_t entry;
@@ -111,7 +132,7 @@ inline void check_no_shared_writes(const char* op, std::initializer_list<Listed>
     const at::Tensor* tensor;
   };
   std::vector<Item> items;
-  items.reserve(starts.size());
+  items.reserve(total);
   for (const auto& l : lists) {
     for (size_t i = 0; i < l.tensors.size(); ++i) {
       const auto& t = l.tensors[i];

@@ -75,25 +75,32 @@ TORCH_LIBRARY(sam_kernels, m) {
 namespace {
 void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
-  std::vector<at::Tensor> written;
+  // Handles of the written lists and tensors (the call consumes the stack): a list handle keeps
+  // its tensors alive without a reference count taken per tensor.
+  std::vector<c10::List<at::Tensor>> lists;
+  std::vector<at::Tensor> tensors;
   const size_t first = stack->size() - args.size();
   for (size_t i = 0; i < args.size(); ++i) {
     const auto* alias = args[i].alias_info();
     if (alias == nullptr || !alias->isWrite()) continue;
     const c10::IValue& v = (*stack)[first + i];
     if (v.isTensorList()) {
-      for (const at::Tensor& t : v.toTensorList()) written.push_back(t);
+      lists.push_back(v.toTensorList());
     } else if (v.isTensor()) {
-      written.push_back(v.toTensor());
+      tensors.push_back(v.toTensor());
     }
   }
   {
     c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const at::Tensor& t : written) {
+  const auto bump = [](const at::Tensor& t) {
     if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  };
+  for (const auto& l : lists) {
+    for (size_t i = 0; i < l.size(); ++i) bump(l.get(i));
   }
+  for (const auto& t : tensors) bump(t);
 }
 }  // namespace
 

@@ -58,6 +58,7 @@ struct Chunk {
 
 inline std::vector<Chunk> make_chunks(at::TensorList primary) {
   std::vector<Chunk> chunks;
+  chunks.reserve(primary.size());  // one chunk per tensor in the common case: no regrowth
   for (int64_t t = 0; t < static_cast<int64_t>(primary.size()); ++t) {
     const int64_t n = primary[t].numel();
     for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({t, b, std::min(n, b + kChunk)});
@@ -65,10 +66,19 @@ inline std::vector<Chunk> make_chunks(at::TensorList primary) {
   return chunks;
 }
 
+// The grain of at::parallel_for over `chunks`: all of them (one thread, no parallel region) when
+// they hold fewer elements than one full chunk, where waking a second thread costs more than
+// the work it would take (thousands of tiny tensors); else 1, each chunk a task.
+inline int64_t chunk_grain(const std::vector<Chunk>& chunks) {
+  int64_t total = 0;
+  for (const Chunk& c : chunks) total += c.end - c.begin;
+  return total < kChunk ? std::max<int64_t>(1, static_cast<int64_t>(chunks.size())) : 1;
+}
+
 // Runs f(chunk) for every chunk, in parallel.
 template <typename F>
 void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(chunks), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) f(chunks[i]);
   });
 }
@@ -87,7 +97,7 @@ inline void copy_chunks(const std::vector<Chunk>& chunks, at::TensorList dst, at
 template <typename F>
 double reduce_chunks(const std::vector<Chunk>& chunks, const F& f) {
   std::vector<double> partials(chunks.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(chunks), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) partials[i] = f(chunks[i]);
   });
   double total = 0.0;
@@ -330,7 +340,7 @@ void for_each_chunk_summing(const std::vector<Chunk>& chunks, const std::optiona
     return;
   }
   std::vector<std::array<double, 2>> partials(chunks.size(), {0.0, 0.0});
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunk_grain(chunks), [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const Chunk& c = chunks[k];
       LaneSum<scalar_t> acc[2];
