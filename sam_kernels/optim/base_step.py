@@ -174,7 +174,7 @@ class InPassCheck:
 
 def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor], sparse: bool) -> bool:
     """Whether this SAM step's finite check is taken by the fused descent in its own pass (no read of
-    its own): ``finite_check`` "fused", or True without telemetry, a fused SGD descent, parameters in host memory (the
+    its own): ``finite_check`` True or "fused", a fused SGD descent, parameters in host memory (the
     flag is then read without synchronization) and a backend of :data:`IN_PASS_BACKENDS`, every
     param with a gradient perturbed and its own backup (the weights can be put back), and nothing
     that must see the check before the update: no AMP, descent modifiers, sparse gradients,
@@ -182,10 +182,6 @@ def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor]
     decision). The base optimizer's ``momentum_buffer`` entries are then new tensors each step
     (the previous ones become the spares), not updated in place."""
     if sam.finite_check not in (True, "fused") or sparse or sam.amp.active or sam.modifiers:
-        return False
-    if sam.finite_check is True and sam.telemetry.enabled:
-        # telemetry wants ‖g(w + e)‖: the check's read gives it, and measured faster on one CPU thread
-        # than the fused descent adding it up in its pass (already the busier loop)
         return False
     now = sam.step_state
     if now.finite.deferred or now.aliases or torch.compiler.is_compiling() or fused_kind(sam.base_optimizer) != "sgd":

@@ -78,9 +78,7 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, Readouts, torch.optim.Optimize
             so that a fault can be undone: 40 instead of 44 bytes per fp32 parameter with momentum.
             ``"fused"`` applies to ``torch.optim.SGD`` on CPU parameters without AMP, descent
             modifiers, sparse gradients, ``torch.compile``, tied parameters or a process group;
-            elsewhere it runs as ``"pass"``. True (the default) is ``"fused"`` where it applies
-            and ``telemetry`` is off; with telemetry the read of ``"pass"`` also gives telemetry's
-            ‖g(w + e)‖, which measured faster on a CPU than summing it in the fused descent.
+            elsewhere it runs as ``"pass"``. True (the default) is ``"fused"`` where it applies.
             Other values raise ``ValueError``.
         policy: when to take SAM steps (default: always).
         renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).

@@ -76,18 +76,11 @@ def descent_ops(opt, model, seed):
 def test_no_read_of_its_own(backend, mode):
     """The descent's pass checks the gradients: no norm of g(w + e) before it ("pass" has one)."""
     model = make_model()
-    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend, finite_check=mode,
-                 telemetry=False)
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend, finite_check=mode)
     assert descent_ops(opt, model, 0) == ["sgd_restore_step_"]
     model = make_model()
     opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend, finite_check="pass")
     assert descent_ops(opt, model, 0) == ["grad_sq_norm", "sgd_restore_step_"]
-    # True with telemetry on takes the read (it gives telemetry's norm); "fused" does not
-    for mode, want in ((True, ["grad_sq_norm", "sgd_restore_step_"]), ("fused", ["sgd_restore_step_"])):
-        model = make_model()
-        opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend, finite_check=mode,
-                     telemetry="norms")
-        assert descent_ops(opt, model, 0) == want, mode
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,7 +90,7 @@ def test_no_read_of_its_own(backend, mode):
 @pytest.mark.parametrize("first", [False, True], ids=["later-step", "first-step"])
 def test_fault_raises_with_weights_and_state_kept(backend, config, where, value, first):
     model = make_model()
-    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend, telemetry=False, **SGD[config])
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend, **SGD[config])
     if not first:
         for s in range(3):
             step(model, opt, s)
@@ -148,8 +141,7 @@ def test_run_equals_pass_and_torch_layout(backend, config):
     runs = {}
     for mode in (True, "fused", "pass"):
         model = make_model()
-        opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend, finite_check=mode, telemetry=False,
-                     **SGD[config])
+        opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend, finite_check=mode, **SGD[config])
         for s in range(6):
             step(model, opt, s)
         runs[mode] = (model, opt)
@@ -175,7 +167,7 @@ def test_run_equals_pass_and_torch_layout(backend, config):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_spares_allocated_once_and_never_saved(backend):
     model = make_model()
-    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend, telemetry=False)
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
     pairs = []
     for s in range(5):
         step(model, opt, s)
@@ -197,8 +189,7 @@ def test_spares_allocated_once_and_never_saved(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_load_state_dict_mid_run_then_continue(backend):
     model = make_model()
-    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, backend=backend,
-                 telemetry=False)
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, backend=backend)
     for s in range(3):
         step(model, opt, s)
     saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -206,8 +197,7 @@ def test_load_state_dict_mid_run_then_continue(backend):
         step(model, opt, s)
     other = make_model(seed=1)
     other.load_state_dict(saved_model)
-    opt2 = sk.SAM(other.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, backend=backend,
-                  telemetry=False)
+    opt2 = sk.SAM(other.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, backend=backend)
     opt2.load_state_dict(saved)
     for s in range(3, 6):
         step(other, opt2, s)
@@ -261,7 +251,7 @@ def test_spares_follow_a_cast_of_the_state(backend):
     """A spare unlike its buffer (the model cast to float64 and the base optimizer's state reloaded)
     is made again, not an error."""
     model = make_model()
-    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend, telemetry=False)
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
     for s in range(2):
         step(model, opt, s)
     model.double()

@@ -415,14 +415,13 @@ def test_aesam_counts_the_decisions_of_a_fixed_gradient_sequence():
 
 def test_optimizer_bytes_are_the_op_floors():
     """One SAM step with SGD momentum, fp32, N parameters: grad_sq_norm (4N) + perturb_ (16N) in
-    first_step, sgd_restore_step_ (20N, with finite_check="fused" the check in its pass): 40N bytes;
-    with finite_check="pass" (what True takes with telemetry on) the check's grad_sq_norm (4N) more.
-    Telemetry on adds one read of g(w) (4N) in the fused descent, which also takes ‖g(w+e)‖² and the
-    dot (g(w) is held, not copied: the loop sets p.grad to None); telemetry="norms" adds nothing at
-    all (the descent takes ‖g(w+e)‖² in its own pass, or reuses the check's read)."""
-    for telemetry, finite_check, per_param in ((False, True, 40), (True, True, 48), ("norms", True, 44),
+    first_step, sgd_restore_step_ (20N, the finite check in its pass by default): 40N bytes; with
+    finite_check="pass" the check's grad_sq_norm (4N) more. Telemetry on adds one read of g(w) (4N)
+    in the fused descent, which also takes ‖g(w+e)‖² and the dot (g(w) is held, not copied: the loop
+    sets p.grad to None); telemetry="norms" adds nothing at all (the descent takes ‖g(w+e)‖² in its
+    own pass, or reuses the check's read)."""
+    for telemetry, finite_check, per_param in ((False, True, 40), (True, True, 44), ("norms", True, 40),
                                                (False, "pass", 44), (True, "pass", 48), ("norms", "pass", 44),
-                                               (False, "fused", 40), (True, "fused", 44), ("norms", "fused", 40),
                                                (False, False, 40), ("norms", False, 40), (True, False, 44)):
         model, data = model_and_data()
         n = sum(p.numel() for p in model.parameters())
