@@ -225,9 +225,9 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentu
     ``init_buffers``) receives the new buffers, ``momentum_buffers`` are only read. ``nonfinite``
     (0-dim fp32) is set to 1 when some unscaled gradient element is NaN/Inf (it is never cleared;
     a step ``found_inf`` skips is not looked at).
-    When it is non-zero at the end of the call (or ``found_inf`` is): params ← backups bitwise and
-    the new buffers ← the old ones bitwise (``momentum_out`` ← ``momentum_buffers``; buffers of a
-    first step, ``init_buffers``, ← 0).
+    When it is non-zero at the end of the call: params ← backups bitwise and the new buffers ← the
+    old ones bitwise (``momentum_out`` ← ``momentum_buffers``; buffers of a first step,
+    ``init_buffers``, ← 0; with ``found_inf`` set they are left as they were).
     """
     add_descent_sums(sums, grads, ascent_grads)
     cdt = acc_dtype(params[0].dtype)
@@ -235,6 +235,7 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentu
     d = _up(grads)
     if grad_scale is not None:
         d = torch._foreach_mul(d, unscale_factor(grad_scale, cdt))
+    skipped_before = found_inf  # a skip known before the pass writes nothing at all
     if nonfinite is not None:
         bad = torch.stack([~torch.isfinite(x).all() for x in d]).any() if d else torch.tensor(False)
         bad = bad.to(nonfinite.device)
@@ -248,7 +249,9 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors, momentu
     if momentum != 0:
         if init_buffers:
             bufs = [x.clone() for x in d]
-            old = [torch.zeros_like(x) for x in d]
+            # what a skipped first step leaves: the buffers as given when skipped from the start, else 0
+            zeros = [torch.zeros_like(x) for x in d]
+            old = zeros if skipped_before is None else _skip_where(skipped_before, _up(momentum_buffers), zeros)
         else:
             old = _up(momentum_buffers)
             bufs = torch._foreach_mul(old, momentum)
