@@ -13,7 +13,6 @@ from sam_kernels.ops import dispatch
 from tests.loops import test_amp_loops as amp
 from tests.loops import test_aliasing_loops as aliasing
 from tests.loops import test_cast_loops as casts
-from tests.loops import test_compile_loops as compiled
 from tests.loops import test_plain_loops as plain
 from tests.loops.harness import Run
 from tests.loops.matrix import cases
@@ -78,7 +77,6 @@ OTHER_LOOPS = [  # (loop of the table, the CPU backends' test of it, its extra a
     ("cast", casts.test_cast_between_steps, {}),
     ("cast/midstep", casts.test_cast_between_first_and_second_step, {}),
     ("aliased/tied", aliasing.test_tied_parameter, {}),
-    ("compile", compiled.test_compiled_steps_with_lr_schedule, {}),
 ]
 
 
