@@ -45,10 +45,12 @@ __device__ __forceinline__ std::conditional_t<kSums, Sums<acc_type<T>, 2>, void>
 // lists: 0 params (w), 1 backups (r), 2 grads (r), 3 momentum_buffers (rw, only read with kOut; absent
 // when momentum == 0), with kOut: 4 momentum_out (w: the new buffers), with kSums: last ascent_grads (r;
 // absent: only Σ g²).
-// Finite check in the pass (`nonfinite` not null): a thread notes a NaN/Inf unscaled gradient and
-// finish_block publishes it with one store per block; UndoFunctor, launched next, puts everything back.
-template <typename T, bool kSums, bool kOut>
+// kCheck: the finite check in the pass (when `nonfinite` is not null): a thread notes a NaN/Inf
+// unscaled gradient and finish_block publishes it with one store per block; UndoFunctor, launched
+// next, puts everything back. Compiled out of the ops without it (their registers stay as they were).
+template <typename T, bool kSums, bool kOut, bool kCheck>
 struct SgdOp {
+  static_assert(kCheck || !kOut, "momentum_out comes with the check (nonfinite may still be null)");
   using A = acc_type<T>;
   static constexpr int kNew = kOut ? 4 : 3;  // the list the new buffers go to
   static constexpr int kLists = 4 + kOut + kSums;
@@ -75,7 +77,9 @@ struct SgdOp {
     }
     A d = static_cast<A>(x[2]);
     if (amp.grad_scale != nullptr) d = d * static_cast<A>(amp.inv_scale);
-    if (nonfinite != nullptr && !::isfinite(d)) seen = true;
+    if constexpr (kCheck) {
+      if (nonfinite != nullptr && !::isfinite(d)) seen = true;
+    }
     if (maximize) d = -d;
     if (has_weight_decay) d = d + weight_decay * w;
     if (has_momentum) {
@@ -89,13 +93,15 @@ struct SgdOp {
 
   // One store per block at most, and none on a finite step.
   __device__ void finish_block() const {
-    if (nonfinite == nullptr) return;  // the same for every thread of the block
-    __shared__ int any;
-    if (threadIdx.x == 0) any = 0;
-    __syncthreads();
-    if (seen) any = 1;
-    __syncthreads();
-    if (threadIdx.x == 0 && any != 0) *nonfinite = 1.0f;
+    if constexpr (kCheck) {
+      if (nonfinite == nullptr) return;  // the same for every thread of the block
+      __shared__ int any;
+      if (threadIdx.x == 0) any = 0;
+      __syncthreads();
+      if (seen) any = 1;
+      __syncthreads();
+      if (threadIdx.x == 0 && any != 0) *nonfinite = 1.0f;
+    }
   }
 };
 
@@ -222,14 +228,20 @@ void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::Te
         apply_elementwise<T>({params, backups, grads, bufs}, op);
       }
     };
-    if (sums && momentum_out) {
-      run(SgdOp<T, true, true>{});
-    } else if (sums) {
-      run(SgdOp<T, true, false>{});
-    } else if (momentum_out) {
-      run(SgdOp<T, false, true>{});
+    auto with_sums = [&](auto tag) {
+      constexpr bool kSums = decltype(tag)::value;
+      if (momentum_out) {
+        run(SgdOp<T, kSums, true, true>{});
+      } else if (nonfinite) {
+        run(SgdOp<T, kSums, false, true>{});
+      } else {
+        run(SgdOp<T, kSums, false, false>{});
+      }
+    };
+    if (sums) {
+      with_sums(std::true_type{});
     } else {
-      run(SgdOp<T, false, false>{});
+      with_sums(std::false_type{});
     }
     if (nonfinite) {
       // momentum_out exists exactly when there are old buffers to keep (check_sgd_out_args).
