@@ -21,7 +21,7 @@ CONFIGS = {
     "dampening-maximize": dict(momentum=0.8, dampening=0.1, weight_decay=1e-2, maximize=True),
     "plain": dict(momentum=0.0, weight_decay=1e-2),
 }
-FAULTS = {"first": (0, 0), "last": (4, 23), "large": (2, 70_000)}
+FAULTS = {"first": (0, 0), "middle": (3, 100), "last": (4, 23), "large": (2, 70_000)}
 
 
 def _inputs(device: str, dtype: torch.dtype, scale: float = 1.0):
@@ -88,7 +88,7 @@ def _fault_cases():
     for b in ROWS:
         for i, fault in enumerate(FAULTS):
             for j, value in enumerate(VALUES):
-                if not b.interpreted or i == j:
+                if not b.interpreted or i % len(VALUES) == j:
                     out.append(pytest.param(b, fault, VALUES[value], id=f"{value}-{fault}-{b.id}"))
     return out
 
@@ -184,3 +184,48 @@ def test_bad_arguments_rejected_before_writing(backend):
             backend.call("sgd_restore_step_", (params, backups, grads, old), dict(lr=0.1, **kw))
         assert_lists_equal(params, before, "params after a rejected call")
         assert float(flag) == 0.0
+
+
+@backend_param(ROWS)
+@pytest.mark.parametrize("flag_before", [0.0, 1.0])
+@pytest.mark.parametrize("first", [False, True], ids=["kept", "first-step"])
+def test_found_inf_skip_sets_nothing(backend, flag_before, first):
+    """A step found_inf skips from the start is not looked at: the flag keeps its value, params end at
+    the backups, momentum_out at the old buffers, a first step's buffers zero (new ones, as the
+    public op makes them under found_inf); the sums are still added (a NaN in them)."""
+    require(backend)
+    cfg = CONFIGS["nesterov"]
+    params, backups, grads, old, out = _inputs(backend.device, torch.float32)
+    grads[3][5, 6] = float("nan")
+    flag = torch.tensor(flag_before, device=backend.device)
+    sums = torch.zeros(2, device=backend.device)
+    before = [o.clone() for o in old]
+    bufs = backend.call("sgd_restore_step_", (params, backups, grads, None if first else old),
+                        dict(lr=0.1, **cfg, nonfinite=flag, momentum_out=None if first else out, sums=sums,
+                             found_inf=torch.ones((), device=backend.device)))
+    assert float(flag) == flag_before
+    assert_lists_equal(params, backups, "params")
+    assert_lists_equal(bufs, [torch.zeros_like(o) for o in old] if first else before, "buffers")
+    assert_lists_equal(old, before, "old buffers")
+    assert torch.isnan(sums[0]) and float(sums[1]) == 0.0
+
+
+@backend_param(ROWS)
+@pytest.mark.parametrize("first", [False, True], ids=["kept", "first-step"])
+def test_fault_with_grad_scale_and_sums(backend, first):
+    """The loss scale divided out and telemetry on: the flag and the undo as without; the sums (over
+    the grads as given) are still added, with the NaN in them."""
+    require(backend)
+    cfg = CONFIGS["momentum"]
+    params, backups, grads, old, out = _inputs(backend.device, torch.float32, 1024.0)
+    grads[2][90_000] = float("nan")
+    flag = torch.zeros((), device=backend.device)
+    sums = torch.zeros(2, device=backend.device)
+    before = [o.clone() for o in old]
+    bufs = backend.call("sgd_restore_step_", (params, backups, grads, None if first else old),
+                        dict(lr=0.1, **cfg, nonfinite=flag, momentum_out=None if first else out, sums=sums,
+                             grad_scale=torch.tensor(1024.0, device=backend.device)))
+    assert float(flag) == 1.0
+    assert_lists_equal(params, backups, "params")
+    assert_lists_equal(bufs, [torch.zeros_like(o) for o in old] if first else before, "buffers")
+    assert torch.isnan(sums[0])
