@@ -13,8 +13,8 @@ from sam_kernels.ops import dispatch
 from tests.loops import test_amp_loops as amp
 from tests.loops import test_aliasing_loops as aliasing
 from tests.loops import test_cast_loops as casts
-from tests.loops import test_compile_loops as compiled
 from tests.loops import test_plain_loops as plain
+from tests.loops import test_sam_on_loops as sam_on
 from tests.loops.harness import Run
 from tests.loops.matrix import cases
 from tests.loops import test_checkpoint_loops as checkpoint
@@ -78,7 +78,6 @@ OTHER_LOOPS = [  # (loop of the table, the CPU backends' test of it, its extra a
     ("cast", casts.test_cast_between_steps, {}),
     ("cast/midstep", casts.test_cast_between_first_and_second_step, {}),
     ("aliased/tied", aliasing.test_tied_parameter, {}),
-    ("compile", compiled.test_compiled_steps_with_lr_schedule, {}),
 ]
 
 
@@ -87,3 +86,10 @@ OTHER_LOOPS = [  # (loop of the table, the CPU backends' test of it, its extra a
     for loop, test, kw in OTHER_LOOPS for c in cases(loop, backends=BACKENDS)])
 def test_other_loop(test, kw, info, backend):
     test(info, backend, **kw)
+
+
+@pytest.mark.parametrize("info,backend", [c for c in cases("sam_on", backends=BACKENDS)
+                                           + cases("sam_on", refused=True, backends=BACKENDS)
+                                           if c.values[0].name != "SAM-ON"])
+def test_sam_on_groups(info, backend):
+    sam_on.test_every_variant_leaves_skipped_groups_at_w(info, backend)

@@ -15,6 +15,7 @@ import pytest
 from sam_kernels.ops import dispatch
 from tests.loops import test_amp_loops as amp
 from tests.loops import test_checkpoint_loops as checkpoint
+from tests.loops import test_sam_on_loops as sam_on
 from tests.loops.harness import Run
 from tests.loops.matrix import cases
 from tests.utils import require_backend
@@ -57,3 +58,10 @@ def test_triton_amp_overflow_skips_the_step(info, backend, loop, pass_no):
 @pytest.mark.parametrize("info,backend", cases("checkpoint/midstep", backends=BACKENDS))
 def test_triton_checkpoint_between_first_and_second_step(info, backend):
     checkpoint.test_checkpoint_between_first_and_second_step(info, backend)
+
+
+@pytest.mark.parametrize("info,backend", [c for c in cases("sam_on", backends=BACKENDS)
+                                           + cases("sam_on", refused=True, backends=BACKENDS)
+                                           if c.values[0].name != "SAM-ON"])
+def test_triton_sam_on_groups(info, backend):
+    sam_on.test_every_variant_leaves_skipped_groups_at_w(info, backend)
