@@ -91,15 +91,15 @@ def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, out_ptr, offs, mask, neg_lr, mom, o
                inv_scale, bad, DT: tl.constexpr, CDT: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                HAS_SCALE: tl.constexpr, HAS_OUT: tl.constexpr, CHECK: tl.constexpr):
-    """One block of the update; returns g as loaded, in CDT (for the sums), and ``bad`` raised to
-    1 where an unscaled gradient of the block is NaN/Inf (CHECK; masked-off lanes loaded 0)."""
+    """One block of the update; returns g as loaded, in CDT (for the sums), and the lanes of ``bad``
+    raised to 1 where an unscaled gradient is NaN/Inf (CHECK; masked-off lanes loaded 0)."""
     w = load(b_ptr + offs, mask).to(CDT)
     g = load(g_ptr + offs, mask).to(CDT)
     d = g
     if HAS_SCALE:
         d = d * inv_scale
     if CHECK:
-        bad = tl.maximum(bad, tl.max(tl.where(tl.abs(d) < float("inf"), 0, 1), 0))  # NaN compares false
+        bad = tl.maximum(bad, tl.where(tl.abs(d) < float("inf"), 0, 1))  # NaN compares false
     if MAXIMIZE:
         d = -d
     if HAS_WD:
@@ -152,7 +152,7 @@ def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, out_ptrs, a_ptrs,
     inv, skip = _amp_scalars(scale_ptr, found_ptr, CDT, HAS_SCALE, HAS_FOUND)
     acc_sq = tl.zeros((BLOCK,), CDT)
     acc_dot = tl.zeros((BLOCK,), CDT)
-    bad = tl.full((), 0, tl.int32)
+    bad = tl.zeros((BLOCK,), tl.int32)  # per lane: reduced once, after the loops
     if skip:
         _restore_range(p_ptr, b_ptr, start, end, BLOCK)
         if HAS_OUT:  # the caller keeps momentum_out as the state
@@ -174,7 +174,7 @@ def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, out_ptrs, a_ptrs,
             if SUMS:
                 acc_sq, acc_dot = _add_sums(acc_sq, acc_dot, g, a_ptr, offs, mask, CDT, HAS_ASCENT)
     if CHECK:
-        if bad != 0:
+        if tl.max(bad, 0) != 0:
             tl.store(flag_ptr, 1.0)
     if SUMS:
         _store_partials(partials, acc_sq, acc_dot)
