@@ -138,7 +138,8 @@ def _triton_configs():
 
     c = dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024, CHUNK=8192, ALIGNED=True)
     sgd = dict(HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,
-               HAS_FOUND=True)
+               HAS_FOUND=True, HAS_OUT=False, CHECK=False)
+    check = dict(sgd, HAS_OUT=True, CHECK=True)
     adamw = dict(MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True)
     pert = dict(MASKED=True, ADAPTIVE=True, KEEP=True)
     return [
@@ -157,6 +158,10 @@ def _triton_configs():
         ("sgd fp32 +sums", optimizer_steps._sgd_restore_step_kernel, dict(c, **sgd, SUMS=True, HAS_ASCENT=True)),
         ("sgd bf16 +sums", optimizer_steps._sgd_restore_step_kernel, dict(c, DT=tl.bfloat16, **sgd, SUMS=True,
                                                                           HAS_ASCENT=True)),
+        ("sgd fp32 +check", optimizer_steps._sgd_restore_step_kernel, dict(c, **check, SUMS=False, HAS_ASCENT=False)),
+        ("sgd fp32 +check +sums", optimizer_steps._sgd_restore_step_kernel, dict(c, **check, SUMS=True,
+                                                                                 HAS_ASCENT=True)),
+        ("sgd undo fp32", optimizer_steps._sgd_undo_kernel, dict(c, HAS_FOUND=True, HAS_NEW=True, HAS_OLD=True)),
         ("adamw fp32", optimizer_steps._adamw_restore_step_kernel, dict(c, **adamw, SUMS=False, HAS_ASCENT=False)),
         ("adamw fp32 +sums", optimizer_steps._adamw_restore_step_kernel, dict(c, **adamw, SUMS=True, HAS_ASCENT=True)),
         ("adamw bf16 +sums", optimizer_steps._adamw_restore_step_kernel, dict(c, DT=tl.bfloat16, **adamw, SUMS=True,
@@ -183,7 +188,7 @@ def _triton_configs():
 _SCALARS = {"partials": "*fp32", "out": "*fp32", "sq_norm": "*fp32", "ref_sq_norm": "*fp32", "gs_dot_g": "*fp32",
             "g_sq_norm": "*fp32", "gv_sq_norm": "*fp32", "n": "i32", "keep_threshold": "i32", "hist": "*i32",
             "keep": "*i8", "shift": "i32", "high_mask": "i64", "flip": "i32", "scale_ptr": "*fp32",
-            "found_ptr": "*fp32", "sums": "*fp64"}
+            "found_ptr": "*fp32", "sums": "*fp64", "flag_ptr": "*fp32"}
 
 
 def triton_rows() -> list[dict]:

@@ -8,6 +8,8 @@
 //                     compute type A (reduce_sum), or Sums<A, N> for N sums taken in one pass
 //                     (add_sums; an op may update its lists and reduce at once);
 //   load_scalars()    run once per thread before the loop (reads device scalars: norms, dots);
+//   finish_block()    optional: run by every thread of the block after the loop (block-wide
+//                     collectives allowed: publishes a per-thread predicate once per block);
 //   operator()(T (&x)[kLists], bool selected, int64_t index_in_tensor, int64_t aux)
 //                     reads/updates x in place (storage type: values not written stay bitwise).
 // Absent optional lists (null pointers) are neither loaded nor stored; the op knows from its own
@@ -48,6 +50,12 @@ using reduction_t = std::conditional_t<Op::kReduce,
                                        decltype(std::declval<const Op&>()(std::declval<T (&)[Op::kLists]>(), true,
                                                                           int64_t{}, int64_t{})),
                                        acc_type<T>>;
+
+// Whether Op has the optional finish_block().
+template <typename Op, typename = void>
+struct has_finish_block : std::false_type {};
+template <typename Op>
+struct has_finish_block<Op, std::void_t<decltype(std::declval<Op&>().finish_block())>> : std::true_type {};
 
 template <typename T, typename Op>
 struct ElementwiseFunctor {
@@ -97,6 +105,7 @@ struct ElementwiseFunctor {
         if ((Op::kWrites >> l & 1u) && tensors.ptrs[l] != nullptr)
           store_group<T, kIlp>(tensors.ptrs[l], v[l], i, c.end, c.aligned);
     });
+    if constexpr (has_finish_block<Op>::value) o.finish_block();
     if constexpr (Op::kReduce) {
       // Fixed tree over a fixed thread -> element assignment: the partial is deterministic.
       using BlockReduce = cub::BlockReduce<R, kBlockSize>;

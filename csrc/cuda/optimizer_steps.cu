@@ -4,8 +4,11 @@
 // Telemetry (`sums`, reference.add_descent_sums): the same pass also returns [g², ⟨a, g⟩] per
 // element, reduced like reduce_sum and added into sums (add_sums); the ops without sums are
 // separate instantiations with the lists and the work they had before.
+// Finite check (sgd_restore_step_'s `nonfinite`): noted in the update's pass, undone on the device
+// by a second launch that costs no memory pass when the flag is 0 (UndoFunctor).
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <type_traits>
 
@@ -39,17 +42,25 @@ __device__ __forceinline__ std::conditional_t<kSums, Sums<acc_type<T>, 2>, void>
   }
 }
 
-// lists: 0 params (w), 1 backups (r), 2 grads (r), 3 momentum_buffers (rw; absent when momentum == 0),
-// with kSums: 4 ascent_grads (r; absent: only Σ g²).
-template <typename T, bool kSums>
+// lists: 0 params (w), 1 backups (r), 2 grads (r), 3 momentum_buffers (rw, only read with kOut; absent
+// when momentum == 0), with kOut: 4 momentum_out (w: the new buffers), with kSums: last ascent_grads (r;
+// absent: only Σ g²).
+// kCheck: the finite check in the pass (when `nonfinite` is not null): a thread notes a NaN/Inf
+// unscaled gradient and finish_block publishes it with one store per block; UndoFunctor, launched
+// next, puts everything back. Compiled out of the ops without it (their registers stay as they were).
+template <typename T, bool kSums, bool kOut, bool kCheck>
 struct SgdOp {
+  static_assert(kCheck || !kOut, "momentum_out comes with the check (nonfinite may still be null)");
   using A = acc_type<T>;
-  static constexpr int kLists = kSums ? 5 : 4;
-  static constexpr unsigned kReads = kSums ? 0b11110 : 0b1110, kWrites = 0b1001;
+  static constexpr int kNew = kOut ? 4 : 3;  // the list the new buffers go to
+  static constexpr int kLists = 4 + kOut + kSums;
+  static constexpr unsigned kReads = 0b1110u | (kSums ? 1u << (kLists - 1) : 0u), kWrites = 1u | 1u << kNew;
   static constexpr bool kMasked = false, kReduce = kSums;
   A lr, momentum, one_minus_dampening, weight_decay;
   bool has_momentum, has_weight_decay, nesterov, maximize, init_buffers;
   AmpScalars amp;
+  float* nonfinite = nullptr;  // null: no finite check
+  mutable bool seen = false;   // this thread met a NaN/Inf (each thread works on its own copy of the op)
 
   __device__ void load_scalars() { amp.load(); }
   // Spelled out, not auto (see reduction_t).
@@ -59,21 +70,67 @@ struct SgdOp {
 
   __device__ __forceinline__ void update(T* x) const {
     const A w = static_cast<A>(x[1]);
-    if (amp.skip) {
+    if (amp.skip) {  // not looked at: the flag stays as it was
       x[0] = x[1];
+      if constexpr (kOut) x[4] = x[3];  // the caller keeps momentum_out as the state
       return;
     }
     A d = static_cast<A>(x[2]);
     if (amp.grad_scale != nullptr) d = d * static_cast<A>(amp.inv_scale);
+    if constexpr (kCheck) {
+      if (nonfinite != nullptr && !::isfinite(d)) seen = true;
+    }
     if (maximize) d = -d;
     if (has_weight_decay) d = d + weight_decay * w;
     if (has_momentum) {
       // torch keeps the buffer in the param dtype and continues from the stored (rounded) value.
-      x[3] = static_cast<T>(init_buffers ? d : static_cast<A>(x[3]) * momentum + one_minus_dampening * d);
-      const A buf = static_cast<A>(x[3]);
+      x[kNew] = static_cast<T>(init_buffers ? d : static_cast<A>(x[3]) * momentum + one_minus_dampening * d);
+      const A buf = static_cast<A>(x[kNew]);
       d = nesterov ? d + momentum * buf : buf;
     }
     x[0] = static_cast<T>(w + (-lr) * d);
+  }
+
+  // One store per block at most, and none on a finite step.
+  __device__ void finish_block() const {
+    if constexpr (kCheck) {
+      if (nonfinite == nullptr) return;  // the same for every thread of the block
+      __shared__ int any;
+      if (threadIdx.x == 0) any = 0;
+      __syncthreads();
+      if (seen) any = 1;
+      __syncthreads();
+      if (threadIdx.x == 0 && any != 0) *nonfinite = 1.0f;
+    }
+  }
+};
+
+// The undo of sgd_restore_step_'s finite check: the launch after the update's, on the same stream,
+// so the decision never visits the host. Every block reads the flags first and returns at once
+// (no memory pass) when nonfinite is 0, or when found_inf skipped the step from the start (the
+// update then wrote nothing to undo); else params <- backups and the new buffers <- the old ones,
+// zeros where there are none (a first step), bitwise.
+// lists: 0 params (w), 1 backups (r), 2 old buffers (r; absent: zero-fill), 3 new buffers (w; absent
+// without momentum).
+template <typename T>
+struct UndoFunctor {
+  static constexpr int kIlp = ilp_of<T>();
+  static constexpr int kDepth = 4;
+  const float* nonfinite;
+  const float* found_inf;  // null: no AMP skip
+
+  __device__ void operator()(const BlockTensors<kDepth>& t, const ChunkRef& c) const {
+    if (*nonfinite == 0.0f || (found_inf != nullptr && *found_inf != 0.0f)) return;
+    for_each_group<kIlp>(c, [&](int64_t i) {
+      if (i >= c.end) return;
+      store_group<T, kIlp>(t.ptrs[0], load_group<T, kIlp>(t.ptrs[1], i, c.end, c.aligned), i, c.end, c.aligned);
+      if (t.ptrs[3] == nullptr) return;
+      Vec<T, kIlp> old;
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) old.v[k] = static_cast<T>(0.0f);
+      if (t.ptrs[2] != nullptr) old = load_group<T, kIlp>(t.ptrs[2], i, c.end, c.aligned);
+      store_group<T, kIlp>(t.ptrs[3], old, i, c.end, c.aligned);
+    });
   }
 };
 
@@ -131,20 +188,25 @@ void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::Te
                            std::optional<at::TensorList> momentum_out, const std::optional<at::Tensor>& nonfinite) {
   const bool has_momentum = momentum != 0.0;
   sam_kernels::check_sgd_args(params, backups, grads, momentum_buffers, has_momentum, c10::DeviceType::CUDA);
-  TORCH_CHECK_NOT_IMPLEMENTED(!momentum_out && !nonfinite, "sgd_restore_step_: momentum_out and nonfinite (the ",
-                              "finite check in the update's pass) are not implemented by the CUDA kernels; use ",
-                              "backend='eager' on CUDA tensors");
+  sam_kernels::check_sgd_out_args(params, momentum_out, nonfinite, has_momentum, init_buffers);
   const AmpScalars amp = amp_scalars("sgd_restore_step_", grad_scale, found_inf, params);
+  sam_kernels::check_amp_scalar("sgd_restore_step_", "nonfinite", nonfinite, params);
   sam_kernels::check_telemetry_args("sgd_restore_step_", ascent_grads, sums, params);
+  // With momentum_out the old buffers are only read (kept for the undo).
   sam_kernels::check_no_shared_writes("sgd_restore_step_",
                                       {{params, true}, {backups, false}, {grads, false},
-                                       {has_momentum ? momentum_buffers : at::TensorList{}, true},
+                                       {has_momentum ? momentum_buffers : at::TensorList{}, !momentum_out},
+                                       {momentum_out.value_or(at::TensorList{}), true},
                                        {ascent_grads.value_or(at::TensorList{}), false}});
   const c10::cuda::CUDAGuard guard(params[0].device());
+  const at::TensorList bufs = has_momentum ? momentum_buffers : at::TensorList{};
+  const at::TensorList outs = momentum_out.value_or(at::TensorList{});
+  const at::TensorList asc = ascent_grads.value_or(at::TensorList{});
   dispatch_floats(params[0].scalar_type(), "sgd_restore_step_", [&](auto tag) {
     using T = decltype(tag);
     using A = acc_type<T>;
     auto run = [&](auto op) {
+      using Op = decltype(op);
       op.lr = static_cast<A>(lr);
       op.momentum = static_cast<A>(momentum);
       op.one_minus_dampening = static_cast<A>(1.0 - dampening);  // alpha=1 - dampening, formed in double
@@ -155,18 +217,38 @@ void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::Te
       op.maximize = maximize;
       op.init_buffers = init_buffers;
       op.amp = amp;
-      const at::TensorList bufs = has_momentum ? momentum_buffers : at::TensorList{};
-      if constexpr (decltype(op)::kReduce) {
-        add_sums<T>({params, backups, grads, bufs, ascent_grads.value_or(at::TensorList{})}, op, *sums,
-                    sums_written(ascent_grads));
+      op.nonfinite = nonfinite ? nonfinite->data_ptr<float>() : nullptr;
+      if constexpr (Op::kReduce && Op::kNew == 4) {
+        add_sums<T>({params, backups, grads, bufs, outs, asc}, op, *sums, sums_written(ascent_grads));
+      } else if constexpr (Op::kReduce) {
+        add_sums<T>({params, backups, grads, bufs, asc}, op, *sums, sums_written(ascent_grads));
+      } else if constexpr (Op::kNew == 4) {
+        apply_elementwise<T>({params, backups, grads, bufs, outs}, op);
       } else {
         apply_elementwise<T>({params, backups, grads, bufs}, op);
       }
     };
+    auto with_sums = [&](auto tag) {
+      constexpr bool kSums = decltype(tag)::value;
+      if (momentum_out) {
+        run(SgdOp<T, kSums, true, true>{});
+      } else if (nonfinite) {
+        run(SgdOp<T, kSums, false, true>{});
+      } else {
+        run(SgdOp<T, kSums, false, false>{});
+      }
+    };
     if (sums) {
-      run(SgdOp<T, true>{});
+      with_sums(std::true_type{});
     } else {
-      run(SgdOp<T, false>{});
+      with_sums(std::false_type{});
+    }
+    if (nonfinite) {
+      // momentum_out exists exactly when there are old buffers to keep (check_sgd_out_args).
+      const at::TensorList olds = has_momentum && !init_buffers ? momentum_buffers : at::TensorList{};
+      const at::TensorList news = momentum_out ? outs : bufs;
+      multi_tensor_apply(std::array<at::TensorList, 4>{params, backups, olds, news}, {},
+                         UndoFunctor<T>{nonfinite->data_ptr<float>(), amp.found_inf});
     }
   });
 }

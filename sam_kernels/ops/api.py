@@ -155,7 +155,9 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     non-zero at the end of the call (set here or before), params end bitwise at the backups,
     ``momentum_out`` bitwise equal to ``momentum_buffers`` and first-step buffers zero, so a caller
     may keep the returned buffers as its state whatever the flag. CPU: decided on the host at the
-    end of the call. Returns the new buffers: ``momentum_out``'s entries, new ones for first steps.
+    end of the call; CUDA and Triton: on the device, by a second launch on the current stream that
+    reads the flag and writes nothing when it is 0 (no host synchronization). Returns the new
+    buffers: ``momentum_out``'s entries, new ones for first steps.
 
     Telemetry (ours): ``sums`` (float32/float64, shape (2,), on the params' device) gets
     ``[Σ g², Σ ⟨ascent_grads, g⟩]`` ADDED, over the grads as given (an AMP loss scale still in

@@ -119,7 +119,7 @@ def _with_telemetry(call, telemetry, params: list[torch.Tensor]):
     return call(sums=telemetry.sums)
 
 
-IN_PASS_BACKENDS = ("eager", "cpp")
+IN_PASS_BACKENDS = ("eager", "cpp", "cuda", "triton")
 """The backends whose ``sgd_restore_step_`` takes ``momentum_out`` and ``nonfinite``."""
 
 
@@ -127,15 +127,20 @@ class InPassCheck:
     """The finite check of a SAM step taken by the fused SGD descent in its own pass (ours).
 
     The descent reads the old momentum buffers and writes the new ones into spare buffers kept in
-    ``sam.state[p][SPARE_KEY]`` (allocated once; not saved), and sets ``flag`` (0-dim fp32, host
-    memory) on a NaN/Inf gradient, in which case the kernel has put the weights back at w. The new
-    buffers replace the old ones in the base optimizer's state (the old ones become the spares)
-    only when every launch of the step saw finite gradients: :meth:`commit` swaps them, or raises
-    ``FloatingPointError`` with the state as it was."""
+    ``sam.state[p][SPARE_KEY]`` (allocated once; not saved), and sets ``flag`` (0-dim fp32 on the
+    params' ``device``) on a NaN/Inf gradient, in which case the kernels have put the weights back
+    at w and the new buffers at the old values (zero for a first step). In the call (host memory,
+    finite check not deferred) the new buffers replace the old ones in the base optimizer's state
+    (the old ones become the spares) only when every launch of the step saw finite gradients:
+    :meth:`commit` swaps them, or raises ``FloatingPointError`` with the state as it was. Deferred
+    (device memory): the flag is not read; :meth:`commit` swaps them either way (on a fault they
+    hold the old values bitwise) and folds the flag into the step's skip flag, whose error
+    :mod:`.finite` raises at the next step."""
 
-    def __init__(self, sam):
+    def __init__(self, sam, device: torch.device):
         self.sam = sam
-        self.flag = torch.zeros(())
+        self.flag = torch.zeros((), device=device)
+        self.deferred = sam.step_state.finite.defers(self.flag)
         self._installs: list[tuple[dict, dict, Optional[torch.Tensor], torch.Tensor]] = []
 
     def spares(self, params: list[torch.Tensor], old: list[Optional[torch.Tensor]],
@@ -162,9 +167,13 @@ class InPassCheck:
             self._installs.append((st, state[p], before, buf))
 
     def commit(self) -> None:
-        """Swap in the new buffers, or raise (weights at w, state untouched) when the flag is set."""
+        """Swap in the new buffers, or raise (weights at w, state untouched) when the flag is set;
+        deferred, swap them and hand the flag on (no read)."""
         installs, self._installs = self._installs, []
-        if bool(self.flag):  # host memory: no synchronization
+        if self.deferred:
+            now = self.sam.step_state
+            now.found = self.flag if now.found is None else torch.maximum(now.found, self.flag.to(now.found.device))
+        elif bool(self.flag):  # host memory: no synchronization
             raise FloatingPointError(message("second_step", "found in the update's pass"))
         for st, own, before, buf in installs:
             st["momentum_buffer"] = buf
@@ -174,17 +183,18 @@ class InPassCheck:
 
 def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor], sparse: bool) -> bool:
     """Whether this SAM step's finite check is taken by the fused descent in its own pass (no read of
-    its own): ``finite_check`` True or "fused", a fused SGD descent, parameters in host memory (the
-    flag is then read without synchronization) and a backend of :data:`IN_PASS_BACKENDS`, every
-    param with a gradient perturbed and its own backup (the weights can be put back), and nothing
-    that must see the check before the update: no AMP, descent modifiers, sparse gradients,
-    compiled step, deferred check, aliased params or process group (every rank must take the same
-    decision). The base optimizer's ``momentum_buffer`` entries are then new tensors each step
-    (the previous ones become the spares), not updated in place."""
+    its own): ``finite_check`` True or "fused", a fused SGD descent, parameters on one device and a
+    backend of :data:`IN_PASS_BACKENDS` there (in host memory the flag is read in the step without
+    synchronization; in device memory the check is deferred: the kernels undo a fault on the device
+    and the error is raised at the next step), every param with a gradient perturbed and its own
+    backup (the weights can be put back), and nothing that must see the check before the update:
+    no AMP, descent modifiers, sparse gradients, compiled step, aliased params or process group
+    (every rank must take the same decision). The base optimizer's ``momentum_buffer`` entries are
+    then new tensors each step (the previous ones become the spares), not updated in place."""
     if sam.finite_check not in (True, "fused") or sparse or sam.amp.active or sam.modifiers:
         return False
     now = sam.step_state
-    if now.finite.deferred or now.aliases or torch.compiler.is_compiling() or fused_kind(sam.base_optimizer) != "sgd":
+    if now.aliases or torch.compiler.is_compiling() or fused_kind(sam.base_optimizer) != "sgd":
         return False
     if getattr(sam.base_optimizer, "restore_step_", None) is not None:
         return False
@@ -192,10 +202,11 @@ def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor]
         return False
     if len(perturbed) != len(params) or not all(map(operator.is_, perturbed, params)):
         return False
-    if {p.device.type for p in params} != {"cpu"}:
+    devices = {p.device for p in params}
+    if len(devices) != 1:  # one flag, on the params' device
         return False
     try:
-        return ops.dispatch.resolve("sgd_restore_step_", "cpu", sam.backend)[0] in IN_PASS_BACKENDS
+        return ops.dispatch.resolve("sgd_restore_step_", devices.pop().type, sam.backend)[0] in IN_PASS_BACKENDS
     except RuntimeError:  # a backend that cannot run here: the descent raises it
         return False
 
@@ -395,7 +406,8 @@ def descend(sam, perturbed: Optional[list[torch.Tensor]]) -> None:
         sam.distributed.before_plain_descent(grads)  # m-SAM: the first backward left them unsynchronized
     scale = sam.loss_scale
     sq = None
-    check = InPassCheck(sam) if sam_step and grads and in_pass_check(sam, perturbed, params, sparse) else None
+    check = (InPassCheck(sam, params[0].device) if sam_step and grads and in_pass_check(sam, perturbed, params, sparse)
+             else None)
     if grads and (sam.finite_check or sam.amp.active) and check is None:
         # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
         sq = groups.grads_sq_norm(grads, sam.backend)

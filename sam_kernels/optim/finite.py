@@ -26,11 +26,14 @@ happens with a non-finite norm depends on where the gradients live:
 Under ``torch.compile`` the check stays in the call (the read graph-breaks). With an active
 ``GradScaler`` an overflow is expected and handled by :mod:`.amp` instead (no error).
 
-``finite_check="fused"`` (what True means where it applies: ``torch.optim.SGD`` on CPU parameters;
-see :func:`.base_step.in_pass_check`) drops the read of g(w + e): the fused SGD descent checks each
-gradient element in the pass that reads it for the update and writes the new momentum into a spare
-buffer, so a fault is undone bitwise at the end of the call (:class:`.base_step.InPassCheck`);
-``second_step`` then raises as above. ``"pass"`` keeps the read (no spare buffers).
+``finite_check="fused"`` (what True means where it applies: ``torch.optim.SGD`` with its parameters
+on one device; see :func:`.base_step.in_pass_check`) drops the read of g(w + e): the fused SGD
+descent checks each gradient element in the pass that reads it for the update and writes the new
+momentum into a spare buffer, so a fault is undone bitwise at the end of the call
+(:class:`.base_step.InPassCheck`; on a GPU by a second launch that reads the flag on the device).
+The error is then raised as above: by ``second_step`` in host memory, at the next step in device
+memory (the descent's flag joins the step's skip flag). ``"pass"`` keeps the read (no spare
+buffers).
 """
 from __future__ import annotations
 

@@ -76,9 +76,10 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, Readouts, torch.optim.Optimize
             fused SGD descent's own pass, which then writes the new momentum into a spare buffer
             (one more parameter-sized buffer per momentum buffer, kept between steps, never saved)
             so that a fault can be undone: 40 instead of 44 bytes per fp32 parameter with momentum.
-            ``"fused"`` applies to ``torch.optim.SGD`` on CPU parameters without AMP, descent
-            modifiers, sparse gradients, ``torch.compile``, tied parameters or a process group;
-            elsewhere it runs as ``"pass"``. True (the default) is ``"fused"`` where it applies.
+            ``"fused"`` applies to ``torch.optim.SGD`` with its parameters on one device (CPU or GPU;
+            on a GPU a fault is undone on the device and raised at the next step, as above) without
+            AMP, descent modifiers, sparse gradients, ``torch.compile``, tied parameters or a process
+            group; elsewhere it runs as ``"pass"``. True (the default) is ``"fused"`` where it applies.
             Other values raise ``ValueError``.
         policy: when to take SAM steps (default: always).
         renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).

@@ -773,7 +773,7 @@ from sam_kernels.ops.backends.triton import _tables, bsam, masks, norm, optimize
 
 C = dict(DT=tl.float32, CDT=tl.float32, BLOCK=1024, CHUNK=8192, ALIGNED=True)
 SGD = dict(HAS_WD=True, HAS_MOMENTUM=True, INIT_BUFFERS=False, NESTEROV=True, MAXIMIZE=True, HAS_SCALE=True,
-           HAS_FOUND=True)
+           HAS_FOUND=True, HAS_OUT=False, CHECK=False)
 ADAMW = dict(MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True)
 HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full blocks
     (norm._sq_norm_partials_kernel, dict(C, ADAPTIVE=True, MASKED=True)),
@@ -790,6 +790,8 @@ HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full b
     (perturb._copy_kernel, dict(DT=tl.bfloat16, BLOCK=1024, CHUNK=8192, ALIGNED=True)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=False, HAS_ASCENT=False)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=True, HAS_ASCENT=True)),
+    (optimizer_steps._sgd_restore_step_kernel, dict(C, **dict(SGD, HAS_OUT=True, CHECK=True), SUMS=False,
+                                                    HAS_ASCENT=False)),
     (optimizer_steps._adamw_restore_step_kernel, dict(C, **ADAMW, SUMS=False, HAS_ASCENT=False)),
     (optimizer_steps._adamw_restore_step_kernel, dict(C, **ADAMW, SUMS=True, HAS_ASCENT=True)),
     (variants._renormalize_kernel, C), (variants._fisher_accumulate_kernel, C),
@@ -804,6 +806,10 @@ OTHER = [
     (optimizer_steps._adamw_restore_step_kernel, dict(C, DT=tl.float64, CDT=tl.float64, ALIGNED=False, MAXIMIZE=False,
                                                       HAS_SCALE=False, HAS_FOUND=False, SUMS=True, HAS_ASCENT=False)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, DT=tl.bfloat16, **SGD, SUMS=True, HAS_ASCENT=False)),
+    (optimizer_steps._sgd_restore_step_kernel, dict(C, DT=tl.bfloat16, **dict(SGD, HAS_OUT=True, CHECK=True),
+                                                    SUMS=True, HAS_ASCENT=True)),
+    (optimizer_steps._sgd_undo_kernel, dict(C, HAS_FOUND=True, HAS_NEW=True, HAS_OLD=True)),
+    (optimizer_steps._sgd_undo_kernel, dict(C, DT=tl.bfloat16, HAS_FOUND=False, HAS_NEW=True, HAS_OLD=False)),
     (perturb._perturb_kernel, dict(C, DT=tl.bfloat16, ALIGNED=False, MASKED=False, ADAPTIVE=True, KEEP=False,
                                    PERTURBATION_SQ=True, GRAD_COPIES=True)),
     (perturb._perturb_kernel, dict(C, DT=tl.float64, CDT=tl.float64, MASKED=True, ADAPTIVE=False, KEEP=True,
@@ -829,7 +835,7 @@ OTHER = [
 SCALARS = {"partials": "*fp32", "out": "*fp32", "sq_norm": "*fp32", "ref_sq_norm": "*fp32", "gs_dot_g": "*fp32",
            "g_sq_norm": "*fp32", "gv_sq_norm": "*fp32", "n": "i32", "keep_threshold": "i32", "hist": "*i32",
            "keep": "*i8", "shift": "i32", "high_mask": "i64", "flip": "i32", "scale_ptr": "*fp32",
-           "found_ptr": "*fp32", "sums": "*fp64"}
+           "found_ptr": "*fp32", "sums": "*fp64", "flag_ptr": "*fp32"}
 copies_off = {}
 for fn, cx in HOT + OTHER:
     sig = {p.name: "constexpr" if p.name in cx else p.annotation_type or SCALARS.get(p.name, "*i64") for p in fn.params}
@@ -840,6 +846,9 @@ for fn, cx in HOT + OTHER:
     for flag in ("SUMS", "PERTURBATION_SQ"):  # the telemetry reduction (tl.sum: warp shuffles) only when asked for
         if flag in cx:
             assert ("shfl.sync" in ptx) == cx[flag], f"{fn.__name__} {flag}={cx[flag]}: shuffles {'shfl.sync' in ptx}"
+    if "CHECK" in cx:  # the finite check's flag is touched only with the flag: else compiled out
+        row = f"{fn.__name__}_param_{fn.arg_names.index('flag_ptr')}]"
+        assert (row in ptx) == cx["CHECK"], f"{fn.__name__} CHECK={cx['CHECK']}: reads {row}"
     if "GRAD_COPIES" in cx:  # the copies' pointer row (a parameter) is read only with the flag: else compiled out
         row = f"{fn.__name__}_param_{fn.arg_names.index('c_ptrs')}]"
         assert (row in ptx) == cx["GRAD_COPIES"], f"{fn.__name__} GRAD_COPIES={cx['GRAD_COPIES']}: reads {row}"

@@ -1,8 +1,9 @@
-"""The finite check taken by the fused SGD descent in its own pass (``finite_check`` True or "fused"
-on CPU parameters): no read of g(w + e) of its own; a NaN/Inf gradient raises ``FloatingPointError``
-with the weights at w and the optimizer state bitwise as before; otherwise the same run as the
-separate pass ("pass"), in torch.optim's state layout, with the spare buffers allocated once and
-never saved. Expected values come from plain torch runs and from ``finite_check="pass"``."""
+"""The finite check taken by the fused SGD descent in its own pass (``finite_check`` True or "fused"):
+no read of g(w + e) of its own; a NaN/Inf gradient raises ``FloatingPointError`` with the weights at
+w and the optimizer state bitwise as before (in the call on CPU parameters; deferred to the next
+step on device memory, forced here with ``step_state.finite.deferred = True``); otherwise the same
+run as the separate pass ("pass"), in torch.optim's state layout, with the spare buffers allocated
+once and never saved. Expected values come from plain torch runs and from ``finite_check="pass"``."""
 from __future__ import annotations
 
 import copy
@@ -17,6 +18,8 @@ from sam_kernels.optim.finite import SPARE_KEY
 from tests.utils import backend_available
 
 BACKENDS = ["eager", "cpp"]
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not backend_available("triton", "cpu"),
+                                                         reason="triton unavailable on cpu"))
 SGD = {
     "momentum": dict(momentum=0.9, weight_decay=5e-4),
     "nesterov": dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
@@ -71,7 +74,7 @@ def descent_ops(opt, model, seed):
     return [r.op for r in log]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, TRITON])
 @pytest.mark.parametrize("mode", [True, "fused"])
 def test_no_read_of_its_own(backend, mode):
     """The descent's pass checks the gradients: no norm of g(w + e) before it ("pass" has one)."""
@@ -222,18 +225,14 @@ PASS_KEPT = {
     "adamw": lambda ps, mode: sk.SAM(ps, torch.optim.AdamW, lr=0.01, finite_check=mode),
     "renormalize": lambda ps, mode: sk.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, finite_check=mode,
                                            renormalize=True),
-    "triton": lambda ps, mode: sk.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, finite_check=mode,
-                                      backend="triton"),
 }
 
 
 @pytest.mark.parametrize("mode", [True, "fused"])
 @pytest.mark.parametrize("case", list(PASS_KEPT))
 def test_where_the_pass_stays(mode, case):
-    """AdamW, descent modifiers and a backend without the in-pass check keep the separate read (and
-    still raise with the weights and state kept)."""
-    if case == "triton" and not backend_available("triton", "cpu"):
-        pytest.skip("triton unavailable on cpu")
+    """AdamW and descent modifiers keep the separate read (and still raise with the weights and
+    state kept)."""
     model = make_model()
     opt = PASS_KEPT[case](model.parameters(), mode)
     assert descent_ops(opt, model, 0)[0] == "grad_sq_norm"
@@ -264,3 +263,135 @@ def test_spares_follow_a_cast_of_the_state(backend):
     for p in model.parameters():
         assert opt.state[p][SPARE_KEY].dtype == torch.float64
         assert opt.base_optimizer.state[p]["momentum_buffer"].dtype == torch.float64
+
+
+# --------------------------------------------------------------------------- deferred (device memory)
+
+def deferred_run(backend, mode, config, good_steps, bad=(1, float("nan"))):
+    """A deferred-check run: ``good_steps`` steps, then one with ``bad`` planted in g(w + e) (no error
+    in it), then the next step (raises at its first call; taken when called again). Returns the
+    model, the optimizer, the ops of the faulty step's second_step, and the weights and base state
+    before the faulty step and right after it."""
+    model = make_model()
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend, finite_check=mode, **SGD[config])
+    opt.step_state.finite.deferred = True
+    for s in range(good_steps):
+        step(model, opt, s)
+    weights, state = [p.detach().clone() for p in model.parameters()], base_states(opt)
+    x, y = batch(7)
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    i, value = bad
+    list(model.parameters())[i].grad.view(-1)[-1] = value
+    with ops.dispatch.recording() as log:
+        opt.second_step(zero_grad=True)  # no error inside the step
+    after = ([p.detach().clone() for p in model.parameters()], base_states(opt))
+    x, y = batch(8)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(FloatingPointError, match=f"NaN or Inf.*optimizer step {good_steps}"):
+        opt.first_step()  # does nothing else
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), after[0]))
+    opt.zero_grad()
+    step(model, opt, 8)
+    return model, opt, [r.op for r in log], (weights, state), after
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, TRITON])
+@pytest.mark.parametrize("config", ["momentum", "nesterov", "plain"])
+@pytest.mark.parametrize("first", [False, True], ids=["later-step", "first-step"])
+def test_deferred_fault_undone_on_the_device_and_raised_at_the_next_step(backend, config, first):
+    """No read of g(w + e); the faulty step leaves the weights at w and the momentum state bitwise as
+    before (a first step: zero buffers, as the deferred "pass" run leaves them); the error comes at
+    the next step's first call; the run then goes on exactly as the deferred "pass" run."""
+    good = 0 if first else 2
+    model, opt, descent, before, after = deferred_run(backend, True, config, good)
+    ref_model, ref_opt, ref_descent, ref_before, ref_after = deferred_run(backend, "pass", config, good)
+    assert descent == ["sgd_restore_step_"] and ref_descent == ["grad_sq_norm", "sgd_restore_step_"]
+    assert all(torch.equal(p, w) for p, w in zip(after[0], before[0])), "weights must be at w"
+    if first:
+        assert_same_states(after[1], ref_after[1])
+        assert all(not st or torch.equal(st["momentum_buffer"], torch.zeros_like(st["momentum_buffer"]))
+                   for st in after[1])
+    else:
+        assert_same_states(after[1], before[1])
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+    assert_same_states(base_states(opt), base_states(ref_opt))
+
+
+def test_deferred_fault_in_the_first_pass():
+    """A NaN in g(w) (deferred): the descent is skipped from the start (found_inf), the in-pass flag
+    stays 0, the state is installed unchanged, and the error comes at the next step."""
+    model = make_model()
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    opt.step_state.finite.deferred = True
+    for s in range(2):
+        step(model, opt, s)
+    weights, state = [p.detach().clone() for p in model.parameters()], base_states(opt)
+    x, y = batch(7)
+    F.cross_entropy(model(x), y).backward()
+    list(model.parameters())[2].grad.view(-1)[0] = float("inf")
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    with ops.dispatch.recording() as log:
+        opt.second_step(zero_grad=True)
+    assert [r.op for r in log] == ["sgd_restore_step_"]
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert_same_states(base_states(opt), state)
+    with pytest.raises(FloatingPointError, match="optimizer step 2"):
+        opt.check_finite()
+
+
+def test_deferred_skipped_step_not_in_telemetry():
+    """The skipped step's values are left out of stats() as in the deferred "pass" run (its flag
+    reaches the step's skip flag before telemetry records the step); the counters agree."""
+    stats = {}
+    for mode in (True, "pass"):
+        model, opt, *_ = deferred_run("eager", mode, "momentum", 3)
+        stats[mode] = opt.stats()
+    for key, value in stats["pass"].items():
+        if key != "optimizer_bytes":  # "pass" reads g(w + e) once more
+            torch.testing.assert_close(torch.tensor(stats[True][key]), torch.tensor(value), atol=0, rtol=1e-5,
+                                       equal_nan=True, msg=key)
+    assert stats[True]["optimizer_bytes"] < stats["pass"]["optimizer_bytes"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bad", [None, float("nan")])
+def test_cuda_default_step_checks_in_the_pass_without_sync(bad):
+    """SGD momentum on CUDA at default settings: the descent takes the check in its pass (no
+    grad_sq_norm in second_step), no host sync in first_step/second_step; a NaN is undone on the
+    device (weights and momentum bitwise as before) and raised at the next first_step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)).cuda()
+    x, y = torch.randn(16, 32, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    for i in range(3):
+        F.cross_entropy(model(x), y).backward()
+        if i == 2:
+            weights = [p.detach().clone() for p in model.parameters()]
+            bufs = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+            bad_grad = None if bad is None else torch.tensor(bad, device="cuda")
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            if i == 2 and bad is not None:
+                model[0].bias.grad[3].copy_(bad_grad)
+            with ops.dispatch.recording() as log:
+                opt.second_step(zero_grad=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert [r.op for r in log] == ["sgd_restore_step_"]
+    torch.cuda.synchronize()
+    moved = not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert moved == (bad is None)
+    if bad is not None:
+        assert all(torch.equal(opt.base_optimizer.state[p]["momentum_buffer"], b)
+                   for p, b in zip(model.parameters(), bufs))
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(FloatingPointError, match="optimizer step 2"):
+            opt.first_step()

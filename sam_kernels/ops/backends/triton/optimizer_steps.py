@@ -9,6 +9,13 @@ AMP (as torch's fused optimizers): ``grad_scale`` points at the loss scale the g
 divided out as g·(1/S) with an fp32 reciprocal; a non-zero ``found_inf`` skips the update on the
 device (params ← backups, state untouched). Both are compiled out when absent (HAS_SCALE, HAS_FOUND).
 
+Finite check (``sgd_restore_step_``'s ``nonfinite``, CHECK): each program notes a NaN/Inf unscaled
+gradient in its chunk during the update and stores 1 into the flag (one store per program, none on
+a finite step); the new buffers go to ``momentum_out`` (HAS_OUT) and the old ones are only read.
+A second launch on the same stream, :func:`_sgd_undo_kernel`, loads the flag and returns at once
+when it is 0 (no memory pass), else puts params, momentum_out and a first step's buffers back: the
+decision never visits the host.
+
 Telemetry (reference.add_descent_sums): with ``sums`` (SUMS), each program also accumulates Σg²
 and, with ``ascent_grads`` (HAS_ASCENT), Σa·g over its chunk in CDT, g as loaded (the loss scale
 still in it), skipped AMP step or not; it writes the two into row ``program_id`` of a
@@ -80,16 +87,19 @@ def _store_partials(partials, acc_sq, acc_dot):
 
 
 @triton.jit
-def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, neg_lr, mom, one_minus_dampening, weight_decay, inv_scale,
-               DT: tl.constexpr, CDT: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, out_ptr, offs, mask, neg_lr, mom, one_minus_dampening, weight_decay,
+               inv_scale, bad, DT: tl.constexpr, CDT: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-               HAS_SCALE: tl.constexpr):
-    """One block of the update; returns g as loaded, in CDT (for the sums)."""
+               HAS_SCALE: tl.constexpr, HAS_OUT: tl.constexpr, CHECK: tl.constexpr):
+    """One block of the update; returns g as loaded, in CDT (for the sums), and the lanes of ``bad``
+    raised to 1 where an unscaled gradient is NaN/Inf (CHECK; masked-off lanes loaded 0)."""
     w = load(b_ptr + offs, mask).to(CDT)
     g = load(g_ptr + offs, mask).to(CDT)
     d = g
     if HAS_SCALE:
         d = d * inv_scale
+    if CHECK:
+        bad = tl.maximum(bad, tl.where(tl.abs(d) < float("inf"), 0, 1))  # NaN compares false
     if MAXIMIZE:
         d = -d
     if HAS_WD:
@@ -100,32 +110,40 @@ def _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, neg_lr, mom, one_minus_
         else:
             buf = load(buf_ptr + offs, mask).to(CDT) * mom + one_minus_dampening * d
         buf = round_to(buf, DT)
-        store(buf_ptr + offs, buf, mask)
+        if HAS_OUT:
+            store(out_ptr + offs, buf, mask)
+        else:
+            store(buf_ptr + offs, buf, mask)
         buf = buf.to(CDT)  # torch continues from the stored (rounded) buffer
         if NESTEROV:
             d = d + mom * buf
         else:
             d = buf
     store(p_ptr + offs, round_to(w + neg_lr * d, DT), mask)
-    return g
+    return g, bad
 
 
 @triton.jit
-def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, a_ptrs, sizes, blocks, scale_ptr, found_ptr, partials,
+def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, out_ptrs, a_ptrs, sizes, blocks, scale_ptr, found_ptr,
+                             flag_ptr, partials,
                              neg_lr: tl.float64, momentum: tl.float64, one_minus_dampening: tl.float64,
                              weight_decay: tl.float64, DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr,
                              CHUNK: tl.constexpr, ALIGNED: tl.constexpr, HAS_WD: tl.constexpr,
                              HAS_MOMENTUM: tl.constexpr, INIT_BUFFERS: tl.constexpr, NESTEROV: tl.constexpr,
                              MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
-                             SUMS: tl.constexpr, HAS_ASCENT: tl.constexpr):
+                             SUMS: tl.constexpr, HAS_ASCENT: tl.constexpr, HAS_OUT: tl.constexpr,
+                             CHECK: tl.constexpr):
     """w = backup; d = ±g (+ wd·w); buf = d if INIT else momentum·buf + (1-dampening)·d;
     d = d + momentum·buf if NESTEROV else buf; w = w + (-lr)·d (torch.optim.SGD).
-    SUMS: partials[b] = (Σ g², Σ a·g) over the chunk (a·g only with HAS_ASCENT)."""
+    SUMS: partials[b] = (Σ g², Σ a·g) over the chunk (a·g only with HAS_ASCENT).
+    HAS_OUT: the new buffers go to out_ptrs (buf_ptrs only read). CHECK: *flag_ptr = 1 when some
+    unscaled g of the chunk is NaN/Inf (a step found_inf skips is not looked at)."""
     t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
     p_ptr = tensor_ptr(p_ptrs, t, DT, ALIGNED)
     b_ptr = tensor_ptr(b_ptrs, t, DT, ALIGNED)
     g_ptr = tensor_ptr(g_ptrs, t, DT, ALIGNED)
     buf_ptr = tensor_ptr(buf_ptrs, t, DT, ALIGNED)
+    out_ptr = tensor_ptr(out_ptrs, t, DT, ALIGNED)
     a_ptr = tensor_ptr(a_ptrs, t, DT, ALIGNED)
     lr_c = scalar(neg_lr, CDT)
     mom = scalar(momentum, CDT)
@@ -134,26 +152,56 @@ def _sgd_restore_step_kernel(p_ptrs, b_ptrs, g_ptrs, buf_ptrs, a_ptrs, sizes, bl
     inv, skip = _amp_scalars(scale_ptr, found_ptr, CDT, HAS_SCALE, HAS_FOUND)
     acc_sq = tl.zeros((BLOCK,), CDT)
     acc_dot = tl.zeros((BLOCK,), CDT)
+    bad = tl.zeros((BLOCK,), tl.int32)  # per lane: reduced once, after the loops
     if skip:
         _restore_range(p_ptr, b_ptr, start, end, BLOCK)
+        if HAS_OUT:  # the caller keeps momentum_out as the state
+            _restore_range(out_ptr, buf_ptr, start, end, BLOCK)
         if SUMS:  # the sums do not depend on whether the step is taken
             acc_sq, acc_dot = _sums_range(g_ptr, a_ptr, start, split, end, CDT, BLOCK, HAS_ASCENT)
     else:
         for off in range(start, split, BLOCK):
             offs = block_offsets(off, BLOCK)
-            g = _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, None, lr_c, mom, damp, wd, inv, DT, CDT, HAS_WD,
-                           HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE, HAS_SCALE)
+            g, bad = _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, out_ptr, offs, None, lr_c, mom, damp, wd, inv, bad, DT,
+                                CDT, HAS_WD, HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE, HAS_SCALE, HAS_OUT, CHECK)
             if SUMS:
                 acc_sq, acc_dot = _add_sums(acc_sq, acc_dot, g, a_ptr, offs, None, CDT, HAS_ASCENT)
         for off in range(split, end, BLOCK):
             offs = block_offsets(off, BLOCK)
             mask = offs < end
-            g = _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, offs, mask, lr_c, mom, damp, wd, inv, DT, CDT, HAS_WD,
-                           HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE, HAS_SCALE)
+            g, bad = _sgd_block(p_ptr, b_ptr, g_ptr, buf_ptr, out_ptr, offs, mask, lr_c, mom, damp, wd, inv, bad, DT,
+                                CDT, HAS_WD, HAS_MOMENTUM, INIT_BUFFERS, NESTEROV, MAXIMIZE, HAS_SCALE, HAS_OUT, CHECK)
             if SUMS:
                 acc_sq, acc_dot = _add_sums(acc_sq, acc_dot, g, a_ptr, offs, mask, CDT, HAS_ASCENT)
+    if CHECK:
+        if tl.max(bad, 0) != 0:
+            tl.store(flag_ptr, 1.0)
     if SUMS:
         _store_partials(partials, acc_sq, acc_dot)
+
+
+@triton.jit
+def _sgd_undo_kernel(p_ptrs, b_ptrs, old_ptrs, new_ptrs, sizes, blocks, flag_ptr, found_ptr, DT: tl.constexpr,
+                     CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
+                     HAS_FOUND: tl.constexpr, HAS_NEW: tl.constexpr, HAS_OLD: tl.constexpr):
+    """The finite check's undo, launched after the update: nothing unless *flag_ptr != 0 (and the
+    step was not skipped by found_inf from the start, which wrote nothing to undo); else params ←
+    backups and, HAS_NEW, the new buffers ← the old ones (HAS_OLD) or 0 (a first step), bitwise."""
+    act = tl.load(flag_ptr) != 0.0
+    if HAS_FOUND:
+        act = act & (tl.load(found_ptr) == 0.0)
+    if act:
+        t, start, split, end = chunk_bounds(blocks, sizes, CHUNK, BLOCK)
+        _restore_range(tensor_ptr(p_ptrs, t, DT, ALIGNED), tensor_ptr(b_ptrs, t, DT, ALIGNED), start, end, BLOCK)
+        if HAS_NEW:
+            new_ptr = tensor_ptr(new_ptrs, t, DT, ALIGNED)
+            if HAS_OLD:
+                _restore_range(new_ptr, tensor_ptr(old_ptrs, t, DT, ALIGNED), start, end, BLOCK)
+            else:
+                for off in range(start, end, BLOCK):
+                    offs = block_offsets(off, BLOCK)
+                    mask = offs < end
+                    store(new_ptr + offs, tl.zeros((BLOCK,), DT), mask)
 
 
 @triton.jit
@@ -235,18 +283,24 @@ def sgd_restore_step_(params, backups, grads, momentum_buffers, *, lr, momentum,
                       maximize, init_buffers, grad_scale=None, found_inf=None, ascent_grads=None, sums=None,
                       momentum_out=None, nonfinite=None):
     """params ← backups, then torch.optim.SGD's update (see reference.sgd_restore_step_); with
-    ``sums``, adds [Σ g², Σ ⟨ascent_grads, g⟩] into it (reference.add_descent_sums)."""
-    if momentum_out is not None or nonfinite is not None:
-        raise NotImplementedError("sgd_restore_step_: momentum_out and nonfinite (the finite check in the update's "
-                                  "pass) are not implemented by the Triton kernels; use backend='eager' or 'cpp'")
+    ``sums``, adds [Σ g², Σ ⟨ascent_grads, g⟩] into it (reference.add_descent_sums); with
+    ``nonfinite``, the finite check in the pass and the undo launch (module docstring)."""
     has_momentum = momentum != 0
     amp = _amp_pointers(grad_scale, found_inf, params)
+    _check_finite_args(params, momentum_out, nonfinite, has_momentum, init_buffers)
     _check_telemetry("sgd_restore_step_", params, grads, ascent_grads, sums)
-    _launch_with_sums(_sgd_restore_step_kernel,
-                      [params, backups, grads, momentum_buffers if has_momentum else None, ascent_grads], amp,
-                      sums, ascent_grads, -lr, momentum, 1 - dampening, weight_decay, HAS_WD=weight_decay != 0,
-                      HAS_MOMENTUM=has_momentum, INIT_BUFFERS=init_buffers, NESTEROV=nesterov, MAXIMIZE=maximize,
-                      HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None)
+    bufs = momentum_buffers if has_momentum else None
+    flag = params[0] if nonfinite is None else nonfinite  # a placeholder pointer where absent: compiled out
+    _launch_with_sums(_sgd_restore_step_kernel, [params, backups, grads, bufs, momentum_out, ascent_grads],
+                      (*amp, flag), sums, ascent_grads, -lr, momentum, 1 - dampening, weight_decay,
+                      HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum, INIT_BUFFERS=init_buffers,
+                      NESTEROV=nesterov, MAXIMIZE=maximize, HAS_SCALE=grad_scale is not None,
+                      HAS_FOUND=found_inf is not None, HAS_OUT=momentum_out is not None, CHECK=nonfinite is not None)
+    if nonfinite is not None:
+        old = bufs if has_momentum and not init_buffers else None
+        new = momentum_out if momentum_out is not None else bufs
+        _tables.launch_over(_sgd_undo_kernel, [params, backups, old, new], nonfinite, amp[1],
+                            HAS_FOUND=found_inf is not None, HAS_NEW=new is not None, HAS_OLD=old is not None)
 
 
 def adamw_restore_step_(params, backups, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay,
@@ -271,6 +325,23 @@ def _launch_with_sums(kernel, lists, amp, sums, ascent_grads, *args, **constexpr
                               HAS_ASCENT=ascent_grads is not None, **constexprs)
     if sums is not None:
         _tables.add_partials(partials, sums, tab.n_blocks, 2 if ascent_grads is not None else 1)
+
+
+def _check_finite_args(params, momentum_out, nonfinite, has_momentum, init_buffers):
+    """``momentum_out`` / ``nonfinite`` as csrc/common.h's check_sgd_out_args, before anything is launched."""
+    if momentum_out is not None:
+        if not has_momentum or init_buffers:
+            raise ValueError("sgd_restore_step_: momentum_out needs momentum != 0 and the old buffers (not "
+                             "init_buffers)")
+        if len(momentum_out) != len(params):
+            raise ValueError(f"sgd_restore_step_: {len(momentum_out)} momentum_out tensors for {len(params)} params")
+    if nonfinite is not None:
+        if nonfinite.dtype != torch.float32 or nonfinite.dim() != 0 or nonfinite.device != params[0].device:
+            raise TypeError(f"nonfinite must be a 0-dim float32 tensor on {params[0].device}, got {nonfinite.dtype} "
+                            f"{tuple(nonfinite.shape)} on {nonfinite.device}")
+        if has_momentum and not init_buffers and momentum_out is None:
+            raise ValueError("sgd_restore_step_: nonfinite with momentum needs momentum_out (buffers updated in "
+                             "place could not be restored)")
 
 
 def _check_telemetry(op, params, grads, ascent_grads, sums):
