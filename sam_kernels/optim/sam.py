@@ -75,7 +75,8 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, Readouts, torch.optim.Optimize
             descent (4 bytes per fp32 parameter, no extra memory); ``"fused"`` checks them in the
             fused SGD descent's own pass, which then writes the new momentum into a spare buffer
             (one more parameter-sized buffer per momentum buffer, kept between steps, never saved)
-            so that a fault can be undone: 40 instead of 44 bytes per fp32 parameter with momentum.
+            so that a fault can be undone: 40 instead of 44 bytes per fp32 parameter with momentum
+            (where memory is shorter than bandwidth, a large model on a GPU, ``"pass"`` saves it).
             ``"fused"`` applies to ``torch.optim.SGD`` with its parameters on one device (CPU or GPU;
             on a GPU a fault is undone on the device and raised at the next step, as above) without
             AMP, descent modifiers, sparse gradients, ``torch.compile``, tied parameters or a process
