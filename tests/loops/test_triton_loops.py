@@ -1,10 +1,11 @@
 """The Triton backend in the main loops, every row of the variant table, each against the hand
 reference, with the same loop bodies as the CPU backends' tests: manual, step(closure), AMP in
 the manual loop (grad_scale, found_inf: a step taken after ``unscale_``, one skipped by an
-overflow in either pass) and a checkpoint between the two passes. Under the Triton interpreter on
-CPU (about 2 minutes on two shared cores), so AMP's closure loop is left to the other backends:
-``scaler.step(opt, closure)`` hands the kernels the same grad_scale/found_inf as the manual loop's
-``scaler.step(opt)`` (the optimizer's routing is the same Python on every backend).
+overflow in either pass), a checkpoint between the two passes, SAM-ON groups, and the other loops
+whose tensors the kernels take whole (``OTHER_LOOPS`` of the emulated CUDA kernels' file). Under the
+Triton interpreter on CPU (about 4 minutes on two shared cores), so AMP's closure loop is left to
+the other backends: ``scaler.step(opt, closure)`` hands the kernels the same grad_scale/found_inf as
+the manual loop's ``scaler.step(opt)`` (the optimizer's routing is the same Python on every backend).
 
 tests/conftest.py sets TRITON_INTERPRET=1 when there is no CUDA device; with one, Triton runs on the
 GPU and these CPU runs are skipped by ``require_backend`` (as in tests/ops)."""
@@ -17,6 +18,7 @@ from tests.loops import test_amp_loops as amp
 from tests.loops import test_checkpoint_loops as checkpoint
 from tests.loops import test_sam_on_loops as sam_on
 from tests.loops.harness import Run
+from tests.loops.test_cuda_emu_loops import OTHER_LOOPS  # the loops whose tensors the kernels take whole
 from tests.loops.matrix import cases
 from tests.utils import require_backend
 
@@ -65,3 +67,10 @@ def test_triton_checkpoint_between_first_and_second_step(info, backend):
                                            if c.values[0].name != "SAM-ON"])
 def test_triton_sam_on_groups(info, backend):
     sam_on.test_every_variant_leaves_skipped_groups_at_w(info, backend)
+
+
+@pytest.mark.parametrize("test,kw,info,backend", [
+    pytest.param(test, kw, *c.values, id=f"{loop}-{c.id}", marks=c.marks)
+    for loop, test, kw in OTHER_LOOPS for c in cases(loop, backends=BACKENDS)])
+def test_triton_other_loop(test, kw, info, backend):
+    test(info, backend, **kw)
