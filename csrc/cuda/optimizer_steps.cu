@@ -228,8 +228,10 @@ void sgd_restore_step_cuda(at::TensorList params, at::TensorList backups, at::Te
         apply_elementwise<T>({params, backups, grads, bufs}, op);
       }
     };
-    auto with_sums = [&](auto tag) {
-      constexpr bool kSums = decltype(tag)::value;
+    // Its parameter must not be named `tag`: nvcc's front end reads T (= decltype(tag) above) in the
+    // inner lambda's scope, where `tag` would be this one (g++ alone compiles either).
+    auto with_sums = [&](auto sums_tag) {
+      constexpr bool kSums = decltype(sums_tag)::value;
       if (momentum_out) {
         run(SgdOp<T, kSums, true, true>{});
       } else if (nonfinite) {
