@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from . import aliases, groups, sparse_grads
+from . import aliases, follow, groups, sparse_grads
 from .backups import copy_back
 from .compiled import hyper
 from .contract import mark_stepped, run_step_hooks
@@ -202,11 +202,11 @@ def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor]
         return False
     if len(perturbed) != len(params) or not all(map(operator.is_, perturbed, params)):
         return False
-    devices = {p.device for p in params}
-    if len(devices) != 1:  # one flag, on the params' device
+    device = follow.one_device(params)
+    if device is None:  # one flag, on the params' device
         return False
     try:
-        return ops.dispatch.resolve("sgd_restore_step_", devices.pop().type, sam.backend)[0] in IN_PASS_BACKENDS
+        return ops.dispatch.resolve("sgd_restore_step_", device.type, sam.backend)[0] in IN_PASS_BACKENDS
     except RuntimeError:  # a backend that cannot run here: the descent raises it
         return False
 

@@ -33,6 +33,18 @@ def signature(params: list[torch.Tensor]) -> tuple:
     return dtypes, [p.device for p in params]
 
 
+def one_device(params: list[torch.Tensor]) -> Optional[torch.device]:
+    """The device every param of ``params`` (non-empty) is on, None when they are spread over
+    several; read as :func:`signature` reads them (no device object per param on CPU or CUDA)."""
+    if all(p.is_cpu for p in params):
+        return torch.device("cpu")
+    if all(p.is_cuda for p in params):
+        indices = {p.get_device() for p in params}
+        return torch.device("cuda", indices.pop()) if len(indices) == 1 else None
+    devices = {p.device for p in params}
+    return devices.pop() if len(devices) == 1 else None
+
+
 def cast_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``t`` as torch.optim's load rule casts a state tensor of ``p`` (itself when nothing changes)."""
     if t.is_floating_point() and p.is_floating_point():
