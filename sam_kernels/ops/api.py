@@ -8,9 +8,7 @@ skipped. Nothing here reads tensor data on the host. The op table is :mod:`.cont
 """
 from __future__ import annotations
 
-import itertools
 import math
-import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -18,7 +16,7 @@ import torch
 from .amp_args import amp_args, amp_sq_norm, on_device
 from .cross_group import total
 from .launch import launch, run_masks
-from .lists import check_lists, pick, require_list
+from .lists import check_lists, none_at, pick, require_list
 from .reference import centralize_ as centralize_reference, tensor_key
 from .telemetry_outputs import AddInto, DescentSums
 
@@ -171,8 +169,7 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     bufs: list[Optional[torch.Tensor]] = list(momentum_buffers) if momentum_buffers is not None else [None] * n
     if len(bufs) != n:
         raise ValueError(f"sgd_restore_step_: {len(bufs)} momentum buffers for {n} params")
-    fresh = ([i for i, b in enumerate(bufs) if b is None]
-             if momentum != 0 and not all(map(operator.is_not, bufs, itertools.repeat(None))) else [])
+    fresh = none_at(bufs) if momentum != 0 else []
     outs = _momentum_out(momentum_out, nonfinite, momentum, bufs, fresh, params)
     olds = bufs
     if momentum == 0:

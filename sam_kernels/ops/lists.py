@@ -1,6 +1,8 @@
 """Checks of the aligned tensor lists every op takes, with a precise error for the first bad entry."""
 from __future__ import annotations
 
+from itertools import repeat
+from operator import is_not
 from typing import Optional, Sequence
 
 import torch
@@ -76,3 +78,12 @@ def _explain_bad_lists(op: str, primary: Tensors, lists: dict) -> None:
 
 def pick(lst: Optional[Tensors], idx: list[int]) -> Optional[list[torch.Tensor]]:
     return None if lst is None else [lst[i] for i in idx]
+
+
+def none_at(items: Sequence) -> list[int]:
+    """The indices of the None entries of ``items``. Runs every step over every param (first-step
+    buffers, backups), where there are usually none: that case is one pass without Python code per
+    entry."""
+    if all(map(is_not, items, repeat(None))):
+        return []
+    return [i for i, x in enumerate(items) if x is None]

@@ -2,13 +2,12 @@
 restore, so an error or a ``restore()`` gives w back bitwise (ours)."""
 from __future__ import annotations
 
-from itertools import repeat
-from operator import is_not
 from typing import Optional
 
 import torch
 
 from .. import ops
+from ..ops.lists import none_at
 from . import aliases
 
 
@@ -17,9 +16,8 @@ def get(state: dict, params: list[torch.Tensor], key: str = "backup") -> list[to
     params' here (three attribute pairs per param, every step): ``perturb_`` checks them and rejects a
     mismatch before writing, and the caller then renews the stale ones (:func:`renew_stale`)."""
     out = [state[p].get(key) for p in params]
-    if not all(map(is_not, out, repeat(None))):  # the first step of some params
-        for i in [i for i, b in enumerate(out) if b is None]:
-            out[i] = state[params[i]][key] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+    for i in none_at(out):  # the first step of these params
+        out[i] = state[params[i]][key] = torch.empty_like(params[i], memory_format=torch.preserve_format)
     return out
 
 
