@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch.func import functional_call
 
+from sam_kernels.ops import dispatch
 from tests.optim.hand_reference import clip
 from tests.optim.variants import STEPS, VariantInfo, loss_fn, make_batches, make_model
 
@@ -48,6 +49,17 @@ def inf_on_next_backward(model: torch.nn.Module) -> None:
         g.view(-1)[0] = float("inf")
         return g
     handle = p.register_hook(hook)
+
+
+@contextlib.contextmanager
+def only_kernels_of(backend: str, what: str):
+    """Asserts that every op call of the block ran on ``backend`` (``what``: its kernels, for the
+    message), none on the eager fallback, and that some op call was made."""
+    with dispatch.recording() as log:
+        yield
+    assert log, "no op call was made"
+    others = sorted({(r.op, p.backend) for r in log for p in r.parts if p.backend != backend})
+    assert not others, f"op calls that did not run {what}: {others}"
 
 
 class Run:
