@@ -165,10 +165,7 @@ void centralize_cpu(at::TensorList grads) {
     const auto& g = grads[t];
     if (g.dim() < 2 || g.numel() == 0) continue;
     const int64_t rows = g.size(0);
-    const int64_t length = g.numel() / rows;
-    TORCH_CHECK(rows == 1 || g.stride(0) == length, "centralize_: grads[", t, "] has strides ", g.strides(),
-                "; its rows of dim 0 are not contiguous runs of storage (the Python layer routes such tensors to "
-                "the eager backend)");
+    const int64_t length = sam_kernels::row_length("centralize_", grads, t);
     const int64_t per_item = std::max<int64_t>(1, kChunk / length);
     for (int64_t r = 0; r < rows; r += per_item) items.push_back({t, r, std::min(rows, r + per_item), length});
   }

@@ -70,12 +70,8 @@ void centralize_cuda(at::TensorList grads) {
   for (size_t i = 0; i < grads.size(); ++i) {
     const auto& g = grads[i];
     if (g.dim() < 2 || g.numel() == 0) continue;
-    const int64_t length = g.numel() / g.size(0);
-    TORCH_CHECK(g.size(0) == 1 || g.stride(0) == length, "centralize_: grads[", i, "] has strides ", g.strides(),
-                "; its rows of dim 0 are not contiguous runs of storage (the Python layer routes such tensors to "
-                "the eager backend)");
+    lengths.push_back(sam_kernels::row_length("centralize_", grads, i));
     picked.push_back(g);
-    lengths.push_back(length);
   }
   if (picked.empty()) return;
   const c10::cuda::CUDAGuard guard(grads[0].device());
