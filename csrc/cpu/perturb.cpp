@@ -30,7 +30,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
     // gives scale 0, and 0·inf = NaN: the norm itself is tested too, as stored (like the reference).
     const bool finite = std::isfinite(scale) && std::isfinite(stored);
     const bool select = masks || keep;
-    const bool stream = stream_writes(backups);
+    with_static_flags([&](auto stream, auto adaptive_, auto summing) {
     // perturbation_sq: Σ (w_new − w)² of the stored values, summed while they are in cache.
     for_each_chunk_summing<scalar_t>(chunks, perturbation_sq, /*both=*/false,
                                      [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
@@ -54,7 +54,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
         using T = decltype(tag);
         const T wi = load<T>(w, i);
         if constexpr (is_vec<T>::value) {
-          if (stream) {
+          if constexpr (stream) {
             store_stream(b, i, wi);
           } else {
             store(b, i, wi);
@@ -64,12 +64,12 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
           if ((m && !m[i]) || (keep && !keep_element(key, i, threshold))) return;
         }
         T e = load<T>(g, i);
-        if (adaptive) {
+        if constexpr (adaptive_) {
           const T t = vabs(wi) + T(eta);
           e = t * t * e;
         }
         store(w, i, wi + e * T(scale));  // the order of reference.perturb_
-        if (acc) {
+        if constexpr (summing) {
           const T applied = load<T>(w, i) - wi;  // as stored (rounded to fp16/bf16)
           acc[0].add(applied * applied);
         }
@@ -77,6 +77,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
       // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
       if (stream && hi == c.end) stream_fence();
     });
+    }, stream_writes(backups), adaptive, perturbation_sq.has_value());
   });
 }
 

@@ -136,6 +136,51 @@ def test_scaled_overflow_and_flag_set_before(backend):
 
 
 @backend_param(ROWS)
+@pytest.mark.parametrize("config", ["momentum", "plain"])
+@pytest.mark.parametrize("telemetry", [False, True], ids=["check", "check+sums"])
+def test_huge_finite_gradients_are_not_faults(backend, config, telemetry):
+    """Finite gradients whose squares overflow fp32 (|g| > 1.8e19: the sum of squares is Inf) are
+    not a fault: the step is taken, as float64 maths gives it."""
+    require(backend)
+    cfg = CONFIGS[config]
+    params, backups, grads, old, out = _inputs(backend.device, torch.float32)
+    grads[2].view(-1)[70_000] = 3e30
+    grads[4][1, 2] = -1e20
+    flag = torch.zeros((), device=backend.device)
+    sums = dict(sums=torch.zeros(2, device=backend.device)) if telemetry else {}
+    _call(backend, params, backups, grads, old, out, cfg, flag, **sums)
+    assert float(flag) == 0.0
+    f64 = lambda lst: [t.double().cpu() for t in lst]  # noqa: E731
+    mom, wd = cfg["momentum"], cfg["weight_decay"]
+    atol, rtol = TOL[torch.float32]
+    for i, (b, g, o) in enumerate(zip(f64(backups), f64(grads), f64(old))):
+        d = g + wd * b
+        v = mom * o + d if mom else d
+        assert_close(params[i].double().cpu(), b - 0.1 * v, 10 * atol, 10 * rtol, f"params[{i}]")
+        if mom:
+            assert_close(out[i].double().cpu(), v, 10 * atol, 10 * rtol, f"momentum_out[{i}]")
+    if telemetry:
+        assert float(sums["sums"][0]) == float("inf")  # Σ g² in fp32, as the telemetry contract says
+
+
+@backend_param(ROWS)
+@pytest.mark.parametrize("fault", ["first", "large"])
+def test_fault_with_telemetry_sums(backend, fault):
+    """With the telemetry sums taken in the same pass a NaN is still a fault: everything restored."""
+    require(backend)
+    cfg = CONFIGS["momentum"]
+    params, backups, grads, old, out = _inputs(backend.device, torch.float32)
+    at, index = FAULTS[fault]
+    grads[at].view(-1)[index] = float("nan")
+    flag = torch.zeros((), device=backend.device)
+    before = [[t.clone() for t in lst] for lst in (backups, old)]
+    _call(backend, params, backups, grads, old, out, cfg, flag, sums=torch.zeros(2, device=backend.device))
+    assert float(flag) == 1.0
+    assert_lists_equal(params, before[0], "params (at the backups)")
+    assert_lists_equal(out, before[1], "momentum_out (the old buffers)")
+
+
+@backend_param(ROWS)
 @pytest.mark.parametrize("fault", [False, True], ids=["finite", "nan"])
 @pytest.mark.parametrize("some", [False, True], ids=["all-first", "some-first"])
 def test_first_step_buffers(backend, fault, some):
