@@ -141,30 +141,28 @@ class InPassCheck:
         self.sam = sam
         self.flag = torch.zeros((), device=device)
         self.deferred = sam.step_state.finite.defers(self.flag)
-        self._installs: list[tuple[dict, dict, Optional[torch.Tensor], torch.Tensor]] = []
+        self._owns: list[dict] = []  # sam.state[p] of the params of the last spares() call
+        self._installs: list[tuple[list, list, list, list]] = []  # per launch: states, owns, old, new
 
     def spares(self, params: list[torch.Tensor], old: list[Optional[torch.Tensor]],
                strict: bool = False) -> list[Optional[torch.Tensor]]:
         """A spare buffer for each existing buffer in ``old`` (None for a first step). The kernel rejects
         a spare unlike its buffer before writing anything; ``strict`` (the retry) compares them here."""
-        state, out = self.sam.state, []
-        for p, buf in zip(params, old):
+        state = self.sam.state
+        self._owns = owns = [state[p] for p in params]
+        out = [own.get(SPARE_KEY) for own in owns]
+        for i, (own, spare, buf) in enumerate(zip(owns, out, old)):
             if buf is None:
-                out.append(None)
-                continue
-            own = state[p]
-            spare = own.get(SPARE_KEY)
-            if spare is None or spare is buf or (strict and (
+                out[i] = None
+            elif spare is None or spare is buf or (strict and (
                     spare.shape != buf.shape or spare.dtype != buf.dtype or spare.device != buf.device
                     or spare.stride() != buf.stride() or spare.data_ptr() == buf.data_ptr())):
-                spare = own[SPARE_KEY] = torch.empty_like(buf, memory_format=torch.preserve_format)
-            out.append(spare)
+                out[i] = own[SPARE_KEY] = torch.empty_like(buf, memory_format=torch.preserve_format)
         return out
 
-    def later(self, params, states, old, new) -> None:
-        state = self.sam.state
-        for p, st, before, buf in zip(params, states, old, new):
-            self._installs.append((st, state[p], before, buf))
+    def later(self, states: list[dict], old: list[Optional[torch.Tensor]], new: list[torch.Tensor]) -> None:
+        """The buffers of one launch (after :meth:`spares` for its params), for :meth:`commit`."""
+        self._installs.append((states, self._owns, old, new))
 
     def commit(self) -> None:
         """Swap in the new buffers, or raise (weights at w, state untouched) when the flag is set;
@@ -175,10 +173,11 @@ class InPassCheck:
             now.found = self.flag if now.found is None else torch.maximum(now.found, self.flag.to(now.found.device))
         elif bool(self.flag):  # host memory: no synchronization
             raise FloatingPointError(message("second_step", "found in the update's pass"))
-        for st, own, before, buf in installs:
-            st["momentum_buffer"] = buf
-            if before is not None:
-                own[SPARE_KEY] = before
+        for states, owns, old, new in installs:
+            for st, own, before, buf in zip(states, owns, old, new):
+                st["momentum_buffer"] = buf
+                if before is not None:
+                    own[SPARE_KEY] = before
 
 
 def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor], sparse: bool) -> bool:
@@ -215,7 +214,7 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry, read,
          check: Optional[InPassCheck] = None) -> None:
     for bucket in _by_hyperparams(entries, _SGD_KEYS, read):
         group = bucket[0][0]
-        _, params, backups, grads = map(list, zip(*bucket))
+        _, params, backups, grads = groups.columns(bucket, 4)
         momentum = group["momentum"]
         states = [base.state[p] for p in params] if momentum else []
         in_pass = {} if check is None else {"nonfinite": check.flag}
@@ -238,7 +237,7 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry, read,
                 raise
             old, bufs = call()  # spares compared and remade (strict)
         if momentum and check is not None:
-            check.later(params, states, old, bufs)
+            check.later(states, old, bufs)
         elif momentum:
             for st, before, buf in zip(states, old, bufs):
                 if buf is not before:  # a new buffer (first step of this param); the others were updated in place
@@ -282,7 +281,7 @@ def _adamw_launches(entries, step_of: dict, backend, amp: dict, telemetry, read)
             by_step.setdefault(None if compiling else step, []).append((*e, st))
         for step, items in by_step.items():
             group = items[0][0]
-            _, params, backups, grads, sts = map(list, zip(*items))
+            _, params, backups, grads, sts = groups.columns(items, 5)
             if step is None:
                 step = [st["step"] for st in sts]
             beta1, beta2 = group["betas"]
