@@ -102,75 +102,75 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
   const float inv_scale = unscale_factor(grad_scale);
   std::atomic<bool> found_nonfinite{false};
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "sgd_restore_step_", [&] {
-   with_static_flags([&](auto has_sums, auto check, auto scaled) {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
-    const bool stream = stream_writes(params);  // w is written, not read (the loop reads the backup)
-    const bool stream_out = stream && momentum_out.has_value();  // so is momentum_out (the loop reads the old)
-    for_each_chunk_summing<scalar_t>(chunks, sums, ascent_grads.has_value(),
-                                     [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
-      scalar_t* w = data<scalar_t>(params[c.tensor]);
-      const scalar_t* b = data<scalar_t>(backups[c.tensor]);
-      const scalar_t* g = data<scalar_t>(grads[c.tensor]);
-      const scalar_t* a = ascent_grads ? data<scalar_t>((*ascent_grads)[c.tensor]) : nullptr;
-      const scalar_t* old = has_momentum ? data<scalar_t>(momentum_buffers[c.tensor]) : nullptr;
-      scalar_t* buf = has_momentum ? data<scalar_t>(new_bufs[c.tensor]) : nullptr;
-      // The sums of this block in locals (kept in registers: stores to w or buf cannot reach them),
-      // added to acc at its end: acc is zero here, so the bits are those of adding into acc.
-      // The finite check reads the block's Σ g² (the telemetry's, or its own; Σ (g/scale)² under a
-      // loss scale), not each element: its elements are looked at only when that sum is not
-      // finite. A compare per vector made the descent with the check and the sums 37 % slower
-      // than without either on one thread; this way the check costs what one sum costs.
-      LaneSum<scalar_t> local[2];
-      LaneSum<scalar_t> unscaled;  // Σ d², d = g/grad_scale: the check's own sum under a loss scale
-      elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
-        using T = decltype(tag);
-        if constexpr (has_sums || (check && !scaled)) add_sums<scalar_t, T>(local, g, a, i);
-        const T wi = load<T>(b, i);
-        T d = load<T>(g, i);
-        if constexpr (scaled) {
-          d = d * T(inv_scale);
-          if constexpr (check) unscaled.add(d * d);
-        }
-        if (maximize) d = -d;
-        if (weight_decay != 0.0) d = d + T(wd) * wi;
-        if (has_momentum) {
-          const T v = init_buffers ? d : T(mom) * load<T>(old, i) + T(damp) * d;
-          T vs = v;
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {  // stored as computed
-            if (stream_out) {
-              store_stream(buf, i, v);
+    with_static_flags([&](auto has_sums, auto check, auto scaled) {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
+      const bool stream = stream_writes(params);  // w is written, not read (the loop reads the backup)
+      const bool stream_out = stream && momentum_out.has_value();  // so is momentum_out (the loop reads the old)
+      for_each_chunk_summing<scalar_t>(chunks, sums, ascent_grads.has_value(),
+                                       [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
+        scalar_t* w = data<scalar_t>(params[c.tensor]);
+        const scalar_t* b = data<scalar_t>(backups[c.tensor]);
+        const scalar_t* g = data<scalar_t>(grads[c.tensor]);
+        const scalar_t* a = ascent_grads ? data<scalar_t>((*ascent_grads)[c.tensor]) : nullptr;
+        const scalar_t* old = has_momentum ? data<scalar_t>(momentum_buffers[c.tensor]) : nullptr;
+        scalar_t* buf = has_momentum ? data<scalar_t>(new_bufs[c.tensor]) : nullptr;
+        // The sums of this block in locals (kept in registers: stores to w or buf cannot reach them),
+        // added to acc at its end: acc is zero here, so the bits are those of adding into acc.
+        // The finite check reads the block's Σ g² (the telemetry's, or its own; Σ (g/scale)² under a
+        // loss scale), not each element: its elements are looked at only when that sum is not
+        // finite. With a compare per vector the check and the sums together cost 20 % of the
+        // descent on one thread; this way the check's test costs what one sum costs (2-4 %).
+        LaneSum<scalar_t> local[2];
+        LaneSum<scalar_t> unscaled;  // Σ d², d = g/grad_scale: the check's own sum under a loss scale
+        elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
+          using T = decltype(tag);
+          if constexpr (has_sums || (check && !scaled)) add_sums<scalar_t, T>(local, g, a, i);
+          const T wi = load<T>(b, i);
+          T d = load<T>(g, i);
+          if constexpr (scaled) {
+            d = d * T(inv_scale);
+            if constexpr (check) unscaled.add(d * d);
+          }
+          if (maximize) d = -d;
+          if (weight_decay != 0.0) d = d + T(wd) * wi;
+          if (has_momentum) {
+            const T v = init_buffers ? d : T(mom) * load<T>(old, i) + T(damp) * d;
+            T vs = v;
+            if constexpr (std::is_same_v<scalar_t, acc_t>) {  // stored as computed
+              if (stream_out) {
+                store_stream(buf, i, v);
+              } else {
+                store(buf, i, v);
+              }
             } else {
               store(buf, i, v);
+              vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
             }
-          } else {
-            store(buf, i, v);
-            vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
+            d = nesterov ? d + T(mom) * vs : vs;
           }
-          d = nesterov ? d + T(mom) * vs : vs;
+          if (stream) {
+            store_stream(w, i, wi - T(lr_c) * d);
+          } else {
+            store(w, i, wi - T(lr_c) * d);
+          }
+        });
+        // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
+        if (stream && hi == c.end) stream_fence();
+        if constexpr (has_sums) {
+          for (int k = 0; k < 2; ++k) {
+            acc[k].lanes = acc[k].lanes + local[k].lanes;
+            acc[k].rest += local[k].rest;
+          }
         }
-        if (stream) {
-          store_stream(w, i, wi - T(lr_c) * d);
-        } else {
-          store(w, i, wi - T(lr_c) * d);
+        if constexpr (check) {
+          const bool sum_finite = scaled ? unscaled.finite() : local[0].finite();
+          if (C10_UNLIKELY(!sum_finite) && has_nonfinite(g, lo, hi, inv_scale)) {
+            found_nonfinite.store(true, std::memory_order_relaxed);
+          }
         }
-      });
-      // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
-      if (stream && hi == c.end) stream_fence();
-      if constexpr (has_sums) {
-        for (int k = 0; k < 2; ++k) {
-          acc[k].lanes = acc[k].lanes + local[k].lanes;
-          acc[k].rest += local[k].rest;
-        }
-      }
-      if constexpr (check) {
-        const bool sum_finite = scaled ? unscaled.finite() : local[0].finite();
-        if (C10_UNLIKELY(!sum_finite) && has_nonfinite(g, lo, hi, inv_scale)) {
-          found_nonfinite.store(true, std::memory_order_relaxed);
-        }
-      }
-    }, /*blocks=*/check);
-   }, sums.has_value(), nonfinite.has_value(), grad_scale.has_value());
+      }, /*blocks=*/check);
+    }, sums.has_value(), nonfinite.has_value(), grad_scale.has_value());
   });
   if (!nonfinite) return;
   float* flag = nonfinite->data_ptr<float>();  // host memory: the decision costs no synchronization

@@ -31,52 +31,52 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
     const bool finite = std::isfinite(scale) && std::isfinite(stored);
     const bool select = masks || keep;
     with_static_flags([&](auto stream, auto adaptive_, auto summing) {
-    // perturbation_sq: Σ (w_new − w)² of the stored values, summed while they are in cache.
-    for_each_chunk_summing<scalar_t>(chunks, perturbation_sq, /*both=*/false,
-                                     [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
-      scalar_t* w = data<scalar_t>(params[c.tensor]);
-      const scalar_t* g = data<scalar_t>(grads[c.tensor]);
-      scalar_t* b = data<scalar_t>(backups[c.tensor]);
-      const bool* m = masks ? data<bool>((*masks)[c.tensor]) : nullptr;
-      const uint32_t key = keep ? static_cast<uint32_t>(keys[c.tensor]) : 0u;
-      if (grad_copies) {  // g(w) for telemetry, from the piece the loop below reads (in cache)
-        scalar_t* copy = data<scalar_t>((*grad_copies)[c.tensor]);
-        std::copy(g + lo, g + hi, copy + lo);
-      }
-      if (!finite) {
-        std::copy(w + lo, w + hi, b + lo);
-        return;
-      }
-      // The backup is taken in the same loop as the ascent: one read of w for both.
-      // Selections are per element (bool mask, hash): the scalar path, which skips unselected
-      // entries instead of adding zero, so they stay bitwise unchanged (-0.0 included).
-      elementwise<scalar_t>(lo, hi, /*vectorize=*/!select, [&](auto tag, int64_t i) {
-        using T = decltype(tag);
-        const T wi = load<T>(w, i);
-        if constexpr (is_vec<T>::value) {
-          if constexpr (stream) {
-            store_stream(b, i, wi);
+      // perturbation_sq: Σ (w_new − w)² of the stored values, summed while they are in cache.
+      for_each_chunk_summing<scalar_t>(chunks, perturbation_sq, /*both=*/false,
+                                       [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
+        scalar_t* w = data<scalar_t>(params[c.tensor]);
+        const scalar_t* g = data<scalar_t>(grads[c.tensor]);
+        scalar_t* b = data<scalar_t>(backups[c.tensor]);
+        const bool* m = masks ? data<bool>((*masks)[c.tensor]) : nullptr;
+        const uint32_t key = keep ? static_cast<uint32_t>(keys[c.tensor]) : 0u;
+        if (grad_copies) {  // g(w) for telemetry, from the piece the loop below reads (in cache)
+          scalar_t* copy = data<scalar_t>((*grad_copies)[c.tensor]);
+          std::copy(g + lo, g + hi, copy + lo);
+        }
+        if (!finite) {
+          std::copy(w + lo, w + hi, b + lo);
+          return;
+        }
+        // The backup is taken in the same loop as the ascent: one read of w for both.
+        // Selections are per element (bool mask, hash): the scalar path, which skips unselected
+        // entries instead of adding zero, so they stay bitwise unchanged (-0.0 included).
+        elementwise<scalar_t>(lo, hi, /*vectorize=*/!select, [&](auto tag, int64_t i) {
+          using T = decltype(tag);
+          const T wi = load<T>(w, i);
+          if constexpr (is_vec<T>::value) {
+            if constexpr (stream) {
+              store_stream(b, i, wi);
+            } else {
+              store(b, i, wi);
+            }
           } else {
-            store(b, i, wi);
+            b[i] = w[i];  // bitwise, whatever the dtype
+            if ((m && !m[i]) || (keep && !keep_element(key, i, threshold))) return;
           }
-        } else {
-          b[i] = w[i];  // bitwise, whatever the dtype
-          if ((m && !m[i]) || (keep && !keep_element(key, i, threshold))) return;
-        }
-        T e = load<T>(g, i);
-        if constexpr (adaptive_) {
-          const T t = vabs(wi) + T(eta);
-          e = t * t * e;
-        }
-        store(w, i, wi + e * T(scale));  // the order of reference.perturb_
-        if constexpr (summing) {
-          const T applied = load<T>(w, i) - wi;  // as stored (rounded to fp16/bf16)
-          acc[0].add(applied * applied);
-        }
+          T e = load<T>(g, i);
+          if constexpr (adaptive_) {
+            const T t = vabs(wi) + T(eta);
+            e = t * t * e;
+          }
+          store(w, i, wi + e * T(scale));  // the order of reference.perturb_
+          if constexpr (summing) {
+            const T applied = load<T>(w, i) - wi;  // as stored (rounded to fp16/bf16)
+            acc[0].add(applied * applied);
+          }
+        });
+        // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
+        if (stream && hi == c.end) stream_fence();
       });
-      // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
-      if (stream && hi == c.end) stream_fence();
-    });
     }, stream_writes(backups), adaptive, perturbation_sq.has_value());
   });
 }
