@@ -20,8 +20,8 @@ bool skipped(const std::optional<at::Tensor>& found_inf) {
 template <typename scalar_t, typename T>
 void add_sums(LaneSum<scalar_t>* acc, const scalar_t* g, const scalar_t* a, int64_t i) {
   const T gi = load<T>(g, i);
-  acc[0].add(gi * gi);
-  if (a) acc[1].add(load<T>(a, i) * gi);
+  acc[0].add_product(gi, gi);
+  if (a) acc[1].add_product(load<T>(a, i), gi);
 }
 
 // A skipped AMP step: params <- backups (state untouched), and the telemetry sums still taken.
@@ -130,12 +130,12 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
           T d = load<T>(g, i);
           if constexpr (scaled) {
             d = d * T(inv_scale);
-            if constexpr (check) unscaled.add(d * d);
+            if constexpr (check) unscaled.add_product(d, d);
           }
           if (maximize) d = -d;
-          if (weight_decay != 0.0) d = d + T(wd) * wi;
+          if (weight_decay != 0.0) d = fma_(T(wd), wi, d);
           if (has_momentum) {
-            const T v = init_buffers ? d : T(mom) * load<T>(old, i) + T(damp) * d;
+            const T v = init_buffers ? d : fma_(T(mom), load<T>(old, i), T(damp) * d);
             T vs = v;
             if constexpr (std::is_same_v<scalar_t, acc_t>) {  // stored as computed
               if (stream_out) {
@@ -147,12 +147,12 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
               store(buf, i, v);
               vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
             }
-            d = nesterov ? d + T(mom) * vs : vs;
+            d = nesterov ? fma_(T(mom), vs, d) : vs;
           }
           if (stream) {
-            store_stream(w, i, wi - T(lr_c) * d);
+            store_stream(w, i, fma_(T(-lr_c), d, wi));
           } else {
-            store(w, i, wi - T(lr_c) * d);
+            store(w, i, fma_(T(-lr_c), d, wi));
           }
         });
         // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.

@@ -68,10 +68,10 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
             const T t = vabs(wi) + T(eta);
             e = t * t * e;
           }
-          store(w, i, wi + e * T(scale));  // the order of reference.perturb_
+          store(w, i, fma_(e, T(scale), wi));  // the order of reference.perturb_, one rounding
           if constexpr (summing) {
             const T applied = load<T>(w, i) - wi;  // as stored (rounded to fp16/bf16)
-            acc[0].add(applied * applied);
+            acc[0].add_product(applied, applied);
           }
         });
         // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
