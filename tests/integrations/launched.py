@@ -96,3 +96,8 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     {"lightning": lightning, "transformers": transformers, "accelerate": accelerate}[sys.argv[1]](sys.argv[2])
+    # An orderly teardown: a rank that exits while the other still holds its gloo connections was
+    # seen to abort once on a loaded machine ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
