@@ -102,11 +102,11 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
   const float inv_scale = unscale_factor(grad_scale);
   std::atomic<bool> found_nonfinite{false};
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "sgd_restore_step_", [&] {
-    with_static_flags([&](auto has_sums, auto check, auto scaled) {
+    // w is written, not read (the loop reads the backup); so is momentum_out (the loop reads the old)
+    const bool streaming = stream_writes(params);
+    with_static_flags([&](auto has_sums, auto check, auto scaled, auto stream, auto stream_out) {
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
-      const bool stream = stream_writes(params);  // w is written, not read (the loop reads the backup)
-      const bool stream_out = stream && momentum_out.has_value();  // so is momentum_out (the loop reads the old)
       for_each_chunk_summing<scalar_t>(chunks, sums, ascent_grads.has_value(),
                                        [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
         scalar_t* w = data<scalar_t>(params[c.tensor]);
@@ -138,7 +138,7 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
             const T v = init_buffers ? d : fma_(T(mom), load<T>(old, i), T(damp) * d);
             T vs = v;
             if constexpr (std::is_same_v<scalar_t, acc_t>) {  // stored as computed
-              if (stream_out) {
+              if constexpr (stream_out) {
                 store_stream(buf, i, v);
               } else {
                 store(buf, i, v);
@@ -149,7 +149,7 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
             }
             d = nesterov ? fma_(T(mom), vs, d) : vs;
           }
-          if (stream) {
+          if constexpr (stream) {
             store_stream(w, i, fma_(T(-lr_c), d, wi));
           } else {
             store(w, i, fma_(T(-lr_c), d, wi));
@@ -170,7 +170,7 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
           }
         }
       }, /*blocks=*/check);
-    }, sums.has_value(), nonfinite.has_value(), grad_scale.has_value());
+    }, sums.has_value(), nonfinite.has_value(), grad_scale.has_value(), streaming, streaming && momentum_out.has_value());
   });
   if (!nonfinite) return;
   float* flag = nonfinite->data_ptr<float>();  // host memory: the decision costs no synchronization

@@ -49,6 +49,12 @@ for dtype in (torch.float32, torch.float64):
     ops.sgd_restore_step_(sgd_params, backups, gs, bufs, lr=%(lr)r, momentum=%(mom)r, weight_decay=%(wd)r,
                           backend="cpp")
     out[f"{dtype} sgd"], out[f"{dtype} bufs"] = sgd_params, bufs
+    # the default step's descent: the check in its pass (new buffers into spares) and telemetry sums
+    checked, spares, flag = [t.clone() for t in params], [torch.empty_like(t) for t in m], torch.zeros(())
+    ops.sgd_restore_step_(checked, backups, gs, [t.clone() for t in m], lr=%(lr)r, momentum=%(mom)r,
+                          weight_decay=%(wd)r, momentum_out=spares, nonfinite=flag, sums=torch.zeros(2),
+                          backend="cpp")
+    out[f"{dtype} sgd checked"], out[f"{dtype} spares"], out[f"{dtype} flag"] = checked, spares, [flag.reshape(1)]
     adam_params, ms, vs = [t.clone() for t in params], [t.clone() for t in m], [t.clone() for t in v]
     ops.adamw_restore_step_(adam_params, backups, gs, ms, vs, step=3, lr=%(lr)r, beta1=%(b1)r, beta2=%(b2)r, eps=%(eps)r,
                             weight_decay=%(wd)r, backend="cpp")
@@ -93,6 +99,10 @@ def test_streamed_results_equal_ordinary_stores_and_hand_maths(tmp_path):
         sgd = [p - LR * b for p, b in zip(w64, bufs)]
         assert_lists_close(streamed[f"{dtype} bufs"], bufs, atol, rtol, f"{dtype} bufs")
         assert_lists_close(streamed[f"{dtype} sgd"], sgd, atol, rtol, f"{dtype} sgd")
+        assert float(streamed[f"{dtype} flag"][0]) == 0.0
+        for name, want in (("sgd checked", "sgd"), ("spares", "bufs")):  # the check changes no bit
+            for i, (a, b) in enumerate(zip(streamed[f"{dtype} {name}"], streamed[f"{dtype} {want}"])):
+                assert torch.equal(a, b), f"{dtype} {name}[{i}] differs from {want} in place"
         # torch.optim.AdamW (Loshchilov & Hutter 2019) at step 3 from w
         b1, b2, step = BETAS[0], BETAS[1], 3
         adam = []
