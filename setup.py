@@ -135,9 +135,9 @@ def extensions():
     if os.environ.get("SAM_KERNELS_NATIVE", "1") == "1":
         cxx.append("-march=native")
     cxx += ["-fopenmp"]  # at::parallel_for is OpenMP-backed and inline: needs -fopenmp here
-    # No contraction of a*b + c into an FMA: the compiler would decide it per instantiation of a
+    # No contraction of a*b + c into an FMA by the compiler: it would decide per instantiation of a
     # loop (the CPU kernels compile one per option set), so a result's last bit would depend on
-    # options that must not change it (telemetry sums on or off); torch's eager maths rounds both.
+    # options that must not change it (telemetry sums on or off). The kernels ask for FMAs themselves.
     cxx += ["-ffp-contract=off"]
     if _want_cuda(torch, cuda_home, found):
         # No GPU at build time: without an arch list torch would try to query the device.
