@@ -158,8 +158,6 @@ inline void check_no_shared_writes(const char* op, std::initializer_list<Listed>
   }
 }
 
-// perturb_'s lists and keep-mask arguments; returns the keep threshold int(keep_prob·2^24)
-// of reference.keep_mask.
 // The elements of each row of dim 0 of grads[i] (more than one dimension, not empty), for an op on
 // rows (centralize_): every row must be one contiguous run of storage (dim 0 outermost).
 inline int64_t row_length(const char* op, at::TensorList grads, size_t i) {
@@ -171,6 +169,8 @@ inline int64_t row_length(const char* op, at::TensorList grads, size_t i) {
   return length;
 }
 
+// perturb_'s lists and keep-mask arguments; returns the keep threshold int(keep_prob·2^24)
+// of reference.keep_mask.
 inline uint32_t check_perturb_args(at::TensorList params, at::TensorList grads, at::TensorList backups,
                                    const std::optional<at::TensorList>& masks, double keep_prob, at::IntArrayRef keys,
                                    c10::DeviceType device_type) {

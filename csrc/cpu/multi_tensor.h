@@ -306,8 +306,8 @@ double chunk_sum(int64_t begin, int64_t end, bool vectorize, const Term& term) {
   return total;
 }
 
-// Running sums of an element loop that also reduces (the fused descents' telemetry): add() takes
-// a value of either path; take() returns the total as a double and starts again. A loop folds
+// Running sums of an element loop that also reduces (the fused descents' telemetry):
+// add_product() takes values of either path; take() returns the total as a double and starts again. A loop folds
 // every kSumBlock elements, so fp32 lanes never sum more than a block, and the scalar path adds
 // in double (as chunk_sum).
 constexpr int64_t kSumBlock = 1024;
@@ -318,15 +318,7 @@ struct LaneSum {
   Vec lanes = Vec(scalar_t(0));
   double rest = 0.0;
 
-  template <typename T>
-  void add(const T& x) {
-    if constexpr (is_vec<T>::value) {
-      lanes = lanes + x;
-    } else {
-      rest += static_cast<double>(x);
-    }
-  }
-  // add(x·y), the vector path with one rounding (fma_).
+  // Adds x·y: the vector path with one rounding (fma_), the scalar path rounded to T then added in double.
   template <typename T>
   void add_product(const T& x, const T& y) {
     if constexpr (is_vec<T>::value) {
