@@ -121,17 +121,30 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
         // loss scale), not each element: its elements are looked at only when that sum is not
         // finite. With a compare per vector the check and the sums together cost 20 % of the
         // descent on one thread; this way the check's test costs what one sum costs (2-4 %).
+        // The check's block is summed before the update writes it: momentum_out may be the grads
+        // themselves (SAM's second_step(zero_grad=True) hands them over), and a rescan must read g.
         LaneSum<scalar_t> local[2];
-        LaneSum<scalar_t> unscaled;  // Σ d², d = g/grad_scale: the check's own sum under a loss scale
+        if constexpr (check) {
+          LaneSum<scalar_t> unscaled;  // Σ d², d = g/grad_scale: the check's own sum under a loss scale
+          elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
+            using T = decltype(tag);
+            if constexpr (scaled) {
+              const T d = load<T>(g, i) * T(inv_scale);
+              unscaled.add_product(d, d);
+            }
+            if constexpr (has_sums || !scaled) add_sums<scalar_t, T>(local, g, a, i);
+          });
+          const bool sum_finite = scaled ? unscaled.finite() : local[0].finite();
+          if (C10_UNLIKELY(!sum_finite) && has_nonfinite(g, lo, hi, inv_scale)) {
+            found_nonfinite.store(true, std::memory_order_relaxed);
+          }
+        }
         elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
           using T = decltype(tag);
-          if constexpr (has_sums || (check && !scaled)) add_sums<scalar_t, T>(local, g, a, i);
+          if constexpr (has_sums && !check) add_sums<scalar_t, T>(local, g, a, i);
           const T wi = load<T>(b, i);
           T d = load<T>(g, i);
-          if constexpr (scaled) {
-            d = d * T(inv_scale);
-            if constexpr (check) unscaled.add_product(d, d);
-          }
+          if constexpr (scaled) d = d * T(inv_scale);
           if (maximize) d = -d;
           if (weight_decay != 0.0) d = fma_(T(wd), wi, d);
           if (has_momentum) {
@@ -161,12 +174,6 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
           for (int k = 0; k < 2; ++k) {
             acc[k].lanes = acc[k].lanes + local[k].lanes;
             acc[k].rest += local[k].rest;
-          }
-        }
-        if constexpr (check) {
-          const bool sum_finite = scaled ? unscaled.finite() : local[0].finite();
-          if (C10_UNLIKELY(!sum_finite) && has_nonfinite(g, lo, hi, inv_scale)) {
-            found_nonfinite.store(true, std::memory_order_relaxed);
           }
         }
       }, /*blocks=*/check);

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from . import aliases, follow, groups, sparse_grads
+from . import aliases, follow, groups, handover, sparse_grads
 from .backups import copy_back
 from .compiled import hyper
 from .contract import mark_stepped, run_step_hooks
@@ -126,34 +126,43 @@ IN_PASS_BACKENDS = ("eager", "cpp", "cuda", "triton")
 class InPassCheck:
     """The finite check of a SAM step taken by the fused SGD descent in its own pass (ours).
 
-    The descent reads the old momentum buffers and writes the new ones into spare buffers kept in
-    ``sam.state[p][SPARE_KEY]`` (allocated once; not saved), and sets ``flag`` (0-dim fp32 on the
-    params' ``device``) on a NaN/Inf gradient, in which case the kernels have put the weights back
-    at w and the new buffers at the old values (zero for a first step). In the call (host memory,
-    finite check not deferred) the new buffers replace the old ones in the base optimizer's state
-    (the old ones become the spares) only when every launch of the step saw finite gradients:
+    The descent reads the old momentum buffers and writes the new ones elsewhere: over the gradients
+    the caller handed over (``second_step(zero_grad=True)``, :mod:`.handover`; ``handed``: their
+    params' ids), else into spare buffers kept in ``sam.state[p][SPARE_KEY]`` (allocated once; not
+    saved). It sets ``flag`` (0-dim fp32 on the params' ``device``) on a NaN/Inf gradient, in which
+    case the kernels have put the weights back at w and the new buffers at the old values (zero for a
+    first step). In the call (host memory, finite check not deferred) the new buffers replace the old
+    ones in the base optimizer's state (the old ones become the spares, or are dropped where a
+    gradient took their place) only when every launch of the step saw finite gradients:
     :meth:`commit` swaps them, or raises ``FloatingPointError`` with the state as it was. Deferred
-    (device memory): the flag is not read; :meth:`commit` swaps them either way (on a fault they
-    hold the old values bitwise) and folds the flag into the step's skip flag, whose error
-    :mod:`.finite` raises at the next step."""
+    (device memory): the flag is not read; :meth:`commit` swaps them either way (on a fault they hold
+    the old values bitwise) and folds the flag into the step's skip flag, whose error :mod:`.finite`
+    raises at the next step. :meth:`release` then sets the gradients taken to None, also when the
+    descent raised."""
 
-    def __init__(self, sam, device: torch.device):
+    def __init__(self, sam, device: torch.device, handed: Optional[set[int]] = None):
         self.sam = sam
         self.flag = torch.zeros((), device=device)
         self.deferred = sam.step_state.finite.defers(self.flag)
+        self.handed = handed or set()
         self._owns: list[dict] = []  # sam.state[p] of the params of the last spares() call
+        self._taken: list[torch.Tensor] = []  # params whose gradient holds a new buffer
         self._installs: list[tuple[list, list, list, list]] = []  # per launch: states, owns, old, new
 
-    def spares(self, params: list[torch.Tensor], old: list[Optional[torch.Tensor]],
+    def spares(self, params: list[torch.Tensor], old: list[Optional[torch.Tensor]], grads: list[torch.Tensor],
                strict: bool = False) -> list[Optional[torch.Tensor]]:
-        """A spare buffer for each existing buffer in ``old`` (None for a first step). The kernel rejects
-        a spare unlike its buffer before writing anything; ``strict`` (the retry) compares them here."""
+        """Where each existing buffer of ``old`` gets its new values (None for a first step): the
+        gradient when handed over, else a spare. The kernel rejects a spare unlike its buffer before
+        writing anything; ``strict`` (the retry) compares them here."""
         state = self.sam.state
         self._owns = owns = [state[p] for p in params]
         out = [own.get(SPARE_KEY) for own in owns]
         for i, (own, spare, buf) in enumerate(zip(owns, out, old)):
             if buf is None:
                 out[i] = None
+            elif id(params[i]) in self.handed and handover.takes(grads[i], buf):
+                out[i] = grads[i]
+                self._taken.append(params[i])
             elif spare is None or spare is buf or (strict and (
                     spare.shape != buf.shape or spare.dtype != buf.dtype or spare.device != buf.device
                     or spare.stride() != buf.stride() or spare.data_ptr() == buf.data_ptr())):
@@ -176,8 +185,18 @@ class InPassCheck:
         for states, owns, old, new in installs:
             for st, own, before, buf in zip(states, owns, old, new):
                 st["momentum_buffer"] = buf
-                if before is not None:
+                if before is None:
+                    continue
+                if own.get(SPARE_KEY) is buf:
                     own[SPARE_KEY] = before
+                else:  # a gradient holds the new buffer: the old one is freed
+                    own.pop(SPARE_KEY, None)
+
+    def release(self) -> None:
+        """Set the gradients that hold new buffers to None (they hold no gradient any more)."""
+        taken, self._taken = self._taken, []
+        for p in taken:
+            p.grad = None
 
 
 def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor], sparse: bool) -> bool:
@@ -223,7 +242,7 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry, read,
         def call():
             old = [st.get("momentum_buffer") for st in states] if momentum else None
             if check is not None and momentum:
-                in_pass["momentum_out"] = check.spares(params, old, strict=bool(tries))
+                in_pass["momentum_out"] = check.spares(params, old, grads, strict=bool(tries))
                 tries.append(1)
             return old, _with_telemetry(
                 lambda **tele: ops.sgd_restore_step_(params, backups, grads, old, lr=read(group, "lr"), momentum=momentum,
@@ -379,13 +398,17 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor
     run_step_hooks(base, "pre")  # what base.step() would have run
     layer = aliases.layers([e[1] for e in entries], alias_keys)
     read = lambda group, key: hyper(sam, group, key)  # noqa: E731
-    for idx in aliases.split(list(range(len(entries))), layer):
+    try:
+        for idx in aliases.split(list(range(len(entries))), layer):
+            if check is not None:
+                _sgd(base, [entries[i] for i in idx], backend, amp, telemetry, read, check)
+            else:
+                (_sgd if kind == "sgd" else _adamw)(base, [entries[i] for i in idx], backend, amp, telemetry, read)
         if check is not None:
-            _sgd(base, [entries[i] for i in idx], backend, amp, telemetry, read, check)
-        else:
-            (_sgd if kind == "sgd" else _adamw)(base, [entries[i] for i in idx], backend, amp, telemetry, read)
-    if check is not None:
-        check.commit()
+            check.commit()
+    finally:
+        if check is not None:
+            check.release()
     mark_stepped(base)
     run_step_hooks(base, "post")
 
@@ -397,16 +420,17 @@ def descend(sam, perturbed: Optional[list[torch.Tensor]]) -> None:
     now = sam.step_state
     sam_step = perturbed is not None
     params = [p for _, p in groups.with_grads(sam.param_groups)]
+    sparse = any(p.grad.is_sparse for p in params)
+    # the gradients it may take are found before anything here holds them (each reference counts)
+    check = (InPassCheck(sam, params[0].device, handover.sole_grads(sam, params))
+             if sam_step and params and in_pass_check(sam, perturbed, params, sparse) else None)
     grads = [p.grad for p in params]
-    sparse = any(g.is_sparse for g in grads)
     if sparse:
         sparse_grads.refuse_unsupported(sam)
     if not sam_step:
         sam.distributed.before_plain_descent(grads)  # m-SAM: the first backward left them unsynchronized
     scale = sam.loss_scale
     sq = None
-    check = (InPassCheck(sam, params[0].device) if sam_step and grads and in_pass_check(sam, perturbed, params, sparse)
-             else None)
     if grads and (sam.finite_check or sam.amp.active) and check is None:
         # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
         sq = groups.grads_sq_norm(grads, sam.backend)

@@ -41,6 +41,11 @@ def run_step_hooks(opt: torch.optim.Optimizer, when: str) -> None:
         hook(opt, (), {})
 
 
+def has_post_hooks(opt: torch.optim.Optimizer) -> bool:
+    """Whether a step of ``opt`` runs post hooks (its own or global ones)."""
+    return bool(opt._optimizer_step_post_hooks) or any(True for _ in _global_hooks("post"))
+
+
 def mark_stepped(opt: torch.optim.Optimizer) -> None:
     """What ``Optimizer.step`` leaves behind for LR schedulers (``_opt_called``) and profilers."""
     opt._opt_called = True

@@ -31,6 +31,7 @@ class StepShells:
         specialized on it), run after the hooks and before the body."""
         compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
         host = call_eagerly if compiled else call
+        self.step_state.zero_grad = zero_grad
         host(self._host_before, method, compiled)
         if count is not None:
             host(count, self)
@@ -39,6 +40,8 @@ class StepShells:
         except BaseException as e:
             host(self._after_failure, e, descent)
             raise
+        finally:
+            self.step_state.zero_grad = False
         host(self._host_after, method, compiled, zero_grad)
 
     def _host_before(self, method: str, compiled: bool) -> None:

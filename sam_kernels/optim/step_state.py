@@ -35,6 +35,7 @@ class StepState:
         self.telemetry = telemetry  # sharpness values and cost counters (a .telemetry.Telemetry)
         self.backward = BackwardWatch()  # whether a backward wrote gradients since the last step or zero_grad
         self.hypers = None  # under torch.compile: lr/rho as tensors (a .compiled.HyperTensors)
+        self.zero_grad = False  # the zero_grad argument of the step call running now (.handover)
 
     def set_perturbed(self, params: Optional[list[torch.Tensor]], backups: Sequence[torch.Tensor] = ()) -> None:
         """``params`` are at w + e now, their w in ``backups``; None: no param is perturbed."""

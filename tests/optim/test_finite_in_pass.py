@@ -38,8 +38,10 @@ def batch(seed):
     return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
 
 
-def step(model, opt, seed, bad=None):
-    """One SAM step; ``bad``: (param index, value) planted in g(w + e)."""
+def step(model, opt, seed, bad=None, hand_over=True):
+    """One SAM step; ``bad``: (param index, value) planted in g(w + e). ``hand_over``: second_step
+    (zero_grad=True), whose descent may write the new momentum over the gradients (.handover); else
+    second_step() then zero_grad(): the spare buffers."""
     x, y = batch(seed)
     F.cross_entropy(model(x), y).backward()
     opt.first_step(zero_grad=True)
@@ -47,7 +49,11 @@ def step(model, opt, seed, bad=None):
     if bad is not None:
         i, value = bad
         list(model.parameters())[i].grad.view(-1)[-1] = value
-    opt.second_step(zero_grad=True)
+    try:
+        opt.second_step(zero_grad=hand_over)
+    finally:
+        if not hand_over:
+            opt.zero_grad()
 
 
 def base_states(opt):
@@ -91,16 +97,17 @@ def test_no_read_of_its_own(backend, mode):
 @pytest.mark.parametrize("where", [0, -1], ids=["first-param", "last-param"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("first", [False, True], ids=["later-step", "first-step"])
-def test_fault_raises_with_weights_and_state_kept(backend, config, where, value, first):
+@pytest.mark.parametrize("hand_over", [True, False], ids=["handed-over", "spares"])
+def test_fault_raises_with_weights_and_state_kept(backend, config, where, value, first, hand_over):
     model = make_model()
     opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend, **SGD[config])
     if not first:
         for s in range(3):
-            step(model, opt, s)
+            step(model, opt, s, hand_over=hand_over)
     weights = [p.detach().clone() for p in model.parameters()]
     state = base_states(opt)
     with pytest.raises(FloatingPointError, match="second_step.*NaN or Inf"):
-        step(model, opt, 7, bad=(where, value))
+        step(model, opt, 7, bad=(where, value), hand_over=hand_over)
     for p, w in zip(model.parameters(), weights):
         assert torch.equal(p, w), "weights must be at w"
     assert_same_states(base_states(opt), state)  # first step: no buffer installed at all
@@ -140,13 +147,14 @@ def torch_sam_run(steps: int, config: str, rho: float = 0.05):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", ["momentum", "nesterov", "dampening-maximize"])
-def test_run_equals_pass_and_torch_layout(backend, config):
+@pytest.mark.parametrize("hand_over", [True, False], ids=["handed-over", "spares"])
+def test_run_equals_pass_and_torch_layout(backend, config, hand_over):
     runs = {}
     for mode in (True, "fused", "pass"):
         model = make_model()
         opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend, finite_check=mode, **SGD[config])
         for s in range(6):
-            step(model, opt, s)
+            step(model, opt, s, hand_over=hand_over)
         runs[mode] = (model, opt)
     ref_model, ref_opt = runs["pass"]
     for mode in (True, "fused"):
@@ -173,7 +181,7 @@ def test_spares_allocated_once_and_never_saved(backend):
     opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
     pairs = []
     for s in range(5):
-        step(model, opt, s)
+        step(model, opt, s, hand_over=False)
         pairs.append({p: frozenset((opt.base_optimizer.state[p]["momentum_buffer"].data_ptr(),
                                     opt.state[p][SPARE_KEY].data_ptr())) for p in model.parameters()
                       if SPARE_KEY in opt.state[p]})
@@ -252,14 +260,14 @@ def test_spares_follow_a_cast_of_the_state(backend):
     model = make_model()
     opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
     for s in range(2):
-        step(model, opt, s)
+        step(model, opt, s, hand_over=False)
     model.double()
     opt.base_optimizer.load_state_dict(opt.base_optimizer.state_dict())  # casts the buffers to float64
     x, y = batch(5)
     F.cross_entropy(model(x.double()), y).backward()
     opt.first_step(zero_grad=True)
     F.cross_entropy(model(x.double()), y).backward()
-    opt.second_step(zero_grad=True)
+    opt.second_step()  # the gradients kept: spare buffers
     for p in model.parameters():
         assert opt.state[p][SPARE_KEY].dtype == torch.float64
         assert opt.base_optimizer.state[p]["momentum_buffer"].dtype == torch.float64
@@ -267,7 +275,7 @@ def test_spares_follow_a_cast_of_the_state(backend):
 
 # --------------------------------------------------------------------------- deferred (device memory)
 
-def deferred_run(backend, mode, config, good_steps, bad=(1, float("nan"))):
+def deferred_run(backend, mode, config, good_steps, bad=(1, float("nan")), hand_over=True):
     """A deferred-check run: ``good_steps`` steps, then one with ``bad`` planted in g(w + e) (no error
     in it), then the next step (raises at its first call; taken when called again). Returns the
     model, the optimizer, the ops of the faulty step's second_step, and the weights and base state
@@ -276,7 +284,7 @@ def deferred_run(backend, mode, config, good_steps, bad=(1, float("nan"))):
     opt = sk.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend, finite_check=mode, **SGD[config])
     opt.step_state.finite.deferred = True
     for s in range(good_steps):
-        step(model, opt, s)
+        step(model, opt, s, hand_over=hand_over)
     weights, state = [p.detach().clone() for p in model.parameters()], base_states(opt)
     x, y = batch(7)
     F.cross_entropy(model(x), y).backward()
@@ -285,7 +293,9 @@ def deferred_run(backend, mode, config, good_steps, bad=(1, float("nan"))):
     i, value = bad
     list(model.parameters())[i].grad.view(-1)[-1] = value
     with ops.dispatch.recording() as log:
-        opt.second_step(zero_grad=True)  # no error inside the step
+        opt.second_step(zero_grad=hand_over)  # no error inside the step
+    if not hand_over:
+        opt.zero_grad()
     after = ([p.detach().clone() for p in model.parameters()], base_states(opt))
     x, y = batch(8)
     F.cross_entropy(model(x), y).backward()
@@ -300,13 +310,15 @@ def deferred_run(backend, mode, config, good_steps, bad=(1, float("nan"))):
 @pytest.mark.parametrize("backend", [*BACKENDS, TRITON])
 @pytest.mark.parametrize("config", ["momentum", "nesterov", "plain"])
 @pytest.mark.parametrize("first", [False, True], ids=["later-step", "first-step"])
-def test_deferred_fault_undone_on_the_device_and_raised_at_the_next_step(backend, config, first):
+@pytest.mark.parametrize("hand_over", [True, False], ids=["handed-over", "spares"])
+def test_deferred_fault_undone_on_the_device_and_raised_at_the_next_step(backend, config, first, hand_over):
     """No read of g(w + e); the faulty step leaves the weights at w and the momentum state bitwise as
     before (a first step: zero buffers, as the deferred "pass" run leaves them); the error comes at
     the next step's first call; the run then goes on exactly as the deferred "pass" run."""
     good = 0 if first else 2
-    model, opt, descent, before, after = deferred_run(backend, True, config, good)
-    ref_model, ref_opt, ref_descent, ref_before, ref_after = deferred_run(backend, "pass", config, good)
+    model, opt, descent, before, after = deferred_run(backend, True, config, good, hand_over=hand_over)
+    ref_model, ref_opt, ref_descent, ref_before, ref_after = deferred_run(backend, "pass", config, good,
+                                                                          hand_over=hand_over)
     assert descent == ["sgd_restore_step_"] and ref_descent == ["grad_sq_norm", "sgd_restore_step_"]
     assert all(torch.equal(p, w) for p, w in zip(after[0], before[0])), "weights must be at w"
     if first:
