@@ -138,14 +138,19 @@ def test_scaled_overflow_and_flag_set_before(backend):
 @backend_param(ROWS)
 @pytest.mark.parametrize("config", ["momentum", "plain"])
 @pytest.mark.parametrize("telemetry", [False, True], ids=["check", "check+sums"])
-def test_huge_finite_gradients_are_not_faults(backend, config, telemetry):
+@pytest.mark.parametrize("alias", [False, True], ids=["out", "out-is-grads"])
+def test_huge_finite_gradients_are_not_faults(backend, config, telemetry, alias):
     """Finite gradients whose squares overflow fp32 (|g| > 1.8e19: the sum of squares is Inf) are
-    not a fault: the step is taken, as float64 maths gives it."""
+    not a fault: the step is taken, as float64 maths gives it. ``alias``: momentum_out is the grads
+    themselves (SAM's hand-over): the look at a block's elements must see g, not the new buffer."""
     require(backend)
     cfg = CONFIGS[config]
     params, backups, grads, old, out = _inputs(backend.device, torch.float32)
     grads[2].view(-1)[70_000] = 3e30
     grads[4][1, 2] = -1e20
+    given = [g.clone() for g in grads]
+    if alias:
+        out = grads
     flag = torch.zeros((), device=backend.device)
     sums = dict(sums=torch.zeros(2, device=backend.device)) if telemetry else {}
     _call(backend, params, backups, grads, old, out, cfg, flag, **sums)
@@ -153,7 +158,7 @@ def test_huge_finite_gradients_are_not_faults(backend, config, telemetry):
     f64 = lambda lst: [t.double().cpu() for t in lst]  # noqa: E731
     mom, wd = cfg["momentum"], cfg["weight_decay"]
     atol, rtol = TOL[torch.float32]
-    for i, (b, g, o) in enumerate(zip(f64(backups), f64(grads), f64(old))):
+    for i, (b, g, o) in enumerate(zip(f64(backups), f64(given), f64(old))):
         d = g + wd * b
         v = mom * o + d if mom else d
         assert_close(params[i].double().cpu(), b - 0.1 * v, 10 * atol, 10 * rtol, f"params[{i}]")
@@ -165,13 +170,17 @@ def test_huge_finite_gradients_are_not_faults(backend, config, telemetry):
 
 @backend_param(ROWS)
 @pytest.mark.parametrize("fault", ["first", "large"])
-def test_fault_with_telemetry_sums(backend, fault):
-    """With the telemetry sums taken in the same pass a NaN is still a fault: everything restored."""
+@pytest.mark.parametrize("alias", [False, True], ids=["out", "out-is-grads"])
+def test_fault_with_telemetry_sums(backend, fault, alias):
+    """With the telemetry sums taken in the same pass a NaN is still a fault: everything restored
+    (momentum_out too when it is the grads themselves)."""
     require(backend)
     cfg = CONFIGS["momentum"]
     params, backups, grads, old, out = _inputs(backend.device, torch.float32)
     at, index = FAULTS[fault]
     grads[at].view(-1)[index] = float("nan")
+    if alias:
+        out = grads
     flag = torch.zeros((), device=backend.device)
     before = [[t.clone() for t in lst] for lst in (backups, old)]
     _call(backend, params, backups, grads, old, out, cfg, flag, sums=torch.zeros(2, device=backend.device))
@@ -274,3 +283,20 @@ def test_fault_with_grad_scale_and_sums(backend, first):
     assert_lists_equal(params, backups, "params")
     assert_lists_equal(bufs, [torch.zeros_like(o) for o in old] if first else before, "buffers")
     assert torch.isnan(sums[0])
+
+
+@backend_param(ROWS)
+def test_the_flag_follows_the_gradients_when_out_is_grads(backend):
+    """momentum_out over the grads: a finite gradient whose new buffer overflows (0.9·3e38 + 3e38)
+    is no fault (the contract looks at the gradients; torch.optim.SGD takes that step too), so a
+    look at the block after the update wrote it would be wrong: g is read before it is written."""
+    require(backend)
+    cfg = CONFIGS["momentum"]
+    params, backups, grads, old, _ = _inputs(backend.device, torch.float32)
+    grads[2].view(-1)[70_000] = 3e38
+    old[2].view(-1)[70_000] = 3e38
+    flag = torch.zeros((), device=backend.device)
+    _call(backend, params, backups, grads, old, grads, cfg, flag)
+    assert float(flag) == 0.0
+    assert float(grads[2].view(-1)[70_000]) == float("inf")  # 5.7e38 rounds to Inf in fp32
+    assert float(params[2].view(-1)[70_000]) == float("-inf")
