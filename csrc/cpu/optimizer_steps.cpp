@@ -102,8 +102,13 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
   const float inv_scale = unscale_factor(grad_scale);
   std::atomic<bool> found_nonfinite{false};
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "sgd_restore_step_", [&] {
-    // w is written, not read (the loop reads the backup); so is momentum_out (the loop reads the old)
+    // w is written, not read (the loop reads the backup); so is momentum_out (the loop reads the old),
+    // unless it is the grads (SAM's hand-over): those lines were just read, a store finds them in cache.
     const bool streaming = stream_writes(params);
+    bool out_is_grads = momentum_out.has_value();
+    for (size_t i = 0; out_is_grads && i < grads.size(); ++i) {
+      out_is_grads = (*momentum_out)[i].data_ptr() == grads[i].data_ptr();
+    }
     with_static_flags([&](auto has_sums, auto check, auto scaled, auto stream, auto stream_out) {
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
@@ -177,7 +182,8 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
           }
         }
       }, /*blocks=*/check);
-    }, sums.has_value(), nonfinite.has_value(), grad_scale.has_value(), streaming, streaming && momentum_out.has_value());
+    }, sums.has_value(), nonfinite.has_value(), grad_scale.has_value(), streaming,
+       streaming && momentum_out.has_value() && !out_is_grads);
   });
   if (!nonfinite) return;
   float* flag = nonfinite->data_ptr<float>();  // host memory: the decision costs no synchronization

@@ -12,15 +12,17 @@ Providers (names as on the command line; labels in ``LABELS``):
   ``torch.optim.SGD``;
 - ``pytorch-optimizer``: ``pytorch_optimizer.SAM`` around ``torch.optim.SGD`` (where installed).
 
-Every provider gets its own copy of the same parameters and, each step, the same two gradient
-sets as new ``p.grad`` tensors (as the two backward passes of a ``zero_grad(set_to_none=True)``
-loop hand them over): the same work per step, nothing allocated by the hand-over. Before it is
-timed, each provider's first step is compared with one SAM step in float64 (``check``).
+Every provider gets its own copy of the same parameters and, each step, fresh copies of the same two
+gradient sets as new ``p.grad`` tensors, made before the step and not timed (``Step.prepare``), as
+the two backward passes of a ``zero_grad(set_to_none=True)`` loop hand them over; the optimizers
+are called as in that loop, ``first_step(zero_grad=True)`` and ``second_step(zero_grad=True)``
+(sam_kernels then writes the new momentum over g(w + e): ``sam_kernels.optim.handover``). Before it
+is timed, each provider's first step is compared with one SAM step in float64 (``check``).
 """
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -65,10 +67,26 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int 
 
 @dataclass
 class Step:
-    """A provider's step, as its two halves (each hands over its gradients first)."""
+    """A provider's step, as its two halves (each hands over its gradients first: copies of
+    ``inputs``' made by :meth:`prepare`, which the timing leaves out)."""
     params: list[torch.Tensor]
-    first: Callable[[], None]
-    second: Callable[[], None]
+    inputs: Inputs
+    first_step: Callable[[], None]
+    second_step: Callable[[], None]
+    fresh: list = field(default_factory=list)  # the two gradient sets of the next step
+
+    def prepare(self) -> None:
+        self.fresh = [[g.clone() for g in self.inputs.grads], [g.clone() for g in self.inputs.sam_grads]]
+
+    def first(self) -> None:
+        if not self.fresh:
+            self.prepare()
+        _hand_over(self.params, self.fresh.pop(0))  # nothing else holds them once handed over
+        self.first_step()
+
+    def second(self) -> None:
+        _hand_over(self.params, self.fresh.pop(0))
+        self.second_step()
 
     def __call__(self) -> None:
         self.first()
@@ -80,32 +98,18 @@ def _hand_over(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         p.grad = g
 
 
-def _optimizer_step(params, grads, sam_grads, opt) -> Step:
-    def first():
-        _hand_over(params, grads)
-        opt.first_step()
-
-    def second():
-        _hand_over(params, sam_grads)
-        opt.second_step()
-    return Step(params, first, second)
+def _optimizer_step(params, inputs: Inputs, opt) -> Step:
+    return Step(params, inputs, lambda: opt.first_step(zero_grad=True), lambda: opt.second_step(zero_grad=True))
 
 
-def _foreach_step(params, grads, sam_grads, compiled: bool) -> Step:
+def _foreach_step(params, inputs: Inputs, compiled: bool) -> Step:
     ascent, descent = baselines.foreach_ascent, baselines.foreach_descent
     if compiled:
         ascent, descent = torch.compile(ascent), torch.compile(descent)
     backups = [torch.empty_like(p) for p in params]
     bufs = [torch.zeros_like(p) for p in params]
-
-    def first():
-        _hand_over(params, grads)
-        ascent(params, [p.grad for p in params], backups, RHO)
-
-    def second():
-        _hand_over(params, sam_grads)
-        descent(params, [p.grad for p in params], backups, bufs, LR, MOMENTUM, WEIGHT_DECAY)
-    return Step(params, first, second)
+    return Step(params, inputs, lambda: ascent(params, [p.grad for p in params], backups, RHO),
+                lambda: descent(params, [p.grad for p in params], backups, bufs, LR, MOMENTUM, WEIGHT_DECAY))
 
 
 def unavailable(provider: str, device: torch.device) -> Optional[str]:
@@ -135,7 +139,7 @@ def build(provider: str, inputs: Inputs) -> Step:
     params = [w.clone() for w in inputs.weights]
     sgd = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     if provider in ("compile", "foreach"):
-        return _foreach_step(params, inputs.grads, inputs.sam_grads, compiled=provider == "compile")
+        return _foreach_step(params, inputs, compiled=provider == "compile")
     if provider == "loop":
         opt = baselines.Davda54SAM(params, torch.optim.SGD, rho=RHO, **sgd)
     elif provider == "pytorch-optimizer":
@@ -145,7 +149,7 @@ def build(provider: str, inputs: Inputs) -> Step:
         import sam_kernels
         backend, _, nocheck = provider.partition("-")
         opt = sam_kernels.SAM(params, torch.optim.SGD, rho=RHO, backend=backend, finite_check=not nocheck, **sgd)
-    return _optimizer_step(params, inputs.grads, inputs.sam_grads, opt)
+    return _optimizer_step(params, inputs, opt)
 
 
 def expected(inputs: Inputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -157,10 +157,13 @@ class InPassCheck:
         state = self.sam.state
         self._owns = owns = [state[p] for p in params]
         out = [own.get(SPARE_KEY) for own in owns]
+        if strict:  # the rejected try wrote nothing: its params' gradients are theirs again
+            retried = set(map(id, params))
+            self._taken = [p for p in self._taken if id(p) not in retried]
         for i, (own, spare, buf) in enumerate(zip(owns, out, old)):
             if buf is None:
                 out[i] = None
-            elif id(params[i]) in self.handed and handover.takes(grads[i], buf):
+            elif id(params[i]) in self.handed and not strict:  # strict: a retry, keep to spares
                 out[i] = grads[i]
                 self._taken.append(params[i])
             elif spare is None or spare is buf or (strict and (

@@ -8,10 +8,16 @@ import pytest
 import torch
 
 from sam_kernels.ops import dispatch
-from sam_kernels.optim import base_step
+from sam_kernels.optim import base_step, handover
 from tests.optim.test_finite_in_pass import assert_same_states, base_states, deferred_run
 
 pytestmark = pytest.mark.cuda_emu
+
+
+@pytest.fixture(autouse=True)
+def _hand_over_every_size(monkeypatch):
+    """The models here are small: every gradient may be handed over (the size floor has its own test)."""
+    monkeypatch.setattr(handover, "MIN_NUMEL", 0)
 
 
 @pytest.fixture(autouse=True)
@@ -26,10 +32,14 @@ def _in_pass_on_the_emulation(cuda_emu_backend, monkeypatch):
 
 @pytest.mark.parametrize("config", ["momentum", "nesterov", "plain"])
 @pytest.mark.parametrize("first", [False, True], ids=["later-step", "first-step"])
-def test_deferred_fault_on_the_cuda_kernels(cuda_emu_backend, config, first):
+@pytest.mark.parametrize("hand_over", [True, False], ids=["handed-over", "spares"])
+def test_deferred_fault_on_the_cuda_kernels(cuda_emu_backend, config, first, hand_over):
+    """``hand_over``: second_step(zero_grad=True), the new buffers written over the gradients (the
+    undo launch puts the old buffers there); else into spare buffers."""
     good = 0 if first else 2
-    model, opt, descent, before, after = deferred_run(cuda_emu_backend, True, config, good)
-    ref_model, ref_opt, ref_descent, _, ref_after = deferred_run(cuda_emu_backend, "pass", config, good)
+    model, opt, descent, before, after = deferred_run(cuda_emu_backend, True, config, good, hand_over=hand_over)
+    ref_model, ref_opt, ref_descent, _, ref_after = deferred_run(cuda_emu_backend, "pass", config, good,
+                                                                 hand_over=hand_over)
     assert descent == ["sgd_restore_step_"] and ref_descent == ["grad_sq_norm", "sgd_restore_step_"]
     assert all(torch.equal(p, w) for p, w in zip(after[0], before[0])), "weights must be at w"
     assert_same_states(after[1], ref_after[1] if first else before[1])

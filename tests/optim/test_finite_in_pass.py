@@ -15,9 +15,16 @@ import torch.nn.functional as F
 import sam_kernels as sk
 from sam_kernels import ops
 from sam_kernels.optim.finite import SPARE_KEY
+from sam_kernels.optim import handover
 from tests.utils import backend_available
 
 BACKENDS = ["eager", "cpp"]
+
+
+@pytest.fixture(autouse=True)
+def _hand_over_every_size(monkeypatch):
+    """The models here are small: every gradient may be handed over (the size floor has its own test)."""
+    monkeypatch.setattr(handover, "MIN_NUMEL", 0)
 TRITON = pytest.param("triton", marks=pytest.mark.skipif(not backend_available("triton", "cpu"),
                                                          reason="triton unavailable on cpu"))
 SGD = {

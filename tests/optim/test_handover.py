@@ -14,9 +14,16 @@ import torch.nn.functional as F
 
 import sam_kernels as sk
 from sam_kernels.optim.finite import SPARE_KEY
+from sam_kernels.optim import handover
 
 BACKENDS = ["eager", "cpp"]
 LR, MOMENTUM, WD, RHO = 0.1, 0.9, 5e-4, 0.05
+
+
+@pytest.fixture(autouse=True)
+def _hand_over_every_size(monkeypatch):
+    """The models here are small: every gradient may be handed over (the size floor has its own test)."""
+    monkeypatch.setattr(handover, "MIN_NUMEL", 0)
 
 
 def make_model(seed=0):
@@ -219,3 +226,25 @@ def test_the_request_lasts_one_call():
     second_backward(model, opt, 1)
     opt.second_step()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_gradients_keep_their_spares(backend, monkeypatch):
+    """Below ``MIN_NUMEL`` elements a gradient is not looked at (the look costs more than the spare's
+    write); at or above it, it is handed over."""
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    big, small = torch.nn.Parameter(torch.randn(128, 128)), torch.nn.Parameter(torch.randn(127, 129))
+    assert big.numel() >= handover.MIN_NUMEL > small.numel()
+    opt = sk.SAM([big, small], torch.optim.SGD, lr=LR, momentum=MOMENTUM, backend=backend)
+    for s in range(3):
+        for p in (big, small):
+            p.grad = torch.randn_like(p)
+        opt.first_step(zero_grad=True)
+        for p in (big, small):
+            p.grad = torch.randn_like(p)
+        ptrs = {p: p.grad.data_ptr() for p in (big, small)}
+        opt.second_step(zero_grad=True)
+    state = opt.base_optimizer.state
+    assert state[big]["momentum_buffer"].data_ptr() == ptrs[big] and SPARE_KEY not in opt.state[big]
+    assert state[small]["momentum_buffer"].data_ptr() != ptrs[small] and SPARE_KEY in opt.state[small]
