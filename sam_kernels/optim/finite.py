@@ -37,6 +37,7 @@ buffers).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -85,8 +86,9 @@ class FiniteCheck:
     def screen(self, now, sq_norm: torch.Tensor, where: str) -> None:
         """Raise now (host memory), or fold ``sq_norm``'s finiteness into the step's device flag ``now.found``."""
         if not self.defers(sq_norm):
-            if not bool(torch.isfinite(sq_norm)):  # host memory (or a compiled step's documented read)
-                raise FloatingPointError(message(where, f"squared norm {float(sq_norm)}"))
+            value = float(sq_norm)  # host memory (or a compiled step's documented read)
+            if not math.isfinite(value):
+                raise FloatingPointError(message(where, f"squared norm {value}"))
             return
         found = (~torch.isfinite(sq_norm)).float()
         now.found = found if now.found is None else torch.maximum(now.found, found.to(now.found.device))
