@@ -149,7 +149,9 @@ def sgd_restore_step_(params: Tensors, backups: Tensors, grads: Tensors,
     skips is not looked at). With momentum the
     new buffers must then go to ``momentum_out`` (aligned with params, same shapes and dtypes;
     an entry whose ``momentum_buffers`` entry is None may be None) and ``momentum_buffers`` are
-    only read: that costs one more buffer per param and lets a fault be undone. When the flag is
+    only read: that lets a fault be undone. A ``momentum_out`` entry may be the ``grads`` entry
+    itself (every kernel reads an element of g before writing it: SAM's hand-over of gradients
+    it may overwrite, :mod:`sam_kernels.optim.handover`); else it is one more buffer per param. When the flag is
     non-zero at the end of the call (set here or before), params end bitwise at the backups,
     ``momentum_out`` bitwise equal to ``momentum_buffers`` and first-step buffers zero, so a caller
     may keep the returned buffers as its state whatever the flag. CPU: decided on the host at the

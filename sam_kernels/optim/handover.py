@@ -10,10 +10,12 @@ the new buffer over it reads nothing more, and the old buffers are freed (no spa
 A gradient is taken only when nothing else can see it: the caller asked ``zero_grad=True`` (it sets
 ``p.grad`` to None after the step anyway), no optimizer step post hook is registered (they run after
 the update and may read ``p.grad``), and the tensor is ``p.grad``'s alone: no Python reference other
-than ``p.grad`` (``sys.getrefcount``), not a view, its storage used by no other tensor, a plain
-strided ``torch.Tensor`` (the kernel checks its layout against the parameter's, as it does for the
-gradients, before writing anything). Anything else keeps the spare buffers and the gradients. The gradients taken are set to None after the descent whether it succeeds or
-raises (:meth:`.base_step.InPassCheck.release`): their memory then holds momentum, never a gradient.
+than ``p.grad`` (``sys.getrefcount``), not a view, its storage used by no other tensor (a custom
+autograd Function may return two gradients over one storage), a plain strided ``torch.Tensor`` (the
+kernel checks its layout against the parameter's, as it does for the gradients, before writing
+anything), of at least :data:`MIN_NUMEL` elements. Anything else keeps its spare buffer and its
+gradient. The gradients taken are set to None after the descent whether it succeeds or raises
+(:meth:`.base_step.InPassCheck.release`): their memory then holds momentum, never a gradient.
 """
 from __future__ import annotations
 
@@ -26,6 +28,21 @@ from .contract import has_post_hooks
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; absent: nothing is taken
 
+
+def _sole_refcount() -> Optional[int]:
+    """``sys.getrefcount(p.grad)`` of a gradient only ``p.grad`` holds, measured on this interpreter
+    (which may count the call's own reference or not), or None when one more holder does not show."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.zeros(1)
+    sole = sys.getrefcount(p.grad)
+    held = p.grad
+    seen = sys.getrefcount(p.grad)
+    del held
+    return sole if seen == sole + 1 and sys.getrefcount(p.grad) == sole else None
+
+
+_SOLE = _sole_refcount()
+
 MIN_NUMEL = 16384
 """Smaller gradients keep their spare buffers: the look costs about 0.6 us of Python per tensor (2,000
 tensors of 64 elements: 1.2 ms a step, more than their whole descent), while a spare of up to 64 KB
@@ -35,12 +52,11 @@ tensors of 64 elements: 1.2 ms a step, more than their whole descent), while a s
 def sole_grads(sam, params: list[torch.Tensor]) -> Optional[set[int]]:
     """ids of the ``params`` whose gradient the descent may take, or None when it may take none. Call it
     before anything else holds the gradients (each reference would count)."""
-    if not sam.step_state.zero_grad or _storage_use_count is None:
+    if not sam.step_state.zero_grad or _storage_use_count is None or _SOLE is None:
         return None
     if has_post_hooks(sam) or has_post_hooks(sam.base_optimizer):
         return None
-    # 2: the reference ``p.grad`` keeps in its tensor, and getrefcount's argument
-    return {id(p) for p in params if p.numel() >= MIN_NUMEL and sys.getrefcount(p.grad) == 2 and _alone(p.grad)}
+    return {id(p) for p in params if p.numel() >= MIN_NUMEL and sys.getrefcount(p.grad) == _SOLE and _alone(p.grad)}
 
 
 def _alone(g: torch.Tensor) -> bool:

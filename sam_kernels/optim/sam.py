@@ -73,10 +73,12 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, Readouts, torch.optim.Optimize
             (``grad_scaler``) an overflow is expected and skips the step on the device instead: no error.
             How the second pass's gradients are checked: ``"pass"`` reads them once more before the
             descent (4 bytes per fp32 parameter, no extra memory); ``"fused"`` checks them in the
-            fused SGD descent's own pass, which then writes the new momentum into a spare buffer
-            (one more parameter-sized buffer per momentum buffer, kept between steps, never saved)
-            so that a fault can be undone: 40 instead of 44 bytes per fp32 parameter with momentum
-            (where memory is shorter than bandwidth, a large model on a GPU, ``"pass"`` saves it).
+            fused SGD descent's own pass, which then writes the new momentum elsewhere so that a fault
+            can be undone: 40 instead of 44 bytes per fp32 parameter with momentum. Elsewhere is
+            g(w + e) itself when ``second_step(zero_grad=True)`` gives the gradients up and nothing
+            else holds them (:mod:`sam_kernels.optim.handover`; gradients of 16K elements or more):
+            no extra memory. Otherwise a spare buffer (one more parameter-sized buffer per momentum
+            buffer, kept between steps, never saved; where memory is short, ``"pass"`` saves it).
             ``"fused"`` applies to ``torch.optim.SGD`` with its parameters on one device (CPU or GPU;
             on a GPU a fault is undone on the device and raised at the next step, as above) without
             AMP, descent modifiers, sparse gradients, ``torch.compile``, tied parameters or a process
@@ -221,6 +223,9 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, Readouts, torch.optim.Optimize
     def second_step(self, zero_grad: bool = False, *, loss: Optional[torch.Tensor] = None) -> None:
         """w ← backup, then the base optimizer's step with the gradients taken at w + e.
 
+        ``zero_grad=True`` gives the gradients up: the fused SGD descent may write the new momentum
+        buffers over them (:mod:`sam_kernels.optim.handover`: only gradients nothing else holds, and
+        no step post hook registered); those are None after the call, also when it raises.
         ``loss``: the second-pass loss L(w + e) (telemetry's sharpness; not read in the step).
         Any error restores w (bitwise) before it propagates, and the optimizer is ready for the next
         step; under ``torch.compile`` too (a body that fails to compile runs nothing, then w is restored).
