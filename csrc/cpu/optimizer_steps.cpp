@@ -146,6 +146,11 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
         }
         elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
           using T = decltype(tag);
+          // The old buffer first: the stream this pass writes (the grads themselves, when handed
+          // over) is then not the first one each iteration touches. On GPT-2's list, one thread, the
+          // descent over the grads took 0.98-1.15 of the in-place one's time this way, 1.01-1.35
+          // with g first (four alternations each, under load from other tenants).
+          const T oi = has_momentum && !init_buffers ? load<T>(old, i) : T(0);
           if constexpr (has_sums && !check) add_sums<scalar_t, T>(local, g, a, i);
           const T wi = load<T>(b, i);
           T d = load<T>(g, i);
@@ -153,7 +158,7 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
           if (maximize) d = -d;
           if (weight_decay != 0.0) d = fma_(T(wd), wi, d);
           if (has_momentum) {
-            const T v = init_buffers ? d : fma_(T(mom), load<T>(old, i), T(damp) * d);
+            const T v = init_buffers ? d : fma_(T(mom), oi, T(damp) * d);
             T vs = v;
             if constexpr (std::is_same_v<scalar_t, acc_t>) {  // stored as computed
               if constexpr (stream_out) {
