@@ -15,9 +15,11 @@ import torch.nn.functional as F
 import sam_kernels as sk
 from sam_kernels.optim.finite import SPARE_KEY
 from sam_kernels.optim import handover
+from tests.optim.test_finite_in_pass import SGD, batch, make_model, torch_sam_run
 
 BACKENDS = ["eager", "cpp"]
-LR, MOMENTUM, WD, RHO = 0.1, 0.9, 5e-4, 0.05
+LR, RHO = 0.1, 0.05
+MOMENTUM, WD = SGD["momentum"]["momentum"], SGD["momentum"]["weight_decay"]  # torch_sam_run's "momentum" run
 
 
 @pytest.fixture(autouse=True)
@@ -26,19 +28,9 @@ def _hand_over_every_size(monkeypatch):
     monkeypatch.setattr(handover, "MIN_NUMEL", 0)
 
 
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Tanh(), torch.nn.Linear(40, 3))
-
-
 def make_opt(model, backend):
     return sk.SAM(model.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM, weight_decay=WD, rho=RHO,
                   backend=backend)
-
-
-def batch(seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
 
 
 def second_backward(model, opt, seed):
@@ -50,28 +42,6 @@ def second_backward(model, opt, seed):
 
 def momenta(opt, model):
     return [opt.base_optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
-
-
-def hand_run(steps):
-    """SAM by hand in plain torch around torch.optim.SGD: e = rho·g/‖g‖ (norm in float64)."""
-    model = make_model()
-    params = list(model.parameters())
-    base = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WD)
-    for s in range(steps):
-        x, y = batch(s)
-        g = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        norm = torch.sqrt(sum((gi.double() ** 2).sum() for gi in g))
-        with torch.no_grad():
-            w = [p.clone() for p in params]
-            for p, gi in zip(params, g):
-                p.add_(gi * (RHO / (norm + 1e-12)).float())
-        g2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        with torch.no_grad():
-            for p, wi, gi in zip(params, w, g2):
-                p.copy_(wi)
-                p.grad = gi
-        base.step()
-    return model, base
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -96,7 +66,7 @@ def test_gradients_become_the_buffers_and_the_run_is_unchanged(backend):
         assert torch.equal(p, q)
     for a, b in zip(momenta(opt, model), momenta(kept, kept_model)):
         assert torch.equal(a, b)
-    hand_model, hand_base = hand_run(5)
+    hand_model, hand_base = torch_sam_run(5, "momentum", rho=RHO)
     for p, q in zip(model.parameters(), hand_model.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
     for p, b in zip(hand_model.parameters(), momenta(opt, model)):
