@@ -8,16 +8,10 @@ import pytest
 import torch
 
 from sam_kernels.ops import dispatch
-from sam_kernels.optim import base_step, handover
+from sam_kernels.optim import base_step
 from tests.optim.test_finite_in_pass import assert_same_states, base_states, deferred_run
 
 pytestmark = pytest.mark.cuda_emu
-
-
-@pytest.fixture(autouse=True)
-def _hand_over_every_size(monkeypatch):
-    """The models here are small: every gradient may be handed over (the size floor has its own test)."""
-    monkeypatch.setattr(handover, "MIN_NUMEL", 0)
 
 
 @pytest.fixture(autouse=True)

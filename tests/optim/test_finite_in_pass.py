@@ -15,16 +15,11 @@ import torch.nn.functional as F
 import sam_kernels as sk
 from sam_kernels import ops
 from sam_kernels.optim.finite import SPARE_KEY
-from sam_kernels.optim import handover
+from sam_kernels.optim import base_step
 from tests.utils import backend_available
 
 BACKENDS = ["eager", "cpp"]
 
-
-@pytest.fixture(autouse=True)
-def _hand_over_every_size(monkeypatch):
-    """The models here are small: every gradient may be handed over (the size floor has its own test)."""
-    monkeypatch.setattr(handover, "MIN_NUMEL", 0)
 TRITON = pytest.param("triton", marks=pytest.mark.skipif(not backend_available("triton", "cpu"),
                                                          reason="triton unavailable on cpu"))
 SGD = {
@@ -414,3 +409,22 @@ def test_cuda_default_step_checks_in_the_pass_without_sync(bad):
         F.cross_entropy(model(x), y).backward()
         with pytest.raises(FloatingPointError, match="optimizer step 2"):
             opt.first_step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_gradients_keep_the_separate_read(backend, monkeypatch):
+    """With ``finite_check=True`` a step whose gradients average fewer than ``IN_PASS_MIN_MEAN_NUMEL``
+    elements reads them once more instead (no spares: their bookkeeping would cost more); "fused"
+    asks for the pass whatever the size; a large step takes it by default."""
+    monkeypatch.undo()
+    small = make_model()
+    assert sum(p.numel() for p in small.parameters()) < base_step.IN_PASS_MIN_MEAN_NUMEL
+    assert descent_ops(sk.SAM(small.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend),
+                       small, 0) == ["grad_sq_norm", "sgd_restore_step_"]
+    assert descent_ops(sk.SAM(small.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend,
+                              finite_check="fused"), small, 1) == ["sgd_restore_step_"]
+    torch.manual_seed(0)
+    large = torch.nn.Sequential(torch.nn.Linear(6, 16384), torch.nn.Tanh(), torch.nn.Linear(16384, 3))
+    assert sum(p.numel() for p in large.parameters()) >= 4 * base_step.IN_PASS_MIN_MEAN_NUMEL
+    assert descent_ops(sk.SAM(large.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend),
+                       large, 2) == ["sgd_restore_step_"]

@@ -14,18 +14,12 @@ import torch.nn.functional as F
 
 import sam_kernels as sk
 from sam_kernels.optim.finite import SPARE_KEY
-from sam_kernels.optim import handover
+from sam_kernels.optim import base_step, handover
 from tests.optim.test_finite_in_pass import SGD, batch, make_model, torch_sam_run
 
 BACKENDS = ["eager", "cpp"]
 LR, RHO = 0.1, 0.05
 MOMENTUM, WD = SGD["momentum"]["momentum"], SGD["momentum"]["weight_decay"]  # torch_sam_run's "momentum" run
-
-
-@pytest.fixture(autouse=True)
-def _hand_over_every_size(monkeypatch):
-    """The models here are small: every gradient may be handed over (the size floor has its own test)."""
-    monkeypatch.setattr(handover, "MIN_NUMEL", 0)
 
 
 def make_opt(model, backend):
@@ -203,6 +197,7 @@ def test_small_gradients_keep_their_spares(backend, monkeypatch):
     """Below ``MIN_NUMEL`` elements a gradient is not looked at (the look costs more than the spare's
     write); at or above it, it is handed over."""
     monkeypatch.undo()
+    monkeypatch.setattr(base_step, "IN_PASS_MIN_MEAN_NUMEL", 0)  # the check in the pass whatever the mean
     torch.manual_seed(0)
     big, small = torch.nn.Parameter(torch.randn(128, 128)), torch.nn.Parameter(torch.randn(127, 129))
     assert big.numel() >= handover.MIN_NUMEL > small.numel()
