@@ -82,7 +82,8 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, Readouts, torch.optim.Optimize
             ``"fused"`` applies to ``torch.optim.SGD`` with its parameters on one device (CPU or GPU;
             on a GPU a fault is undone on the device and raised at the next step, as above) without
             AMP, descent modifiers, sparse gradients, ``torch.compile``, tied parameters or a process
-            group; elsewhere it runs as ``"pass"``. True (the default) is ``"fused"`` where it applies.
+            group; elsewhere it runs as ``"pass"``. True (the default) is ``"fused"`` where it applies
+            and the step's gradients average 16K elements or more (below, ``"pass"`` costs less).
             Other values raise ``ValueError``.
         policy: when to take SAM steps (default: always).
         renormalize: add Stable SAM's renormalization (:class:`~sam_kernels.optim.descent.Renormalize`).
