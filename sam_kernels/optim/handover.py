@@ -7,15 +7,20 @@ first, write-allocate), 8-16 % of the descent's time on one thread, and it holds
 more than torch.optim.SGD. A gradient the caller has given up is read in that pass anyway: writing
 the new buffer over it reads nothing more, and the old buffers are freed (no spares at all).
 
-A gradient is taken only when nothing else can see it: the caller asked ``zero_grad=True`` (it sets
-``p.grad`` to None after the step anyway), no optimizer step post hook is registered (they run after
-the update and may read ``p.grad``), and the tensor is ``p.grad``'s alone: no Python reference other
-than ``p.grad`` (``sys.getrefcount``), not a view, its storage used by no other tensor (a custom
-autograd Function may return two gradients over one storage), a plain strided ``torch.Tensor`` (the
-kernel checks its layout against the parameter's, as it does for the gradients, before writing
-anything), of at least :data:`MIN_NUMEL` elements. Anything else keeps its spare buffer and its
-gradient. The gradients taken are set to None after the descent whether it succeeds or raises
-(:meth:`.base_step.InPassCheck.release`): their memory then holds momentum, never a gradient.
+A gradient is taken only when nothing else can see it:
+
+- the caller asked ``zero_grad=True`` (it sets ``p.grad`` to None after the step anyway);
+- no optimizer step post hook is registered (they run after the update and may read ``p.grad``);
+- the tensor is ``p.grad``'s alone: no Python reference other than ``p.grad`` (``sys.getrefcount``),
+  not a view, a storage no other tensor uses (a custom autograd Function may return two gradients
+  over one storage), a plain strided ``torch.Tensor`` outside any autograd graph (not the gradient
+  of a ``create_graph=True`` backward); the kernel checks its layout against the parameter's
+  before writing anything, as it does for the gradients;
+- it has at least :data:`MIN_NUMEL` elements.
+
+Anything else keeps its spare buffer and its gradient. The gradients taken are set to None after
+the descent whether it succeeds or raises (:meth:`.base_step.InPassCheck.release`): their memory
+then holds momentum, never a gradient.
 """
 from __future__ import annotations
 
@@ -61,5 +66,5 @@ def sole_grads(sam, params: list[torch.Tensor]) -> Optional[set[int]]:
 
 def _alone(g: torch.Tensor) -> bool:
     # 2: g's own tensor, and the storage object the call makes
-    return (type(g) is torch.Tensor and g.layout == torch.strided and not g._is_view()
+    return (type(g) is torch.Tensor and g.layout == torch.strided and not g._is_view() and not g.requires_grad
             and _storage_use_count(g.untyped_storage()._cdata) == 2)

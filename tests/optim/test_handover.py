@@ -213,3 +213,23 @@ def test_small_gradients_keep_their_spares(backend, monkeypatch):
     state = opt.base_optimizer.state
     assert state[big]["momentum_buffer"].data_ptr() == ptrs[big] and SPARE_KEY not in opt.state[big]
     assert state[small]["momentum_buffer"].data_ptr() != ptrs[small] and SPARE_KEY in opt.state[small]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_of_a_create_graph_backward_are_not_taken(backend):
+    """A gradient that is part of an autograd graph (``backward(create_graph=True)``) keeps its values."""
+    model, ref_model = make_model(), make_model()
+    opt, ref = make_opt(model, backend), make_opt(ref_model, backend)
+    for s in range(3):
+        for m, o, graph in ((model, opt, True), (ref_model, ref, False)):
+            x, y = batch(s)
+            F.cross_entropy(m(x), y).backward()
+            o.first_step(zero_grad=True)
+            F.cross_entropy(m(x), y).backward(create_graph=graph)
+            if graph:
+                assert all(p.grad.requires_grad for p in m.parameters())
+                ptrs = [p.grad.data_ptr() for p in m.parameters()]
+            o.second_step(zero_grad=True)
+        assert not any(b.data_ptr() in ptrs for b in momenta(opt, model))
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
