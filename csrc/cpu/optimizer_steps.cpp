@@ -103,12 +103,9 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
   std::atomic<bool> found_nonfinite{false};
   SAM_DISPATCH_FLOATS(params[0].scalar_type(), "sgd_restore_step_", [&] {
     // w is written, not read (the loop reads the backup); so is momentum_out (the loop reads the old),
-    // unless it is the grads (SAM's hand-over): those lines were just read, a store finds them in cache.
+    // except an entry that is the grads (SAM's hand-over): those lines were just read, a store finds
+    // them in cache (decided per chunk, below).
     const bool streaming = stream_writes(params);
-    bool out_is_grads = momentum_out.has_value();
-    for (size_t i = 0; out_is_grads && i < grads.size(); ++i) {
-      out_is_grads = (*momentum_out)[i].data_ptr() == grads[i].data_ptr();
-    }
     with_static_flags([&](auto has_sums, auto check, auto scaled, auto stream, auto stream_out) {
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t lr_c = lr, mom = momentum, damp = 1.0 - dampening, wd = weight_decay;
@@ -144,40 +141,51 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
             found_nonfinite.store(true, std::memory_order_relaxed);
           }
         }
-        elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
-          using T = decltype(tag);
-          // The old buffer first: the stream this pass writes (the grads themselves, when handed
-          // over) is then not the first one each iteration touches. On GPT-2's list, one thread, the
-          // descent over the grads took 0.98-1.15 of the in-place one's time this way, 1.01-1.35
-          // with g first (four alternations each, under load from other tenants).
-          const T oi = has_momentum && !init_buffers ? load<T>(old, i) : T(0);
-          if constexpr (has_sums && !check) add_sums<scalar_t, T>(local, g, a, i);
-          const T wi = load<T>(b, i);
-          T d = load<T>(g, i);
-          if constexpr (scaled) d = d * T(inv_scale);
-          if (maximize) d = -d;
-          if (weight_decay != 0.0) d = fma_(T(wd), wi, d);
-          if (has_momentum) {
-            const T v = init_buffers ? d : fma_(T(mom), oi, T(damp) * d);
-            T vs = v;
-            if constexpr (std::is_same_v<scalar_t, acc_t>) {  // stored as computed
-              if constexpr (stream_out) {
-                store_stream(buf, i, v);
+        auto update = [&](auto stream_buf) {
+          elementwise<scalar_t>(lo, hi, /*vectorize=*/true, [&](auto tag, int64_t i) {
+            using T = decltype(tag);
+            // The old buffer first: the stream this pass writes (the grads themselves, when handed
+            // over) is then not the first one each iteration touches. On GPT-2's list, one thread, the
+            // descent over the grads took 0.98-1.15 of the in-place one's time this way, 1.01-1.35
+            // with g first (four alternations each, under load from other tenants).
+            const T oi = has_momentum && !init_buffers ? load<T>(old, i) : T(0);
+            if constexpr (has_sums && !check) add_sums<scalar_t, T>(local, g, a, i);
+            const T wi = load<T>(b, i);
+            T d = load<T>(g, i);
+            if constexpr (scaled) d = d * T(inv_scale);
+            if (maximize) d = -d;
+            if (weight_decay != 0.0) d = fma_(T(wd), wi, d);
+            if (has_momentum) {
+              const T v = init_buffers ? d : fma_(T(mom), oi, T(damp) * d);
+              T vs = v;
+              if constexpr (std::is_same_v<scalar_t, acc_t>) {  // stored as computed
+                if constexpr (decltype(stream_buf)::value) {
+                  store_stream(buf, i, v);
+                } else {
+                  store(buf, i, v);
+                }
               } else {
                 store(buf, i, v);
+                vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
               }
-            } else {
-              store(buf, i, v);
-              vs = load<T>(buf, i);  // torch continues from the stored (rounded) buffer
+              d = nesterov ? fma_(T(mom), vs, d) : vs;
             }
-            d = nesterov ? fma_(T(mom), vs, d) : vs;
-          }
-          if constexpr (stream) {
-            store_stream(w, i, fma_(T(-lr_c), d, wi));
+            if constexpr (stream) {
+              store_stream(w, i, fma_(T(-lr_c), d, wi));
+            } else {
+              store(w, i, fma_(T(-lr_c), d, wi));
+            }
+          });
+        };
+        if constexpr (stream_out) {
+          if (buf != g) {
+            update(std::true_type{});
           } else {
-            store(w, i, fma_(T(-lr_c), d, wi));
+            update(std::false_type{});
           }
-        });
+        } else {
+          update(std::false_type{});
+        }
         // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
         if (stream && hi == c.end) stream_fence();
         if constexpr (has_sums) {
@@ -188,7 +196,7 @@ void sgd_restore_step_cpu(at::TensorList params, at::TensorList backups, at::Ten
         }
       }, /*blocks=*/check);
     }, sums.has_value(), nonfinite.has_value(), grad_scale.has_value(), streaming,
-       streaming && momentum_out.has_value() && !out_is_grads);
+       streaming && momentum_out.has_value());
   });
   if (!nonfinite) return;
   float* flag = nonfinite->data_ptr<float>();  // host memory: the decision costs no synchronization

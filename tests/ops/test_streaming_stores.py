@@ -2,7 +2,8 @@
 SAM_KERNELS_STREAM_BYTES=0): perturb_'s backups and the fused descents' weights. A child process
 with the threshold at 0 runs the ops on aligned and unaligned tensors (vector body, scalar head
 and tail); its results must be bitwise those of ordinary stores (this process: small lists) and
-match float64 maths by hand."""
+match float64 maths by hand. The default descent writes its new momentum into spares or over the
+gradients (SAM's hand-over, which takes ordinary stores either way)."""
 from __future__ import annotations
 
 import os
@@ -55,6 +56,13 @@ for dtype in (torch.float32, torch.float64):
                           weight_decay=%(wd)r, momentum_out=spares, nonfinite=flag, sums=torch.zeros(2),
                           backend="cpp")
     out[f"{dtype} sgd checked"], out[f"{dtype} spares"], out[f"{dtype} flag"] = checked, spares, [flag.reshape(1)]
+    # SAM's hand-over: every other entry's new buffer written over its gradient, the others into spares
+    handed, grads = [t.clone() for t in params], [t.clone() for t in gs]
+    outs = [grads[i] if i %% 2 else torch.empty_like(t) for i, t in enumerate(m)]
+    ops.sgd_restore_step_(handed, backups, grads, [t.clone() for t in m], lr=%(lr)r, momentum=%(mom)r,
+                          weight_decay=%(wd)r, momentum_out=outs, nonfinite=flag, sums=torch.zeros(2),
+                          backend="cpp")
+    out[f"{dtype} sgd handed"], out[f"{dtype} handed bufs"] = handed, outs
     adam_params, ms, vs = [t.clone() for t in params], [t.clone() for t in m], [t.clone() for t in v]
     ops.adamw_restore_step_(adam_params, backups, gs, ms, vs, step=3, lr=%(lr)r, beta1=%(b1)r, beta2=%(b2)r, eps=%(eps)r,
                             weight_decay=%(wd)r, backend="cpp")
@@ -100,7 +108,8 @@ def test_streamed_results_equal_ordinary_stores_and_hand_maths(tmp_path):
         assert_lists_close(streamed[f"{dtype} bufs"], bufs, atol, rtol, f"{dtype} bufs")
         assert_lists_close(streamed[f"{dtype} sgd"], sgd, atol, rtol, f"{dtype} sgd")
         assert float(streamed[f"{dtype} flag"][0]) == 0.0
-        for name, want in (("sgd checked", "sgd"), ("spares", "bufs")):  # the check changes no bit
+        for name, want in (("sgd checked", "sgd"), ("spares", "bufs"), ("sgd handed", "sgd"),
+                           ("handed bufs", "bufs")):  # the check, and where the new buffers go, change no bit
             for i, (a, b) in enumerate(zip(streamed[f"{dtype} {name}"], streamed[f"{dtype} {want}"])):
                 assert torch.equal(a, b), f"{dtype} {name}[{i}] differs from {want} in place"
         # torch.optim.AdamW (Loshchilov & Hutter 2019) at step 3 from w
