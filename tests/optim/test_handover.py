@@ -1,8 +1,8 @@
 """``second_step(zero_grad=True)`` hands the gradients over (:mod:`sam_kernels.optim.handover`): the
 fused SGD descent with the in-pass finite check writes the new momentum over g(w + e) and the
 gradient tensors become the ``momentum_buffer`` entries; no spare buffers. Only gradients nothing
-else can see are taken: a tensor the caller still holds, a view, a shared storage or a step post
-hook keeps them (and their values). Expected values: plain torch (a SAM step by hand around
+else can see are taken: a tensor the caller still holds, a view, a shared storage, a gradient in an
+autograd graph or a step post hook keeps them (and their values). Expected values: plain torch (a SAM step by hand around
 ``torch.optim.SGD``) and the same run with the gradients kept."""
 from __future__ import annotations
 
