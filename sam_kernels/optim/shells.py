@@ -31,11 +31,11 @@ class StepShells:
         specialized on it), run after the hooks and before the body."""
         compiled = eval_frame_callback() not in (None, False)  # inline: a call here would be traced
         host = call_eagerly if compiled else call
-        self.step_state.zero_grad = zero_grad
         host(self._host_before, method, compiled)
         if count is not None:
             host(count, self)
         try:
+            self.step_state.zero_grad = zero_grad  # for the body only (.handover)
             body(**kwargs)
         except BaseException as e:
             host(self._after_failure, e, descent)
