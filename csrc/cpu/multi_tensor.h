@@ -306,8 +306,8 @@ double chunk_sum(int64_t begin, int64_t end, bool vectorize, const Term& term) {
   return total;
 }
 
-// Running sums of an element loop that also reduces (the fused descents' telemetry):
-// add_product() takes values of either path; take() returns the total as a double and starts again. A loop folds
+// Running sums of an element loop that also reduces (the fused descents' telemetry): add_product()
+// takes values of either path; take() returns the total as a double and starts again. A loop folds
 // every kSumBlock elements, so fp32 lanes never sum more than a block, and the scalar path adds
 // in double (as chunk_sum).
 constexpr int64_t kSumBlock = 1024;
