@@ -6,10 +6,13 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "host.h"
+
 extern "C" {
-// Importing sam_kernels._C only has to run the static registrations below: no pybind module.
+// Importing sam_kernels._C runs the static registrations below; its only Python functions are the
+// host helpers of csrc/host.cpp (no pybind module).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, sam_kernels_host_methods()};
   return PyModule_Create(&module_def);
 }
 }
