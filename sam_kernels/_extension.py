@@ -2,15 +2,27 @@
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from typing import Optional
 
 import torch  # noqa: F401  (must be imported before _C: it provides the symbols _C links against)
 
 _error: Optional[str] = None
+_host: Optional[ModuleType] = None
+
+
+def host_helpers() -> Optional[ModuleType]:
+    """``sam_kernels._C`` when it is loaded and holds the host helpers (``scan``, ``numel_sum``:
+    csrc/host.cpp; an older build has none), else None: the callers' Python fallbacks give the same
+    answers. Defined before the loading below, which imports the op layer that asks for them."""
+    return _host
+
+
 try:
     if os.environ.get("SAM_KERNELS_DISABLE_EXTENSION") == "1":
         raise ImportError("disabled by SAM_KERNELS_DISABLE_EXTENSION=1")
-    from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+    from . import _C  # importing runs the TORCH_LIBRARY registrations
+    _host = _C if hasattr(_C, "scan") and hasattr(_C, "numel_sum") else None
     from .ops import fake as _fake
 
     _fake.register()

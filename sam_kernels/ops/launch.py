@@ -16,10 +16,9 @@ from . import dispatch, overlap
 from .complex_views import as_real
 from .contract import OPS
 from .layouts import groups
-from .lists import check_lists, pick
+from .lists import check_lists, numel_sum, pick
 
 Tensors = Sequence[torch.Tensor]
-_numel = torch.Tensor.numel
 
 
 def _whole(lst: Optional[Tensors]) -> Optional[Tensors]:
@@ -65,7 +64,7 @@ def launch(op: str, backend: Optional[str], call: Callable[[Callable, Callable, 
             pass
         else:
             dispatch.record(op, [dispatch.Part(name, primary[0].device.type, str(primary[0].dtype)[6:], len(primary),
-                                               sum(map(_numel, primary)))], extra_lists)
+                                               numel_sum(primary))], extra_lists)
             return out
     overlap.check(op, primary, lists)  # before any backend writes
     primary, lists, converted = as_real(primary, lists)

@@ -7,7 +7,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._extension import host_helpers
 from .contract import FLOATS
+
+_host = host_helpers()
 
 Tensors = Sequence[torch.Tensor]
 
@@ -87,3 +90,10 @@ def none_at(items: Sequence) -> list[int]:
     if all(map(is_not, items, repeat(None))):
         return []
     return [i for i, x in enumerate(items) if x is None]
+
+
+def numel_sum(tensors: Tensors) -> int:
+    """The elements of ``tensors`` together. Every op call counts them for its record: one C pass
+    (``_C.numel_sum``) for a list of plain tensors, a Python one otherwise."""
+    total = None if _host is None else _host.numel_sum(tensors)
+    return sum(map(torch.Tensor.numel, tensors)) if total is None else total

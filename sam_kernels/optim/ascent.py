@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from . import aliases, amp, backups, groups, sparse_grads
+from . import aliases, amp, backups, groups, param_scan, sparse_grads
 from .compiled import hyper
 from .policy import grad_norm_for
 
@@ -129,9 +129,7 @@ def first_ascent(sam) -> Ascent:
     """The ascent of a SAM step (its first, for a multi-step one): collect, norm, agree across ranks,
     screen, modifiers, options, then perturb per bucket (the weights are w again on any error)."""
     now = sam.step_state
-    entries = groups.with_grads(sam.param_groups)
-    grads = [p.grad for _, p in entries]
-    sparse = any(g.is_sparse for g in grads)
+    entries, grads, sparse, _ = param_scan.take(sam)
     if sparse:  # every param's, chosen or not: before any write
         sparse_grads.refuse_unsupported(sam)
         if sam.ascent_steps > 1:

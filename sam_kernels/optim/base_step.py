@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from . import aliases, follow, groups, handover, sparse_grads
+from . import aliases, follow, groups, handover, param_scan, sparse_grads
 from .backups import copy_back
 from .compiled import hyper
 from .contract import mark_stepped, run_step_hooks
@@ -61,13 +61,33 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def _by_hyperparams(entries, keys, read):
-    """Group (group, param, backup, grad) entries by the hyperparameters that reach the kernel
-    (``read(group, key)``: a compiled step's lr is a tensor, keyed by identity)."""
+class Rows:
+    """The descent's entries as aligned columns, in group order: (group, param), param, backup and
+    gradient of each (columns, not rows of tuples: built and split without a Python step per entry
+    in the usual case of one launch for every param)."""
+
+    __slots__ = ("entries", "params", "backups", "grads")
+
+    def __init__(self, entries: list, params: list, backups: list, grads: list):
+        self.entries, self.params, self.backups, self.grads = entries, params, backups, grads
+
+    def pick(self, idx: list[int]) -> "Rows":
+        if len(idx) == len(self.params):  # every entry, in order (idx are increasing)
+            return self
+        return Rows(*([col[i] for i in idx] for col in (self.entries, self.params, self.backups, self.grads)))
+
+    def tuples(self) -> list[tuple]:
+        """(group, param, backup, grad) per entry."""
+        return [(e[0], p, b, g) for e, p, b, g in zip(self.entries, self.params, self.backups, self.grads)]
+
+
+def _by_hyperparams(rows: Rows, keys, read) -> list[Rows]:
+    """Split ``rows`` by the hyperparameters that reach the kernel (``read(group, key)``: a compiled
+    step's lr is a tensor, keyed by identity)."""
     buckets: dict = {}
-    for group, start, stop in groups.runs(entries):  # entries come in group order: one key per group, not per param
-        buckets.setdefault(tuple(read(group, k) for k in keys), []).extend(entries[start:stop])
-    return buckets.values()
+    for group, start, stop in groups.runs(rows.entries):  # group order: one key per group, not per param
+        buckets.setdefault(tuple(read(group, k) for k in keys), []).extend(range(start, stop))
+    return [rows.pick(idx) for idx in buckets.values()]
 
 
 def _follow_params(states: list[dict], params: list[torch.Tensor], keys: tuple[str, ...]) -> bool:
@@ -207,7 +227,8 @@ class InPassCheck:
             p.grad = None
 
 
-def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor], sparse: bool) -> bool:
+def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor], sparse: bool,
+                  found: Optional[param_scan.ParamScan] = None) -> bool:
     """Whether this SAM step's finite check is taken by the fused descent in its own pass (no read of
     its own): ``finite_check`` True or "fused", a fused SGD descent, parameters on one device and a
     backend of :data:`IN_PASS_BACKENDS` there (in host memory the flag is read in the step without
@@ -218,10 +239,13 @@ def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor]
     (every rank must take the same decision); with ``finite_check=True`` also gradients of
     :data:`IN_PASS_MIN_MEAN_NUMEL` elements or more on average. The base optimizer's
     ``momentum_buffer`` entries are then new tensors each step (the handed-over gradients, or the
-    previous ones' spares), not updated in place."""
+    previous ones' spares), not updated in place. ``found``: the scan ``params`` come from (its
+    element count and device, when every param has a gradient)."""
     if sam.finite_check not in (True, "fused") or sparse or sam.amp.active or sam.modifiers:
         return False
-    if sam.finite_check is True and sum(map(torch.Tensor.numel, params)) < IN_PASS_MIN_MEAN_NUMEL * len(params):
+    whole = found is not None and not found.missing  # the scan's params are `params`
+    numel = found.numel if whole else sum(map(torch.Tensor.numel, params))
+    if sam.finite_check is True and numel < IN_PASS_MIN_MEAN_NUMEL * len(params):
         return False
     now = sam.step_state
     if now.aliases or torch.compiler.is_compiling() or fused_kind(sam.base_optimizer) != "sgd":
@@ -232,7 +256,7 @@ def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor]
         return False
     if len(perturbed) != len(params) or not all(map(operator.is_, perturbed, params)):
         return False
-    device = follow.one_device(params)
+    device = found.device if whole else follow.one_device(params)
     if device is None:  # one flag, on the params' device
         return False
     try:
@@ -241,11 +265,11 @@ def in_pass_check(sam, perturbed: list[torch.Tensor], params: list[torch.Tensor]
         return False
 
 
-def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry, read,
+def _sgd(base: torch.optim.SGD, rows: Rows, backend, amp: dict, telemetry, read,
          check: Optional[InPassCheck] = None) -> None:
-    for bucket in _by_hyperparams(entries, _SGD_KEYS, read):
-        group = bucket[0][0]
-        _, params, backups, grads = groups.columns(bucket, 4)
+    for bucket in _by_hyperparams(rows, _SGD_KEYS, read):
+        group = bucket.entries[0][0]
+        params, backups, grads = bucket.params, bucket.backups, bucket.grads
         momentum = group["momentum"]
         states = [base.state[p] for p in params] if momentum else []
         in_pass = {} if check is None else {"nonfinite": check.flag}
@@ -275,7 +299,8 @@ def _sgd(base: torch.optim.SGD, entries, backend, amp: dict, telemetry, read,
                     st["momentum_buffer"] = buf
 
 
-def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry, read) -> None:
+def _adamw(base: torch.optim.AdamW, rows: Rows, backend, amp: dict, telemetry, read) -> None:
+    entries = rows.tuples()
     states = [base.state[p] for _, p, _, _ in entries]
     for (_, p, _, _), st in zip(entries, states):
         if len(st) == 0:  # the layout torch.optim.AdamW creates on its first step
@@ -293,7 +318,7 @@ def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry, read
         counts = torch.stack(steps).tolist() if len({s.dtype for s in steps}) == 1 else [s.item() for s in steps]
         step_of = {id(e[1]): (int(c), st) for e, c, st in zip(entries, counts, states)}
     try:
-        _adamw_launches(entries, step_of, backend, amp, telemetry, read)
+        _adamw_launches(rows, step_of, backend, amp, telemetry, read)
     except BaseException:  # nothing was stepped for good (the caller restores w): the counts go back too
         torch._foreach_add_(steps, -1)
         raise
@@ -301,13 +326,13 @@ def _adamw(base: torch.optim.AdamW, entries, backend, amp: dict, telemetry, read
         torch._foreach_add_(steps, amp["found_inf"].to(steps[0].device, steps[0].dtype), alpha=-1)
 
 
-def _adamw_launches(entries, step_of: dict, backend, amp: dict, telemetry, read) -> None:
+def _adamw_launches(rows: Rows, step_of: dict, backend, amp: dict, telemetry, read) -> None:
     """One launch per (hyperparameters, step count): usually one for the whole model. Compiled: one
     per hyperparameters, the step counts a list of tensors."""
     compiling = torch.compiler.is_compiling()
-    for bucket in _by_hyperparams(entries, _ADAMW_KEYS, read):
+    for bucket in _by_hyperparams(rows, _ADAMW_KEYS, read):
         by_step: dict = {}
-        for e in bucket:
+        for e in bucket.tuples():
             step, st = step_of[id(e[1])]
             by_step.setdefault(None if compiling else step, []).append((*e, st))
         for step, items in by_step.items():
@@ -350,25 +375,30 @@ def _generic_step(base: torch.optim.Optimizer, grad_scale: Optional[torch.Tensor
             base.step()
 
 
-def _entries(param_groups: list[dict], perturbed: list[torch.Tensor], kept: list[torch.Tensor]):
-    """(group, param, backup, grad) of every param with a gradient, in group order (a param that was
-    not perturbed is its own backup: the fused op then just updates it), and the (param, backup) of
-    perturbed params that have no gradient now."""
-    with_grad = [(group, p, p.grad) for group in param_groups for p in group["params"] if p.grad is not None]
-    if len(perturbed) == len(with_grad) and all(map(operator.is_, perturbed, [e[1] for e in with_grad])):
-        return [(group, p, b, g) for (group, p, g), b in zip(with_grad, kept)], []  # the usual step: every one
+def _rows(param_groups: list[dict], perturbed: list[torch.Tensor], kept: list[torch.Tensor],
+          given: Optional[tuple[list, list, list]]) -> tuple[Rows, list]:
+    """The rows of every param with a gradient, in group order (a param that was not perturbed is its
+    own backup: the fused op then just updates it), and the (param, backup) of perturbed params that
+    have no gradient now. ``given``: the (group, param) entries, params and gradients the descent
+    read (else read here)."""
+    if given is None:
+        entries = groups.with_grads(param_groups)
+        given = entries, groups.params_of(entries), [p.grad for _, p in entries]
+    entries, params, grads = given
+    if len(perturbed) == len(params) and all(map(operator.is_, perturbed, params)):
+        return Rows(entries, params, list(kept), grads), []  # the usual step: every one
     backup_of = {id(p): (p, b) for p, b in zip(perturbed, kept)}
-    entries = []
-    for group, p, g in with_grad:
+    backups = []
+    for p in params:
         hit = backup_of.pop(id(p), None)
-        entries.append((group, p, p if hit is None else hit[1], g))
-    return entries, list(backup_of.values())
+        backups.append(p if hit is None else hit[1])
+    return Rows(entries, params, backups, grads), list(backup_of.values())
 
 
 def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor],
                      backend: Optional[str], grad_scale: Optional[torch.Tensor] = None,
                      found_inf: Optional[torch.Tensor] = None, telemetry=None, dense: bool = True,
-                     check: Optional[InPassCheck] = None) -> None:
+                     check: Optional[InPassCheck] = None, given: Optional[tuple[list, list, list]] = None) -> None:
     """Restore every perturbed param from its backup (``kept``, aligned with ``perturbed``) and
     take the base step, fused when possible: not with sparse gradients (``dense=False``), which the
     base optimizer's own ``step()`` takes (:mod:`.sparse_grads`).
@@ -377,8 +407,9 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor
     (weights end at the backups, state untouched). ``telemetry``: the fused descent's sums
     (:class:`.telemetry.FusedSums`); only used on the fused path, whose entries are then exactly the
     params with a gradient. ``check``: the finite check in the SGD descent's pass (:func:`in_pass_check`
-    said it applies); raises ``FloatingPointError`` before the step is marked taken. Errors propagate;
-    the caller restores.
+    said it applies); raises ``FloatingPointError`` before the step is marked taken. ``given``: the
+    (group, param) entries, params and gradients of the params with a gradient, as the caller read
+    them (else read here). Errors propagate; the caller restores.
     """
     base = sam.base_optimizer
     own = getattr(base, "restore_step_", None)
@@ -404,18 +435,18 @@ def restore_and_step(sam, perturbed: list[torch.Tensor], kept: list[torch.Tensor
         copy_back([perturbed[i] for i in shared], [kept[i] for i in shared], backend, alias_keys)
         own = [i for i, p in enumerate(perturbed) if id(p) not in alias_keys]
         perturbed, kept = [perturbed[i] for i in own], [kept[i] for i in own]
-    entries, restore_only = _entries(base.param_groups, perturbed, kept)
+    rows, restore_only = _rows(base.param_groups, perturbed, kept, given)
     if restore_only:
         copy_back([p for p, _ in restore_only], [b for _, b in restore_only], backend)
     run_step_hooks(base, "pre")  # what base.step() would have run
-    layer = aliases.layers([e[1] for e in entries], alias_keys)
+    layer = aliases.layers(rows.params, alias_keys)
     read = lambda group, key: hyper(sam, group, key)  # noqa: E731
     try:
-        for idx in aliases.split(list(range(len(entries))), layer):
+        for idx in aliases.split(list(range(len(rows.params))), layer):
             if check is not None:
-                _sgd(base, [entries[i] for i in idx], backend, amp, telemetry, read, check)
+                _sgd(base, rows.pick(idx), backend, amp, telemetry, read, check)
             else:
-                (_sgd if kind == "sgd" else _adamw)(base, [entries[i] for i in idx], backend, amp, telemetry, read)
+                (_sgd if kind == "sgd" else _adamw)(base, rows.pick(idx), backend, amp, telemetry, read)
         if check is not None:
             check.commit()
     finally:
@@ -431,12 +462,11 @@ def descend(sam, perturbed: Optional[list[torch.Tensor]]) -> None:
     possible). Errors propagate; the caller restores."""
     now = sam.step_state
     sam_step = perturbed is not None
-    params = [p for _, p in groups.with_grads(sam.param_groups)]
-    sparse = any(p.grad.is_sparse for p in params)
-    # the gradients it may take are found before anything here holds them (each reference counts)
-    check = (InPassCheck(sam, params[0].device, handover.sole_grads(sam, params))
-             if sam_step and params and in_pass_check(sam, perturbed, params, sparse) else None)
-    grads = [p.grad for p in params]
+    entries, grads, sparse, found = param_scan.take(sam)
+    params = groups.params_of(entries)
+    # the gradients it may take are found while only `grads` holds them (each reference counts)
+    check = (InPassCheck(sam, params[0].device, handover.sole_grads(sam, params, grads))
+             if sam_step and params and in_pass_check(sam, perturbed, params, sparse, found) else None)
     if sparse:
         sparse_grads.refuse_unsupported(sam)
     if not sam_step:
@@ -445,7 +475,7 @@ def descend(sam, perturbed: Optional[list[torch.Tensor]]) -> None:
     sq = None
     if grads and (sam.finite_check or sam.amp.active) and check is None:
         # before the modifiers, so no NaN reaches their state (LookSAM's g_v)
-        sq = groups.grads_sq_norm(grads, sam.backend)
+        sq = groups.grads_sq_norm(grads, sam.backend, sparse)
         sam.amp.screen(sam, sq, "second_step" if sam_step else "base_step")
     if sam_step:
         sq = sam.telemetry.on_descent(sam, params, grads, sq, scale)
@@ -459,7 +489,8 @@ def descend(sam, perturbed: Optional[list[torch.Tensor]]) -> None:
     # torch.compile (torch.optim's step graph-breaks), plain steps of SGD/AdamW also run the fused
     # descent, each param its own backup.
     restore_and_step(sam, perturbed or [], now.backups, sam.backend, grad_scale=scale, found_inf=now.found,
-                     dense=not sparse, telemetry=sam.telemetry.fused_args() if sam_step else None, check=check)
+                     dense=not sparse, telemetry=sam.telemetry.fused_args() if sam_step else None, check=check,
+                     given=None if sam.modifiers else (entries, params, grads))  # a modifier may replace p.grad
     if sam_step:
         for m in sam.modifiers:
             m.after_descent(sam, now.found)

@@ -263,6 +263,7 @@ class BSAM(SAM):
             raise RuntimeError("BSAM.ascent_pass(): a step is already under way (call second_step() or restore())")
         self._check_groups()
         self._follow_casts()
+        self.step_state.scan = None  # the backward that follows writes new gradients
         params = self._noise_params()
         if not params:
             return

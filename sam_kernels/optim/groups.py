@@ -111,9 +111,10 @@ def sq_norm(entries: list[Entry], backend: Optional[str], *, grads: Optional[lis
     return parts[0] if len(parts) == 1 else torch.stack([x.to(parts[0].device) for x in parts]).sum()
 
 
-def grads_sq_norm(grads: list[torch.Tensor], backend: Optional[str]) -> torch.Tensor:
-    """‖g‖² over ``grads`` (0-dim), sparse ones by their coalesced stored values."""
-    if not any(g.is_sparse for g in grads):
+def grads_sq_norm(grads: list[torch.Tensor], backend: Optional[str], sparse: Optional[bool] = None) -> torch.Tensor:
+    """‖g‖² over ``grads`` (0-dim), sparse ones by their coalesced stored values. ``sparse``: whether
+    any of ``grads`` is sparse, when the caller knows (else looked at here)."""
+    if not (any(g.is_sparse for g in grads) if sparse is None else sparse):
         return ops.grad_sq_norm(grads, backend=backend)
     dense = [g for g in grads if not g.is_sparse]
     parts = [g.coalesce().values().float().square().sum() if g.dtype in (torch.float16, torch.bfloat16)

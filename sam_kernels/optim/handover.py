@@ -11,7 +11,8 @@ A gradient is taken only when nothing else can see it:
 
 - the caller asked ``zero_grad=True`` (it sets ``p.grad`` to None after the step anyway);
 - no optimizer step post hook is registered (they run after the update and may read ``p.grad``);
-- the tensor is ``p.grad``'s alone: no Python reference other than ``p.grad`` (``sys.getrefcount``),
+- the tensor is ``p.grad``'s alone: no Python reference other than ``p.grad`` and the descent's list
+  of the gradients (``sys.getrefcount``),
   not a view, a storage no other tensor uses (a custom autograd Function may return two gradients
   over one storage), a plain strided ``torch.Tensor`` outside any autograd graph (not the gradient
   of a ``create_graph=True`` backward); the kernel checks its layout against the parameter's
@@ -34,16 +35,22 @@ from .contract import has_post_hooks
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; absent: nothing is taken
 
 
+def _refcounts(grads: list[torch.Tensor]) -> list[int]:
+    return list(map(sys.getrefcount, grads))
+
+
 def _sole_refcount() -> Optional[int]:
-    """``sys.getrefcount(p.grad)`` of a gradient only ``p.grad`` holds, measured on this interpreter
-    (which may count the call's own reference or not), or None when one more holder does not show."""
+    """What :func:`_refcounts` gives for a gradient that only ``p.grad`` and the descent's one list
+    hold, measured on this interpreter (which may count the call's own references or not), or None
+    when one more holder does not show."""
     p = torch.nn.Parameter(torch.zeros(1))
     p.grad = torch.zeros(1)
-    sole = sys.getrefcount(p.grad)
+    grads = [p.grad]
+    sole = _refcounts(grads)[0]
     held = p.grad
-    seen = sys.getrefcount(p.grad)
+    seen = _refcounts(grads)[0]
     del held
-    return sole if seen == sole + 1 and sys.getrefcount(p.grad) == sole else None
+    return sole if seen == sole + 1 and _refcounts(grads)[0] == sole else None
 
 
 _SOLE = _sole_refcount()
@@ -54,14 +61,16 @@ tensors of 64 elements: 1.2 ms a step, more than their whole descent), while a s
 (fp32) stays in cache, where writing it costs next to nothing."""
 
 
-def sole_grads(sam, params: list[torch.Tensor]) -> Optional[set[int]]:
-    """ids of the ``params`` whose gradient the descent may take, or None when it may take none. Call it
-    before anything else holds the gradients (each reference would count)."""
+def sole_grads(sam, params: list[torch.Tensor], grads: list[torch.Tensor]) -> Optional[set[int]]:
+    """ids of the ``params`` whose gradient the descent may take, or None when it may take none.
+    ``grads``: the params' gradients, in the one list that holds them besides ``p.grad`` (call it
+    before anything else holds them: each reference counts)."""
     if not sam.step_state.zero_grad or _storage_use_count is None or _SOLE is None:
         return None
     if has_post_hooks(sam) or has_post_hooks(sam.base_optimizer):
         return None
-    return {id(p) for p in params if p.numel() >= MIN_NUMEL and sys.getrefcount(p.grad) == _SOLE and _alone(p.grad)}
+    counts = _refcounts(grads)
+    return {id(p) for p, g, n in zip(params, grads, counts) if n == _SOLE and p.numel() >= MIN_NUMEL and _alone(g)}
 
 
 def _alone(g: torch.Tensor) -> bool:

@@ -42,6 +42,7 @@ class StepShells:
             raise
         finally:
             self.step_state.zero_grad = False
+            self.step_state.scan = None  # a look at the params lasts one call
         host(self._host_after, method, compiled, zero_grad)
 
     def _host_before(self, method: str, compiled: bool) -> None:

@@ -7,6 +7,7 @@ import torch
 
 from .finite import FiniteCheck
 from .first_pass import BackwardWatch
+from .param_scan import EntryCache
 
 
 class StepState:
@@ -36,6 +37,8 @@ class StepState:
         self.backward = BackwardWatch()  # whether a backward wrote gradients since the last step or zero_grad
         self.hypers = None  # under torch.compile: lr/rho as tensors (a .compiled.HyperTensors)
         self.zero_grad = False  # the zero_grad argument of the step call running now (.handover)
+        self.scan = None  # this step call's look at the params, until its first reader (.param_scan.take)
+        self.entry_cache = EntryCache()  # the (group, param) entries, kept between steps (.param_scan)
 
     def set_perturbed(self, params: Optional[list[torch.Tensor]], backups: Sequence[torch.Tensor] = ()) -> None:
         """``params`` are at w + e now, their w in ``backups``; None: no param is perturbed."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import aliases, follow, groups
+from . import aliases, follow, groups, param_scan
 from .contract import complete_groups, prepare_group
 
 
@@ -44,13 +44,21 @@ class ParamUpkeep:
     def _follow_casts(self) -> None:
         """After ``model.double()`` / ``model.to(device)`` (between steps or mid-step) every state tensor
         follows its param's dtype and device as after a ``load_state_dict`` onto the cast model (see
-        :mod:`.follow`); one host-side comparison of dtypes and devices per call otherwise."""
+        :mod:`.follow`); one host-side comparison of dtypes and devices per call otherwise. The look
+        (:func:`.param_scan.scan`) is kept for this step call's first reader of the gradients."""
         now = self.step_state
-        params = self._params()
-        sig = follow.signature(params)
-        if follow.changed(now.param_signature, sig):
-            self._cast_state(params)
-        now.param_signature = sig
+        if torch.compiler.is_compiling():  # a graph holds no scan object (see .param_scan.take)
+            params = self._params()
+            sig = follow.signature(params)
+            if follow.changed(now.param_signature, sig):
+                self._cast_state(params)
+            now.param_signature = sig
+            return
+        found = param_scan.scan(self.param_groups, now.entry_cache)
+        if follow.changed(now.param_signature, found.signature):
+            self._cast_state(groups.params_of(found.entries))
+        now.param_signature = found.signature
+        now.scan = found
 
     def _cast_state(self, params: list[torch.Tensor]) -> None:
         """Cast this optimizer's and the base optimizer's per-param state to the params (variants with
