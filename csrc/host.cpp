@@ -1,17 +1,17 @@
-// Host helpers of the optimizer layer: one C pass over a Python list of tensors where Python would
-// take several (each read of a tensor attribute from Python costs 50-100 ns; on a model of
-// thousands of small tensors a step's host work is those passes, see docs/design/host-time.md).
-// They read metadata only (no device work, no sync) and answer None for anything but plain
-// tensors (torch.Tensor, nn.Parameter): subclasses keep their Python semantics in the callers'
-// Python fallback (sam_kernels/ops/host_lists.py), which gives the same answers.
+// The Python module sam_kernels._C. Importing it runs the static op registrations of the other
+// files (csrc/sam_kernels.cpp, the kernels); its Python functions (no pybind module) are host
+// helpers of the optimizer layer: each is one C pass over a Python list of tensors where Python
+// would take several (a read of a tensor attribute from Python costs 50-100 ns; on a model of
+// thousands of small tensors a step's host work is such passes, see docs/design/host-time.md).
+// They read metadata only (no device work, no sync) and answer None for anything but a list of
+// plain tensors (torch.Tensor, nn.Parameter): the callers' Python fallbacks
+// (sam_kernels/optim/param_scan.py, sam_kernels/ops/lists.py) give the same answers.
 #define PY_SSIZE_T_CLEAN  // "y#" takes a Py_ssize_t length
 #include <Python.h>
 
 #include <string>
 
 #include <torch/csrc/autograd/python_variable.h>
-
-#include "host.h"
 
 namespace {
 
@@ -78,4 +78,7 @@ PyMethodDef methods[] = {
 
 }  // namespace
 
-PyMethodDef* sam_kernels_host_methods() { return methods; }
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}

@@ -1,21 +1,9 @@
 // One place for every schema of torch.ops.sam_kernels. Implementations register themselves per
 // device with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu. The Python-side contract
 // and eager reference of each op live in sam_kernels/ops/reference.py (same argument order).
-#include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
-
-#include "host.h"
-
-extern "C" {
-// Importing sam_kernels._C runs the static registrations below; its only Python functions are the
-// host helpers of csrc/host.cpp (no pybind module).
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, sam_kernels_host_methods()};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(sam_kernels, m) {
   // Reductions: 0-dim fp32 result (fp64 for fp64 inputs), fixed order, no host sync.

@@ -478,7 +478,7 @@ def descend(sam, perturbed: Optional[list[torch.Tensor]]) -> None:
         sq = groups.grads_sq_norm(grads, sam.backend, sparse)
         sam.amp.screen(sam, sq, "second_step" if sam_step else "base_step")
     if sam_step:
-        sq = sam.telemetry.on_descent(sam, params, grads, sq, scale)
+        sq = sam.telemetry.on_descent(sam, params, grads, sq, scale, sparse)
         sam.distributed.before_sam_descent(sam)
     for m in sam.modifiers:
         sq = m.before_descent(sam, params, grads, sam_step, sq)

@@ -276,18 +276,19 @@ class Telemetry:
         return copies
 
     def on_descent(self, sam, params: list[torch.Tensor], grads: list[torch.Tensor], sq: Optional[torch.Tensor],
-                   scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                   scale: Optional[torch.Tensor], sparse: bool) -> Optional[torch.Tensor]:
         """In a SAM step's descent, before the modifiers: ‖g(w + e)‖ and the cosine, or the ``sums``
         tensor the fused descent fills with both (:meth:`fused_args`). ``sq``: ‖g(w + e)‖² (scaled)
-        when the descent has it; returns it, or the one computed here (for the modifiers)."""
+        when the descent has it; returns it, or the one computed here (for the modifiers).
+        ``sparse``: whether any of ``grads`` is sparse."""
         if not self.enabled or not grads or "g1_sq" not in self.pending:
             return sq
         self.pending["scale2"] = _kept(scale)
         firsts = self.pending.get("firsts")
         ascent = self._ascent_grads(firsts, params, grads) if firsts is not None else None
         every = ascent is not None and len(firsts[0]) == len(params) and all(a is not None for a in ascent)
-        dense = not any(g.is_sparse for g in grads)  # sparse gradients: the base optimizer's own step, not fused
-        if dense and not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (
+        # sparse gradients take the base optimizer's own step, not the fused descent
+        if not sparse and not sam.modifiers and fused_kind(sam.base_optimizer) is not None and (
                 every or (sq is None and (ascent is None or not any(a is not None for a in ascent)))):
             # the descent's own pass reads g(w + e): it adds ‖g(w + e)‖² (and the dot with g(w)) to sums.
             # (A g(w) whose dtype or device no longer matches is rejected by the kernel: see FusedSums.)
@@ -296,7 +297,7 @@ class Telemetry:
             if sq is not None:
                 self.pending["g2_sq"] = sq
             return sq
-        g2_sq = sq if sq is not None else groups.grads_sq_norm(grads, sam.backend)
+        g2_sq = sq if sq is not None else groups.grads_sq_norm(grads, sam.backend, sparse)
         self.pending["g2_sq"] = g2_sq
         # the pairs whose g(w) still matches g(w + e) (a param cast or moved between the passes has none)
         both = [] if ascent is None else [(a, g) for a, g in zip(ascent, grads) if a is not None and
