@@ -58,6 +58,12 @@ class EntryCache:
             self._entries = [(g, p) for g in param_groups for p in g["params"]]
         return self._entries
 
+    def __getstate__(self) -> dict:  # a copy of the optimizer builds its own at its first step
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
 
 def scan(param_groups: list[dict], cache: EntryCache) -> ParamScan:
     """Look at every param of ``param_groups`` once (see the module docstring)."""

@@ -47,17 +47,12 @@ class ParamUpkeep:
         :mod:`.follow`); one host-side comparison of dtypes and devices per call otherwise. The look
         (:func:`.param_scan.scan`) is kept for this step call's first reader of the gradients."""
         now = self.step_state
-        if torch.compiler.is_compiling():  # a graph holds no scan object (see .param_scan.take)
-            params = self._params()
-            sig = follow.signature(params)
-            if follow.changed(now.param_signature, sig):
-                self._cast_state(params)
-            now.param_signature = sig
-            return
-        found = param_scan.scan(self.param_groups, now.entry_cache)
-        if follow.changed(now.param_signature, found.signature):
-            self._cast_state(groups.params_of(found.entries))
-        now.param_signature = found.signature
+        compiling = torch.compiler.is_compiling()  # a graph holds no scan object (see .param_scan.take)
+        found = None if compiling else param_scan.scan(self.param_groups, now.entry_cache)
+        sig = follow.signature(self._params()) if compiling else found.signature
+        if follow.changed(now.param_signature, sig):
+            self._cast_state(self._params())
+        now.param_signature = sig
         now.scan = found
 
     def _cast_state(self, params: list[torch.Tensor]) -> None:
