@@ -300,9 +300,8 @@ def _sgd(base: torch.optim.SGD, rows: Rows, backend, amp: dict, telemetry, read,
 
 
 def _adamw(base: torch.optim.AdamW, rows: Rows, backend, amp: dict, telemetry, read) -> None:
-    entries = rows.tuples()
-    states = [base.state[p] for _, p, _, _ in entries]
-    for (_, p, _, _), st in zip(entries, states):
+    states = [base.state[p] for p in rows.params]
+    for p, st in zip(rows.params, states):
         if len(st) == 0:  # the layout torch.optim.AdamW creates on its first step
             st["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -313,10 +312,10 @@ def _adamw(base: torch.optim.AdamW, rows: Rows, backend, amp: dict, telemetry, r
     steps = [st["step"] for st in states]
     torch._foreach_add_(steps, 1)
     if torch.compiler.is_compiling():
-        step_of = {id(e[1]): (i, st) for i, (e, st) in enumerate(zip(entries, states))}
+        step_of = {id(p): (i, st) for i, (p, st) in enumerate(zip(rows.params, states))}
     else:
         counts = torch.stack(steps).tolist() if len({s.dtype for s in steps}) == 1 else [s.item() for s in steps]
-        step_of = {id(e[1]): (int(c), st) for e, c, st in zip(entries, counts, states)}
+        step_of = {id(p): (int(c), st) for p, c, st in zip(rows.params, counts, states)}
     try:
         _adamw_launches(rows, step_of, backend, amp, telemetry, read)
     except BaseException:  # nothing was stepped for good (the caller restores w): the counts go back too
