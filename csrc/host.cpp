@@ -11,7 +11,9 @@
 
 #include <string>
 
+#include <torch/csrc/Storage.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 namespace {
 
@@ -70,7 +72,71 @@ PyObject* scan(PyObject*, PyObject* list) {
                        static_cast<long long>(total), flags);
 }
 
+// Whether params[i] and backups[i] may trade storages: plain strided tensors, neither a view, each
+// the only tensor over its storage (no view, .detach(), state_dict entry or flattened buffer of
+// another module shares it, so nothing else sees the trade), with equal shape, strides, dtype and
+// device, and a backup outside autograd.
+bool sole(const at::Tensor& t) {
+  // Counted with the storage's Python object alive (made here if there is none), which holds a
+  // reference of its own; once made, torch keeps it as long as the storage lives.
+  PyObject* obj = THPStorage_Wrap(t.storage());
+  if (obj == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  const bool alone = t.storage().use_count() == 2;
+  Py_DECREF(obj);
+  return alone;
+}
+
+bool tradeable(const at::Tensor& p, const at::Tensor& b) {
+  return p.layout() == c10::kStrided && b.layout() == c10::kStrided && !p.is_view() && !b.is_view() &&
+         !b.requires_grad() && p.scalar_type() == b.scalar_type() && p.device() == b.device() &&
+         p.sizes() == b.sizes() && p.strides() == b.strides() && sole(p) && sole(b);
+}
+
+// swap_storages(params, backups) -> bool: params[i] takes backups[i]'s storage and backups[i] takes
+// params[i]'s (as `p.data, b.data = b.data, p.data`), for every i, when every pair may trade
+// (tradeable); else nothing changes and the answer is False. Each param's version counter is bumped,
+// so an autograd graph that saved it sees the change as it sees an in-place write.
+bool all_tradeable(PyObject* params, PyObject* backups) {
+  if (!PyList_Check(params) || !PyList_Check(backups) || PyList_GET_SIZE(params) != PyList_GET_SIZE(backups))
+    return false;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
+    PyObject *p = PyList_GET_ITEM(params, i), *b = PyList_GET_ITEM(backups, i);
+    if (!THPVariable_CheckExact(p) || !THPVariable_CheckExact(b) || p == b) return false;
+    if (!tradeable(THPVariable_Unpack(p), THPVariable_Unpack(b))) return false;
+  }
+  return true;
+}
+
+// tradeable(params, backups) -> bool: whether every pair may trade storages (tradeable above).
+PyObject* tradeable_py(PyObject*, PyObject* args) {
+  PyObject *params, *backups;
+  if (!PyArg_ParseTuple(args, "OO", &params, &backups)) return nullptr;
+  return PyBool_FromLong(all_tradeable(params, backups));
+}
+
+PyObject* swap_storages(PyObject*, PyObject* args) {
+  PyObject *params, *backups;
+  if (!PyArg_ParseTuple(args, "OO", &params, &backups)) return nullptr;
+  if (!all_tradeable(params, backups)) Py_RETURN_FALSE;
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    at::Tensor p = THPVariable_Unpack(PyList_GET_ITEM(params, i));
+    at::Tensor b = THPVariable_Unpack(PyList_GET_ITEM(backups, i));
+    const at::Tensor w = p.variable_data();  // a second tensor over p's storage, for the trade
+    p.set_data(b);
+    b.set_data(w);
+    torch::autograd::impl::bump_version(p);
+  }
+  Py_RETURN_TRUE;
+}
+
 PyMethodDef methods[] = {
+    {"swap_storages", swap_storages, METH_VARARGS,
+     "Trade the storages of params[i] and backups[i] when every pair may (bool)."},
+    {"tradeable", tradeable_py, METH_VARARGS, "Whether every params[i] may trade storages with backups[i]."},
     {"numel_sum", numel_sum, METH_O, "Σ numel of a list of plain tensors, or None."},
     {"scan", scan, METH_O, "(grads, signature, numel, flags) of a list of plain-tensor params, or None."},
     {nullptr, nullptr, 0, nullptr},

@@ -14,7 +14,7 @@ TORCH_LIBRARY(sam_kernels, m) {
   // `grad_copies` ← grads, bitwise, every element (g(w) kept for the cosine), in the same pass.
   m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor sq_norm, float rho, "
         "float eps, Tensor[]? masks, bool adaptive, float eta, float keep_prob, int[] keys, "
-        "Tensor(c!)? perturbation_sq=None, Tensor(d!)[]? grad_copies=None) -> ()");
+        "Tensor(c!)? perturbation_sq=None, Tensor(d!)[]? grad_copies=None, bool into_backups=False) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   // AMP: grads carry the loss scale `grad_scale` (divided out in the kernel); a non-zero
   // `found_inf` skips the update on the device (params <- backups, state untouched).

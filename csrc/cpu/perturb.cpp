@@ -10,7 +10,7 @@ namespace {
 void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq_norm,
                  double rho, double eps, std::optional<at::TensorList> masks, bool adaptive, double eta,
                  double keep_prob, at::IntArrayRef keys, const std::optional<at::Tensor>& perturbation_sq,
-                 std::optional<at::TensorList> grad_copies) {
+                 std::optional<at::TensorList> grad_copies, bool into_backups) {
   const uint32_t threshold =
       sam_kernels::check_perturb_args(params, grads, backups, masks, keep_prob, keys, c10::DeviceType::CPU);
   if (perturbation_sq) sam_kernels::check_sums_tensor("perturb_", "perturbation_sq", *perturbation_sq, 1, params);
@@ -30,7 +30,7 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
     // gives scale 0, and 0·inf = NaN: the norm itself is tested too, as stored (like the reference).
     const bool finite = std::isfinite(scale) && std::isfinite(stored);
     const bool select = masks || keep;
-    with_static_flags([&](auto stream, auto adaptive_, auto summing) {
+    with_static_flags([&](auto stream, auto adaptive_, auto summing, auto into) {
       // perturbation_sq: Σ (w_new − w)² of the stored values, summed while they are in cache.
       for_each_chunk_summing<scalar_t>(chunks, perturbation_sq, /*both=*/false,
                                        [&](const Chunk& c, int64_t lo, int64_t hi, LaneSum<scalar_t>* acc) {
@@ -47,20 +47,25 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
           std::copy(w + lo, w + hi, b + lo);
           return;
         }
-        // The backup is taken in the same loop as the ascent: one read of w for both.
+        // The backup is taken in the same loop as the ascent: one read of w for both. With
+        // into_backups, w + e goes to the backups instead and w is only read (the caller swaps
+        // the two tensors' storages: a pass that writes one list instead of two).
         // Selections are per element (bool mask, hash): the scalar path, which skips unselected
         // entries instead of adding zero, so they stay bitwise unchanged (-0.0 included).
+        scalar_t* out = into ? b : w;
         elementwise<scalar_t>(lo, hi, /*vectorize=*/!select, [&](auto tag, int64_t i) {
           using T = decltype(tag);
           const T wi = load<T>(w, i);
           if constexpr (is_vec<T>::value) {
-            if constexpr (stream) {
-              store_stream(b, i, wi);
-            } else {
-              store(b, i, wi);
+            if constexpr (!into) {
+              if constexpr (stream) {
+                store_stream(b, i, wi);
+              } else {
+                store(b, i, wi);
+              }
             }
           } else {
-            b[i] = w[i];  // bitwise, whatever the dtype
+            if (!into || (m && !m[i]) || (keep && !keep_element(key, i, threshold))) b[i] = w[i];  // bitwise
             if ((m && !m[i]) || (keep && !keep_element(key, i, threshold))) return;
           }
           T e = load<T>(g, i);
@@ -68,16 +73,21 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
             const T t = vabs(wi) + T(eta);
             e = t * t * e;
           }
-          store(w, i, fma_(e, T(scale), wi));  // the order of reference.perturb_, one rounding
+          const T next = fma_(e, T(scale), wi);  // the order of reference.perturb_, one rounding
+          if constexpr (into && stream && is_vec<T>::value) {
+            store_stream(out, i, next);
+          } else {
+            store(out, i, next);
+          }
           if constexpr (summing) {
-            const T applied = load<T>(w, i) - wi;  // as stored (rounded to fp16/bf16)
+            const T applied = load<T>(out, i) - wi;  // as stored (rounded to fp16/bf16)
             acc[0].add_product(applied, applied);
           }
         });
         // Once per chunk (a block of a summing loop is a part of one): a fence waits for every streamed line.
         if (stream && hi == c.end) stream_fence();
       });
-    }, stream_writes(backups), adaptive, perturbation_sq.has_value());
+    }, stream_writes(backups), adaptive, perturbation_sq.has_value(), into_backups);
   });
 }
 

@@ -14,13 +14,14 @@
 namespace sam_kernels::cuda {
 namespace {
 
-// lists: 0 params (rw), 1 grads (r), 2 backups (w), [3 grad_copies (w) if kCopy], then optional
-// masks. aux: the tensor's RNG key.
-template <typename T, bool kSums, bool kCopy>
+// lists: 0 params (rw; only read with kInto), 1 grads (r), 2 backups (w), [3 grad_copies (w) if
+// kCopy], then optional masks. aux: the tensor's RNG key. kInto (into_backups): w + e goes to the
+// backups and w is not written, so the pass stores one list of weights instead of two.
+template <typename T, bool kSums, bool kCopy, bool kInto>
 struct PerturbOp {
   using A = acc_type<T>;
   static constexpr int kLists = kCopy ? 4 : 3;
-  static constexpr unsigned kReads = 0b0011, kWrites = kCopy ? 0b1101 : 0b0101;
+  static constexpr unsigned kReads = 0b0011, kWrites = (kCopy ? 0b1100 : 0b0100) | (kInto ? 0b0000 : 0b0001);
   static constexpr bool kMasked = true, kReduce = kSums;
   DeviceScalar sq_norm;
   A rho, eps, eta, inv_keep_prob;
@@ -49,14 +50,15 @@ struct PerturbOp {
       return Result();
     const A w = static_cast<A>(x[0]);
     const A g = static_cast<A>(x[1]);
+    T& out = x[kInto ? 2 : 0];
     if (adaptive) {
       const A t = ::fabs(w) + eta;
-      x[0] = static_cast<T>(w + t * t * g * scale);
+      out = static_cast<T>(w + t * t * g * scale);
     } else {
-      x[0] = static_cast<T>(w + g * scale);
+      out = static_cast<T>(w + g * scale);
     }
     if constexpr (kSums) {
-      const A applied = static_cast<A>(x[0]) - w;  // as stored: rounded to fp16/bf16 for those
+      const A applied = static_cast<A>(out) - w;  // as stored: rounded to fp16/bf16 for those
       return {{applied * applied}};
     }
   }
@@ -76,7 +78,7 @@ struct CopyOp {
 void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& sq_norm,
                   double rho, double eps, std::optional<at::TensorList> masks, bool adaptive, double eta,
                   double keep_prob, at::IntArrayRef keys, const std::optional<at::Tensor>& perturbation_sq,
-                  std::optional<at::TensorList> grad_copies) {
+                  std::optional<at::TensorList> grad_copies, bool into_backups) {
   const uint32_t keep_threshold =
       sam_kernels::check_perturb_args(params, grads, backups, masks, keep_prob, keys, c10::DeviceType::CUDA);
   if (perturbation_sq) sam_kernels::check_sums_tensor("perturb_", "perturbation_sq", *perturbation_sq, 1, params);
@@ -115,14 +117,22 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
         launch({params, grads, backups, masks_or_none});
       }
     };
-    if (perturbation_sq && grad_copies) {
-      run(PerturbOp<T, true, true>{});
-    } else if (perturbation_sq) {
-      run(PerturbOp<T, true, false>{});
-    } else if (grad_copies) {
-      run(PerturbOp<T, false, true>{});
+    auto run_into = [&](auto into) {
+      constexpr bool kInto = decltype(into)::value;
+      if (perturbation_sq && grad_copies) {
+        run(PerturbOp<T, true, true, kInto>{});
+      } else if (perturbation_sq) {
+        run(PerturbOp<T, true, false, kInto>{});
+      } else if (grad_copies) {
+        run(PerturbOp<T, false, true, kInto>{});
+      } else {
+        run(PerturbOp<T, false, false, kInto>{});
+      }
+    };
+    if (into_backups) {
+      run_into(std::true_type{});
     } else {
-      run(PerturbOp<T, false, false>{});
+      run_into(std::false_type{});
     }
   });
 }

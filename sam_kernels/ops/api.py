@@ -60,8 +60,14 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: Scalar, *, 
              masks: Optional[Tensors] = None, adaptive: bool = False, eta: float = 0.01, eps: float = 1e-12,
              keep_prob: Optional[float] = None, seed: Optional[int] = None, grad_scale: Optional[torch.Tensor] = None,
              found_inf: Optional[torch.Tensor] = None, perturbation_sq: Optional[torch.Tensor] = None,
-             grad_copies: Optional[Tensors] = None, backend: Optional[str] = None) -> None:
+             grad_copies: Optional[Tensors] = None, into_backups: bool = False,
+             backend: Optional[str] = None) -> None:
     """backups ← params; params += rho·s·(m ⊙ T² ⊙ g)·keep/keep_prob, s = 1/(sqrt(sq_norm) + eps).
+
+    ``into_backups`` (ours): backups ← what params would become, params only read: the pass writes
+    one list of weights instead of two. The caller then swaps the two lists' storages
+    (:func:`sam_kernels.optim.storage_swap.swap`), which leaves params at w + e and backups at w,
+    bitwise as without it.
 
     ``sq_norm`` defaults to the UNMASKED ``grad_sq_norm(grads, params=params if adaptive)`` (Sparse
     SAM's choice, so ‖e‖ ≤ rho); pass ``grad_sq_norm(grads, masks=masks)`` for the masked norm.
@@ -108,6 +114,8 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, rho: Scalar, *, 
             tele["perturbation_sq"] = applied.on(device)
         if grad_copies is not None:
             tele["grad_copies"] = pick(grad_copies)
+        if into_backups:
+            tele["into_backups"] = True
         fn(pick(params), pick(grads), pick(backups), sq_norm.to(device), rho, eps, pick(masks), adaptive, eta, keep,
            pick(keys), **tele)
 

@@ -133,8 +133,10 @@ def in_memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.Tensor, rho: float, eps: float,
              masks: MaskList, adaptive: bool, eta: float, keep_prob: float, keys: Sequence[int],
-             perturbation_sq: Optional[torch.Tensor] = None, grad_copies: Optional[Tensors] = None) -> None:
+             perturbation_sq: Optional[torch.Tensor] = None, grad_copies: Optional[Tensors] = None,
+             into_backups: bool = False) -> None:
     """backups ← params; params += s·(m ⊙ T² ⊙ g)·keep/keep_prob, s = rho/(sqrt(sq_norm)+eps).
+    ``into_backups``: backups ← what params would become; params are only read.
 
     A non-finite ``sq_norm`` leaves params bitwise unchanged (the backup is still taken), so a NaN
     never reaches the weights.
@@ -144,6 +146,11 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, sq_norm: torch.T
     entries add exactly 0), in the pass that writes w_new. ``grad_copies`` (ours): ← grads, bitwise,
     every element whatever the mask or norm (g(w) kept for the cosine while the pass reads it).
     """
+    if into_backups:  # the same steps on the backups, holding a copy of w
+        torch._foreach_copy_(list(backups), list(params))
+        perturb_(backups, grads, [torch.empty_like(b) for b in backups], sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys, perturbation_sq,
+                 grad_copies)
+        return
     torch._foreach_copy_(list(backups), list(params))
     if grad_copies is not None:
         torch._foreach_copy_(list(grad_copies), list(grads))

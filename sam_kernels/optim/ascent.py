@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from .. import ops
-from . import aliases, amp, backups, groups, param_scan, sparse_grads
+from ..ops.lists import numel_sum
+from . import aliases, amp, backups, groups, param_scan, sparse_grads, storage_swap
 from .compiled import hyper
 from .policy import grad_norm_for
 
@@ -48,10 +49,11 @@ class Ascent:
         plain = not adaptive and not any(k in self.options for k in ("masks", "keep_prob", "sq_norm"))
         return rho if plain else None
 
-    def perturb(self, state: dict, backend: Optional[str]) -> None:
+    def perturb(self, state: dict, backend: Optional[str], trade: Optional[bool] = False) -> None:
         """w ← w + e: ``ops.perturb_`` per bucket of equal (rho, adaptive, eta), each param's w kept in
         ``state[p]["backup"]`` (:attr:`kept`). Aliased params run one layer after the other (see
-        :mod:`.aliases`). On any error the weights are w again.
+        :mod:`.aliases`). On any error the weights are w again. ``trade``: the ``swap_storages``
+        option (:mod:`.storage_swap`): the params may end in their backups' memory.
 
         Raises ``ValueError`` before writing when an ASAM bucket holds a second alias of one memory:
         its T = |w| + eta would be read at the already perturbed weights."""
@@ -63,6 +65,13 @@ class Ascent:
                              "(T = |w| + eta would be read at the perturbed weights); tie the weight by using one "
                              "Parameter in both places (b.weight = a.weight), or use adaptive=False for them")
         kept = self.kept = backups.get(state, params, self.backup_key)
+        # Write w + e into the backups and trade storages after (fewer bytes, :mod:`.storage_swap`):
+        # the first ascent's backups only; aliases and sparse gradients keep the in-place ascent.
+        into = (trade is not False and self.backup_key == "backup" and layer is None and not self.sparse
+                and storage_swap.wanted(trade, *_one_device(params), len(params))
+                and not torch.compiler.is_compiling() and storage_swap.tradeable(params, kept))
+        if into:
+            self.options["into_backups"] = True
         done: list[int] = []
         try:
             for n in range(1 + max(layer or [0])):
@@ -76,10 +85,14 @@ class Ascent:
                     if idx:
                         self._perturb_bucket(state, backend, idx, rho, adaptive, eta, b + n * len(buckets))
                         done.extend(idx)
-        except BaseException:  # never leave weights perturbed: undo what ran
-            if done:
+        except BaseException:  # never leave weights perturbed: undo what ran (into the backups: nothing to undo)
+            if done and not into:
                 backups.copy_back([params[i] for i in done], [kept[i] for i in done], backend, self.alias_keys)
             raise
+        finally:
+            self.options.pop("into_backups", None)
+        if into:
+            storage_swap.swap(params, kept)
 
     def _perturb_sparse(self, state: dict, i: int, rho: float, eta: Optional[float]) -> None:
         """Entry ``i`` has a sparse gradient: the eager ascent at its stored indices."""
@@ -111,6 +124,16 @@ class Ascent:
             except (TypeError, ValueError):  # rejected before writing anything
                 if retry or not backups.renew_stale(state, params, kept, idx, self.backup_key):
                     raise
+
+
+def _one_device(params: list) -> tuple:
+    """(the params' device, or None when they are on several; their element count)."""
+    numel = numel_sum(params)
+    device = params[0].device if params else None
+    if device is not None and numel >= storage_swap.MIN_MEAN_NUMEL * len(params) and \
+            any(p.device != device for p in params):
+        device = None
+    return device, numel
 
 
 def ascent_rho(sam, group: dict):
@@ -178,5 +201,5 @@ def first_ascent(sam) -> Ascent:
         ascent.options.pop("grad_copies", None)  # perturb_ would copy d, not g(w): telemetry copies g(w) itself
     if sparse:
         sparse_grads.refuse_unsupported(sam, ascent.options)
-    ascent.perturb(sam.state, sam.backend)
+    ascent.perturb(sam.state, sam.backend, sam.swap_storages)
     return ascent

@@ -106,6 +106,16 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, Readouts, torch.optim.Optimize
             ``first_step`` k times, a backward after each; ``step(closure)`` evaluates the closure once per
             gradient (k + 1 times with the first pass). Not with variants that choose their own
             perturbation (ESAM, SparseSAM, FriendlySAM, VaSSO: ``ValueError``).
+        swap_storages: how ``first_step`` keeps w (:mod:`sam_kernels.optim.storage_swap`). The ascent
+            writes w + e into the backup buffers and each param then trades storages with its backup:
+            the values are bitwise those of the in-place ascent, the pass writes 4 bytes per fp32
+            parameter less (36 instead of 40 per SAM step with SGD momentum), and each param's memory
+            alternates between two buffers from step to step. Made only for params that no other tensor
+            shares memory with (views, ``.detach()``, ``state_dict()`` tensors, flattened buffers keep
+            the in-place ascent), not tied, with dense gradients, averaging 16K elements or more.
+            None (the default): on CPU params only, since a CUDA graph captured over the forward or the
+            step would replay with the old addresses; True: on any device (no CUDA graphs); False:
+            never. Other values raise ``TypeError``.
 
     Raises ``ValueError``/``TypeError`` for bad hyperparameters of any group (naming the group and
     the key), at construction, ``add_param_group`` and ``load_state_dict``.
@@ -138,7 +148,8 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, Readouts, torch.optim.Optimize
                  finite_check: Union[bool, str] = True, policy: Optional[Policy] = None, renormalize: bool = False,
                  modifiers: Sequence[Modifier] = (), grad_scaler: Optional[torch.amp.GradScaler] = None,
                  distributed: Union[str, GlobalSync] = "global", telemetry: Union[bool, str] = "norms",
-                 telemetry_decay: float = 0.9, use_gc: bool = False, ascent_steps: int = 1, **kwargs):
+                 telemetry_decay: float = 0.9, use_gc: bool = False, ascent_steps: int = 1,
+                 swap_storages: Optional[bool] = None, **kwargs):
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, perturb=True, **kwargs)
         check_group(defaults, 0, f"{type(self).__name__} (keyword arguments)")
         own = [name for name in multi_step.OWN_PERTURBATION if getattr(type(self), name) is not getattr(SAM, name)]
@@ -156,6 +167,9 @@ class SAM(StepShells, ParamUpkeep, Checkpointing, Readouts, torch.optim.Optimize
         self.backend = backend
         ops.dispatch.preload({p.device.type for p in self._params()}, backend)
         self.finite_check = check_mode(finite_check)
+        if swap_storages not in (None, True, False):
+            raise TypeError(f"{type(self).__name__}: swap_storages must be None, True or False, got {swap_storages!r}")
+        self.swap_storages = swap_storages
         self.grad_scaler = grad_scaler
         self.policy = policy if policy is not None else Policy()
         self.modifiers: list[Modifier] = (([CentralizeAscent()] if use_gc else []) + ([Renormalize()] if renormalize else [])

@@ -36,10 +36,13 @@ def _fmix32(x):
 @triton.jit
 def _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, c_ptr, offs, mask, s, finite, eta, key, keep_threshold, acc,
                    DT: tl.constexpr, CDT: tl.constexpr, MASKED: tl.constexpr, ADAPTIVE: tl.constexpr,
-                   KEEP: tl.constexpr, PERTURBATION_SQ: tl.constexpr, GRAD_COPIES: tl.constexpr):
-    """One block; returns ``acc`` + (w_new − w)² lane by lane with PERTURBATION_SQ (else ``acc``)."""
+                   KEEP: tl.constexpr, PERTURBATION_SQ: tl.constexpr, GRAD_COPIES: tl.constexpr,
+                   INTO: tl.constexpr):
+    """One block; returns ``acc`` + (w_new − w)² lane by lane with PERTURBATION_SQ (else ``acc``).
+    INTO (``into_backups``): w_new goes to the backups and w is only read."""
     w_raw = load(p_ptr + offs, mask)
-    store(b_ptr + offs, w_raw, mask)
+    if not INTO:
+        store(b_ptr + offs, w_raw, mask)
     w = w_raw.to(CDT)
     g_raw = load(g_ptr + offs, mask)
     if GRAD_COPIES:
@@ -60,7 +63,10 @@ def _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, c_ptr, offs, mask, s, finite, eta
         sel = sel & (u.to(tl.int64) < keep_threshold)
     # Unselected lanes get their loaded bits back: bitwise unchanged, and the store stays vectorizable.
     w_new = tl.where(sel, round_to(w + e, DT), w_raw)
-    store(p_ptr + offs, w_new, mask)
+    if INTO:
+        store(b_ptr + offs, w_new, mask)
+    else:
+        store(p_ptr + offs, w_new, mask)
     if PERTURBATION_SQ:
         # where(), not the difference alone: an unselected NaN/inf weight must add exactly 0 too.
         # Masked-off tail lanes load w = g = 0, so they add 0.
@@ -74,8 +80,8 @@ def _perturb_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, sizes, blocks, keys, sq_norm
                     eps: tl.float64, eta: tl.float64, keep_prob: tl.float64, keep_threshold, partials, c_ptrs,
                     DT: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                     ALIGNED: tl.constexpr, MASKED: tl.constexpr, ADAPTIVE: tl.constexpr, KEEP: tl.constexpr,
-                    PERTURBATION_SQ: tl.constexpr, GRAD_COPIES: tl.constexpr):
-    """backup = w;  w = w + s·(T²·g) where selected, s = rho/(sqrt(sq_norm)+eps) (/keep_prob if KEEP).
+                    PERTURBATION_SQ: tl.constexpr, GRAD_COPIES: tl.constexpr, INTO: tl.constexpr):
+    """backup = w;  w = w + s·(T²·g) where selected (INTO: backup = that w + s·(T²·g), w not written), s = rho/(sqrt(sq_norm)+eps) (/keep_prob if KEEP).
 
     T = |w| + eta if ADAPTIVE else 1. Selected = s finite & mask (if MASKED) & keep (if KEEP), with
     keep iff fmix32(fmix32(lo32(i) ^ key) ^ hi32(i)) >> 8 < keep_threshold, i the element index in
@@ -103,11 +109,11 @@ def _perturb_kernel(p_ptrs, g_ptrs, b_ptrs, m_ptrs, sizes, blocks, keys, sq_norm
     acc = tl.zeros((BLOCK,), CDT)
     for off in range(start, split, BLOCK):
         acc = _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, c_ptr, block_offsets(off, BLOCK), None, s, finite, eta_c,
-                             key, keep_threshold, acc, DT, CDT, MASKED, ADAPTIVE, KEEP, PERTURBATION_SQ, GRAD_COPIES)
+                             key, keep_threshold, acc, DT, CDT, MASKED, ADAPTIVE, KEEP, PERTURBATION_SQ, GRAD_COPIES, INTO)
     for off in range(split, end, BLOCK):
         offs = block_offsets(off, BLOCK)
         acc = _perturb_block(p_ptr, g_ptr, b_ptr, m_ptr, c_ptr, offs, offs < end, s, finite, eta_c, key,
-                             keep_threshold, acc, DT, CDT, MASKED, ADAPTIVE, KEEP, PERTURBATION_SQ, GRAD_COPIES)
+                             keep_threshold, acc, DT, CDT, MASKED, ADAPTIVE, KEEP, PERTURBATION_SQ, GRAD_COPIES, INTO)
     if PERTURBATION_SQ:
         tl.store(partials + tl.program_id(0).to(tl.int64), tl.sum(acc, 0))
 
@@ -128,8 +134,9 @@ def _copy_kernel(dst_ptrs, src_ptrs, sizes, blocks, DT: tl.constexpr, BLOCK: tl.
 
 
 def perturb_(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, keep_prob, keys, perturbation_sq=None,
-             grad_copies=None):
-    """backups ← params; params += s·(m ⊙ T² ⊙ g)·keep/keep_prob (see reference.perturb_); with
+             grad_copies=None, into_backups=False):
+    """backups ← params; params += s·(m ⊙ T² ⊙ g)·keep/keep_prob (see reference.perturb_; ``into_backups``:
+    backups ← params + s·(...), params only read); with
     ``perturbation_sq`` (1 element, fp32/fp64), adds Σ (w_new − w)² over the stored values into it;
     with ``grad_copies`` (a list aligned with ``grads``: same shapes, dtype, device, memory order),
     grad_copies ← grads bitwise, every element. A bad ``perturbation_sq`` or ``grad_copies`` raises
@@ -145,7 +152,7 @@ def perturb_(params, grads, backups, sq_norm, rho, eps, masks, adaptive, eta, ke
     tab = _tables.launch_over(_perturb_kernel, lists, key_col, sq_norm, rho, eps, eta, keep_prob,
                               int(keep_prob * (1 << 24)), partials, MASKED=masks is not None, ADAPTIVE=adaptive,
                               KEEP=keep, PERTURBATION_SQ=perturbation_sq is not None,
-                              GRAD_COPIES=grad_copies is not None, rows_after_args=1)
+                              GRAD_COPIES=grad_copies is not None, INTO=bool(into_backups), rows_after_args=1)
     if perturbation_sq is not None:
         _tables.add_partials(partials, perturbation_sq, tab.n_blocks, 1)
     if grad_copies is not None:  # written through raw pointers (triton.WRITES bumps positional lists only)
