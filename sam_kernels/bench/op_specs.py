@@ -5,16 +5,18 @@ move at the least — each input read once, each output written once; a reductio
 gates an element-wise pass (renormalize, LookSAM) costs one extra read of what it reduces. The
 ops' floors are the op table's (:mod:`sam_kernels.ops.contract`: ``OpInfo.floor_units``, what is
 counted in ``OpInfo.moves``). For fp32 these are DESIGN §7's figures (grad norm 4N, perturb 16N,
-restore+SGD 20N, step ≈40N). The composite steps:
+restore+SGD 20N, step ≈40N). The steps through the optimizer count the ascent that writes w + e into
+the backups and trades storages (:mod:`sam_kernels.optim.storage_swap`: 12N instead of 16N), since
+an optimizer step need not write w where it is. The composite steps:
 
 | step                | floor      | counted                                                   |
 |---------------------|------------|-----------------------------------------------------------|
 | sam_step            | 10·sN      | grad norm + perturb + restore/SGD-momentum step           |
-| sam_optimizer_step  | 10·sN      | same work through the SAM optimizer's first/second_step   |
-| sam_adamw_step      | 12·sN      | grad norm + perturb + restore/AdamW step, through SAM     |
-| sam_amp_step        | 11·sN      | sam_optimizer_step under a GradScaler: + the second pass's|
+| sam_optimizer_step  | 9·sN       | same work through the SAM optimizer's first/second_step   |
+| sam_adamw_step      | 11·sN      | grad norm + perturb + restore/AdamW step, through SAM     |
+| sam_amp_step        | 10·sN      | sam_optimizer_step under a GradScaler: + the second pass's|
 |                     |            | overflow check (read g); the unscale is in the kernels    |
-| sam_unscale_step    | 11·sN      | the same work done the usual way: GradScaler's unscale    |
+| sam_unscale_step    | 10·sN      | the same work done the usual way: GradScaler's unscale    |
 |                     |            | pass over the grads of each pass, then the SAM step       |
 
 The AMP steps run at scale 1.0 (the same work as any scale), so every implementation computes the
@@ -325,15 +327,15 @@ SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (
     OpSpec("sam_step", ("params", "grads", "backups", "bufs"), ("params", "bufs"), 10,
            api=_api_sam_step, reference=_ref_sam_step, loop=_loop_sam_step,
            compile_phases=(_ref_sam_ascent, _ref_sgd)),
-    OpSpec("sam_optimizer_step", ("params", "grads", "backups"), ("params",), 10, optimizer=True,
+    OpSpec("sam_optimizer_step", ("params", "grads", "backups"), ("params",), 9, optimizer=True,
            api=_api_sam(torch.optim.SGD, _sgd_kw), reference=_ref_sam_optimizer_step,
            loop=_loop_sam(torch.optim.SGD, _sgd_kw)),
-    OpSpec("sam_adamw_step", ("params", "grads", "backups"), ("params",), 12, optimizer=True,
+    OpSpec("sam_adamw_step", ("params", "grads", "backups"), ("params",), 11, optimizer=True,
            api=_api_sam(torch.optim.AdamW, _adamw_kw), reference=_ref_sam_adamw_step,
            loop=_loop_sam(torch.optim.AdamW, _adamw_kw)),
-    OpSpec("sam_amp_step", ("params", "grads", "backups"), ("params",), 11, optimizer=True,
+    OpSpec("sam_amp_step", ("params", "grads", "backups"), ("params",), 10, optimizer=True,
            api=_api_sam_amp, reference=_ref_sam_optimizer_step, loop=_loop_sam_unscaled),
-    OpSpec("sam_unscale_step", ("params", "grads", "backups"), ("params",), 11, optimizer=True,
+    OpSpec("sam_unscale_step", ("params", "grads", "backups"), ("params",), 10, optimizer=True,
            api=_api_sam_unscaled, reference=_ref_sam_optimizer_step, loop=None,
            no_loop="the loop under AMP is sam_amp_step's loop column"),
 )}

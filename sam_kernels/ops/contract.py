@@ -100,8 +100,9 @@ OPS: dict[str, OpInfo] = {op.name: op for op in (
     OpInfo("perturb_",
            "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor sq_norm, float rho, float eps, "
            "Tensor[]? masks, bool adaptive, float eta, float keep_prob, int[] keys, Tensor(c!)? perturbation_sq=None, "
-           "Tensor(d!)[]? grad_copies=None) -> ()",
-           "update", "backups ← w; w += rho·(m ⊙ T² ⊙ g)·keep/keep_prob / (‖g‖ + eps)", reference.perturb_,
+           "Tensor(d!)[]? grad_copies=None, bool into_backups=False) -> ()",
+           "update", "backups ← w; w += rho·(m ⊙ T² ⊙ g)·keep/keep_prob / (‖g‖ + eps) (into_backups: backups ← that "
+           "w + ..., w only read)", reference.perturb_,
            (4, 0), "read w, g; write backup, w (norm given)"),
     OpInfo("restore_", "restore_(Tensor(a!)[] params, Tensor[] backups) -> ()",
            "update", "w ← backups, bitwise", reference.restore_, (2, 0), "read backup; write w"),

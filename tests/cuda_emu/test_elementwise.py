@@ -29,7 +29,7 @@ def _perturb_inputs(dtype, variant, misaligned=False, sq_norm=None):
     return params, grads, masks, adaptive, keep_prob, sq_norm
 
 
-def _perturb(mod, inputs, telemetry, misaligned=False):
+def _perturb(mod, inputs, telemetry, misaligned=False, into_backups=False):
     params, grads, masks, adaptive, keep_prob, sq_norm = inputs
     sq_dtype, copies = telemetry
     params = clone(params)
@@ -37,7 +37,7 @@ def _perturb(mod, inputs, telemetry, misaligned=False):
     sq = None if sq_dtype is None else torch.tensor([0.25], dtype=sq_dtype)
     gc = [torch.full_like(g, float("nan")) for g in grads] if copies else None
     mod.perturb_(params, grads, backups, sq_norm, 0.05, 1e-12, masks, adaptive, 0.01, keep_prob, keys(len(params)),
-                 sq, gc)
+                 sq, gc, into_backups)
     return params, backups, sq, gc
 
 
@@ -61,6 +61,22 @@ def test_perturb_matches_reference(emu, dtype, atol, rtol, variant, telemetry):
         changed_ref = [p.view(-1).ne(w.view(-1)) for p, w in zip(want[0], inputs[0])]
         for i, (g, w, c) in enumerate(zip(got[0], inputs[0], changed_ref)):
             assert_lists_equal([g.view(-1)[~c]], [w.view(-1)[~c]], f"unselected entries of params[{i}]")
+
+
+@pytest.mark.parametrize("telemetry", [PERTURB_TELEMETRY[0], PERTURB_TELEMETRY[3]], ids=["none", "sq64-copies"])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=DTYPE_IDS)
+def test_perturb_into_backups_is_the_in_place_ascent(emu, dtype, atol, rtol, variant, telemetry):
+    """into_backups=True: the backups get, bitwise, what the in-place ascent leaves in the params (and
+    the same perturbation_sq and grad_copies); the params are not written."""
+    inputs = _perturb_inputs(dtype, variant)
+    in_place = _perturb(emu, inputs, telemetry)
+    into = _perturb(emu, inputs, telemetry, into_backups=True)
+    assert_lists_equal(into[0], inputs[0], "params (only read)")
+    assert_lists_equal(into[1], in_place[0], "backups = the in-place ascent's params")
+    if telemetry[0] is not None:
+        assert torch.equal(into[2], in_place[2]), "perturbation_sq"
+        assert_lists_equal(into[3], inputs[1], "grad_copies")
 
 
 @pytest.mark.parametrize("sq_norm", [float("inf"), float("nan")])

@@ -56,6 +56,28 @@ def test_perturb_by_hand(backend, sample):
 
 
 @backend_param(ALL)
+@pytest.mark.parametrize("sample", samples("perturb_", extended=False))
+def test_into_backups_is_the_in_place_ascent(backend, sample):
+    """``into_backups=True`` on the same inputs: the backups get, bitwise, what the in-place ascent
+    leaves in the params, with the same telemetry outputs; the params are only read."""
+    require(backend)
+    torch.manual_seed(0)
+    args, kwargs = sample.make(backend)
+    torch.manual_seed(0)
+    args2, kwargs2 = sample.make(backend)
+    w = [p.clone() for p in args[0]]
+    backend.call("perturb_", args, kwargs)
+    backend.call("perturb_", args2, dict(kwargs2, into_backups=True))
+    assert_lists_equal(args2[0], w, "params (only read)")
+    assert_lists_equal(args2[2], args[0], "backups = the in-place ascent's params")
+    for name in ("perturbation_sq", "grad_copies"):
+        if kwargs.get(name) is not None:
+            got, want = kwargs2[name], kwargs[name]
+            assert_lists_equal(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want],
+                               name)
+
+
+@backend_param(ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_restore_by_hand(backend, dtype):
     device = require(backend).device
