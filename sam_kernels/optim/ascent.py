@@ -67,9 +67,10 @@ class Ascent:
         kept = self.kept = backups.get(state, params, self.backup_key)
         # Write w + e into the backups and trade storages after (fewer bytes, :mod:`.storage_swap`):
         # the first ascent's backups only; aliases and sparse gradients keep the in-place ascent.
-        into = (trade is not False and self.backup_key == "backup" and layer is None and not self.sparse
+        into = (trade is not False and not torch.compiler.is_compiling() and self.backup_key == "backup"
+                and layer is None and not self.sparse
                 and storage_swap.wanted(trade, *_one_device(params), len(params))
-                and not torch.compiler.is_compiling() and storage_swap.tradeable(params, kept))
+                and storage_swap.tradeable(params, kept))
         if into:
             self.options["into_backups"] = True
         done: list[int] = []
