@@ -141,12 +141,15 @@ def _triton_configs():
                HAS_FOUND=True, HAS_OUT=False, CHECK=False)
     check = dict(sgd, HAS_OUT=True, CHECK=True)
     adamw = dict(MAXIMIZE=True, HAS_SCALE=True, HAS_FOUND=True)
-    pert = dict(MASKED=True, ADAPTIVE=True, KEEP=True)
+    pert = dict(MASKED=True, ADAPTIVE=True, KEEP=True, INTO=False)
     return [
         ("sq_norm_partials fp32 adaptive masked", norm._sq_norm_partials_kernel, dict(c, ADAPTIVE=True, MASKED=True)),
         ("dot_partials fp32", norm._dot_partials_kernel, c),
         ("sum_partials", norm._sum_partials_kernel, dict(BLOCK=1024)),
         ("perturb fp32 all", perturb._perturb_kernel, dict(c, **pert, PERTURBATION_SQ=False, GRAD_COPIES=False)),
+        ("perturb fp32 into backups", perturb._perturb_kernel, dict(c, MASKED=False, ADAPTIVE=False, KEEP=False,
+                                                                     INTO=True, PERTURBATION_SQ=False,
+                                                                     GRAD_COPIES=False)),
         ("perturb fp32 all +sq +copies", perturb._perturb_kernel, dict(c, **pert, PERTURBATION_SQ=True,
                                                                         GRAD_COPIES=True)),
         ("perturb bf16 all +sq +copies", perturb._perturb_kernel, dict(c, DT=tl.bfloat16, **pert, PERTURBATION_SQ=True,

@@ -183,7 +183,7 @@ def test_int64_offsets_and_keep_mask_beyond_2_32():
                    torch.tensor([[0, start]], **as_dev), torch.tensor([key], **as_dev), torch.tensor(1.0, device=DEVICE),
                    1.0, 0.0, 0.0, keep_prob, int(keep_prob * 2**24), partials, ptrs[3], DT=tl.float32, CDT=tl.float32,
                    BLOCK=64, CHUNK=128, ALIGNED=False, MASKED=False, ADAPTIVE=False, KEEP=True, PERTURBATION_SQ=True,
-                   GRAD_COPIES=True)
+                   GRAD_COPIES=True, INTO=False)
     i = torch.arange(start, start + n, device=DEVICE)
     r = reference.fmix32(reference.fmix32((i & 0xFFFFFFFF) ^ key) ^ (i >> 32))
     kept = (r >> 8) < int(keep_prob * 2**24)
@@ -779,14 +779,19 @@ HOT = [  # (kernel, constexprs): must get 128-bit vector loads on aligned full b
     (norm._sq_norm_partials_kernel, dict(C, ADAPTIVE=True, MASKED=True)),
     (norm._dot_partials_kernel, C),
     (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=False,
-                                   GRAD_COPIES=False)),
-    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=True, GRAD_COPIES=False)),
-    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=False, GRAD_COPIES=True)),
-    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=True, GRAD_COPIES=True)),
+                                   GRAD_COPIES=False, INTO=False)),
+    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=True, GRAD_COPIES=False,
+                                   INTO=False)),
+    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=False, GRAD_COPIES=True,
+                                   INTO=False)),
+    (perturb._perturb_kernel, dict(C, MASKED=True, ADAPTIVE=True, KEEP=True, PERTURBATION_SQ=True, GRAD_COPIES=True,
+                                   INTO=False)),
+    (perturb._perturb_kernel, dict(C, MASKED=False, ADAPTIVE=False, KEEP=False, PERTURBATION_SQ=False,
+                                   GRAD_COPIES=False, INTO=True)),
     (perturb._perturb_kernel, dict(C, DT=tl.float16, MASKED=False, ADAPTIVE=False, KEEP=False, PERTURBATION_SQ=True,
-                                   GRAD_COPIES=False)),
+                                   GRAD_COPIES=False, INTO=False)),
     (perturb._perturb_kernel, dict(C, DT=tl.bfloat16, MASKED=False, ADAPTIVE=False, KEEP=False,
-                                   PERTURBATION_SQ=False, GRAD_COPIES=True)),
+                                   PERTURBATION_SQ=False, GRAD_COPIES=True, INTO=False)),
     (perturb._copy_kernel, dict(DT=tl.bfloat16, BLOCK=1024, CHUNK=8192, ALIGNED=True)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=False, HAS_ASCENT=False)),
     (optimizer_steps._sgd_restore_step_kernel, dict(C, **SGD, SUMS=True, HAS_ASCENT=True)),
