@@ -8,7 +8,7 @@ the param's. The values are the same, bitwise, as those of the in-place ascent; 
 (which reads the backups and writes the params) and every restore run unchanged; the backups hold
 the same values between steps. What changes is which memory a param uses: it alternates between
 two buffers from one step to the next. That is seen only by whoever holds that memory some other
-way, so a trade is made only when nothing else does (:func:`_host`'s ``tradeable``): a view,
+way, so a trade is made only when nothing else does (:func:`tradeable`): a view,
 ``.detach()`` or ``state_dict()`` tensor of the param, a buffer shared between params (a
 flattened RNN, FSDP1), a tensor subclass (DTensor), all keep the in-place ascent.
 
