@@ -219,3 +219,32 @@ def test_tradeable_rules():
     assert not storage_swap.tradeable([p], [b]), "a backup seen through a view"
     del shared
     assert storage_swap.tradeable([p], [b])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_trades_only_when_asked_without_host_sync():
+    """CUDA params: the default keeps each param's memory; swap_storages=True trades, with no host
+    sync in the step, and gives the same weights bitwise."""
+    results = {}
+    for option in (None, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(256, 256).cuda()  # 65,536 + 256 elements: 32,896 on average
+        x = torch.randn(8, 256, device="cuda")
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM, swap_storages=option)
+        moved = []
+        for _ in range(3):
+            model(x).square().sum().backward()
+            before = model.weight.data_ptr()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                opt.first_step(zero_grad=True)
+                model(x).square().sum().backward()
+                opt.second_step(zero_grad=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            moved.append(model.weight.data_ptr() != before)
+        assert moved == [option is True] * 3
+        results[option] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(results[None], results[True]))
