@@ -9,7 +9,7 @@ import torch
 
 from .. import ops
 from ..ops.lists import numel_sum
-from . import aliases, amp, backups, groups, param_scan, sparse_grads, storage_swap
+from . import aliases, amp, backups, follow, groups, param_scan, sparse_grads, storage_swap
 from .compiled import hyper
 from .policy import grad_norm_for
 
@@ -49,11 +49,13 @@ class Ascent:
         plain = not adaptive and not any(k in self.options for k in ("masks", "keep_prob", "sq_norm"))
         return rho if plain else None
 
-    def perturb(self, state: dict, backend: Optional[str], trade: Optional[bool] = False) -> None:
+    def perturb(self, state: dict, backend: Optional[str], trade: Optional[bool] = False,
+                found: Optional[param_scan.ParamScan] = None) -> None:
         """w ← w + e: ``ops.perturb_`` per bucket of equal (rho, adaptive, eta), each param's w kept in
         ``state[p]["backup"]`` (:attr:`kept`). Aliased params run one layer after the other (see
         :mod:`.aliases`). On any error the weights are w again. ``trade``: the ``swap_storages``
-        option (:mod:`.storage_swap`): the params may end in their backups' memory.
+        option (:mod:`.storage_swap`): the params may end in their backups' memory. ``found``: the
+        step's scan when its params are exactly :attr:`params` (their element count and device).
 
         Raises ``ValueError`` before writing when an ASAM bucket holds a second alias of one memory:
         its T = |w| + eta would be read at the already perturbed weights."""
@@ -69,7 +71,7 @@ class Ascent:
         # the first ascent's backups only; aliases and sparse gradients keep the in-place ascent.
         into = (trade is not False and not torch.compiler.is_compiling() and self.backup_key == "backup"
                 and layer is None and not self.sparse
-                and storage_swap.wanted(trade, *_one_device(params), len(params))
+                and storage_swap.wanted(trade, *_size(params, found), len(params))
                 and storage_swap.tradeable(params, kept))
         if into:
             self.options["into_backups"] = True
@@ -127,14 +129,15 @@ class Ascent:
                     raise
 
 
-def _one_device(params: list) -> tuple:
-    """(the params' device, or None when they are on several; their element count)."""
+def _size(params: list, found: Optional[param_scan.ParamScan]) -> tuple:
+    """(the params' device, or None when they are on several or none; their element count), from
+    the step's scan ``found`` when it has them (as :func:`.base_step.in_pass_check` reads it)."""
+    if found is not None:
+        return found.device, found.numel
     numel = numel_sum(params)
-    device = params[0].device if params else None
-    if device is not None and numel >= storage_swap.MIN_MEAN_NUMEL * len(params) and \
-            any(p.device != device for p in params):
-        device = None
-    return device, numel
+    if not params or numel < storage_swap.MIN_MEAN_NUMEL * len(params):  # the device is not needed
+        return None, numel
+    return follow.one_device(params), numel
 
 
 def ascent_rho(sam, group: dict):
@@ -153,7 +156,7 @@ def first_ascent(sam) -> Ascent:
     """The ascent of a SAM step (its first, for a multi-step one): collect, norm, agree across ranks,
     screen, modifiers, options, then perturb per bucket (the weights are w again on any error)."""
     now = sam.step_state
-    entries, grads, sparse, _ = param_scan.take(sam)
+    entries, grads, sparse, found = param_scan.take(sam)
     if sparse:  # every param's, chosen or not: before any write
         sparse_grads.refuse_unsupported(sam)
         if sam.ascent_steps > 1:
@@ -202,5 +205,6 @@ def first_ascent(sam) -> Ascent:
         ascent.options.pop("grad_copies", None)  # perturb_ would copy d, not g(w): telemetry copies g(w) itself
     if sparse:
         sparse_grads.refuse_unsupported(sam, ascent.options)
-    ascent.perturb(sam.state, sam.backend, sam.swap_storages)
+    whole = found is not None and not found.missing and chosen is None and every_group  # the scan's params
+    ascent.perturb(sam.state, sam.backend, sam.swap_storages, found if whole else None)
     return ascent
