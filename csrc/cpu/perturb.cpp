@@ -65,8 +65,9 @@ void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList bac
               }
             }
           } else {
-            if (!into || (m && !m[i]) || (keep && !keep_element(key, i, threshold))) b[i] = w[i];  // bitwise
-            if ((m && !m[i]) || (keep && !keep_element(key, i, threshold))) return;
+            const bool skipped = (m && !m[i]) || (keep && !keep_element(key, i, threshold));
+            if (!into || skipped) b[i] = w[i];  // bitwise, whatever the dtype
+            if (skipped) return;
           }
           T e = load<T>(g, i);
           if constexpr (adaptive_) {
